@@ -1,0 +1,267 @@
+"""collect_*: read a frozen task into the model.
+
+Everything readable from outside is read from /proc and ptrace; the rest
+(brk, clear_child_tid, sigaltstack, sigactions) is asked of the task itself
+through injected syscalls. Whatever procsnap cannot restore is refused
+here, before anything is written, naming the pid and the resource.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+import struct
+
+from .. import model
+from ..errors import Unsupported
+from ..kernel import ptrace, proc
+from ..kernel.arch.x86_64 import NR, PAGE_SIZE
+from ..kernel.infect import Target
+from ..kernel.libc import syscall
+from ..kernel.proc import MapsEntry
+from ..kernel.structs import KSIGACTION, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
+
+KCMP_FILE = 0
+RLIMIT_COUNT = 16
+NSIG = 64
+SIGKILL, SIGSTOP = 9, 19
+
+
+class FileTable:
+    """FileRef records, one per distinct file, identified at dump time."""
+
+    def __init__(self):
+        self.refs: list[model.FileRef] = []
+        self._by_key: dict[tuple[int, int], int] = {}
+
+    def add(self, path: str, st: os.stat_result) -> int:
+        key = (st.st_dev, st.st_ino)
+        if key not in self._by_key:
+            ref = model.FileRef(len(self.refs), path, st.st_size, st.st_mtime_ns, st.st_mode)
+            self.refs.append(ref)
+            self._by_key[key] = ref.id
+        return self._by_key[key]
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def check_supported(pid: int, st: proc.Stat, status: dict[str, str]) -> None:
+    """Refuse what this version cannot checkpoint, before freezing."""
+    if st.num_threads != 1:
+        raise Unsupported(f"pid {pid}: has {st.num_threads} threads; only single-threaded processes "
+                          "are supported", pid)
+    children = _read_text(f"/proc/{pid}/task/{pid}/children").split()
+    if children:
+        raise Unsupported(f"pid {pid}: has child processes ({', '.join(children)}); process trees are "
+                          "not supported", pid)
+    if status.get("Seccomp", "0") != "0":
+        raise Unsupported(f"pid {pid}: uses seccomp (mode {status['Seccomp']}); not supported", pid)
+    if _read_text(f"/proc/{pid}/timers").strip():
+        raise Unsupported(f"pid {pid}: has POSIX timers; not supported", pid)
+    if st.state == "Z":
+        raise Unsupported(f"pid {pid}: is a zombie", pid)
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def classify_vma(pid: int, m: MapsEntry, files: FileTable) -> model.Vma | None:
+    """The model VMA for one maps entry, or None for [vsyscall]."""
+    where = f"pid {pid}: VMA {m.start:#x}-{m.end:#x}"
+    prot = model.Prot(0)
+    for ch, bit in zip(m.perms[:3], (model.Prot.PROT_READ, model.Prot.PROT_WRITE, model.Prot.PROT_EXEC)):
+        if ch != "-":
+            prot |= bit
+    flags = model.MapFlag.MAP_SHARED if m.shared else model.MapFlag.MAP_PRIVATE
+    if "gd" in m.vmflags:
+        flags |= model.MapFlag.MAP_GROWSDOWN
+    special = {"[vdso]": model.VmaKind.VDSO, "[vvar]": model.VmaKind.VVAR,
+               "[vvar_vclock]": model.VmaKind.VVAR_VCLOCK}
+    if m.path == "[vsyscall]":
+        return None
+    if m.path in special:
+        return model.Vma(m.start, m.end, special[m.path], prot, flags, 0, -1, m.path)
+    for vf, what in (("ht", "hugetlb"), ("io", "an I/O mapping"), ("pf", "a PFN mapping"),
+                     ("ss", "a shadow stack"), ("lo", "mlock()ed")):
+        if vf in m.vmflags:
+            raise Unsupported(f"{where} ({m.path or 'anonymous'}) is {what}; not supported", pid)
+    anon = m.inode == 0 and (m.path in ("", "[heap]", "[stack]") or m.path.startswith("[anon:"))
+    if anon and not m.shared:
+        return model.Vma(m.start, m.end, model.VmaKind.ANON, prot, flags | model.MapFlag.MAP_ANONYMOUS,
+                         0, -1, m.path)
+    if m.shared and m.path.startswith("/dev/zero"):
+        return model.Vma(m.start, m.end, model.VmaKind.SHARED_ANON, prot, flags | model.MapFlag.MAP_ANONYMOUS,
+                         0, -1, m.path)
+    if not m.path.startswith("/") or m.path.startswith(("/SYSV", "/memfd:")) or m.deleted:
+        raise Unsupported(f"{where} maps {m.path or 'an unnamed object'}; not supported", pid)
+    try:
+        st = os.stat(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
+        now = os.stat(m.path)
+    except OSError as err:
+        raise Unsupported(f"{where}: mapped file {m.path}: {err.strerror}", pid) from err
+    if not _same_file(st, now):
+        raise Unsupported(f"{where}: {m.path} now names another file than the one mapped", pid)
+    if not stat.S_ISREG(st.st_mode):
+        raise Unsupported(f"{where} maps {m.path}, which is not a regular file; not supported", pid)
+    kind = model.VmaKind.FILE_SHARED if m.shared else model.VmaKind.FILE_PRIVATE
+    return model.Vma(m.start, m.end, kind, prot, flags, m.offset, files.add(m.path, st), m.path)
+
+
+def collect_vmas(pid: int, maps: list[MapsEntry], files: FileTable) -> list[model.Vma]:
+    return [v for v in (classify_vma(pid, m, files) for m in maps) if v is not None]
+
+
+def collect_page_runs(pid: int, vmas: list[model.Vma]) -> list[tuple[model.Vma, int, int]]:
+    """(vma, address, length) of every run of pages that must be copied."""
+    runs = []
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for v in vmas:
+            if v.kind not in model.COPIED_KINDS:
+                continue
+            entries = proc.read_pagemap(fd, v.start, v.end)
+            for first, count in proc.classify_pages(entries, v.kind == model.VmaKind.SHARED_ANON):
+                runs.append((v, v.start + first * PAGE_SIZE, count * PAGE_SIZE))
+    finally:
+        os.close(fd)
+    return runs
+
+
+def collect_mm_seized(pid: int, st: proc.Stat, target: Target, files: FileTable) -> model.Mm:
+    brk = target.call(NR.brk, 0)
+    exe = os.readlink(f"/proc/{pid}/exe")
+    if exe.endswith(" (deleted)"):
+        raise Unsupported(f"pid {pid}: its executable {exe} was deleted; not supported", pid)
+    exe_st = os.stat(f"/proc/{pid}/exe")
+    if not _same_file(exe_st, os.stat(exe)):
+        raise Unsupported(f"pid {pid}: {exe} now names another file than its executable", pid)
+    with open(f"/proc/{pid}/auxv", "rb") as f:
+        auxv = f.read()
+    return model.Mm(
+        start_code=st.start_code, end_code=st.end_code, start_data=st.start_data, end_data=st.end_data,
+        start_brk=st.start_brk, brk=brk, start_stack=st.start_stack, arg_start=st.arg_start,
+        arg_end=st.arg_end, env_start=st.env_start, env_end=st.env_end, auxv=auxv,
+        exe_file_id=files.add(exe, exe_st),
+    )
+
+
+def collect_sigactions_seized(target: Target) -> list[model.SigAction]:
+    out = []
+    for sig in range(1, NSIG + 1):
+        target.call(NR.rt_sigaction, sig, 0, target.scratch, SIGSET_SIZE)
+        handler, flags, restorer, mask = KSIGACTION.unpack(target.read_scratch(KSIGACTION.size))
+        if handler or flags or mask:
+            out.append(model.SigAction(sig, handler, model.SaFlag(flags), restorer, mask))
+    return out
+
+
+def collect_pending(pid: int) -> list[model.PendingSignal]:
+    out = []
+    for shared in (False, True):
+        for info in ptrace.peek_siginfo(pid, shared):
+            out.append(model.PendingSignal(shared, struct.unpack_from("<i", info)[0], info))
+    return out
+
+
+def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target: Target,
+                        regs, sigmask: int) -> model.Task:
+    target.call(NR.prctl, Prctl.PR_GET_TID_ADDRESS, target.scratch)
+    (clear_child_tid,) = struct.unpack("<Q", target.read_scratch(8))
+    target.call(NR.sigaltstack, 0, target.scratch)
+    ss_sp, ss_flags, _, ss_size = STACK_T.unpack(target.read_scratch(STACK_T.size))
+    head, length = ctypes.c_uint64(), ctypes.c_size_t()
+    syscall(NR.get_robust_list, pid, ctypes.byref(head), ctypes.byref(length))
+    rseq = ptrace.get_rseq_config(pid)
+    rlimits = []
+    for res in range(RLIMIT_COUNT):
+        old = (ctypes.c_uint64 * 2)()
+        syscall(NR.prlimit64, pid, res, 0, old)
+        rlimits.append(model.Rlimit(res, old[0], old[1]))
+    cwd = os.readlink(f"/proc/{pid}/cwd")
+    if cwd.endswith(" (deleted)"):
+        raise Unsupported(f"pid {pid}: its working directory {cwd} was deleted; not supported", pid)
+    with open(f"/proc/{pid}/personality") as f:
+        personality = int(f.read(), 16)
+    with open(f"/proc/{pid}/comm") as f:
+        comm = f.read().rstrip("\n")
+    return model.Task(
+        pid=pid, comm=comm,
+        regs={name: getattr(regs, name) for name, _ in regs._fields_},
+        xstate=ptrace.get_xstate(pid), sigmask=sigmask,
+        rseq_ptr=rseq.rseq_abi_pointer, rseq_len=rseq.rseq_abi_size, rseq_sig=rseq.signature,
+        robust_list=head.value, robust_list_len=length.value, clear_child_tid=clear_child_tid,
+        altstack_sp=ss_sp, altstack_flags=ss_flags & ~SS_ONSTACK, altstack_size=ss_size,
+        personality=personality, umask=int(status["Umask"], 8), cwd=cwd,
+        session_leader=st.session == pid, group_leader=st.pgrp == pid, rlimits=rlimits,
+    )
+
+
+DEVICES = {(1, 3): "/dev/null", (1, 5): "/dev/zero", (1, 7): "/dev/full", (1, 8): "/dev/random",
+           (1, 9): "/dev/urandom"}
+TTY_MAJORS = set(range(136, 144)) | {4}
+
+
+def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]],
+                shell_job: bool) -> list[model.FdEntry]:
+    """Every fd with kind, flags and position; shared descriptions linked.
+
+    `ghosts` receives (Ghost record without data position, fd) for files
+    unlinked while open; their contents are copied by the writer.
+    """
+    entries: list[model.FdEntry] = []
+    identity: dict[tuple[int, int], list[int]] = {}
+    ghost_ids: dict[tuple[int, int], int] = {}
+    for fd in proc.list_fds(pid):
+        link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        st = os.stat(f"/proc/{pid}/fd/{fd}")
+        info = proc.read_fdinfo(pid, fd)
+        where = f"pid {pid}: fd {fd}"
+        flags = model.OpenFlag(info.flags)
+        if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            kind = model.FdKind.REG if stat.S_ISREG(st.st_mode) else model.FdKind.DIR
+            path = link
+            if link.endswith(" (deleted)") and st.st_nlink == 0 and kind == model.FdKind.REG:
+                path = link[: -len(" (deleted)")]
+                if (st.st_dev, st.st_ino) not in ghost_ids:
+                    ghost_ids[st.st_dev, st.st_ino] = len(ghosts)
+                    ghosts.append((model.Ghost(len(ghosts), path, st.st_mode, st.st_size, 0, 0), fd))
+                entry = model.FdEntry(fd, model.FdKind.GHOST, flags, info.pos, path, ghost_ids[st.st_dev, st.st_ino])
+            else:
+                try:
+                    now = os.stat(path)
+                except OSError as err:
+                    raise Unsupported(f"{where}: {path}: {err.strerror}", pid) from err
+                if not _same_file(st, now):
+                    raise Unsupported(f"{where}: {path} now names another file than the one open", pid)
+                entry = model.FdEntry(fd, kind, flags, info.pos, path, files.add(path, st))
+        elif stat.S_ISCHR(st.st_mode):
+            dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            if dev in DEVICES:
+                entry = model.FdEntry(fd, model.FdKind.DEVICE, flags, info.pos, DEVICES[dev])
+            elif dev[0] in TTY_MAJORS:
+                if not shell_job:
+                    raise Unsupported(f"{where} is a terminal ({link}); dump with --shell-job", pid)
+                entry = model.FdEntry(fd, model.FdKind.TTY, flags, 0, link)
+            else:
+                raise Unsupported(f"{where} is character device {link} ({dev[0]}:{dev[1]}); not supported", pid)
+        else:
+            kind = link.split(":", 1)[0] if ":" in link else stat.filemode(st.st_mode)
+            raise Unsupported(f"{where} is a {kind} ({link}); not supported", pid)
+        identity.setdefault((st.st_dev, st.st_ino), []).append(len(entries))
+        entries.append(entry)
+    for group in identity.values():
+        for i, idx in enumerate(group):
+            for prev in group[:i]:
+                a, b = entries[prev], entries[idx]
+                if a.shares_with == -1 and syscall(NR.kcmp, pid, pid, KCMP_FILE, a.fd, b.fd) == 0:
+                    b.shares_with = a.fd
+                    break
+    return entries

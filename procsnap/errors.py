@@ -1,0 +1,82 @@
+"""One hierarchy of errors; the CLI turns each into one line and an exit code.
+
+The kernel layer raises OSError (errno + the call that failed). `translate`
+is the one place that maps such an OSError to one of these, with the pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+
+
+class ProcsnapError(Exception):
+    """Base of every error procsnap raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, pid: int | None = None):
+        super().__init__(message)
+        self.pid = pid
+
+
+class ProcessGone(ProcsnapError):
+    """The process does not exist (any more)."""
+
+
+class AccessDenied(ProcsnapError):
+    """We may not trace or read this process."""
+
+
+class Unsupported(ProcsnapError):
+    """The process uses a resource procsnap does not checkpoint."""
+
+
+class ImageError(ProcsnapError):
+    """Base of the errors about an image directory."""
+
+
+class ImageCorrupt(ImageError):
+    """The image is missing, truncated, or fails a check."""
+
+
+class ImageVersionError(ImageError):
+    """The image was written by an unknown format version."""
+
+
+class ImageWriteError(ImageError):
+    """Writing the image failed (full disk, permissions...)."""
+
+
+class DumpError(ProcsnapError):
+    """A dump step failed for a reason not covered above."""
+
+
+class RestoreError(ProcsnapError):
+    """The restore failed; the image is untouched."""
+
+
+def translate(err: OSError, pid: int | None, what: str) -> ProcsnapError:
+    """Map an OSError raised by the kernel layer into the hierarchy."""
+    detail = f"{what}: {err.strerror or err}"
+    prefix = f"pid {pid}: " if pid is not None else ""
+    if err.errno in (errno.ESRCH, errno.ENOENT):
+        return ProcessGone(f"{prefix}{detail} (no such process)", pid)
+    if err.errno in (errno.EPERM, errno.EACCES):
+        return AccessDenied(f"{prefix}{detail}", pid)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return ImageWriteError(f"{prefix}{detail}", pid)
+    return ProcsnapError(f"{prefix}{detail}", pid)
+
+
+@contextlib.contextmanager
+def translated(pid: int | None, what: str, cls: type[ProcsnapError] | None = None):
+    """Run a block whose OSErrors become procsnap errors naming `what`."""
+    try:
+        yield
+    except ProcsnapError:
+        raise
+    except OSError as err:
+        if cls is not None:
+            raise cls(f"pid {pid}: {what}: {err.strerror or err}", pid) from err
+        raise translate(err, pid, what) from err

@@ -1,0 +1,294 @@
+"""Reading an image: every byte is checked before anything uses it.
+
+`open_image` parses the inventory, checks the header, every record's
+checksum and schema, the END record, the data files' sizes, every page
+run's checksum and the consistency of the records with each other. Any
+problem raises ImageCorrupt (or ImageVersionError) naming the file, the
+offset, what was expected and what was found; semantic problems are all
+listed, not just the first.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import os
+import zlib
+
+from .. import model
+from ..errors import ImageCorrupt, ImageVersionError
+from ..kernel import mapping
+from ..kernel.arch.x86_64 import PAGE_SIZE, TASK_SIZE
+from . import schema
+
+MAX_FD = 1 << 20
+MAX_SIGNAL = 64
+
+
+@dataclasses.dataclass
+class Image:
+    directory: str
+    major: int
+    minor: int
+    checkpoint: model.Checkpoint
+    pages_size: int
+    ghosts_size: int
+
+    @property
+    def pages_path(self) -> str:
+        return os.path.join(self.directory, schema.PAGES)
+
+    @property
+    def ghosts_path(self) -> str:
+        return os.path.join(self.directory, schema.GHOSTS)
+
+    def read_ghost(self, ghost: model.Ghost) -> bytes:
+        with open(self.ghosts_path, "rb") as f:
+            f.seek(ghost.offset)
+            data = f.read(ghost.size)
+        if len(data) != ghost.size or zlib.crc32(data) != ghost.crc32:
+            raise ImageCorrupt(f"{self.ghosts_path}: ghost {ghost.id} at offset {ghost.offset} changed since validation")
+        return data
+
+
+class PageSource:
+    """Pages of an image, mapped read-only; `address(run)` points into them,
+    so the kernel copies straight from the page cache into the target."""
+
+    def __init__(self, image: Image):
+        self.fd = os.open(image.pages_path, os.O_RDONLY | os.O_CLOEXEC)
+        self.size = image.pages_size
+        self.base = mapping.map_file(self.fd, self.size) if self.size else 0
+
+    def address(self, run: model.PageRun) -> int:
+        return self.base + run.offset
+
+    def close(self) -> None:
+        if self.base:
+            mapping.unmap(self.base, self.size)
+            self.base = 0
+        os.close(self.fd)
+
+
+def _corrupt(path: str, offset: int, what: str, expected, found) -> ImageCorrupt:
+    return ImageCorrupt(f"{path}: {what} at offset {offset}: expected {expected}, found {found}")
+
+
+def _read_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError as err:
+        raise ImageCorrupt(f"{path}: missing (not an image, or an incomplete one)") from err
+    except IsADirectoryError as err:
+        raise ImageCorrupt(f"{path}: is a directory") from err
+    except OSError as err:
+        raise ImageCorrupt(f"{path}: cannot read: {err.strerror}") from err
+
+
+def read_records(directory: str) -> tuple[int, int, list[tuple[bytes, int, dict]]]:
+    """Parse procsnap.img into (major, minor, [(tag, offset, payload)])."""
+    if not os.path.isdir(directory):
+        raise ImageCorrupt(f"{directory}: not a directory")
+    path = os.path.join(directory, schema.INVENTORY)
+    data = _read_file(path)
+    if len(data) < schema.HEADER.size:
+        raise _corrupt(path, 0, "header", f"{schema.HEADER.size} bytes", f"{len(data)} bytes")
+    magic, major, minor, crc = schema.HEADER.unpack_from(data)
+    if magic != schema.MAGIC:
+        raise _corrupt(path, 0, "magic", schema.MAGIC, magic)
+    if zlib.crc32(data[:12]) != crc:
+        raise _corrupt(path, 12, "header crc32", hex(zlib.crc32(data[:12])), hex(crc))
+    if major != schema.MAJOR:
+        raise ImageVersionError(
+            f"{path}: format version {major}.{minor}; this procsnap reads version {schema.MAJOR}.x")
+    records = []
+    off = schema.HEADER.size
+    while True:
+        if off + schema.RECORD.size > len(data):
+            raise _corrupt(path, off, "record header (truncated image?)", f"{schema.RECORD.size} bytes",
+                           f"{len(data) - off} bytes")
+        tag, length, crc = schema.RECORD.unpack_from(data, off)
+        if tag != schema.END and tag not in schema.RECORDS:
+            raise _corrupt(path, off, "record tag", "a known tag", tag)
+        if length > schema.MAX_RECORD:
+            raise _corrupt(path, off + 4, "record length", f"<= {schema.MAX_RECORD}", length)
+        start = off + schema.RECORD.size
+        payload = data[start : start + length]
+        if len(payload) != length:
+            raise _corrupt(path, start, f"{tag.decode(errors='replace')} payload (truncated)", f"{length} bytes",
+                           f"{len(payload)} bytes")
+        if zlib.crc32(payload) != crc:
+            raise _corrupt(path, start, f"{tag.decode(errors='replace')} crc32", hex(crc), hex(zlib.crc32(payload)))
+        try:
+            obj = json.loads(payload)
+        except (ValueError, RecursionError) as err:
+            raise _corrupt(path, start, "record payload", "JSON", str(err)) from err
+        if not isinstance(obj, dict):
+            raise _corrupt(path, start, "record payload", "an object", type(obj).__name__)
+        records.append((tag, start, obj))
+        off = start + length
+        if tag == schema.END:
+            break
+    if off != len(data):
+        raise _corrupt(path, off, "end of file after END record", "nothing", f"{len(data) - off} bytes")
+    return major, minor, records
+
+
+def open_image(directory: str, verify_pages: bool = True) -> Image:
+    """Read and validate an image; raises ImageCorrupt/ImageVersionError."""
+    path = os.path.join(directory, schema.INVENTORY)
+    major, minor, records = read_records(directory)
+    fields: dict[str, object] = {}
+    for _, field, many in schema.RECORDS.values():
+        if many:
+            fields[field] = []
+    end = {}
+    for tag, offset, payload in records:
+        if tag == schema.END:
+            end = payload
+            continue
+        cls, field, many = schema.RECORDS[tag]
+        try:
+            obj = schema.decode(cls, payload, f"{cls.__name__}")
+        except schema.SchemaError as err:
+            raise ImageCorrupt(f"{path}: record at offset {offset}: {err}") from err
+        if many:
+            fields[field].append(obj)
+        elif field in fields:
+            raise _corrupt(path, offset, f"{tag.decode()} record", "one", "a second one")
+        else:
+            fields[field] = obj
+    for _, field, many in schema.RECORDS.values():
+        if field not in fields:
+            raise ImageCorrupt(f"{path}: no {field} record")
+    counts = {k: end.get(k) for k in ("records", "pages_size", "ghosts_size")}
+    for key, value in counts.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ImageCorrupt(f"{path}: END record: {key} expected a non-negative integer, found {value!r}")
+    if counts["records"] != len(records) - 1:
+        raise ImageCorrupt(f"{path}: END record: expected {counts['records']} records, found {len(records) - 1}")
+    ckpt = model.Checkpoint(**fields)
+    image = Image(directory, major, minor, ckpt, counts["pages_size"], counts["ghosts_size"])
+    problems = validate(ckpt, image)
+    problems += _check_data_files(image, verify_pages)
+    if problems:
+        raise ImageCorrupt(f"{directory}: {len(problems)} problem(s): " + "; ".join(problems))
+    return image
+
+
+def _check_data_files(image: Image, verify_pages: bool) -> list[str]:
+    problems = []
+    for path, size in ((image.pages_path, image.pages_size), (image.ghosts_path, image.ghosts_size)):
+        try:
+            found = os.stat(path).st_size
+        except OSError as err:
+            problems.append(f"{path}: {err.strerror}")
+            continue
+        if found != size:
+            problems.append(f"{path}: size expected {size}, found {found}")
+    if problems or not verify_pages:
+        return problems
+    ckpt = image.checkpoint
+    with open(image.pages_path, "rb") as f:
+        for run in ckpt.pages:
+            f.seek(run.offset)
+            crc = 0
+            left = run.npages * PAGE_SIZE
+            while left:
+                chunk = f.read(min(left, 1 << 24))
+                if not chunk:
+                    break
+                crc = zlib.crc32(chunk, crc)
+                left -= len(chunk)
+            if crc != run.crc32:
+                problems.append(f"{image.pages_path}: page run {run.vaddr:#x} at offset {run.offset}: "
+                                f"crc32 expected {run.crc32:#x}, found {crc:#x}")
+    with open(image.ghosts_path, "rb") as f:
+        for ghost in ckpt.ghosts:
+            f.seek(ghost.offset)
+            data = f.read(ghost.size)
+            if zlib.crc32(data) != ghost.crc32:
+                problems.append(f"{image.ghosts_path}: ghost {ghost.id} at offset {ghost.offset}: crc32 mismatch")
+    return problems
+
+
+def _bad_path(path: str) -> bool:
+    return not path.startswith("/") or "\0" in path or any(p == ".." for p in path.split("/"))
+
+
+def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
+    """Consistency of the records with each other; every problem, listed."""
+    p: list[str] = []
+    file_ids = {f.id for f in ckpt.files}
+    for f in ckpt.files:
+        if _bad_path(f.path):
+            p.append(f"file {f.id}: path {f.path!r} is not a plain absolute path")
+    if len(file_ids) != len(ckpt.files):
+        p.append("file ids are not unique")
+    prev_end = 0
+    vmas = sorted(ckpt.vmas, key=lambda v: v.start)
+    for v in vmas:
+        where = f"VMA {v.start:#x}-{v.end:#x}"
+        if v.start % PAGE_SIZE or v.end % PAGE_SIZE or not v.start < v.end:
+            p.append(f"{where}: not a page-aligned, non-empty range")
+        if v.end > TASK_SIZE + PAGE_SIZE or v.start < PAGE_SIZE:
+            p.append(f"{where}: outside user space")
+        if v.start < prev_end:
+            p.append(f"{where}: overlaps the previous VMA (ends {prev_end:#x})")
+        prev_end = max(prev_end, v.end)
+        if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) and v.file_id not in file_ids:
+            p.append(f"{where}: refers to unknown file {v.file_id}")
+        if v.offset < 0 or v.offset % PAGE_SIZE:
+            p.append(f"{where}: bad file offset {v.offset}")
+    starts = [v.start for v in vmas]
+    pages_end = 0
+    for run in sorted(ckpt.pages, key=lambda r: r.offset):
+        where = f"page run {run.vaddr:#x}+{run.npages}"
+        if run.npages <= 0 or run.offset < 0 or run.offset % PAGE_SIZE or run.vaddr % PAGE_SIZE:
+            p.append(f"{where}: bad count, offset or alignment")
+            continue
+        if run.offset < pages_end:
+            p.append(f"{where}: overlaps another run in pages.img")
+        pages_end = run.offset + run.npages * PAGE_SIZE
+        if pages_end > image.pages_size:
+            p.append(f"{where}: ends at {pages_end}, beyond pages.img ({image.pages_size} bytes)")
+        i = bisect.bisect_right(starts, run.vaddr) - 1
+        end = run.vaddr + run.npages * PAGE_SIZE
+        if i < 0 or end > vmas[i].end or vmas[i].kind not in model.COPIED_KINDS:
+            p.append(f"{where}: not inside one VMA whose pages are stored")
+    exe_id = ckpt.mm.exe_file_id
+    if exe_id not in file_ids:
+        p.append(f"mm: exe refers to unknown file {exe_id}")
+    for fd in ckpt.fds:
+        if not 0 <= fd.fd < MAX_FD:
+            p.append(f"fd {fd.fd}: number out of range")
+        if fd.kind in (model.FdKind.REG, model.FdKind.DIR) and fd.file_id not in file_ids:
+            p.append(f"fd {fd.fd}: refers to unknown file {fd.file_id}")
+        if fd.kind in (model.FdKind.DEVICE, model.FdKind.TTY) and _bad_path(fd.path):
+            p.append(f"fd {fd.fd}: path {fd.path!r} is not a plain absolute path")
+        if fd.kind == model.FdKind.GHOST and fd.file_id not in {g.id for g in ckpt.ghosts}:
+            p.append(f"fd {fd.fd}: refers to unknown ghost {fd.file_id}")
+        if fd.pos < 0:
+            p.append(f"fd {fd.fd}: negative position")
+    fdnums = [fd.fd for fd in ckpt.fds]
+    if len(set(fdnums)) != len(fdnums):
+        p.append("fd numbers are not unique")
+    for g in ckpt.ghosts:
+        if g.size < 0 or g.offset < 0 or g.offset + g.size > image.ghosts_size:
+            p.append(f"ghost {g.id}: outside ghosts.img")
+    for sa in ckpt.sigactions:
+        if not 1 <= sa.signo <= MAX_SIGNAL:
+            p.append(f"sigaction: signal {sa.signo} out of range")
+    for ps in ckpt.pending:
+        if not 1 <= ps.signo <= MAX_SIGNAL or len(ps.siginfo) != 128:
+            p.append(f"pending signal {ps.signo}: bad signal or siginfo size")
+    t = ckpt.task
+    if not 0 < t.pid < (1 << 22):
+        p.append(f"task: pid {t.pid} out of range")
+    if len(t.xstate) > 1 << 16:
+        p.append("task: xstate too large")
+    if _bad_path(t.cwd):
+        p.append(f"task: cwd {t.cwd!r} is not a plain absolute path")
+    return p

@@ -1,0 +1,180 @@
+"""The on-disk format, declared once.
+
+An image is a directory:
+
+    procsnap.img   header, then typed records, then END. Written last and
+                   renamed into place: its presence marks a complete image.
+    pages.img      page data, 4 KiB aligned, runs indexed by PAGES records.
+    ghosts.img     contents of files unlinked while open.
+
+procsnap.img layout (little endian):
+
+    header  16 bytes  magic "PSNAPIMG" | u16 major | u16 minor | u32 crc32(first 12)
+    record  12 bytes  tag (4 ASCII) | u32 length | u32 crc32(payload)
+            payload   JSON object of the record's model fields
+    ...
+    record  "END "    {"records": N, "pages_size": ..., "ghosts_size": ...}
+
+A record's payload is its model dataclass as JSON: ints as numbers, bytes
+as hex strings, enums by value. Fields are only ever appended, with the
+minor version that introduced them; readers of an older minor fill
+defaults. A different major version is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import struct
+import types
+import typing
+
+from .. import model
+
+MAGIC = b"PSNAPIMG"
+MAJOR = 1
+MINOR = 0
+HEADER = struct.Struct("<8sHHI")
+RECORD = struct.Struct("<4sII")
+
+INVENTORY = "procsnap.img"
+PAGES = "pages.img"
+GHOSTS = "ghosts.img"
+# The biggest record procsnap writes is a Task (a few KiB); anything far
+# beyond that is a corrupt length, not a record.
+MAX_RECORD = 1 << 20
+
+# tag -> (model class, the Checkpoint field it fills, one or many)
+RECORDS: dict[bytes, tuple[type, str, bool]] = {
+    b"TASK": (model.Task, "task", False),
+    b"MM  ": (model.Mm, "mm", False),
+    b"VMA ": (model.Vma, "vmas", True),
+    b"PAGE": (model.PageRun, "pages", True),
+    b"SACT": (model.SigAction, "sigactions", True),
+    b"SPND": (model.PendingSignal, "pending", True),
+    b"FILE": (model.FileRef, "files", True),
+    b"FD  ": (model.FdEntry, "fds", True),
+    b"GHST": (model.Ghost, "ghosts", True),
+}
+END = b"END "
+
+
+def _hints(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def encode(obj) -> typing.Any:
+    """A model object as JSON-able data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, list):
+        return [encode(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: encode(v) for k, v in obj.items()}
+    return obj
+
+
+class SchemaError(ValueError):
+    """A payload that does not fit its declaration."""
+
+
+def decode(tp, data, where: str):
+    """Build a model object of type `tp` from JSON data, checking types."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(data, dict):
+            raise SchemaError(f"{where}: expected an object, found {type(data).__name__}")
+        hints = _hints(tp)
+        kwargs = {}
+        for f in dataclasses.fields(tp):
+            if f.name in data:
+                kwargs[f.name] = decode(hints[f.name], data[f.name], f"{where}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SchemaError(f"{where}: missing field {f.name!r}")
+        return tp(**kwargs)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(data, list):
+            raise SchemaError(f"{where}: expected a list")
+        return [decode(item, x, f"{where}[{i}]") for i, x in enumerate(data)]
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        if not isinstance(data, dict):
+            raise SchemaError(f"{where}: expected an object")
+        return {str(k): decode(vt, v, f"{where}.{k}") for k, v in data.items()}
+    if origin in (typing.Union, types.UnionType):
+        for alt in typing.get_args(tp):
+            try:
+                return decode(alt, data, where)
+            except SchemaError:
+                continue
+        raise SchemaError(f"{where}: {data!r} fits none of {tp}")
+    if tp is type(None):
+        if data is not None:
+            raise SchemaError(f"{where}: expected null")
+        return None
+    if isinstance(tp, type) and issubclass(tp, enum.Flag):
+        if not isinstance(data, int) or isinstance(data, bool) or data < 0:
+            raise SchemaError(f"{where}: expected flags (a non-negative integer), found {data!r}")
+        return tp(data)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(data)
+        except ValueError as err:
+            raise SchemaError(f"{where}: unknown {tp.__name__} {data!r}") from err
+    if tp is bytes:
+        if not isinstance(data, str):
+            raise SchemaError(f"{where}: expected hex bytes")
+        try:
+            return bytes.fromhex(data)
+        except ValueError as err:
+            raise SchemaError(f"{where}: bad hex") from err
+    if tp is bool:
+        if not isinstance(data, bool):
+            raise SchemaError(f"{where}: expected true/false, found {data!r}")
+        return data
+    if tp is int:
+        if not isinstance(data, int) or isinstance(data, bool):
+            raise SchemaError(f"{where}: expected an integer, found {data!r}")
+        return data
+    if tp is str:
+        if not isinstance(data, str):
+            raise SchemaError(f"{where}: expected a string, found {data!r}")
+        return data
+    raise SchemaError(f"{where}: no decoder for {tp}")
+
+
+# Fields shown in hex by `show`: addresses, masks and registers.
+HEX_FIELDS = frozenset({
+    "start", "end", "vaddr", "offset", "handler", "restorer", "mask", "sigmask",
+    "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
+    "arg_start", "arg_end", "env_start", "env_end", "rseq_ptr", "rseq_sig", "robust_list",
+    "clear_child_tid", "altstack_sp", "personality", "regs", "crc32",
+})
+
+
+def describe(obj, hexed: bool = False) -> typing.Any:
+    """Like encode, but flags and enums spelled by name (for `show`)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: describe(getattr(obj, f.name), f.name in HEX_FIELDS) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Flag):
+        names = [m.name for m in type(obj) if m.value and m in obj]
+        rest = obj.value & ~sum(m.value for m in type(obj) if m in obj)
+        if rest:
+            names.append(hex(rest))
+        return "|".join(names) if names else "0"
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, bytes):
+        return obj.hex()
+    if isinstance(obj, list):
+        return [describe(x, hexed) for x in obj]
+    if isinstance(obj, dict):
+        return {k: describe(v, hexed) for k, v in obj.items()}
+    if hexed and isinstance(obj, int) and not isinstance(obj, bool):
+        return hex(obj)
+    return obj

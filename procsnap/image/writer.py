@@ -1,0 +1,139 @@
+"""Writing an image: page data streamed to a PageSink, records last.
+
+The inventory (procsnap.img) is removed first and written last, through a
+temporary name, fsync and rename: a directory left behind by a crash or a
+failed dump has no inventory and is never taken for a complete image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import typing
+import zlib
+
+from .. import model
+from . import schema
+
+PAGE_SIZE = 4096
+
+
+class PageSink(typing.Protocol):
+    """Where dumped pages go: a local file now, a page server later."""
+
+    def write_pages(self, vaddr: int, data: memoryview) -> None: ...
+
+    def close(self) -> list[model.PageRun]: ...
+
+
+class FilePageSink:
+    """Pages appended back to back to pages.img; offsets stay 4 KiB aligned."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.offset = 0
+        self.runs: list[model.PageRun] = []
+
+    def write_pages(self, vaddr: int, data: memoryview) -> None:
+        assert len(data) % PAGE_SIZE == 0
+        crc = zlib.crc32(data)
+        _write_all(self.fd, data, self.path)
+        self.runs.append(model.PageRun(vaddr, len(data) // PAGE_SIZE, self.offset, crc))
+        self.offset += len(data)
+
+    def close(self) -> list[model.PageRun]:
+        if self.fd >= 0:
+            os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+        return self.runs
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _write_all(fd: int, data, path: str) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        try:
+            n = os.write(fd, view)
+        except OSError as err:
+            raise OSError(err.errno, f"write {path}: {err.strerror}") from err
+        view = view[n:]
+
+
+class ImageWriter:
+    """Creates the files of one image in `directory`; `commit` finishes it."""
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        self.inventory = os.path.join(directory, schema.INVENTORY)
+        try:
+            os.unlink(self.inventory)
+        except FileNotFoundError:
+            pass
+        self.pages = FilePageSink(os.path.join(directory, schema.PAGES))
+        self.ghost_path = os.path.join(directory, schema.GHOSTS)
+        self.ghost_fd = os.open(self.ghost_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.ghost_offset = 0
+
+    def write_ghost(self, data: bytes) -> tuple[int, int]:
+        """Store a ghost file's contents; returns (offset, crc32)."""
+        offset = self.ghost_offset
+        _write_all(self.ghost_fd, data, self.ghost_path)
+        self.ghost_offset += len(data)
+        return offset, zlib.crc32(data)
+
+    def commit(self, ckpt: model.Checkpoint) -> None:
+        """Write the records after the data they index, then make it visible."""
+        ckpt.pages = self.pages.close()
+        os.fsync(self.ghost_fd)
+        os.close(self.ghost_fd)
+        self.ghost_fd = -1
+        body = bytearray(schema.HEADER.pack(schema.MAGIC, schema.MAJOR, schema.MINOR, 0))
+        crc = zlib.crc32(bytes(body[:12]))
+        body[12:16] = crc.to_bytes(4, "little")
+        count = 0
+        for tag, (_, field, many) in schema.RECORDS.items():
+            value = getattr(ckpt, field)
+            for obj in value if many else [value]:
+                body += _record(tag, schema.encode(obj))
+                count += 1
+        body += _record(schema.END, {
+            "records": count,
+            "pages_size": self.pages.offset,
+            "ghosts_size": self.ghost_offset,
+        })
+        tmp = self.inventory + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, body, tmp)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.inventory)
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def abort(self) -> None:
+        """Remove what this writer created; the directory is left as found."""
+        self.pages.abort()
+        if self.ghost_fd >= 0:
+            os.close(self.ghost_fd)
+            self.ghost_fd = -1
+        for name in (schema.PAGES, schema.GHOSTS, schema.INVENTORY + ".tmp", schema.INVENTORY):
+            try:
+                os.unlink(os.path.join(self.dir, name))
+            except FileNotFoundError:
+                pass
+
+
+def _record(tag: bytes, payload) -> bytes:
+    data = json.dumps(payload, separators=(",", ":")).encode()
+    return schema.RECORD.pack(tag, len(data), zlib.crc32(data)) + data

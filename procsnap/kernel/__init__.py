@@ -1,0 +1,4 @@
+"""The thin, stateless kernel layer: ctypes calls and /proc parsers.
+
+Nothing here imports from the layers above; failures are OSError.
+"""

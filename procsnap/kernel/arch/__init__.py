@@ -1,0 +1,1 @@
+"""Architecture layouts; only x86_64 exists so far."""

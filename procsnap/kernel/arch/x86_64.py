@@ -1,0 +1,149 @@
+"""Every x86_64 specific: syscall numbers, register layouts, restart rules.
+
+A second architecture is a second module with the same names.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+
+PAGE_SIZE = 4096
+# TASK_SIZE_MAX for 4-level paging: the highest user address + 1.
+TASK_SIZE = (1 << 47) - PAGE_SIZE
+# The instruction `syscall`: injected calls jump to a copy of these bytes
+# that already exists in the target (its vdso), so no text is written.
+SYSCALL_INSN = b"\x0f\x05"
+SYSCALL_INSN_LEN = len(SYSCALL_INSN)
+
+
+class NR(enum.IntEnum):
+    """Syscall numbers (arch/x86/entry/syscalls/syscall_64.tbl)."""
+
+    read = 0
+    write = 1
+    close = 3
+    lseek = 8
+    mmap = 9
+    mprotect = 10
+    munmap = 11
+    brk = 12
+    rt_sigaction = 13
+    rt_sigprocmask = 14
+    mremap = 25
+    madvise = 28
+    pause = 34
+    getpid = 39
+    kill = 62
+    rt_sigqueueinfo = 129
+    sigaltstack = 131
+    personality = 135
+    prctl = 157
+    arch_prctl = 158
+    gettid = 186
+    set_tid_address = 218
+    restart_syscall = 219
+    clock_nanosleep = 230
+    openat = 257
+    set_robust_list = 273
+    get_robust_list = 274
+    rt_tgsigqueueinfo = 297
+    prlimit64 = 302
+    process_vm_readv = 310
+    process_vm_writev = 311
+    kcmp = 312
+    userfaultfd = 323
+    rseq = 334
+    pidfd_open = 434
+    clone3 = 435
+    pidfd_getfd = 438
+
+
+class user_regs_struct(ctypes.Structure):
+    """struct user_regs_struct (arch/x86/include/asm/user_64.h), NT_PRSTATUS."""
+
+    _fields_ = [
+        (name, ctypes.c_ulonglong)
+        for name in (
+            "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
+            "rax", "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags",
+            "rsp", "ss", "fs_base", "gs_base", "ds", "es", "fs", "gs",
+        )
+    ]
+
+
+REGS_SIZE = ctypes.sizeof(user_regs_struct)  # 216
+# XSAVE area read with NT_X86_XSTATE: the kernel shortens the iovec to
+# its full user xstate size (2432 bytes here; more with AMX), and
+# SETREGSET accepts exactly that size.
+XSTATE_MAX = 1 << 14
+SYSCALL_ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+EFLAGS_TF = 0x100
+EFLAGS_DF = 0x400
+
+
+class Restart(enum.IntEnum):
+    """-rax values of a syscall interrupted by a stop (include/linux/errno.h).
+
+    A task frozen inside a syscall has orig_rax = the syscall number and rax
+    = one of these. The kernel would, when the task resumes without running
+    a handler, rewind rip by the length of `syscall` and re-execute it
+    (ERESTART_RESTARTBLOCK through restart_syscall, whose state lives in the
+    kernel and does not survive a restore: it is re-executed from scratch).
+    """
+
+    ERESTARTSYS = 512
+    ERESTARTNOINTR = 513
+    ERESTARTNOHAND = 514
+    ERESTART_RESTARTBLOCK = 516
+
+
+def signed(value: int) -> int:
+    """A register as the kernel's signed long."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def unsigned(value: int) -> int:
+    return value & ((1 << 64) - 1)
+
+
+def interrupted_syscall(regs: user_regs_struct) -> int | None:
+    """The syscall a stopped task was interrupted in, if it must restart."""
+    if signed(regs.orig_rax) < 0:
+        return None
+    if -signed(regs.rax) in Restart.__members__.values():
+        return regs.orig_rax
+    return None
+
+
+def rewind_to_syscall(regs: user_regs_struct, *, reexecute_restartblock: bool) -> None:
+    """Apply the kernel's syscall-restart rule to saved registers.
+
+    Used where the kernel itself will not do it: when a task is resumed from
+    registers we set (restore), or from a stop that is not in signal
+    delivery. orig_rax becomes -1 so the kernel does not apply it twice.
+    """
+    nr = interrupted_syscall(regs)
+    if nr is not None:
+        if -signed(regs.rax) == Restart.ERESTART_RESTARTBLOCK and not reexecute_restartblock:
+            regs.rax = NR.restart_syscall
+        else:
+            regs.rax = nr
+        regs.rip -= SYSCALL_INSN_LEN
+    regs.orig_rax = unsigned(-1)
+
+
+def prepare_injection(regs: user_regs_struct, gadget: int, nr: int, args) -> user_regs_struct:
+    """Registers that make the task execute syscall `nr` at `gadget`."""
+    new = user_regs_struct.from_buffer_copy(regs)
+    new.rip = gadget
+    new.rax = nr
+    new.orig_rax = unsigned(-1)  # no restart processing on the way out
+    new.eflags &= ~(EFLAGS_TF | EFLAGS_DF)
+    for name, value in zip(SYSCALL_ARG_REGS, args):
+        setattr(new, name, unsigned(value))
+    return new
+
+
+def syscall_result(regs: user_regs_struct) -> int:
+    return signed(regs.rax)

@@ -1,0 +1,94 @@
+"""Moving memory between processes: process_vm_readv/writev in batches.
+
+Callers pass (local, remote, length) segments; the kernel caps one call at
+IOV_MAX iovecs and may transfer less than asked, so the loop resumes where
+the kernel stopped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from .arch.x86_64 import NR
+from .libc import libc, oserror
+from .ptrace import iovec
+
+IOV_MAX = 1024
+
+libc.syscall.restype = ctypes.c_long
+
+
+def _vm_rw(nr: int, name: str, pid: int, segments: list[tuple[int, int, int]]) -> None:
+    """Transfer each (local, remote, length) segment, IOV_MAX per call.
+
+    The kernel stops at the first remote fault and reports a short count;
+    the loop resumes from there and fails only when nothing moves.
+    """
+    i = 0
+    skip = 0  # bytes of segments[i] already transferred
+    while i < len(segments):
+        batch = segments[i : i + IOV_MAX]
+        n = len(batch)
+        lv = (iovec * n)()
+        rv = (iovec * n)()
+        for k, (loc, rem, length) in enumerate(batch):
+            off = skip if k == 0 else 0
+            lv[k] = iovec(loc + off, length - off)
+            rv[k] = iovec(rem + off, length - off)
+        done = libc.syscall(ctypes.c_long(nr), ctypes.c_long(pid), lv, ctypes.c_ulong(n), rv,
+                            ctypes.c_ulong(n), ctypes.c_ulong(0))
+        if done < 0:
+            raise oserror(f"{name}({pid}) at {batch[0][1] + skip:#x}")
+        if done == 0:
+            raise OSError(14, f"{name}({pid}): no access at {batch[0][1] + skip:#x}")
+        while done > 0:
+            left = segments[i][2] - skip
+            if done >= left:
+                done -= left
+                i, skip = i + 1, 0
+            else:
+                skip += done
+                done = 0
+
+
+def read_into(pid: int, segments: list[tuple[int, int, int]]) -> None:
+    """Copy remote -> local for each (local, remote, length)."""
+    _vm_rw(NR.process_vm_readv, "process_vm_readv", pid, segments)
+
+
+def write_from(pid: int, segments: list[tuple[int, int, int]]) -> None:
+    """Copy local -> remote for each (local, remote, length)."""
+    _vm_rw(NR.process_vm_writev, "process_vm_writev", pid, segments)
+
+
+def read_bytes(pid: int, address: int, length: int) -> bytes:
+    buf = ctypes.create_string_buffer(length)
+    read_into(pid, [(ctypes.addressof(buf), address, length)])
+    return buf.raw
+
+
+def write_bytes(pid: int, address: int, data: bytes) -> None:
+    buf = ctypes.create_string_buffer(data, len(data))
+    write_from(pid, [(ctypes.addressof(buf), address, len(data))])
+
+
+def read_mem_file(pid: int, address: int, length: int) -> bytes:
+    """Read through /proc/PID/mem, which also reaches PROT_NONE areas."""
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as f:
+        data = b""
+        f.seek(address)
+        while len(data) < length:
+            chunk = f.read(length - len(data))
+            if not chunk:
+                raise OSError(14, f"/proc/{pid}/mem: short read at {address + len(data):#x}")
+            data += chunk
+        return data
+
+
+def write_mem_file(pid: int, address: int, data: bytes | memoryview) -> None:
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as f:
+        f.seek(address)
+        view = memoryview(data)
+        while view:
+            n = f.write(view)
+            view = view[n:]

@@ -1,0 +1,220 @@
+"""ptrace requests used by a checkpointer: seize, interrupt, regsets,
+signal mask and queue, rseq configuration, and syscall injection.
+
+Injection never writes code into the target: it points rip at a `syscall`
+instruction already mapped in the target (one in its vdso) and single-steps
+it. The single-step trap is a signal-delivery stop, so when the original
+registers are put back and the task resumes, the kernel applies its own
+syscall-restart rule to them, exactly as if it had never been stopped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import os
+import signal
+
+from .arch import x86_64 as arch
+from .libc import libc, oserror
+
+
+class Req(enum.IntEnum):
+    """ptrace requests (include/uapi/linux/ptrace.h)."""
+
+    PEEKDATA = 2
+    CONT = 7
+    SINGLESTEP = 9
+    DETACH = 17
+    SETOPTIONS = 0x4200
+    GETSIGINFO = 0x4202
+    GETREGSET = 0x4204
+    SETREGSET = 0x4205
+    SEIZE = 0x4206
+    INTERRUPT = 0x4207
+    PEEKSIGINFO = 0x4209
+    GETSIGMASK = 0x420A
+    SETSIGMASK = 0x420B
+    GET_RSEQ_CONFIGURATION = 0x420F
+
+
+class NT(enum.IntEnum):
+    """Regset note types (include/uapi/linux/elf.h)."""
+
+    PRSTATUS = 1
+    X86_XSTATE = 0x202
+
+
+PTRACE_EVENT_STOP = 128
+PTRACE_PEEKSIGINFO_SHARED = 1
+WALL = 0x40000000
+SIGINFO_SIZE = 128
+
+
+class iovec(ctypes.Structure):
+    """struct iovec (include/uapi/linux/uio.h)."""
+
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class ptrace_peeksiginfo_args(ctypes.Structure):
+    """struct ptrace_peeksiginfo_args (include/uapi/linux/ptrace.h)."""
+
+    _fields_ = [("off", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("nr", ctypes.c_int32)]
+
+
+class ptrace_rseq_configuration(ctypes.Structure):
+    """struct ptrace_rseq_configuration (include/uapi/linux/ptrace.h)."""
+
+    _fields_ = [
+        ("rseq_abi_pointer", ctypes.c_uint64),
+        ("rseq_abi_size", ctypes.c_uint32),
+        ("signature", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+def ptrace(req: Req, pid: int, addr=0, data=0) -> int:
+    ctypes.set_errno(0)
+    ret = libc.ptrace(req, pid, addr, data)
+    if ret == -1 and ctypes.get_errno() != 0:
+        raise oserror(f"ptrace({req.name}, {pid})")
+    return ret
+
+
+def seize(pid: int, options: int = 0) -> None:
+    ptrace(Req.SEIZE, pid, 0, options)
+
+
+def interrupt(pid: int) -> None:
+    ptrace(Req.INTERRUPT, pid)
+
+
+def detach(pid: int, sig: int = 0) -> None:
+    ptrace(Req.DETACH, pid, 0, sig)
+
+
+def cont(pid: int, sig: int = 0) -> None:
+    ptrace(Req.CONT, pid, 0, sig)
+
+
+def wait_stop(pid: int) -> int:
+    """waitpid for a traced task; raises if it exited instead of stopping."""
+    while True:
+        try:
+            _, status = os.waitpid(pid, WALL)
+        except InterruptedError:
+            continue
+        except ChildProcessError as err:
+            raise OSError(err.errno, f"waitpid({pid}): {err.strerror}") from err
+        if os.WIFSTOPPED(status):
+            return status
+        if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+            raise ProcessLookupError(3, f"waitpid({pid}): process exited (status {status:#x})")
+
+
+def is_event_stop(status: int) -> bool:
+    return os.WSTOPSIG(status) == signal.SIGTRAP and (status >> 16) == PTRACE_EVENT_STOP
+
+
+def freeze(pid: int, max_signals: int = 64) -> None:
+    """Seize and stop a task; signals already on their way are delivered first.
+
+    A signal-delivery stop that comes before the interrupt trap is passed
+    on (the task runs its handler setup, as if the signal had arrived just
+    before the freeze) and the interrupt trap follows.
+    """
+    seize(pid)
+    interrupt(pid)
+    for _ in range(max_signals):
+        status = wait_stop(pid)
+        if is_event_stop(status):
+            return
+        cont(pid, os.WSTOPSIG(status))
+    raise OSError(0, f"pid {pid}: did not stop after {max_signals} signals")
+
+
+def get_regs(pid: int) -> arch.user_regs_struct:
+    regs = arch.user_regs_struct()
+    iov = iovec(ctypes.addressof(regs), ctypes.sizeof(regs))
+    ptrace(Req.GETREGSET, pid, NT.PRSTATUS, ctypes.addressof(iov))
+    return regs
+
+
+def set_regs(pid: int, regs: arch.user_regs_struct) -> None:
+    iov = iovec(ctypes.addressof(regs), ctypes.sizeof(regs))
+    ptrace(Req.SETREGSET, pid, NT.PRSTATUS, ctypes.addressof(iov))
+
+
+def get_xstate(pid: int) -> bytes:
+    buf = ctypes.create_string_buffer(arch.XSTATE_MAX)
+    iov = iovec(ctypes.addressof(buf), arch.XSTATE_MAX)
+    ptrace(Req.GETREGSET, pid, NT.X86_XSTATE, ctypes.addressof(iov))
+    return buf.raw[: iov.iov_len]
+
+
+def set_xstate(pid: int, data: bytes) -> None:
+    buf = ctypes.create_string_buffer(data, len(data))
+    iov = iovec(ctypes.addressof(buf), len(data))
+    ptrace(Req.SETREGSET, pid, NT.X86_XSTATE, ctypes.addressof(iov))
+
+
+def get_sigmask(pid: int) -> int:
+    mask = ctypes.c_uint64()
+    ptrace(Req.GETSIGMASK, pid, 8, ctypes.addressof(mask))
+    return mask.value
+
+
+def set_sigmask(pid: int, mask: int) -> None:
+    value = ctypes.c_uint64(mask)
+    ptrace(Req.SETSIGMASK, pid, 8, ctypes.addressof(value))
+
+
+def get_rseq_config(pid: int) -> ptrace_rseq_configuration:
+    conf = ptrace_rseq_configuration()
+    ptrace(Req.GET_RSEQ_CONFIGURATION, pid, ctypes.sizeof(conf), ctypes.addressof(conf))
+    return conf
+
+
+def peek_siginfo(pid: int, shared: bool) -> list[bytes]:
+    """Every queued siginfo (128 bytes each) of one queue, without dequeuing."""
+    out: list[bytes] = []
+    batch = 32
+    buf = ctypes.create_string_buffer(SIGINFO_SIZE * batch)
+    while True:
+        args = ptrace_peeksiginfo_args(len(out), PTRACE_PEEKSIGINFO_SHARED if shared else 0, batch)
+        n = ptrace(Req.PEEKSIGINFO, pid, ctypes.addressof(args), ctypes.addressof(buf))
+        out.extend(buf.raw[i * SIGINFO_SIZE : (i + 1) * SIGINFO_SIZE] for i in range(n))
+        if n < batch:
+            return out
+
+
+ALL_SIGNALS_BLOCKED = (1 << 64) - 1
+
+
+class Injector:
+    """Runs syscalls inside a stopped task, one single-step each.
+
+    `gadget` is the address of a `syscall` instruction in the task. The
+    caller puts the task's own registers back with `set_regs` when done.
+    """
+
+    def __init__(self, pid: int, gadget: int, regs: arch.user_regs_struct):
+        self.pid = pid
+        self.gadget = gadget
+        self.base = arch.user_regs_struct.from_buffer_copy(regs)
+
+    def __call__(self, nr: int, *args: int, check: bool = True) -> int:
+        regs = arch.prepare_injection(self.base, self.gadget, nr, args)
+        set_regs(self.pid, regs)
+        ptrace(Req.SINGLESTEP, self.pid)
+        status = wait_stop(self.pid)
+        sig = os.WSTOPSIG(status)
+        if sig != signal.SIGTRAP:
+            raise OSError(0, f"pid {self.pid}: injected {arch.NR(nr).name} stopped with signal {sig}")
+        ret = arch.syscall_result(get_regs(self.pid))
+        if check and -4096 < ret < 0:
+            name = arch.NR(nr).name if nr in arch.NR.__members__.values() else str(nr)
+            raise OSError(-ret, f"injected {name}{tuple(args)}: {os.strerror(-ret)}")
+        return ret

@@ -1,0 +1,251 @@
+"""The model: what a checkpoint of one process holds.
+
+Dump fills these records from /proc and ptrace, the image stores them, and
+restore builds a process from them; they are the only thing the layers
+share. Flag fields name their flag table (metadata "flags"), so `show`
+decodes them with the same declaration the dumper used.
+
+    task memory                 image
+    -----------                 -----
+    Vma  [start, end)  ------>  VMA record (kind, prot, flags, file)
+      pages written    ------>  PageRun record (vaddr, npages, offset, crc)
+                                   |
+                                   v
+                                pages.img: 4 KiB aligned page data, runs
+                                back to back, offset = PageRun.offset
+      clean file pages         not stored: mapped again from the file
+      never-touched pages      not stored: mapped again as fresh memory
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class Prot(enum.IntFlag):
+    """PROT_* (include/uapi/asm-generic/mman-common.h)."""
+
+    PROT_READ = 0x1
+    PROT_WRITE = 0x2
+    PROT_EXEC = 0x4
+
+
+class MapFlag(enum.IntFlag):
+    """MAP_* (include/uapi/linux/mman.h, asm-generic/mman*.h)."""
+
+    MAP_SHARED = 0x01
+    MAP_PRIVATE = 0x02
+    MAP_FIXED = 0x10
+    MAP_ANONYMOUS = 0x20
+    MAP_GROWSDOWN = 0x100
+    MAP_NORESERVE = 0x4000
+    MAP_FIXED_NOREPLACE = 0x100000
+
+
+class VmaKind(enum.Enum):
+    """What a VMA is, which decides how restore recreates it."""
+
+    ANON = "anon"  # private anonymous: heap, stack, mmap'd memory; pages copied
+    FILE_PRIVATE = "file-private"  # mapped from the file again; written pages copied
+    FILE_SHARED = "file-shared"  # mapped from the file again; nothing copied
+    SHARED_ANON = "shared-anon"  # MAP_SHARED|MAP_ANONYMOUS; pages copied
+    VDSO = "vdso"  # kernel-provided: moved to the saved address, not copied
+    VVAR = "vvar"
+    VVAR_VCLOCK = "vvar-vclock"
+
+
+SPECIAL_KINDS = (VmaKind.VDSO, VmaKind.VVAR, VmaKind.VVAR_VCLOCK)
+COPIED_KINDS = (VmaKind.ANON, VmaKind.FILE_PRIVATE, VmaKind.SHARED_ANON)
+
+
+class OpenFlag(enum.IntFlag):
+    """O_* as reported in fdinfo (include/uapi/asm-generic/fcntl.h)."""
+
+    O_WRONLY = 0o1
+    O_RDWR = 0o2
+    O_CREAT = 0o100
+    O_EXCL = 0o200
+    O_NOCTTY = 0o400
+    O_TRUNC = 0o1000
+    O_APPEND = 0o2000
+    O_NONBLOCK = 0o4000
+    O_DSYNC = 0o10000
+    O_FASYNC = 0o20000
+    O_DIRECT = 0o40000
+    O_LARGEFILE = 0o100000
+    O_DIRECTORY = 0o200000
+    O_NOFOLLOW = 0o400000
+    O_NOATIME = 0o1000000
+    O_CLOEXEC = 0o2000000
+    O_PATH = 0o10000000
+
+
+class SaFlag(enum.IntFlag):
+    """SA_* (include/uapi/asm-generic/signal-defs.h, x86 SA_RESTORER)."""
+
+    SA_NOCLDSTOP = 0x1
+    SA_NOCLDWAIT = 0x2
+    SA_SIGINFO = 0x4
+    SA_UNSUPPORTED = 0x400
+    SA_EXPOSE_TAGBITS = 0x800
+    SA_RESTORER = 0x04000000
+    SA_ONSTACK = 0x08000000
+    SA_RESTART = 0x10000000
+    SA_NODEFER = 0x40000000
+    SA_RESETHAND = 0x80000000
+
+
+class FdKind(enum.Enum):
+    REG = "regular"  # a file reopened by path at its position
+    DIR = "directory"
+    GHOST = "ghost"  # unlinked while open: contents are in the image
+    DEVICE = "device"  # /dev/null, /dev/zero, /dev/urandom ...: reopened by path
+    TTY = "tty"  # a terminal: reattached to the restoring terminal (--shell-job)
+
+
+def _flags(table):
+    return dataclasses.field(metadata={"flags": table})
+
+
+@dataclasses.dataclass
+class FileRef:
+    """A file the process uses by path, with what identified it at dump."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    mode: int
+
+
+@dataclasses.dataclass
+class Vma:
+    start: int
+    end: int
+    kind: VmaKind
+    prot: Prot = _flags(Prot)
+    flags: MapFlag = _flags(MapFlag)
+    offset: int = 0  # file offset in bytes
+    file_id: int = -1  # FileRef.id, or -1
+    name: str = ""  # [heap], [stack], the path: for people reading `show`
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclasses.dataclass
+class PageRun:
+    """Pages [vaddr, vaddr + npages * 4096) are at `offset` in pages.img."""
+
+    vaddr: int
+    npages: int
+    offset: int
+    crc32: int
+
+
+@dataclasses.dataclass
+class Mm:
+    """The mm fields restored together with PR_SET_MM_MAP."""
+
+    start_code: int
+    end_code: int
+    start_data: int
+    end_data: int
+    start_brk: int
+    brk: int
+    start_stack: int
+    arg_start: int
+    arg_end: int
+    env_start: int
+    env_end: int
+    auxv: bytes
+    exe_file_id: int
+
+
+@dataclasses.dataclass
+class SigAction:
+    signo: int
+    handler: int
+    flags: SaFlag = _flags(SaFlag)
+    restorer: int = 0
+    mask: int = 0
+
+
+@dataclasses.dataclass
+class PendingSignal:
+    shared: bool  # process-wide queue (kill) or the thread's own (tgkill)
+    signo: int
+    siginfo: bytes  # the kernel's 128-byte siginfo
+
+
+@dataclasses.dataclass
+class Rlimit:
+    resource: int
+    soft: int
+    hard: int
+
+
+@dataclasses.dataclass
+class Task:
+    """One task's CPU, signal and identity state."""
+
+    pid: int
+    comm: str
+    regs: dict[str, int]
+    xstate: bytes
+    sigmask: int
+    rseq_ptr: int
+    rseq_len: int
+    rseq_sig: int
+    robust_list: int
+    robust_list_len: int
+    clear_child_tid: int
+    altstack_sp: int
+    altstack_flags: int
+    altstack_size: int
+    personality: int
+    umask: int
+    cwd: str
+    session_leader: bool
+    group_leader: bool
+    rlimits: list[Rlimit]
+
+
+@dataclasses.dataclass
+class FdEntry:
+    fd: int
+    kind: FdKind
+    flags: OpenFlag = _flags(OpenFlag)  # fdinfo flags, O_CLOEXEC included
+    pos: int = 0
+    path: str = ""
+    file_id: int = -1  # FileRef for REG/DIR; ghost id for GHOST
+    shares_with: int = -1  # lowest fd sharing the same open file description
+
+
+@dataclasses.dataclass
+class Ghost:
+    """Contents of a file unlinked while open, at `offset` in ghosts.img."""
+
+    id: int
+    path: str
+    mode: int
+    size: int
+    offset: int
+    crc32: int
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """Everything one image holds about one process."""
+
+    task: Task
+    mm: Mm
+    vmas: list[Vma]
+    pages: list[PageRun]
+    sigactions: list[SigAction]
+    pending: list[PendingSignal]
+    files: list[FileRef]
+    fds: list[FdEntry]
+    ghosts: list[Ghost]

@@ -1,0 +1,162 @@
+"""prepare_files: open, in the restorer, every file the new process needs.
+
+Everything that can fail because of the outside world (a library replaced
+since the dump, a missing file, no terminal) fails here, before any process
+exists. The opened descriptions are handed to the child by clone (it
+inherits the restorer's fd table) and moved to their numbers there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+
+from .. import model
+from ..errors import RestoreError
+from ..image.reader import Image
+
+# Flags that only matter at open time, or that fcntl/dup decide.
+_OPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY)
+
+
+@dataclasses.dataclass
+class PreparedFiles:
+    """Descriptions open in the restorer, and where they go in the child."""
+
+    fd_sources: dict[int, int]  # target fd -> restorer fd (first of each shared group)
+    fd_aliases: dict[int, int]  # target fd -> target fd it shares a description with
+    cloexec: set[int]
+    map_sources: dict[int, int]  # FileRef id -> restorer fd, for mmap
+    exe: int  # restorer fd of the executable
+
+    def all_sources(self) -> list[int]:
+        return sorted(set(self.fd_sources.values()) | set(self.map_sources.values()) | {self.exe})
+
+    def close(self) -> None:
+        for fd in self.all_sources():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _changed(ref: model.FileRef, st: os.stat_result) -> str | None:
+    if st.st_size != ref.size:
+        return f"size {ref.size} at dump, {st.st_size} now"
+    if st.st_mtime_ns != ref.mtime_ns:
+        return "modified since the dump"
+    return None
+
+
+def _open(path: str, flags: int, what: str) -> int:
+    try:
+        return os.open(path, flags)
+    except OSError as err:
+        raise RestoreError(f"{what}: cannot open {path}: {err.strerror}") from err
+
+
+def prepare_files(image: Image, shell_job: bool) -> PreparedFiles:
+    ckpt = image.checkpoint
+    refs = {f.id: f for f in ckpt.files}
+    prepared = PreparedFiles({}, {}, set(), {}, -1)
+    try:
+        _prepare_maps(ckpt, refs, prepared)
+        _prepare_fds(image, refs, prepared, shell_job)
+    except BaseException:
+        prepared.close()
+        raise
+    return prepared
+
+
+def _prepare_maps(ckpt: model.Checkpoint, refs: dict[int, model.FileRef], prepared: PreparedFiles) -> None:
+    writable_shared = {v.file_id for v in ckpt.vmas
+                       if v.kind == model.VmaKind.FILE_SHARED and v.prot & model.Prot.PROT_WRITE}
+    needed = {v.file_id for v in ckpt.vmas if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED)}
+    needed.add(ckpt.mm.exe_file_id)
+    for fid in sorted(needed):
+        ref = refs[fid]
+        mode = os.O_RDWR if fid in writable_shared else os.O_RDONLY
+        fd = _open(ref.path, mode | os.O_CLOEXEC, "mapped file")
+        prepared.map_sources[fid] = fd
+        why = _changed(ref, os.fstat(fd))
+        if why:
+            raise RestoreError(f"mapped file {ref.path}: {why}; it cannot be mapped again safely")
+    prepared.exe = prepared.map_sources[ckpt.mm.exe_file_id]
+
+
+def _terminal() -> str:
+    for fd in (0, 1, 2):
+        if os.isatty(fd):
+            return os.ttyname(fd)
+    raise RestoreError("the image has terminal fds (--shell-job) but procsnap is not running on a terminal")
+
+
+def _prepare_fds(image: Image, refs: dict[int, model.FileRef], prepared: PreparedFiles, shell_job: bool) -> None:
+    ckpt = image.checkpoint
+    ghosts = {g.id: g for g in ckpt.ghosts}
+    ghost_paths: dict[int, str] = {}
+    try:
+        for entry in ckpt.fds:
+            if entry.flags & model.OpenFlag.O_CLOEXEC:
+                prepared.cloexec.add(entry.fd)
+            if entry.shares_with >= 0:
+                prepared.fd_aliases[entry.fd] = entry.shares_with
+                continue
+            flags = (entry.flags & _OPEN_MASK) | os.O_CLOEXEC
+            what = f"fd {entry.fd}"
+            if entry.kind in (model.FdKind.REG, model.FdKind.DIR):
+                fd = _open(refs[entry.file_id].path, flags, what)
+            elif entry.kind == model.FdKind.DEVICE:
+                fd = _open(entry.path, flags, what)
+            elif entry.kind == model.FdKind.TTY:
+                if not shell_job:
+                    raise RestoreError(f"fd {entry.fd} was the terminal {entry.path}; restore with --shell-job")
+                fd = _open(_terminal(), flags | os.O_NOCTTY, what)
+            elif entry.kind == model.FdKind.GHOST:
+                if entry.file_id not in ghost_paths:
+                    ghost_paths[entry.file_id] = _recreate_ghost(image, ghosts[entry.file_id])
+                fd = _open(ghost_paths[entry.file_id], flags, what)
+            else:
+                raise RestoreError(f"fd {entry.fd}: kind {entry.kind.value} cannot be restored")
+            prepared.fd_sources[entry.fd] = fd
+            if entry.kind in (model.FdKind.REG, model.FdKind.GHOST) or entry.pos:
+                try:
+                    os.lseek(fd, entry.pos, os.SEEK_SET)
+                except OSError as err:
+                    raise RestoreError(f"fd {entry.fd}: cannot seek to {entry.pos}: {err.strerror}") from err
+    finally:
+        # Ghosts are unlinked again as soon as they are open: as at dump.
+        for path in ghost_paths.values():
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+def _recreate_ghost(image: Image, ghost: model.Ghost) -> str:
+    """The file, back at its old path (or beside it if that is taken)."""
+    data = image.read_ghost(ghost)
+    for n in range(100):
+        path = ghost.path if n == 0 else f"{ghost.path}.procsnap-ghost.{n}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, ghost.mode & 0o7777)
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise RestoreError(f"ghost file {ghost.path}: cannot recreate: {err.strerror}") from err
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as err:
+            os.unlink(path)
+            raise RestoreError(f"ghost file {ghost.path}: cannot write: {err.strerror}") from err
+        finally:
+            os.close(fd)
+        return path
+    raise RestoreError(f"ghost file {ghost.path}: no free name beside it")
+
+
+def stdio_is_terminal() -> bool:
+    return any(os.isatty(fd) for fd in (0, 1, 2)) if sys.stdin else False

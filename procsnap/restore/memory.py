@@ -1,0 +1,132 @@
+"""Rebuilding the address space inside the frozen child.
+
+The order matters (each step says what is true when it ends):
+  unmap_seized        only [vvar], [vvar_vclock], [vdso] and the scratch
+                      area are left of the child's own memory
+  restore_mm_seized   mm fields and exe link are the saved ones (must come
+                      before mapping: the old exe may not be mapped then)
+  move_vdso_seized    the kernel areas sit at their saved addresses
+  map_vmas_seized     every saved VMA exists with its final protection and
+                      holds its saved pages
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+from .. import model
+from ..errors import RestoreError
+from ..image.reader import PageSource
+from ..kernel import memory
+from ..kernel.arch.x86_64 import NR, PAGE_SIZE, TASK_SIZE
+from ..kernel.infect import SCRATCH_SIZE, Target, free_gap
+from ..kernel.proc import MapsEntry
+from ..kernel.structs import MREMAP_FIXED, MREMAP_MAYMOVE, Prctl, prctl_mm_map
+
+MMAP_MIN_ADDR = 0x10000
+SPECIAL_NAMES = {"[vdso]": model.VmaKind.VDSO, "[vvar]": model.VmaKind.VVAR,
+                 "[vvar_vclock]": model.VmaKind.VVAR_VCLOCK}
+
+
+def specials_of(maps: list[MapsEntry]) -> dict[model.VmaKind, tuple[int, int]]:
+    return {SPECIAL_NAMES[m.path]: (m.start, m.end) for m in maps if m.path in SPECIAL_NAMES}
+
+
+def unmap_seized(target: Target, maps: list[MapsEntry]) -> None:
+    """munmap everything between the areas we keep, in a few big calls."""
+    keep = sorted([r for r in specials_of(maps).values()] + [(target.scratch, target.scratch + SCRATCH_SIZE)])
+    prev = MMAP_MIN_ADDR
+    for start, end in keep + [(TASK_SIZE, TASK_SIZE)]:
+        if start > prev:
+            target.call(NR.munmap, prev, start - prev)
+        prev = max(prev, end)
+
+
+def restore_mm_seized(target: Target, mm: model.Mm, exe_fd: int) -> None:
+    m = prctl_mm_map(
+        start_code=mm.start_code, end_code=mm.end_code, start_data=mm.start_data, end_data=mm.end_data,
+        start_brk=mm.start_brk, brk=mm.brk, start_stack=mm.start_stack, arg_start=mm.arg_start,
+        arg_end=mm.arg_end, env_start=mm.env_start, env_end=mm.env_end,
+        auxv=target.scratch + ctypes.sizeof(prctl_mm_map), auxv_size=len(mm.auxv), exe_fd=exe_fd)
+    target.write_scratch(bytes(m) + mm.auxv)
+    target.call(NR.prctl, Prctl.PR_SET_MM, Prctl.PR_SET_MM_MAP, target.scratch, ctypes.sizeof(m))
+
+
+def move_vdso_seized(target: Target, maps: list[MapsEntry], vmas: list[model.Vma]) -> None:
+    """mremap the kernel's areas to their saved addresses, keeping their
+    relative layout, and point the injector at the moved vdso."""
+    have = specials_of(maps)
+    want = {v.kind: (v.start, v.end) for v in vmas if v.kind in model.SPECIAL_KINDS}
+    if set(have) != set(want) or any(have[k][1] - have[k][0] != want[k][1] - want[k][0] for k in want):
+        raise RestoreError(f"pid {target.pid}: the kernel's vdso/vvar layout differs from the image's "
+                           f"(here {_fmt(have)}, image {_fmt(want)})", target.pid)
+    if have == want:
+        return
+    overlap = any(a < d and c < b for (a, b) in want.values() for (c, d) in have.values())
+    if overlap:  # go through a free place so no move lands on an area not yet moved
+        busy = [(v.start, v.end) for v in vmas] + list(have.values()) + [(target.scratch, target.scratch + SCRATCH_SIZE)]
+        lo = min(a for a, _ in have.values())
+        size = max(b for _, b in have.values()) - lo
+        tmp = free_gap(busy, size)
+        _move(target, have, {k: (tmp + a - lo, tmp + b - lo) for k, (a, b) in have.items()})
+        have = {k: (tmp + a - lo, tmp + b - lo) for k, (a, b) in have.items()}
+    _move(target, have, want)
+
+
+def _move(target: Target, have, want) -> None:
+    for kind, (start, end) in have.items():
+        new = want[kind][0]
+        if kind == model.VmaKind.VDSO:
+            gadget_offset = target.call.gadget - start
+        target.call(NR.mremap, start, end - start, end - start, MREMAP_MAYMOVE | MREMAP_FIXED, new)
+        if kind == model.VmaKind.VDSO:
+            target.call.gadget = new + gadget_offset
+
+
+def _fmt(areas) -> str:
+    return ", ".join(f"{k.value} {b - a:#x}" for k, (a, b) in sorted(areas.items(), key=lambda kv: kv[1]))
+
+
+PROT_RW = model.Prot.PROT_READ | model.Prot.PROT_WRITE
+MAP_FIXED_NOREPLACE = model.MapFlag.MAP_FIXED_NOREPLACE
+
+
+def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.PageRun], pages: PageSource,
+                    map_fds: dict[int, int], progress=None) -> None:
+    """Map each VMA, write its pages, set its final protection.
+
+    A VMA that gets pages is mapped writable first (process_vm_writev does
+    not force its way through protections) and filled before the next one
+    is mapped, so it owns its anon_vma and does not merge with neighbours
+    it was separate from.
+    """
+    by_vma: dict[int, list[model.PageRun]] = {}
+    starts = sorted(vmas, key=lambda v: v.start)
+    import bisect
+
+    keys = [v.start for v in starts]
+    for run in runs:
+        by_vma.setdefault(starts[bisect.bisect_right(keys, run.vaddr) - 1].start, []).append(run)
+    total = sum(r.npages for r in runs) * PAGE_SIZE
+    done = 0
+    for v in starts:
+        if v.kind in model.SPECIAL_KINDS:
+            continue
+        vruns = by_vma.get(v.start, [])
+        prot = v.prot | PROT_RW if vruns else v.prot
+        flags = (v.flags & ~(model.MapFlag.MAP_SHARED | model.MapFlag.MAP_PRIVATE)) | MAP_FIXED_NOREPLACE
+        flags |= model.MapFlag.MAP_SHARED if v.kind in (model.VmaKind.FILE_SHARED, model.VmaKind.SHARED_ANON) \
+            else model.MapFlag.MAP_PRIVATE
+        fd = map_fds[v.file_id] if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) else -1
+        try:
+            target.call(NR.mmap, v.start, v.size, int(prot), int(flags), fd, v.offset)
+        except OSError as err:
+            raise RestoreError(f"pid {target.pid}: mmap of VMA {v.start:#x}-{v.end:#x} ({v.name or v.kind.value}): "
+                               f"{err.strerror}", target.pid) from err
+        if vruns:
+            memory.write_from(target.pid, [(pages.address(r), r.vaddr, r.npages * PAGE_SIZE) for r in vruns])
+            done += sum(r.npages for r in vruns) * PAGE_SIZE
+            if progress:
+                progress(done, total)
+            if prot != v.prot:
+                target.call(NR.mprotect, v.start, v.size, int(v.prot))
