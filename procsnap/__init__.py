@@ -1,0 +1,42 @@
+"""procsnap: checkpoint and restore of live Linux processes.
+
+    procsnap.dump(pid, images_dir, leave_running=False)
+    procsnap.restore(images_dir) -> pid
+    procsnap.open_image(images_dir) -> Image
+
+Errors are procsnap.errors.ProcsnapError and its subclasses. Submodules are
+imported on first use, to keep the CLI's start-up short.
+"""
+
+from __future__ import annotations
+
+from . import errors
+from .errors import (AccessDenied, ImageCorrupt, ImageVersionError, ProcessGone, ProcsnapError, RestoreError,
+                     Unsupported)
+
+__version__ = "0.1.0"
+
+
+def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False, progress=None):
+    """Checkpoint `pid` into `images_dir`; kill it unless leave_running."""
+    from .dumper import dump as _dump
+
+    return _dump(pid, images_dir, leave_running=leave_running, shell_job=shell_job, progress=progress)
+
+
+def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None) -> int:
+    """Restore the process in `images_dir` as a child of the caller; its pid."""
+    from .restorer import restore as _restore
+
+    return _restore(images_dir, detach=detach, shell_job=shell_job, progress=progress)
+
+
+def open_image(images_dir: str):
+    """Read and fully validate an image."""
+    from .image.reader import open_image as _open
+
+    return _open(images_dir)
+
+
+__all__ = ["dump", "restore", "open_image", "errors", "ProcsnapError", "ProcessGone", "AccessDenied",
+           "Unsupported", "ImageCorrupt", "ImageVersionError", "RestoreError"]

@@ -43,6 +43,28 @@ class MapFlag(enum.IntFlag):
     MAP_FIXED_NOREPLACE = 0x100000
 
 
+class Advice(enum.IntFlag):
+    """VMA flags set with madvise(), as smaps shows them (VmFlags)."""
+
+    DONTFORK = 0x1  # "dc", MADV_DONTFORK
+    DONTDUMP = 0x2  # "dd", MADV_DONTDUMP
+    WIPEONFORK = 0x4  # "wf", MADV_WIPEONFORK
+    HUGEPAGE = 0x8  # "hg", MADV_HUGEPAGE
+    NOHUGEPAGE = 0x10  # "nh", MADV_NOHUGEPAGE
+    MERGEABLE = 0x20  # "mg", MADV_MERGEABLE
+
+
+# Advice bit -> (smaps VmFlags mnemonic, madvise advice number)
+ADVICE_TABLE = {
+    Advice.DONTFORK: ("dc", 10),
+    Advice.DONTDUMP: ("dd", 16),
+    Advice.WIPEONFORK: ("wf", 18),
+    Advice.HUGEPAGE: ("hg", 14),
+    Advice.NOHUGEPAGE: ("nh", 15),
+    Advice.MERGEABLE: ("mg", 12),
+}
+
+
 class VmaKind(enum.Enum):
     """What a VMA is, which decides how restore recreates it."""
 
@@ -105,7 +127,7 @@ class FdKind(enum.Enum):
 
 
 def _flags(table):
-    return dataclasses.field(metadata={"flags": table})
+    return dataclasses.field(default=table(0), metadata={"flags": table})
 
 
 @dataclasses.dataclass
@@ -129,6 +151,7 @@ class Vma:
     offset: int = 0  # file offset in bytes
     file_id: int = -1  # FileRef.id, or -1
     name: str = ""  # [heap], [stack], the path: for people reading `show`
+    advice: Advice = _flags(Advice)
 
     @property
     def size(self) -> int:

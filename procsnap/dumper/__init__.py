@@ -19,7 +19,7 @@ from ..kernel import infect, proc, ptrace
 from . import collect as C
 from .pages import write_ghosts_seized, write_pages_seized
 
-log = logging.getLogger("procsnap.dump")
+log = logging.getLogger("procsnap.dumper")
 
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,

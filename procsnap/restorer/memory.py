@@ -49,7 +49,12 @@ def restore_mm_seized(target: Target, mm: model.Mm, exe_fd: int) -> None:
         arg_end=mm.arg_end, env_start=mm.env_start, env_end=mm.env_end,
         auxv=target.scratch + ctypes.sizeof(prctl_mm_map), auxv_size=len(mm.auxv), exe_fd=exe_fd)
     target.write_scratch(bytes(m) + mm.auxv)
-    target.call(NR.prctl, Prctl.PR_SET_MM, Prctl.PR_SET_MM_MAP, target.scratch, ctypes.sizeof(m))
+    try:
+        target.call(NR.prctl, Prctl.PR_SET_MM, Prctl.PR_SET_MM_MAP, target.scratch, ctypes.sizeof(m))
+    except OSError as err:
+        fields = ", ".join(f"{name}={getattr(m, name):#x}" for name, _ in m._fields_)
+        raise RestoreError(f"pid {target.pid}: prctl(PR_SET_MM_MAP) refused the saved mm fields "
+                           f"({fields}): {err.strerror}", target.pid) from err
 
 
 def move_vdso_seized(target: Target, maps: list[MapsEntry], vmas: list[model.Vma]) -> None:
@@ -123,6 +128,9 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
         except OSError as err:
             raise RestoreError(f"pid {target.pid}: mmap of VMA {v.start:#x}-{v.end:#x} ({v.name or v.kind.value}): "
                                f"{err.strerror}", target.pid) from err
+        for bit, (_, advice) in model.ADVICE_TABLE.items():
+            if v.advice & bit:
+                target.call(NR.madvise, v.start, v.size, advice)
         if vruns:
             memory.write_from(target.pid, [(pages.address(r), r.vaddr, r.npages * PAGE_SIZE) for r in vruns])
             done += sum(r.npages for r in vruns) * PAGE_SIZE

@@ -93,6 +93,13 @@ def classify_vma(pid: int, m: MapsEntry, files: FileTable) -> model.Vma | None:
                      ("ss", "a shadow stack"), ("lo", "mlock()ed")):
         if vf in m.vmflags:
             raise Unsupported(f"{where} ({m.path or 'anonymous'}) is {what}; not supported", pid)
+    vma = _classify(pid, m, files, where, prot, flags)
+    vma.advice = model.Advice(sum(bit for bit, (name, _) in model.ADVICE_TABLE.items() if name in m.vmflags))
+    return vma
+
+
+def _classify(pid: int, m: MapsEntry, files: FileTable, where: str, prot: model.Prot,
+              flags: model.MapFlag) -> model.Vma:
     anon = m.inode == 0 and (m.path in ("", "[heap]", "[stack]") or m.path.startswith("[anon:"))
     if anon and not m.shared:
         return model.Vma(m.start, m.end, model.VmaKind.ANON, prot, flags | model.MapFlag.MAP_ANONYMOUS,

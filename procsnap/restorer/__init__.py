@@ -22,7 +22,7 @@ from . import task as T
 from .files import prepare_files
 from .spawn import Child, spawn
 
-log = logging.getLogger("procsnap.restore")
+log = logging.getLogger("procsnap.restorer")
 
 
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None) -> int:

@@ -132,8 +132,10 @@ def spawn(task: model.Task, files: PreparedFiles) -> Child:
         if err == 17:
             raise RestoreError(f"pid {task.pid} is taken (clone3: EEXIST)", task.pid)
         raise RestoreError(f"clone3 with pid {task.pid}: {os.strerror(err)}", task.pid)
-    try:
-        msg = os.read(ready_r, 4096)
+    try:  # until EOF: the child has closed its end, its fd table is final
+        msg = b""
+        while chunk := os.read(ready_r, 4096):
+            msg += chunk
     finally:
         os.close(ready_r)
     if msg != b"R":

@@ -1,0 +1,135 @@
+"""`procsnap check`: probe, on this kernel, each feature procsnap uses.
+
+Each probe does the real call on a throw-away child process (or on
+ourselves where that is harmless) and reports what it found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import signal
+
+from .kernel import memory, ptrace
+from .kernel.arch.x86_64 import NR
+from .kernel.libc import syscall
+from .kernel.structs import Prctl
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    ok: bool
+    detail: str
+
+
+@contextlib.contextmanager
+def _sleeper():
+    """A child that only waits, killed and reaped on exit."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.pause()
+        finally:
+            os._exit(0)
+    try:
+        yield pid
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _probe(name: str, fn) -> Result:
+    try:
+        return Result(name, True, fn() or "works")
+    except OSError as err:
+        return Result(name, False, err.strerror or str(err))
+
+
+def probe_ptrace(pid: int) -> str:
+    ptrace.freeze(pid)
+    try:
+        ptrace.get_regs(pid)
+        size = len(ptrace.get_xstate(pid))
+    finally:
+        ptrace.detach(pid)
+    return f"seize, interrupt, regsets (xstate {size} bytes)"
+
+
+def probe_rseq(pid: int) -> str:
+    ptrace.freeze(pid)
+    try:
+        conf = ptrace.get_rseq_config(pid)
+    finally:
+        ptrace.detach(pid)
+    return f"PTRACE_GET_RSEQ_CONFIGURATION (registered: {bool(conf.rseq_abi_pointer)})"
+
+
+def probe_vm_rw(pid: int) -> str:
+    buf = ctypes.create_string_buffer(b"procsnap", 8)
+    data = memory.read_bytes(os.getpid(), ctypes.addressof(buf), 8)
+    memory.write_bytes(os.getpid(), ctypes.addressof(buf), data)
+    memory.read_bytes(pid, ctypes.addressof(buf), 8)  # same layout after fork
+    return "process_vm_readv/writev"
+
+
+def probe_mm_map() -> str:
+    size = ctypes.c_uint()
+    syscall(NR.prctl, Prctl.PR_SET_MM, Prctl.PR_SET_MM_MAP_SIZE, ctypes.addressof(size), 0, 0)
+    return f"PR_SET_MM_MAP (struct {size.value} bytes)"
+
+
+def probe_clone3_set_tid() -> str:
+    from .restorer.spawn import _pylibc, clone_args
+
+    # A pid that is free now: a child's, once reaped.
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    tid = (ctypes.c_int * 1)(pid)
+    args = clone_args(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
+    got = _pylibc.syscall(NR.clone3, ctypes.byref(args), ctypes.sizeof(args))
+    if got == 0:
+        os._exit(0)
+    if got < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"clone3 set_tid: {os.strerror(err)}")
+    os.waitpid(got, 0)
+    if got != pid:
+        raise OSError(0, f"clone3 set_tid gave pid {got}, asked {pid}")
+    return "clone3 with set_tid"
+
+
+def probe_pidfd_getfd(pid: int) -> str:
+    pidfd = syscall(NR.pidfd_open, pid, 0)
+    try:
+        fd = syscall(NR.pidfd_getfd, pidfd, 0, 0)
+        os.close(fd)
+    finally:
+        os.close(pidfd)
+    return "pidfd_open + pidfd_getfd"
+
+
+def probe_userfaultfd() -> str:
+    UFFD_USER_MODE_ONLY = 1
+    fd = syscall(NR.userfaultfd, os.O_CLOEXEC | UFFD_USER_MODE_ONLY)
+    os.close(fd)
+    return "userfaultfd"
+
+
+def run_checks() -> list[Result]:
+    with _sleeper() as pid:
+        return [
+            _probe("ptrace", lambda: probe_ptrace(pid)),
+            _probe("process_vm_rw", lambda: probe_vm_rw(pid)),
+            _probe("clone3_set_tid", probe_clone3_set_tid),
+            _probe("prctl_mm_map", probe_mm_map),
+            _probe("rseq_config", lambda: probe_rseq(pid)),
+            _probe("pidfd_getfd", lambda: probe_pidfd_getfd(pid)),
+            _probe("userfaultfd", probe_userfaultfd),
+        ]

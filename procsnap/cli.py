@@ -1,0 +1,149 @@
+"""The command line, in CRIU's verbs and flags; each subcommand calls one
+library function and turns errors into one line and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from .errors import ProcsnapError
+
+
+def _progress(label: str):
+    """A one-line progress report on a terminal; silence otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    state = {"last": -1}
+
+    def report(done: int, total: int) -> None:
+        if total < (64 << 20):
+            return
+        pct = done * 100 // total
+        if pct != state["last"]:
+            state["last"] = pct
+            end = "\n" if done >= total else ""
+            sys.stderr.write(f"\r{label}: {pct:3d}% ({done >> 20}/{total >> 20} MiB){end}")
+            sys.stderr.flush()
+
+    return report
+
+
+def cmd_dump(args) -> int:
+    from . import dump
+
+    os.makedirs(args.images_dir, exist_ok=True)
+    dump(args.tree, args.images_dir, leave_running=args.leave_running, shell_job=args.shell_job,
+         progress=_progress("dump"))
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from . import restore
+
+    pid = restore(args.images_dir, detach=args.restore_detached, shell_job=args.shell_job,
+                  progress=_progress("restore"))
+    if args.pidfile:
+        with open(args.pidfile, "w") as f:
+            f.write(f"{pid}\n")
+    if args.restore_detached:
+        print(pid)
+        return 0
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except InterruptedError:
+            continue
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+def cmd_show(args) -> int:
+    from .image import reader, schema
+
+    image = reader.open_image(args.images_dir)
+    ckpt = image.checkpoint
+    out = {
+        "format": f"{image.major}.{image.minor}",
+        "pages_size": image.pages_size,
+        "ghosts_size": image.ghosts_size,
+    }
+    for tag, (_, field, _) in schema.RECORDS.items():
+        out[field] = schema.describe(getattr(ckpt, field))
+    json.dump(out, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from . import check
+
+    if args.images_dir:
+        from .image import reader
+
+        reader.open_image(args.images_dir)
+        print(f"{args.images_dir}: image is valid")
+    results = check.run_checks()
+    missing = [r for r in results if not r.ok]
+    for r in results:
+        print(f"{'ok     ' if r.ok else 'MISSING'}  {r.name}: {r.detail}")
+    if missing:
+        print(f"procsnap: {len(missing)} required kernel feature(s) missing", file=sys.stderr)
+        return 1
+    print("Looks good.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="procsnap", description="Checkpoint and restore live Linux processes.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log each stage to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("dump", help="checkpoint a process into an image directory")
+    d.add_argument("-t", "--tree", type=int, required=True, metavar="PID", help="the process to dump")
+    d.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    d.add_argument("-R", "--leave-running", action="store_true", help="let the process run on after the dump")
+    d.add_argument("-j", "--shell-job", action="store_true", help="allow fds on the controlling terminal")
+    d.set_defaults(func=cmd_dump)
+
+    r = sub.add_parser("restore", help="restore a process from an image directory")
+    r.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    r.add_argument("-d", "--restore-detached", action="store_true", help="return once it runs; print its pid")
+    r.add_argument("--pidfile", metavar="FILE", help="write the restored pid here")
+    r.add_argument("-j", "--shell-job", action="store_true", help="attach terminal fds to this terminal")
+    r.set_defaults(func=cmd_restore)
+
+    s = sub.add_parser("show", help="print an image as JSON")
+    s.add_argument("images_dir", metavar="DIR")
+    s.set_defaults(func=cmd_show)
+
+    c = sub.add_parser("check", help="probe the kernel features procsnap needs; -D also validates an image")
+    c.add_argument("-D", "--images-dir", metavar="DIR")
+    c.set_defaults(func=cmd_check)
+    for sp in (d, r, s, c):
+        sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="procsnap: %(message)s", stream=sys.stderr)
+    try:
+        return args.func(args)
+    except ProcsnapError as err:
+        print(f"procsnap: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("procsnap: interrupted", file=sys.stderr)
+        return 130
+    except OSError as err:
+        if args.verbose:
+            raise
+        print(f"procsnap: error: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""),
+              file=sys.stderr)
+        return 1

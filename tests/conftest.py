@@ -1,0 +1,463 @@
+"""Fixtures for tests that use real processes (STYLE.md section 10).
+
+Targets are the small C programs in tests/targets/, compiled once per session
+in three variants.  Each follows one handshake: set up state, write READY,
+wait for SIGUSR1, check its own state, write PASS (exit 0) or FAIL lines
+(exit 1).  Between READY and SIGUSR1 it may be dumped, killed and restored.
+
+Fixtures and helpers:
+    targets            session: targets.path(name, variant) -> Path
+    procs              per test: procs.start(argv, ...), procs.start_case(case, variant, ...)
+    Target             .pid .output() .signal(sig) .wait_result() .reap() .adopt(pid)
+    case, variant      parametrized automatically (see pytest_generate_tests)
+    proc_snapshot, assert_same_snapshot   fixtures returning the functions below
+    proc_snapshot(pid) -> Snapshot(maps, fds); assert_same_snapshot(before, after, ignore_pos=())
+    image_size(dir), proc_status(pid), status_kib(pid, key), wait_pid_gone(pid)
+"""
+
+import ctypes
+import dataclasses
+import difflib
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+TARGETS_DIR = Path(__file__).parent / "targets"
+CFLAGS = ["-O1", "-g", "-Wall"]
+VARIANTS = {
+    "static": ["-static"],
+    "pie": ["-fPIE", "-pie"],
+    "nopie": ["-no-pie", "-fno-pie"],
+}
+PR_SET_CHILD_SUBREAPER = 36
+READY_TIMEOUT = 10.0
+RESULT_TIMEOUT = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One target program in one mode."""
+
+    target: str
+    mode: str = "default"
+    dir_arg: bool = False           # argv[2] is a scratch directory made by the test
+    ignore_pos: tuple = ()          # fds whose offset legitimately moves while waiting
+    sabotage_delay: float = 0.0     # sabotage acts this long after READY, by itself
+
+    @property
+    def id(self):
+        return self.target if self.mode == "default" else f"{self.target}-{self.mode}"
+
+    def argv(self, binary, workdir):
+        argv = [str(binary), self.mode]
+        if self.dir_arg:
+            scratch = Path(workdir) / f"{self.target}-dir"
+            scratch.mkdir(exist_ok=True)
+            argv.append(str(scratch))
+        return argv
+
+
+CASES = [
+    Case("memory"),
+    Case("cpu", "regs"),
+    Case("cpu", "busy"),
+    Case("sleep", "nanosleep", sabotage_delay=1.5),
+    Case("sleep", "clock_abs", sabotage_delay=1.5),
+    Case("sleep", "pause", sabotage_delay=1.5),
+    Case("sleep", "poll", sabotage_delay=1.5),
+    Case("sleep", "read", ignore_pos=(10,)),
+    Case("signals"),
+    Case("identity", dir_arg=True),
+    Case("files", dir_arg=True),
+]
+CASES_BY_ID = {c.id: c for c in CASES}
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "cases(*ids): parametrize `case` over these case ids only")
+    config.addinivalue_line(
+        "markers", "variants(*names): parametrize `variant` over these variants only")
+    # Orphans and restored processes come back to us, so we can reap them
+    # (PID 1 here reaps late and a zombie keeps its pid taken).
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(e)}")
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("cases")
+        cases = [CASES_BY_ID[i] for i in marker.args] if marker else CASES
+        metafunc.parametrize("case", cases, ids=[c.id for c in cases])
+    if "variant" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("variants")
+        metafunc.parametrize("variant", list(marker.args) if marker else list(VARIANTS))
+
+
+# --------------------------------------------------------------------------
+# Building
+
+
+class Targets:
+    def __init__(self, outdir):
+        self.outdir = Path(outdir)
+        self.sources = sorted(TARGETS_DIR.glob("*.c"))
+        self.names = [s.stem for s in self.sources]
+
+    def path(self, name, variant):
+        if variant not in VARIANTS:
+            raise KeyError(f"unknown variant {variant!r}, expected one of {list(VARIANTS)}")
+        p = self.outdir / f"{name}-{variant}"
+        if not p.exists():
+            raise KeyError(f"no target {name!r} built (have {self.names})")
+        return p
+
+    def build(self):
+        jobs = [(src, variant) for src in self.sources for variant in VARIANTS]
+
+        def compile_one(job):
+            src, variant = job
+            out = self.outdir / f"{src.stem}-{variant}"
+            cmd = ["gcc", *CFLAGS, *VARIANTS[variant], "-o", str(out), str(src)]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            return cmd, r
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            results = list(pool.map(compile_one, jobs))
+        errors = [f"$ {' '.join(cmd)}\n{r.stdout}{r.stderr}"
+                  for cmd, r in results if r.returncode != 0]
+        if errors:
+            pytest.fail("target compilation failed:\n" + "\n".join(errors), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def targets(tmp_path_factory):
+    t = Targets(tmp_path_factory.mktemp("targets"))
+    t.build()
+    return t
+
+
+# --------------------------------------------------------------------------
+# Running
+
+
+def wait_pid_gone(pid, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while os.path.exists(f"/proc/{pid}"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/proc/{pid} still exists after {timeout} s")
+        time.sleep(0.005)
+
+
+def _decode(status):
+    """waitpid status -> Popen.returncode convention (-signal when killed)."""
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+class Target:
+    """A process we started (a Popen child) or restored (a plain child pid)."""
+
+    def __init__(self, argv, cwd, out_path, env):
+        self.argv = [str(a) for a in argv]
+        self.out_path = Path(out_path)
+        fd = os.open(self.out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            # stderr=STDOUT: fd 2 is a dup of fd 1, one open file description
+            self._popen = subprocess.Popen(
+                self.argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=fd,
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        finally:
+            os.close(fd)
+        self.pid = self._popen.pid
+        self.status = None      # set once reaped; None while the pid is ours and unreaped
+
+    def __repr__(self):
+        return f"<Target pid={self.pid} {' '.join(self.argv)}>"
+
+    def output(self):
+        return self.out_path.read_text(errors="replace")
+
+    def output_size(self):
+        return self.out_path.stat().st_size
+
+    def truncate_output(self, size):
+        os.truncate(self.out_path, size)
+
+    @property
+    def reaped(self):
+        return self.status is not None
+
+    def _poll(self):
+        """Reap if exited; return the status or None."""
+        if self.reaped:
+            return self.status
+        if self._popen is not None:
+            rc = self._popen.poll()
+            if rc is not None:
+                self.status = rc
+            return self.status
+        try:
+            pid, st = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:
+            # not our child (should not happen after an in-process restore)
+            if not os.path.exists(f"/proc/{self.pid}"):
+                self.status = -999
+            return self.status
+        if pid == self.pid:
+            self.status = _decode(st)
+        return self.status
+
+    def alive(self):
+        return self._poll() is None
+
+    def signal(self, sig):
+        if self.reaped:
+            raise AssertionError(f"{self}: already reaped, not signalling pid {self.pid}")
+        os.kill(self.pid, sig)
+
+    def wait_ready(self, timeout=READY_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.output()
+            if "READY\n" in out:
+                return out
+            if self._poll() is not None:
+                raise AssertionError(
+                    f"{self} exited with {self.status} before READY; output:\n{out}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self}: no READY after {timeout} s; output:\n{out}")
+            time.sleep(0.005)
+
+    def wait_exit(self, timeout=RESULT_TIMEOUT):
+        """Wait for exit without signalling; returns (status, output)."""
+        deadline = time.monotonic() + timeout
+        while self._poll() is None:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self}: still running after {timeout} s; "
+                                     f"output:\n{self.output()}")
+            time.sleep(0.005)
+        return self.status, self.output()
+
+    def wait_result(self, timeout=RESULT_TIMEOUT, resend=1.0):
+        """Send SIGUSR1, wait for exit; returns (status, output).
+
+        SIGUSR1 is re-sent every `resend` seconds: a target tests its flag and
+        then enters pause(), and a signal landing in between would be lost.
+        """
+        deadline = time.monotonic() + timeout
+        next_send = 0.0
+        while self._poll() is None:
+            now = time.monotonic()
+            if now > deadline:
+                raise AssertionError(f"{self}: no exit {timeout} s after SIGUSR1; "
+                                     f"output:\n{self.output()}")
+            if now >= next_send:
+                os.kill(self.pid, signal.SIGUSR1)   # still unreaped: still ours
+                next_send = now + resend
+            time.sleep(0.005)
+        return self.status, self.output()
+
+    def reap(self, timeout=10.0):
+        """Wait for the process to end (e.g. SIGKILLed by dump), reap it and
+        wait until /proc/PID is gone, so the pid is free for a restore."""
+        status, _ = self.wait_exit(timeout)
+        wait_pid_gone(self.pid, timeout)
+        return status
+
+    def adopt(self, pid):
+        """The process now lives on as `pid`, a restored direct child of us."""
+        self._popen = None
+        self.pid = pid
+        self.status = None
+
+    def kill_and_reap(self):
+        if self.reaped:
+            return
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            self.wait_exit(timeout=10.0)
+        except AssertionError:
+            pass
+
+
+class Procs:
+    """Starts targets for one test and kills + reaps all of them at the end."""
+
+    def __init__(self, targets, workdir):
+        self._targets = targets
+        self.workdir = Path(workdir)
+        self.started = []
+
+    def env(self, extra=None):
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
+        env.update(extra or {})
+        return env
+
+    def start(self, argv, cwd=None, env=None, ready=True, name=None):
+        name = name or Path(str(argv[0])).name
+        out = self.workdir / f"{name}-{len(self.started)}.out"
+        t = Target(argv, cwd or self.workdir, out, self.env(env))
+        self.started.append(t)
+        if ready:
+            t.wait_ready()
+        return t
+
+    def start_case(self, case, variant, sabotage=False, ready=True):
+        binary = self._targets.path(case.target, variant)
+        env = {"PS_TARGET_SABOTAGE": "1"} if sabotage else None
+        return self.start(case.argv(binary, self.workdir), env=env, ready=ready,
+                          name=f"{case.id}-{variant}")
+
+    def adopt_if_ours(self, t, pid):
+        """After a failed restore: take over `pid` for cleanup if it is our child."""
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                ppid = next(int(l.split()[1]) for l in f if l.startswith("PPid:"))
+        except (OSError, StopIteration):
+            return
+        if ppid == os.getpid():
+            t.adopt(pid)
+
+    def cleanup(self):
+        for t in reversed(self.started):
+            t.kill_and_reap()
+        # restored/orphaned descendants re-parented to us: reap zombies only
+        while True:
+            try:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+
+
+@pytest.fixture
+def procs(targets, tmp_path):
+    p = Procs(targets, tmp_path)
+    try:
+        yield p
+    finally:
+        p.cleanup()
+
+
+# --------------------------------------------------------------------------
+# Visible state
+
+
+@dataclasses.dataclass(frozen=True)
+class MapLine:
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev: str
+    inode: int
+    path: str
+
+    def __str__(self):
+        return (f"{self.start:012x}-{self.end:012x} {self.perms} {self.offset:08x} "
+                f"{self.dev} {self.inode} {self.path}")
+
+
+@dataclasses.dataclass(frozen=True)
+class FdEntry:
+    target: str
+    pos: int
+    flags: int          # octal "flags:" from fdinfo, O_CLOEXEC included
+
+    def __str__(self):
+        return f"{self.target} pos={self.pos} flags=0{self.flags:o}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    pid: int
+    maps: tuple
+    fds: dict
+
+
+def proc_snapshot(pid):
+    maps = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.rstrip("\n").split(maxsplit=5)
+            rng, perms, off, dev, inode = parts[:5]
+            lo, hi = rng.split("-")
+            maps.append(MapLine(int(lo, 16), int(hi, 16), perms, int(off, 16), dev,
+                                int(inode), parts[5] if len(parts) > 5 else ""))
+    fds = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        fd = int(name)
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            info = {}
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                for line in f:
+                    k, _, v = line.partition(":")
+                    info[k] = v.strip()
+        except FileNotFoundError:
+            continue        # closed while we looked
+        fds[fd] = FdEntry(target, int(info["pos"]), int(info["flags"], 8))
+    return Snapshot(pid, tuple(maps), fds)
+
+
+def assert_same_snapshot(before, after, ignore_pos=()):
+    problems = []
+    if before.maps != after.maps:
+        diff = difflib.unified_diff([str(m) for m in before.maps], [str(m) for m in after.maps],
+                                    "maps before", "maps after", lineterm="", n=1)
+        problems.append("/proc/PID/maps differs:\n" + "\n".join(diff))
+    for fd in sorted(set(before.fds) | set(after.fds)):
+        b, a = before.fds.get(fd), after.fds.get(fd)
+        if b is None or a is None:
+            problems.append(f"fd {fd}: expected {b or 'closed'} found {a or 'closed'}")
+            continue
+        if fd in ignore_pos:
+            b, a = dataclasses.replace(b, pos=0), dataclasses.replace(a, pos=0)
+        if b != a:
+            problems.append(f"fd {fd}: expected {b} found {a}")
+    if problems:
+        raise AssertionError(f"visible state of pid {before.pid} -> {after.pid} changed:\n"
+                             + "\n".join(problems))
+
+
+def image_size(images_dir):
+    return sum(p.stat().st_size for p in Path(images_dir).rglob("*") if p.is_file())
+
+
+def proc_status(pid):
+    """/proc/PID/status as {key: value-string}."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def status_kib(pid, key):
+    return int(proc_status(pid)[key].split()[0])
+
+
+@pytest.fixture(name="proc_snapshot")
+def _proc_snapshot_fixture():
+    """proc_snapshot(pid) -> Snapshot (also importable from conftest)."""
+    return proc_snapshot
+
+
+@pytest.fixture(name="assert_same_snapshot")
+def _assert_same_snapshot_fixture():
+    """assert_same_snapshot(before, after, ignore_pos=()) (also importable)."""
+    return assert_same_snapshot

@@ -1,0 +1,211 @@
+"""Dump and restore real processes, then let them check themselves.
+
+Every test follows the same shape: start a target, wait READY, take the
+visible state (/proc/PID/maps and the fd table), dump, reap, restore onto the
+same pid, compare the visible state, then SIGUSR1: the target checks its own
+state and must say PASS.
+"""
+
+import os
+import signal
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import procsnap
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+def dump_kill(t, images):
+    """Dump in kill mode; the original dies by procsnap's SIGKILL and is reaped."""
+    images = Path(images)
+    images.mkdir(exist_ok=True)
+    procsnap.dump(t.pid, str(images))
+    status = t.reap()
+    assert status == -signal.SIGKILL, f"{t}: expected SIGKILL after dump, found {status}"
+    return images
+
+
+def restore(procs, t, images):
+    """Restore onto t's (reaped, gone) pid and make t follow the restored process."""
+    assert t.reaped and not os.path.exists(f"/proc/{t.pid}")
+    old = t.pid
+    try:
+        pid = procsnap.restore(str(images))
+    except BaseException:
+        procs.adopt_if_ours(t, old)     # clean up a half-restored child
+        raise
+    t.adopt(pid)
+    assert pid == old, f"restored pid {pid}, expected the original {old}"
+    ppid = int(proc_status(pid)["PPid"])
+    assert ppid == os.getpid(), f"restored {pid} has parent {ppid}, expected us {os.getpid()}"
+    return pid
+
+
+def proc_status(pid):
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            out[k] = v.strip()
+    return out
+
+
+def image_size(images):
+    return sum(p.stat().st_size for p in Path(images).rglob("*") if p.is_file())
+
+
+def assert_pass(t):
+    status, out = t.wait_result()
+    assert status == 0 and "PASS\n" in out and "FAIL" not in out, \
+        f"{t}: exit status {status}, output:\n{out}"
+
+
+def test_dump_restore(procs, case, variant, tmp_path, proc_snapshot, assert_same_snapshot):
+    t = procs.start_case(case, variant)
+    before = proc_snapshot(t.pid)
+    images = dump_kill(t, tmp_path / "img")
+    procsnap.open_image(str(images))        # the validated reader accepts what dump wrote
+    restore(procs, t, images)
+    assert_same_snapshot(before, proc_snapshot(t.pid), ignore_pos=case.ignore_pos)
+    assert_pass(t)
+
+
+@pytest.mark.cases("memory", "cpu-regs", "cpu-busy", "sleep-read", "signals", "files")
+@pytest.mark.variants("pie", "static")
+def test_three_cycles(procs, case, variant, tmp_path, proc_snapshot, assert_same_snapshot):
+    t = procs.start_case(case, variant)
+    before = proc_snapshot(t.pid)
+    for cycle in range(3):
+        images = dump_kill(t, tmp_path / f"img{cycle}")
+        restore(procs, t, images)
+        assert_same_snapshot(before, proc_snapshot(t.pid), ignore_pos=case.ignore_pos)
+        time.sleep(0.05)        # let the restored process run a little
+    assert_pass(t)
+
+
+@pytest.mark.cases("memory", "cpu-regs", "sleep-clock_abs", "signals", "files")
+@pytest.mark.variants("pie")
+def test_leave_running(procs, case, variant, tmp_path, proc_snapshot, assert_same_snapshot):
+    """The dump leaves no trace; then the image still restores after the original exits."""
+    t = procs.start_case(case, variant)
+    before = proc_snapshot(t.pid)
+    out_size = t.output_size()
+    images = tmp_path / "img"
+    images.mkdir()
+    procsnap.dump(t.pid, str(images), leave_running=True)
+
+    assert t.alive(), f"{t} died after a leave_running dump:\n{t.output()}"
+    st = proc_status(t.pid)
+    assert st["TracerPid"] == "0", f"{t} still traced by {st['TracerPid']}"
+    assert st["State"][0] in "SR", f"{t} left in state {st['State']}"
+    assert_same_snapshot(before, proc_snapshot(t.pid), ignore_pos=case.ignore_pos)
+    assert_pass(t)
+
+    # The original finished (and may have changed its files); the image is
+    # of the process before SIGUSR1 and must restore and pass again.
+    t.reap()
+    t.truncate_output(out_size)     # its stdout resumes at the saved offset
+    restore(procs, t, images)
+    assert_pass(t)
+
+
+PY_COUNTER = textwrap.dedent("""\
+    import os, signal, sys, time
+    done = False
+    def on_usr1(sig, frame):
+        global done
+        done = True
+    signal.signal(signal.SIGUSR1, on_usr1)
+    path = sys.argv[1]
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    i = 0
+    while not done:
+        os.write(fd, b"%d\\n" % i)
+        i += 1
+        if i == 20:
+            os.write(1, b"READY\\n")
+        time.sleep(0.01)
+    with open(path) as f:
+        lines = f.read().splitlines()
+    bad = [(n, l) for n, l in enumerate(lines) if l != str(n)]
+    if bad or len(lines) != i:
+        os.write(1, b"FAIL: counter expected 0..%d found %r\\n" % (i - 1, bad[:3]))
+        sys.exit(1)
+    os.write(1, b"PASS\\n")
+""")
+
+
+def counter_lines(path):
+    return Path(path).read_text().splitlines()
+
+
+def wait_for(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def syscall_nr(pid):
+    """First field of /proc/PID/syscall: the blocking syscall, or 'running'."""
+    with open(f"/proc/{pid}/syscall") as f:
+        return f.read().split()[0]
+
+
+def test_python_and_coreutils_sleep(procs, tmp_path):
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    script = tmp_path / "counter.py"
+    script.write_text(PY_COUNTER)
+    counter = tmp_path / "counter.txt"
+    py = procs.start([python, script, counter], name="python")
+    sl = procs.start(["sleep", "1000"], ready=False, name="sleep")
+    wait_for(lambda: syscall_nr(sl.pid) == "230", 5, "sleep in clock_nanosleep")
+    sleep_cmdline = Path(f"/proc/{sl.pid}/cmdline").read_bytes()
+
+    dump_kill(py, tmp_path / "img-py")
+    dump_kill(sl, tmp_path / "img-sleep")
+    at_dump = counter_lines(counter)
+    time.sleep(0.1)
+    assert counter_lines(counter) == at_dump, "the counter moved while python was dead"
+
+    restore(procs, py, tmp_path / "img-py")
+    restore(procs, sl, tmp_path / "img-sleep")
+
+    wait_for(lambda: len(counter_lines(counter)) >= len(at_dump) + 50, 10,
+             "the restored python to write 50 more lines")
+    lines = counter_lines(counter)
+    assert lines == [str(n) for n in range(len(lines))], \
+        f"counter has a gap or repeat near line {len(at_dump)}: " \
+        f"{lines[max(0, len(at_dump) - 3):len(at_dump) + 3]}"
+    assert_pass(py)
+
+    wait_for(lambda: syscall_nr(sl.pid) == "230", 5, "restored sleep in clock_nanosleep")
+    time.sleep(0.3)
+    assert sl.alive(), f"restored sleep exited with {sl.status}"
+    assert syscall_nr(sl.pid) == "230"
+    assert proc_status(sl.pid)["State"].startswith("S")
+    assert Path(f"/proc/{sl.pid}/cmdline").read_bytes() == sleep_cmdline
+
+
+@pytest.mark.cases("memory", "cpu-regs", "sleep-nanosleep", "signals", "identity", "files")
+def test_image_skips_untouched_pages(procs, case, variant, tmp_path):
+    """Never-touched pages (and clean file pages) are not stored."""
+    t = procs.start_case(case, variant)
+    st = proc_status(t.pid)
+    vm_size = int(st["VmSize"].split()[0]) * KIB
+    rss_anon = int(st["RssAnon"].split()[0]) * KIB
+    images = dump_kill(t, tmp_path / "img")
+    size = image_size(images)
+    assert size < vm_size // 2, f"image {size} B is not much smaller than VmSize {vm_size} B"
+    # slack for metadata and pages mapped to the zero page by reads
+    assert size <= rss_anon + 2 * MIB, \
+        f"image {size} B > RssAnon {rss_anon} B + 2 MiB: untouched or clean pages stored?"
+    if case.id == "memory":
+        assert size < 16 * MIB, f"image {size} B: the 64 MiB sparse area was stored?"
