@@ -1,0 +1,99 @@
+"""make demo: checkpoint a running program, kill it, restore it, and show
+that it carried on from where it stopped, with the same pid.
+
+The program is a python3 process counting in a loop, holding its counter
+only in memory and appending each value to a log file.
+"""
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+PROGRAM = textwrap.dedent("""
+    import os, sys, time
+    n = 0
+    log = open(sys.argv[1], "a", buffering=1)
+    while True:
+        log.write(f"pid {os.getpid()} count {n}\\n")
+        n += 1
+        time.sleep(0.1)
+""")
+
+
+def procsnap(*args, check=True):
+    cmd = [sys.executable, "-m", "procsnap", *args]
+    print(f"$ procsnap {' '.join(args)}")
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    lines = out.stdout.strip().splitlines()
+    if lines:
+        shown = lines if len(lines) <= 12 else lines[:12] + [f"... ({len(lines) - 12} more lines)"]
+        print(textwrap.indent("\n".join(shown), "  "))
+    if out.returncode and check:
+        sys.exit(f"procsnap failed ({out.returncode}): {out.stderr.strip()}")
+    return out
+
+
+def tail(path, n=3):
+    with open(path) as f:
+        return f.read().splitlines()[-n:]
+
+
+def main():
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: restored orphans come back to us
+    work = tempfile.mkdtemp(prefix="procsnap-demo-")
+    log, images = os.path.join(work, "count.log"), os.path.join(work, "images")
+    prog = subprocess.Popen(["python3", "-c", PROGRAM, log], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    pid = prog.pid
+    restored = None
+    try:
+        time.sleep(1.5)
+        print(f"1. python3 (pid {pid}) is counting; its log ends with:")
+        print(textwrap.indent("\n".join(tail(log)), "  "))
+        print("\n2. Checkpoint it (the process is killed once the image is complete):")
+        t0 = time.monotonic()
+        procsnap("dump", "-t", str(pid), "-D", images)
+        print(f"  dump took {(time.monotonic() - t0) * 1000:.0f} ms (whole CLI)")
+        prog.wait()
+        last = tail(log, 1)[0]
+        print(f"  pid {pid} is gone: exit status {prog.returncode}; the log stops at '{last}'")
+        time.sleep(0.5)
+        assert tail(log, 1)[0] == last, "the log moved while the process was dead"
+        summary = procsnap("show", images, check=True)
+        img = json.loads(summary.stdout) if summary.stdout.startswith("{") else {}
+        print(f"  (that was the image as JSON: {len(img.get('vmas', []))} VMAs, "
+              f"{img.get('pages_size', 0) // 1024} KiB of pages)")
+        print("\n3. Restore it:")
+        t0 = time.monotonic()
+        out = procsnap("restore", "-D", images, "-d")
+        restored = int(out.stdout.split()[-1])
+        print(f"  restore took {(time.monotonic() - t0) * 1000:.0f} ms (whole CLI)")
+        time.sleep(1.0)
+        lines = tail(log, 4)
+        print(f"\n4. pid {restored} is running again; its log now ends with:")
+        print(textwrap.indent("\n".join(lines), "  "))
+        last_before = int(last.split()[-1])
+        counts = [int(x.split()[-1]) for x in open(log).read().splitlines()]
+        ok = restored == pid and counts == list(range(len(counts))) and counts[-1] > last_before
+        print(f"\nSame pid: {restored == pid}. Counter carried on from {last_before} with no gap or repeat: "
+              f"{counts == list(range(len(counts)))} (now at {counts[-1]}).")
+        print("PASS" if ok else "FAIL")
+        return 0 if ok else 1
+    finally:
+        for p in (pid, restored):
+            if p:
+                try:
+                    os.kill(p, signal.SIGKILL)
+                    os.waitpid(p, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
