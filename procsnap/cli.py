@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from .errors import ProcsnapError
@@ -129,8 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM and SIGHUP unwind like Ctrl-C: a dump in progress puts the
+    # target back as it was before procsnap exits.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="procsnap: %(message)s", stream=sys.stderr)
     try:

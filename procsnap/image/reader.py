@@ -24,6 +24,7 @@ from . import schema
 
 MAX_FD = 1 << 20
 MAX_SIGNAL = 64
+MAX_AUXV = 2 * 8 * 26  # sizeof(mm->saved_auxv) on x86_64: AT_VECTOR_SIZE longs
 
 
 @dataclasses.dataclass
@@ -258,6 +259,17 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
         end = run.vaddr + run.npages * PAGE_SIZE
         if i < 0 or end > vmas[i].end or vmas[i].kind not in model.COPIED_KINDS:
             p.append(f"{where}: not inside one VMA whose pages are stored")
+    mm = ckpt.mm
+    for name in ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
+                 "arg_start", "arg_end", "env_start", "env_end"):
+        if not PAGE_SIZE <= getattr(mm, name) < TASK_SIZE:
+            p.append(f"mm: {name} {getattr(mm, name):#x} outside user space")
+    for lo, hi in (("start_code", "end_code"), ("start_data", "end_data"), ("start_brk", "brk"),
+                   ("arg_start", "arg_end"), ("env_start", "env_end")):
+        if getattr(mm, lo) > getattr(mm, hi):
+            p.append(f"mm: {lo} {getattr(mm, lo):#x} is above {hi} {getattr(mm, hi):#x}")
+    if len(mm.auxv) % 16 or len(mm.auxv) > MAX_AUXV:
+        p.append(f"mm: auxv of {len(mm.auxv)} bytes (expected pairs of 8-byte words, at most {MAX_AUXV})")
     exe_id = ckpt.mm.exe_file_id
     if exe_id not in file_ids:
         p.append(f"mm: exe refers to unknown file {exe_id}")
