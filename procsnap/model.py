@@ -165,7 +165,7 @@ class PageRun:
     vaddr: int
     npages: int
     offset: int
-    crc32: int
+    xxh3: int  # XXH3-64 of the run's bytes
 
 
 @dataclasses.dataclass
@@ -256,7 +256,7 @@ class Ghost:
     mode: int
     size: int
     offset: int
-    crc32: int
+    xxh3: int  # XXH3-64 of the contents
 
 
 @dataclasses.dataclass

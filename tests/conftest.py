@@ -13,19 +13,27 @@ Fixtures and helpers:
     proc_snapshot, assert_same_snapshot   fixtures returning the functions below
     proc_snapshot(pid) -> Snapshot(maps, fds); assert_same_snapshot(before, after, ignore_pos=())
     image_size(dir), proc_status(pid), status_kib(pid, key), wait_pid_gone(pid)
+    dump_kill(t, dir), restore(procs, t, dir), assert_pass(t)    dump/restore one target
+    image_hashes(dir), read_inventory(dir), rewrite_records(dir, edit)   image files, raw
 """
 
 import ctypes
 import dataclasses
 import difflib
+import hashlib
+import json
 import os
 import signal
 import subprocess
+import struct
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+
+import procsnap
 
 TARGETS_DIR = Path(__file__).parent / "targets"
 CFLAGS = ["-O1", "-g", "-Wall"]
@@ -166,7 +174,7 @@ def _decode(status):
 class Target:
     """A process we started (a Popen child) or restored (a plain child pid)."""
 
-    def __init__(self, argv, cwd, out_path, env):
+    def __init__(self, argv, cwd, out_path, env, pass_fds=()):
         self.argv = [str(a) for a in argv]
         self.out_path = Path(out_path)
         fd = os.open(self.out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -174,7 +182,8 @@ class Target:
             # stderr=STDOUT: fd 2 is a dup of fd 1, one open file description
             self._popen = subprocess.Popen(
                 self.argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=fd,
-                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                pass_fds=tuple(pass_fds))
         finally:
             os.close(fd)
         self.pid = self._popen.pid
@@ -305,20 +314,20 @@ class Procs:
         env.update(extra or {})
         return env
 
-    def start(self, argv, cwd=None, env=None, ready=True, name=None):
+    def start(self, argv, cwd=None, env=None, ready=True, name=None, pass_fds=()):
         name = name or Path(str(argv[0])).name
         out = self.workdir / f"{name}-{len(self.started)}.out"
-        t = Target(argv, cwd or self.workdir, out, self.env(env))
+        t = Target(argv, cwd or self.workdir, out, self.env(env), pass_fds)
         self.started.append(t)
         if ready:
             t.wait_ready()
         return t
 
-    def start_case(self, case, variant, sabotage=False, ready=True):
+    def start_case(self, case, variant, sabotage=False, ready=True, pass_fds=()):
         binary = self._targets.path(case.target, variant)
         env = {"PS_TARGET_SABOTAGE": "1"} if sabotage else None
         return self.start(case.argv(binary, self.workdir), env=env, ready=ready,
-                          name=f"{case.id}-{variant}")
+                          name=f"{case.id}-{variant}", pass_fds=pass_fds)
 
     def adopt_if_ours(self, t, pid):
         """After a failed restore: take over `pid` for cleanup if it is our child."""
@@ -461,3 +470,84 @@ def _proc_snapshot_fixture():
 def _assert_same_snapshot_fixture():
     """assert_same_snapshot(before, after, ignore_pos=()) (also importable)."""
     return assert_same_snapshot
+
+
+# --------------------------------------------------------------------------
+# Dump and restore one target
+
+
+def dump_kill(t, images):
+    """Dump in kill mode; the original dies by procsnap's SIGKILL and is reaped."""
+    images = Path(images)
+    images.mkdir(exist_ok=True)
+    procsnap.dump(t.pid, str(images))
+    status = t.reap()
+    assert status == -signal.SIGKILL, f"{t}: expected SIGKILL after dump, found {status}"
+    return images
+
+
+def restore(procs, t, images):
+    """Restore onto t's (reaped, gone) pid and make t follow the restored process."""
+    assert t.reaped and not os.path.exists(f"/proc/{t.pid}")
+    old = t.pid
+    try:
+        pid = procsnap.restore(str(images))
+    except BaseException:
+        procs.adopt_if_ours(t, old)     # clean up a half-restored child
+        raise
+    t.adopt(pid)
+    assert pid == old, f"restored pid {pid}, expected the original {old}"
+    ppid = int(proc_status(pid)["PPid"])
+    assert ppid == os.getpid(), f"restored {pid} has parent {ppid}, expected us {os.getpid()}"
+    return pid
+
+
+def assert_pass(t):
+    status, out = t.wait_result()
+    assert status == 0 and "PASS\n" in out and "FAIL" not in out, \
+        f"{t}: exit status {status}, output:\n{out}"
+
+
+# --------------------------------------------------------------------------
+# Image files, read and rewritten without procsnap's reader
+
+IMG_HEADER = struct.Struct("<8sHHI")     # magic, major, minor, crc32(first 12 bytes)
+IMG_RECORD = struct.Struct("<4sII")      # tag, payload length, crc32(payload)
+
+
+def image_hashes(images_dir):
+    """{relative path: sha256} of every file in the image directory."""
+    root = Path(images_dir)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def read_inventory(images_dir):
+    """procsnap.img as (header bytes, [(tag, payload offset, payload bytes)])."""
+    data = (Path(images_dir) / "procsnap.img").read_bytes()
+    header = data[:IMG_HEADER.size]
+    records, off = [], IMG_HEADER.size
+    while off < len(data):
+        tag, length, _ = IMG_RECORD.unpack_from(data, off)
+        start = off + IMG_RECORD.size
+        records.append((tag, start, data[start:start + length]))
+        off = start + length
+    return header, records
+
+
+def rewrite_records(images_dir, edit):
+    """Rewrite procsnap.img with valid framing: `edit(records)` changes the
+    list of [tag, payload dict] (END excluded) in place; payloads are
+    re-encoded, CRCs and END's record count recomputed, so only the reader's
+    semantic checks can object."""
+    header, raw = read_inventory(images_dir)
+    records = [[tag, json.loads(payload)] for tag, _, payload in raw]
+    assert records[-1][0] == b"END ", f"last record is {records[-1][0]!r}, not END"
+    end = records.pop()[1]
+    edit(records)
+    end["records"] = len(records)
+    out = bytearray(header)
+    for tag, obj in records + [[b"END ", end]]:
+        payload = json.dumps(obj).encode()
+        out += IMG_RECORD.pack(tag, len(payload), zlib.crc32(payload)) + payload
+    (Path(images_dir) / "procsnap.img").write_bytes(bytes(out))

@@ -7,7 +7,6 @@ state and must say PASS.
 """
 
 import os
-import signal
 import sys
 import textwrap
 import time
@@ -16,54 +15,10 @@ from pathlib import Path
 import pytest
 
 import procsnap
+from conftest import assert_pass, dump_kill, image_size, proc_status, restore
 
 KIB = 1024
 MIB = 1024 * KIB
-
-
-def dump_kill(t, images):
-    """Dump in kill mode; the original dies by procsnap's SIGKILL and is reaped."""
-    images = Path(images)
-    images.mkdir(exist_ok=True)
-    procsnap.dump(t.pid, str(images))
-    status = t.reap()
-    assert status == -signal.SIGKILL, f"{t}: expected SIGKILL after dump, found {status}"
-    return images
-
-
-def restore(procs, t, images):
-    """Restore onto t's (reaped, gone) pid and make t follow the restored process."""
-    assert t.reaped and not os.path.exists(f"/proc/{t.pid}")
-    old = t.pid
-    try:
-        pid = procsnap.restore(str(images))
-    except BaseException:
-        procs.adopt_if_ours(t, old)     # clean up a half-restored child
-        raise
-    t.adopt(pid)
-    assert pid == old, f"restored pid {pid}, expected the original {old}"
-    ppid = int(proc_status(pid)["PPid"])
-    assert ppid == os.getpid(), f"restored {pid} has parent {ppid}, expected us {os.getpid()}"
-    return pid
-
-
-def proc_status(pid):
-    out = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            out[k] = v.strip()
-    return out
-
-
-def image_size(images):
-    return sum(p.stat().st_size for p in Path(images).rglob("*") if p.is_file())
-
-
-def assert_pass(t):
-    status, out = t.wait_result()
-    assert status == 0 and "PASS\n" in out and "FAIL" not in out, \
-        f"{t}: exit status {status}, output:\n{out}"
 
 
 def test_dump_restore(procs, case, variant, tmp_path, proc_snapshot, assert_same_snapshot):

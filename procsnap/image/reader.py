@@ -21,6 +21,7 @@ from ..errors import ImageCorrupt, ImageVersionError
 from ..kernel import mapping
 from ..kernel.arch.x86_64 import PAGE_SIZE, TASK_SIZE
 from . import schema
+from .checksum import DataHasher, data_hash
 
 MAX_FD = 1 << 20
 MAX_SIGNAL = 64
@@ -48,7 +49,7 @@ class Image:
         with open(self.ghosts_path, "rb") as f:
             f.seek(ghost.offset)
             data = f.read(ghost.size)
-        if len(data) != ghost.size or zlib.crc32(data) != ghost.crc32:
+        if len(data) != ghost.size or data_hash(data) != ghost.xxh3:
             raise ImageCorrupt(f"{self.ghosts_path}: ghost {ghost.id} at offset {ghost.offset} changed since validation")
         return data
 
@@ -195,23 +196,24 @@ def _check_data_files(image: Image, verify_pages: bool) -> list[str]:
     with open(image.pages_path, "rb") as f:
         for run in ckpt.pages:
             f.seek(run.offset)
-            crc = 0
+            hasher = DataHasher()
             left = run.npages * PAGE_SIZE
             while left:
-                chunk = f.read(min(left, 1 << 24))
+                chunk = f.read(min(left, 1 << 22))
                 if not chunk:
                     break
-                crc = zlib.crc32(chunk, crc)
+                hasher.update(chunk)
                 left -= len(chunk)
-            if crc != run.crc32:
+            if hasher.digest() != run.xxh3:
                 problems.append(f"{image.pages_path}: page run {run.vaddr:#x} at offset {run.offset}: "
-                                f"crc32 expected {run.crc32:#x}, found {crc:#x}")
+                                f"xxh3 expected {run.xxh3:#x}, found {hasher.digest():#x}")
     with open(image.ghosts_path, "rb") as f:
         for ghost in ckpt.ghosts:
             f.seek(ghost.offset)
             data = f.read(ghost.size)
-            if zlib.crc32(data) != ghost.crc32:
-                problems.append(f"{image.ghosts_path}: ghost {ghost.id} at offset {ghost.offset}: crc32 mismatch")
+            if data_hash(data) != ghost.xxh3:
+                problems.append(f"{image.ghosts_path}: ghost {ghost.id} at offset {ghost.offset}: "
+                                f"xxh3 expected {ghost.xxh3:#x}, found {data_hash(data):#x}")
     return problems
 
 

@@ -4,7 +4,8 @@ An image is a directory:
 
     procsnap.img   header, then typed records, then END. Written last and
                    renamed into place: its presence marks a complete image.
-    pages.img      page data, 4 KiB aligned, runs indexed by PAGES records.
+    pages.img      page data, 4 KiB aligned, runs indexed by PAGE records
+                   (address, page count, offset, XXH3-64 of the bytes).
     ghosts.img     contents of files unlinked while open.
 
 procsnap.img layout (little endian):
@@ -153,7 +154,7 @@ HEX_FIELDS = frozenset({
     "start", "end", "vaddr", "offset", "handler", "restorer", "mask", "sigmask",
     "start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
     "arg_start", "arg_end", "env_start", "env_end", "rseq_ptr", "rseq_sig", "robust_list",
-    "clear_child_tid", "altstack_sp", "personality", "regs", "crc32",
+    "clear_child_tid", "altstack_sp", "personality", "regs", "xxh3",
 })
 
 

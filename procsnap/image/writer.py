@@ -14,6 +14,7 @@ import zlib
 
 from .. import model
 from . import schema
+from .checksum import data_hash
 
 PAGE_SIZE = 4096
 
@@ -35,11 +36,10 @@ class FilePageSink:
         self.offset = 0
         self.runs: list[model.PageRun] = []
 
-    def write_pages(self, vaddr: int, data: memoryview) -> None:
+    def write_pages(self, vaddr: int, data) -> None:
         assert len(data) % PAGE_SIZE == 0
-        crc = zlib.crc32(data)
         _write_all(self.fd, data, self.path)
-        self.runs.append(model.PageRun(vaddr, len(data) // PAGE_SIZE, self.offset, crc))
+        self.runs.append(model.PageRun(vaddr, len(data) // PAGE_SIZE, self.offset, data_hash(data)))
         self.offset += len(data)
 
     def close(self) -> list[model.PageRun]:
@@ -81,11 +81,11 @@ class ImageWriter:
         self.ghost_offset = 0
 
     def write_ghost(self, data: bytes) -> tuple[int, int]:
-        """Store a ghost file's contents; returns (offset, crc32)."""
+        """Store a ghost file's contents; returns (offset, xxh3)."""
         offset = self.ghost_offset
         _write_all(self.ghost_fd, data, self.ghost_path)
         self.ghost_offset += len(data)
-        return offset, zlib.crc32(data)
+        return offset, data_hash(data)
 
     def commit(self, ckpt: model.Checkpoint) -> None:
         """Write the records after the data they index, then make it visible."""
