@@ -174,7 +174,7 @@ def _wait_for(cond, what, timeout=10):
         time.sleep(0.01)
 
 
-@pytest.mark.parametrize("kind", ["pipe", "socket", "child", "thread"])
+@pytest.mark.parametrize("kind", ["pipe", "socket", "child", "thread", "itimer"])
 def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_snapshot):
     images = tmp_path / "img"
     extra = []          # (pid, ) of grandchildren to kill first
@@ -194,6 +194,14 @@ def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_
             _wait_for(lambda: kids.read_text().split(), "sh to start its child")
             extra = [int(p) for p in kids.read_text().split()]
             names = (f"pid {t.pid}", "child", extra[0])
+        elif kind == "itimer":
+            code = ("import os, signal, time\n"
+                    "signal.signal(signal.SIGALRM, lambda *a: None)\n"
+                    "signal.setitimer(signal.ITIMER_REAL, 1000, 1000)\n"
+                    "os.write(1, b'READY\\n')\n"
+                    "time.sleep(1000)\n")
+            t = procs.start([sys.executable, "-c", code], name="itimer")
+            names = (f"pid {t.pid}", "interval timer", "ITIMER_REAL")
         else:
             code = ("import os, threading, time\n"
                     "threading.Thread(target=time.sleep, args=(1000,), daemon=True).start()\n"

@@ -111,6 +111,7 @@ def collect_seized(pid: int, shell_job: bool):
     fds = C.collect_fds(pid, files, ghosts, shell_job)
     pending = C.collect_pending(pid)
     with infect.infected(pid, maps) as target:
+        C.check_itimers_seized(target)
         mm = C.collect_mm_seized(pid, st, target, files)
         task = C.collect_task_seized(pid, st, status, target, regs, sigmask)
         sigactions = C.collect_sigactions_seized(target)

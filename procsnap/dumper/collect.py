@@ -170,6 +170,18 @@ def collect_sigactions_seized(target: Target) -> list[model.SigAction]:
     return out
 
 
+ITIMERS = ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF")
+
+
+def check_itimers_seized(target: Target) -> None:
+    """Interval timers are not restored yet: refuse rather than lose them."""
+    for which, name in enumerate(ITIMERS):
+        target.call(NR.getitimer, which, target.scratch)
+        if any(struct.unpack("<4q", target.read_scratch(32))):
+            raise Unsupported(f"pid {target.pid}: has an active interval timer ({name}); not supported",
+                              target.pid)
+
+
 def collect_pending(pid: int) -> list[model.PendingSignal]:
     out = []
     for shared in (False, True):

@@ -33,6 +33,7 @@ class NR(enum.IntEnum):
     mremap = 25
     madvise = 28
     pause = 34
+    getitimer = 36
     getpid = 39
     kill = 62
     rt_sigqueueinfo = 129
