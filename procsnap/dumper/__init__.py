@@ -8,9 +8,11 @@ and signal mask are put back, and it is detached and running again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
+import time
 
 from .. import model
 from ..errors import ProcessGone, ProcsnapError, translated
@@ -18,37 +20,71 @@ from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
 from . import collect as C
 from .pages import write_ghosts_seized, write_pages_seized
+from .snapshot import cow_snapshot, read_while_frozen
 
 log = logging.getLogger("procsnap.dumper")
 
 
+@dataclasses.dataclass
+class DumpStats:
+    """What a dump measured about itself."""
+
+    checkpoint: model.Checkpoint
+    frozen_s: float = 0.0  # from the freeze to the thaw (or the kill)
+    total_s: float = 0.0
+    pages_bytes: int = 0
+    snapshot: bool = False  # pages were read from a copy-on-write snapshot
+
+
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
-         progress=None) -> model.Checkpoint:
+         progress=None) -> DumpStats:
     """Checkpoint process `pid` into the existing directory `images_dir`.
 
-    The target is killed once the image is complete, unless leave_running.
+    The target is killed once the image is complete, unless leave_running:
+    then it is frozen only while its small state is collected and a
+    copy-on-write snapshot of its memory is taken (see snapshot.py).
     On any error the target runs on as before and no image is left.
     """
+    started = time.monotonic()
     st, status = read_target(pid)
+    with translated(pid, f"read /proc/{pid}/smaps"):
+        early_smaps = proc.read_smaps(pid)
     with contextlib.ExitStack() as stack:
         with translated(pid, "freeze"):
             C.check_supported(pid, st, status)
             task = stack.enter_context(frozen(pid))
         log.info("pid %d: frozen", pid)
         with translated(pid, "collect"):
-            ckpt, runs, ghost_fds = collect_seized(pid, shell_job)
-        log.info("pid %d: collected %d VMAs, %d fds, %d page runs", pid, len(ckpt.vmas), len(ckpt.fds), len(runs))
+            ckpt, runs, ghost_fds, maps = collect_seized(pid, shell_job, early_smaps, scan_pages=not leave_running)
+        stats = DumpStats(ckpt)
+        log.info("pid %d: collected %d VMAs, %d fds", pid, len(ckpt.vmas), len(ckpt.fds))
         with translated(pid, f"write {images_dir}"):
             writer = stack.enter_context(image_writer(images_dir))
-            write_pages_seized(pid, runs, writer.pages, progress)
             write_ghosts_seized(pid, ghost_fds, writer, ckpt)
+            source = pid
+            if leave_running:
+                # Pages fork does not copy are read now; the rest from the snapshot after the thaw.
+                now = [v for v in ckpt.vmas if read_while_frozen(v)]
+                write_pages_seized(pid, C.collect_page_runs(pid, now), writer.pages)
+                later = [v for v in ckpt.vmas if not read_while_frozen(v)]
+                snap = stack.enter_context(cow_snapshot(task, maps))
+                if snap is not None:
+                    source, stats.snapshot = snap, True
+                    task.thaw()
+                    log.info("pid %d: thawed; reading pages from snapshot %d", pid, snap)
+                runs = C.collect_page_runs(source, later)
+            write_pages_seized(source, runs, writer.pages, progress)
             writer.commit(ckpt)
+        stats.pages_bytes = writer.pages.offset
         log.info("pid %d: image written to %s", pid, images_dir)
         if not leave_running:
             with translated(pid, "kill"):
                 task.kill()
             log.info("pid %d: killed", pid)
-    return ckpt
+    stats.frozen_s = task.frozen_s
+    stats.total_s = time.monotonic() - started
+    log.info("pid %d: frozen for %.1f ms of %.1f ms", pid, stats.frozen_s * 1000, stats.total_s * 1000)
+    return stats
 
 
 def read_target(pid: int) -> tuple[proc.Stat, dict[str, str]]:
@@ -65,25 +101,36 @@ class FrozenTask:
     def __init__(self, pid: int):
         self.pid = pid
         self.killed = False
+        self.attached = True
+        self.since = time.monotonic()
+        self.frozen_s = 0.0
+
+    def thaw(self) -> None:
+        if self.attached:
+            ptrace.detach(self.pid)
+            self.attached = False
+            self.frozen_s = time.monotonic() - self.since
 
     def kill(self) -> None:
         """SIGKILL the frozen task and wait until it is dead (not reaped:
         that stays its parent's job, even when the parent is us)."""
         os.kill(self.pid, signal.SIGKILL)
         self.killed = True
+        self.attached = False
+        self.frozen_s = time.monotonic() - self.since
         os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT | ptrace.WALL)
 
 
 @contextlib.contextmanager
 def frozen(pid: int):
-    ptrace.freeze(pid)
     task = FrozenTask(pid)
+    ptrace.freeze(pid)
     try:
         yield task
     finally:
         if not task.killed:
             with translated(pid, "thaw"):
-                ptrace.detach(pid)
+                task.thaw()
 
 
 @contextlib.contextmanager
@@ -98,10 +145,11 @@ def image_writer(images_dir: str):
         raise
 
 
-def collect_seized(pid: int, shell_job: bool):
-    """Everything but the page data: (checkpoint, page runs, ghost fds)."""
+def collect_seized(pid: int, shell_job: bool, early_smaps: list[proc.MapsEntry], scan_pages: bool = True):
+    """Everything but the page data: (checkpoint, VMAs, page runs or None,
+    ghost fds, maps)."""
     files = C.FileTable()
-    maps = proc.read_smaps(pid)
+    maps = proc.read_maps(pid, early_smaps)
     st = proc.read_stat(pid)
     status = proc.read_status(pid)
     vmas = C.collect_vmas(pid, maps, files)
@@ -115,7 +163,7 @@ def collect_seized(pid: int, shell_job: bool):
         mm = C.collect_mm_seized(pid, st, target, files)
         task = C.collect_task_seized(pid, st, status, target, regs, sigmask)
         sigactions = C.collect_sigactions_seized(target)
-    runs = C.collect_page_runs(pid, vmas)
+    runs = C.collect_page_runs(pid, vmas) if scan_pages else None
     ckpt = model.Checkpoint(task=task, mm=mm, vmas=vmas, pages=[], sigactions=sigactions, pending=pending,
                             files=files.refs, fds=fds, ghosts=[g for g, _ in ghosts])
-    return ckpt, runs, ghosts
+    return ckpt, runs, ghosts, maps

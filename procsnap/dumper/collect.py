@@ -127,7 +127,11 @@ def collect_vmas(pid: int, maps: list[MapsEntry], files: FileTable) -> list[mode
 
 
 def collect_page_runs(pid: int, vmas: list[model.Vma]) -> list[tuple[model.Vma, int, int]]:
-    """(vma, address, length) of every run of pages that must be copied."""
+    """(vma, address, length) of every run of pages that must be copied.
+
+    `pid` may be the target or its copy-on-write snapshot: a fork copies
+    the page tables of every area whose pages are stored.
+    """
     runs = []
     fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -161,10 +165,13 @@ def collect_mm_seized(pid: int, st: proc.Stat, target: Target, files: FileTable)
 
 
 def collect_sigactions_seized(target: Target) -> list[model.SigAction]:
+    """All 64 handlers into the scratch area side by side, one read back."""
+    for sig in range(1, NSIG + 1):
+        target.call(NR.rt_sigaction, sig, 0, target.scratch + (sig - 1) * KSIGACTION.size, SIGSET_SIZE)
+    data = target.read_scratch(NSIG * KSIGACTION.size)
     out = []
     for sig in range(1, NSIG + 1):
-        target.call(NR.rt_sigaction, sig, 0, target.scratch, SIGSET_SIZE)
-        handler, flags, restorer, mask = KSIGACTION.unpack(target.read_scratch(KSIGACTION.size))
+        handler, flags, restorer, mask = KSIGACTION.unpack_from(data, (sig - 1) * KSIGACTION.size)
         if handler or flags or mask:
             out.append(model.SigAction(sig, handler, model.SaFlag(flags), restorer, mask))
     return out

@@ -21,6 +21,7 @@ from ..kernel import memory
 from ..kernel.arch.x86_64 import PAGE_SIZE
 
 CHUNK = 4 << 20
+BUFFERS = 4
 ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO_SKIPPED = (model.VmaKind.ANON, model.VmaKind.SHARED_ANON)
 
@@ -69,33 +70,63 @@ def _chunks(runs: list[tuple[model.Vma, int, int]]):
 
 
 def write_pages_seized(pid: int, runs: list[tuple[model.Vma, int, int]], sink: PageSink, progress=None) -> None:
+    """Read chunks into a ring of BUFFERS cache-sized buffers; each chunk's
+    non-zero pieces go to the sink, which writes them while the next chunk
+    is read. A buffer is reused only once the sink is done with it."""
     total = sum(length for _, _, length in runs)
     done = 0
-    buf = mmap.mmap(-1, CHUNK)
-    anchor = ctypes.c_char.from_buffer(buf)
-    base = ctypes.addressof(anchor)
-    view = memoryview(buf)
+    ring = [_Buffer() for _ in range(BUFFERS)]
     try:
-        for readable, batch in _chunks(runs):
+        for i, (readable, batch) in enumerate(_chunks(runs)):
+            buf = ring[i % BUFFERS]
+            buf.wait()
             if readable:
-                memory.read_into(pid, [(base + off, addr, length) for _, addr, length, off in batch])
+                memory.read_into(pid, [(buf.address + off, addr, length) for _, addr, length, off in batch])
             else:
                 _, addr, length, _ = batch[0]
-                buf[:length] = memory.read_mem_file(pid, addr, length)
+                buf.map[:length] = memory.read_mem_file(pid, addr, length)
+            pieces = []
             for vma, addr, length, off in batch:
-                pieces = nonzero_runs(buf, off, off + length) if vma.kind in ZERO_SKIPPED else [(off, length)]
-                for start, size in pieces:
-                    sink.write_pages(addr + start - off, view[start : start + size])
+                spans = nonzero_runs(buf.map, off, off + length) if vma.kind in ZERO_SKIPPED else [(off, length)]
+                pieces += [(addr + start - off, buf.view[start : start + size]) for start, size in spans]
                 done += length
+            if pieces:
+                buf.ticket = sink.submit(pieces)
             if progress:
                 progress(done, total)
+        for buf in ring:
+            buf.wait()
     finally:
-        # On an error, the traceback may still hold slices of the buffer;
-        # then the mapping is freed with the last of them instead.
-        del anchor
-        with contextlib.suppress(BufferError):
-            view.release()
+        for buf in ring:
             buf.close()
+
+
+class _Buffer:
+    """A CHUNK-sized anonymous mapping with its address, and the sink's
+    ticket for the data last submitted from it."""
+
+    def __init__(self):
+        self.map = mmap.mmap(-1, CHUNK)
+        self._anchor = ctypes.c_char.from_buffer(self.map)
+        self.address = ctypes.addressof(self._anchor)
+        self.view = memoryview(self.map)
+        self.ticket = None
+
+    def wait(self) -> None:
+        if self.ticket is not None:
+            ticket, self.ticket = self.ticket, None
+            ticket.result()
+
+    def close(self) -> None:
+        # On an error the sink or a traceback may still hold slices; then
+        # the mapping is freed with the last of them instead.
+        if self.ticket is not None:
+            with contextlib.suppress(Exception):
+                self.ticket.result()
+        del self._anchor
+        with contextlib.suppress(BufferError):
+            self.view.release()
+            self.map.close()
 
 
 def write_ghosts_seized(pid: int, ghost_fds, writer: ImageWriter, ckpt: model.Checkpoint) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import struct
 import types
 import typing
@@ -60,8 +61,14 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
 END = b"END "
 
 
+@functools.cache
 def _hints(cls) -> dict[str, typing.Any]:
     return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _fields(cls) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(cls)
 
 
 def encode(obj) -> typing.Any:
@@ -91,7 +98,7 @@ def decode(tp, data, where: str):
             raise SchemaError(f"{where}: expected an object, found {type(data).__name__}")
         hints = _hints(tp)
         kwargs = {}
-        for f in dataclasses.fields(tp):
+        for f in _fields(tp):
             if f.name in data:
                 kwargs[f.name] = decode(hints[f.name], data[f.name], f"{where}.{f.name}")
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

@@ -73,7 +73,7 @@ class Target:
 
 
 @contextlib.contextmanager
-def infected(pid: int, maps: list[MapsEntry], busy: list[tuple[int, int]] | None = None):
+def infected(pid: int, maps: list[MapsEntry], busy: list[tuple[int, int]] | None = None, scratch_area: bool = True):
     """Prepare a stopped task for injected syscalls; undo it all on exit."""
     regs = ptrace.get_regs(pid)
     mask = ptrace.get_sigmask(pid)
@@ -84,8 +84,9 @@ def infected(pid: int, maps: list[MapsEntry], busy: list[tuple[int, int]] | None
     # No signal may be dequeued while we run syscalls; pending ones stay queued.
     ptrace.set_sigmask(pid, ptrace.ALL_SIGNALS_BLOCKED)
     try:
-        want = free_gap(ranges, SCRATCH_SIZE)
-        scratch = call(NR.mmap, want, SCRATCH_SIZE, PROT_RW, MAP_PRIVATE_ANON_NOREPLACE, -1, 0)
+        if scratch_area:
+            want = free_gap(ranges, SCRATCH_SIZE)
+            scratch = call(NR.mmap, want, SCRATCH_SIZE, PROT_RW, MAP_PRIVATE_ANON_NOREPLACE, -1, 0)
         yield Target(pid, call, scratch)
     finally:
         with contextlib.ExitStack() as undo:

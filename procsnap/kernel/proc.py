@@ -60,6 +60,24 @@ def read_smaps(pid: int) -> list[MapsEntry]:
         return parse_maps(f.read())
 
 
+def read_maps(pid: int, flags_from: list[MapsEntry] | None = None) -> list[MapsEntry]:
+    """/proc/PID/maps, with VmFlags taken from an earlier read of smaps if
+    the layout is still exactly the same, else from smaps read now.
+
+    smaps walks every page of every VMA to count them (11 ms for 1 GiB
+    here); maps does not. A dump reads smaps before freezing the task and
+    maps while it is frozen.
+    """
+    with open(f"/proc/{pid}/maps") as f:
+        now = parse_maps(f.read())
+    key = lambda m: (m.start, m.end, m.perms, m.offset, m.dev, m.inode, m.path)  # noqa: E731
+    if flags_from is not None and list(map(key, now)) == list(map(key, flags_from)):
+        for m, old in zip(now, flags_from):
+            m.vmflags = old.vmflags
+        return now
+    return read_smaps(pid)
+
+
 @dataclasses.dataclass
 class Stat:
     """The fields of /proc/PID/stat that a checkpointer needs."""

@@ -27,6 +27,7 @@ class Req(enum.IntEnum):
     SINGLESTEP = 9
     DETACH = 17
     SETOPTIONS = 0x4200
+    GETEVENTMSG = 0x4201
     GETSIGINFO = 0x4202
     GETREGSET = 0x4204
     SETREGSET = 0x4205
@@ -45,7 +46,9 @@ class NT(enum.IntEnum):
     X86_XSTATE = 0x202
 
 
+PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_STOP = 128
+PTRACE_O_TRACECLONE = 0x8
 PTRACE_PEEKSIGINFO_SHARED = 1
 WALL = 0x40000000
 SIGINFO_SIZE = 128
@@ -85,6 +88,16 @@ def ptrace(req: Req, pid: int, addr=0, data=0) -> int:
 
 def seize(pid: int, options: int = 0) -> None:
     ptrace(Req.SEIZE, pid, 0, options)
+
+
+def set_options(pid: int, options: int) -> None:
+    ptrace(Req.SETOPTIONS, pid, 0, options)
+
+
+def get_event_msg(pid: int) -> int:
+    msg = ctypes.c_ulong()
+    ptrace(Req.GETEVENTMSG, pid, 0, ctypes.addressof(msg))
+    return msg.value
 
 
 def interrupt(pid: int) -> None:
@@ -204,12 +217,17 @@ class Injector:
         self.pid = pid
         self.gadget = gadget
         self.base = arch.user_regs_struct.from_buffer_copy(regs)
+        self.clones: list[int] = []  # pids of tasks created by injected clones
 
     def __call__(self, nr: int, *args: int, check: bool = True) -> int:
         regs = arch.prepare_injection(self.base, self.gadget, nr, args)
         set_regs(self.pid, regs)
         ptrace(Req.SINGLESTEP, self.pid)
         status = wait_stop(self.pid)
+        while (status >> 16) == PTRACE_EVENT_CLONE:  # with PTRACE_O_TRACECLONE
+            self.clones.append(get_event_msg(self.pid))
+            ptrace(Req.SINGLESTEP, self.pid)
+            status = wait_stop(self.pid)
         sig = os.WSTOPSIG(status)
         if sig != signal.SIGTRAP:
             raise OSError(0, f"pid {self.pid}: injected {arch.NR(nr).name} stopped with signal {sig}")

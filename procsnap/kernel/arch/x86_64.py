@@ -35,6 +35,8 @@ class NR(enum.IntEnum):
     pause = 34
     getitimer = 36
     getpid = 39
+    clone = 56
+    wait4 = 61
     kill = 62
     rt_sigqueueinfo = 129
     sigaltstack = 131
