@@ -82,6 +82,7 @@ CASES = [
     Case("signals"),
     Case("identity", dir_arg=True),
     Case("files", dir_arg=True),
+    Case("writer"),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 

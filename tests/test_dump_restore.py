@@ -44,7 +44,7 @@ def test_three_cycles(procs, case, variant, tmp_path, proc_snapshot, assert_same
     assert_pass(t)
 
 
-@pytest.mark.cases("memory", "cpu-regs", "sleep-clock_abs", "signals", "files")
+@pytest.mark.cases("memory", "cpu-regs", "cpu-busy", "sleep-clock_abs", "signals", "files", "writer")
 @pytest.mark.variants("pie")
 def test_leave_running(procs, case, variant, tmp_path, proc_snapshot, assert_same_snapshot):
     """The dump leaves no trace; then the image still restores after the original exits."""
@@ -53,8 +53,13 @@ def test_leave_running(procs, case, variant, tmp_path, proc_snapshot, assert_sam
     out_size = t.output_size()
     images = tmp_path / "img"
     images.mkdir()
-    procsnap.dump(t.pid, str(images), leave_running=True)
+    stats = procsnap.dump(t.pid, str(images), leave_running=True)
 
+    # Pages came from a copy-on-write snapshot, which is gone without a trace.
+    assert stats.snapshot, "leave_running did not use a copy-on-write snapshot"
+    assert 0 < stats.frozen_s < stats.total_s
+    assert Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split() == [], \
+        "the snapshot child (or its zombie) is still there"
     assert t.alive(), f"{t} died after a leave_running dump:\n{t.output()}"
     st = proc_status(t.pid)
     assert st["TracerPid"] == "0", f"{t} still traced by {st['TracerPid']}"
