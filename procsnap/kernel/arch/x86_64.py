@@ -143,7 +143,10 @@ def prepare_injection(regs: user_regs_struct, gadget: int, nr: int, args) -> use
     new.rax = nr
     new.orig_rax = unsigned(-1)  # no restart processing on the way out
     new.eflags &= ~(EFLAGS_TF | EFLAGS_DF)
-    for name, value in zip(SYSCALL_ARG_REGS, args):
+    # Unused argument registers are zeroed too: calls like prctl(PR_SET_MM)
+    # refuse (EINVAL) a stray value in an argument they do not take.
+    padded = list(args) + [0] * (len(SYSCALL_ARG_REGS) - len(args))
+    for name, value in zip(SYSCALL_ARG_REGS, padded):
         setattr(new, name, unsigned(value))
     return new
 

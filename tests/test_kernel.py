@@ -1,0 +1,48 @@
+"""Pure functions of the kernel layer, on fixtures named after their case."""
+
+from procsnap.kernel import proc
+from procsnap.kernel.arch import x86_64 as arch
+
+
+def test_injection_zeroes_unused_argument_registers():
+    # A frozen task's r8/r9 hold whatever it had; prctl(PR_SET_MM_MAP) with a
+    # stray 5th argument fails with EINVAL (seen on restore, depending on the
+    # child's registers at the freeze).
+    base = arch.user_regs_struct(r8=0xdead, r9=0xbeef, r10=7, rdx=3)
+    regs = arch.prepare_injection(base, gadget=0x1000, nr=arch.NR.prctl, args=(35, 14, 0x2000, 104))
+    assert (regs.rdi, regs.rsi, regs.rdx, regs.r10) == (35, 14, 0x2000, 104)
+    assert (regs.r8, regs.r9) == (0, 0)
+    assert regs.rax == arch.NR.prctl and regs.rip == 0x1000
+    assert regs.orig_rax == (1 << 64) - 1
+
+
+def test_restart_rule_reexecutes_interrupted_syscall():
+    regs = arch.user_regs_struct(orig_rax=230, rax=arch.unsigned(-516), rip=0x5002)
+    arch.rewind_to_syscall(regs, reexecute_restartblock=True)
+    assert (regs.rax, regs.rip, regs.orig_rax) == (230, 0x5000, (1 << 64) - 1)
+    regs = arch.user_regs_struct(orig_rax=arch.unsigned(-1), rax=5, rip=0x5002)
+    arch.rewind_to_syscall(regs, reexecute_restartblock=True)
+    assert (regs.rax, regs.rip) == (5, 0x5002)
+
+
+def test_maps_path_with_spaces_and_deleted():
+    text = ("7f00-7f01 rw-s 00000000 00:05 42                         /dev/shm/a b (deleted)\n"
+            "VmFlags: rd wr sh mr mw me ms sd\n")
+    (m,) = proc.parse_maps(text)
+    assert m.path == "/dev/shm/a b (deleted)" and m.deleted and m.shared
+    assert "sh" in m.vmflags
+
+
+def test_stat_comm_with_parenthesis():
+    fields = " ".join(["S"] + ["1"] * 60)
+    st = proc.parse_stat(f"123 (a) (b) {fields}")
+    assert st.comm == "a) (b" and st.state == "S"
+
+
+def test_pagemap_classification_private_and_shared():
+    def entry(top):
+        return bytes(7) + bytes([top])
+    present, swapped, file_ = 0x80, 0x40, 0x20
+    pm = b"".join(entry(t) for t in (0, present, present, present | file_, swapped, 0))
+    assert proc.classify_pages(pm, shared_anon=False) == [(1, 2), (4, 1)]
+    assert proc.classify_pages(pm, shared_anon=True) == [(1, 4)]
