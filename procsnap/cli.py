@@ -156,3 +156,9 @@ def main(argv=None) -> int:
         print(f"procsnap: error: {err.strerror or err}" + (f": {err.filename}" if err.filename else ""),
               file=sys.stderr)
         return 1
+    except Exception as err:  # a bug: still one line, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"procsnap: internal error: {type(err).__name__}: {err} (run with -v for the traceback)",
+              file=sys.stderr)
+        return 70

@@ -169,6 +169,15 @@ class PageRun:
 
 
 @dataclasses.dataclass
+class PageMap:
+    """All PageRuns of an image in one record, packed: a dump of sparse or
+    half-zero memory has hundreds of thousands of runs, too many for one
+    JSON record each. Layout: schema.PAGE_RUN per run."""
+
+    runs: bytes
+
+
+@dataclasses.dataclass
 class Mm:
     """The mm fields restored together with PR_SET_MM_MAP."""
 

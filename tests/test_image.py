@@ -216,9 +216,12 @@ def vma_outside_user_space(records):
 
 
 def page_run_outside_vmas(records):
-    run = records_of(records, b"PAGE")[0]
-    run["vaddr"] = 0x10000
-    return f"page run 0x10000+{run['npages']}: not inside one VMA"
+    pmap = records_of(records, b"PMAP")[0]
+    runs = bytearray.fromhex(pmap["runs"])
+    vaddr, npages, offset, xxh3 = struct.unpack_from("<QQQQ", runs)   # schema.PAGE_RUN
+    struct.pack_into("<QQQQ", runs, 0, 0x10000, npages, offset, xxh3)
+    pmap["runs"] = runs.hex()
+    return f"page run 0x10000+{npages}: not inside one VMA"
 
 
 def huge_fd(records):

@@ -44,14 +44,18 @@ PAGES = "pages.img"
 GHOSTS = "ghosts.img"
 # The biggest record procsnap writes is a Task (a few KiB); anything far
 # beyond that is a corrupt length, not a record.
-MAX_RECORD = 1 << 20
+# A record's length is checked against the file too; this bound only keeps
+# a corrupt length from asking for absurd amounts of memory.
+MAX_RECORD = 1 << 30
+# One page run in the PMAP record: vaddr, npages, offset, xxh3 (u64 each).
+PAGE_RUN = struct.Struct("<QQQQ")
 
 # tag -> (model class, the Checkpoint field it fills, one or many)
 RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"TASK": (model.Task, "task", False),
     b"MM  ": (model.Mm, "mm", False),
     b"VMA ": (model.Vma, "vmas", True),
-    b"PAGE": (model.PageRun, "pages", True),
+    b"PMAP": (model.PageMap, "pages", False),
     b"SACT": (model.SigAction, "sigactions", True),
     b"SPND": (model.PendingSignal, "pending", True),
     b"FILE": (model.FileRef, "files", True),
@@ -59,6 +63,20 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"GHST": (model.Ghost, "ghosts", True),
 }
 END = b"END "
+
+
+def pack_page_runs(runs: list[model.PageRun]) -> model.PageMap:
+    return model.PageMap(b"".join(PAGE_RUN.pack(r.vaddr, r.npages, r.offset, r.xxh3) for r in runs))
+
+
+def unpack_page_runs(pmap: model.PageMap) -> list[model.PageRun]:
+    if len(pmap.runs) % PAGE_RUN.size:
+        raise SchemaError(f"PageMap: {len(pmap.runs)} bytes is not a whole number of {PAGE_RUN.size}-byte runs")
+    return [model.PageRun(*fields) for fields in PAGE_RUN.iter_unpack(pmap.runs)]
+
+
+# Checkpoint fields stored in another shape than the model's: field -> (to record, from record)
+PACKED = {"pages": (pack_page_runs, unpack_page_runs)}
 
 
 @functools.cache

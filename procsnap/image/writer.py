@@ -147,6 +147,8 @@ class ImageWriter:
         count = 0
         for tag, (_, field, many) in schema.RECORDS.items():
             value = getattr(ckpt, field)
+            if field in schema.PACKED:
+                value = schema.PACKED[field][0](value)
             for obj in value if many else [value]:
                 body += _record(tag, schema.encode(obj))
                 count += 1

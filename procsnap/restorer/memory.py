@@ -19,7 +19,7 @@ import ctypes
 from .. import model
 from ..errors import RestoreError
 from ..image.reader import PageSource
-from ..kernel import memory
+from ..kernel import mapping, memory
 from ..kernel.arch.x86_64 import NR, PAGE_SIZE, TASK_SIZE
 from ..kernel.infect import SCRATCH_SIZE, Target, free_gap
 from ..kernel.proc import MapsEntry
@@ -95,28 +95,44 @@ def _fmt(areas) -> str:
 
 
 PROT_RW = model.Prot.PROT_READ | model.Prot.PROT_WRITE
+MAP_FIXED_NOREPLACE = model.MapFlag.MAP_FIXED_NOREPLACE
 FILL_THREADS = 2
-FILL_SLICE = 64 << 20
+FILL_BATCH = 16 << 20
 
 
 def fill(pid: int, segments: list[tuple[int, int, int]]) -> None:
-    """process_vm_writev the segments from FILL_THREADS threads at once.
+    """process_vm_writev (local, remote, length) segments from FILL_THREADS
+    threads at once, in batches of at most FILL_BATCH bytes.
 
     Most of the cost is the target's page faults allocating memory, which
-    proceed in parallel (the GIL is released in the syscall). Large
-    segments are cut into FILL_SLICE pieces dealt out round-robin.
+    proceed in parallel (the GIL is released in the syscall). After each
+    batch the source pages are dropped from our mapping of pages.img, so
+    procsnap's RSS stays near FILL_THREADS * FILL_BATCH however big the
+    process is.
     """
-    pieces = [(loc + o, rem + o, min(FILL_SLICE, length - o))
-              for loc, rem, length in segments for o in range(0, length, FILL_SLICE)]
-    total = sum(p[2] for p in pieces)
-    if total < 2 * FILL_SLICE:
-        memory.write_from(pid, pieces)
+    batches: list[list[tuple[int, int, int]]] = [[]]
+    size = 0
+    for loc, rem, length in segments:
+        for o in range(0, length, FILL_BATCH):
+            n = min(FILL_BATCH, length - o)
+            if size + n > FILL_BATCH and batches[-1]:
+                batches.append([])
+                size = 0
+            batches[-1].append((loc + o, rem + o, n))
+            size += n
+
+    def work(mine: list[list[tuple[int, int, int]]]) -> None:
+        for batch in mine:
+            memory.write_from(pid, batch)
+            for loc, _, length in batch:
+                mapping.drop(loc, length)
+
+    if len(batches) == 1:
+        work(batches)
         return
-    groups = [pieces[i::FILL_THREADS] for i in range(FILL_THREADS)]
     with concurrent.futures.ThreadPoolExecutor(FILL_THREADS) as pool:
-        for fut in [pool.submit(memory.write_from, pid, g) for g in groups]:
+        for fut in [pool.submit(work, batches[i::FILL_THREADS]) for i in range(FILL_THREADS)]:
             fut.result()
-MAP_FIXED_NOREPLACE = model.MapFlag.MAP_FIXED_NOREPLACE
 
 
 def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.PageRun], pages: PageSource,
