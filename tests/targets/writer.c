@@ -29,7 +29,7 @@ int main(int argc, char **argv)
 	uint64_t breaks = 0, first_bad = 0, k = 0, laps_after_ready = 0;
 	ps_ready();
 	int sabotage = ps_sabotage();
-	while (!ps_usr1) {
+	while (!ps_usr1 || laps_after_ready < 2) { /* at least two laps: every page checked */
 		uint64_t j = k % PAGES;
 		if (a[j * WORDS] != k - PAGES) {
 			if (!breaks++)
@@ -46,7 +46,5 @@ int main(int argc, char **argv)
 	if (breaks)
 		ps_fail("memory chain", "expected no break, found %llu (first at iteration %llu)",
 			(unsigned long long)breaks, (unsigned long long)first_bad);
-	if (laps_after_ready < 2)
-		ps_fail("laps", "expected >= 2 full laps, found %llu", (unsigned long long)laps_after_ready);
 	return ps_finish();
 }
