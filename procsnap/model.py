@@ -158,7 +158,7 @@ class Vma:
         return self.end - self.start
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)  # hundreds of thousands of them in sparse images
 class PageRun:
     """Pages [vaddr, vaddr + npages * 4096) are at `offset` in pages.img."""
 

@@ -8,12 +8,14 @@ the kernel stopped.
 from __future__ import annotations
 
 import ctypes
+import struct
 
 from .arch.x86_64 import NR
 from .libc import libc, oserror
 from .ptrace import iovec
 
 IOV_MAX = 1024
+_IOVECS = [struct.Struct(f"<{2 * n}Q") for n in range(IOV_MAX + 1)]
 
 libc.syscall.restype = ctypes.c_long
 
@@ -29,12 +31,13 @@ def _vm_rw(nr: int, name: str, pid: int, segments: list[tuple[int, int, int]]) -
     while i < len(segments):
         batch = segments[i : i + IOV_MAX]
         n = len(batch)
-        lv = (iovec * n)()
-        rv = (iovec * n)()
-        for k, (loc, rem, length) in enumerate(batch):
-            off = skip if k == 0 else 0
-            lv[k] = iovec(loc + off, length - off)
-            rv[k] = iovec(rem + off, length - off)
+        # struct iovec arrays packed in one go (a ctypes object per element
+        # costs more than the copy itself when the pages are scattered)
+        loc0, rem0, len0 = batch[0]
+        lv = (iovec * n).from_buffer_copy(_IOVECS[n].pack(
+            loc0 + skip, len0 - skip, *[x for loc, _, length in batch[1:] for x in (loc, length)]))
+        rv = (iovec * n).from_buffer_copy(_IOVECS[n].pack(
+            rem0 + skip, len0 - skip, *[x for _, rem, length in batch[1:] for x in (rem, length)]))
         done = libc.syscall(ctypes.c_long(nr), ctypes.c_long(pid), lv, ctypes.c_ulong(n), rv,
                             ctypes.c_ulong(n), ctypes.c_ulong(0))
         if done < 0:

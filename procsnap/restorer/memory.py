@@ -124,8 +124,9 @@ def fill(pid: int, segments: list[tuple[int, int, int]]) -> None:
     def work(mine: list[list[tuple[int, int, int]]]) -> None:
         for batch in mine:
             memory.write_from(pid, batch)
-            for loc, _, length in batch:
-                mapping.drop(loc, length)
+            lo = min(loc for loc, _, _ in batch)
+            hi = max(loc + length for loc, _, length in batch)
+            mapping.drop(lo, hi - lo)  # runs sit back to back in pages.img: one call covers the batch
 
     if len(batches) == 1:
         work(batches)
