@@ -14,7 +14,7 @@ import os
 import signal
 import time
 
-from .. import model
+from .. import faults, model
 from ..errors import ProcessGone, ProcsnapError, translated
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
@@ -54,6 +54,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             C.check_supported(pid, st, status)
             task = stack.enter_context(frozen(pid))
         log.info("pid %d: frozen", pid)
+        faults.point("after-freeze")
         with translated(pid, "collect"):
             ckpt, runs, ghost_fds, maps = collect_seized(pid, shell_job, early_smaps, scan_pages=not leave_running)
         stats = DumpStats(ckpt)
@@ -74,8 +75,10 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                     log.info("pid %d: thawed; reading pages from snapshot %d", pid, snap)
                 runs = C.collect_page_runs(source, later)
             write_pages_seized(source, runs, writer.pages, progress)
+            faults.point("before-commit")
             writer.commit(ckpt)
         stats.pages_bytes = writer.pages.offset
+        faults.point("before-thaw")
         log.info("pid %d: image written to %s", pid, images_dir)
         if not leave_running:
             with translated(pid, "kill"):
@@ -161,6 +164,7 @@ def collect_seized(pid: int, shell_job: bool, early_smaps: list[proc.MapsEntry],
     with infect.infected(pid, maps) as target:
         C.check_itimers_seized(target)
         mm = C.collect_mm_seized(pid, st, target, files)
+        faults.point("mid-collect")
         task = C.collect_task_seized(pid, st, status, target, regs, sigmask)
         sigactions = C.collect_sigactions_seized(target)
     runs = C.collect_page_runs(pid, vmas) if scan_pages else None

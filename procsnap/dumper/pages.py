@@ -15,7 +15,7 @@ import contextlib
 import ctypes
 import mmap
 
-from .. import model
+from .. import faults, model
 from ..image.writer import ImageWriter, PageSink
 from ..kernel import memory
 from ..kernel.arch.x86_64 import PAGE_SIZE
@@ -92,6 +92,7 @@ def write_pages_seized(pid: int, runs: list[tuple[model.Vma, int, int]], sink: P
                 done += length
             if pieces:
                 buf.ticket = sink.submit(pieces)
+                faults.point("mid-page-write")
             if progress:
                 progress(done, total)
         for buf in ring:

@@ -61,6 +61,9 @@ def cow_snapshot(task, maps: list[MapsEntry]):
     try:
         if child is not None:
             ptrace.wait_stop(child)
+            # The snapshot must never run: if procsnap dies, it dies too.
+            # (EXITKILL is for the snapshot only, never for the target.)
+            ptrace.set_options(child, ptrace.PTRACE_O_EXITKILL)
         yield child
     finally:
         if child is not None:

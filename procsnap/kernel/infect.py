@@ -73,24 +73,27 @@ class Target:
 
 
 @contextlib.contextmanager
-def infected(pid: int, maps: list[MapsEntry], busy: list[tuple[int, int]] | None = None, scratch_area: bool = True):
-    """Prepare a stopped task for injected syscalls; undo it all on exit."""
+def infected(pid: int, maps: list[MapsEntry], busy: list[tuple[int, int]] | None = None,
+             scratch_area: bool = True, put_back: bool = True):
+    """Prepare a stopped task for injected syscalls; undo it all on exit.
+
+    put_back=False (a task being rebuilt, which has nothing to go back to)
+    skips resetting registers and mask after every call.
+    """
     regs = ptrace.get_regs(pid)
     mask = ptrace.get_sigmask(pid)
     gadget = find_gadget(pid, maps)
-    call = ptrace.Injector(pid, gadget, regs)
+    call = ptrace.Injector(pid, gadget, regs, mask, put_back)
     ranges = busy if busy is not None else [(m.start, m.end) for m in maps]
     scratch = 0
-    # No signal may be dequeued while we run syscalls; pending ones stay queued.
-    ptrace.set_sigmask(pid, ptrace.ALL_SIGNALS_BLOCKED)
     try:
         if scratch_area:
             want = free_gap(ranges, SCRATCH_SIZE)
             scratch = call(NR.mmap, want, SCRATCH_SIZE, PROT_RW, MAP_PRIVATE_ANON_NOREPLACE, -1, 0)
         yield Target(pid, call, scratch)
     finally:
-        with contextlib.ExitStack() as undo:
-            undo.callback(ptrace.set_regs, pid, regs)
-            undo.callback(ptrace.set_sigmask, pid, mask)
+        try:
             if scratch:
                 call(NR.munmap, scratch, SCRATCH_SIZE)
+        finally:
+            call.restore()

@@ -49,6 +49,7 @@ class NT(enum.IntEnum):
 PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_STOP = 128
 PTRACE_O_TRACECLONE = 0x8
+PTRACE_O_EXITKILL = 0x100000
 PTRACE_PEEKSIGINFO_SHARED = 1
 WALL = 0x40000000
 SIGINFO_SIZE = 128
@@ -209,18 +210,27 @@ ALL_SIGNALS_BLOCKED = (1 << 64) - 1
 class Injector:
     """Runs syscalls inside a stopped task, one single-step each.
 
-    `gadget` is the address of a `syscall` instruction in the task. The
-    caller puts the task's own registers back with `set_regs` when done.
+    `gadget` is the address of a `syscall` instruction in the task. While a
+    call runs, every signal is blocked, so none is dequeued under us. With
+    `put_back`, the task's own registers and signal mask are set again
+    after every call: if procsnap dies between two calls (even by SIGKILL),
+    the kernel detaches a task that is exactly as it was.
     """
 
-    def __init__(self, pid: int, gadget: int, regs: arch.user_regs_struct):
+    def __init__(self, pid: int, gadget: int, regs: arch.user_regs_struct, mask: int, put_back: bool = True):
         self.pid = pid
         self.gadget = gadget
         self.base = arch.user_regs_struct.from_buffer_copy(regs)
+        self.mask = mask
+        self.put_back = put_back
+        self.blocked = False
         self.clones: list[int] = []  # pids of tasks created by injected clones
 
     def __call__(self, nr: int, *args: int, check: bool = True) -> int:
         regs = arch.prepare_injection(self.base, self.gadget, nr, args)
+        if not self.blocked:
+            set_sigmask(self.pid, ALL_SIGNALS_BLOCKED)
+            self.blocked = True
         set_regs(self.pid, regs)
         ptrace(Req.SINGLESTEP, self.pid)
         status = wait_stop(self.pid)
@@ -232,7 +242,15 @@ class Injector:
         if sig != signal.SIGTRAP:
             raise OSError(0, f"pid {self.pid}: injected {arch.NR(nr).name} stopped with signal {sig}")
         ret = arch.syscall_result(get_regs(self.pid))
+        if self.put_back:
+            self.restore()
         if check and -4096 < ret < 0:
             name = arch.NR(nr).name if nr in arch.NR.__members__.values() else str(nr)
             raise OSError(-ret, f"injected {name}{tuple(args)}: {os.strerror(-ret)}")
         return ret
+
+    def restore(self) -> None:
+        """The task's own registers and signal mask, as before any call."""
+        set_regs(self.pid, self.base)
+        set_sigmask(self.pid, self.mask)
+        self.blocked = False

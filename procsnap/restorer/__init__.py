@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 
+from .. import faults
 from ..errors import ProcsnapError, RestoreError, translated
 from ..image.reader import Image, PageSource, open_image
 from ..kernel import infect, proc, ptrace
@@ -44,6 +45,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             child = spawn(ckpt.task, files)
         log.info("pid %d: spawned", pid)
         try:
+            faults.point("after-spawn")
             with translated(pid, "restore", RestoreError):
                 rebuild(child, image, pages, progress)
         except BaseException:
@@ -71,7 +73,7 @@ def rebuild(child: Child, image: Image, pages: PageSource, progress=None) -> Non
     busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in ckpt.vmas]
     helper = child.helper_fds
     map_fds = {int(name[3:]): fd for name, fd in helper.items() if name.startswith("map")}
-    with infect.infected(pid, maps, busy) as target:
+    with infect.infected(pid, maps, busy, put_back=False) as target:
         T.unregister_rseq_seized(target)
         M.unmap_seized(target, maps)
         M.restore_mm_seized(target, ckpt.mm, map_fds[ckpt.mm.exe_file_id])
@@ -82,6 +84,8 @@ def rebuild(child: Child, image: Image, pages: PageSource, progress=None) -> Non
         for name, fd in helper.items():
             if name.startswith("map") or name == "sync":
                 target.call(infect.NR.close, fd)
+        target.call(infect.NR.prctl, T.PR_SET_PDEATHSIG, 0)  # the child's safety net, see spawn
+    faults.point("before-registers")
     T.resume(pid, ckpt.task)
 
 

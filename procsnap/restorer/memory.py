@@ -16,7 +16,7 @@ import bisect
 import concurrent.futures
 import ctypes
 
-from .. import model
+from .. import faults, model
 from ..errors import RestoreError
 from ..image.reader import PageSource
 from ..kernel import mapping, memory
@@ -172,6 +172,7 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
         if vruns:
             fill(target.pid, [(pages.address(r), r.vaddr, r.npages * PAGE_SIZE) for r in vruns])
             done += sum(r.npages for r in vruns) * PAGE_SIZE
+            faults.point("mid-memory-load")
             if progress:
                 progress(done, total)
             if prot != v.prot:

@@ -19,10 +19,14 @@ import time
 from .. import model
 from ..errors import RestoreError
 from ..kernel.arch.x86_64 import NR
+from ..kernel.libc import libc
 from .files import PreparedFiles
 
 _pylibc = ctypes.PyDLL(None, use_errno=True)  # keeps the GIL across clone3
 _pylibc.syscall.restype = ctypes.c_long
+
+
+PR_SET_PDEATHSIG = 1
 
 
 class clone_args(ctypes.Structure):
@@ -58,6 +62,9 @@ def wait_pid_free(pid: int, timeout: float = 3.0) -> None:
 
 def _child_setup(task: model.Task, files: PreparedFiles, helpers: dict[str, tuple[int, int]]) -> None:
     """Runs in the child. `helpers`: name -> (restorer fd, fd number wanted)."""
+    # If the restorer dies (even by SIGKILL) before the rebuild is done, the
+    # half-built process dies with it; the rebuild clears this at the end.
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     # Helpers first go above every number in use, so nothing collides.
     for src, want in helpers.values():
         os.dup2(src, want, inheritable=False)

@@ -9,7 +9,7 @@ resume                  registers, xstate, signal mask; detached and running
 
 from __future__ import annotations
 
-from .. import model
+from .. import faults, model
 from ..kernel import ptrace
 from ..kernel.arch import x86_64 as arch
 from ..kernel.arch.x86_64 import NR
@@ -18,6 +18,7 @@ from ..kernel.structs import (KSIGACTION, ROBUST_LIST_HEAD_SIZE, RSEQ_FLAG_UNREG
                               STACK_T, Prctl)
 
 NSIG = 64
+PR_SET_PDEATHSIG = 1
 UNCATCHABLE = (9, 19)  # SIGKILL, SIGSTOP
 SIGINFO_SIZE = 128
 
@@ -72,4 +73,5 @@ def resume(pid: int, task: model.Task) -> None:
     ptrace.set_regs(pid, regs)
     ptrace.set_xstate(pid, task.xstate)
     ptrace.set_sigmask(pid, task.sigmask)
+    faults.point("before-detach")
     ptrace.detach(pid)

@@ -1,0 +1,33 @@
+"""Fault injection, for tests: PROCSNAP_FAULT=<stage> makes procsnap fail
+at that stage as if a call there had failed; PROCSNAP_FAULT=<stage>:kill
+makes it SIGKILL itself there instead (nothing can be cleaned up then).
+
+The stages, in the order a dump or a restore passes them:
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from .errors import ProcsnapError
+
+DUMP_STAGES = ("after-freeze", "mid-collect", "mid-page-write", "before-commit", "before-thaw")
+RESTORE_STAGES = ("after-spawn", "mid-memory-load", "before-registers", "before-detach")
+__doc__ += f"  dump: {', '.join(DUMP_STAGES)}\n  restore: {', '.join(RESTORE_STAGES)}\n"
+
+
+class InjectedFault(ProcsnapError):
+    """A failure asked for with PROCSNAP_FAULT."""
+
+
+def point(stage: str) -> None:
+    spec = os.environ.get("PROCSNAP_FAULT")
+    if not spec:
+        return
+    name, _, how = spec.partition(":")
+    if name != stage:
+        return
+    if how == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise InjectedFault(f"injected fault at stage {stage} (PROCSNAP_FAULT={spec})")
