@@ -24,11 +24,20 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     return _dump(pid, images_dir, leave_running=leave_running, shell_job=shell_job, progress=progress)
 
 
-def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None) -> int:
+def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
+            allow_other_owner: bool = False, allow_setuid: bool = False) -> int:
     """Restore the process in `images_dir` as a child of the caller; its pid."""
     from .restorer import restore as _restore
 
-    return _restore(images_dir, detach=detach, shell_job=shell_job, progress=progress)
+    return _restore(images_dir, detach=detach, shell_job=shell_job, progress=progress,
+                    allow_other_owner=allow_other_owner, allow_setuid=allow_setuid)
+
+
+def verify(images_dir: str, allow_other_owner: bool = False, allow_setuid: bool = False) -> list[str]:
+    """Every problem that would stop a restore of `images_dir` ([] if none)."""
+    from .restorer.verify import verify_image
+
+    return verify_image(images_dir, allow_other_owner=allow_other_owner, allow_setuid=allow_setuid)
 
 
 def open_image(images_dir: str):
@@ -38,5 +47,5 @@ def open_image(images_dir: str):
     return _open(images_dir)
 
 
-__all__ = ["dump", "restore", "open_image", "errors", "ProcsnapError", "ProcessGone", "AccessDenied",
+__all__ = ["dump", "restore", "open_image", "verify", "errors", "ProcsnapError", "ProcessGone", "AccessDenied",
            "Unsupported", "ImageCorrupt", "ImageVersionError", "RestoreError"]

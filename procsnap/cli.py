@@ -45,7 +45,8 @@ def cmd_restore(args) -> int:
     from . import restore
 
     pid = restore(args.images_dir, detach=args.restore_detached, shell_job=args.shell_job,
-                  progress=_progress("restore"))
+                  progress=_progress("restore"), allow_other_owner=args.allow_other_owner,
+                  allow_setuid=args.allow_setuid)
     if args.pidfile:
         with open(args.pidfile, "w") as f:
             f.write(f"{pid}\n")
@@ -80,14 +81,25 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    from . import verify
+
+    problems = verify(args.images_dir, allow_other_owner=args.allow_other_owner, allow_setuid=args.allow_setuid)
+    for p in problems:
+        print(f"problem: {p}")
+    if problems:
+        print(f"procsnap: error: {args.images_dir}: {len(problems)} problem(s), it cannot be restored: "
+              + "; ".join(problems), file=sys.stderr)
+        return 1
+    print(f"{args.images_dir}: image is valid and restorable here")
+    return 0
+
+
 def cmd_check(args) -> int:
     from . import check
 
     if args.images_dir:
-        from .image import reader
-
-        reader.open_image(args.images_dir)
-        print(f"{args.images_dir}: image is valid")
+        return cmd_verify(args)
     results = check.run_checks()
     missing = [r for r in results if not r.ok]
     for r in results:
@@ -118,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-j", "--shell-job", action="store_true", help="attach terminal fds to this terminal")
     r.set_defaults(func=cmd_restore)
 
+    v = sub.add_parser("verify", help="check an image without restoring it; list every problem")
+    v.add_argument("images_dir", metavar="DIR")
+    v.set_defaults(func=cmd_verify)
+
     s = sub.add_parser("show", help="print an image as JSON")
     s.add_argument("images_dir", metavar="DIR")
     s.set_defaults(func=cmd_show)
@@ -125,7 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="probe the kernel features procsnap needs; -D also validates an image")
     c.add_argument("-D", "--images-dir", metavar="DIR")
     c.set_defaults(func=cmd_check)
-    for sp in (d, r, s, c):
+    for sp in (r, v, c):
+        sp.add_argument("--allow-other-owner", action="store_true",
+                        help="root: restore an image of another user's process (it runs as root)")
+        sp.add_argument("--allow-setuid", action="store_true", help="allow a set-uid/set-gid executable")
+    for sp in (d, r, s, c, v):
         sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 

@@ -243,6 +243,8 @@ class Task:
     session_leader: bool
     group_leader: bool
     rlimits: list[Rlimit]
+    uids: list[int] = dataclasses.field(default_factory=list)  # real, effective, saved, fs
+    gids: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

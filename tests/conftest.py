@@ -15,6 +15,9 @@ Fixtures and helpers:
     image_size(dir), proc_status(pid), status_kib(pid, key), wait_pid_gone(pid)
     dump_kill(t, dir), restore(procs, t, dir), assert_pass(t)    dump/restore one target
     image_hashes(dir), read_inventory(dir), rewrite_records(dir, edit)   image files, raw
+    cli(*args, env=None), assert_cli_error(r, *names)   procsnap as a subprocess
+    our_children(), wait_until(cond, what), assert_running_untraced(pid),
+    assert_untouched(pid, before, images, ...)   state after a failed dump
 """
 
 import ctypes
@@ -26,6 +29,7 @@ import os
 import signal
 import subprocess
 import struct
+import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +39,7 @@ import pytest
 
 import procsnap
 
+REPO = Path(__file__).resolve().parent.parent
 TARGETS_DIR = Path(__file__).parent / "targets"
 CFLAGS = ["-O1", "-g", "-Wall"]
 VARIANTS = {
@@ -507,6 +512,63 @@ def assert_pass(t):
     status, out = t.wait_result()
     assert status == 0 and "PASS\n" in out and "FAIL" not in out, \
         f"{t}: exit status {status}, output:\n{out}"
+
+
+# --------------------------------------------------------------------------
+# procsnap as a command, and the state a failure must leave
+
+
+def cli(*args, timeout=120, env=None):
+    """Run `python -m procsnap ARGS` from the repository; `env` adds variables."""
+    full_env = None if env is None else {**os.environ, **env}
+    return subprocess.run([sys.executable, "-m", "procsnap", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def assert_cli_error(r, *names):
+    """Non-zero exit, exactly one stderr line `procsnap: error: ...` naming `names`."""
+    lines = r.stderr.splitlines()
+    assert r.returncode != 0, f"exit 0 for a failure; stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
+    assert "Traceback" not in r.stderr, r.stderr
+    assert len(lines) == 1 and lines[0].startswith("procsnap: error: "), \
+        f"expected one line 'procsnap: error: ...' on stderr, found:\n{r.stderr}"
+    for name in names:
+        assert str(name) in lines[0], f"{name!r} not named in {lines[0]!r}"
+    return lines[0]
+
+
+def our_children():
+    """Pids of the test process's children (all its threads'), zombies included."""
+    kids = set()
+    for task in os.listdir("/proc/self/task"):
+        kids.update(int(p) for p in Path(f"/proc/self/task/{task}/children").read_text().split())
+    return kids
+
+
+def wait_until(cond, what, timeout=10):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def assert_running_untraced(pid, tracer=0):
+    """Running or sleeping (not stopped, not a zombie), each thread traced by `tracer` (0: none)."""
+    st = proc_status(pid)
+    assert st["State"][0] in "SR", f"pid {pid} left in state {st['State']}"
+    for task in os.listdir(f"/proc/{pid}/task"):
+        tracer_now = proc_status(f"{pid}/task/{task}")["TracerPid"]
+        assert tracer_now == str(tracer), f"pid {pid} task {task}: TracerPid {tracer_now}"
+
+
+def assert_untouched(pid, before, images, proc_snapshot, assert_same_snapshot, tracer=0):
+    """After a refused dump: running, untraced, same maps/fds, no image
+    (`images` was empty before the dump and must be again)."""
+    assert_running_untraced(pid, tracer)
+    assert_same_snapshot(before, proc_snapshot(pid))
+    assert not (Path(images) / "procsnap.img").exists(), f"a partial image left in {images}"
+    left = sorted(p.name for p in Path(images).iterdir())
+    assert not left, f"the dump left {left} in {images} (it was empty)"
 
 
 # --------------------------------------------------------------------------

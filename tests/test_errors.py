@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 
 import procsnap
-from conftest import (CASES_BY_ID, assert_pass, dump_kill, image_hashes, proc_status,
-                      rewrite_records, wait_pid_gone)
+from conftest import (CASES_BY_ID, REPO, assert_cli_error, assert_pass, assert_untouched, cli,
+                      dump_kill, image_hashes, our_children, proc_status, rewrite_records,
+                      wait_pid_gone, wait_until)
 from procsnap.errors import (AccessDenied, ImageCorrupt, ImageWriteError, ProcessGone,
                              ProcsnapError, RestoreError, Unsupported)
 
-REPO = Path(__file__).resolve().parent.parent
 SLEEPER = CASES_BY_ID["sleep-pause"]     # small image, waits in pause() for SIGUSR1
 MEMORY = CASES_BY_ID["memory"]           # ~10 MiB dirty, maps priv.dat from its cwd
 FEATURES = ("ptrace", "process_vm_rw", "clone3_set_tid", "prctl_mm_map", "rseq_config",
@@ -33,23 +33,6 @@ FEATURES = ("ptrace", "process_vm_rw", "clone3_set_tid", "prctl_mm_map", "rseq_c
 
 # --------------------------------------------------------------------------
 # Helpers
-
-
-def cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "procsnap", *map(str, args)], cwd=REPO,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_cli_error(r, *names):
-    """Non-zero exit, exactly one stderr line `procsnap: error: ...` naming `names`."""
-    lines = r.stderr.splitlines()
-    assert r.returncode != 0, f"exit 0 for a failure; stdout:\n{r.stdout}\nstderr:\n{r.stderr}"
-    assert "Traceback" not in r.stderr, r.stderr
-    assert len(lines) == 1 and lines[0].startswith("procsnap: error: "), \
-        f"expected one line 'procsnap: error: ...' on stderr, found:\n{r.stderr}"
-    for name in names:
-        assert str(name) in lines[0], f"{name!r} not named in {lines[0]!r}"
-    return lines[0]
 
 
 def assert_names(err, *names):
@@ -64,27 +47,6 @@ def free_pid():
         if not os.path.exists(f"/proc/{pid}"):
             return pid
     raise AssertionError("no free pid")
-
-
-def our_children():
-    kids = set()
-    for task in os.listdir("/proc/self/task"):
-        kids.update(int(p) for p in Path(f"/proc/self/task/{task}/children").read_text().split())
-    return kids
-
-
-def assert_untouched(pid, before, images, proc_snapshot, assert_same_snapshot, tracer=0):
-    """After a refused dump: running, untraced, same maps/fds, no image
-    (`images` was empty before the dump and must be again)."""
-    st = proc_status(pid)
-    assert st["State"][0] in "SR", f"pid {pid} left in state {st['State']}"
-    for task in os.listdir(f"/proc/{pid}/task"):
-        tracer_now = proc_status(f"{pid}/task/{task}")["TracerPid"]
-        assert tracer_now == str(tracer), f"pid {pid} task {task}: TracerPid {tracer_now}"
-    assert_same_snapshot(before, proc_snapshot(pid))
-    assert not (Path(images) / "procsnap.img").exists(), f"a partial image left in {images}"
-    left = sorted(p.name for p in Path(images).iterdir())
-    assert not left, f"the dump left {left} in {images} (it was empty)"
 
 
 def dump_refused(pid, images, cls, *names):
@@ -167,13 +129,6 @@ def test_traced_by_another(procs, tmp_path, proc_snapshot, assert_same_snapshot)
     assert_pass(t)
 
 
-def _wait_for(cond, what, timeout=10):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("kind", ["pipe", "socket", "child", "thread", "itimer"])
 def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_snapshot):
     images = tmp_path / "img"
@@ -191,7 +146,7 @@ def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_
         elif kind == "child":
             t = procs.start(["sh", "-c", "sleep 1000 & wait"], ready=False, name="sh")
             kids = Path(f"/proc/{t.pid}/task/{t.pid}/children")
-            _wait_for(lambda: kids.read_text().split(), "sh to start its child")
+            wait_until(lambda: kids.read_text().split(), "sh to start its child")
             extra = [int(p) for p in kids.read_text().split()]
             names = (f"pid {t.pid}", "child", extra[0])
         elif kind == "itimer":
@@ -208,7 +163,7 @@ def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_
                     "os.write(1, b'READY\\n')\n"
                     "time.sleep(1000)\n")
             t = procs.start([sys.executable, "-c", code], name="threads")
-            _wait_for(lambda: len(os.listdir(f"/proc/{t.pid}/task")) == 2, "the second thread")
+            wait_until(lambda: len(os.listdir(f"/proc/{t.pid}/task")) == 2, "the second thread")
             names = (f"pid {t.pid}", "thread")
 
         before = proc_snapshot(t.pid)
@@ -397,7 +352,7 @@ def test_cli_restore_waits(sabotage, expected, procs, tmp_path):
                                  "--pidfile", str(pidfile)], cwd=REPO, stderr=subprocess.PIPE,
                                 stdout=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: pidfile.exists() and pidfile.read_text().endswith("\n")
+        wait_until(lambda: pidfile.exists() and pidfile.read_text().endswith("\n")
                   or restorer.poll() is not None, "the pidfile")
         assert restorer.poll() is None, f"restore exited early: {restorer.communicate()}"
         pid = int(pidfile.read_text())

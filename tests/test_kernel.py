@@ -46,3 +46,16 @@ def test_pagemap_classification_private_and_shared():
     pm = b"".join(entry(t) for t in (0, present, present, present | file_, swapped, 0))
     assert proc.classify_pages(pm, shared_anon=False) == [(1, 2), (4, 1)]
     assert proc.classify_pages(pm, shared_anon=True) == [(1, 4)]
+
+
+def test_limits_table_in_rlimit_order():
+    text = ("Limit                     Soft Limit           Hard Limit           Units     \n"
+            "Max cpu time              unlimited            unlimited            seconds   \n"
+            "Max file size             unlimited            unlimited            bytes     \n"
+            "Max data size             unlimited            unlimited            bytes     \n"
+            "Max stack size            8388608              unlimited            bytes     \n"
+            "Max core file size        0                    unlimited            bytes     \n"
+            "Max realtime timeout      unlimited            unlimited            us        \n")
+    limits = proc.parse_limits(text)
+    assert limits[3] == (8388608, proc.RLIM_INFINITY) and limits[4] == (0, proc.RLIM_INFINITY)
+    assert len(limits) == 6

@@ -23,7 +23,6 @@ from ..kernel.proc import MapsEntry
 from ..kernel.structs import KSIGACTION, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
 
 KCMP_FILE = 0
-RLIMIT_COUNT = 16
 NSIG = 64
 SIGKILL, SIGSTOP = 9, 19
 
@@ -206,11 +205,8 @@ def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target:
     head, length = ctypes.c_uint64(), ctypes.c_size_t()
     syscall(NR.get_robust_list, pid, ctypes.byref(head), ctypes.byref(length))
     rseq = ptrace.get_rseq_config(pid)
-    rlimits = []
-    for res in range(RLIMIT_COUNT):
-        old = (ctypes.c_uint64 * 2)()
-        syscall(NR.prlimit64, pid, res, 0, old)
-        rlimits.append(model.Rlimit(res, old[0], old[1]))
+    with open(f"/proc/{pid}/limits") as f:
+        rlimits = [model.Rlimit(res, soft, hard) for res, (soft, hard) in enumerate(proc.parse_limits(f.read()))]
     cwd = os.readlink(f"/proc/{pid}/cwd")
     if cwd.endswith(" (deleted)"):
         raise Unsupported(f"pid {pid}: its working directory {cwd} was deleted; not supported", pid)
@@ -227,6 +223,7 @@ def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target:
         altstack_sp=ss_sp, altstack_flags=ss_flags & ~SS_ONSTACK, altstack_size=ss_size,
         personality=personality, umask=int(status["Umask"], 8), cwd=cwd,
         session_leader=st.session == pid, group_leader=st.pgrp == pid, rlimits=rlimits,
+        uids=[int(x) for x in status["Uid"].split()], gids=[int(x) for x in status["Gid"].split()],
     )
 
 

@@ -135,6 +135,24 @@ def read_status(pid: int) -> dict[str, str]:
         return parse_status(f.read())
 
 
+RLIM_INFINITY = (1 << 64) - 1
+
+
+def parse_limits(text: str) -> list[tuple[int, int]]:
+    """/proc/PID/limits: (soft, hard) per resource, in RLIMIT_* order.
+
+    Read from here rather than with prlimit(): prlimit on another user's
+    process needs CAP_SYS_RESOURCE, which root lacks on this machine.
+    """
+    out = []
+    for line in text.splitlines()[1:]:
+        fields = line[26:].split()
+        if len(fields) < 2:
+            continue
+        out.append(tuple(RLIM_INFINITY if v == "unlimited" else int(v) for v in fields[:2]))
+    return out
+
+
 def read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()

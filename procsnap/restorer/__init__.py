@@ -22,11 +22,13 @@ from . import memory as M
 from . import task as T
 from .files import prepare_files
 from .spawn import Child, spawn
+from .verify import check_restorable
 
 log = logging.getLogger("procsnap.restorer")
 
 
-def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None) -> int:
+def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
+            allow_other_owner: bool = False, allow_setuid: bool = False) -> int:
     """Bring the process in `images_dir` back; returns its pid.
 
     The restored process is a child of the caller, running. `detach` is
@@ -34,6 +36,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     the restorer waits; waiting is the caller's business.
     """
     image = open_image(images_dir)
+    check_restorable(image, allow_other_owner, allow_setuid)
     ckpt = image.checkpoint
     pid = ckpt.task.pid
     with contextlib.ExitStack() as stack:

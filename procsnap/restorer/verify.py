@@ -1,0 +1,87 @@
+"""verify: everything a restore needs, checked without touching a process.
+
+`verify_image` lists every problem it finds, not just the first: the image
+itself (open_image: checksums, records, page runs, consistency), the files
+it needs (every mapped file and the executable still there with the size
+and mtime they had at dump; files of fds still there), the policy (who may
+restore what, below) and the kernel features the restore uses.
+
+Policy (the threat model, see README): a restore runs with the restoring
+user's credentials and opens every file with them, so it never reaches a
+file that user could not open. Two things could still grant more than the
+image's owner had, and are refused unless asked for explicitly:
+  - an image dumped from a process of other credentials (uid/gid) than the
+    restoring user's: with allow_other_owner, root may restore it, and the
+    process then runs with root's credentials;
+  - a set-uid or set-gid executable or mapped file: the restored process
+    would show it as its exe without having been exec'd through it
+    (allow_setuid).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from .. import model
+from ..errors import ImageCorrupt, RestoreError
+from ..image.reader import Image, open_image
+
+
+def _file_problems(ckpt: model.Checkpoint, allow_setuid: bool) -> list[str]:
+    problems = []
+    mapped = {v.file_id for v in ckpt.vmas if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED)}
+    mapped.add(ckpt.mm.exe_file_id)
+    for ref in ckpt.files:
+        try:
+            st = os.stat(ref.path)
+        except OSError as err:
+            problems.append(f"file {ref.path}: {err.strerror}")
+            continue
+        if ref.id in mapped:
+            if st.st_size != ref.size:
+                problems.append(f"mapped file {ref.path}: size {ref.size} at dump, {st.st_size} now")
+            elif st.st_mtime_ns != ref.mtime_ns:
+                problems.append(f"mapped file {ref.path}: modified since the dump")
+            if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not allow_setuid:
+                problems.append(f"{ref.path} is set-uid/set-gid; restore with --allow-setuid to allow it")
+    return problems
+
+
+def _owner_problems(task: model.Task, allow_other_owner: bool) -> list[str]:
+    if not task.uids:
+        return []
+    mine_u, mine_g = list(os.getresuid()), list(os.getresgid())
+    if task.uids[:3] == mine_u and task.gids[:3] == mine_g:
+        return []
+    owner = f"uid {task.uids[1]} gid {task.gids[1]}"
+    if not allow_other_owner:
+        return [f"the image is of a process of {owner}; restoring as uid {mine_u[1]} gid {mine_g[1]} would change "
+                f"its credentials (--allow-other-owner, root only)"]
+    if mine_u[1] != 0:
+        return [f"the image is of a process of {owner}; only root may restore another owner's image"]
+    return []
+
+
+def image_problems(image: Image, allow_other_owner: bool = False, allow_setuid: bool = False) -> list[str]:
+    ckpt = image.checkpoint
+    return _owner_problems(ckpt.task, allow_other_owner) + _file_problems(ckpt, allow_setuid)
+
+
+def verify_image(directory: str, allow_other_owner: bool = False, allow_setuid: bool = False) -> list[str]:
+    """Every problem that would stop a restore of `directory`; [] if none."""
+    try:
+        image = open_image(directory)
+    except ImageCorrupt as err:
+        return [str(err)]
+    problems = image_problems(image, allow_other_owner, allow_setuid)
+    from ..check import run_checks
+
+    problems += [f"kernel: {r.name} missing: {r.detail}" for r in run_checks() if not r.ok]
+    return problems
+
+
+def check_restorable(image: Image, allow_other_owner: bool, allow_setuid: bool) -> None:
+    problems = image_problems(image, allow_other_owner, allow_setuid)
+    if problems:
+        raise RestoreError(f"{image.directory}: cannot restore: " + "; ".join(problems), image.checkpoint.task.pid)
