@@ -150,7 +150,9 @@ def open_image(directory: str, verify_pages: bool = True) -> Image:
         if many:
             fields[field] = []
     end = {}
-    for tag, offset, payload in records:
+    nrecords = len(records)
+    while records:  # consumed as decoded: the raw JSON of a big record is freed early
+        tag, offset, payload = records.pop(0)
         if tag == schema.END:
             end = payload
             continue
@@ -174,8 +176,8 @@ def open_image(directory: str, verify_pages: bool = True) -> Image:
     for key, value in counts.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ImageCorrupt(f"{path}: END record: {key} expected a non-negative integer, found {value!r}")
-    if counts["records"] != len(records) - 1:
-        raise ImageCorrupt(f"{path}: END record: expected {counts['records']} records, found {len(records) - 1}")
+    if counts["records"] != nrecords - 1:
+        raise ImageCorrupt(f"{path}: END record: expected {counts['records']} records, found {nrecords - 1}")
     ckpt = model.Checkpoint(**fields)
     image = Image(directory, major, minor, ckpt, counts["pages_size"], counts["ghosts_size"])
     problems = validate(ckpt, image)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import ctypes
+import threading
+import typing
 
 from .. import faults, model
 from ..errors import RestoreError
@@ -100,7 +102,7 @@ FILL_THREADS = 2
 FILL_BATCH = 16 << 20
 
 
-def fill(pid: int, segments: list[tuple[int, int, int]]) -> None:
+def fill(pid: int, segments: typing.Iterable[tuple[int, int, int]]) -> None:
     """process_vm_writev (local, remote, length) segments from FILL_THREADS
     threads at once, in batches of at most FILL_BATCH bytes.
 
@@ -110,29 +112,37 @@ def fill(pid: int, segments: list[tuple[int, int, int]]) -> None:
     procsnap's RSS stays near FILL_THREADS * FILL_BATCH however big the
     process is.
     """
-    batches: list[list[tuple[int, int, int]]] = [[]]
-    size = 0
-    for loc, rem, length in segments:
-        for o in range(0, length, FILL_BATCH):
-            n = min(FILL_BATCH, length - o)
-            if size + n > FILL_BATCH and batches[-1]:
-                batches.append([])
-                size = 0
-            batches[-1].append((loc + o, rem + o, n))
-            size += n
+    def batches():
+        """Built as the threads take them: a sparse image has a segment per
+        page, too many to hold as a list."""
+        batch, size = [], 0
+        for loc, rem, length in segments:
+            for o in range(0, length, FILL_BATCH):
+                n = min(FILL_BATCH, length - o)
+                if size + n > FILL_BATCH and batch:
+                    yield batch
+                    batch, size = [], 0
+                batch.append((loc + o, rem + o, n))
+                size += n
+        if batch:
+            yield batch
 
-    def work(mine: list[list[tuple[int, int, int]]]) -> None:
-        for batch in mine:
+    source = batches()
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                batch = next(source, None)
+            if batch is None:
+                return
             memory.write_from(pid, batch)
             lo = min(loc for loc, _, _ in batch)
             hi = max(loc + length for loc, _, length in batch)
             mapping.drop(lo, hi - lo)  # runs sit back to back in pages.img: one call covers the batch
 
-    if len(batches) == 1:
-        work(batches)
-        return
     with concurrent.futures.ThreadPoolExecutor(FILL_THREADS) as pool:
-        for fut in [pool.submit(work, batches[i::FILL_THREADS]) for i in range(FILL_THREADS)]:
+        for fut in [pool.submit(work) for _ in range(FILL_THREADS)]:
             fut.result()
 
 
@@ -170,7 +180,7 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
             if v.advice & bit:
                 target.call(NR.madvise, v.start, v.size, advice)
         if vruns:
-            fill(target.pid, [(pages.address(r), r.vaddr, r.npages * PAGE_SIZE) for r in vruns])
+            fill(target.pid, ((pages.address(r), r.vaddr, r.npages * PAGE_SIZE) for r in vruns))
             done += sum(r.npages for r in vruns) * PAGE_SIZE
             faults.point("mid-memory-load")
             if progress:
