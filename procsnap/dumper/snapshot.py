@@ -47,7 +47,7 @@ def cow_snapshot(task, maps: list[MapsEntry]):
     with the target frozen throughout."""
     pid = task.pid
     child = None
-    ptrace.set_options(pid, ptrace.PTRACE_O_TRACECLONE)
+    ptrace.set_options(pid, ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACESYSGOOD)
     try:
         with infect.infected(pid, maps, scratch_area=False) as target:
             try:
@@ -57,13 +57,13 @@ def cow_snapshot(task, maps: list[MapsEntry]):
             if target.call.clones:
                 child = target.call.clones[-1]
     finally:
-        ptrace.set_options(pid, 0)
+        ptrace.set_options(pid, ptrace.PTRACE_O_TRACESYSGOOD)
     try:
         if child is not None:
             ptrace.wait_stop(child)
             # The snapshot must never run: if procsnap dies, it dies too.
             # (EXITKILL is for the snapshot only, never for the target.)
-            ptrace.set_options(child, ptrace.PTRACE_O_EXITKILL)
+            ptrace.set_options(child, ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACESYSGOOD)
         yield child
     finally:
         if child is not None:

@@ -2,10 +2,14 @@
 signal mask and queue, rseq configuration, and syscall injection.
 
 Injection never writes code into the target: it points rip at a `syscall`
-instruction already mapped in the target (one in its vdso) and single-steps
-it. The single-step trap is a signal-delivery stop, so when the original
-registers are put back and the task resumes, the kernel applies its own
-syscall-restart rule to them, exactly as if it had never been stopped.
+instruction already mapped in the target (one in its vdso) and runs it
+between PTRACE_SYSCALL entry and exit stops (no single-stepping: a trap
+flag left set would kill the task if procsnap died). To put the task's own
+registers back, it is first moved from the syscall-exit stop into an
+interrupt trap (PTRACE_INTERRUPT + PTRACE_CONT): that stop is inside signal
+delivery, so whenever the task leaves it - resumed by us, detached, or
+released because procsnap was killed - the kernel applies its own
+syscall-restart rule to the registers, exactly as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ class Req(enum.IntEnum):
     CONT = 7
     SINGLESTEP = 9
     DETACH = 17
+    SYSCALL = 24
     SETOPTIONS = 0x4200
     GETEVENTMSG = 0x4201
     GETSIGINFO = 0x4202
@@ -48,6 +53,7 @@ class NT(enum.IntEnum):
 
 PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_STOP = 128
+PTRACE_O_TRACESYSGOOD = 0x1
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
 PTRACE_PEEKSIGINFO_SHARED = 1
@@ -132,14 +138,14 @@ def is_event_stop(status: int) -> bool:
     return os.WSTOPSIG(status) == signal.SIGTRAP and (status >> 16) == PTRACE_EVENT_STOP
 
 
-def freeze(pid: int, max_signals: int = 64) -> None:
+def freeze(pid: int, max_signals: int = 64, options: int = 0) -> None:
     """Seize and stop a task; signals already on their way are delivered first.
 
     A signal-delivery stop that comes before the interrupt trap is passed
     on (the task runs its handler setup, as if the signal had arrived just
     before the freeze) and the interrupt trap follows.
     """
-    seize(pid)
+    seize(pid, PTRACE_O_TRACESYSGOOD | options)
     interrupt(pid)
     for _ in range(max_signals):
         status = wait_stop(pid)
@@ -207,14 +213,19 @@ def peek_siginfo(pid: int, shared: bool) -> list[bytes]:
 ALL_SIGNALS_BLOCKED = (1 << 64) - 1
 
 
+SYSCALL_STOP = signal.SIGTRAP | 0x80  # with PTRACE_O_TRACESYSGOOD
+
+
 class Injector:
-    """Runs syscalls inside a stopped task, one single-step each.
+    """Runs syscalls inside a stopped task (seized by `freeze`).
 
     `gadget` is the address of a `syscall` instruction in the task. While a
     call runs, every signal is blocked, so none is dequeued under us. With
     `put_back`, the task's own registers and signal mask are set again
-    after every call: if procsnap dies between two calls (even by SIGKILL),
-    the kernel detaches a task that is exactly as it was.
+    after every call, from an interrupt trap (see the module docstring): if
+    procsnap dies between two calls, even by SIGKILL, the kernel releases a
+    task that is exactly as it was. Without it (a task being rebuilt) the
+    task stays in its syscall-exit stop between calls.
     """
 
     def __init__(self, pid: int, gadget: int, regs: arch.user_regs_struct, mask: int, put_back: bool = True):
@@ -226,21 +237,27 @@ class Injector:
         self.blocked = False
         self.clones: list[int] = []  # pids of tasks created by injected clones
 
+    def _resume_until(self, req: Req, want) -> int:
+        ptrace(req, self.pid)
+        while True:
+            status = wait_stop(self.pid)
+            if (status >> 16) == PTRACE_EVENT_CLONE:  # with PTRACE_O_TRACECLONE
+                self.clones.append(get_event_msg(self.pid))
+                ptrace(Req.SYSCALL, self.pid)
+                continue
+            if want(status):
+                return status
+            raise OSError(0, f"pid {self.pid}: unexpected stop {status:#x} during an injected syscall")
+
     def __call__(self, nr: int, *args: int, check: bool = True) -> int:
         regs = arch.prepare_injection(self.base, self.gadget, nr, args)
         if not self.blocked:
             set_sigmask(self.pid, ALL_SIGNALS_BLOCKED)
             self.blocked = True
         set_regs(self.pid, regs)
-        ptrace(Req.SINGLESTEP, self.pid)
-        status = wait_stop(self.pid)
-        while (status >> 16) == PTRACE_EVENT_CLONE:  # with PTRACE_O_TRACECLONE
-            self.clones.append(get_event_msg(self.pid))
-            ptrace(Req.SINGLESTEP, self.pid)
-            status = wait_stop(self.pid)
-        sig = os.WSTOPSIG(status)
-        if sig != signal.SIGTRAP:
-            raise OSError(0, f"pid {self.pid}: injected {arch.NR(nr).name} stopped with signal {sig}")
+        syscall_stop = lambda st: os.WSTOPSIG(st) == SYSCALL_STOP  # noqa: E731
+        self._resume_until(Req.SYSCALL, syscall_stop)  # entry
+        self._resume_until(Req.SYSCALL, syscall_stop)  # exit
         ret = arch.syscall_result(get_regs(self.pid))
         if self.put_back:
             self.restore()
@@ -250,7 +267,10 @@ class Injector:
         return ret
 
     def restore(self) -> None:
-        """The task's own registers and signal mask, as before any call."""
+        """The task's own registers and signal mask, as before any call,
+        set in an interrupt trap."""
+        interrupt(self.pid)
+        self._resume_until(Req.CONT, is_event_stop)
         set_regs(self.pid, self.base)
         set_sigmask(self.pid, self.mask)
         self.blocked = False

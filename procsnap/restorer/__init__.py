@@ -71,7 +71,8 @@ def kill_child(child: Child) -> None:
 def rebuild(child: Child, image: Image, pages: PageSource, progress=None) -> None:
     ckpt = image.checkpoint
     pid = child.pid
-    ptrace.freeze(pid)
+    # EXITKILL: the half-built process dies with the restorer, until detach
+    ptrace.freeze(pid, options=ptrace.PTRACE_O_EXITKILL)
     maps = proc.read_smaps(pid)
     busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in ckpt.vmas]
     helper = child.helper_fds

@@ -74,4 +74,5 @@ def resume(pid: int, task: model.Task) -> None:
     ptrace.set_xstate(pid, task.xstate)
     ptrace.set_sigmask(pid, task.sigmask)
     faults.point("before-detach")
+    ptrace.set_options(pid, 0)  # no more EXITKILL: from here on it is a process of its own
     ptrace.detach(pid)
