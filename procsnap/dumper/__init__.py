@@ -166,7 +166,7 @@ def collect_seized(pid: int, shell_job: bool, early_smaps: list[proc.MapsEntry],
         mm = C.collect_mm_seized(pid, st, target, files)
         faults.point("mid-collect")
         task = C.collect_task_seized(pid, st, status, target, regs, sigmask)
-        sigactions = C.collect_sigactions_seized(target)
+        sigactions = C.collect_sigactions_seized(target, status)
     runs = C.collect_page_runs(pid, vmas) if scan_pages else None
     ckpt = model.Checkpoint(task=task, mm=mm, vmas=vmas, pages=[], sigactions=sigactions, pending=pending,
                             files=files.refs, fds=fds, ghosts=[g for g, _ in ghosts])

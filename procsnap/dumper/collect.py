@@ -163,13 +163,17 @@ def collect_mm_seized(pid: int, st: proc.Stat, target: Target, files: FileTable)
     )
 
 
-def collect_sigactions_seized(target: Target) -> list[model.SigAction]:
-    """All 64 handlers into the scratch area side by side, one read back."""
-    for sig in range(1, NSIG + 1):
+def collect_sigactions_seized(target: Target, status: dict[str, str]) -> list[model.SigAction]:
+    """The handlers of the signals that are caught or ignored (SigCgt,
+    SigIgn): the others are SIG_DFL, restored as such. Into the scratch
+    area side by side, one read back."""
+    wanted = int(status["SigCgt"], 16) | int(status["SigIgn"], 16)
+    signals = [sig for sig in range(1, NSIG + 1) if wanted >> (sig - 1) & 1]
+    for sig in signals:
         target.call(NR.rt_sigaction, sig, 0, target.scratch + (sig - 1) * KSIGACTION.size, SIGSET_SIZE)
     data = target.read_scratch(NSIG * KSIGACTION.size)
     out = []
-    for sig in range(1, NSIG + 1):
+    for sig in signals:
         handler, flags, restorer, mask = KSIGACTION.unpack_from(data, (sig - 1) * KSIGACTION.size)
         if handler or flags or mask:
             out.append(model.SigAction(sig, handler, model.SaFlag(flags), restorer, mask))

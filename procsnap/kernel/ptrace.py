@@ -2,14 +2,14 @@
 signal mask and queue, rseq configuration, and syscall injection.
 
 Injection never writes code into the target: it points rip at a `syscall`
-instruction already mapped in the target (one in its vdso) and runs it
-between PTRACE_SYSCALL entry and exit stops (no single-stepping: a trap
-flag left set would kill the task if procsnap died). To put the task's own
-registers back, it is first moved from the syscall-exit stop into an
-interrupt trap (PTRACE_INTERRUPT + PTRACE_CONT): that stop is inside signal
-delivery, so whenever the task leaves it - resumed by us, detached, or
-released because procsnap was killed - the kernel applies its own
-syscall-restart rule to the registers, exactly as if it had never stopped.
+instruction already mapped in the target (one in its vdso) and single-steps
+it. To put the task's own registers back, the task is then moved into an
+interrupt trap (PTRACE_INTERRUPT + PTRACE_CONT, which also clears the trap
+flag: a flag left set would kill the task with SIGTRAP if procsnap died).
+That stop is inside signal delivery, so whenever the task leaves it -
+resumed by us, detached, or released because procsnap was killed - the
+kernel applies its own syscall-restart rule to the registers, exactly as if
+it had never stopped.
 """
 
 from __future__ import annotations
@@ -213,9 +213,6 @@ def peek_siginfo(pid: int, shared: bool) -> list[bytes]:
 ALL_SIGNALS_BLOCKED = (1 << 64) - 1
 
 
-SYSCALL_STOP = signal.SIGTRAP | 0x80  # with PTRACE_O_TRACESYSGOOD
-
-
 class Injector:
     """Runs syscalls inside a stopped task (seized by `freeze`).
 
@@ -225,7 +222,7 @@ class Injector:
     after every call, from an interrupt trap (see the module docstring): if
     procsnap dies between two calls, even by SIGKILL, the kernel releases a
     task that is exactly as it was. Without it (a task being rebuilt) the
-    task stays in its syscall-exit stop between calls.
+    task stays in its single-step trap between calls.
     """
 
     def __init__(self, pid: int, gadget: int, regs: arch.user_regs_struct, mask: int, put_back: bool = True):
@@ -243,7 +240,7 @@ class Injector:
             status = wait_stop(self.pid)
             if (status >> 16) == PTRACE_EVENT_CLONE:  # with PTRACE_O_TRACECLONE
                 self.clones.append(get_event_msg(self.pid))
-                ptrace(Req.SYSCALL, self.pid)
+                ptrace(req, self.pid)
                 continue
             if want(status):
                 return status
@@ -255,9 +252,7 @@ class Injector:
             set_sigmask(self.pid, ALL_SIGNALS_BLOCKED)
             self.blocked = True
         set_regs(self.pid, regs)
-        syscall_stop = lambda st: os.WSTOPSIG(st) == SYSCALL_STOP  # noqa: E731
-        self._resume_until(Req.SYSCALL, syscall_stop)  # entry
-        self._resume_until(Req.SYSCALL, syscall_stop)  # exit
+        self._resume_until(Req.SINGLESTEP, lambda st: os.WSTOPSIG(st) == signal.SIGTRAP and not st >> 16)
         ret = arch.syscall_result(get_regs(self.pid))
         if self.put_back:
             self.restore()
