@@ -14,16 +14,3 @@ import xxhash
 def data_hash(data) -> int:
     """XXH3-64 of a buffer (bytes, memoryview, mmap slice)."""
     return xxhash.xxh3_64_intdigest(data)
-
-
-class DataHasher:
-    """Incremental XXH3-64, for data verified in chunks."""
-
-    def __init__(self):
-        self._h = xxhash.xxh3_64()
-
-    def update(self, data) -> None:
-        self._h.update(data)
-
-    def digest(self) -> int:
-        return self._h.intdigest()

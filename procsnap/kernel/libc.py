@@ -44,8 +44,3 @@ def prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> in
     if ret == -1:
         raise oserror(f"prctl({option})")
     return ret
-
-
-def addr(obj) -> int:
-    """Address of a ctypes object or a writable buffer."""
-    return ctypes.addressof(obj)

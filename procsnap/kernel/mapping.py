@@ -12,22 +12,12 @@ libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_i
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 PROT_READ = 0x1
-PROT_WRITE = 0x2
 MAP_SHARED = 0x01
-MAP_PRIVATE = 0x02
-MAP_ANONYMOUS = 0x20
 MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 def map_file(fd: int, size: int, offset: int = 0) -> int:
     address = libc.mmap(None, size, PROT_READ, MAP_SHARED, fd, offset)
-    if address == MAP_FAILED:
-        raise oserror("mmap")
-    return address
-
-
-def map_anonymous(size: int) -> int:
-    address = libc.mmap(None, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
     if address == MAP_FAILED:
         raise oserror("mmap")
     return address
@@ -47,8 +37,3 @@ def drop(address: int, size: int) -> None:
     stay in the page cache): keeps RSS bounded while streaming a file."""
     if libc.madvise(address, size, MADV_DONTNEED) != 0:
         raise oserror("madvise(MADV_DONTNEED)")
-
-
-def view(address: int, size: int) -> memoryview:
-    """A writable memoryview over local memory at `address`."""
-    return memoryview((ctypes.c_char * size).from_address(address)).cast("B")

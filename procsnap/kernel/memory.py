@@ -86,12 +86,3 @@ def read_mem_file(pid: int, address: int, length: int) -> bytes:
                 raise OSError(14, f"/proc/{pid}/mem: short read at {address + len(data):#x}")
             data += chunk
         return data
-
-
-def write_mem_file(pid: int, address: int, data: bytes | memoryview) -> None:
-    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as f:
-        f.seek(address)
-        view = memoryview(data)
-        while view:
-            n = f.write(view)
-            view = view[n:]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import struct
 
 from .arch.x86_64 import PAGE_SIZE
 
@@ -158,17 +157,6 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def parse_auxv(data: bytes) -> list[tuple[int, int]]:
-    """(type, value) pairs up to and including AT_NULL."""
-    out = []
-    for i in range(0, len(data) - 15, 16):
-        key, value = struct.unpack_from("<QQ", data, i)
-        out.append((key, value))
-        if key == 0:
-            break
-    return out
-
-
 @dataclasses.dataclass
 class FdInfo:
     pos: int
@@ -190,8 +178,6 @@ def list_fds(pid: int) -> list[int]:
     return sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
 
 
-def list_tasks(pid: int) -> list[int]:
-    return sorted(int(n) for n in os.listdir(f"/proc/{pid}/task"))
 
 
 # pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst), seen in the

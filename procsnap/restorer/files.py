@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 
 from .. import model
 from ..errors import RestoreError
@@ -156,7 +155,3 @@ def _recreate_ghost(image: Image, ghost: model.Ghost) -> str:
             os.close(fd)
         return path
     raise RestoreError(f"ghost file {ghost.path}: no free name beside it")
-
-
-def stdio_is_terminal() -> bool:
-    return any(os.isatty(fd) for fd in (0, 1, 2)) if sys.stdin else False

@@ -19,7 +19,7 @@ import time
 from .. import model
 from ..errors import RestoreError
 from ..kernel.arch.x86_64 import NR
-from ..kernel.libc import libc
+from ..kernel.libc import prctl
 from .files import PreparedFiles
 
 _pylibc = ctypes.PyDLL(None, use_errno=True)  # keeps the GIL across clone3
@@ -64,7 +64,7 @@ def _child_setup(task: model.Task, files: PreparedFiles, helpers: dict[str, tupl
     """Runs in the child. `helpers`: name -> (restorer fd, fd number wanted)."""
     # If the restorer dies (even by SIGKILL) before the rebuild is done, the
     # half-built process dies with it; the rebuild clears this at the end.
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     # Helpers first go above every number in use, so nothing collides.
     for src, want in helpers.values():
         os.dup2(src, want, inheritable=False)
