@@ -62,19 +62,10 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         with translated(pid, f"write {images_dir}"):
             writer = stack.enter_context(image_writer(images_dir))
             write_ghosts_seized(pid, ghost_fds, writer, ckpt)
-            source = pid
             if leave_running:
-                # Pages fork does not copy are read now; the rest from the snapshot after the thaw.
-                now = [v for v in ckpt.vmas if read_while_frozen(v)]
-                write_pages_seized(pid, C.collect_page_runs(pid, now), writer.pages)
-                later = [v for v in ckpt.vmas if not read_while_frozen(v)]
-                snap = stack.enter_context(cow_snapshot(task, maps))
-                if snap is not None:
-                    source, stats.snapshot = snap, True
-                    task.thaw()
-                    log.info("pid %d: thawed; reading pages from snapshot %d", pid, snap)
-                runs = C.collect_page_runs(source, later)
-            write_pages_seized(source, runs, writer.pages, progress)
+                stats.snapshot = write_pages_from_snapshot(task, ckpt, maps, writer, stack, progress)
+            else:
+                write_pages_seized(pid, runs, writer.pages, progress)
             faults.point("before-commit")
             writer.commit(ckpt)
         stats.pages_bytes = writer.pages.offset
@@ -88,6 +79,25 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     stats.total_s = time.monotonic() - started
     log.info("pid %d: frozen for %.1f ms of %.1f ms", pid, stats.frozen_s * 1000, stats.total_s * 1000)
     return stats
+
+
+def write_pages_from_snapshot(task: "FrozenTask", ckpt: model.Checkpoint, maps, writer: ImageWriter,
+                              stack: contextlib.ExitStack, progress=None) -> bool:
+    """--leave-running: pages a fork does not copy are read while frozen;
+    once the copy-on-write snapshot exists the target is thawed and the rest
+    is read from the snapshot (which `stack` releases). Returns whether a
+    snapshot could be used; without one the target stays frozen."""
+    pid = task.pid
+    now = [v for v in ckpt.vmas if read_while_frozen(v)]
+    write_pages_seized(pid, C.collect_page_runs(pid, now), writer.pages)
+    snap = stack.enter_context(cow_snapshot(task, maps))
+    if snap is not None:
+        task.thaw()
+        log.info("pid %d: thawed; reading pages from snapshot %d", pid, snap)
+    source = pid if snap is None else snap
+    later = [v for v in ckpt.vmas if not read_while_frozen(v)]
+    write_pages_seized(source, C.collect_page_runs(source, later), writer.pages, progress)
+    return snap is not None
 
 
 def read_target(pid: int) -> tuple[proc.Stat, dict[str, str]]:
