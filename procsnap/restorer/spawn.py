@@ -53,7 +53,9 @@ def wait_pid_free(pid: int, timeout: float = 3.0) -> None:
                 state = f.read().rpartition(")")[2].split()[0]
             with open(f"/proc/{pid}/comm") as f:
                 comm = f.read().strip()
-        except OSError:
+        except OSError:  # gone meanwhile (or unreadable: then clone3 decides)
+            if time.monotonic() > deadline:
+                return
             continue
         if state not in ("Z", "X") or time.monotonic() > deadline:
             raise RestoreError(f"pid {pid} is taken by a running process ({comm}, state {state})", pid)
