@@ -54,6 +54,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             C.check_supported(pid, st, status)
             task = stack.enter_context(frozen(pid))
         log.info("pid %d: frozen", pid)
+        if task.stopped_by:  # stopped between the check and the freeze
+            raise C.stopped_process(pid, task.stopped_by)
         faults.point("after-freeze")
         with translated(pid, "collect"):
             ckpt, runs, ghost_fds, maps = collect_seized(pid, shell_job, early_smaps, scan_pages=not leave_running)
@@ -117,10 +119,11 @@ class FrozenTask:
         self.attached = True
         self.since = time.monotonic()
         self.frozen_s = 0.0
+        self.stopped_by = 0  # it was in a group-stop (state T)
 
     def thaw(self) -> None:
         if self.attached:
-            ptrace.detach(self.pid)
+            ptrace.detach(self.pid)  # from a group-stop, it stays stopped
             self.attached = False
             self.frozen_s = time.monotonic() - self.since
 
@@ -137,7 +140,7 @@ class FrozenTask:
 @contextlib.contextmanager
 def frozen(pid: int):
     task = FrozenTask(pid)
-    ptrace.freeze(pid)
+    task.stopped_by = ptrace.freeze(pid)
     try:
         yield task
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import stat
 import struct
 
@@ -62,6 +63,16 @@ def check_supported(pid: int, st: proc.Stat, status: dict[str, str]) -> None:
         raise Unsupported(f"pid {pid}: has POSIX timers; not supported", pid)
     if st.state == "Z":
         raise Unsupported(f"pid {pid}: is a zombie", pid)
+    if st.state == "T":
+        raise stopped_process(pid, 0)
+
+
+def stopped_process(pid: int, sig: int) -> Unsupported:
+    """A group-stopped task cannot run injected syscalls without being
+    continued, which its parent would see; refused rather than changed."""
+    by = f" by {signal.Signals(sig).name}" if sig else ""
+    return Unsupported(f"pid {pid}: is stopped (state T{by}); continue it (kill -CONT {pid}) before dumping; "
+                       "stopped processes are not supported", pid)
 
 
 def _read_text(path: str) -> str:

@@ -135,22 +135,27 @@ def wait_stop(pid: int) -> int:
 
 
 def is_event_stop(status: int) -> bool:
-    return os.WSTOPSIG(status) == signal.SIGTRAP and (status >> 16) == PTRACE_EVENT_STOP
+    """A PTRACE_EVENT_STOP: an interrupt trap (SIGTRAP), or a group-stop
+    (the stopping signal) of a task that was stopped when seized."""
+    return (status >> 16) == PTRACE_EVENT_STOP
 
 
-def freeze(pid: int, max_signals: int = 64, options: int = 0) -> None:
+def freeze(pid: int, max_signals: int = 64, options: int = 0) -> int:
     """Seize and stop a task; signals already on their way are delivered first.
 
     A signal-delivery stop that comes before the interrupt trap is passed
     on (the task runs its handler setup, as if the signal had arrived just
-    before the freeze) and the interrupt trap follows.
+    before the freeze) and the interrupt trap follows. Returns the signal
+    that had stopped the task (SIGSTOP, SIGTSTP ...) if it was in a
+    group-stop (state T), else 0.
     """
     seize(pid, PTRACE_O_TRACESYSGOOD | options)
     interrupt(pid)
     for _ in range(max_signals):
         status = wait_stop(pid)
         if is_event_stop(status):
-            return
+            sig = os.WSTOPSIG(status)
+            return 0 if sig == signal.SIGTRAP else sig
         cont(pid, os.WSTOPSIG(status))
     raise OSError(0, f"pid {pid}: did not stop after {max_signals} signals")
 
