@@ -169,3 +169,37 @@ def test_image_skips_untouched_pages(procs, case, variant, tmp_path):
         f"image {size} B > RssAnon {rss_anon} B + 2 MiB: untouched or clean pages stored?"
     if case.id == "memory":
         assert size < 16 * MIB, f"image {size} B: the 64 MiB sparse area was stored?"
+
+
+def test_fd_above_the_restorers_soft_limit(procs, tmp_path):
+    """A process that raised its own fd limit and holds fd 5000 is restored
+    by a restorer whose soft limit is 1024: numbers go up to the hard limit,
+    the saved limits come last."""
+    import resource
+
+    code = textwrap.dedent("""
+        import os, resource, signal, sys, time
+        resource.setrlimit(resource.RLIMIT_NOFILE, (8192, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        fd = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(fd, 5000)
+        os.close(fd)
+        got = []
+        signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+        os.write(1, b"READY\\n")
+        while not got:
+            time.sleep(0.05)
+        ok = os.path.samestat(os.fstat(5000), os.stat("/dev/null"))
+        ok = ok and resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 8192
+        os.write(1, b"PASS\\n" if ok else b"FAIL: fd 5000 or the nofile limit\\n")
+        sys.exit(0 if ok else 1)
+    """)
+    t = procs.start([sys.executable, "-c", code], name="highfd")
+    images = dump_kill(t, tmp_path / "img")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
+    try:
+        restore(procs, t, images)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert os.readlink(f"/proc/{t.pid}/fd/5000") == "/dev/null"
+    assert_pass(t)

@@ -67,6 +67,10 @@ def _child_setup(task: model.Task, files: PreparedFiles, helpers: dict[str, tupl
     # If the restorer dies (even by SIGKILL) before the rebuild is done, the
     # half-built process dies with it; the rebuild clears this at the end.
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # fd numbers up to the hard limit, whatever the restorer's soft one (the
+    # saved limits are set last)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     # Helpers first go above every number in use, so nothing collides.
     for src, want in helpers.values():
         os.dup2(src, want, inheritable=False)
