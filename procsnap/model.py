@@ -78,6 +78,8 @@ class VmaKind(enum.Enum):
 
 
 SPECIAL_KINDS = (VmaKind.VDSO, VmaKind.VVAR, VmaKind.VVAR_VCLOCK)
+# their names in /proc/PID/maps
+SPECIAL_NAMES = {"[vdso]": VmaKind.VDSO, "[vvar]": VmaKind.VVAR, "[vvar_vclock]": VmaKind.VVAR_VCLOCK}
 COPIED_KINDS = (VmaKind.ANON, VmaKind.FILE_PRIVATE, VmaKind.SHARED_ANON)
 
 

@@ -21,10 +21,9 @@ from ..kernel.arch.x86_64 import NR, PAGE_SIZE
 from ..kernel.infect import Target
 from ..kernel.libc import syscall
 from ..kernel.proc import MapsEntry
-from ..kernel.structs import KSIGACTION, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
+from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
 
 KCMP_FILE = 0
-NSIG = 64
 SIGKILL, SIGSTOP = 9, 19
 
 
@@ -93,12 +92,10 @@ def classify_vma(pid: int, m: MapsEntry, files: FileTable) -> model.Vma | None:
     flags = model.MapFlag.MAP_SHARED if m.shared else model.MapFlag.MAP_PRIVATE
     if "gd" in m.vmflags:
         flags |= model.MapFlag.MAP_GROWSDOWN
-    special = {"[vdso]": model.VmaKind.VDSO, "[vvar]": model.VmaKind.VVAR,
-               "[vvar_vclock]": model.VmaKind.VVAR_VCLOCK}
     if m.path == "[vsyscall]":
         return None
-    if m.path in special:
-        return model.Vma(m.start, m.end, special[m.path], prot, flags, 0, -1, m.path)
+    if m.path in model.SPECIAL_NAMES:
+        return model.Vma(m.start, m.end, model.SPECIAL_NAMES[m.path], prot, flags, 0, -1, m.path)
     for vf, what in (("ht", "hugetlb"), ("io", "an I/O mapping"), ("pf", "a PFN mapping"),
                      ("ss", "a shadow stack"), ("lo", "mlock()ed")):
         if vf in m.vmflags:

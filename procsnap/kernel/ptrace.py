@@ -268,7 +268,9 @@ class Injector:
 
     def restore(self) -> None:
         """The task's own registers and signal mask, as before any call,
-        set in an interrupt trap."""
+        set in an interrupt trap (nothing to do if no call ran since)."""
+        if not self.blocked:
+            return
         interrupt(self.pid)
         self._resume_until(Req.CONT, is_event_stop)
         set_regs(self.pid, self.base)

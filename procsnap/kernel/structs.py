@@ -14,6 +14,7 @@ STACK_T = struct.Struct("<QiiQ")
 SS_ONSTACK = 1
 SS_DISABLE = 2
 SIGSET_SIZE = 8
+NSIG = 64  # signals 1..64
 ROBUST_LIST_HEAD_SIZE = 24  # struct robust_list_head (include/uapi/linux/futex.h)
 
 

@@ -40,7 +40,7 @@ class PreparedFiles:
                 pass
 
 
-def _changed(ref: model.FileRef, st: os.stat_result) -> str | None:
+def changed_since_dump(ref: model.FileRef, st: os.stat_result) -> str | None:
     if st.st_size != ref.size:
         return f"size {ref.size} at dump, {st.st_size} now"
     if st.st_mtime_ns != ref.mtime_ns:
@@ -78,7 +78,7 @@ def _prepare_maps(ckpt: model.Checkpoint, refs: dict[int, model.FileRef], prepar
         mode = os.O_RDWR if fid in writable_shared else os.O_RDONLY
         fd = _open(ref.path, mode | os.O_CLOEXEC, "mapped file")
         prepared.map_sources[fid] = fd
-        why = _changed(ref, os.fstat(fd))
+        why = changed_since_dump(ref, os.fstat(fd))
         if why:
             raise RestoreError(f"mapped file {ref.path}: {why}; it cannot be mapped again safely")
     prepared.exe = prepared.map_sources[ckpt.mm.exe_file_id]

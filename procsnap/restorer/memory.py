@@ -28,12 +28,10 @@ from ..kernel.proc import MapsEntry
 from ..kernel.structs import MREMAP_FIXED, MREMAP_MAYMOVE, Prctl, prctl_mm_map
 
 MMAP_MIN_ADDR = 0x10000
-SPECIAL_NAMES = {"[vdso]": model.VmaKind.VDSO, "[vvar]": model.VmaKind.VVAR,
-                 "[vvar_vclock]": model.VmaKind.VVAR_VCLOCK}
 
 
 def specials_of(maps: list[MapsEntry]) -> dict[model.VmaKind, tuple[int, int]]:
-    return {SPECIAL_NAMES[m.path]: (m.start, m.end) for m in maps if m.path in SPECIAL_NAMES}
+    return {model.SPECIAL_NAMES[m.path]: (m.start, m.end) for m in maps if m.path in model.SPECIAL_NAMES}
 
 
 def unmap_seized(target: Target, maps: list[MapsEntry]) -> None:

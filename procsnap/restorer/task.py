@@ -14,13 +14,11 @@ from ..kernel import ptrace
 from ..kernel.arch import x86_64 as arch
 from ..kernel.arch.x86_64 import NR
 from ..kernel.infect import Target
-from ..kernel.structs import (KSIGACTION, ROBUST_LIST_HEAD_SIZE, RSEQ_FLAG_UNREGISTER, SIGSET_SIZE, SS_DISABLE,
+from ..kernel.structs import (KSIGACTION, NSIG, ROBUST_LIST_HEAD_SIZE, RSEQ_FLAG_UNREGISTER, SIGSET_SIZE, SS_DISABLE,
                               STACK_T, Prctl)
 
-NSIG = 64
 PR_SET_PDEATHSIG = 1
 UNCATCHABLE = (9, 19)  # SIGKILL, SIGSTOP
-SIGINFO_SIZE = 128
 
 
 def restore_signals_seized(target: Target, sigactions: list[model.SigAction],

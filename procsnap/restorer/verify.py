@@ -26,6 +26,7 @@ import stat
 from .. import model
 from ..errors import ImageCorrupt, RestoreError
 from ..image.reader import Image, open_image
+from .files import changed_since_dump
 
 
 def _file_problems(ckpt: model.Checkpoint, allow_setuid: bool) -> list[str]:
@@ -39,10 +40,9 @@ def _file_problems(ckpt: model.Checkpoint, allow_setuid: bool) -> list[str]:
             problems.append(f"file {ref.path}: {err.strerror}")
             continue
         if ref.id in mapped:
-            if st.st_size != ref.size:
-                problems.append(f"mapped file {ref.path}: size {ref.size} at dump, {st.st_size} now")
-            elif st.st_mtime_ns != ref.mtime_ns:
-                problems.append(f"mapped file {ref.path}: modified since the dump")
+            why = changed_since_dump(ref, st)
+            if why:
+                problems.append(f"mapped file {ref.path}: {why}")
             if st.st_mode & (stat.S_ISUID | stat.S_ISGID) and not allow_setuid:
                 problems.append(f"{ref.path} is set-uid/set-gid; restore with --allow-setuid to allow it")
     return problems
