@@ -250,6 +250,33 @@ class Task:
 
 
 @dataclasses.dataclass
+class Thread:
+    """A thread other than the leader: its CPU and per-thread signal state.
+    (The leader's are in Task.)"""
+
+    tid: int
+    comm: str
+    regs: dict[str, int]
+    xstate: bytes
+    sigmask: int
+    rseq_ptr: int
+    rseq_len: int
+    rseq_sig: int
+    robust_list: int
+    robust_list_len: int
+    clear_child_tid: int
+    altstack_sp: int
+    altstack_flags: int
+    altstack_size: int
+    pending: list[bytes] = dataclasses.field(default_factory=list)  # siginfos queued to this thread
+
+
+# The per-thread fields Task and Thread have in common.
+THREAD_FIELDS = ("comm", "regs", "xstate", "sigmask", "rseq_ptr", "rseq_len", "rseq_sig", "robust_list",
+                 "robust_list_len", "clear_child_tid", "altstack_sp", "altstack_flags", "altstack_size")
+
+
+@dataclasses.dataclass
 class FdEntry:
     fd: int
     kind: FdKind
@@ -285,3 +312,4 @@ class Checkpoint:
     files: list[FileRef]
     fds: list[FdEntry]
     ghosts: list[Ghost]
+    threads: list[Thread] = dataclasses.field(default_factory=list)  # since format 1.1

@@ -58,7 +58,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             raise C.stopped_process(pid, task.stopped_by)
         faults.point("after-freeze")
         with translated(pid, "collect"):
-            ckpt, runs, ghost_fds, maps = collect_seized(pid, shell_job, early_smaps, scan_pages=not leave_running)
+            ckpt, runs, ghost_fds, maps = collect_seized(task, shell_job, early_smaps, scan_pages=not leave_running)
         stats = DumpStats(ckpt)
         log.info("pid %d: collected %d VMAs, %d fds", pid, len(ckpt.vmas), len(ckpt.fds))
         with translated(pid, f"write {images_dir}"):
@@ -113,35 +113,60 @@ def read_target(pid: int) -> tuple[proc.Stat, dict[str, str]]:
 
 
 class FrozenTask:
+    """A frozen process: its leader `pid` and every thread, `tids` (leader first)."""
+
     def __init__(self, pid: int):
         self.pid = pid
+        self.tids: list[int] = []
         self.killed = False
         self.attached = True
         self.since = time.monotonic()
         self.frozen_s = 0.0
         self.stopped_by = 0  # it was in a group-stop (state T)
 
+    def freeze(self) -> None:
+        """Every thread, until no new one appears: a thread not yet frozen
+        may still create another."""
+        self.stopped_by = ptrace.freeze(self.pid)
+        self.tids.append(self.pid)
+        while True:
+            new = [t for t in proc.list_tids(self.pid) if t not in self.tids]
+            if not new:
+                return
+            for tid in new:
+                try:
+                    ptrace.freeze(tid)
+                except ProcessLookupError:
+                    continue  # it exited before we got to it
+                self.tids.append(tid)
+
     def thaw(self) -> None:
         if self.attached:
-            ptrace.detach(self.pid)  # from a group-stop, it stays stopped
+            for tid in reversed(self.tids):  # from a group-stop, it stays stopped
+                with contextlib.suppress(ProcessLookupError):
+                    ptrace.detach(tid)
             self.attached = False
             self.frozen_s = time.monotonic() - self.since
 
     def kill(self) -> None:
-        """SIGKILL the frozen task and wait until it is dead (not reaped:
-        that stays its parent's job, even when the parent is us)."""
+        """SIGKILL the frozen process and wait until it is dead (not reaped:
+        that stays its parent's job, even when the parent is us). Its other
+        threads are reaped: as their tracer we get their exits."""
         os.kill(self.pid, signal.SIGKILL)
         self.killed = True
         self.attached = False
         self.frozen_s = time.monotonic() - self.since
+        for tid in self.tids[1:]:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(tid, ptrace.WALL)
         os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT | ptrace.WALL)
 
 
 @contextlib.contextmanager
 def frozen(pid: int):
     task = FrozenTask(pid)
-    task.stopped_by = ptrace.freeze(pid)
     try:
+        task.freeze()
         yield task
     finally:
         if not task.killed:
@@ -161,9 +186,11 @@ def image_writer(images_dir: str):
         raise
 
 
-def collect_seized(pid: int, shell_job: bool, early_smaps: list[proc.MapsEntry], scan_pages: bool = True):
+def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[proc.MapsEntry],
+                   scan_pages: bool = True):
     """Everything but the page data: (checkpoint, VMAs, page runs or None,
     ghost fds, maps)."""
+    pid = frozen_task.pid
     files = C.FileTable()
     maps = proc.read_maps(pid, early_smaps)
     st = proc.read_stat(pid)
@@ -180,7 +207,8 @@ def collect_seized(pid: int, shell_job: bool, early_smaps: list[proc.MapsEntry],
         faults.point("mid-collect")
         task = C.collect_task_seized(pid, st, status, target, regs, sigmask)
         sigactions = C.collect_sigactions_seized(target, status)
+        threads = [C.collect_thread_seized(tid, target) for tid in frozen_task.tids[1:]]
     runs = C.collect_page_runs(pid, vmas) if scan_pages else None
     ckpt = model.Checkpoint(task=task, mm=mm, vmas=vmas, pages=[], sigactions=sigactions, pending=pending,
-                            files=files.refs, fds=fds, ghosts=[g for g, _ in ghosts])
+                            files=files.refs, fds=fds, ghosts=[g for g, _ in ghosts], threads=threads)
     return ckpt, runs, ghosts, maps

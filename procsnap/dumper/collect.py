@@ -16,7 +16,7 @@ import struct
 
 from .. import model
 from ..errors import Unsupported
-from ..kernel import ptrace, proc
+from ..kernel import infect, ptrace, proc
 from ..kernel.arch.x86_64 import NR, PAGE_SIZE
 from ..kernel.infect import Target
 from ..kernel.libc import syscall
@@ -49,9 +49,6 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
 
 def check_supported(pid: int, st: proc.Stat, status: dict[str, str]) -> None:
     """Refuse what this version cannot checkpoint, before freezing."""
-    if st.num_threads != 1:
-        raise Unsupported(f"pid {pid}: has {st.num_threads} threads; only single-threaded processes "
-                          "are supported", pid)
     children = _read_text(f"/proc/{pid}/task/{pid}/children").split()
     if children:
         raise Unsupported(f"pid {pid}: has child processes ({', '.join(children)}); process trees are "
@@ -216,15 +213,40 @@ def collect_pending(pid: int) -> list[model.PendingSignal]:
     return out
 
 
-def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target: Target,
-                        regs, sigmask: int) -> model.Task:
+def _thread_state_seized(tid: int, target: Target, regs, sigmask: int) -> dict:
+    """The per-thread fields (model.THREAD_FIELDS) of thread `tid`; `target`
+    injects into that thread."""
     target.call(NR.prctl, Prctl.PR_GET_TID_ADDRESS, target.scratch)
     (clear_child_tid,) = struct.unpack("<Q", target.read_scratch(8))
     target.call(NR.sigaltstack, 0, target.scratch)
     ss_sp, ss_flags, _, ss_size = STACK_T.unpack(target.read_scratch(STACK_T.size))
     head, length = ctypes.c_uint64(), ctypes.c_size_t()
-    syscall(NR.get_robust_list, pid, ctypes.byref(head), ctypes.byref(length))
-    rseq = ptrace.get_rseq_config(pid)
+    syscall(NR.get_robust_list, tid, ctypes.byref(head), ctypes.byref(length))
+    rseq = ptrace.get_rseq_config(tid)
+    with open(f"/proc/{target.pid}/task/{tid}/comm") as f:
+        comm = f.read().rstrip("\n")
+    return dict(
+        comm=comm, regs={name: getattr(regs, name) for name, _ in regs._fields_},
+        xstate=ptrace.get_xstate(tid), sigmask=sigmask,
+        rseq_ptr=rseq.rseq_abi_pointer, rseq_len=rseq.rseq_abi_size, rseq_sig=rseq.signature,
+        robust_list=head.value, robust_list_len=length.value, clear_child_tid=clear_child_tid,
+        altstack_sp=ss_sp, altstack_flags=ss_flags & ~SS_ONSTACK, altstack_size=ss_size,
+    )
+
+
+def collect_thread_seized(tid: int, leader: Target) -> model.Thread:
+    """A thread other than the leader, through injection into it (using the
+    leader's scratch area: they share the address space)."""
+    with infect.infected(tid, [], scratch_area=False, gadget=leader.call.gadget) as t:
+        state = _thread_state_seized(tid, infect.Target(leader.pid, t.call, leader.scratch), t.call.base,
+                                     t.call.mask)
+    pending = ptrace.peek_siginfo(tid, shared=False)
+    return model.Thread(tid=tid, pending=pending, **state)
+
+
+def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target: Target,
+                        regs, sigmask: int) -> model.Task:
+    state = _thread_state_seized(pid, target, regs, sigmask)
     with open(f"/proc/{pid}/limits") as f:
         rlimits = [model.Rlimit(res, soft, hard) for res, (soft, hard) in enumerate(proc.parse_limits(f.read()))]
     cwd = os.readlink(f"/proc/{pid}/cwd")
@@ -232,18 +254,11 @@ def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target:
         raise Unsupported(f"pid {pid}: its working directory {cwd} was deleted; not supported", pid)
     with open(f"/proc/{pid}/personality") as f:
         personality = int(f.read(), 16)
-    with open(f"/proc/{pid}/comm") as f:
-        comm = f.read().rstrip("\n")
     return model.Task(
-        pid=pid, comm=comm,
-        regs={name: getattr(regs, name) for name, _ in regs._fields_},
-        xstate=ptrace.get_xstate(pid), sigmask=sigmask,
-        rseq_ptr=rseq.rseq_abi_pointer, rseq_len=rseq.rseq_abi_size, rseq_sig=rseq.signature,
-        robust_list=head.value, robust_list_len=length.value, clear_child_tid=clear_child_tid,
-        altstack_sp=ss_sp, altstack_flags=ss_flags & ~SS_ONSTACK, altstack_size=ss_size,
-        personality=personality, umask=int(status["Umask"], 8), cwd=cwd,
+        pid=pid, personality=personality, umask=int(status["Umask"], 8), cwd=cwd,
         session_leader=st.session == pid, group_leader=st.pgrp == pid, rlimits=rlimits,
         uids=[int(x) for x in status["Uid"].split()], gids=[int(x) for x in status["Gid"].split()],
+        **state,
     )
 
 

@@ -320,4 +320,14 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
         p.append("task: xstate too large")
     if _bad_path(t.cwd):
         p.append(f"task: cwd {t.cwd!r} is not a plain absolute path")
+    tids = [t.pid] + [th.tid for th in ckpt.threads]
+    if len(set(tids)) != len(tids):
+        p.append("thread ids are not unique")
+    for th in ckpt.threads:
+        if not 0 < th.tid < (1 << 22):
+            p.append(f"thread {th.tid}: tid out of range")
+        if len(th.xstate) > 1 << 16:
+            p.append(f"thread {th.tid}: xstate too large")
+        if any(len(info) != 128 for info in th.pending):
+            p.append(f"thread {th.tid}: pending siginfo of a size other than 128")
     return p

@@ -35,7 +35,7 @@ from .. import model
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 0
+MINOR = 1  # 1.1: THRD records
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -61,6 +61,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"FILE": (model.FileRef, "files", True),
     b"FD  ": (model.FdEntry, "fds", True),
     b"GHST": (model.Ghost, "ghosts", True),
+    b"THRD": (model.Thread, "threads", True),
 }
 END = b"END "
 

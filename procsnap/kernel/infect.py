@@ -74,15 +74,17 @@ class Target:
 
 @contextlib.contextmanager
 def infected(pid: int, maps: list[MapsEntry], busy: list[tuple[int, int]] | None = None,
-             scratch_area: bool = True, put_back: bool = True):
+             scratch_area: bool = True, put_back: bool = True, gadget: int = 0):
     """Prepare a stopped task for injected syscalls; undo it all on exit.
 
     put_back=False (a task being rebuilt, which has nothing to go back to)
-    skips resetting registers and mask after every call.
+    skips resetting registers and mask after every call. `gadget`: a
+    `syscall` already found (another thread of the same process), else
+    looked for in `maps`.
     """
     regs = ptrace.get_regs(pid)
     mask = ptrace.get_sigmask(pid)
-    gadget = find_gadget(pid, maps)
+    gadget = gadget or find_gadget(pid, maps)
     call = ptrace.Injector(pid, gadget, regs, mask, put_back)
     ranges = busy if busy is not None else [(m.start, m.end) for m in maps]
     scratch = 0

@@ -178,6 +178,10 @@ def list_fds(pid: int) -> list[int]:
     return sorted(int(n) for n in os.listdir(f"/proc/{pid}/fd"))
 
 
+def list_tids(pid: int) -> list[int]:
+    """The process's threads, the leader first."""
+    return sorted((int(n) for n in os.listdir(f"/proc/{pid}/task")), key=lambda t: (t != pid, t))
+
 
 
 # pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst), seen in the

@@ -21,7 +21,7 @@ from ..kernel import infect, proc, ptrace
 from . import memory as M
 from . import task as T
 from .files import prepare_files
-from .spawn import Child, spawn
+from .spawn import Child, spawn, wait_pid_free
 from .verify import check_restorable
 
 log = logging.getLogger("procsnap.restorer")
@@ -45,6 +45,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
         pages = PageSource(image)
         stack.callback(pages.close)
         with translated(pid, "spawn", RestoreError):
+            for th in ckpt.threads:
+                wait_pid_free(th.tid)
             child = spawn(ckpt.task, files)
         log.info("pid %d: spawned", pid)
         try:
@@ -60,8 +62,14 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
 
 
 def kill_child(child: Child) -> None:
+    tids = []
+    with contextlib.suppress(OSError):
+        tids = proc.list_tids(child.pid)[1:]
     with contextlib.suppress(OSError):
         os.kill(child.pid, signal.SIGKILL)
+    for tid in tids:  # threads made by the rebuild are traced by us: reaped by us
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(tid, ptrace.WALL)
     with contextlib.suppress(OSError):
         os.close(child.sync_w)
     with contextlib.suppress(ChildProcessError):
@@ -72,7 +80,8 @@ def rebuild(child: Child, image: Image, pages: PageSource, progress=None) -> Non
     ckpt = image.checkpoint
     pid = child.pid
     # EXITKILL: the half-built process dies with the restorer, until detach
-    ptrace.freeze(pid, options=ptrace.PTRACE_O_EXITKILL)
+    # TRACECLONE: the threads it is made to create are stopped at birth
+    ptrace.freeze(pid, options=ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACECLONE)
     maps = proc.read_smaps(pid)
     busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in ckpt.vmas]
     helper = child.helper_fds
@@ -85,12 +94,13 @@ def rebuild(child: Child, image: Image, pages: PageSource, progress=None) -> Non
         M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, progress)
         T.restore_signals_seized(target, ckpt.sigactions, ckpt.pending)
         T.restore_task_seized(target, ckpt.task)
+        T.create_threads_seized(target, ckpt.threads)
         for name, fd in helper.items():
             if name.startswith("map") or name == "sync":
                 target.call(infect.NR.close, fd)
         target.call(infect.NR.prctl, T.PR_SET_PDEATHSIG, 0)  # the child's safety net, see spawn
     faults.point("before-registers")
-    T.resume(pid, ckpt.task)
+    T.resume(pid, ckpt.task, ckpt.threads)
 
 
 __all__ = ["restore", "ProcsnapError"]

@@ -4,13 +4,19 @@ restore_signals_seized  every handler is the saved one or SIG_DFL again
                         (the child carried Python's), pending signals queued
 restore_task_seized     tid address, robust list, sigaltstack, personality,
                         comm, rseq
-resume                  registers, xstate, signal mask; detached and running
+create_threads_seized   every other thread, with its tid, by an injected
+                        clone3; held stopped (auto-attached) until resume
+resume                  registers, xstate, signal mask of every thread; then
+                        all of them detached at once, running
 """
 
 from __future__ import annotations
 
+import struct
+
 from .. import faults, model
-from ..kernel import ptrace
+from ..errors import RestoreError
+from ..kernel import infect, ptrace
 from ..kernel.arch import x86_64 as arch
 from ..kernel.arch.x86_64 import NR
 from ..kernel.infect import Target
@@ -40,6 +46,13 @@ def restore_signals_seized(target: Target, sigactions: list[model.SigAction],
 
 
 def restore_task_seized(target: Target, task: model.Task) -> None:
+    restore_thread_state_seized(target, task)
+    target.call(NR.personality, task.personality)
+
+
+def restore_thread_state_seized(target: Target, task: model.Task | model.Thread) -> None:
+    """The per-thread fields (model.THREAD_FIELDS) but registers and mask,
+    from inside the thread `target` injects into."""
     target.call(NR.set_tid_address, task.clear_child_tid)
     if task.robust_list:
         target.call(NR.set_robust_list, task.robust_list, task.robust_list_len or ROBUST_LIST_HEAD_SIZE)
@@ -49,11 +62,46 @@ def restore_task_seized(target: Target, task: model.Task) -> None:
         ss = STACK_T.pack(task.altstack_sp, task.altstack_flags, 0, task.altstack_size)
     target.write_scratch(ss)
     target.call(NR.sigaltstack, target.scratch, 0)
-    target.call(NR.personality, task.personality)
     target.write_scratch(task.comm.encode()[:15] + b"\0")
     target.call(NR.prctl, Prctl.PR_SET_NAME, target.scratch)
     if task.rseq_ptr:
         target.call(NR.rseq, task.rseq_ptr, task.rseq_len, 0, task.rseq_sig)
+
+
+# clone3 flags of a thread (include/uapi/linux/sched.h): CLONE_VM | CLONE_FS |
+# CLONE_FILES | CLONE_SIGHAND | CLONE_THREAD | CLONE_SYSVSEM
+CLONE_THREAD_FLAGS = 0x100 | 0x200 | 0x400 | 0x800 | 0x10000 | 0x40000
+# struct clone_args (88 bytes): flags, pidfd, child_tid, parent_tid, exit_signal,
+# stack, stack_size, tls, set_tid, set_tid_size, cgroup
+CLONE_ARGS = struct.Struct("<11Q")
+
+
+def create_threads_seized(target: Target, threads: list[model.Thread]) -> list[int]:
+    """Each thread with its saved tid, made by the leader (clone3 with
+    set_tid). A new thread is auto-attached (PTRACE_O_TRACECLONE on the
+    leader) and stopped before its first instruction; its per-thread state
+    is set by injection into it, its registers at resume. Returns the tids."""
+    made = []
+    for th in threads:
+        args = CLONE_ARGS.pack(CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, target.scratch + CLONE_ARGS.size, 1, 0)
+        target.write_scratch(args + struct.pack("<i", th.tid))
+        try:
+            tid = target.call(NR.clone3, target.scratch, CLONE_ARGS.size)
+        except OSError as err:
+            if err.errno == 17:
+                raise RestoreError(f"pid {target.pid}: thread id {th.tid} is taken (clone3: EEXIST)",
+                                   target.pid) from err
+            raise
+        if tid != th.tid:
+            raise OSError(0, f"clone3 made thread {tid}, expected {th.tid}")
+        made.append(tid)
+        ptrace.wait_stop(tid)  # its first stop, before any instruction of its own
+        with infect.infected(tid, [], scratch_area=False, put_back=False, gadget=target.call.gadget) as t:
+            restore_thread_state_seized(Target(target.pid, t.call, target.scratch), th)
+        for info in th.pending:
+            target.write_scratch(info)
+            target.call(NR.rt_tgsigqueueinfo, target.pid, tid, struct.unpack_from("<i", info)[0], target.scratch)
+    return made
 
 
 def unregister_rseq_seized(target: Target) -> None:
@@ -64,13 +112,16 @@ def unregister_rseq_seized(target: Target) -> None:
         target.call(NR.rseq, conf.rseq_abi_pointer, conf.rseq_abi_size, RSEQ_FLAG_UNREGISTER, conf.signature)
 
 
-def resume(pid: int, task: model.Task) -> None:
-    """Saved registers (with the syscall-restart rule applied), then go."""
-    regs = arch.user_regs_struct(**task.regs)
-    arch.rewind_to_syscall(regs, reexecute_restartblock=True)
-    ptrace.set_regs(pid, regs)
-    ptrace.set_xstate(pid, task.xstate)
-    ptrace.set_sigmask(pid, task.sigmask)
+def resume(pid: int, task: model.Task, threads: list[model.Thread] = ()) -> None:
+    """Saved registers (with the syscall-restart rule applied) of every
+    thread; then all go, none before every one is ready."""
+    for tid, state in [(pid, task)] + [(th.tid, th) for th in threads]:
+        regs = arch.user_regs_struct(**state.regs)
+        arch.rewind_to_syscall(regs, reexecute_restartblock=True)
+        ptrace.set_regs(tid, regs)
+        ptrace.set_xstate(tid, state.xstate)
+        ptrace.set_sigmask(tid, state.sigmask)
     faults.point("before-detach")
-    ptrace.set_options(pid, 0)  # no more EXITKILL: from here on it is a process of its own
-    ptrace.detach(pid)
+    for tid in [th.tid for th in threads] + [pid]:
+        ptrace.set_options(tid, 0)  # no more EXITKILL: from here on it is a process of its own
+        ptrace.detach(tid)
