@@ -126,6 +126,7 @@ class FdKind(enum.Enum):
     GHOST = "ghost"  # unlinked while open: contents are in the image
     DEVICE = "device"  # /dev/null, /dev/zero, /dev/urandom ...: reopened by path
     TTY = "tty"  # a terminal: reattached to the restoring terminal (--shell-job)
+    PIPE = "pipe"  # one end of a pipe or FIFO of the tree (file_id: Pipe.id)
 
 
 def _flags(table):
@@ -154,6 +155,7 @@ class Vma:
     file_id: int = -1  # FileRef.id, or -1
     name: str = ""  # [heap], [stack], the path: for people reading `show`
     advice: Advice = _flags(Advice)
+    shm: int = -1  # SHARED_ANON: SharedMem.id of the object (offset: where in it)
 
     @property
     def size(self) -> int:
@@ -247,6 +249,7 @@ class Task:
     rlimits: list[Rlimit]
     uids: list[int] = dataclasses.field(default_factory=list)  # real, effective, saved, fs
     gids: list[int] = dataclasses.field(default_factory=list)
+    pdeathsig: int = 0
 
 
 @dataclasses.dataclass
@@ -285,6 +288,7 @@ class FdEntry:
     path: str = ""
     file_id: int = -1  # FileRef for REG/DIR; ghost id for GHOST
     shares_with: int = -1  # lowest fd sharing the same open file description
+    desc: int = -1  # open file description shared with other processes of the tree: its tree-wide id
 
 
 @dataclasses.dataclass
@@ -297,6 +301,37 @@ class Ghost:
     size: int
     offset: int
     xxh3: int  # XXH3-64 of the contents
+
+
+@dataclasses.dataclass
+class Proc:
+    """One process of the dumped tree (records of the root's image)."""
+
+    pid: int
+    ppid: int  # 0 for the root: its parent is whoever restores it
+    pgid: int
+    sid: int
+    zombie: bool = False
+    exit_status: int = 0  # a zombie's wait status (as waitpid reports it)
+    dir: str = ""  # its image, relative to the root's; "" for the root itself and zombies
+
+
+@dataclasses.dataclass
+class Pipe:
+    """A pipe of the tree, with the bytes that were in it."""
+
+    id: int
+    capacity: int  # F_GETPIPE_SZ
+    data: bytes
+
+
+@dataclasses.dataclass
+class SharedMem:
+    """A shared anonymous memory object (MAP_SHARED|MAP_ANONYMOUS, inherited
+    across fork). Its pages are stored by the first process mapping them."""
+
+    id: int
+    size: int
 
 
 @dataclasses.dataclass
@@ -313,3 +348,7 @@ class Checkpoint:
     fds: list[FdEntry]
     ghosts: list[Ghost]
     threads: list[Thread] = dataclasses.field(default_factory=list)  # since format 1.1
+    # The root's image only: the whole tree and what its processes share.
+    procs: list[Proc] = dataclasses.field(default_factory=list)
+    pipes: list[Pipe] = dataclasses.field(default_factory=list)
+    shms: list[SharedMem] = dataclasses.field(default_factory=list)

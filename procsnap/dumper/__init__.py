@@ -19,6 +19,7 @@ from ..errors import ProcessGone, ProcsnapError, translated
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
 from . import collect as C
+from . import tree as T
 from .pages import write_ghosts_seized, write_pages_seized
 from .snapshot import cow_snapshot, read_while_frozen
 
@@ -38,12 +39,15 @@ class DumpStats:
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
          progress=None) -> DumpStats:
-    """Checkpoint process `pid` into the existing directory `images_dir`.
+    """Checkpoint process `pid` and all its descendants into the existing
+    directory `images_dir` (the root's image; each other process's image in
+    a subdirectory of it, tree.IMAGE_DIR).
 
-    The target is killed once the image is complete, unless leave_running:
-    then it is frozen only while its small state is collected and a
-    copy-on-write snapshot of its memory is taken (see snapshot.py).
-    On any error the target runs on as before and no image is left.
+    The tree is killed once the image is complete, unless leave_running:
+    then a single process is frozen only while its small state is collected
+    and a copy-on-write snapshot of its memory is taken (see snapshot.py);
+    a tree of several processes stays frozen until everything is written.
+    On any error every process runs on as before and no image is left.
     """
     started = time.monotonic()
     st, status = read_target(pid)
@@ -52,32 +56,50 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     with contextlib.ExitStack() as stack:
         with translated(pid, "freeze"):
             C.check_supported(pid, st, status)
-            task = stack.enter_context(frozen(pid))
-        log.info("pid %d: frozen", pid)
-        if task.stopped_by:  # stopped between the check and the freeze
-            raise C.stopped_process(pid, task.stopped_by)
+            tree = stack.enter_context(frozen_tree(pid))
+        log.info("pid %d: frozen (%d processes, %d threads, %d zombies)", pid, len(tree.tasks),
+                 sum(len(t.tids) for t in tree.tasks), len(tree.zombies))
         faults.point("after-freeze")
+        snapshot = leave_running and len(tree.tasks) == 1
+        table = T.Table()
+        collected = []
+        for task in tree.tasks:
+            with translated(task.pid, "collect"):
+                collected.append(collect_seized(task, shell_job, early_smaps if task.pid == pid else None,
+                                                table, scan_pages=not snapshot))
+        ckpts = [c[0] for c in collected]
+        root = ckpts[0]
+        stats = DumpStats(root)
         with translated(pid, "collect"):
-            ckpt, runs, ghost_fds, maps = collect_seized(task, shell_job, early_smaps, scan_pages=not leave_running)
-        stats = DumpStats(ckpt)
-        log.info("pid %d: collected %d VMAs, %d fds", pid, len(ckpt.vmas), len(ckpt.fds))
-        with translated(pid, f"write {images_dir}"):
-            writer = stack.enter_context(image_writer(images_dir))
-            write_ghosts_seized(pid, ghost_fds, writer, ckpt)
-            if leave_running:
-                stats.snapshot = write_pages_from_snapshot(task, ckpt, maps, writer, stack, progress)
-            else:
-                write_pages_seized(pid, runs, writer.pages, progress)
-            faults.point("before-commit")
-            writer.commit(ckpt)
-        stats.pages_bytes = writer.pages.offset
+            root.procs = tree.procs()
+            T.check_sessions(root.procs)
+            T.link_descriptions(ckpts)
+            T.store_shared_once(ckpts, [c[1] for c in collected])
+            root.pipes = T.fill_pipes(table)
+            root.shms = sorted(table.shms.values(), key=lambda m: m.id)
+        log.info("pid %d: collected %d VMAs, %d fds", pid, sum(len(c.vmas) for c in ckpts),
+                 sum(len(c.fds) for c in ckpts))
+        # the other processes' images first: the root's, written last, commits the whole
+        for task, (ckpt, runs, ghost_fds, maps) in list(zip(tree.tasks, collected))[::-1]:
+            where = images_dir if task.pid == pid else os.path.join(images_dir, T.IMAGE_DIR.format(pid=task.pid))
+            with translated(task.pid, f"write {where}"):
+                writer = stack.enter_context(image_writer(where, create=task.pid != pid))
+                write_ghosts_seized(task.pid, ghost_fds, writer, ckpt)
+                if snapshot:
+                    stats.snapshot = write_pages_from_snapshot(task, ckpt, maps, writer, stack, progress)
+                else:
+                    write_pages_seized(task.pid, runs, writer.pages, progress)
+                if task.pid == pid:
+                    faults.point("before-commit")
+                writer.commit(ckpt)
+                stats.pages_bytes += writer.pages.offset
         faults.point("before-thaw")
         log.info("pid %d: image written to %s", pid, images_dir)
         if not leave_running:
             with translated(pid, "kill"):
-                task.kill()
+                tree.kill()
             log.info("pid %d: killed", pid)
-    stats.frozen_s = task.frozen_s
+    stats.frozen_s = tree.tasks[0].frozen_s
     stats.total_s = time.monotonic() - started
     log.info("pid %d: frozen for %.1f ms of %.1f ms", pid, stats.frozen_s * 1000, stats.total_s * 1000)
     return stats
@@ -148,9 +170,10 @@ class FrozenTask:
             self.attached = False
             self.frozen_s = time.monotonic() - self.since
 
-    def kill(self) -> None:
+    def kill(self, reap: bool = False) -> None:
         """SIGKILL the frozen process and wait until it is dead (not reaped:
-        that stays its parent's job, even when the parent is us). Its other
+        that stays its parent's job, even when the parent is us; with reap,
+        reaped as its tracer, which hands it on to its parent). Its other
         threads are reaped: as their tracer we get their exits."""
         os.kill(self.pid, signal.SIGKILL)
         self.killed = True
@@ -159,35 +182,95 @@ class FrozenTask:
         for tid in self.tids[1:]:
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(tid, ptrace.WALL)
-        os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOWAIT | ptrace.WALL)
+        os.waitid(os.P_PID, self.pid, os.WEXITED | ptrace.WALL | (0 if reap else os.WNOWAIT))
 
 
-@contextlib.contextmanager
-def frozen(pid: int):
-    task = FrozenTask(pid)
-    try:
-        task.freeze()
-        yield task
-    finally:
-        if not task.killed:
-            with translated(pid, "thaw"):
+class FrozenTree:
+    """The root and its descendants, frozen, breadth first; zombies apart."""
+
+    def __init__(self):
+        self.tasks: list[FrozenTask] = []
+        self.zombies: list[model.Proc] = []
+
+    def procs(self) -> list[model.Proc]:
+        out = []
+        for task in self.tasks:
+            st = proc.read_stat(task.pid)
+            out.append(model.Proc(task.pid, st.ppid if task is not self.tasks[0] else 0, st.pgrp, st.session,
+                                  dir="" if task is self.tasks[0] else T.IMAGE_DIR.format(pid=task.pid)))
+        return out + self.zombies
+
+    def add(self, pid: int) -> None:
+        """Freeze `pid` (a child of a frozen process) or record it as a zombie."""
+        st, status = proc.read_stat(pid), proc.read_status(pid)
+        if st.state != "Z":
+            C.check_supported(pid, st, status)
+            task = FrozenTask(pid)
+            try:
+                task.freeze()
+            except OSError:
                 task.thaw()
+                if proc.read_stat(pid).state != "Z":
+                    raise
+            else:
+                self.tasks.append(task)
+                if task.stopped_by:
+                    raise C.stopped_process(pid, task.stopped_by)
+                return
+            st = proc.read_stat(pid)
+        self.zombies.append(model.Proc(pid, st.ppid, st.pgrp, st.session, zombie=True,
+                                       exit_status=T.zombie_status(pid)))
+
+    def kill(self) -> None:
+        for task in self.tasks[1:]:
+            task.kill(reap=True)  # as their tracer we see them die; their parent gets them next
+        self.tasks[0].kill()
 
 
 @contextlib.contextmanager
-def image_writer(images_dir: str):
-    if not os.path.isdir(images_dir):
+def frozen_tree(pid: int):
+    tree = FrozenTree()
+    try:
+        tree.tasks.append(FrozenTask(pid))
+        tree.tasks[0].freeze()
+        if tree.tasks[0].stopped_by:  # stopped between the check and the freeze
+            raise C.stopped_process(pid, tree.tasks[0].stopped_by)
+        i = 0
+        while i < len(tree.tasks):
+            parent = tree.tasks[i].pid
+            i += 1
+            for child in T.children_of(parent):
+                with translated(child, "freeze"):
+                    tree.add(child)
+        yield tree
+    finally:
+        for task in reversed(tree.tasks):
+            if not task.killed:
+                with translated(task.pid, "thaw"):
+                    task.thaw()
+
+
+@contextlib.contextmanager
+def image_writer(images_dir: str, create: bool = False):
+    """create: the directory is made here (a non-root process's image) and
+    removed again with the files if the dump fails."""
+    if create:
+        os.makedirs(images_dir, exist_ok=True)
+    elif not os.path.isdir(images_dir):
         raise FileNotFoundError(2, f"{images_dir}: no such directory")
     writer = ImageWriter(images_dir)
     try:
         yield writer
     except BaseException:
         writer.abort()
+        if create:
+            with contextlib.suppress(OSError):
+                os.rmdir(images_dir)
         raise
 
 
-def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[proc.MapsEntry],
-                   scan_pages: bool = True):
+def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[proc.MapsEntry] | None,
+                   table: T.Table, scan_pages: bool = True):
     """Everything but the page data: (checkpoint, VMAs, page runs or None,
     ghost fds, maps)."""
     pid = frozen_task.pid
@@ -195,11 +278,11 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
     maps = proc.read_maps(pid, early_smaps)
     st = proc.read_stat(pid)
     status = proc.read_status(pid)
-    vmas = C.collect_vmas(pid, maps, files)
+    vmas = C.collect_vmas(pid, maps, files, table)
     regs = ptrace.get_regs(pid)
     sigmask = ptrace.get_sigmask(pid)
     ghosts: list = []
-    fds = C.collect_fds(pid, files, ghosts, shell_job)
+    fds = C.collect_fds(pid, files, ghosts, shell_job, table)
     pending = C.collect_pending(pid)
     with infect.infected(pid, maps) as target:
         C.check_itimers_seized(target)

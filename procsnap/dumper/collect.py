@@ -21,6 +21,7 @@ from ..kernel.arch.x86_64 import NR, PAGE_SIZE
 from ..kernel.infect import Target
 from ..kernel.libc import syscall
 from ..kernel.proc import MapsEntry
+from .tree import Table
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
 
 KCMP_FILE = 0
@@ -49,10 +50,6 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
 
 def check_supported(pid: int, st: proc.Stat, status: dict[str, str]) -> None:
     """Refuse what this version cannot checkpoint, before freezing."""
-    children = _read_text(f"/proc/{pid}/task/{pid}/children").split()
-    if children:
-        raise Unsupported(f"pid {pid}: has child processes ({', '.join(children)}); process trees are "
-                          "not supported", pid)
     if status.get("Seccomp", "0") != "0":
         raise Unsupported(f"pid {pid}: uses seccomp (mode {status['Seccomp']}); not supported", pid)
     if _read_text(f"/proc/{pid}/timers").strip():
@@ -79,7 +76,7 @@ def _read_text(path: str) -> str:
         return ""
 
 
-def classify_vma(pid: int, m: MapsEntry, files: FileTable) -> model.Vma | None:
+def classify_vma(pid: int, m: MapsEntry, files: FileTable, tree: Table) -> model.Vma | None:
     """The model VMA for one maps entry, or None for [vsyscall]."""
     where = f"pid {pid}: VMA {m.start:#x}-{m.end:#x}"
     prot = model.Prot(0)
@@ -98,6 +95,9 @@ def classify_vma(pid: int, m: MapsEntry, files: FileTable) -> model.Vma | None:
         if vf in m.vmflags:
             raise Unsupported(f"{where} ({m.path or 'anonymous'}) is {what}; not supported", pid)
     vma = _classify(pid, m, files, where, prot, flags)
+    if vma.kind == model.VmaKind.SHARED_ANON:
+        vma.offset = m.offset
+        vma.shm = tree.shm(m.inode, m.offset + vma.size)
     vma.advice = model.Advice(sum(bit for bit, (name, _) in model.ADVICE_TABLE.items() if name in m.vmflags))
     return vma
 
@@ -126,8 +126,8 @@ def _classify(pid: int, m: MapsEntry, files: FileTable, where: str, prot: model.
     return model.Vma(m.start, m.end, kind, prot, flags, m.offset, files.add(m.path, st), m.path)
 
 
-def collect_vmas(pid: int, maps: list[MapsEntry], files: FileTable) -> list[model.Vma]:
-    return [v for v in (classify_vma(pid, m, files) for m in maps) if v is not None]
+def collect_vmas(pid: int, maps: list[MapsEntry], files: FileTable, tree: Table) -> list[model.Vma]:
+    return [v for v in (classify_vma(pid, m, files, tree) for m in maps) if v is not None]
 
 
 def collect_page_runs(pid: int, vmas: list[model.Vma]) -> list[tuple[model.Vma, int, int]]:
@@ -254,8 +254,10 @@ def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target:
         raise Unsupported(f"pid {pid}: its working directory {cwd} was deleted; not supported", pid)
     with open(f"/proc/{pid}/personality") as f:
         personality = int(f.read(), 16)
+    target.call(NR.prctl, Prctl.PR_GET_PDEATHSIG, target.scratch)
+    (pdeathsig,) = struct.unpack("<i", target.read_scratch(4))
     return model.Task(
-        pid=pid, personality=personality, umask=int(status["Umask"], 8), cwd=cwd,
+        pid=pid, personality=personality, pdeathsig=pdeathsig, umask=int(status["Umask"], 8), cwd=cwd,
         session_leader=st.session == pid, group_leader=st.pgrp == pid, rlimits=rlimits,
         uids=[int(x) for x in status["Uid"].split()], gids=[int(x) for x in status["Gid"].split()],
         **state,
@@ -270,7 +272,7 @@ TTY_MAJORS = set(range(136, 144)) | {4}
 
 
 def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]],
-                shell_job: bool) -> list[model.FdEntry]:
+                shell_job: bool, tree: Table) -> list[model.FdEntry]:
     """Every fd with kind, flags and position; shared descriptions linked.
 
     `ghosts` receives (Ghost record without data position, fd) for files
@@ -312,8 +314,12 @@ def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]
                 entry = model.FdEntry(fd, model.FdKind.TTY, flags, 0, link)
             else:
                 raise Unsupported(f"{where} is character device {link} ({dev[0]}:{dev[1]}); not supported", pid)
+        elif stat.S_ISFIFO(st.st_mode) and link.startswith("pipe:["):
+            entry = model.FdEntry(fd, model.FdKind.PIPE, flags, 0, "", tree.pipe(st.st_ino, pid, fd))
         else:
             kind = link.split(":", 1)[0] if ":" in link else stat.filemode(st.st_mode)
+            if stat.S_ISFIFO(st.st_mode):
+                kind = "named FIFO"
             raise Unsupported(f"{where} is a {kind} ({link}); not supported", pid)
         identity.setdefault((st.st_dev, st.st_ino), []).append(len(entries))
         entries.append(entry)

@@ -35,7 +35,7 @@ from .. import model
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 1  # 1.1: THRD records
+MINOR = 1  # 1.1: THRD, PROC, PIPE, SHM records
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -62,6 +62,9 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"FD  ": (model.FdEntry, "fds", True),
     b"GHST": (model.Ghost, "ghosts", True),
     b"THRD": (model.Thread, "threads", True),
+    b"PROC": (model.Proc, "procs", True),
+    b"PIPE": (model.Pipe, "pipes", True),
+    b"SHM ": (model.SharedMem, "shms", True),
 }
 END = b"END "
 

@@ -23,6 +23,18 @@ def map_file(fd: int, size: int, offset: int = 0) -> int:
     return address
 
 
+PROT_RW = 0x3
+MAP_ANONYMOUS = 0x20
+
+
+def map_shared_anon(size: int) -> int:
+    """Shared anonymous memory of our own (a shmem object)."""
+    address = libc.mmap(None, size, PROT_RW, MAP_SHARED | MAP_ANONYMOUS, -1, 0)
+    if address == MAP_FAILED:
+        raise oserror("mmap(MAP_SHARED|MAP_ANONYMOUS)")
+    return address
+
+
 def unmap(address: int, size: int) -> None:
     if libc.munmap(address, size) != 0:
         raise oserror("munmap")

@@ -30,6 +30,7 @@ class prctl_mm_map(ctypes.Structure):
 class Prctl(enum.IntEnum):
     """prctl options (include/uapi/linux/prctl.h)."""
 
+    PR_GET_PDEATHSIG = 2
     PR_SET_NAME = 15
     PR_SET_MM = 35
     PR_SET_CHILD_SUBREAPER = 36

@@ -20,8 +20,9 @@ from ..image.reader import Image, PageSource, open_image
 from ..kernel import infect, proc, ptrace
 from . import memory as M
 from . import task as T
-from .files import prepare_files
-from .spawn import Child, spawn, wait_pid_free
+from .files import SharedFiles, prepare_files
+from .spawn import Child, Node, spawn, wait_pid_free
+from .tree import open_tree
 from .verify import check_restorable
 
 log = logging.getLogger("procsnap.restorer")
@@ -29,56 +30,91 @@ log = logging.getLogger("procsnap.restorer")
 
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
             allow_other_owner: bool = False, allow_setuid: bool = False) -> int:
-    """Bring the process in `images_dir` back; returns its pid.
+    """Bring the process tree in `images_dir` back; returns the root's pid.
 
-    The restored process is a child of the caller, running. `detach` is
+    The restored root is a child of the caller, running. `detach` is
     accepted for the API's symmetry with the CLI, where -d decides whether
     the restorer waits; waiting is the caller's business.
     """
-    image = open_image(images_dir)
-    check_restorable(image, allow_other_owner, allow_setuid)
-    ckpt = image.checkpoint
-    pid = ckpt.task.pid
+    root_image = open_image(images_dir)
+    tree = open_tree(root_image)
+    for _, image in tree:
+        if image is not None:
+            check_restorable(image, allow_other_owner, allow_setuid)
+    pid = root_image.checkpoint.task.pid
     with contextlib.ExitStack() as stack:
-        files = prepare_files(image, shell_job)
-        stack.callback(files.close)
-        pages = PageSource(image)
-        stack.callback(pages.close)
+        shared = SharedFiles(root_image.checkpoint)
+        stack.callback(shared.close)
+        nodes: dict[int, Node] = {}
+        images: dict[int, Image] = {}
+        for proc_entry, image in tree:
+            files = None
+            if image is not None:
+                images[proc_entry.pid] = image
+                files = prepare_files(image, shell_job, shared)
+                stack.callback(files.close)
+            node = Node(proc_entry, image.checkpoint.task if image else None, files)
+            nodes[proc_entry.pid] = node
+            if proc_entry.ppid:
+                nodes[proc_entry.ppid].children.append(node)
         with translated(pid, "spawn", RestoreError):
-            for th in ckpt.threads:
-                wait_pid_free(th.tid)
-            child = spawn(ckpt.task, files)
-        log.info("pid %d: spawned", pid)
+            for image in images.values():
+                for th in image.checkpoint.threads:
+                    wait_pid_free(th.tid)
+            children = spawn(nodes[pid])
+        log.info("pid %d: spawned %d processes", pid, len(children))
         try:
             faults.point("after-spawn")
-            with translated(pid, "restore", RestoreError):
-                rebuild(child, image, pages, progress)
+            for cpid, child in children.items():
+                with translated(cpid, "restore", RestoreError):
+                    pages = PageSource(images[cpid])
+                    try:
+                        rebuild(child, images[cpid], pages, progress)
+                    finally:
+                        pages.close()
+            faults.point("before-registers")
+            for cpid in children:
+                ckpt = images[cpid].checkpoint
+                with translated(cpid, "restore", RestoreError):
+                    T.load_registers(cpid, ckpt.task, ckpt.threads)
+            faults.point("before-detach")
+            for cpid in reversed(list(children)):  # children first: all are ready
+                with translated(cpid, "restore", RestoreError):
+                    T.release(cpid, images[cpid].checkpoint.threads)
         except BaseException:
-            kill_child(child)
+            kill_children(children, pid)
             raise
-        os.close(child.sync_w)
+        for child in children.values():
+            os.close(child.sync_w)
     log.info("pid %d: running", pid)
     return pid
 
 
-def kill_child(child: Child) -> None:
-    tids = []
-    with contextlib.suppress(OSError):
-        tids = proc.list_tids(child.pid)[1:]
-    with contextlib.suppress(OSError):
-        os.kill(child.pid, signal.SIGKILL)
-    for tid in tids:  # threads made by the rebuild are traced by us: reaped by us
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(tid, ptrace.WALL)
-    with contextlib.suppress(OSError):
-        os.close(child.sync_w)
+def kill_children(children: dict[int, Child], root: int) -> None:
+    """Kill every process of a half-restored tree; reap what is ours to reap."""
+    for child in children.values():
+        tids = []
+        with contextlib.suppress(OSError):
+            tids = proc.list_tids(child.pid)[1:]
+        with contextlib.suppress(OSError):
+            os.kill(child.pid, signal.SIGKILL)
+        for tid in tids:  # threads made by the rebuild are traced by us: reaped by us
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(tid, ptrace.WALL)
+        with contextlib.suppress(OSError):
+            os.close(child.sync_w)
+    for child in children.values():
+        if child.pid != root:  # traced by us: reaped as their tracer, then their parent's
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child.pid, ptrace.WALL)
     with contextlib.suppress(ChildProcessError):
-        os.waitpid(child.pid, 0)
+        os.waitpid(root, 0)
 
 
 def rebuild(child: Child, image: Image, pages: PageSource, progress=None) -> None:
     ckpt = image.checkpoint
     pid = child.pid
+    shm_fds = {int(name[3:]): fd for name, fd in child.helper_fds.items() if name.startswith("shm")}
     # EXITKILL: the half-built process dies with the restorer, until detach
     # TRACECLONE: the threads it is made to create are stopped at birth
     ptrace.freeze(pid, options=ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACECLONE)
@@ -91,16 +127,15 @@ def rebuild(child: Child, image: Image, pages: PageSource, progress=None) -> Non
         M.unmap_seized(target, maps)
         M.restore_mm_seized(target, ckpt.mm, map_fds[ckpt.mm.exe_file_id])
         M.move_vdso_seized(target, maps, ckpt.vmas)
-        M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, progress)
+        M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, progress, shm_fds)
         T.restore_signals_seized(target, ckpt.sigactions, ckpt.pending)
         T.restore_task_seized(target, ckpt.task)
         T.create_threads_seized(target, ckpt.threads)
         for name, fd in helper.items():
-            if name.startswith("map") or name == "sync":
+            if name.startswith(("map", "shm")) or name == "sync":
                 target.call(infect.NR.close, fd)
-        target.call(infect.NR.prctl, T.PR_SET_PDEATHSIG, 0)  # the child's safety net, see spawn
-    faults.point("before-registers")
-    T.resume(pid, ckpt.task, ckpt.threads)
+        # the child's safety net (see spawn) gives way to its own setting
+        target.call(infect.NR.prctl, T.PR_SET_PDEATHSIG, ckpt.task.pdeathsig)
 
 
 __all__ = ["restore", "ProcsnapError"]

@@ -8,12 +8,18 @@ inherits the restorer's fd table) and moved to their numbers there.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import os
 
 from .. import model
 from ..errors import RestoreError
 from ..image.reader import Image
+from ..kernel import mapping
+
+F_SETPIPE_SZ = 1031
+F_GETPIPE_SZ = 1032
 
 # Flags that only matter at open time, or that fcntl/dup decide.
 _OPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY)
@@ -28,12 +34,15 @@ class PreparedFiles:
     cloexec: set[int]
     map_sources: dict[int, int]  # FileRef id -> restorer fd, for mmap
     exe: int  # restorer fd of the executable
+    shm_sources: dict[int, int] = dataclasses.field(default_factory=dict)  # SharedMem id -> restorer fd
+    shared: set[int] = dataclasses.field(default_factory=set)  # sources owned by the tree's SharedFiles
 
     def all_sources(self) -> list[int]:
-        return sorted(set(self.fd_sources.values()) | set(self.map_sources.values()) | {self.exe})
+        return sorted(set(self.fd_sources.values()) | set(self.map_sources.values()) | {self.exe}
+                      | set(self.shm_sources.values()))
 
     def close(self) -> None:
-        for fd in self.all_sources():
+        for fd in set(self.all_sources()) - self.shared:
             try:
                 os.close(fd)
             except OSError:
@@ -55,13 +64,80 @@ def _open(path: str, flags: int, what: str) -> int:
         raise RestoreError(f"{what}: cannot open {path}: {err.strerror}") from err
 
 
-def prepare_files(image: Image, shell_job: bool) -> PreparedFiles:
+class SharedFiles:
+    """What the processes of a tree share, made once in the restorer and
+    inherited by all of them: open file descriptions (FdEntry.desc), pipes
+    refilled with their bytes, shared anonymous memory objects."""
+
+    def __init__(self, root: model.Checkpoint):
+        self.pipes = {p.id: p for p in root.pipes}
+        self.shms = {m.id: m for m in root.shms}
+        self.descs: dict[int, int] = {}
+        self.pipe_ends: dict[tuple[int, bool], int] = {}
+        self.shm_fds: dict[int, int] = {}
+        self.opened: set[int] = set()
+
+    def _own(self, fd: int) -> int:
+        self.opened.add(fd)
+        return fd
+
+    def pipe_end(self, pipe_id: int, write: bool, flags: int, fresh: bool) -> int:
+        """A description of one end of the pipe: the pipe's own the first
+        time, another one (the pipe opened again) when `fresh`."""
+        if (pipe_id, write) not in self.pipe_ends:
+            pipe = self.pipes[pipe_id]
+            r, w = (self._own(fd) for fd in os.pipe2(os.O_CLOEXEC))
+            try:
+                if pipe.capacity > fcntl.fcntl(w, F_GETPIPE_SZ):
+                    fcntl.fcntl(w, F_SETPIPE_SZ, pipe.capacity)
+                view = memoryview(pipe.data)
+                os.set_blocking(w, False)
+                while view:
+                    view = view[os.write(w, view):]
+            except OSError as err:
+                raise RestoreError(f"pipe {pipe_id}: cannot refill it with its {len(pipe.data)} bytes "
+                                   f"(capacity {pipe.capacity}): {err.strerror}") from err
+            self.pipe_ends[pipe_id, False], self.pipe_ends[pipe_id, True] = r, w
+            fresh = False
+        fd = self.pipe_ends[pipe_id, write]
+        if fresh:
+            fd = self._own(os.open(f"/proc/self/fd/{fd}", (os.O_WRONLY if write else os.O_RDONLY) | os.O_CLOEXEC
+                                   | os.O_NONBLOCK))
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & (os.O_NONBLOCK | os.O_APPEND | os.O_DIRECT))
+        return fd
+
+    def shm(self, shm_id: int) -> int:
+        """An fd of the shared memory object, made as shared anonymous memory
+        (so it shows as /dev/zero (deleted), like the original) and taken
+        from /proc/self/map_files."""
+        if shm_id not in self.shm_fds:
+            size = self.shms[shm_id].size
+            base = mapping.map_shared_anon(size)
+            try:
+                self.shm_fds[shm_id] = self._own(
+                    os.open(f"/proc/self/map_files/{base:x}-{base + size:x}", os.O_RDWR | os.O_CLOEXEC))
+            finally:
+                mapping.unmap(base, size)
+        return self.shm_fds[shm_id]
+
+    def close(self) -> None:
+        for fd in self.opened:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.opened.clear()
+
+
+def prepare_files(image: Image, shell_job: bool, shared: SharedFiles | None = None) -> PreparedFiles:
     ckpt = image.checkpoint
     refs = {f.id: f for f in ckpt.files}
     prepared = PreparedFiles({}, {}, set(), {}, -1)
+    shared = shared or SharedFiles(ckpt)
     try:
         _prepare_maps(ckpt, refs, prepared)
-        _prepare_fds(image, refs, prepared, shell_job)
+        for shm_id in sorted({v.shm for v in ckpt.vmas if v.kind == model.VmaKind.SHARED_ANON and v.shm >= 0}):
+            prepared.shm_sources[shm_id] = shared.shm(shm_id)
+        _prepare_fds(image, refs, prepared, shell_job, shared)
+        prepared.shared = set(shared.opened) | set(shared.descs.values())
     except BaseException:
         prepared.close()
         raise
@@ -91,7 +167,8 @@ def _terminal() -> str:
     raise RestoreError("the image has terminal fds (--shell-job) but procsnap is not running on a terminal")
 
 
-def _prepare_fds(image: Image, refs: dict[int, model.FileRef], prepared: PreparedFiles, shell_job: bool) -> None:
+def _prepare_fds(image: Image, refs: dict[int, model.FileRef], prepared: PreparedFiles, shell_job: bool,
+                 shared: SharedFiles) -> None:
     ckpt = image.checkpoint
     ghosts = {g.id: g for g in ckpt.ghosts}
     ghost_paths: dict[int, str] = {}
@@ -104,7 +181,14 @@ def _prepare_fds(image: Image, refs: dict[int, model.FileRef], prepared: Prepare
                 continue
             flags = (entry.flags & _OPEN_MASK) | os.O_CLOEXEC
             what = f"fd {entry.fd}"
-            if entry.kind in (model.FdKind.REG, model.FdKind.DIR):
+            if entry.desc >= 0 and entry.desc in shared.descs:  # opened for another process of the tree
+                prepared.fd_sources[entry.fd] = shared.descs[entry.desc]
+                continue
+            if entry.kind == model.FdKind.PIPE:
+                write = bool(entry.flags & (os.O_WRONLY | os.O_RDWR))
+                fresh = (entry.file_id, write) in shared.pipe_ends
+                fd = shared.pipe_end(entry.file_id, write, int(entry.flags), fresh)
+            elif entry.kind in (model.FdKind.REG, model.FdKind.DIR):
                 fd = _open(refs[entry.file_id].path, flags, what)
             elif entry.kind == model.FdKind.DEVICE:
                 fd = _open(entry.path, flags, what)
@@ -119,6 +203,8 @@ def _prepare_fds(image: Image, refs: dict[int, model.FileRef], prepared: Prepare
             else:
                 raise RestoreError(f"fd {entry.fd}: kind {entry.kind.value} cannot be restored")
             prepared.fd_sources[entry.fd] = fd
+            if entry.desc >= 0:
+                shared.descs[entry.desc] = fd
             if entry.kind in (model.FdKind.REG, model.FdKind.GHOST) or entry.pos:
                 try:
                     os.lseek(fd, entry.pos, os.SEEK_SET)

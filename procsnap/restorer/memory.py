@@ -145,8 +145,12 @@ def fill(pid: int, segments: typing.Iterable[tuple[int, int, int]]) -> None:
 
 
 def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.PageRun], pages: PageSource,
-                    map_fds: dict[int, int], progress=None) -> None:
+                    map_fds: dict[int, int], progress=None, shm_fds: dict[int, int] | None = None) -> None:
     """Map each VMA, write its pages, set its final protection.
+
+    Shared anonymous memory is mapped from the object the restorer made for
+    it (shm_fds: SharedMem.id -> fd in the target), so that every process of
+    the tree maps the same one.
 
     A VMA that gets pages is mapped writable first (process_vm_writev does
     not force its way through protections) and filled before the next one
@@ -169,6 +173,9 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
         flags |= model.MapFlag.MAP_SHARED if v.kind in (model.VmaKind.FILE_SHARED, model.VmaKind.SHARED_ANON) \
             else model.MapFlag.MAP_PRIVATE
         fd = map_fds[v.file_id] if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) else -1
+        if v.kind == model.VmaKind.SHARED_ANON and shm_fds and v.shm in shm_fds:
+            fd = shm_fds[v.shm]
+            flags &= ~model.MapFlag.MAP_ANONYMOUS
         try:
             target.call(NR.mmap, v.start, v.size, int(prot), int(flags), fd, v.offset)
         except OSError as err:

@@ -62,8 +62,52 @@ def wait_pid_free(pid: int, timeout: float = 3.0) -> None:
         time.sleep(0.01)
 
 
-def _child_setup(task: model.Task, files: PreparedFiles, helpers: dict[str, tuple[int, int]]) -> None:
-    """Runs in the child. `helpers`: name -> (restorer fd, fd number wanted)."""
+@dataclasses.dataclass
+class Node:
+    """One process of the tree to spawn: `task` and `files` are None for a
+    zombie, which is spawned only to exit with its saved status."""
+
+    proc: model.Proc
+    task: model.Task | None
+    files: PreparedFiles | None
+    children: list["Node"] = dataclasses.field(default_factory=list)
+    helpers: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # name -> (restorer fd, wanted)
+    ready_r: int = -1
+    sync_w: int = -1
+
+    def walk(self):
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+def _set_session(node: Node) -> None:
+    """Session and process group, as the first thing (before its children)."""
+    p, task = node.proc, node.task
+    if p.ppid == 0:  # the root: its own session or group, else the restorer's
+        if task.session_leader:
+            os.setsid()
+        elif task.group_leader:
+            os.setpgid(0, 0)
+    elif p.sid == p.pid:
+        os.setsid()
+    elif p.pgid != os.getpgrp():
+        os.setpgid(0, 0 if p.pgid == p.pid else p.pgid)
+
+
+def _become_zombie(status: int) -> None:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+        os.kill(os.getpid(), sig)
+    os._exit(os.WEXITSTATUS(status))
+
+
+def _child_setup(node: Node) -> None:
+    """Runs in the child. `node.helpers`: name -> (restorer fd, fd number wanted)."""
+    task, files, helpers = node.task, node.files, node.helpers
     # If the restorer dies (even by SIGKILL) before the rebuild is done, the
     # half-built process dies with it; the rebuild clears this at the end.
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -71,15 +115,15 @@ def _child_setup(task: model.Task, files: PreparedFiles, helpers: dict[str, tupl
     # saved limits are set last)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    _set_session(node)
+    # Children before anything of ours changes: they inherit the restorer's fds.
+    for child in node.children:
+        _clone(child)
     # Helpers first go above every number in use, so nothing collides.
     for src, want in helpers.values():
         os.dup2(src, want, inheritable=False)
     os.chdir(task.cwd)
     os.umask(task.umask)
-    if task.session_leader:
-        os.setsid()
-    elif task.group_leader:
-        os.setpgid(0, 0)
     keep = {want for _, want in helpers.values()}
     for target_fd, src in files.fd_sources.items():
         os.dup2(helpers[f"fd{target_fd}"][1], target_fd, inheritable=target_fd not in files.cloexec)
@@ -108,52 +152,101 @@ def _rlim(value: int) -> int:
     return resource.RLIM_INFINITY if value >= (1 << 63) else value
 
 
-def spawn(task: model.Task, files: PreparedFiles) -> Child:
-    """clone3 with set_tid = task.pid; returns once the child is READY."""
-    wait_pid_free(task.pid)
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    sync_r, sync_w = os.pipe2(os.O_CLOEXEC)
-    in_use = [int(n) for n in os.listdir("/proc/self/fd")]
-    base = max(in_use + list(files.fd_sources) + list(files.fd_aliases)) + 1
-    helpers: dict[str, tuple[int, int]] = {}
-    for target_fd, src in files.fd_sources.items():
-        helpers[f"fd{target_fd}"] = (src, 0)
-    for fid, src in files.map_sources.items():
-        helpers[f"map{fid}"] = (src, 0)
-    helpers["sync"] = (sync_r, 0)
-    helpers["ready"] = (ready_w, 0)
-    helpers = {name: (src, base + i) for i, (name, (src, _)) in enumerate(helpers.items())}
-    tid = (ctypes.c_int * 1)(task.pid)
+def _clone(node: Node) -> int:
+    """clone3 with set_tid = the node's pid; the child sets itself up (and
+    its children) or, for a zombie, exits."""
+    tid = (ctypes.c_int * 1)(node.proc.pid)
     args = clone_args(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
     pid = _pylibc.syscall(NR.clone3, ctypes.byref(args), ctypes.sizeof(args))
     if pid == 0:  # the child
         code = 1
         try:
-            _child_setup(task, files, helpers)
-        except BaseException as err:  # noqa: BLE001 - reported to the parent
-            try:
-                os.write(helpers["ready"][1], f"E{type(err).__name__}: {err}".encode()[:4000])
-            except BaseException:  # noqa: BLE001
-                code = 2
+            if node.proc.zombie:
+                _set_session(node)
+                _become_zombie(node.proc.exit_status)
+            _child_setup(node)
+        except BaseException as err:  # noqa: BLE001 - reported to the restorer
+            code = 2
+            for fd in (node.helpers.get("ready", (-1, -1))[::-1]):
+                try:
+                    os.write(fd, f"E{type(err).__name__}: {err}".encode()[:4000])
+                    break
+                except BaseException:  # noqa: BLE001
+                    continue
         os._exit(code)
     err = ctypes.get_errno()
-    os.close(ready_w)
-    os.close(sync_r)
     if pid < 0:
-        os.close(ready_r)
-        os.close(sync_w)
         if err == 17:
-            raise RestoreError(f"pid {task.pid} is taken (clone3: EEXIST)", task.pid)
-        raise RestoreError(f"clone3 with pid {task.pid}: {os.strerror(err)}", task.pid)
-    try:  # until EOF: the child has closed its end, its fd table is final
-        msg = b""
-        while chunk := os.read(ready_r, 4096):
-            msg += chunk
+            raise RestoreError(f"pid {node.proc.pid} is taken (clone3: EEXIST)", node.proc.pid)
+        raise RestoreError(f"clone3 with pid {node.proc.pid}: {os.strerror(err)}", node.proc.pid)
+    if node.proc.ppid and node.proc.sid != node.proc.pid and not node.proc.zombie:
+        try:  # as a shell does: from both sides, so a later sibling finds the group
+            os.setpgid(pid, node.proc.pgid)
+        except OSError:
+            pass  # the child sets it itself (or reports why it cannot)
+    return pid
+
+
+def spawn(root: Node) -> dict[int, Child]:
+    """Every process of the tree, each with its saved pid, children made by
+    their parents; returns once all are READY (a Child per live process)."""
+    nodes = list(root.walk())
+    for node in nodes:
+        wait_pid_free(node.proc.pid)
+    live = [n for n in nodes if not n.proc.zombie]
+    try:
+        for node in live:
+            node.ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+            sync_r, node.sync_w = os.pipe2(os.O_CLOEXEC)
+            node.helpers = {"sync": (sync_r, 0), "ready": (ready_w, 0)}
+        in_use = [int(n) for n in os.listdir("/proc/self/fd")]
+        base = max(in_use + [fd for n in live for fd in list(n.files.fd_sources) + list(n.files.fd_aliases)]) + 1
+        for node in live:
+            helpers = {f"fd{target_fd}": (src, 0) for target_fd, src in node.files.fd_sources.items()}
+            helpers.update({f"map{fid}": (src, 0) for fid, src in node.files.map_sources.items()})
+            helpers.update({f"shm{sid}": (src, 0) for sid, src in node.files.shm_sources.items()})
+            helpers.update(node.helpers)
+            node.helpers = {name: (src, base + i) for i, (name, (src, _)) in enumerate(helpers.items())}
+        pid = _clone(root)
+    except BaseException:
+        for node in live:
+            for fd in (node.ready_r, node.sync_w):
+                if fd >= 0:
+                    os.close(fd)
+        raise
     finally:
-        os.close(ready_r)
-    if msg != b"R":
-        os.close(sync_w)
-        os.waitpid(pid, 0)
-        why = msg[1:].decode(errors="replace") if msg else "exited before it was ready"
-        raise RestoreError(f"pid {task.pid}: preparing the new process failed: {why}", task.pid)
-    return Child(pid, sync_w, {name: want for name, (_, want) in helpers.items()})
+        for node in live:  # the children's ends: only they hold them now
+            for name in ("ready", "sync"):
+                if name in node.helpers:
+                    os.close(node.helpers[name][0])
+    problems = []
+    for node in live:
+        try:  # until EOF: the child has closed its end, its fd table is final
+            msg = b""
+            while chunk := os.read(node.ready_r, 4096):
+                msg += chunk
+        finally:
+            os.close(node.ready_r)
+        if msg != b"R":
+            why = msg[1:].decode(errors="replace") if msg else "exited before it was ready"
+            problems.append((node.proc.pid, why))
+    if problems:
+        for node in live:
+            os.close(node.sync_w)
+        _kill_spawned(pid, [n.proc.pid for n in nodes])
+        who, why = problems[0]
+        raise RestoreError(f"pid {who}: preparing the new process failed: {why}", who)
+    return {n.proc.pid: Child(n.proc.pid, n.sync_w, {name: want for name, (_, want) in n.helpers.items()})
+            for n in live}
+
+
+def _kill_spawned(root_pid: int, pids: list[int]) -> None:
+    for p in pids:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except OSError:
+            pass
+    try:
+        os.waitpid(root_pid, 0)
+    except ChildProcessError:
+        pass

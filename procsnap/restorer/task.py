@@ -6,15 +6,15 @@ restore_task_seized     tid address, robust list, sigaltstack, personality,
                         comm, rseq
 create_threads_seized   every other thread, with its tid, by an injected
                         clone3; held stopped (auto-attached) until resume
-resume                  registers, xstate, signal mask of every thread; then
-                        all of them detached at once, running
+load_registers          registers, xstate, signal mask of every thread
+release                 all of them detached, running
 """
 
 from __future__ import annotations
 
 import struct
 
-from .. import faults, model
+from .. import model
 from ..errors import RestoreError
 from ..kernel import infect, ptrace
 from ..kernel.arch import x86_64 as arch
@@ -112,16 +112,19 @@ def unregister_rseq_seized(target: Target) -> None:
         target.call(NR.rseq, conf.rseq_abi_pointer, conf.rseq_abi_size, RSEQ_FLAG_UNREGISTER, conf.signature)
 
 
-def resume(pid: int, task: model.Task, threads: list[model.Thread] = ()) -> None:
-    """Saved registers (with the syscall-restart rule applied) of every
-    thread; then all go, none before every one is ready."""
+def load_registers(pid: int, task: model.Task, threads: list[model.Thread] = ()) -> None:
+    """Saved registers (with the syscall-restart rule applied), xstate and
+    mask of every thread; they run once released."""
     for tid, state in [(pid, task)] + [(th.tid, th) for th in threads]:
         regs = arch.user_regs_struct(**state.regs)
         arch.rewind_to_syscall(regs, reexecute_restartblock=True)
         ptrace.set_regs(tid, regs)
         ptrace.set_xstate(tid, state.xstate)
         ptrace.set_sigmask(tid, state.sigmask)
-    faults.point("before-detach")
+
+
+def release(pid: int, threads: list[model.Thread] = ()) -> None:
+    """Detach every thread: from here on it is a process of its own."""
     for tid in [th.tid for th in threads] + [pid]:
-        ptrace.set_options(tid, 0)  # no more EXITKILL: from here on it is a process of its own
+        ptrace.set_options(tid, 0)  # no more EXITKILL
         ptrace.detach(tid)

@@ -1,0 +1,174 @@
+"""The process tree rooted at the target: freezing it, and what its
+processes share.
+
+freeze    the root (every thread), then the children of each frozen
+          process, breadth first. A frozen process cannot fork, so once it
+          is frozen its list of children is final; zombies are recorded,
+          not frozen (they cannot be traced, and their frozen parent cannot
+          reap them meanwhile).
+share     what crosses processes, found once all are collected: open file
+          descriptions held by several processes (kcmp), pipes with the
+          bytes in them (read with tee(), which does not consume them),
+          shared anonymous memory (stored by the first process that maps
+          each part of it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import os
+import stat
+
+from .. import model
+from ..errors import Unsupported
+from ..kernel import proc
+from ..kernel.arch.x86_64 import NR
+from ..kernel.libc import libc, oserror, syscall
+
+KCMP_FILE = 0
+F_GETPIPE_SZ = 1032
+F_SETPIPE_SZ = 1031
+SPLICE_F_NONBLOCK = 2
+IMAGE_DIR = "proc.{pid}"  # a non-root process's image, inside the root's
+
+
+def children_of(pid: int) -> list[int]:
+    kids: list[int] = []
+    for tid in proc.list_tids(pid):
+        with contextlib.suppress(FileNotFoundError):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+    return sorted(set(kids))
+
+
+def zombie_status(pid: int) -> int:
+    """A zombie's wait status: field 52 (exit_code) of /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return int(fields[52 - 3])
+
+
+class Table:
+    """Tree-wide ids: pipes by inode, shared memory by inode."""
+
+    def __init__(self):
+        self.pipes: dict[int, model.Pipe] = {}
+        self.pipe_ends: dict[int, tuple[int, int]] = {}  # pipe id -> (pid, fd) to read it through
+        self.shms: dict[int, model.SharedMem] = {}
+
+    def pipe(self, inode: int, pid: int, fd: int) -> int:
+        if inode not in self.pipes:
+            self.pipes[inode] = model.Pipe(len(self.pipes), 0, b"")
+            self.pipe_ends[self.pipes[inode].id] = (pid, fd)
+        return self.pipes[inode].id
+
+    def shm(self, inode: int, end_offset: int) -> int:
+        if inode not in self.shms:
+            self.shms[inode] = model.SharedMem(len(self.shms), 0)
+        obj = self.shms[inode]
+        obj.size = max(obj.size, end_offset)
+        return obj.id
+
+
+def read_pipe(pid: int, fd: int) -> tuple[int, bytes]:
+    """(capacity, bytes in it) of the pipe at `fd` of `pid`, not consumed:
+    a read end of our own (the pipe opened again through /proc) is tee'd
+    into a pipe of ours as big, and that one is read."""
+    src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        capacity = fcntl.fcntl(src, F_GETPIPE_SZ)
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            if fcntl.fcntl(w, F_GETPIPE_SZ) < capacity:
+                fcntl.fcntl(w, F_SETPIPE_SZ, capacity)
+            n = libc.tee(src, w, ctypes.c_size_t(capacity), SPLICE_F_NONBLOCK)
+            if n < 0:
+                err = oserror(f"tee from pipe fd {fd} of pid {pid}")
+                if err.errno != 11:  # EAGAIN: empty
+                    raise err
+                n = 0
+            data = bytearray()
+            while len(data) < n:
+                data += os.read(r, n - len(data))
+            return capacity, bytes(data)
+        finally:
+            os.close(r)
+            os.close(w)
+    finally:
+        os.close(src)
+
+
+def fill_pipes(table: Table) -> list[model.Pipe]:
+    for pipe in table.pipes.values():
+        pipe.capacity, pipe.data = read_pipe(*table.pipe_ends[pipe.id])
+    return sorted(table.pipes.values(), key=lambda p: p.id)
+
+
+def link_descriptions(ckpts: list[model.Checkpoint]) -> None:
+    """Give every open file description held by more than one process of
+    the tree a tree-wide id (FdEntry.desc): kcmp says which are one."""
+    by_inode: dict[tuple[int, int], list[tuple[int, model.FdEntry]]] = {}
+    for ckpt in ckpts:
+        pid = ckpt.task.pid
+        for entry in ckpt.fds:
+            if entry.shares_with >= 0:
+                continue
+            st = os.stat(f"/proc/{pid}/fd/{entry.fd}")
+            by_inode.setdefault((st.st_dev, st.st_ino), []).append((pid, entry))
+    next_id = 0
+    for group in by_inode.values():
+        if len({pid for pid, _ in group}) < 2:
+            continue
+        for i, (pid, entry) in enumerate(group):
+            for prev_pid, prev in group[:i]:
+                if prev_pid != pid and syscall(NR.kcmp, prev_pid, pid, KCMP_FILE, prev.fd, entry.fd) == 0:
+                    if prev.desc < 0:
+                        prev.desc = next_id
+                        next_id += 1
+                    entry.desc = prev.desc
+                    break
+    for ckpt in ckpts:  # aliases in a process follow the fd they alias
+        first = {e.fd: e for e in ckpt.fds}
+        for entry in ckpt.fds:
+            if entry.shares_with >= 0:
+                entry.desc = first[entry.shares_with].desc
+
+
+def store_shared_once(ckpts: list[model.Checkpoint], runs: list[list | None]) -> None:
+    """Shared anonymous memory is stored by the first process (tree order)
+    that maps a range of it: later processes drop their page runs of any
+    VMA whose whole range of the object is already stored."""
+    stored: dict[int, list[tuple[int, int]]] = {}
+    for ckpt, proc_runs in zip(ckpts, runs):
+        skip = set()
+        for v in ckpt.vmas:
+            if v.kind != model.VmaKind.SHARED_ANON:
+                continue
+            ranges = stored.setdefault(v.shm, [])
+            lo, hi = v.offset, v.offset + v.size
+            if any(a <= lo and hi <= b for a, b in ranges):
+                skip.add(id(v))
+            else:
+                ranges.append((lo, hi))
+        if proc_runs is not None and skip:
+            proc_runs[:] = [r for r in proc_runs if id(r[0]) not in skip]
+
+
+def check_sessions(procs: list[model.Proc]) -> None:
+    """What restore can rebuild: a process is in its parent's session or
+    leads its own; it is in its parent's process group, leads its own, or
+    joins one led by a process created before it (lower pid, same session)."""
+    by_pid = {p.pid: p for p in procs}
+    for p in procs[1:]:
+        parent = by_pid[p.ppid]
+        if p.sid not in (parent.sid, p.pid):
+            raise Unsupported(f"pid {p.pid}: in session {p.sid}, which is neither its parent's ({parent.sid}) "
+                              "nor its own; not supported", p.pid)
+        if p.pgid in (parent.pgid, p.pid):
+            continue
+        leader = by_pid.get(p.pgid)
+        if leader is None or leader.sid != p.sid:
+            raise Unsupported(f"pid {p.pid}: in process group {p.pgid}, led by no process of its session in the "
+                              "tree; not supported", p.pid)

@@ -1,0 +1,72 @@
+"""The tree an image holds: the root's image names every process (PROC
+records); each live non-root process has its own image in a subdirectory.
+
+open_tree reads and validates all of them, and that the tree is one a
+restore can build (parents before children, one root, no process twice);
+plan() turns it into spawn.Node objects.
+"""
+
+from __future__ import annotations
+
+import os
+
+from .. import model
+from ..errors import ImageCorrupt
+from ..image.reader import Image, open_image
+
+IMAGE_DIR = "proc.{pid}"  # as the dumper names them
+
+
+def open_tree(root: Image) -> list[tuple[model.Proc, Image | None]]:
+    """(Proc, its image or None for a zombie) of every process, root first,
+    each parent before its children."""
+    ckpt = root.checkpoint
+    procs = ckpt.procs or [model.Proc(ckpt.task.pid, 0, 0, 0)]
+    where = os.path.join(root.directory, "procsnap.img")
+    problems = []
+    if procs[0].pid != ckpt.task.pid or procs[0].ppid != 0 or procs[0].dir or procs[0].zombie:
+        problems.append(f"the first process record is not the root {ckpt.task.pid}")
+    seen: dict[int, model.Proc] = {}
+    for p in procs:
+        if p.pid in seen:
+            problems.append(f"process {p.pid} recorded twice")
+        if not 0 < p.pid < (1 << 22):
+            problems.append(f"process {p.pid}: pid out of range")
+        if p is not procs[0]:
+            parent = seen.get(p.ppid)
+            if parent is None:
+                problems.append(f"process {p.pid}: parent {p.ppid} is not recorded before it")
+            elif parent.zombie:
+                problems.append(f"process {p.pid}: its parent {p.ppid} is a zombie")
+            want = "" if p.zombie else IMAGE_DIR.format(pid=p.pid)
+            if p.dir != want:
+                problems.append(f"process {p.pid}: image directory {p.dir!r}, expected {want!r}")
+        seen[p.pid] = p
+    if problems:
+        raise ImageCorrupt(f"{where}: " + "; ".join(problems))
+    out: list[tuple[model.Proc, Image | None]] = [(procs[0], root)]
+    for p in procs[1:]:
+        image = None
+        if not p.zombie:
+            image = open_image(os.path.join(root.directory, p.dir))
+            if image.checkpoint.task.pid != p.pid:
+                raise ImageCorrupt(f"{image.directory}: holds pid {image.checkpoint.task.pid}, expected {p.pid}")
+            _check_refs(image, root.checkpoint)
+        out.append((p, image))
+    _check_refs(root, root.checkpoint)
+    return out
+
+
+def _check_refs(image: Image, root: model.Checkpoint) -> None:
+    """Pipes and shared memory an image refers to are the root's."""
+    pipes = {p.id for p in root.pipes}
+    shms = {m.id for m in root.shms}
+    problems = [f"fd {e.fd}: unknown pipe {e.file_id}" for e in image.checkpoint.fds
+                if e.kind == model.FdKind.PIPE and e.file_id not in pipes]
+    problems += [f"VMA {v.start:#x}: unknown shared memory {v.shm}" for v in image.checkpoint.vmas
+                 if v.kind == model.VmaKind.SHARED_ANON and v.shm >= 0 and v.shm not in shms]
+    problems += [f"shared memory {m.id}: size {m.size}" for m in root.shms if not 0 < m.size <= 1 << 46]
+    problems += [f"pipe {p.id}: {len(p.data)} bytes in a pipe of {p.capacity}" for p in root.pipes
+                 if not 0 < p.capacity <= 1 << 30 or len(p.data) > p.capacity]
+    if problems:
+        raise ImageCorrupt(f"{image.directory}: " + "; ".join(problems))
