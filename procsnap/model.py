@@ -71,7 +71,8 @@ class VmaKind(enum.Enum):
     ANON = "anon"  # private anonymous: heap, stack, mmap'd memory; pages copied
     FILE_PRIVATE = "file-private"  # mapped from the file again; written pages copied
     FILE_SHARED = "file-shared"  # mapped from the file again; nothing copied
-    SHARED_ANON = "shared-anon"  # MAP_SHARED|MAP_ANONYMOUS; pages copied
+    SHARED_ANON = "shared-anon"  # MAP_SHARED|MAP_ANONYMOUS, pages copied (format 1.0 images)
+    SHARED_MEM = "shared-mem"  # a shared mapping of a SharedMem object (shm: its id); contents there
     VDSO = "vdso"  # kernel-provided: moved to the saved address, not copied
     VVAR = "vvar"
     VVAR_VCLOCK = "vvar-vclock"
@@ -80,7 +81,7 @@ class VmaKind(enum.Enum):
 SPECIAL_KINDS = (VmaKind.VDSO, VmaKind.VVAR, VmaKind.VVAR_VCLOCK)
 # their names in /proc/PID/maps
 SPECIAL_NAMES = {"[vdso]": VmaKind.VDSO, "[vvar]": VmaKind.VVAR, "[vvar_vclock]": VmaKind.VVAR_VCLOCK}
-COPIED_KINDS = (VmaKind.ANON, VmaKind.FILE_PRIVATE, VmaKind.SHARED_ANON)
+COPIED_KINDS = (VmaKind.ANON, VmaKind.FILE_PRIVATE, VmaKind.SHARED_ANON)  # pages in pages.img
 
 
 class OpenFlag(enum.IntFlag):
@@ -126,7 +127,8 @@ class FdKind(enum.Enum):
     GHOST = "ghost"  # unlinked while open: contents are in the image
     DEVICE = "device"  # /dev/null, /dev/zero, /dev/urandom ...: reopened by path
     TTY = "tty"  # a terminal: reattached to the restoring terminal (--shell-job)
-    PIPE = "pipe"  # one end of a pipe or FIFO of the tree (file_id: Pipe.id)
+    PIPE = "pipe"  # one end of a pipe of the tree (file_id: Pipe.id)
+    SHM = "shared-memory"  # a memfd (file_id: SharedMem.id)
 
 
 def _flags(table):
@@ -155,7 +157,7 @@ class Vma:
     file_id: int = -1  # FileRef.id, or -1
     name: str = ""  # [heap], [stack], the path: for people reading `show`
     advice: Advice = _flags(Advice)
-    shm: int = -1  # SHARED_ANON: SharedMem.id of the object (offset: where in it)
+    shm: int = -1  # SHARED_MEM: SharedMem.id of the object (offset: where in it)
 
     @property
     def size(self) -> int:
@@ -327,11 +329,18 @@ class Pipe:
 
 @dataclasses.dataclass
 class SharedMem:
-    """A shared anonymous memory object (MAP_SHARED|MAP_ANONYMOUS, inherited
-    across fork). Its pages are stored by the first process mapping them."""
+    """A memory object processes of the tree map shared or hold as an fd,
+    which exists nowhere else: shared anonymous memory (path ""), a memfd
+    (path "/memfd:NAME") or a file on tmpfs unlinked while mapped (its
+    path). Stored once, however many processes map it: its data extents
+    (the holes stay holes) are in the root's ghosts.img."""
 
     id: int
     size: int
+    path: str = ""
+    mode: int = 0o600
+    # [offset in the object, length, offset in ghosts.img, XXH3-64], one per extent
+    extents: list[list[int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -74,9 +74,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             root.procs = tree.procs()
             T.check_sessions(root.procs)
             T.link_descriptions(ckpts)
-            T.store_shared_once(ckpts, [c[1] for c in collected])
             root.pipes = T.fill_pipes(table)
-            root.shms = sorted(table.shms.values(), key=lambda m: m.id)
         log.info("pid %d: collected %d VMAs, %d fds", pid, sum(len(c.vmas) for c in ckpts),
                  sum(len(c.fds) for c in ckpts))
         # the other processes' images first: the root's, written last, commits the whole
@@ -85,6 +83,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             with translated(task.pid, f"write {where}"):
                 writer = stack.enter_context(image_writer(where, create=task.pid != pid))
                 write_ghosts_seized(task.pid, ghost_fds, writer, ckpt)
+                if task.pid == pid:
+                    root.shms = T.write_shms(table, writer)
                 if snapshot:
                     stats.snapshot = write_pages_from_snapshot(task, ckpt, maps, writer, stack, progress)
                 else:

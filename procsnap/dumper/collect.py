@@ -94,10 +94,13 @@ def classify_vma(pid: int, m: MapsEntry, files: FileTable, tree: Table) -> model
                      ("ss", "a shadow stack"), ("lo", "mlock()ed")):
         if vf in m.vmflags:
             raise Unsupported(f"{where} ({m.path or 'anonymous'}) is {what}; not supported", pid)
-    vma = _classify(pid, m, files, where, prot, flags)
-    if vma.kind == model.VmaKind.SHARED_ANON:
-        vma.offset = m.offset
-        vma.shm = tree.shm(m.inode, m.offset + vma.size)
+    if m.shared and (m.path.startswith(("/dev/zero", "/memfd:")) or m.deleted):
+        path = "" if m.path.startswith("/dev/zero") else m.path.removesuffix(" (deleted)")
+        source = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+        vma = model.Vma(m.start, m.end, model.VmaKind.SHARED_MEM, prot, flags, m.offset, -1, m.path,
+                        shm=tree.shm(m.inode, path, source))
+    else:
+        vma = _classify(pid, m, files, where, prot, flags)
     vma.advice = model.Advice(sum(bit for bit, (name, _) in model.ADVICE_TABLE.items() if name in m.vmflags))
     return vma
 
@@ -107,9 +110,6 @@ def _classify(pid: int, m: MapsEntry, files: FileTable, where: str, prot: model.
     anon = m.inode == 0 and (m.path in ("", "[heap]", "[stack]") or m.path.startswith("[anon:"))
     if anon and not m.shared:
         return model.Vma(m.start, m.end, model.VmaKind.ANON, prot, flags | model.MapFlag.MAP_ANONYMOUS,
-                         0, -1, m.path)
-    if m.shared and m.path.startswith("/dev/zero"):
-        return model.Vma(m.start, m.end, model.VmaKind.SHARED_ANON, prot, flags | model.MapFlag.MAP_ANONYMOUS,
                          0, -1, m.path)
     if not m.path.startswith("/") or m.path.startswith(("/SYSV", "/memfd:")) or m.deleted:
         raise Unsupported(f"{where} maps {m.path or 'an unnamed object'}; not supported", pid)
@@ -287,7 +287,10 @@ def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]
         info = proc.read_fdinfo(pid, fd)
         where = f"pid {pid}: fd {fd}"
         flags = model.OpenFlag(info.flags)
-        if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+        if stat.S_ISREG(st.st_mode) and link.startswith("/memfd:"):
+            shm = tree.shm(st.st_ino, link.removesuffix(" (deleted)"), f"/proc/{pid}/fd/{fd}")
+            entry = model.FdEntry(fd, model.FdKind.SHM, flags, info.pos, link, shm)
+        elif stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
             kind = model.FdKind.REG if stat.S_ISREG(st.st_mode) else model.FdKind.DIR
             path = link
             if link.endswith(" (deleted)") and st.st_nlink == 0 and kind == model.FdKind.REG:

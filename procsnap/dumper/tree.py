@@ -9,8 +9,7 @@ freeze    the root (every thread), then the children of each frozen
 share     what crosses processes, found once all are collected: open file
           descriptions held by several processes (kcmp), pipes with the
           bytes in them (read with tee(), which does not consume them),
-          shared anonymous memory (stored by the first process that maps
-          each part of it).
+          shared memory objects (stored once, from the object itself).
 """
 
 from __future__ import annotations
@@ -57,6 +56,7 @@ class Table:
         self.pipes: dict[int, model.Pipe] = {}
         self.pipe_ends: dict[int, tuple[int, int]] = {}  # pipe id -> (pid, fd) to read it through
         self.shms: dict[int, model.SharedMem] = {}
+        self.shm_sources: dict[int, str] = {}  # SharedMem id -> a /proc path to open it by
 
     def pipe(self, inode: int, pid: int, fd: int) -> int:
         if inode not in self.pipes:
@@ -64,12 +64,11 @@ class Table:
             self.pipe_ends[self.pipes[inode].id] = (pid, fd)
         return self.pipes[inode].id
 
-    def shm(self, inode: int, end_offset: int) -> int:
+    def shm(self, inode: int, path: str, source: str) -> int:
         if inode not in self.shms:
-            self.shms[inode] = model.SharedMem(len(self.shms), 0)
-        obj = self.shms[inode]
-        obj.size = max(obj.size, end_offset)
-        return obj.id
+            self.shms[inode] = model.SharedMem(len(self.shms), 0, path)
+            self.shm_sources[self.shms[inode].id] = source
+        return self.shms[inode].id
 
 
 def read_pipe(pid: int, fd: int) -> tuple[int, bytes]:
@@ -136,24 +135,36 @@ def link_descriptions(ckpts: list[model.Checkpoint]) -> None:
                 entry.desc = first[entry.shares_with].desc
 
 
-def store_shared_once(ckpts: list[model.Checkpoint], runs: list[list | None]) -> None:
-    """Shared anonymous memory is stored by the first process (tree order)
-    that maps a range of it: later processes drop their page runs of any
-    VMA whose whole range of the object is already stored."""
-    stored: dict[int, list[tuple[int, int]]] = {}
-    for ckpt, proc_runs in zip(ckpts, runs):
-        skip = set()
-        for v in ckpt.vmas:
-            if v.kind != model.VmaKind.SHARED_ANON:
-                continue
-            ranges = stored.setdefault(v.shm, [])
-            lo, hi = v.offset, v.offset + v.size
-            if any(a <= lo and hi <= b for a, b in ranges):
-                skip.add(id(v))
-            else:
-                ranges.append((lo, hi))
-        if proc_runs is not None and skip:
-            proc_runs[:] = [r for r in proc_runs if id(r[0]) not in skip]
+SEEK_DATA, SEEK_HOLE = 3, 4
+EXTENT_CHUNK = 64 << 20
+
+
+def write_shms(table: Table, writer) -> list[model.SharedMem]:
+    """Each shared memory object's data extents (SEEK_DATA/SEEK_HOLE on the
+    object itself, opened through /proc: pages no process touched are not
+    read) into `writer`'s ghosts.img."""
+    for obj in table.shms.values():
+        fd = os.open(table.shm_sources[obj.id], os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            obj.size, obj.mode = st.st_size, st.st_mode & 0o7777
+            off = 0
+            while off < obj.size:
+                try:
+                    start = os.lseek(fd, off, SEEK_DATA)
+                except OSError as err:
+                    if err.errno == 6:  # ENXIO: no data after off
+                        break
+                    raise
+                end = min(os.lseek(fd, start, SEEK_HOLE), obj.size)
+                for pos in range(start, end, EXTENT_CHUNK):
+                    data = os.pread(fd, min(EXTENT_CHUNK, end - pos), pos)
+                    blob, xxh3 = writer.write_ghost(data)
+                    obj.extents.append([pos, len(data), blob, xxh3])
+                off = end
+        finally:
+            os.close(fd)
+    return sorted(table.shms.values(), key=lambda m: m.id)
 
 
 def check_sessions(procs: list[model.Proc]) -> None:

@@ -49,11 +49,15 @@ class Image:
         return os.path.join(self.directory, schema.GHOSTS)
 
     def read_ghost(self, ghost: model.Ghost) -> bytes:
+        return self.read_blob(ghost.offset, ghost.size, ghost.xxh3)
+
+    def read_blob(self, offset: int, size: int, xxh3: int) -> bytes:
+        """Bytes of ghosts.img (ghost files, shared memory extents), checked."""
         with open(self.ghosts_path, "rb") as f:
-            f.seek(ghost.offset)
-            data = f.read(ghost.size)
-        if len(data) != ghost.size or data_hash(data) != ghost.xxh3:
-            raise ImageCorrupt(f"{self.ghosts_path}: ghost {ghost.id} at offset {ghost.offset} changed since validation")
+            f.seek(offset)
+            data = f.read(size)
+        if len(data) != size or data_hash(data) != xxh3:
+            raise ImageCorrupt(f"{self.ghosts_path}: {size} bytes at offset {offset} changed since validation")
         return data
 
 
@@ -222,13 +226,16 @@ def _check_data_files(image: Image, verify_pages: bool) -> list[str]:
                         problems += bad
             finally:
                 view.release()
+    blobs = [(f"ghost {g.id}", g.offset, g.size, g.xxh3) for g in ckpt.ghosts]
+    blobs += [(f"shared memory {m.id} extent at {pos}", blob, length, xxh3)
+              for m in ckpt.shms for pos, length, blob, xxh3 in m.extents]
     with open(image.ghosts_path, "rb") as f:
-        for ghost in ckpt.ghosts:
-            f.seek(ghost.offset)
-            data = f.read(ghost.size)
-            if data_hash(data) != ghost.xxh3:
-                problems.append(f"{image.ghosts_path}: ghost {ghost.id} at offset {ghost.offset}: "
-                                f"xxh3 expected {ghost.xxh3:#x}, found {data_hash(data):#x}")
+        for what, offset, size, xxh3 in blobs:
+            f.seek(offset)
+            data = f.read(size)
+            if data_hash(data) != xxh3:
+                problems.append(f"{image.ghosts_path}: {what} at offset {offset}: "
+                                f"xxh3 expected {xxh3:#x}, found {data_hash(data):#x}")
     return problems
 
 
@@ -307,6 +314,17 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
     for g in ckpt.ghosts:
         if g.size < 0 or g.offset < 0 or g.offset + g.size > image.ghosts_size:
             p.append(f"ghost {g.id}: outside ghosts.img")
+    for m in ckpt.shms:
+        if not 0 <= m.size < 1 << 46 or (not m.path and m.size % PAGE_SIZE) or (m.path and _bad_path(m.path)):
+            p.append(f"shared memory {m.id}: bad size {m.size} or path {m.path!r}")
+        for ext in m.extents:
+            if len(ext) != 4 or any(not isinstance(x, int) or x < 0 for x in ext) \
+                    or ext[0] + ext[1] > m.size or ext[2] + ext[1] > image.ghosts_size:
+                p.append(f"shared memory {m.id}: extent {ext} outside the object or ghosts.img")
+                break
+    for v in ckpt.vmas:
+        if v.kind == model.VmaKind.SHARED_MEM and v.shm < 0:
+            p.append(f"VMA {v.start:#x}-{v.end:#x}: shared memory without an object")
     for sa in ckpt.sigactions:
         if not 1 <= sa.signo <= MAX_SIGNAL:
             p.append(f"sigaction: signal {sa.signo} out of range")

@@ -43,7 +43,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             check_restorable(image, allow_other_owner, allow_setuid)
     pid = root_image.checkpoint.task.pid
     with contextlib.ExitStack() as stack:
-        shared = SharedFiles(root_image.checkpoint)
+        shared = SharedFiles(root_image)
         stack.callback(shared.close)
         nodes: dict[int, Node] = {}
         images: dict[int, Image] = {}
@@ -56,7 +56,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             node = Node(proc_entry, image.checkpoint.task if image else None, files)
             nodes[proc_entry.pid] = node
             if proc_entry.ppid:
-                nodes[proc_entry.ppid].children.append(node)
+                node.parent = nodes[proc_entry.ppid]
+                node.parent.children.append(node)
         with translated(pid, "spawn", RestoreError):
             for image in images.values():
                 for th in image.checkpoint.threads:

@@ -69,7 +69,9 @@ class SharedFiles:
     inherited by all of them: open file descriptions (FdEntry.desc), pipes
     refilled with their bytes, shared anonymous memory objects."""
 
-    def __init__(self, root: model.Checkpoint):
+    def __init__(self, root_image: Image):
+        self.image = root_image
+        root = root_image.checkpoint
         self.pipes = {p.id: p for p in root.pipes}
         self.shms = {m.id: m for m in root.shms}
         self.descs: dict[int, int] = {}
@@ -107,17 +109,39 @@ class SharedFiles:
         return fd
 
     def shm(self, shm_id: int) -> int:
-        """An fd of the shared memory object, made as shared anonymous memory
-        (so it shows as /dev/zero (deleted), like the original) and taken
-        from /proc/self/map_files."""
+        """An fd of the shared memory object, made as it was: shared anonymous
+        memory (taken from /proc/self/map_files, so that it shows as
+        /dev/zero (deleted)), a memfd of the same name, or the file at its
+        old path, unlinked again once open; then filled with its extents."""
         if shm_id not in self.shm_fds:
-            size = self.shms[shm_id].size
-            base = mapping.map_shared_anon(size)
+            obj = self.shms[shm_id]
+            what = f"shared memory {obj.path or '(anonymous)'}"
             try:
-                self.shm_fds[shm_id] = self._own(
-                    os.open(f"/proc/self/map_files/{base:x}-{base + size:x}", os.O_RDWR | os.O_CLOEXEC))
-            finally:
-                mapping.unmap(base, size)
+                if not obj.path:
+                    base = mapping.map_shared_anon(obj.size)
+                    try:
+                        fd = self._own(os.open(f"/proc/self/map_files/{base:x}-{base + obj.size:x}",
+                                               os.O_RDWR | os.O_CLOEXEC))
+                    finally:
+                        mapping.unmap(base, obj.size)
+                elif obj.path.startswith("/memfd:"):
+                    fd = self._own(os.memfd_create(obj.path[len("/memfd:"):], os.MFD_CLOEXEC))
+                    os.ftruncate(fd, obj.size)
+                else:
+                    path = _create_beside(obj.path, obj.mode, what)
+                    try:
+                        fd = self._own(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+                    finally:
+                        os.unlink(path)
+                    os.ftruncate(fd, obj.size)
+                for pos, length, blob, xxh3 in obj.extents:
+                    data = self.image.read_blob(blob, length, xxh3)
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.pwrite(fd, view, pos + len(data) - len(view)):]
+            except OSError as err:
+                raise RestoreError(f"{what}: cannot recreate it: {err.strerror}") from err
+            self.shm_fds[shm_id] = fd
         return self.shm_fds[shm_id]
 
     def close(self) -> None:
@@ -131,10 +155,10 @@ def prepare_files(image: Image, shell_job: bool, shared: SharedFiles | None = No
     ckpt = image.checkpoint
     refs = {f.id: f for f in ckpt.files}
     prepared = PreparedFiles({}, {}, set(), {}, -1)
-    shared = shared or SharedFiles(ckpt)
+    shared = shared or SharedFiles(image)
     try:
         _prepare_maps(ckpt, refs, prepared)
-        for shm_id in sorted({v.shm for v in ckpt.vmas if v.kind == model.VmaKind.SHARED_ANON and v.shm >= 0}):
+        for shm_id in sorted({v.shm for v in ckpt.vmas if v.kind == model.VmaKind.SHARED_MEM}):
             prepared.shm_sources[shm_id] = shared.shm(shm_id)
         _prepare_fds(image, refs, prepared, shell_job, shared)
         prepared.shared = set(shared.opened) | set(shared.descs.values())
@@ -188,6 +212,8 @@ def _prepare_fds(image: Image, refs: dict[int, model.FileRef], prepared: Prepare
                 write = bool(entry.flags & (os.O_WRONLY | os.O_RDWR))
                 fresh = (entry.file_id, write) in shared.pipe_ends
                 fd = shared.pipe_end(entry.file_id, write, int(entry.flags), fresh)
+            elif entry.kind == model.FdKind.SHM:  # a description of its own, as memfd_create made
+                fd = shared._own(_open(f"/proc/self/fd/{shared.shm(entry.file_id)}", flags, what))
             elif entry.kind in (model.FdKind.REG, model.FdKind.DIR):
                 fd = _open(refs[entry.file_id].path, flags, what)
             elif entry.kind == model.FdKind.DEVICE:
@@ -205,7 +231,7 @@ def _prepare_fds(image: Image, refs: dict[int, model.FileRef], prepared: Prepare
             prepared.fd_sources[entry.fd] = fd
             if entry.desc >= 0:
                 shared.descs[entry.desc] = fd
-            if entry.kind in (model.FdKind.REG, model.FdKind.GHOST) or entry.pos:
+            if entry.kind in (model.FdKind.REG, model.FdKind.GHOST, model.FdKind.SHM) or entry.pos:
                 try:
                     os.lseek(fd, entry.pos, os.SEEK_SET)
                 except OSError as err:
@@ -219,25 +245,34 @@ def _prepare_fds(image: Image, refs: dict[int, model.FileRef], prepared: Prepare
                 pass
 
 
-def _recreate_ghost(image: Image, ghost: model.Ghost) -> str:
-    """The file, back at its old path (or beside it if that is taken)."""
-    data = image.read_ghost(ghost)
+def _create_beside(path: str, mode: int, what: str) -> str:
+    """Create `path` (or a name beside it, if taken) exclusively; returns it."""
     for n in range(100):
-        path = ghost.path if n == 0 else f"{ghost.path}.procsnap-ghost.{n}"
+        candidate = path if n == 0 else f"{path}.procsnap-ghost.{n}"
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, ghost.mode & 0o7777)
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode & 0o7777)
         except FileExistsError:
             continue
         except OSError as err:
-            raise RestoreError(f"ghost file {ghost.path}: cannot recreate: {err.strerror}") from err
+            raise RestoreError(f"{what}: cannot recreate {path}: {err.strerror}") from err
+        os.close(fd)
+        return candidate
+    raise RestoreError(f"{what}: no free name beside {path}")
+
+
+def _recreate_ghost(image: Image, ghost: model.Ghost) -> str:
+    """The file, back at its old path (or beside it if that is taken)."""
+    data = image.read_ghost(ghost)
+    path = _create_beside(ghost.path, ghost.mode, f"ghost file {ghost.path}")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-        except OSError as err:
-            os.unlink(path)
-            raise RestoreError(f"ghost file {ghost.path}: cannot write: {err.strerror}") from err
         finally:
             os.close(fd)
-        return path
-    raise RestoreError(f"ghost file {ghost.path}: no free name beside it")
+    except OSError as err:
+        os.unlink(path)
+        raise RestoreError(f"ghost file {ghost.path}: cannot write: {err.strerror}") from err
+    return path

@@ -96,6 +96,7 @@ def _fmt(areas) -> str:
 
 PROT_RW = model.Prot.PROT_READ | model.Prot.PROT_WRITE
 MAP_FIXED_NOREPLACE = model.MapFlag.MAP_FIXED_NOREPLACE
+SHARED_KINDS = (model.VmaKind.FILE_SHARED, model.VmaKind.SHARED_ANON, model.VmaKind.SHARED_MEM)
 FILL_THREADS = 2
 FILL_BATCH = 16 << 20
 
@@ -170,10 +171,9 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
         vruns = by_vma.get(v.start, [])
         prot = v.prot | PROT_RW if vruns else v.prot
         flags = (v.flags & ~(model.MapFlag.MAP_SHARED | model.MapFlag.MAP_PRIVATE)) | MAP_FIXED_NOREPLACE
-        flags |= model.MapFlag.MAP_SHARED if v.kind in (model.VmaKind.FILE_SHARED, model.VmaKind.SHARED_ANON) \
-            else model.MapFlag.MAP_PRIVATE
+        flags |= model.MapFlag.MAP_SHARED if v.kind in SHARED_KINDS else model.MapFlag.MAP_PRIVATE
         fd = map_fds[v.file_id] if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) else -1
-        if v.kind == model.VmaKind.SHARED_ANON and shm_fds and v.shm in shm_fds:
+        if v.kind == model.VmaKind.SHARED_MEM:
             fd = shm_fds[v.shm]
             flags &= ~model.MapFlag.MAP_ANONYMOUS
         try:

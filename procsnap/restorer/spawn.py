@@ -74,6 +74,7 @@ class Node:
     helpers: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # name -> (restorer fd, wanted)
     ready_r: int = -1
     sync_w: int = -1
+    parent: "Node | None" = None
 
     def walk(self):
         yield self
@@ -91,7 +92,7 @@ def _set_session(node: Node) -> None:
             os.setpgid(0, 0)
     elif p.sid == p.pid:
         os.setsid()
-    elif p.pgid != os.getpgrp():
+    elif p.pgid != node.parent.proc.pgid:  # else it is in its parent's group already
         os.setpgid(0, 0 if p.pgid == p.pid else p.pgid)
 
 
@@ -179,7 +180,8 @@ def _clone(node: Node) -> int:
         if err == 17:
             raise RestoreError(f"pid {node.proc.pid} is taken (clone3: EEXIST)", node.proc.pid)
         raise RestoreError(f"clone3 with pid {node.proc.pid}: {os.strerror(err)}", node.proc.pid)
-    if node.proc.ppid and node.proc.sid != node.proc.pid and not node.proc.zombie:
+    if node.proc.ppid and node.proc.sid != node.proc.pid and node.proc.pgid != node.parent.proc.pgid \
+            and not node.proc.zombie:
         try:  # as a shell does: from both sides, so a later sibling finds the group
             os.setpgid(pid, node.proc.pgid)
         except OSError:

@@ -63,9 +63,10 @@ def _check_refs(image: Image, root: model.Checkpoint) -> None:
     shms = {m.id for m in root.shms}
     problems = [f"fd {e.fd}: unknown pipe {e.file_id}" for e in image.checkpoint.fds
                 if e.kind == model.FdKind.PIPE and e.file_id not in pipes]
+    problems += [f"fd {e.fd}: unknown shared memory {e.file_id}" for e in image.checkpoint.fds
+                 if e.kind == model.FdKind.SHM and e.file_id not in shms]
     problems += [f"VMA {v.start:#x}: unknown shared memory {v.shm}" for v in image.checkpoint.vmas
-                 if v.kind == model.VmaKind.SHARED_ANON and v.shm >= 0 and v.shm not in shms]
-    problems += [f"shared memory {m.id}: size {m.size}" for m in root.shms if not 0 < m.size <= 1 << 46]
+                 if v.kind == model.VmaKind.SHARED_MEM and v.shm not in shms]
     problems += [f"pipe {p.id}: {len(p.data)} bytes in a pipe of {p.capacity}" for p in root.pipes
                  if not 0 < p.capacity <= 1 << 30 or len(p.data) > p.capacity]
     if problems:
