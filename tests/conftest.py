@@ -88,6 +88,11 @@ CASES = [
     Case("identity", dir_arg=True),
     Case("files", dir_arg=True),
     Case("writer"),
+    Case("threads"),
+    Case("tree", "prefork"),
+    Case("tree", "pipes"),
+    Case("tree", "zombie"),
+    Case("tree", "session"),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 
@@ -401,9 +406,89 @@ class Snapshot:
     pid: int
     maps: tuple
     fds: dict
+    # every process of the tree rooted at pid (pid included): its ids,
+    # threads, maps and fds; pid -> ProcIds
+    tree: dict = dataclasses.field(default_factory=dict)
 
 
-def proc_snapshot(pid):
+@dataclasses.dataclass(frozen=True)
+class ProcIds:
+    ppid: int
+    pgid: int
+    sid: int
+    state: str
+    tids: tuple
+    maps: tuple = ()
+    fds: tuple = ()
+
+
+# Shared memory comes back as a new object of the same kind and name: only
+# its inode number differs.
+RECREATED_OBJECTS = ("/dev/zero (deleted)", "/memfd:", "/dev/shm/")
+
+
+def _normalized(maps):
+    return tuple(dataclasses.replace(m, inode=0) if m.path.startswith(RECREATED_OBJECTS) else m for m in maps)
+
+
+def descendants(pid):
+    """pids of every descendant of pid (children of all its threads)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop(0)
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except FileNotFoundError:
+            continue
+        for tid in tids:
+            try:
+                kids = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
+            except FileNotFoundError:
+                continue
+            for k in map(int, kids):
+                if k not in out:
+                    out.append(k)
+                    todo.append(k)
+    return out
+
+
+def _ids(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    tids = tuple(sorted(int(t) for t in os.listdir(f"/proc/{pid}/task")))
+    return fields[0], int(fields[1]), int(fields[2]), int(fields[3]), tids
+
+
+def _canonical_pipes(fds, names):
+    """pipe:[inode] -> pipe#k, k by first appearance in the tree: a restored
+    pipe has a new inode, but which fds share one must stay the same."""
+    out = {}
+    for fd, e in sorted(fds.items()):
+        if e.target.startswith("pipe:["):
+            e = dataclasses.replace(e, target=names.setdefault(e.target, f"pipe#{len(names)}"))
+        out[fd] = e
+    return out
+
+
+def proc_snapshot(pid, tree=True):
+    maps, fds = _maps_and_fds(pid)
+    names = {}
+    fds = _canonical_pipes(fds, names)
+    procs = {}
+    if tree:
+        for p in [pid] + descendants(pid):
+            state, ppid, pgid, sid, tids = _ids(p)
+            if state == "Z":
+                procs[p] = ProcIds(ppid if p != pid else 0, pgid, sid, state, ())
+                continue
+            pmaps, pfds = (maps, fds) if p == pid else _maps_and_fds(p)
+            pfds = _canonical_pipes(pfds, names)
+            procs[p] = ProcIds(ppid if p != pid else 0, pgid, sid, "Z" if state == "Z" else "live", tids,
+                               _normalized(pmaps), tuple(sorted(pfds.items())))
+    return Snapshot(pid, maps, fds, procs)
+
+
+def _maps_and_fds(pid):
     maps = []
     with open(f"/proc/{pid}/maps") as f:
         for line in f:
@@ -425,12 +510,14 @@ def proc_snapshot(pid):
         except FileNotFoundError:
             continue        # closed while we looked
         fds[fd] = FdEntry(target, int(info["pos"]), int(info["flags"], 8))
-    return Snapshot(pid, tuple(maps), fds)
+    return tuple(maps), fds
 
 
 def assert_same_snapshot(before, after, ignore_pos=()):
     problems = []
-    if before.maps != after.maps:
+    if before.tree and after.tree:
+        problems += _tree_problems(before, after, ignore_pos)
+    if _normalized(before.maps) != _normalized(after.maps):
         diff = difflib.unified_diff([str(m) for m in before.maps], [str(m) for m in after.maps],
                                     "maps before", "maps after", lineterm="", n=1)
         problems.append("/proc/PID/maps differs:\n" + "\n".join(diff))
@@ -446,6 +533,26 @@ def assert_same_snapshot(before, after, ignore_pos=()):
     if problems:
         raise AssertionError(f"visible state of pid {before.pid} -> {after.pid} changed:\n"
                              + "\n".join(problems))
+
+
+def _tree_problems(before, after, ignore_pos):
+    problems = []
+    if sorted(before.tree) != sorted(after.tree):
+        return [f"processes of the tree: expected {sorted(before.tree)}, found {sorted(after.tree)}"]
+    for p in sorted(before.tree):
+        if p == before.pid:
+            b, a = before.tree[p], after.tree[p]
+            b, a = dataclasses.replace(b, maps=(), fds=()), dataclasses.replace(a, maps=(), fds=())
+        else:
+            b, a = before.tree[p], after.tree[p]
+            if ignore_pos:
+                b = dataclasses.replace(b, fds=tuple((fd, dataclasses.replace(e, pos=0)) for fd, e in b.fds))
+                a = dataclasses.replace(a, fds=tuple((fd, dataclasses.replace(e, pos=0)) for fd, e in a.fds))
+        if b != a:
+            diff = "\n".join(difflib.unified_diff(str(b).split(", "), str(a).split(", "), "before", "after",
+                                                  lineterm="", n=0))
+            problems.append(f"process {p} of the tree changed:\n{diff}")
+    return problems
 
 
 def image_size(images_dir):
@@ -483,13 +590,30 @@ def _assert_same_snapshot_fixture():
 
 
 def dump_kill(t, images):
-    """Dump in kill mode; the original dies by procsnap's SIGKILL and is reaped."""
+    """Dump in kill mode; the original tree dies by procsnap's SIGKILL and is
+    reaped (its other processes come back to us, the subreaper)."""
     images = Path(images)
     images.mkdir(exist_ok=True)
+    others = descendants(t.pid)
     procsnap.dump(t.pid, str(images))
     status = t.reap()
     assert status == -signal.SIGKILL, f"{t}: expected SIGKILL after dump, found {status}"
+    reap_gone(others)
     return images
+
+
+def reap_gone(pids, timeout=10.0):
+    """Wait until each pid is gone, reaping those that became our children."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        while os.path.exists(f"/proc/{pid}"):
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"pid {pid} still there {timeout} s after the dump")
+            time.sleep(0.005)
 
 
 def restore(procs, t, images):

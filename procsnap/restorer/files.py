@@ -76,6 +76,7 @@ class SharedFiles:
         self.shms = {m.id: m for m in root.shms}
         self.descs: dict[int, int] = {}
         self.pipe_ends: dict[tuple[int, bool], int] = {}
+        self.ends_used: set[tuple[int, bool]] = set()
         self.shm_fds: dict[int, int] = {}
         self.opened: set[int] = set()
 
@@ -83,9 +84,11 @@ class SharedFiles:
         self.opened.add(fd)
         return fd
 
-    def pipe_end(self, pipe_id: int, write: bool, flags: int, fresh: bool) -> int:
+    def pipe_end(self, pipe_id: int, write: bool, flags: int) -> int:
         """A description of one end of the pipe: the pipe's own the first
-        time, another one (the pipe opened again) when `fresh`."""
+        time, another one (the pipe opened again) after that."""
+        fresh = (pipe_id, write) in self.ends_used
+        self.ends_used.add((pipe_id, write))
         if (pipe_id, write) not in self.pipe_ends:
             pipe = self.pipes[pipe_id]
             r, w = (self._own(fd) for fd in os.pipe2(os.O_CLOEXEC))
@@ -100,7 +103,6 @@ class SharedFiles:
                 raise RestoreError(f"pipe {pipe_id}: cannot refill it with its {len(pipe.data)} bytes "
                                    f"(capacity {pipe.capacity}): {err.strerror}") from err
             self.pipe_ends[pipe_id, False], self.pipe_ends[pipe_id, True] = r, w
-            fresh = False
         fd = self.pipe_ends[pipe_id, write]
         if fresh:
             fd = self._own(os.open(f"/proc/self/fd/{fd}", (os.O_WRONLY if write else os.O_RDONLY) | os.O_CLOEXEC
@@ -210,8 +212,7 @@ def _prepare_fds(image: Image, refs: dict[int, model.FileRef], prepared: Prepare
                 continue
             if entry.kind == model.FdKind.PIPE:
                 write = bool(entry.flags & (os.O_WRONLY | os.O_RDWR))
-                fresh = (entry.file_id, write) in shared.pipe_ends
-                fd = shared.pipe_end(entry.file_id, write, int(entry.flags), fresh)
+                fd = shared.pipe_end(entry.file_id, write, int(entry.flags))
             elif entry.kind == model.FdKind.SHM:  # a description of its own, as memfd_create made
                 fd = shared._own(_open(f"/proc/self/fd/{shared.shm(entry.file_id)}", flags, what))
             elif entry.kind in (model.FdKind.REG, model.FdKind.DIR):
