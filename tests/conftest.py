@@ -549,8 +549,10 @@ def _tree_problems(before, after, ignore_pos):
                 b = dataclasses.replace(b, fds=tuple((fd, dataclasses.replace(e, pos=0)) for fd, e in b.fds))
                 a = dataclasses.replace(a, fds=tuple((fd, dataclasses.replace(e, pos=0)) for fd, e in a.fds))
         if b != a:
-            diff = "\n".join(difflib.unified_diff(str(b).split(", "), str(a).split(", "), "before", "after",
-                                                  lineterm="", n=0))
+            lines = lambda x: [f"{k}={v}" for k, v in dataclasses.asdict(dataclasses.replace(x, maps=(), fds=())).items()
+                               if k not in ("maps", "fds")] + [str(m) for m in x.maps] + \
+                [f"fd {fd}: {e}" for fd, e in x.fds]
+            diff = "\n".join(difflib.unified_diff(lines(b), lines(a), "before", "after", lineterm="", n=1))
             problems.append(f"process {p} of the tree changed:\n{diff}")
     return problems
 

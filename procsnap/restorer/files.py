@@ -18,6 +18,7 @@ from ..errors import RestoreError
 from ..image.reader import Image
 from ..kernel import mapping
 
+O_LARGEFILE = 0o100000
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
 
@@ -86,9 +87,12 @@ class SharedFiles:
 
     def pipe_end(self, pipe_id: int, write: bool, flags: int) -> int:
         """A description of one end of the pipe: the pipe's own the first
-        time, another one (the pipe opened again) after that."""
-        fresh = (pipe_id, write) in self.ends_used
-        self.ends_used.add((pipe_id, write))
+        time, another one (the pipe opened again) after that, or when the
+        dumped one had been opened again (as /dev/fd/N): open() adds
+        O_LARGEFILE, pipe() does not."""
+        fresh = (pipe_id, write) in self.ends_used or bool(flags & O_LARGEFILE)
+        if not fresh:
+            self.ends_used.add((pipe_id, write))
         if (pipe_id, write) not in self.pipe_ends:
             pipe = self.pipes[pipe_id]
             r, w = (self._own(fd) for fd in os.pipe2(os.O_CLOEXEC))

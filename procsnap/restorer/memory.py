@@ -97,6 +97,7 @@ def _fmt(areas) -> str:
 PROT_RW = model.Prot.PROT_READ | model.Prot.PROT_WRITE
 MAP_FIXED_NOREPLACE = model.MapFlag.MAP_FIXED_NOREPLACE
 SHARED_KINDS = (model.VmaKind.FILE_SHARED, model.VmaKind.SHARED_ANON, model.VmaKind.SHARED_MEM)
+MADV_DONTNEED = 4
 FILL_THREADS = 2
 FILL_BATCH = 16 << 20
 
@@ -155,8 +156,16 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
 
     A VMA that gets pages is mapped writable first (process_vm_writev does
     not force its way through protections) and filled before the next one
-    is mapped, so it owns its anon_vma and does not merge with neighbours
-    it was separate from.
+    is mapped.
+
+    Neighbouring private anonymous VMAs of the same protection and flags
+    were kept apart by the kernel only because each had its own anon_vma
+    (typically after a fork: inherited areas next to new ones). The kernel
+    merges a new area into a neighbour without one, so such a VMA is given
+    an anon_vma of its own (its pages, or one page written and dropped)
+    and, if it continues the previous one, built elsewhere and moved into
+    place with mremap, which never merges two areas with different
+    anon_vmas.
     """
     by_vma: dict[int, list[model.PageRun]] = {}
     starts = sorted(vmas, key=lambda v: v.start)
@@ -165,11 +174,15 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
         by_vma.setdefault(starts[bisect.bisect_right(keys, run.vaddr) - 1].start, []).append(run)
     total = sum(r.npages for r in runs) * PAGE_SIZE
     done = 0
-    for v in starts:
+    busy = [(v.start, v.end) for v in starts] + [(target.scratch, target.scratch + SCRATCH_SIZE)]
+    for i, v in enumerate(starts):
         if v.kind in model.SPECIAL_KINDS:
             continue
         vruns = by_vma.get(v.start, [])
-        prot = v.prot | PROT_RW if vruns else v.prot
+        apart = i > 0 and _kept_apart(starts[i - 1], v)  # built elsewhere, moved in
+        own_anon_vma = apart or (i + 1 < len(starts) and _kept_apart(v, starts[i + 1]))
+        prot = v.prot | PROT_RW if vruns or own_anon_vma else v.prot
+        at = free_gap(busy, v.size) if apart else v.start
         flags = (v.flags & ~(model.MapFlag.MAP_SHARED | model.MapFlag.MAP_PRIVATE)) | MAP_FIXED_NOREPLACE
         flags |= model.MapFlag.MAP_SHARED if v.kind in SHARED_KINDS else model.MapFlag.MAP_PRIVATE
         fd = map_fds[v.file_id] if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) else -1
@@ -177,18 +190,30 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
             fd = shm_fds[v.shm]
             flags &= ~model.MapFlag.MAP_ANONYMOUS
         try:
-            target.call(NR.mmap, v.start, v.size, int(prot), int(flags), fd, v.offset)
+            target.call(NR.mmap, at, v.size, int(prot), int(flags), fd, v.offset)
         except OSError as err:
             raise RestoreError(f"pid {target.pid}: mmap of VMA {v.start:#x}-{v.end:#x} ({v.name or v.kind.value}): "
                                f"{err.strerror}", target.pid) from err
         for bit, (_, advice) in model.ADVICE_TABLE.items():
             if v.advice & bit:
-                target.call(NR.madvise, v.start, v.size, advice)
+                target.call(NR.madvise, at, v.size, advice)
         if vruns:
-            fill(target.pid, ((pages.address(r), r.vaddr, r.npages * PAGE_SIZE) for r in vruns))
+            fill(target.pid, ((pages.address(r), r.vaddr - v.start + at, r.npages * PAGE_SIZE) for r in vruns))
             done += sum(r.npages for r in vruns) * PAGE_SIZE
             faults.point("mid-memory-load")
             if progress:
                 progress(done, total)
-            if prot != v.prot:
-                target.call(NR.mprotect, v.start, v.size, int(v.prot))
+        elif own_anon_vma:
+            memory.write_bytes(target.pid, at, b"\0")  # the first fault makes its anon_vma
+            target.call(NR.madvise, at, PAGE_SIZE, MADV_DONTNEED)
+        if prot != v.prot:
+            target.call(NR.mprotect, at, v.size, int(v.prot))
+        if apart:
+            target.call(NR.mremap, at, v.size, v.size, MREMAP_MAYMOVE | MREMAP_FIXED, v.start)
+
+
+def _kept_apart(a: model.Vma, b: model.Vma) -> bool:
+    """Two private anonymous VMAs the kernel would merge if it could."""
+    return (a.end == b.start and a.kind == b.kind == model.VmaKind.ANON and a.prot == b.prot
+            and a.flags == b.flags and a.advice == b.advice and not a.flags & model.MapFlag.MAP_GROWSDOWN
+            and not b.flags & model.MapFlag.MAP_GROWSDOWN)
