@@ -105,3 +105,65 @@ def test_shell_job_reattaches_to_restoring_terminal(tty_job, tmp_path):
     finally:
         os.close(slave2)
         os.close(master2)
+
+
+def count_with_digit(n, digit="7"):
+    return sum(digit in str(i) for i in range(1, n + 1))
+
+
+def test_shell_pipeline_on_a_terminal(tmp_path):
+    """`seq | grep 7 | wc -l` started from a terminal, dumped mid-flight with
+    --shell-job, restored on another terminal: the same count appears there."""
+    n = 2_000_000
+    master, slave = os.openpty()
+    p = subprocess.Popen(["bash", "-c", f"echo READY; seq {n} | grep 7 | wc -l; echo DONE"],
+                         stdin=slave, stdout=slave, stderr=slave, start_new_session=True, close_fds=True)
+    os.close(slave)
+    pids = [p.pid]
+    images = tmp_path / "img"
+    images.mkdir()
+    master2, slave2 = os.openpty()
+    try:
+        read_until(master, b"READY")
+        deadline = time.monotonic() + 10
+        while len(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()) < 3:
+            assert time.monotonic() < deadline, "the pipeline did not start"
+            time.sleep(0.01)
+        kids = [int(k) for k in open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()]
+        pids += kids
+        procsnap.dump(p.pid, str(images), shell_job=True)
+        assert p.wait() == -signal.SIGKILL
+        for pid in kids:  # the pipeline's processes come back to us (the subreaper)
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{pid}"):
+                try:
+                    os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                assert time.monotonic() < deadline, f"pid {pid} still there"
+                time.sleep(0.005)
+        cli = subprocess.run([sys.executable, "-m", "procsnap", "restore", "-D", str(images), "-d", "-j"],
+                             stdin=slave2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             timeout=60, cwd=os.path.dirname(os.path.dirname(__file__)))
+        assert cli.returncode == 0, cli.stderr
+        assert int(cli.stdout.split()[-1]) == p.pid
+        new_tty = os.ttyname(slave2)
+        for pid in [p.pid] + kids:
+            assert os.readlink(f"/proc/{pid}/fd/2") == new_tty, f"pid {pid}: fd 2 not on the restoring terminal"
+        assert sorted(os.readlink(f"/proc/{pid}/fd/0").startswith("pipe:") for pid in kids) == [False, True, True]
+        out = read_until(master2, b"DONE", timeout=60)
+        assert f"{count_with_digit(n)}".encode() in out, out
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait()
+        for pid in pids[1:]:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        for fd in (master, master2, slave2):
+            os.close(fd)
