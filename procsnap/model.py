@@ -129,6 +129,10 @@ class FdKind(enum.Enum):
     TTY = "tty"  # a terminal: reattached to the restoring terminal (--shell-job)
     PIPE = "pipe"  # one end of a pipe of the tree (file_id: Pipe.id)
     SHM = "shared-memory"  # a memfd (file_id: SharedMem.id)
+    EVENTFD = "eventfd"  # params: count, semaphore
+    SIGNALFD = "signalfd"  # params: mask
+    TIMERFD = "timerfd"  # params: clockid, ticks, value_ns, interval_ns (time left when dumped)
+    EPOLL = "epoll"  # watches: [fd, events, data] as registered
 
 
 def _flags(table):
@@ -291,6 +295,8 @@ class FdEntry:
     file_id: int = -1  # FileRef for REG/DIR; ghost id for GHOST
     shares_with: int = -1  # lowest fd sharing the same open file description
     desc: int = -1  # open file description shared with other processes of the tree: its tree-wide id
+    params: dict[str, int] = dataclasses.field(default_factory=dict)  # of an anonymous-inode kind
+    watches: list[list[int]] = dataclasses.field(default_factory=list)  # EPOLL: [fd, events, data]
 
 
 @dataclasses.dataclass

@@ -286,6 +286,7 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
     pending = C.collect_pending(pid)
     with infect.infected(pid, maps) as target:
         C.check_itimers_seized(target)
+        C.refresh_timerfds_seized(target, fds)
         mm = C.collect_mm_seized(pid, st, target, files)
         faults.point("mid-collect")
         task = C.collect_task_seized(pid, st, status, target, regs, sigmask)

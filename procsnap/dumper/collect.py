@@ -196,6 +196,17 @@ def collect_sigactions_seized(target: Target, status: dict[str, str]) -> list[mo
 ITIMERS = ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF")
 
 
+def refresh_timerfds_seized(target: Target, fds: list[model.FdEntry]) -> None:
+    """A periodic timerfd's fdinfo counts expirations only when asked: the
+    task asks (timerfd_gettime, which changes nothing it can see), then
+    fdinfo has the ticks and the time left."""
+    for e in fds:
+        if e.kind == model.FdKind.TIMERFD:
+            target.call(NR.timerfd_gettime, e.fd, target.scratch)
+            with open(f"/proc/{target.pid}/fdinfo/{e.fd}") as f:
+                e.params, _ = proc.parse_anon_fdinfo(f.read())
+
+
 def check_itimers_seized(target: Target) -> None:
     """Interval timers are not restored yet: refuse rather than lose them."""
     for which, name in enumerate(ITIMERS):
@@ -269,6 +280,8 @@ PAGEMAP_WINDOW = 1 << 32  # address space per pagemap read: 8 MiB of entries
 DEVICES = {(1, 3): "/dev/null", (1, 5): "/dev/zero", (1, 7): "/dev/full", (1, 8): "/dev/random",
            (1, 9): "/dev/urandom"}
 TTY_MAJORS = set(range(136, 144)) | {4}
+ANON_KINDS = {"anon_inode:[eventfd]": model.FdKind.EVENTFD, "anon_inode:[signalfd]": model.FdKind.SIGNALFD,
+              "anon_inode:[timerfd]": model.FdKind.TIMERFD, "anon_inode:[eventpoll]": model.FdKind.EPOLL}
 
 
 def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]],
@@ -317,6 +330,10 @@ def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]
                 entry = model.FdEntry(fd, model.FdKind.TTY, flags, 0, link)
             else:
                 raise Unsupported(f"{where} is character device {link} ({dev[0]}:{dev[1]}); not supported", pid)
+        elif link in ANON_KINDS:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                params, watches = proc.parse_anon_fdinfo(f.read())
+            entry = model.FdEntry(fd, ANON_KINDS[link], flags, 0, link, params=params, watches=watches)
         elif stat.S_ISFIFO(st.st_mode) and link.startswith("pipe:["):
             entry = model.FdEntry(fd, model.FdKind.PIPE, flags, 0, "", tree.pipe(st.st_ino, pid, fd))
         else:
@@ -326,6 +343,12 @@ def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]
             raise Unsupported(f"{where} is a {kind} ({link}); not supported", pid)
         identity.setdefault((st.st_dev, st.st_ino), []).append(len(entries))
         entries.append(entry)
+    open_fds = {e.fd for e in entries}
+    for e in entries:
+        for watched, _, _ in e.watches:
+            if watched not in open_fds:
+                raise Unsupported(f"pid {pid}: fd {e.fd} is an epoll watching fd {watched}, which is no longer "
+                                  "open; not supported", pid)
     for group in identity.values():
         for i, idx in enumerate(group):
             for prev in group[:i]:

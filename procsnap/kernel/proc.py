@@ -169,6 +169,36 @@ def parse_fdinfo(text: str) -> FdInfo:
     return FdInfo(pos=int(fields["pos"]), flags=int(fields["flags"], 8), mnt_id=int(fields.get("mnt_id", "0")))
 
 
+def parse_anon_fdinfo(text: str) -> tuple[dict[str, int], list[list[int]]]:
+    """The state of an eventfd, signalfd, timerfd or epoll from its fdinfo
+    (fs/eventfd.c, fs/signalfd.c, fs/timerfd.c, fs/eventpoll.c show_fdinfo)
+    as (params, epoll watches [fd, events, data])."""
+    params: dict[str, int] = {}
+    watches: list[list[int]] = []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        value = value.strip()
+        if key == "eventfd-count":
+            params["count"] = int(value, 16)
+        elif key == "eventfd-semaphore":
+            params["semaphore"] = int(value)
+        elif key == "sigmask":
+            params["mask"] = int(value, 16)
+        elif key == "clockid":
+            params["clockid"] = int(value)
+        elif key == "ticks":
+            params["ticks"] = int(value)
+        elif key == "settime flags":
+            params["settime_flags"] = int(value, 8)
+        elif key in ("it_value", "it_interval"):
+            sec, nsec = (int(x) for x in value.strip("()").split(","))
+            params["value_ns" if key == "it_value" else "interval_ns"] = sec * 1_000_000_000 + nsec
+        elif key == "tfd":
+            f = line.split()
+            watches.append([int(f[1]), int(f[f.index("events:") + 1], 16), int(f[f.index("data:") + 1], 16)])
+    return params, watches
+
+
 def read_fdinfo(pid: int, fd: int) -> FdInfo:
     with open(f"/proc/{pid}/fdinfo/{fd}") as f:
         return parse_fdinfo(f.read())

@@ -16,7 +16,7 @@ import os
 from .. import model
 from ..errors import RestoreError
 from ..image.reader import Image
-from ..kernel import mapping
+from ..kernel import anonfd, mapping
 
 O_LARGEFILE = 0o100000
 F_SETPIPE_SZ = 1031
@@ -36,6 +36,8 @@ class PreparedFiles:
     map_sources: dict[int, int]  # FileRef id -> restorer fd, for mmap
     exe: int  # restorer fd of the executable
     shm_sources: dict[int, int] = dataclasses.field(default_factory=dict)  # SharedMem id -> restorer fd
+    # epoll target fd -> [fd, events, data] watches the child adds once its fds are in place
+    epolls: dict[int, list[list[int]]] = dataclasses.field(default_factory=dict)
     shared: set[int] = dataclasses.field(default_factory=set)  # sources owned by the tree's SharedFiles
 
     def all_sources(self) -> list[int]:
@@ -63,6 +65,21 @@ def _open(path: str, flags: int, what: str) -> int:
         return os.open(path, flags)
     except OSError as err:
         raise RestoreError(f"{what}: cannot open {path}: {err.strerror}") from err
+
+
+def _nonblock(entry: model.FdEntry) -> bool:
+    return bool(entry.flags & os.O_NONBLOCK)
+
+
+ANON_MAKERS = {
+    model.FdKind.EVENTFD: lambda e: anonfd.make_eventfd(e.params.get("count", 0), bool(e.params.get("semaphore")),
+                                                        _nonblock(e)),
+    model.FdKind.SIGNALFD: lambda e: anonfd.make_signalfd(e.params.get("mask", 0), _nonblock(e)),
+    model.FdKind.TIMERFD: lambda e: anonfd.make_timerfd(e.params.get("clockid", 1), _nonblock(e),
+                                                        e.params.get("value_ns", 0), e.params.get("interval_ns", 0),
+                                                        e.params.get("ticks", 0)),
+    model.FdKind.EPOLL: lambda e: anonfd.make_epoll(),
+}
 
 
 class SharedFiles:
@@ -217,6 +234,13 @@ def _prepare_fds(image: Image, refs: dict[int, model.FileRef], prepared: Prepare
             if entry.kind == model.FdKind.PIPE:
                 write = bool(entry.flags & (os.O_WRONLY | os.O_RDWR))
                 fd = shared.pipe_end(entry.file_id, write, int(entry.flags))
+            elif entry.kind in ANON_MAKERS:
+                try:
+                    fd = shared._own(ANON_MAKERS[entry.kind](entry))
+                except OSError as err:
+                    raise RestoreError(f"{what}: cannot make the {entry.kind.value}: {err.strerror}") from err
+                if entry.kind == model.FdKind.EPOLL:
+                    prepared.epolls[entry.fd] = entry.watches
             elif entry.kind == model.FdKind.SHM:  # a description of its own, as memfd_create made
                 fd = shared._own(_open(f"/proc/self/fd/{shared.shm(entry.file_id)}", flags, what))
             elif entry.kind in (model.FdKind.REG, model.FdKind.DIR):

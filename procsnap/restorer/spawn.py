@@ -19,6 +19,7 @@ import time
 from .. import model
 from ..errors import RestoreError
 from ..kernel.arch.x86_64 import NR
+from ..kernel import anonfd
 from ..kernel.libc import prctl
 from .files import PreparedFiles
 
@@ -132,6 +133,9 @@ def _child_setup(node: Node) -> None:
     for target_fd, first in files.fd_aliases.items():
         os.dup2(first, target_fd, inheritable=target_fd not in files.cloexec)
         keep.add(target_fd)
+    for epfd, watches in files.epolls.items():  # by the fd numbers they were added with
+        for fd, events, data in watches:
+            anonfd.epoll_add(epfd, fd, events, data)
     for name, (_, want) in helpers.items():
         if name.startswith("fd"):
             os.close(want)
