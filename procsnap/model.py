@@ -133,6 +133,7 @@ class FdKind(enum.Enum):
     SIGNALFD = "signalfd"  # params: mask
     TIMERFD = "timerfd"  # params: clockid, ticks, value_ns, interval_ns (time left when dumped)
     EPOLL = "epoll"  # watches: [fd, events, data] as registered
+    UNIX = "unix-socket"  # one end of a connected unix socket pair of the tree (file_id: Socket.id)
 
 
 def _flags(table):
@@ -334,6 +335,20 @@ class Pipe:
 
 
 @dataclasses.dataclass
+class Socket:
+    """A connected, unnamed unix socket of the tree (socketpair), with the
+    messages queued to it (a stream: its bytes, as one piece)."""
+
+    id: int
+    type: int  # SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET
+    peer: int  # Socket.id of the other end; -1 if that was closed
+    queued: list[bytes] = dataclasses.field(default_factory=list)
+    shutdown: int = 0  # RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2
+    sndbuf: int = 0
+    rcvbuf: int = 0
+
+
+@dataclasses.dataclass
 class SharedMem:
     """A memory object processes of the tree map shared or hold as an fd,
     which exists nowhere else: shared anonymous memory (path ""), a memfd
@@ -367,3 +382,4 @@ class Checkpoint:
     procs: list[Proc] = dataclasses.field(default_factory=list)
     pipes: list[Pipe] = dataclasses.field(default_factory=list)
     shms: list[SharedMem] = dataclasses.field(default_factory=list)
+    sockets: list[Socket] = dataclasses.field(default_factory=list)

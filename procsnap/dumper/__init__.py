@@ -75,6 +75,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             T.check_sessions(root.procs)
             T.link_descriptions(ckpts)
             root.pipes = T.fill_pipes(table)
+            root.sockets = T.fill_sockets(table)
         log.info("pid %d: collected %d VMAs, %d fds", pid, sum(len(c.vmas) for c in ckpts),
                  sum(len(c.fds) for c in ckpts))
         # the other processes' images first: the root's, written last, commits the whole

@@ -334,6 +334,12 @@ def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]
             with open(f"/proc/{pid}/fdinfo/{fd}") as f:
                 params, watches = proc.parse_anon_fdinfo(f.read())
             entry = model.FdEntry(fd, ANON_KINDS[link], flags, 0, link, params=params, watches=watches)
+        elif stat.S_ISSOCK(st.st_mode) and (unix := tree.unix_socket(st.st_ino)) is not None:
+            if unix.state == 10 or unix.name:
+                raise Unsupported(f"{where} is a {'listening' if unix.state == 10 else 'bound'} unix socket "
+                                  f"({link}{' ' + unix.name.decode(errors='replace') if unix.name else ''}); "
+                                  "only socket pairs are supported", pid)
+            entry = model.FdEntry(fd, model.FdKind.UNIX, flags, 0, link, tree.socket(unix, pid, fd))
         elif stat.S_ISFIFO(st.st_mode) and link.startswith("pipe:["):
             entry = model.FdEntry(fd, model.FdKind.PIPE, flags, 0, "", tree.pipe(st.st_ino, pid, fd))
         else:

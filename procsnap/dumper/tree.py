@@ -18,11 +18,11 @@ import contextlib
 import ctypes
 import fcntl
 import os
-import stat
+import socket
 
 from .. import model
 from ..errors import Unsupported
-from ..kernel import proc
+from ..kernel import proc, sockdiag
 from ..kernel.arch.x86_64 import NR
 from ..kernel.libc import libc, oserror, syscall
 
@@ -57,12 +57,26 @@ class Table:
         self.pipe_ends: dict[int, tuple[int, int]] = {}  # pipe id -> (pid, fd) to read it through
         self.shms: dict[int, model.SharedMem] = {}
         self.shm_sources: dict[int, str] = {}  # SharedMem id -> a /proc path to open it by
+        self.unix: dict[int, sockdiag.UnixSocket] | None = None  # every unix socket, asked once
+        self.sockets: dict[int, model.Socket] = {}  # by inode
+        self.socket_ends: dict[int, tuple[int, int, sockdiag.UnixSocket]] = {}  # Socket id -> (pid, fd, diag)
 
     def pipe(self, inode: int, pid: int, fd: int) -> int:
         if inode not in self.pipes:
             self.pipes[inode] = model.Pipe(len(self.pipes), 0, b"")
             self.pipe_ends[self.pipes[inode].id] = (pid, fd)
         return self.pipes[inode].id
+
+    def unix_socket(self, inode: int) -> sockdiag.UnixSocket | None:
+        if self.unix is None:
+            self.unix = sockdiag.unix_sockets()
+        return self.unix.get(inode)
+
+    def socket(self, unix: sockdiag.UnixSocket, pid: int, fd: int) -> int:
+        if unix.inode not in self.sockets:
+            self.sockets[unix.inode] = model.Socket(len(self.sockets), unix.type, -1, shutdown=unix.shutdown)
+            self.socket_ends[self.sockets[unix.inode].id] = (pid, fd, unix)
+        return self.sockets[unix.inode].id
 
     def shm(self, inode: int, path: str, source: str) -> int:
         if inode not in self.shms:
@@ -97,6 +111,69 @@ def read_pipe(pid: int, fd: int) -> tuple[int, bytes]:
             os.close(w)
     finally:
         os.close(src)
+
+
+SO_PEEK_OFF = 42
+MSG_PEEK, MSG_DONTWAIT = socket.MSG_PEEK, socket.MSG_DONTWAIT
+
+
+def fill_sockets(table: Table) -> list[model.Socket]:
+    """Peers linked (both ends must be in the tree, or the peer closed) and
+    every socket's queue read without consuming it: through a copy of the
+    fd (pidfd_getfd), peeking message after message (SO_PEEK_OFF)."""
+    for sock in table.sockets.values():
+        pid, fd, unix = table.socket_ends[sock.id]
+        if unix.peer:
+            peer = table.sockets.get(unix.peer)
+            if peer is None:
+                raise Unsupported(f"pid {pid}: fd {fd} is a unix socket (socket:[{unix.inode}]) whose peer "
+                                  f"(socket:[{unix.peer}]) is outside the dumped tree; not supported", pid)
+            sock.peer = peer.id
+        sock.queued, sock.sndbuf, sock.rcvbuf = _peek_queue(pid, fd, unix)
+    return sorted(table.sockets.values(), key=lambda s: s.id)
+
+
+def _peek_queue(pid: int, fd: int, unix: sockdiag.UnixSocket) -> tuple[list[bytes], int, int]:
+    pidfd = os.pidfd_open(pid)
+    try:
+        local = syscall(NR.pidfd_getfd, pidfd, fd, 0)
+    finally:
+        os.close(pidfd)
+    sk = socket.socket(fileno=local)
+    try:
+        sndbuf = sk.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        rcvbuf = sk.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        queued: list[bytes] = []
+        if not unix.rqueue:
+            return queued, sndbuf, rcvbuf
+        peek_off = sk.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+        sk.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+        try:
+            while True:
+                try:
+                    data, anc, msg_flags, _ = sk.recvmsg(max(unix.rqueue, 1 << 16), socket.CMSG_SPACE(4 * 253),
+                                                         MSG_PEEK | MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                if anc:
+                    for level, kind, payload in anc:
+                        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                            for i in range(0, len(payload) - len(payload) % 4, 4):
+                                os.close(int.from_bytes(payload[i:i + 4], "little"))
+                    raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with file descriptors or "
+                                      "credentials in flight; not supported", pid)
+                if not data and unix.type == socket.SOCK_STREAM:
+                    break
+                queued.append(data)
+                if unix.type == socket.SOCK_STREAM and sum(map(len, queued)) >= unix.rqueue:
+                    break
+        finally:
+            sk.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, peek_off)
+        if unix.type == socket.SOCK_STREAM:
+            queued = [b"".join(queued)]
+        return queued, sndbuf, rcvbuf
+    finally:
+        sk.close()
 
 
 def fill_pipes(table: Table) -> list[model.Pipe]:

@@ -35,7 +35,7 @@ from .. import model
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 1  # 1.1: THRD, PROC, PIPE, SHM records
+MINOR = 1  # 1.1: THRD, PROC, PIPE, SHM, SOCK records
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -65,6 +65,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"PROC": (model.Proc, "procs", True),
     b"PIPE": (model.Pipe, "pipes", True),
     b"SHM ": (model.SharedMem, "shms", True),
+    b"SOCK": (model.Socket, "sockets", True),
 }
 END = b"END "
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import fcntl
 import os
+import socket
 
 from .. import model
 from ..errors import RestoreError
@@ -67,6 +68,37 @@ def _open(path: str, flags: int, what: str) -> int:
         raise RestoreError(f"{what}: cannot open {path}: {err.strerror}") from err
 
 
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+
+
+def _refill(into: int, frm: int, sock: model.Socket) -> None:
+    total = sum(map(len, sock.queued))
+    if not total:
+        return
+    with socket.socket(fileno=os.dup(frm)) as sender, socket.socket(fileno=os.dup(into)) as receiver:
+        sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * total + (1 << 16))
+        receiver.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 2 * total + (1 << 16))
+        sender.setblocking(False)
+        for msg in sock.queued:
+            if sock.type == socket.SOCK_STREAM:
+                view = memoryview(msg)
+                while view:
+                    view = view[sender.send(view):]
+            else:
+                sender.send(msg)
+
+
+def _buffers_and_shutdown(fd: int, sock: model.Socket) -> None:
+    with socket.socket(fileno=os.dup(fd)) as sk:
+        for opt, value in ((SO_SNDBUFFORCE, sock.sndbuf), (SO_RCVBUFFORCE, sock.rcvbuf)):
+            if value:
+                sk.setsockopt(socket.SOL_SOCKET, opt, value // 2)  # the kernel doubles what it is given
+        if sock.shutdown & 1:
+            sk.shutdown(socket.SHUT_RD)
+        if sock.shutdown & 2:
+            sk.shutdown(socket.SHUT_WR)
+
+
 def _nonblock(entry: model.FdEntry) -> bool:
     return bool(entry.flags & os.O_NONBLOCK)
 
@@ -96,6 +128,8 @@ class SharedFiles:
         self.pipe_ends: dict[tuple[int, bool], int] = {}
         self.ends_used: set[tuple[int, bool]] = set()
         self.shm_fds: dict[int, int] = {}
+        self.sockets = {sk.id: sk for sk in root.sockets}
+        self.socket_fds: dict[int, int] = {}
         self.opened: set[int] = set()
 
     def _own(self, fd: int) -> int:
@@ -166,6 +200,38 @@ class SharedFiles:
                 raise RestoreError(f"{what}: cannot recreate it: {err.strerror}") from err
             self.shm_fds[shm_id] = fd
         return self.shm_fds[shm_id]
+
+    def unix_socket(self, sock_id: int, flags: int) -> int:
+        """One end of a socket pair, made with its peer (or, if the peer was
+        closed, with a stand-in closed again), each refilled with the
+        messages queued to it, sent from the other end."""
+        if sock_id not in self.socket_fds:
+            sock = self.sockets[sock_id]
+            peer = self.sockets.get(sock.peer)
+            what = f"unix socket {sock_id}"
+            try:
+                a, b = socket.socketpair(socket.AF_UNIX, sock.type | socket.SOCK_CLOEXEC)
+            except OSError as err:
+                raise RestoreError(f"{what}: socketpair: {err.strerror}") from err
+            a_fd, b_fd = self._own(a.detach()), self._own(b.detach())
+            self.socket_fds[sock.id] = a_fd
+            if peer is not None:
+                self.socket_fds[peer.id] = b_fd
+            try:
+                for into, frm, s in ((a_fd, b_fd, sock), (b_fd, a_fd, peer)):
+                    if s is not None:
+                        _refill(into, frm, s)
+                for fd, s in ((a_fd, sock), (b_fd, peer)):
+                    if s is not None:
+                        _buffers_and_shutdown(fd, s)
+            except OSError as err:
+                raise RestoreError(f"{what}: cannot refill it: {err.strerror}") from err
+            if peer is None:
+                os.close(b_fd)
+                self.opened.discard(b_fd)
+        fd = self.socket_fds[sock_id]
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & os.O_NONBLOCK)
+        return fd
 
     def close(self) -> None:
         for fd in self.opened:
@@ -241,6 +307,8 @@ def _prepare_fds(image: Image, refs: dict[int, model.FileRef], prepared: Prepare
                     raise RestoreError(f"{what}: cannot make the {entry.kind.value}: {err.strerror}") from err
                 if entry.kind == model.FdKind.EPOLL:
                     prepared.epolls[entry.fd] = entry.watches
+            elif entry.kind == model.FdKind.UNIX:
+                fd = shared.unix_socket(entry.file_id, int(entry.flags))
             elif entry.kind == model.FdKind.SHM:  # a description of its own, as memfd_create made
                 fd = shared._own(_open(f"/proc/self/fd/{shared.shm(entry.file_id)}", flags, what))
             elif entry.kind in (model.FdKind.REG, model.FdKind.DIR):

@@ -67,6 +67,11 @@ def _check_refs(image: Image, root: model.Checkpoint) -> None:
                  if e.kind == model.FdKind.SHM and e.file_id not in shms]
     problems += [f"VMA {v.start:#x}: unknown shared memory {v.shm}" for v in image.checkpoint.vmas
                  if v.kind == model.VmaKind.SHARED_MEM and v.shm not in shms]
+    sockets = {sk.id for sk in root.sockets}
+    problems += [f"fd {e.fd}: unknown unix socket {e.file_id}" for e in image.checkpoint.fds
+                 if e.kind == model.FdKind.UNIX and e.file_id not in sockets]
+    problems += [f"unix socket {sk.id}: type {sk.type}, peer {sk.peer}" for sk in root.sockets
+                 if sk.type not in (1, 2, 5) or (sk.peer >= 0 and sk.peer not in sockets) or sk.peer == sk.id]
     problems += [f"pipe {p.id}: {len(p.data)} bytes in a pipe of {p.capacity}" for p in root.pipes
                  if not 0 < p.capacity <= 1 << 30 or len(p.data) > p.capacity]
     if problems:
