@@ -129,20 +129,30 @@ def test_traced_by_another(procs, tmp_path, proc_snapshot, assert_same_snapshot)
     assert_pass(t)
 
 
-@pytest.mark.parametrize("kind", ["fifo", "socket", "itimer"])
+@pytest.mark.parametrize("kind", ["fifo", "socket", "listening", "itimer"])
 def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_snapshot):
     images = tmp_path / "img"
     extra = []          # (pid, ) of grandchildren to kill first
+    peer = None
     try:
-        if kind == "socket":
-            a, b = socket.socketpair()
+        if kind == "socket":  # its peer is ours, outside the tree
+            a, peer = socket.socketpair()
             fd = a.fileno()
             try:
                 t = procs.start_case(SLEEPER, "pie", pass_fds=(fd,))
             finally:
                 a.close()
-                b.close()
-            names = (f"pid {t.pid}", f"fd {fd}", kind)
+            names = (f"pid {t.pid}", f"fd {fd}", kind, "outside the dumped tree")
+        elif kind == "listening":
+            lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            lsock.bind(str(tmp_path / "sock"))
+            lsock.listen()
+            fd = lsock.fileno()
+            try:
+                t = procs.start_case(SLEEPER, "pie", pass_fds=(fd,))
+            finally:
+                lsock.close()
+            names = (f"pid {t.pid}", f"fd {fd}", "listening unix socket", str(tmp_path / "sock"))
         elif kind == "fifo":
             os.mkfifo(tmp_path / "fifo")
             fd = os.open(tmp_path / "fifo", os.O_RDWR)
@@ -167,9 +177,11 @@ def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_
         assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
         for pid in extra:
             assert proc_status(pid)["TracerPid"] == "0"
-        if kind in ("fifo", "socket"):
+        if kind in ("fifo", "socket", "listening"):
             assert_pass(t)
     finally:
+        if peer is not None:
+            peer.close()
         for pid in extra:       # sh reaps them (it is in `wait`), then exits
             try:
                 os.kill(pid, signal.SIGKILL)
