@@ -127,7 +127,7 @@ class FdKind(enum.Enum):
     GHOST = "ghost"  # unlinked while open: contents are in the image
     DEVICE = "device"  # /dev/null, /dev/zero, /dev/urandom ...: reopened by path
     TTY = "tty"  # a terminal: reattached to the restoring terminal (--shell-job)
-    PIPE = "pipe"  # one end of a pipe of the tree (file_id: Pipe.id)
+    PIPE = "pipe"  # one end of a pipe or named FIFO (file_id: Pipe.id)
     SHM = "shared-memory"  # a memfd (file_id: SharedMem.id)
     EVENTFD = "eventfd"  # params: count, semaphore
     SIGNALFD = "signalfd"  # params: mask
@@ -332,6 +332,7 @@ class Pipe:
     id: int
     capacity: int  # F_GETPIPE_SZ
     data: bytes
+    path: str = ""  # a named FIFO's path; "" for a pipe()
 
 
 @dataclasses.dataclass

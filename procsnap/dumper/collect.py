@@ -44,7 +44,16 @@ class FileTable:
         return self._by_key[key]
 
 
-def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+def _stat_or_none(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except OSError:
+        return None
+
+
+def _same_file(a: os.stat_result, b: os.stat_result | None) -> bool:
+    if b is None:
+        return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
@@ -340,12 +349,13 @@ def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]
                                   f"({link}{' ' + unix.name.decode(errors='replace') if unix.name else ''}); "
                                   "only socket pairs are supported", pid)
             entry = model.FdEntry(fd, model.FdKind.UNIX, flags, 0, link, tree.socket(unix, pid, fd))
-        elif stat.S_ISFIFO(st.st_mode) and link.startswith("pipe:["):
-            entry = model.FdEntry(fd, model.FdKind.PIPE, flags, 0, "", tree.pipe(st.st_ino, pid, fd))
+        elif stat.S_ISFIFO(st.st_mode):
+            path = "" if link.startswith("pipe:[") else link
+            if path and not _same_file(st, _stat_or_none(path)):
+                raise Unsupported(f"{where}: named FIFO {path} was removed or replaced", pid)
+            entry = model.FdEntry(fd, model.FdKind.PIPE, flags, 0, path, tree.pipe(st.st_ino, pid, fd, path))
         else:
             kind = link.split(":", 1)[0] if ":" in link else stat.filemode(st.st_mode)
-            if stat.S_ISFIFO(st.st_mode):
-                kind = "named FIFO"
             raise Unsupported(f"{where} is a {kind} ({link}); not supported", pid)
         identity.setdefault((st.st_dev, st.st_ino), []).append(len(entries))
         entries.append(entry)

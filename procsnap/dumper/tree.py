@@ -61,9 +61,9 @@ class Table:
         self.sockets: dict[int, model.Socket] = {}  # by inode
         self.socket_ends: dict[int, tuple[int, int, sockdiag.UnixSocket]] = {}  # Socket id -> (pid, fd, diag)
 
-    def pipe(self, inode: int, pid: int, fd: int) -> int:
+    def pipe(self, inode: int, pid: int, fd: int, path: str = "") -> int:
         if inode not in self.pipes:
-            self.pipes[inode] = model.Pipe(len(self.pipes), 0, b"")
+            self.pipes[inode] = model.Pipe(len(self.pipes), 0, b"", path)
             self.pipe_ends[self.pipes[inode].id] = (pid, fd)
         return self.pipes[inode].id
 

@@ -13,6 +13,7 @@ import dataclasses
 import fcntl
 import os
 import socket
+import stat
 
 from .. import model
 from ..errors import RestoreError
@@ -141,12 +142,20 @@ class SharedFiles:
         time, another one (the pipe opened again) after that, or when the
         dumped one had been opened again (as /dev/fd/N): open() adds
         O_LARGEFILE, pipe() does not."""
-        fresh = (pipe_id, write) in self.ends_used or bool(flags & O_LARGEFILE)
+        pipe = self.pipes[pipe_id]
+        fresh = (pipe_id, write) in self.ends_used or bool(flags & O_LARGEFILE) or bool(pipe.path)
         if not fresh:
             self.ends_used.add((pipe_id, write))
         if (pipe_id, write) not in self.pipe_ends:
-            pipe = self.pipes[pipe_id]
-            r, w = (self._own(fd) for fd in os.pipe2(os.O_CLOEXEC))
+            if pipe.path:  # held open for reading and writing while the restore lasts
+                try:
+                    r = w = self._own(os.open(pipe.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
+                except OSError as err:
+                    raise RestoreError(f"named FIFO {pipe.path}: cannot open it: {err.strerror}") from err
+                if not stat.S_ISFIFO(os.fstat(r).st_mode):
+                    raise RestoreError(f"named FIFO {pipe.path}: is not a FIFO any more")
+            else:
+                r, w = (self._own(fd) for fd in os.pipe2(os.O_CLOEXEC))
             try:
                 if pipe.capacity > fcntl.fcntl(w, F_GETPIPE_SZ):
                     fcntl.fcntl(w, F_SETPIPE_SZ, pipe.capacity)
@@ -160,8 +169,8 @@ class SharedFiles:
             self.pipe_ends[pipe_id, False], self.pipe_ends[pipe_id, True] = r, w
         fd = self.pipe_ends[pipe_id, write]
         if fresh:
-            fd = self._own(os.open(f"/proc/self/fd/{fd}", (os.O_WRONLY if write else os.O_RDONLY) | os.O_CLOEXEC
-                                   | os.O_NONBLOCK))
+            fd = self._own(os.open(pipe.path or f"/proc/self/fd/{fd}",
+                                   (os.O_WRONLY if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK))
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & (os.O_NONBLOCK | os.O_APPEND | os.O_DIRECT))
         return fd
 

@@ -73,6 +73,7 @@ def _check_refs(image: Image, root: model.Checkpoint) -> None:
     problems += [f"unix socket {sk.id}: type {sk.type}, peer {sk.peer}" for sk in root.sockets
                  if sk.type not in (1, 2, 5) or (sk.peer >= 0 and sk.peer not in sockets) or sk.peer == sk.id]
     problems += [f"pipe {p.id}: {len(p.data)} bytes in a pipe of {p.capacity}" for p in root.pipes
-                 if not 0 < p.capacity <= 1 << 30 or len(p.data) > p.capacity]
+                 if not 0 < p.capacity <= 1 << 30 or len(p.data) > p.capacity
+                 or (p.path and (not p.path.startswith("/") or "\0" in p.path))]
     if problems:
         raise ImageCorrupt(f"{image.directory}: " + "; ".join(problems))
