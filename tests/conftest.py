@@ -93,6 +93,9 @@ CASES = [
     Case("tree", "pipes"),
     Case("tree", "zombie"),
     Case("tree", "session"),
+    Case("ipc", "anonfd"),
+    Case("ipc", "sockets"),
+    Case("ipc", "fifo", dir_arg=True),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 
@@ -459,13 +462,18 @@ def _ids(pid):
     return fields[0], int(fields[1]), int(fields[2]), int(fields[3]), tids
 
 
+RENAMED = ("pipe:[", "socket:[")
+
+
 def _canonical_pipes(fds, names):
-    """pipe:[inode] -> pipe#k, k by first appearance in the tree: a restored
-    pipe has a new inode, but which fds share one must stay the same."""
+    """pipe:[inode] -> pipe#k (socket:[inode] -> socket#k), k by first
+    appearance in the tree: restored, it has a new inode, but which fds
+    share one must stay the same."""
     out = {}
     for fd, e in sorted(fds.items()):
-        if e.target.startswith("pipe:["):
-            e = dataclasses.replace(e, target=names.setdefault(e.target, f"pipe#{len(names)}"))
+        if e.target.startswith(RENAMED):
+            kind = e.target.split(":")[0]
+            e = dataclasses.replace(e, target=names.setdefault(e.target, f"{kind}#{len(names)}"))
         out[fd] = e
     return out
 
