@@ -6,6 +6,7 @@ Every test compares every process of the tree (ids, threads, maps, fds)
 before and after, and lets the programs check themselves.
 """
 
+import dataclasses
 import os
 import signal
 import socket
@@ -17,9 +18,10 @@ from pathlib import Path
 import pytest
 
 import procsnap
-from conftest import (CASES_BY_ID, assert_cli_error, assert_pass, cli, descendants, dump_kill, proc_status,
-                      reap_gone, restore, wait_until)
+from conftest import (CASES_BY_ID, assert_cli_error, assert_pass, cli, descendants, dump_kill, image_hashes,
+                      proc_status, reap_gone, restore, wait_until)
 from procsnap.errors import RestoreError, Unsupported
+from procsnap.faults import DUMP_STAGES, RESTORE_STAGES, InjectedFault
 
 PY_THREADS = textwrap.dedent("""\
     import os, signal, threading, time
@@ -338,3 +340,73 @@ def test_show_lists_the_tree(procs, tmp_path):
         assert f'"pid": {pid}' in r.stdout
     assert '"zombie": true' in r.stdout
     assert [p.name for p in images.iterdir() if p.is_dir()] == [f"proc.{live[0]}"]
+
+
+# --------------------------------------------------------------------------
+# Faults at every stage, with a tree (see test_faults.py for one process)
+
+PIPES = CASES_BY_ID["tree-pipes"]
+
+
+def _fault(stage, how):
+    return stage if how == "error" else f"{stage}:kill"
+
+
+@pytest.mark.parametrize("how", ["error", "kill"])
+@pytest.mark.parametrize("stage", DUMP_STAGES)
+def test_dump_fault_leaves_tree_running(stage, how, procs, tmp_path, monkeypatch, proc_snapshot,
+                                        assert_same_snapshot):
+    """Whatever the stage and however procsnap ends, every process of the
+    tree runs on, untraced, unchanged (bar the documented scratch area of
+    a SIGKILL mid-collect), and passes its self-check; no complete image is
+    left unless it was committed (before-thaw)."""
+    t = procs.start_case(PIPES, "pie")
+    before = proc_snapshot(t.pid)
+    images = tmp_path / "img"
+    images.mkdir()
+    if how == "error":
+        monkeypatch.setenv("PROCSNAP_FAULT", _fault(stage, how))
+        with pytest.raises(InjectedFault):
+            procsnap.dump(t.pid, str(images))
+        monkeypatch.delenv("PROCSNAP_FAULT")
+        assert list(images.iterdir()) == []
+    else:
+        r = cli("dump", "-t", t.pid, "-D", images, env={"PROCSNAP_FAULT": _fault(stage, how)})
+        assert r.returncode == -signal.SIGKILL, r.stderr
+        committed = (images / "procsnap.img").exists()
+        assert committed == (stage == "before-thaw")
+        time.sleep(0.3)     # released by the kernel: a trap or a crash would show now
+    for pid in [t.pid] + descendants(t.pid):
+        st = proc_status(pid)
+        assert st["TracerPid"] == "0" and st["State"][0] in "SR", (pid, st)
+    after = proc_snapshot(t.pid)
+    if stage == "mid-collect" and how == "kill":  # the root keeps procsnap's 16 KiB scratch area
+        extra = [m for m in after.maps if m not in before.maps]
+        assert len(extra) == 1 and extra[0].end - extra[0].start == 16384, extra
+        after = dataclasses.replace(after, maps=before.maps,
+                                    tree={**after.tree, t.pid: before.tree[t.pid]})
+    assert_same_snapshot(before, after)
+    assert_pass(t)
+
+
+@pytest.mark.parametrize("how", ["error", "kill"])
+@pytest.mark.parametrize("stage", RESTORE_STAGES)
+def test_restore_fault_leaves_no_process(stage, how, procs, tmp_path, monkeypatch):
+    """A failed restore of a tree leaves none of its processes and the image
+    byte for byte as it was; a restore after that works."""
+    t = procs.start_case(PIPES, "pie")
+    pids = [t.pid] + descendants(t.pid)
+    images = dump_kill(t, tmp_path / "img")
+    hashes = image_hashes(images)
+    if how == "error":
+        monkeypatch.setenv("PROCSNAP_FAULT", _fault(stage, how))
+        with pytest.raises(InjectedFault):
+            procsnap.restore(str(images))
+        monkeypatch.delenv("PROCSNAP_FAULT")
+    else:
+        r = cli("restore", "-D", images, env={"PROCSNAP_FAULT": _fault(stage, how)})
+        assert r.returncode == -signal.SIGKILL, r.stderr
+    reap_gone(pids)     # dead, or dying with the restorer: gone, whoever reaps them
+    assert image_hashes(images) == hashes
+    restore(procs, t, images)
+    assert_pass(t)
