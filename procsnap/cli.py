@@ -67,15 +67,21 @@ def cmd_restore(args) -> int:
 def cmd_show(args) -> int:
     from .image import reader, schema
 
+    from .restorer.tree import open_tree
+
+    def described(image) -> dict:
+        out = {"pages_size": image.pages_size, "ghosts_size": image.ghosts_size}
+        for tag, (_, field, _) in schema.RECORDS.items():
+            value = getattr(image.checkpoint, field)
+            if value or field not in ("procs", "pipes", "shms", "sockets", "threads"):
+                out[field] = schema.describe(value)
+        return out
+
     image = reader.open_image(args.images_dir)
-    ckpt = image.checkpoint
-    out = {
-        "format": f"{image.major}.{image.minor}",
-        "pages_size": image.pages_size,
-        "ghosts_size": image.ghosts_size,
-    }
-    for tag, (_, field, _) in schema.RECORDS.items():
-        out[field] = schema.describe(getattr(ckpt, field))
+    out = {"format": f"{image.major}.{image.minor}", **described(image)}
+    others = {str(p.pid): described(img) for p, img in open_tree(image)[1:] if img is not None}
+    if others:
+        out["processes"] = others  # the other processes of the tree, by pid
     json.dump(out, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -410,3 +410,21 @@ def test_restore_fault_leaves_no_process(stage, how, procs, tmp_path, monkeypatc
     assert image_hashes(images) == hashes
     restore(procs, t, images)
     assert_pass(t)
+
+
+def test_corrupt_child_image_refused(procs, tmp_path):
+    """verify and restore check every process's image: a flipped byte in a
+    child's pages is named, and nothing is started."""
+    t = procs.start_case(PIPES, "pie")
+    kids = descendants(t.pid)
+    images = dump_kill(t, tmp_path / "img")
+    victim = images / f"proc.{kids[0]}" / "pages.img"
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    r = cli("verify", images)
+    assert r.returncode != 0 and f"proc.{kids[0]}/pages.img" in r.stdout + r.stderr, r.stdout + r.stderr
+    with pytest.raises(procsnap.ImageCorrupt, match=f"proc.{kids[0]}"):
+        procsnap.restore(str(images))
+    for pid in [t.pid] + kids:
+        assert not os.path.exists(f"/proc/{pid}")

@@ -69,12 +69,27 @@ def image_problems(image: Image, allow_other_owner: bool = False, allow_setuid: 
 
 
 def verify_image(directory: str, allow_other_owner: bool = False, allow_setuid: bool = False) -> list[str]:
-    """Every problem that would stop a restore of `directory`; [] if none."""
+    """Every problem that would stop a restore of `directory` (and of every
+    process of its tree); [] if none."""
+    from .tree import open_tree
+
     try:
         image = open_image(directory)
+        tree = open_tree(image)
     except ImageCorrupt as err:
         return [str(err)]
-    problems = image_problems(image, allow_other_owner, allow_setuid)
+    problems = []
+    for proc, img in tree:
+        if img is not None:
+            found = image_problems(img, allow_other_owner, allow_setuid)
+            problems += [f"pid {proc.pid}: {p}" for p in found] if proc.ppid else found
+    for pipe in image.checkpoint.pipes:
+        if pipe.path:
+            try:
+                if not stat.S_ISFIFO(os.stat(pipe.path).st_mode):
+                    problems.append(f"named FIFO {pipe.path}: not a FIFO any more")
+            except OSError as err:
+                problems.append(f"named FIFO {pipe.path}: {err.strerror}")
     from ..check import run_checks
 
     problems += [f"kernel: {r.name} missing: {r.detail}" for r in run_checks() if not r.ok]
