@@ -189,6 +189,16 @@ class PageMap:
 
 
 @dataclasses.dataclass
+class PageRefs:
+    """Pages stored by another process of the tree, which shared them
+    copy-on-write with this one when dumped: runs packed as schema.PAGE_REF
+    (vaddr, npages, index into sources, offset in that image's pages.img)."""
+
+    sources: list[str]  # image directories, relative to the root's ("" for the root's)
+    runs: bytes
+
+
+@dataclasses.dataclass
 class Mm:
     """The mm fields restored together with PR_SET_MM_MAP."""
 
@@ -384,3 +394,4 @@ class Checkpoint:
     pipes: list[Pipe] = dataclasses.field(default_factory=list)
     shms: list[SharedMem] = dataclasses.field(default_factory=list)
     sockets: list[Socket] = dataclasses.field(default_factory=list)
+    page_refs: list[PageRefs] = dataclasses.field(default_factory=list)  # none or one

@@ -428,3 +428,44 @@ def test_corrupt_child_image_refused(procs, tmp_path):
         procsnap.restore(str(images))
     for pid in [t.pid] + kids:
         assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_cow_shared_pages_stored_once(procs, tmp_path, proc_snapshot, assert_same_snapshot):
+    """32 MiB written before fork and shared copy-on-write by 4 processes is
+    stored once, not four times; every process still has it after restore."""
+    code = textwrap.dedent("""\
+        import hashlib, os, signal, time
+        buf = bytearray(os.urandom(32 << 20))
+        digest = hashlib.sha256(buf).digest()
+        signal.signal(signal.SIGUSR1, lambda *a: None)
+        signal.signal(signal.SIGUSR2, lambda *a: None)
+        kids = []
+        for _ in range(3):
+            pid = os.fork()
+            if pid == 0:
+                signal.pause()
+                os._exit(0 if hashlib.sha256(buf).digest() == digest else 1)
+            kids.append(pid)
+        os.write(1, b"READY\\n")
+        signal.pause()
+        ok = hashlib.sha256(buf).digest() == digest
+        for pid in kids:
+            while True:
+                os.kill(pid, signal.SIGUSR2)
+                got, status = os.waitpid(pid, os.WNOHANG)
+                if got:
+                    ok = ok and status == 0
+                    break
+                time.sleep(0.02)
+        os.write(1, b"PASS\\n" if ok else b"FAIL\\n")
+        """)
+    t = procs.start([sys.executable, "-c", code], name="cow")
+    before = proc_snapshot(t.pid)
+    images = dump_kill(t, tmp_path / "img")
+    total = sum(p.stat().st_size for p in images.rglob("pages.img"))
+    assert total < 48 << 20, f"{total >> 20} MiB of pages for 32 MiB shared by 4 processes"
+    kids = [p for p in images.iterdir() if p.is_dir()]
+    assert len(kids) == 3 and all(procsnap.open_image(str(k)).checkpoint.page_refs for k in kids)
+    restore(procs, t, images)
+    assert_same_snapshot(before, proc_snapshot(t.pid))
+    assert_pass(t)

@@ -78,22 +78,43 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             root.sockets = T.fill_sockets(table)
         log.info("pid %d: collected %d VMAs, %d fds", pid, sum(len(c.vmas) for c in ckpts),
                  sum(len(c.fds) for c in ckpts))
-        # the other processes' images first: the root's, written last, commits the whole
-        for task, (ckpt, runs, ghost_fds, maps) in list(zip(tree.tasks, collected))[::-1]:
-            where = images_dir if task.pid == pid else os.path.join(images_dir, T.IMAGE_DIR.format(pid=task.pid))
+        # In tree order, so that pages shared copy-on-write are stored by the
+        # first process; the root's inventory, written last, commits the whole.
+        cow = T.CowIndex()
+        claims = [([], [])] * len(collected)
+        if len(tree.tasks) > 1:
+            with translated(pid, "collect"):
+                claims = [cow.claim(i, task.pid, runs) for i, (task, (_, runs, _, _))
+                          in enumerate(zip(tree.tasks, collected))]
+        root_writer = None
+        for index, (task, (ckpt, runs, ghost_fds, maps)) in enumerate(zip(tree.tasks, collected)):
+            is_root = task.pid == pid
+            rel = "" if is_root else T.IMAGE_DIR.format(pid=task.pid)
+            where = os.path.join(images_dir, rel)
             with translated(task.pid, f"write {where}"):
-                writer = stack.enter_context(image_writer(where, create=task.pid != pid))
+                writer = stack.enter_context(image_writer(where, create=not is_root))
                 write_ghosts_seized(task.pid, ghost_fds, writer, ckpt)
-                if task.pid == pid:
+                if is_root:
                     root.shms = T.write_shms(table, writer)
                 if snapshot:
                     stats.snapshot = write_pages_from_snapshot(task, ckpt, maps, writer, stack, progress)
-                else:
-                    write_pages_seized(task.pid, runs, writer.pages, progress)
-                if task.pid == pid:
-                    faults.point("before-commit")
-                writer.commit(ckpt)
+                    stats.pages_bytes += writer.pages.offset
+                    root_writer = writer
+                    continue
+                if len(tree.tasks) > 1:
+                    runs, claimed = claims[index]
+                    refs = cow.resolve(claimed)
+                    ckpt.page_refs = [refs] if refs else []
+                write_pages_seized(task.pid, runs, writer.pages, progress)
                 stats.pages_bytes += writer.pages.offset
+                cow.wrote(index, rel, writer.pages.runs)
+                if is_root:
+                    root_writer = writer
+                else:
+                    writer.commit(ckpt)
+        with translated(pid, f"write {images_dir}"):
+            faults.point("before-commit")
+            root_writer.commit(root)
         faults.point("before-thaw")
         log.info("pid %d: image written to %s", pid, images_dir)
         if not leave_running:

@@ -14,6 +14,7 @@ share     what crosses processes, found once all are collected: open file
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ctypes
 import fcntl
@@ -22,8 +23,9 @@ import socket
 
 from .. import model
 from ..errors import Unsupported
+from ..image import schema
 from ..kernel import proc, sockdiag
-from ..kernel.arch.x86_64 import NR
+from ..kernel.arch.x86_64 import NR, PAGE_SIZE
 from ..kernel.libc import libc, oserror, syscall
 
 KCMP_FILE = 0
@@ -210,6 +212,74 @@ def link_descriptions(ckpts: list[model.Checkpoint]) -> None:
         for entry in ckpt.fds:
             if entry.shares_with >= 0:
                 entry.desc = first[entry.shares_with].desc
+
+
+class CowIndex:
+    """Pages shared copy-on-write between processes of the tree are stored
+    once, by the first process (tree order) that has them.
+
+    Every process claims its shared page frames before any page is read:
+    reading a page shared copy-on-write with process_vm_readv (a pinning
+    read) makes the kernel give the reader's mm a copy of its own, so the
+    sharing is gone once one of them has been read."""
+
+    def __init__(self):
+        self.owner: dict[int, tuple[int, int]] = {}  # pfn -> (process index, vaddr)
+        self.written: dict[int, tuple[str, list[int], list[model.PageRun]]] = {}  # index -> (source, vaddrs, runs)
+
+    def claim(self, index: int, pid: int, runs: list) -> tuple[list, list[tuple[int, int, int, int]]]:
+        """`runs` (vma, address, length) less the pages an earlier process
+        owns, and those as (vaddr, owner index, owner's vaddr, VMA start)."""
+        keep: list = []
+        refs: list[tuple[int, int, int, int]] = []
+        fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            for vma, addr, length in runs:
+                pos = addr
+                for i, pfn in proc.shared_frames(proc.read_pagemap(fd, addr, addr + length)):
+                    page = addr + i * PAGE_SIZE
+                    owner = self.owner.setdefault(pfn, (index, page)) if pfn else (index, page)
+                    if owner[0] == index:
+                        continue
+                    if page > pos:
+                        keep.append((vma, pos, page - pos))
+                    pos = page + PAGE_SIZE
+                    refs.append((page, *owner, vma.start))
+                if addr + length > pos:
+                    keep.append((vma, pos, addr + length - pos))
+        finally:
+            os.close(fd)
+        return keep, refs
+
+    def wrote(self, index: int, source: str, runs: list[model.PageRun]) -> None:
+        ordered = sorted(runs, key=lambda r: r.vaddr)
+        self.written[index] = (source, [r.vaddr for r in ordered], ordered)
+
+    def resolve(self, refs: list[tuple[int, int, int, int]]) -> model.PageRefs | None:
+        """PageRefs for claimed pages, now that their owners are written. A
+        page its owner left out (all zeros) is left out here too."""
+        sources: list[str] = []
+        packed: list[list[int]] = []
+        vma_of_last = -1
+        for page, owner, owner_page, vma_start in refs:
+            source, vaddrs, runs = self.written[owner]
+            i = bisect.bisect_right(vaddrs, owner_page) - 1
+            if i < 0 or owner_page >= runs[i].vaddr + runs[i].npages * PAGE_SIZE:
+                continue  # a zero page, not stored
+            offset = runs[i].offset + owner_page - runs[i].vaddr
+            if source not in sources:
+                sources.append(source)
+            src = sources.index(source)
+            last = packed[-1] if packed else None
+            if last and vma_of_last == vma_start and last[0] + last[1] * PAGE_SIZE == page and last[2] == src \
+                    and last[3] + last[1] * PAGE_SIZE == offset:
+                last[1] += 1
+            else:
+                packed.append([page, 1, src, offset])
+            vma_of_last = vma_start
+        if not packed:
+            return None
+        return model.PageRefs(sources, b"".join(schema.PAGE_REF.pack(*r) for r in packed))
 
 
 SEEK_DATA, SEEK_HOLE = 3, 4

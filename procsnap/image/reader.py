@@ -283,6 +283,24 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
         end = run.vaddr + run.npages * PAGE_SIZE
         if i < 0 or end > vmas[i].end or vmas[i].kind not in model.COPIED_KINDS:
             p.append(f"{where}: not inside one VMA whose pages are stored")
+    for refs in ckpt.page_refs:
+        try:
+            ref_runs = schema.unpack_page_refs(refs)
+        except schema.SchemaError as err:
+            p.append(str(err))
+            continue
+        for src in refs.sources:
+            if src and not (src.startswith("proc.") and src[5:].isdigit()):
+                p.append(f"page refs: source {src!r} is not an image of the tree")
+        for vaddr, npages, src, offset in ref_runs:
+            where = f"page ref {vaddr:#x}+{npages}"
+            i = bisect.bisect_right(starts, vaddr) - 1
+            if npages <= 0 or vaddr % PAGE_SIZE or offset % PAGE_SIZE or src >= len(refs.sources):
+                p.append(f"{where}: bad count, alignment or source")
+            elif i < 0 or vaddr + npages * PAGE_SIZE > vmas[i].end or vmas[i].kind not in model.COPIED_KINDS:
+                p.append(f"{where}: not inside one VMA whose pages are stored")
+    if len(ckpt.page_refs) > 1:
+        p.append("more than one PREF record")
     mm = ckpt.mm
     for name in ("start_code", "end_code", "start_data", "end_data", "start_brk", "brk", "start_stack",
                  "arg_start", "arg_end", "env_start", "env_end"):

@@ -35,7 +35,7 @@ from .. import model
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 1  # 1.1: THRD, PROC, PIPE, SHM, SOCK records
+MINOR = 1  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -49,6 +49,8 @@ GHOSTS = "ghosts.img"
 MAX_RECORD = 1 << 30
 # One page run in the PMAP record: vaddr, npages, offset, xxh3 (u64 each).
 PAGE_RUN = struct.Struct("<QQQQ")
+# One run of pages stored by another image (PREF): vaddr, npages, source index, offset.
+PAGE_REF = struct.Struct("<QQQQ")
 
 # tag -> (model class, the Checkpoint field it fills, one or many)
 RECORDS: dict[bytes, tuple[type, str, bool]] = {
@@ -66,6 +68,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"PIPE": (model.Pipe, "pipes", True),
     b"SHM ": (model.SharedMem, "shms", True),
     b"SOCK": (model.Socket, "sockets", True),
+    b"PREF": (model.PageRefs, "page_refs", True),
 }
 END = b"END "
 
@@ -78,6 +81,13 @@ def unpack_page_runs(pmap: model.PageMap) -> list[model.PageRun]:
     if len(pmap.runs) % PAGE_RUN.size:
         raise SchemaError(f"PageMap: {len(pmap.runs)} bytes is not a whole number of {PAGE_RUN.size}-byte runs")
     return [model.PageRun(*fields) for fields in PAGE_RUN.iter_unpack(pmap.runs)]
+
+
+def unpack_page_refs(refs: model.PageRefs) -> list[tuple[int, int, int, int]]:
+    """(vaddr, npages, source index, offset) of each run of a PREF record."""
+    if len(refs.runs) % PAGE_REF.size:
+        raise SchemaError(f"PageRefs: {len(refs.runs)} bytes is not a whole number of {PAGE_REF.size}-byte runs")
+    return list(PAGE_REF.iter_unpack(refs.runs))
 
 
 # Checkpoint fields stored in another shape than the model's: field -> (to record, from record)

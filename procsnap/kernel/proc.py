@@ -242,6 +242,25 @@ def classify_pages(pagemap: bytes, shared_anon: bool) -> list[tuple[int, int]]:
     return [(m.start(), m.end() - m.start()) for m in _RUN_RE.finditer(marks)]
 
 
+# Pages mapped by more than one process (present, not PM_MMAP_EXCLUSIVE, not
+# a file page): after a fork, the ones still shared copy-on-write.
+PM_TOP_EXCLUSIVE = 0x01  # bit 56
+_COW_TABLE = bytes(0x31 if b & PM_TOP_PRESENT and not b & (PM_TOP_EXCLUSIVE | PM_TOP_FILE) else 0x30
+                   for b in range(256))
+PFN_MASK = (1 << 55) - 1
+
+
+def shared_frames(pagemap: bytes) -> list[tuple[int, int]]:
+    """(page index, page frame number) of every present anonymous page
+    that is mapped more than once (root sees frame numbers)."""
+    marks = pagemap[7::8].translate(_COW_TABLE)
+    out = []
+    for m in _RUN_RE.finditer(marks):
+        entries = memoryview(pagemap)[m.start() * 8 : m.end() * 8].cast("Q")
+        out += [(m.start() + i, e & PFN_MASK) for i, e in enumerate(entries)]
+    return out
+
+
 def read_pagemap(fd: int, start: int, end: int) -> bytes:
     """Raw pagemap entries for [start, end) from an open /proc/PID/pagemap."""
     want = (end - start) // PAGE_SIZE * 8

@@ -16,6 +16,7 @@ import signal
 
 from .. import faults
 from ..errors import ProcsnapError, RestoreError, translated
+from ..image import schema
 from ..image.reader import Image, PageSource, open_image
 from ..kernel import infect, proc, ptrace
 from . import memory as M
@@ -66,13 +67,16 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
         log.info("pid %d: spawned %d processes", pid, len(children))
         try:
             faults.point("after-spawn")
-            for cpid, child in children.items():
-                with translated(cpid, "restore", RestoreError):
-                    pages = PageSource(images[cpid])
-                    try:
-                        rebuild(child, images[cpid], pages, progress)
-                    finally:
-                        pages.close()
+            sources = {}  # every image's pages: a process may map pages another one stored
+            for proc_entry, image in tree:
+                if image is not None:
+                    sources[proc_entry.dir if proc_entry.ppid else ""] = stack.enter_context(page_source(image))
+            for (proc_entry, image) in tree:
+                if image is None:
+                    continue
+                with translated(proc_entry.pid, "restore", RestoreError):
+                    rebuild(children[proc_entry.pid], image, sources[proc_entry.dir if proc_entry.ppid else ""],
+                            progress, sources)
             faults.point("before-registers")
             for cpid in children:
                 ckpt = images[cpid].checkpoint
@@ -112,7 +116,25 @@ def kill_children(children: dict[int, Child], root: int) -> None:
         os.waitpid(root, 0)
 
 
-def rebuild(child: Child, image: Image, pages: PageSource, progress=None) -> None:
+@contextlib.contextmanager
+def page_source(image: Image):
+    pages = PageSource(image)
+    try:
+        yield pages
+    finally:
+        pages.close()
+
+
+def _page_refs(ckpt, sources: dict[str, PageSource]) -> list[tuple[int, int, int, int]]:
+    out = []
+    for refs in ckpt.page_refs:
+        for vaddr, npages, src, offset in schema.unpack_page_refs(refs):
+            out.append((vaddr, npages, sources[refs.sources[src]].base + offset, src))
+    return out
+
+
+def rebuild(child: Child, image: Image, pages: PageSource, progress=None,
+            sources: dict[str, PageSource] | None = None) -> None:
     ckpt = image.checkpoint
     pid = child.pid
     shm_fds = {int(name[3:]): fd for name, fd in child.helper_fds.items() if name.startswith("shm")}
@@ -128,7 +150,8 @@ def rebuild(child: Child, image: Image, pages: PageSource, progress=None) -> Non
         M.unmap_seized(target, maps)
         M.restore_mm_seized(target, ckpt.mm, map_fds[ckpt.mm.exe_file_id])
         M.move_vdso_seized(target, maps, ckpt.vmas)
-        M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, progress, shm_fds)
+        M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, progress, shm_fds,
+                          _page_refs(ckpt, sources or {}))
         T.restore_signals_seized(target, ckpt.sigactions, ckpt.pending)
         T.restore_task_seized(target, ckpt.task)
         T.create_threads_seized(target, ckpt.threads)

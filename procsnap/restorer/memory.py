@@ -147,12 +147,14 @@ def fill(pid: int, segments: typing.Iterable[tuple[int, int, int]]) -> None:
 
 
 def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.PageRun], pages: PageSource,
-                    map_fds: dict[int, int], progress=None, shm_fds: dict[int, int] | None = None) -> None:
+                    map_fds: dict[int, int], progress=None, shm_fds: dict[int, int] | None = None,
+                    refs: typing.Sequence[tuple[int, int, int, int]] = ()) -> None:
     """Map each VMA, write its pages, set its final protection.
 
     Shared anonymous memory is mapped from the object the restorer made for
     it (shm_fds: SharedMem.id -> fd in the target), so that every process of
-    the tree maps the same one.
+    the tree maps the same one. `refs`: (vaddr, npages, local address,
+    source) of pages stored by another image of the tree, mapped here.
 
     A VMA that gets pages is mapped writable first (process_vm_writev does
     not force its way through protections) and filled before the next one
@@ -167,12 +169,14 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
     place with mremap, which never merges two areas with different
     anon_vmas.
     """
-    by_vma: dict[int, list[model.PageRun]] = {}
+    # (vaddr, npages, local address, source: -1 for our own pages.img)
+    segments = [(r.vaddr, r.npages, pages.address(r), -1) for r in runs] + list(refs)
+    by_vma: dict[int, list[tuple[int, int, int, int]]] = {}
     starts = sorted(vmas, key=lambda v: v.start)
     keys = [v.start for v in starts]
-    for run in runs:
-        by_vma.setdefault(starts[bisect.bisect_right(keys, run.vaddr) - 1].start, []).append(run)
-    total = sum(r.npages for r in runs) * PAGE_SIZE
+    for seg in segments:
+        by_vma.setdefault(starts[bisect.bisect_right(keys, seg[0]) - 1].start, []).append(seg)
+    total = sum(seg[1] for seg in segments) * PAGE_SIZE
     done = 0
     busy = [(v.start, v.end) for v in starts] + [(target.scratch, target.scratch + SCRATCH_SIZE)]
     for i, v in enumerate(starts):
@@ -198,8 +202,10 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
             if v.advice & bit:
                 target.call(NR.madvise, at, v.size, advice)
         if vruns:
-            fill(target.pid, ((pages.address(r), r.vaddr - v.start + at, r.npages * PAGE_SIZE) for r in vruns))
-            done += sum(r.npages for r in vruns) * PAGE_SIZE
+            for source in sorted({seg[3] for seg in vruns}):  # a batch never spans two sources' mappings
+                fill(target.pid, ((address, vaddr - v.start + at, npages * PAGE_SIZE)
+                                  for vaddr, npages, address, src in vruns if src == source))
+            done += sum(seg[1] for seg in vruns) * PAGE_SIZE
             faults.point("mid-memory-load")
             if progress:
                 progress(done, total)

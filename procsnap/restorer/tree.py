@@ -12,7 +12,9 @@ import os
 
 from .. import model
 from ..errors import ImageCorrupt
+from ..image import schema
 from ..image.reader import Image, open_image
+from ..kernel.arch.x86_64 import PAGE_SIZE
 
 IMAGE_DIR = "proc.{pid}"  # as the dumper names them
 
@@ -54,7 +56,26 @@ def open_tree(root: Image) -> list[tuple[model.Proc, Image | None]]:
             _check_refs(image, root.checkpoint)
         out.append((p, image))
     _check_refs(root, root.checkpoint)
+    by_dir = {(p.dir if p.ppid else ""): img for p, img in out if img is not None}
+    for p, img in out:
+        if img is not None:
+            _check_page_refs(img, by_dir)
     return out
+
+
+def _check_page_refs(image: Image, by_dir: dict[str, Image]) -> None:
+    """Pages stored by another image of the tree are inside its pages.img
+    (whose data its own validation has checked)."""
+    problems = []
+    for refs in image.checkpoint.page_refs:
+        for vaddr, npages, src, offset in schema.unpack_page_refs(refs):
+            source = by_dir.get(refs.sources[src])
+            if source is None:
+                problems.append(f"page ref {vaddr:#x}: source image {refs.sources[src]!r} is not in the tree")
+            elif offset + npages * PAGE_SIZE > source.pages_size:
+                problems.append(f"page ref {vaddr:#x}+{npages}: beyond {source.pages_path}")
+    if problems:
+        raise ImageCorrupt(f"{image.directory}: " + "; ".join(problems))
 
 
 def _check_refs(image: Image, root: model.Checkpoint) -> None:
