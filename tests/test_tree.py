@@ -430,36 +430,40 @@ def test_corrupt_child_image_refused(procs, tmp_path):
         assert not os.path.exists(f"/proc/{pid}")
 
 
+# 32 MiB written before fork, shared copy-on-write by 4 processes, each
+# checking it at the end.
+COW_PROGRAM = textwrap.dedent("""\
+    import hashlib, os, signal, time
+    buf = bytearray(os.urandom(32 << 20))
+    digest = hashlib.sha256(buf).digest()
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    signal.signal(signal.SIGUSR2, lambda *a: None)
+    kids = []
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:
+            signal.pause()
+            os._exit(0 if hashlib.sha256(buf).digest() == digest else 1)
+        kids.append(pid)
+    os.write(1, b"READY\\n")
+    signal.pause()
+    ok = hashlib.sha256(buf).digest() == digest
+    for pid in kids:
+        while True:
+            os.kill(pid, signal.SIGUSR2)
+            got, status = os.waitpid(pid, os.WNOHANG)
+            if got:
+                ok = ok and status == 0
+                break
+            time.sleep(0.02)
+    os.write(1, b"PASS\\n" if ok else b"FAIL\\n")
+    """)
+
+
 def test_cow_shared_pages_stored_once(procs, tmp_path, proc_snapshot, assert_same_snapshot):
     """32 MiB written before fork and shared copy-on-write by 4 processes is
     stored once, not four times; every process still has it after restore."""
-    code = textwrap.dedent("""\
-        import hashlib, os, signal, time
-        buf = bytearray(os.urandom(32 << 20))
-        digest = hashlib.sha256(buf).digest()
-        signal.signal(signal.SIGUSR1, lambda *a: None)
-        signal.signal(signal.SIGUSR2, lambda *a: None)
-        kids = []
-        for _ in range(3):
-            pid = os.fork()
-            if pid == 0:
-                signal.pause()
-                os._exit(0 if hashlib.sha256(buf).digest() == digest else 1)
-            kids.append(pid)
-        os.write(1, b"READY\\n")
-        signal.pause()
-        ok = hashlib.sha256(buf).digest() == digest
-        for pid in kids:
-            while True:
-                os.kill(pid, signal.SIGUSR2)
-                got, status = os.waitpid(pid, os.WNOHANG)
-                if got:
-                    ok = ok and status == 0
-                    break
-                time.sleep(0.02)
-        os.write(1, b"PASS\\n" if ok else b"FAIL\\n")
-        """)
-    t = procs.start([sys.executable, "-c", code], name="cow")
+    t = procs.start([sys.executable, "-c", COW_PROGRAM], name="cow")
     before = proc_snapshot(t.pid)
     images = dump_kill(t, tmp_path / "img")
     total = sum(p.stat().st_size for p in images.rglob("pages.img"))
@@ -468,4 +472,35 @@ def test_cow_shared_pages_stored_once(procs, tmp_path, proc_snapshot, assert_sam
     assert len(kids) == 3 and all(procsnap.open_image(str(k)).checkpoint.page_refs for k in kids)
     restore(procs, t, images)
     assert_same_snapshot(before, proc_snapshot(t.pid))
+    assert_pass(t)
+
+
+def shared_pages(pid):
+    """Present anonymous pages of pid mapped by more than one process."""
+    n = 0
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+    try:
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo >= 1 << 47:
+                continue
+            top = os.pread(fd, (hi - lo) // 4096 * 8, lo // 4096 * 8)[7::8]
+            n += sum(1 for b in top if b & 0x80 and not b & 0x21)
+    finally:
+        os.close(fd)
+    return n
+
+
+def test_leave_running_keeps_cow_sharing(procs, tmp_path, proc_snapshot, assert_same_snapshot):
+    """Reading the pages does not make the running processes copy what they
+    share (a pinning read would: 32 MiB more in each of them)."""
+    t = procs.start([sys.executable, "-c", COW_PROGRAM], name="cow")
+    before = shared_pages(t.pid)
+    assert before > 8000, before        # the 32 MiB buffer, shared with 3 children
+    snap = proc_snapshot(t.pid)
+    images = tmp_path / "img"
+    images.mkdir()
+    procsnap.dump(t.pid, str(images), leave_running=True)
+    assert shared_pages(t.pid) >= before - 100, (before, shared_pages(t.pid))
+    assert_same_snapshot(snap, proc_snapshot(t.pid))
     assert_pass(t)

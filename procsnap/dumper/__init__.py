@@ -105,7 +105,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                     runs, claimed = claims[index]
                     refs = cow.resolve(claimed)
                     ckpt.page_refs = [refs] if refs else []
-                write_pages_seized(task.pid, runs, writer.pages, progress)
+                write_pages_seized(task.pid, runs, writer.pages, progress, cow_shared=len(tree.tasks) > 1)
                 stats.pages_bytes += writer.pages.offset
                 cow.wrote(index, rel, writer.pages.runs)
                 if is_root:
@@ -142,7 +142,7 @@ def write_pages_from_snapshot(task: "FrozenTask", ckpt: model.Checkpoint, maps, 
         log.info("pid %d: thawed; reading pages from snapshot %d", pid, snap)
     source = pid if snap is None else snap
     later = [v for v in ckpt.vmas if not read_while_frozen(v)]
-    write_pages_seized(source, C.collect_page_runs(source, later), writer.pages, progress)
+    write_pages_seized(source, C.collect_page_runs(source, later), writer.pages, progress, cow_shared=snap is not None)
     return snap is not None
 
 

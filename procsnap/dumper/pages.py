@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import mmap
+import os
 
 from .. import faults, model
 from ..image.writer import ImageWriter, PageSink
@@ -69,18 +70,26 @@ def _chunks(runs: list[tuple[model.Vma, int, int]]):
         yield True, batch
 
 
-def write_pages_seized(pid: int, runs: list[tuple[model.Vma, int, int]], sink: PageSink, progress=None) -> None:
+def write_pages_seized(pid: int, runs: list[tuple[model.Vma, int, int]], sink: PageSink, progress=None,
+                       cow_shared: bool = False) -> None:
     """Read chunks into a ring of BUFFERS cache-sized buffers; each chunk's
     non-zero pieces go to the sink, which writes them while the next chunk
-    is read. A buffer is reused only once the sink is done with it."""
+    is read. A buffer is reused only once the sink is done with it.
+
+    cow_shared: the pages are likely shared copy-on-write with another
+    process (a snapshot, a forked tree): read through /proc/PID/mem, which
+    does not unshare them (see memory.read_mem_into)."""
     total = sum(length for _, _, length in runs)
     done = 0
     ring = [_Buffer() for _ in range(BUFFERS)]
+    mem_fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC) if cow_shared else -1
     try:
         for i, (readable, batch) in enumerate(_chunks(runs)):
             buf = ring[i % BUFFERS]
             buf.wait()
-            if readable:
+            if readable and cow_shared:
+                memory.read_mem_into(mem_fd, [(buf.view[off : off + length], addr) for _, addr, length, off in batch])
+            elif readable:
                 memory.read_into(pid, [(buf.address + off, addr, length) for _, addr, length, off in batch])
             else:
                 _, addr, length, _ = batch[0]
@@ -98,6 +107,8 @@ def write_pages_seized(pid: int, runs: list[tuple[model.Vma, int, int]], sink: P
         for buf in ring:
             buf.wait()
     finally:
+        if mem_fd >= 0:
+            os.close(mem_fd)
         for buf in ring:
             buf.close()
 
