@@ -73,6 +73,7 @@ class VmaKind(enum.Enum):
     FILE_SHARED = "file-shared"  # mapped from the file again; nothing copied
     SHARED_ANON = "shared-anon"  # MAP_SHARED|MAP_ANONYMOUS, pages copied (format 1.0 images)
     SHARED_MEM = "shared-mem"  # a shared mapping of a SharedMem object (shm: its id); contents there
+    SYSV_SHM = "sysv-shm"  # a SysV shared memory segment, attached whole (shm: its SharedMem)
     VDSO = "vdso"  # kernel-provided: moved to the saved address, not copied
     VVAR = "vvar"
     VVAR_VCLOCK = "vvar-vclock"
@@ -373,6 +374,9 @@ class SharedMem:
     mode: int = 0o600
     # [offset in the object, length, offset in ghosts.img, XXH3-64], one per extent
     extents: list[list[int]] = dataclasses.field(default_factory=list)
+    sysv_id: int = -1  # a SysV segment: its shmid (made again with the same id), key and state
+    sysv_key: int = 0
+    sysv_removed: bool = False  # IPC_RMID'd, alive while attached
 
 
 @dataclasses.dataclass

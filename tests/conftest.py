@@ -355,6 +355,12 @@ class Procs:
 
     def cleanup(self):
         for t in reversed(self.started):
+            if not t.reaped:    # a tree's other processes first: nothing of a failed test survives it
+                for pid in reversed(descendants(t.pid)):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
             t.kill_and_reap()
         # restored/orphaned descendants re-parented to us: reap zombies only
         while True:

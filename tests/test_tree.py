@@ -10,6 +10,7 @@ import dataclasses
 import os
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import time
@@ -504,3 +505,60 @@ def test_leave_running_keeps_cow_sharing(procs, tmp_path, proc_snapshot, assert_
     assert shared_pages(t.pid) >= before - 100, (before, shared_pages(t.pid))
     assert_same_snapshot(snap, proc_snapshot(t.pid))
     assert_pass(t)
+
+
+SYSV_PROGRAM = textwrap.dedent("""\
+    import ctypes, os, signal, sys, time
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    sid = libc.shmget(int(sys.argv[1]), 1 << 20, 0o1600)
+    assert sid >= 0, ctypes.get_errno()
+    a = libc.shmat(sid, None, 0)
+    ctypes.memset(a, 7, 8192)
+    if sys.argv[2] == "removed":
+        libc.shmctl(sid, 0, None)       # IPC_RMID: alive while attached
+    signal.signal(signal.SIGUSR2, lambda *x: None)
+    pid = os.fork()
+    if pid == 0:
+        signal.pause()
+        ok = ctypes.string_at(a, 4) == b"MAGI" and ctypes.string_at(a + 4096, 1) == b"\\x07"
+        os._exit(0 if ok else 1)
+    stop = []
+    signal.signal(signal.SIGUSR1, lambda *x: stop.append(1))
+    os.write(1, f"READY\\n{sid}\\n".encode())
+    while not stop:
+        signal.pause()
+    ctypes.memmove(a, b"MAGI", 4)       # seen by the child: one segment
+    while True:
+        os.kill(pid, signal.SIGUSR2)
+        got, st = os.waitpid(pid, os.WNOHANG)
+        if got:
+            break
+        time.sleep(0.02)
+    os.write(1, b"PASS\\n" if st == 0 else f"FAIL {st}\\n".encode())
+    """)
+
+
+@pytest.mark.parametrize("state", ["kept", "removed", "gone"])
+def test_sysv_shared_memory(state, procs, tmp_path, proc_snapshot, assert_same_snapshot):
+    """A SysV segment attached by two processes comes back with its id and
+    key, attached by both, shared: still there (kept), removed at dump and
+    so gone with the processes (removed), or removed after the dump (gone:
+    as on another machine)."""
+    key = int.from_bytes(os.urandom(3), "little") + 0x1000000
+    t = procs.start([sys.executable, "-c", SYSV_PROGRAM, str(key), state], name="sysv")
+    wait_until(lambda: len(t.output().split()) == 2, "the shmid")
+    sid = int(t.output().split()[1])
+    try:
+        before = proc_snapshot(t.pid)
+        images = dump_kill(t, tmp_path / "img")
+        if state == "gone":
+            subprocess.run(["ipcrm", "-m", str(sid)], check=True)
+        restore(procs, t, images)
+        assert_same_snapshot(before, proc_snapshot(t.pid))   # /SYSV mappings: same key, same shmid
+        assert_pass(t)
+    finally:
+        t.kill_and_reap()
+        if state != "removed":
+            subprocess.run(["ipcrm", "-m", str(sid)], stderr=subprocess.DEVNULL)
+    assert f" {sid} " not in Path("/proc/sysvipc/shm").read_text() or state != "removed"

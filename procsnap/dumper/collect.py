@@ -25,6 +25,7 @@ from .tree import Table
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
 
 KCMP_FILE = 0
+SHM_DEST = 0o1000
 SIGKILL, SIGSTOP = 9, 19
 
 
@@ -103,7 +104,19 @@ def classify_vma(pid: int, m: MapsEntry, files: FileTable, tree: Table) -> model
                      ("ss", "a shadow stack"), ("lo", "mlock()ed")):
         if vf in m.vmflags:
             raise Unsupported(f"{where} ({m.path or 'anonymous'}) is {what}; not supported", pid)
-    if m.shared and (m.path.startswith(("/dev/zero", "/memfd:")) or m.deleted):
+    if m.shared and m.path.startswith("/SYSV"):
+        seg = proc.sysv_shm(m.inode)  # a segment's inode number is its shmid
+        if seg is None:
+            raise Unsupported(f"{where} maps SysV segment {m.inode}, which /proc/sysvipc/shm does not list", pid)
+        if m.offset or m.end - m.start != -(-seg["size"] // PAGE_SIZE) * PAGE_SIZE:
+            raise Unsupported(f"{where} maps part of SysV segment {m.inode}; only whole attachments are "
+                              "supported", pid)
+        shm = tree.shm(("sysv", m.inode), "", f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
+        obj = next(o for o in tree.shms.values() if o.id == shm)
+        # the key it was made with is in its name (/proc/sysvipc/shm says 0 once it is removed)
+        obj.sysv_id, obj.sysv_key, obj.sysv_removed = m.inode, int(m.path[5:13], 16), bool(seg["perms"] & SHM_DEST)
+        vma = model.Vma(m.start, m.end, model.VmaKind.SYSV_SHM, prot, flags, 0, -1, m.path, shm=shm)
+    elif m.shared and (m.path.startswith(("/dev/zero", "/memfd:")) or m.deleted):
         path = "" if m.path.startswith("/dev/zero") else m.path.removesuffix(" (deleted)")
         source = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
         vma = model.Vma(m.start, m.end, model.VmaKind.SHARED_MEM, prot, flags, m.offset, -1, m.path,

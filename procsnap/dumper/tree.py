@@ -80,7 +80,8 @@ class Table:
             self.socket_ends[self.sockets[unix.inode].id] = (pid, fd, unix)
         return self.sockets[unix.inode].id
 
-    def shm(self, inode: int, path: str, source: str) -> int:
+    def shm(self, inode, path: str, source: str) -> int:
+        """The SharedMem id of a memory object (by inode, or ("sysv", shmid))."""
         if inode not in self.shms:
             self.shms[inode] = model.SharedMem(len(self.shms), 0, path)
             self.shm_sources[self.shms[inode].id] = source
@@ -294,7 +295,11 @@ def write_shms(table: Table, writer) -> list[model.SharedMem]:
         fd = os.open(table.shm_sources[obj.id], os.O_RDONLY | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
-            obj.size, obj.mode = st.st_size, st.st_mode & 0o7777
+            obj.size = st.st_size
+            if obj.sysv_id < 0:
+                obj.mode = st.st_mode & 0o7777
+            else:
+                obj.mode = (proc.sysv_shm(obj.sysv_id) or {"perms": 0o600})["perms"] & 0o777
             off = 0
             while off < obj.size:
                 try:

@@ -333,7 +333,8 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
         if g.size < 0 or g.offset < 0 or g.offset + g.size > image.ghosts_size:
             p.append(f"ghost {g.id}: outside ghosts.img")
     for m in ckpt.shms:
-        if not 0 <= m.size < 1 << 46 or (not m.path and m.size % PAGE_SIZE) or (m.path and _bad_path(m.path)):
+        if not 0 <= m.size < 1 << 46 or (not m.path and m.sysv_id < 0 and m.size % PAGE_SIZE) \
+                or (m.path and _bad_path(m.path)) or not -1 <= m.sysv_id < 1 << 31:
             p.append(f"shared memory {m.id}: bad size {m.size} or path {m.path!r}")
         for ext in m.extents:
             if len(ext) != 4 or any(not isinstance(x, int) or x < 0 for x in ext) \
@@ -341,7 +342,7 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
                 p.append(f"shared memory {m.id}: extent {ext} outside the object or ghosts.img")
                 break
     for v in ckpt.vmas:
-        if v.kind == model.VmaKind.SHARED_MEM and v.shm < 0:
+        if v.kind in (model.VmaKind.SHARED_MEM, model.VmaKind.SYSV_SHM) and v.shm < 0:
             p.append(f"VMA {v.start:#x}-{v.end:#x}: shared memory without an object")
     for sa in ckpt.sigactions:
         if not 1 <= sa.signo <= MAX_SIGNAL:

@@ -261,6 +261,19 @@ def shared_frames(pagemap: bytes) -> list[tuple[int, int]]:
     return out
 
 
+def sysv_shm(shmid: int) -> dict[str, int] | None:
+    """A SysV shared memory segment from /proc/sysvipc/shm: key, perms (mode
+    with SHM_DEST 01000), size; None if there is none with that id."""
+    with open("/proc/sysvipc/shm") as f:
+        lines = f.read().splitlines()
+    names = lines[0].split()
+    for line in lines[1:]:
+        fields = dict(zip(names, line.split()))
+        if int(fields["shmid"]) == shmid:
+            return {"key": int(fields["key"]), "perms": int(fields["perms"], 8), "size": int(fields["size"])}
+    return None
+
+
 def read_pagemap(fd: int, start: int, end: int) -> bytes:
     """Raw pagemap entries for [start, end) from an open /proc/PID/pagemap."""
     want = (end - start) // PAGE_SIZE * 8

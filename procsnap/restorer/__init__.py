@@ -46,6 +46,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     with contextlib.ExitStack() as stack:
         shared = SharedFiles(root_image)
         stack.callback(shared.close)
+        succeeded = [False]
+        stack.callback(lambda: shared.finish(succeeded[0]))
         nodes: dict[int, Node] = {}
         images: dict[int, Image] = {}
         for proc_entry, image in tree:
@@ -91,6 +93,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             raise
         for child in children.values():
             os.close(child.sync_w)
+        succeeded[0] = True
     log.info("pid %d: running", pid)
     return pid
 
@@ -151,7 +154,7 @@ def rebuild(child: Child, image: Image, pages: PageSource, progress=None,
         M.restore_mm_seized(target, ckpt.mm, map_fds[ckpt.mm.exe_file_id])
         M.move_vdso_seized(target, maps, ckpt.vmas)
         M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, progress, shm_fds,
-                          _page_refs(ckpt, sources or {}))
+                          _page_refs(ckpt, sources or {}), child.sysv_ids)
         T.restore_signals_seized(target, ckpt.sigactions, ckpt.pending)
         T.restore_task_seized(target, ckpt.task)
         T.create_threads_seized(target, ckpt.threads)

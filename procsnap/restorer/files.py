@@ -18,7 +18,7 @@ import stat
 from .. import model
 from ..errors import RestoreError
 from ..image.reader import Image
-from ..kernel import anonfd, mapping
+from ..kernel import anonfd, mapping, sysv
 
 O_LARGEFILE = 0o100000
 F_SETPIPE_SZ = 1031
@@ -41,6 +41,7 @@ class PreparedFiles:
     # epoll target fd -> [fd, events, data] watches the child adds once its fds are in place
     epolls: dict[int, list[list[int]]] = dataclasses.field(default_factory=dict)
     shared: set[int] = dataclasses.field(default_factory=set)  # sources owned by the tree's SharedFiles
+    sysv_ids: dict[int, int] = dataclasses.field(default_factory=dict)  # SharedMem id -> shmid, attached by shmat
 
     def all_sources(self) -> list[int]:
         return sorted(set(self.fd_sources.values()) | set(self.map_sources.values()) | {self.exe}
@@ -130,6 +131,8 @@ class SharedFiles:
         self.ends_used: set[tuple[int, bool]] = set()
         self.shm_fds: dict[int, int] = {}
         self.sockets = {sk.id: sk for sk in root.sockets}
+        self.sysv_done: set[int] = set()
+        self.sysv_made: set[int] = set()
         self.socket_fds: dict[int, int] = {}
         self.opened: set[int] = set()
 
@@ -173,6 +176,30 @@ class SharedFiles:
                                    (os.O_WRONLY if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK))
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & (os.O_NONBLOCK | os.O_APPEND | os.O_DIRECT))
         return fd
+
+    def sysv(self, shm_id: int) -> int:
+        """The SysV segment with its saved id (made again if it is gone),
+        filled with its contents; returns its shmid."""
+        obj = self.shms[shm_id]
+        if shm_id not in self.sysv_done:
+            try:
+                if sysv.ensure(obj.sysv_id, obj.sysv_key, obj.size, obj.mode, private_if_taken=obj.sysv_removed):
+                    self.sysv_made.add(obj.sysv_id)
+                sysv.write(obj.sysv_id, [(pos, self.image.read_blob(blob, length, xxh3))
+                                         for pos, length, blob, xxh3 in obj.extents])
+            except OSError as err:
+                raise RestoreError(f"SysV shared memory segment {obj.sysv_id}: {err.strerror or err}") from err
+            self.sysv_done.add(shm_id)
+        return obj.sysv_id
+
+    def finish(self, ok: bool) -> None:
+        """Segments removed at dump are removed again once attached (they live
+        while attached); after a failure, the ones made here go."""
+        for shm_id in self.sysv_done:
+            obj = self.shms[shm_id]
+            if (ok and obj.sysv_removed) or (not ok and obj.sysv_id in self.sysv_made):
+                with contextlib.suppress(OSError):
+                    sysv.remove(obj.sysv_id)
 
     def shm(self, shm_id: int) -> int:
         """An fd of the shared memory object, made as it was: shared anonymous
@@ -258,6 +285,8 @@ def prepare_files(image: Image, shell_job: bool, shared: SharedFiles | None = No
         _prepare_maps(ckpt, refs, prepared)
         for shm_id in sorted({v.shm for v in ckpt.vmas if v.kind == model.VmaKind.SHARED_MEM}):
             prepared.shm_sources[shm_id] = shared.shm(shm_id)
+        for shm_id in sorted({v.shm for v in ckpt.vmas if v.kind == model.VmaKind.SYSV_SHM}):
+            prepared.sysv_ids[shm_id] = shared.sysv(shm_id)
         _prepare_fds(image, refs, prepared, shell_job, shared)
         prepared.shared = set(shared.opened) | set(shared.descs.values())
     except BaseException:

@@ -98,6 +98,7 @@ PROT_RW = model.Prot.PROT_READ | model.Prot.PROT_WRITE
 MAP_FIXED_NOREPLACE = model.MapFlag.MAP_FIXED_NOREPLACE
 SHARED_KINDS = (model.VmaKind.FILE_SHARED, model.VmaKind.SHARED_ANON, model.VmaKind.SHARED_MEM)
 MADV_DONTNEED = 4
+SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
 FILL_THREADS = 2
 FILL_BATCH = 16 << 20
 
@@ -148,7 +149,8 @@ def fill(pid: int, segments: typing.Iterable[tuple[int, int, int]]) -> None:
 
 def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.PageRun], pages: PageSource,
                     map_fds: dict[int, int], progress=None, shm_fds: dict[int, int] | None = None,
-                    refs: typing.Sequence[tuple[int, int, int, int]] = ()) -> None:
+                    refs: typing.Sequence[tuple[int, int, int, int]] = (),
+                    sysv_ids: dict[int, int] | None = None) -> None:
     """Map each VMA, write its pages, set its final protection.
 
     Shared anonymous memory is mapped from the object the restorer made for
@@ -194,7 +196,11 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
             fd = shm_fds[v.shm]
             flags &= ~model.MapFlag.MAP_ANONYMOUS
         try:
-            target.call(NR.mmap, at, v.size, int(prot), int(flags), fd, v.offset)
+            if v.kind == model.VmaKind.SYSV_SHM:  # shmat, so that it is an attachment of the segment
+                target.call(NR.shmat, sysv_ids[v.shm], at, _shmat_flags(v.prot))
+                prot = _shmat_prot(v.prot)
+            else:
+                target.call(NR.mmap, at, v.size, int(prot), int(flags), fd, v.offset)
         except OSError as err:
             raise RestoreError(f"pid {target.pid}: mmap of VMA {v.start:#x}-{v.end:#x} ({v.name or v.kind.value}): "
                                f"{err.strerror}", target.pid) from err
@@ -216,6 +222,16 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
             target.call(NR.mprotect, at, v.size, int(v.prot))
         if apart:
             target.call(NR.mremap, at, v.size, v.size, MREMAP_MAYMOVE | MREMAP_FIXED, v.start)
+
+
+def _shmat_flags(prot: model.Prot) -> int:
+    return (0 if prot & model.Prot.PROT_WRITE else SHM_RDONLY) | (SHM_EXEC if prot & model.Prot.PROT_EXEC else 0)
+
+
+def _shmat_prot(prot: model.Prot) -> model.Prot:
+    """The protection shmat gives for the flags above."""
+    got = model.Prot.PROT_READ | (prot & (model.Prot.PROT_WRITE | model.Prot.PROT_EXEC))
+    return got
 
 
 def _kept_apart(a: model.Vma, b: model.Vma) -> bool:

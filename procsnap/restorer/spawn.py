@@ -43,6 +43,7 @@ class Child:
     pid: int
     sync_w: int  # restorer's end; closing it would wake the child
     helper_fds: dict[str, int]  # name -> fd number in the child
+    sysv_ids: dict[int, int] = dataclasses.field(default_factory=dict)  # SharedMem id -> shmid to attach
 
 
 def wait_pid_free(pid: int, timeout: float = 3.0) -> None:
@@ -242,8 +243,8 @@ def spawn(root: Node) -> dict[int, Child]:
         _kill_spawned(pid, [n.proc.pid for n in nodes])
         who, why = problems[0]
         raise RestoreError(f"pid {who}: preparing the new process failed: {why}", who)
-    return {n.proc.pid: Child(n.proc.pid, n.sync_w, {name: want for name, (_, want) in n.helpers.items()})
-            for n in live}
+    return {n.proc.pid: Child(n.proc.pid, n.sync_w, {name: want for name, (_, want) in n.helpers.items()},
+                              n.files.sysv_ids) for n in live}
 
 
 def _kill_spawned(root_pid: int, pids: list[int]) -> None:

@@ -87,7 +87,10 @@ def _check_refs(image: Image, root: model.Checkpoint) -> None:
     problems += [f"fd {e.fd}: unknown shared memory {e.file_id}" for e in image.checkpoint.fds
                  if e.kind == model.FdKind.SHM and e.file_id not in shms]
     problems += [f"VMA {v.start:#x}: unknown shared memory {v.shm}" for v in image.checkpoint.vmas
-                 if v.kind == model.VmaKind.SHARED_MEM and v.shm not in shms]
+                 if v.kind in (model.VmaKind.SHARED_MEM, model.VmaKind.SYSV_SHM) and v.shm not in shms]
+    sysv = {m.id for m in root.shms if m.sysv_id >= 0}
+    problems += [f"VMA {v.start:#x}: shared memory {v.shm} is not a SysV segment" for v in image.checkpoint.vmas
+                 if v.kind == model.VmaKind.SYSV_SHM and v.shm not in sysv]
     sockets = {sk.id for sk in root.sockets}
     problems += [f"fd {e.fd}: unknown unix socket {e.file_id}" for e in image.checkpoint.fds
                  if e.kind == model.FdKind.UNIX and e.file_id not in sockets]

@@ -32,6 +32,7 @@ class NR(enum.IntEnum):
     rt_sigprocmask = 14
     mremap = 25
     madvise = 28
+    shmat = 30
     pause = 34
     getitimer = 36
     getpid = 39

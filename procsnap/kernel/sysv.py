@@ -1,0 +1,55 @@
+"""SysV shared memory segments made again with their ids (shm_next_id,
+which kernels with CONFIG_CHECKPOINT_RESTORE offer for exactly this)."""
+
+from __future__ import annotations
+
+import ctypes
+
+from . import proc
+from .libc import libc, oserror
+
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+libc.shmdt.argtypes = [ctypes.c_void_p]
+IPC_CREAT, IPC_EXCL, IPC_RMID, IPC_PRIVATE = 0o1000, 0o2000, 0, 0
+SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
+NEXT_ID = "/proc/sys/kernel/shm_next_id"
+
+
+def ensure(shmid: int, key: int, size: int, mode: int, private_if_taken: bool = False) -> bool:
+    """The segment `shmid` of `size` bytes, made if missing; True if made.
+    private_if_taken: a removed segment's key may have been reused since;
+    then it is made without a key (its name in maps shows key 0)."""
+    seg = proc.sysv_shm(shmid)
+    if seg is not None:
+        if seg["size"] != size:
+            raise OSError(0, f"SysV segment {shmid} exists with {seg['size']} bytes, not {size}")
+        return False
+    with open(NEXT_ID, "w") as f:  # used by the next shmget, then back to -1 by itself
+        f.write(str(shmid))
+    got = libc.shmget(key, size, IPC_CREAT | IPC_EXCL | (mode & 0o777))
+    if got < 0 and ctypes.get_errno() == 17 and private_if_taken:  # EEXIST
+        got = libc.shmget(IPC_PRIVATE, size, IPC_CREAT | (mode & 0o777))
+    if got < 0:
+        raise oserror(f"shmget(key {key:#x}, {size})")
+    if got != shmid:
+        remove(got)
+        raise OSError(0, f"SysV segment made with id {got}, not {shmid}")
+    return True
+
+
+def write(shmid: int, pieces: list[tuple[int, bytes]]) -> None:
+    """Write (offset, data) pieces into the segment through an attachment of ours."""
+    base = libc.shmat(shmid, None, 0)
+    if base in (None, ctypes.c_void_p(-1).value):
+        raise oserror(f"shmat({shmid})")
+    try:
+        for offset, data in pieces:
+            ctypes.memmove(base + offset, data, len(data))
+    finally:
+        libc.shmdt(ctypes.c_void_p(base))
+
+
+def remove(shmid: int) -> None:
+    if libc.shmctl(shmid, IPC_RMID, None) < 0:
+        raise oserror(f"shmctl({shmid}, IPC_RMID)")
