@@ -242,10 +242,9 @@ class Rlimit:
 
 
 @dataclasses.dataclass
-class Task:
-    """One task's CPU, signal and identity state."""
+class ThreadState:
+    """What each thread has of its own: CPU and per-thread signal state."""
 
-    pid: int
     comm: str
     regs: dict[str, int]
     xstate: bytes
@@ -259,6 +258,13 @@ class Task:
     altstack_sp: int
     altstack_flags: int
     altstack_size: int
+
+
+@dataclasses.dataclass
+class Task(ThreadState):
+    """The process: its leader thread's state, and its identity."""
+
+    pid: int
     personality: int
     umask: int
     cwd: str
@@ -271,30 +277,11 @@ class Task:
 
 
 @dataclasses.dataclass
-class Thread:
-    """A thread other than the leader: its CPU and per-thread signal state.
-    (The leader's are in Task.)"""
+class Thread(ThreadState):
+    """A thread other than the leader (the leader's state is in Task)."""
 
     tid: int
-    comm: str
-    regs: dict[str, int]
-    xstate: bytes
-    sigmask: int
-    rseq_ptr: int
-    rseq_len: int
-    rseq_sig: int
-    robust_list: int
-    robust_list_len: int
-    clear_child_tid: int
-    altstack_sp: int
-    altstack_flags: int
-    altstack_size: int
     pending: list[bytes] = dataclasses.field(default_factory=list)  # siginfos queued to this thread
-
-
-# The per-thread fields Task and Thread have in common.
-THREAD_FIELDS = ("comm", "regs", "xstate", "sigmask", "rseq_ptr", "rseq_len", "rseq_sig", "robust_list",
-                 "robust_list_len", "clear_child_tid", "altstack_sp", "altstack_flags", "altstack_size")
 
 
 @dataclasses.dataclass

@@ -562,3 +562,50 @@ def test_sysv_shared_memory(state, procs, tmp_path, proc_snapshot, assert_same_s
         if state != "removed":
             subprocess.run(["ipcrm", "-m", str(sid)], stderr=subprocess.DEVNULL)
     assert f" {sid} " not in Path("/proc/sysvipc/shm").read_text() or state != "removed"
+
+
+THREAD_SIGNAL_PROGRAM = textwrap.dedent("""\
+    import os, signal, threading
+    # SIGUSR2 blocked everywhere; one queued to the worker thread only, one
+    # zombie child killed by SIGTERM and never reaped before the check.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+    go = threading.Event()
+    seen = {}
+    def worker():
+        go.wait()
+        seen["worker"] = signal.SIGUSR2 in signal.sigpending()
+    t = threading.Thread(target=worker)
+    t.start()
+    signal.pthread_kill(t.ident, signal.SIGUSR2)
+    kid = os.fork()
+    if kid == 0:
+        signal.pause()
+        os._exit(0)
+    os.kill(kid, signal.SIGTERM)
+    while open(f"/proc/{kid}/stat").read().rpartition(")")[2].split()[0] != "Z":
+        pass
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    os.write(1, b"READY\\n")
+    signal.pause()
+    main_pending = signal.SIGUSR2 in signal.sigpending()
+    go.set()
+    t.join()
+    _, status = os.waitpid(kid, 0)
+    ok = seen["worker"] and not main_pending and os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    os.write(1, b"PASS\\n" if ok else f"FAIL {seen} {main_pending} {status:#x}\\n".encode())
+    """)
+
+
+def test_thread_pending_signal_and_signalled_zombie(procs, tmp_path, proc_snapshot, assert_same_snapshot):
+    """A signal queued to one thread stays that thread's; a zombie killed by
+    a signal is reaped after restore with that signal as its status."""
+    t = procs.start([sys.executable, "-c", THREAD_SIGNAL_PROGRAM], name="thrsig")
+    before = proc_snapshot(t.pid)
+    images = dump_kill(t, tmp_path / "img")
+    image = procsnap.open_image(str(images))
+    assert [len(th.pending) for th in image.checkpoint.threads] == [1]
+    zombies = [p for p in image.checkpoint.procs if p.zombie]
+    assert len(zombies) == 1 and os.WTERMSIG(zombies[0].exit_status) == signal.SIGTERM
+    restore(procs, t, images)
+    assert_same_snapshot(before, proc_snapshot(t.pid))
+    assert_pass(t)

@@ -247,7 +247,7 @@ def collect_pending(pid: int) -> list[model.PendingSignal]:
 
 
 def _thread_state_seized(tid: int, target: Target, regs, sigmask: int) -> dict:
-    """The per-thread fields (model.THREAD_FIELDS) of thread `tid`; `target`
+    """The per-thread fields (model.ThreadState) of thread `tid`; `target`
     injects into that thread."""
     target.call(NR.prctl, Prctl.PR_GET_TID_ADDRESS, target.scratch)
     (clear_child_tid,) = struct.unpack("<Q", target.read_scratch(8))

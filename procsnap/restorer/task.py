@@ -50,8 +50,8 @@ def restore_task_seized(target: Target, task: model.Task) -> None:
     target.call(NR.personality, task.personality)
 
 
-def restore_thread_state_seized(target: Target, task: model.Task | model.Thread) -> None:
-    """The per-thread fields (model.THREAD_FIELDS) but registers and mask,
+def restore_thread_state_seized(target: Target, task: model.ThreadState) -> None:
+    """The per-thread fields (model.ThreadState) but registers and mask,
     from inside the thread `target` injects into."""
     target.call(NR.set_tid_address, task.clear_child_tid)
     if task.robust_list:
@@ -98,9 +98,11 @@ def create_threads_seized(target: Target, threads: list[model.Thread]) -> list[i
         ptrace.wait_stop(tid)  # its first stop, before any instruction of its own
         with infect.infected(tid, [], scratch_area=False, put_back=False, gadget=target.call.gadget) as t:
             restore_thread_state_seized(Target(target.pid, t.call, target.scratch), th)
-        for info in th.pending:
-            target.write_scratch(info)
-            target.call(NR.rt_tgsigqueueinfo, target.pid, tid, struct.unpack_from("<i", info)[0], target.scratch)
+            # Queued by the thread itself: the kernel lets a tgkill()-style
+            # siginfo (SI_TKILL, or from the kernel) be queued only to oneself.
+            for info in th.pending:
+                target.write_scratch(info)
+                t.call(NR.rt_tgsigqueueinfo, target.pid, tid, struct.unpack_from("<i", info)[0], target.scratch)
     return made
 
 
