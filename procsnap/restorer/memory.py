@@ -15,6 +15,8 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import ctypes
+import functools
+import itertools
 import threading
 import typing
 
@@ -131,20 +133,34 @@ def fill(pid: int, segments: typing.Iterable[tuple[int, int, int]]) -> None:
     source = batches()
     lock = threading.Lock()
 
+    def write(batch) -> None:
+        memory.write_from(pid, batch)
+        lo = min(loc for loc, _, _ in batch)
+        hi = max(loc + length for loc, _, length in batch)
+        mapping.drop(lo, hi - lo)  # runs sit back to back in pages.img: one call covers the batch
+
     def work() -> None:
         while True:
             with lock:
                 batch = next(source, None)
             if batch is None:
                 return
-            memory.write_from(pid, batch)
-            lo = min(loc for loc, _, _ in batch)
-            hi = max(loc + length for loc, _, length in batch)
-            mapping.drop(lo, hi - lo)  # runs sit back to back in pages.img: one call covers the batch
+            write(batch)
 
-    with concurrent.futures.ThreadPoolExecutor(FILL_THREADS) as pool:
-        for fut in [pool.submit(work) for _ in range(FILL_THREADS)]:
-            fut.result()
+    first, second = next(source, None), next(source, None)
+    if second is None:  # one batch (most VMAs): no thread to hand it to
+        if first is not None:
+            write(first)
+        return
+    source = itertools.chain([first, second], source)
+    for fut in [_fill_pool().submit(work) for _ in range(FILL_THREADS)]:
+        fut.result()
+
+
+@functools.cache
+def _fill_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """One pool for every fill of the restore: a tree has thousands of VMAs."""
+    return concurrent.futures.ThreadPoolExecutor(FILL_THREADS, thread_name_prefix="procsnap-fill")
 
 
 def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.PageRun], pages: PageSource,

@@ -20,7 +20,8 @@ from .. import model
 from ..errors import RestoreError
 from ..kernel.arch.x86_64 import NR
 from ..kernel import anonfd
-from ..kernel.libc import prctl
+from ..kernel.libc import prctl, syscall
+from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE
 from .files import PreparedFiles
 
 _pylibc = ctypes.PyDLL(None, use_errno=True)  # keeps the GIL across clone3
@@ -114,6 +115,7 @@ def _child_setup(node: Node) -> None:
     # If the restorer dies (even by SIGKILL) before the rebuild is done, the
     # half-built process dies with it; the rebuild clears this at the end.
     prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    _reset_signal_actions()
     # fd numbers up to the hard limit, whatever the restorer's soft one (the
     # saved limits are set last)
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -152,6 +154,16 @@ def _child_setup(node: Node) -> None:
     os.write(ready_w, b"R")
     os.close(ready_w)
     os.read(sync_r, 1)  # frozen here by the restorer, never returns
+
+
+def _reset_signal_actions() -> None:
+    """Every signal's action SIG_DFL with no flags (the raw call: glibc's
+    sigaction would add SA_RESTORER), so that the rebuild sets only the
+    saved ones. A copy of the restorer carries the restorer's handlers."""
+    default = ctypes.create_string_buffer(KSIGACTION.size)
+    for sig in range(1, NSIG + 1):
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            syscall(NR.rt_sigaction, sig, default, 0, SIGSET_SIZE)
 
 
 def _rlim(value: int) -> int:

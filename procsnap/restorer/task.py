@@ -20,7 +20,7 @@ from ..kernel import infect, ptrace
 from ..kernel.arch import x86_64 as arch
 from ..kernel.arch.x86_64 import NR
 from ..kernel.infect import Target
-from ..kernel.structs import (KSIGACTION, NSIG, ROBUST_LIST_HEAD_SIZE, RSEQ_FLAG_UNREGISTER, SIGSET_SIZE, SS_DISABLE,
+from ..kernel.structs import (KSIGACTION, ROBUST_LIST_HEAD_SIZE, RSEQ_FLAG_UNREGISTER, SIGSET_SIZE, SS_DISABLE,
                               STACK_T, Prctl)
 
 PR_SET_PDEATHSIG = 1
@@ -29,14 +29,13 @@ UNCATCHABLE = (9, 19)  # SIGKILL, SIGSTOP
 
 def restore_signals_seized(target: Target, sigactions: list[model.SigAction],
                            pending: list[model.PendingSignal]) -> None:
-    saved = {sa.signo: sa for sa in sigactions}
-    for sig in range(1, NSIG + 1):
-        if sig in UNCATCHABLE:
+    """The saved handlers (every other one is SIG_DFL already: spawn reset
+    them all), then the pending signals."""
+    for sa in sigactions:
+        if sa.signo in UNCATCHABLE:
             continue
-        sa = saved.get(sig)
-        act = KSIGACTION.pack(sa.handler, int(sa.flags), sa.restorer, sa.mask) if sa else KSIGACTION.pack(0, 0, 0, 0)
-        target.write_scratch(act)
-        target.call(NR.rt_sigaction, sig, target.scratch, 0, SIGSET_SIZE)
+        target.write_scratch(KSIGACTION.pack(sa.handler, int(sa.flags), sa.restorer, sa.mask))
+        target.call(NR.rt_sigaction, sa.signo, target.scratch, 0, SIGSET_SIZE)
     for p in pending:
         target.write_scratch(p.siginfo)
         if p.shared:
