@@ -212,23 +212,48 @@ def test_biggest_tree(procs, tmp_path, proc_snapshot, assert_same_snapshot):
     assert_pass(t)
 
 
-def test_leave_running_tree(procs, targets, tmp_path, proc_snapshot, assert_same_snapshot):
-    case = CASES_BY_ID["tree-pipes"]
-    t = procs.start_case(case, "pie")
+@pytest.mark.parametrize("mode", ["tree-pipes", "tree-prefork"])
+def test_leave_running_tree(mode, procs, targets, tmp_path, proc_snapshot, assert_same_snapshot):
+    """Every process gets a copy-on-write snapshot while all are frozen, then
+    all run on while the pages are read: the image is one instant of the
+    whole tree (the prefork workers never stop writing), the snapshots are
+    gone afterwards, and the pipes' bytes were not consumed."""
+    t = procs.start_case(CASES_BY_ID[mode], "pie")
     before = proc_snapshot(t.pid)
     out_size = t.output_size()
     images = tmp_path / "img"
     images.mkdir()
-    procsnap.dump(t.pid, str(images), leave_running=True)
+    stats = procsnap.dump(t.pid, str(images), leave_running=True)
+    assert stats.snapshot and 0 < stats.frozen_s < stats.total_s, stats
     for pid in [t.pid] + descendants(t.pid):
         assert proc_status(pid)["TracerPid"] == "0"
-    assert_same_snapshot(before, proc_snapshot(t.pid))
+    assert_same_snapshot(before, proc_snapshot(t.pid))     # no snapshot (or its zombie) left
     others = descendants(t.pid)
-    assert_pass(t)      # the pipes' bytes were not consumed by the dump
+    assert_pass(t)
     t.reap()
     reap_gone(others)
     t.truncate_output(out_size)
     restore(procs, t, images)
+    assert_same_snapshot(before, proc_snapshot(t.pid))
+    assert_pass(t)
+
+
+@pytest.mark.parametrize("stage", DUMP_STAGES)
+def test_leave_running_tree_fault(stage, procs, tmp_path, monkeypatch, proc_snapshot, assert_same_snapshot):
+    """-R on a tree failing at every stage: every process runs on unchanged,
+    untraced, with no snapshot left, and no image."""
+    t = procs.start_case(CASES_BY_ID["tree-prefork"], "pie")
+    before = proc_snapshot(t.pid)
+    images = tmp_path / "img"
+    images.mkdir()
+    monkeypatch.setenv("PROCSNAP_FAULT", stage)
+    with pytest.raises(InjectedFault):
+        procsnap.dump(t.pid, str(images), leave_running=True)
+    monkeypatch.delenv("PROCSNAP_FAULT")
+    assert list(images.iterdir()) == []
+    for pid in [t.pid] + descendants(t.pid):
+        st = proc_status(pid)
+        assert st["TracerPid"] == "0" and st["State"][0] in "SR", (pid, st)
     assert_same_snapshot(before, proc_snapshot(t.pid))
     assert_pass(t)
 

@@ -80,38 +80,54 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                  sum(len(c.fds) for c in ckpts))
         # In tree order, so that pages shared copy-on-write are stored by the
         # first process; the root's inventory, written last, commits the whole.
+        single = len(tree.tasks) == 1
+        early: list[list] = [[] for _ in collected]  # pages read while frozen: a fork would not keep them
+        if leave_running and not single:
+            for index, (ckpt, runs, ghost_fds, maps) in enumerate(collected):
+                early[index] = [r for r in runs if read_while_frozen(r[0])]
+                collected[index] = (ckpt, [r for r in runs if not read_while_frozen(r[0])], ghost_fds, maps)
         cow = T.CowIndex()
-        claims = [([], [])] * len(collected)
-        if len(tree.tasks) > 1:
-            with translated(pid, "collect"):
-                claims = [cow.claim(i, task.pid, runs) for i, (task, (_, runs, _, _))
-                          in enumerate(zip(tree.tasks, collected))]
-        root_writer = None
+        claims = [(c[1], []) for c in collected]
+        if not single:
+            with translated(pid, "collect"):  # before any page is read (see CowIndex)
+                claims = [cow.claim(i, task.pid, c[1]) for i, (task, c) in enumerate(zip(tree.tasks, collected))]
+        writers = []
         for index, (task, (ckpt, runs, ghost_fds, maps)) in enumerate(zip(tree.tasks, collected)):
-            is_root = task.pid == pid
-            rel = "" if is_root else T.IMAGE_DIR.format(pid=task.pid)
-            where = os.path.join(images_dir, rel)
+            where = os.path.join(images_dir, _image_dir(task.pid, pid))
             with translated(task.pid, f"write {where}"):
-                writer = stack.enter_context(image_writer(where, create=not is_root))
+                writer = stack.enter_context(image_writer(where, create=task.pid != pid))
+                writers.append(writer)
                 write_ghosts_seized(task.pid, ghost_fds, writer, ckpt)
-                if is_root:
+                if task.pid == pid:
                     root.shms = T.write_shms(table, writer)
                 if snapshot:
                     stats.snapshot = write_pages_from_snapshot(task, ckpt, maps, writer, stack, progress)
-                    stats.pages_bytes += writer.pages.offset
-                    root_writer = writer
-                    continue
-                if len(tree.tasks) > 1:
-                    runs, claimed = claims[index]
-                    refs = cow.resolve(claimed)
-                    ckpt.page_refs = [refs] if refs else []
-                write_pages_seized(task.pid, runs, writer.pages, progress, cow_shared=len(tree.tasks) > 1)
-                stats.pages_bytes += writer.pages.offset
-                cow.wrote(index, rel, writer.pages.runs)
-                if is_root:
-                    root_writer = writer
-                else:
+                elif early[index]:
+                    write_pages_seized(task.pid, early[index], writer.pages, cow_shared=True)
+        sources = [task.pid for task in tree.tasks]
+        if leave_running and not single:
+            # every process's copy-on-write snapshot, then all of them run on
+            snaps = [stack.enter_context(cow_snapshot(task, c[3])) for task, c in zip(tree.tasks, collected)]
+            if all(snap is not None for snap in snaps):
+                for task in tree.tasks:
+                    task.thaw()
+                log.info("pid %d: thawed; reading pages from %d snapshots", pid, len(snaps))
+                sources, stats.snapshot = snaps, True
+        for index, (task, (ckpt, _, _, _)) in enumerate(zip(tree.tasks, collected)):
+            if snapshot:
+                break
+            writer = writers[index]
+            with translated(task.pid, f"write {writer.dir}"):
+                runs, claimed = claims[index]
+                refs = cow.resolve(claimed)
+                ckpt.page_refs = [refs] if refs else []
+                write_pages_seized(sources[index], runs, writer.pages, progress, cow_shared=not single)
+                cow.wrote(index, _image_dir(task.pid, pid), writer.pages.runs)
+                if task.pid != pid:
                     writer.commit(ckpt)
+        for writer in writers:
+            stats.pages_bytes += writer.pages.offset
+        root_writer = writers[0]
         with translated(pid, f"write {images_dir}"):
             faults.point("before-commit")
             root_writer.commit(root)
@@ -125,6 +141,11 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     stats.total_s = time.monotonic() - started
     log.info("pid %d: frozen for %.1f ms of %.1f ms", pid, stats.frozen_s * 1000, stats.total_s * 1000)
     return stats
+
+
+def _image_dir(pid: int, root: int) -> str:
+    """Where a process's image is, relative to the root's."""
+    return "" if pid == root else T.IMAGE_DIR.format(pid=pid)
 
 
 def write_pages_from_snapshot(task: "FrozenTask", ckpt: model.Checkpoint, maps, writer: ImageWriter,
