@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import procsnap
 from conftest import CASES_BY_ID, read_inventory, rewrite_records
 from procsnap.errors import ImageCorrupt
+from procsnap.restorer.tree import open_tree
 
 HOSTILE_INTS = st.one_of(
     st.integers(-(2**70), 2**70),
@@ -64,3 +65,40 @@ def test_hostile_field_values(image, data):
     finally:
         # put the pristine inventory back for the next example
         rewrite_records(image, lambda recs: recs.__setitem__(slice(None), [r for r in snapshot if r[0] != b"END "]))
+
+
+@pytest.fixture(params=["ipc-fifo", "ipc-sockets"])
+def tree_image(request, procs, tmp_path):
+    """A tree's image: PROC, PIPE (a named FIFO), SHM, SOCK records in the root's."""
+    images = tmp_path / "img"
+    images.mkdir()
+    t = procs.start_case(CASES_BY_ID[request.param], "pie")
+    procsnap.dump(t.pid, str(images), leave_running=True)
+    return images
+
+
+@settings(max_examples=150, deadline=5000,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_hostile_tree_records(tree_image, data):
+    """The same for the tree's own records, read as a restore reads them
+    (open_tree: every process's image and what they share)."""
+    header, raw = read_inventory(tree_image)
+    original = [[tag, json.loads(payload)] for tag, _, payload in raw]
+    records = [r for r in original if r[0] in (b"PROC", b"PIPE", b"SHM ", b"SOCK", b"FD  ", b"VMA ")]
+    tag, obj = data.draw(st.sampled_from(records), label="record")
+    i = original.index([tag, obj])
+    key = data.draw(st.sampled_from(sorted(obj)), label=f"field of {tag!r}")
+    value = data.draw(HOSTILE, label="value")
+
+    def edit(recs):
+        recs[i][1][key] = value
+
+    snapshot = copy.deepcopy(original)
+    rewrite_records(tree_image, edit)
+    try:
+        open_tree(procsnap.open_image(str(tree_image)))
+    except ImageCorrupt:
+        pass
+    finally:
+        rewrite_records(tree_image, lambda recs: recs.__setitem__(slice(None), [r for r in snapshot if r[0] != b"END "]))

@@ -151,7 +151,9 @@ class SharedFiles:
             self.ends_used.add((pipe_id, write))
         if (pipe_id, write) not in self.pipe_ends:
             if pipe.path:  # held open for reading and writing while the restore lasts
-                try:
+                try:  # (never opened if it is not a FIFO: opening a device can act)
+                    if not stat.S_ISFIFO(os.stat(pipe.path).st_mode):
+                        raise RestoreError(f"named FIFO {pipe.path}: is not a FIFO any more")
                     r = w = self._own(os.open(pipe.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC))
                 except OSError as err:
                     raise RestoreError(f"named FIFO {pipe.path}: cannot open it: {err.strerror}") from err
