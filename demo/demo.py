@@ -1,8 +1,9 @@
 """make demo: checkpoint a running program, kill it, restore it, and show
-that it carried on from where it stopped, with the same pid.
+that it carried on from where it stopped, with the same pids.
 
-The program is a python3 process counting in a loop, holding its counter
-only in memory and appending each value to a log file.
+The program is a small python3 process tree: a thread of the parent counts,
+holding its counter only in memory, and sends each value through a pipe to
+a child process, which appends it to a log file.
 """
 
 import ctypes
@@ -16,14 +17,30 @@ import textwrap
 import time
 
 PROGRAM = textwrap.dedent("""
-    import os, sys, time
-    n = 0
-    log = open(sys.argv[1], "a", buffering=1)
-    while True:
-        log.write(f"pid {os.getpid()} count {n}\\n")
-        n += 1
-        time.sleep(0.1)
+    import os, sys, threading, time
+    r, w = os.pipe()
+    if os.fork() == 0:          # the child: writes what comes through the pipe to the log
+        os.close(w)
+        log = open(sys.argv[1], "a", buffering=1)
+        for line in os.fdopen(r):
+            log.write(f"pid {os.getpid()} (child of {os.getppid()}) count {line.strip()}\\n")
+        os._exit(0)
+    os.close(r)
+    def count():                # a thread of the parent: the counter lives only here
+        n = 0
+        while True:
+            os.write(w, f"{n}\\n".encode())
+            n += 1
+            time.sleep(0.1)
+    threading.Thread(target=count).start()
 """)
+
+
+def tree(pid):
+    """'pid P (N threads) -> child C' of the demo program."""
+    threads = len(os.listdir(f"/proc/{pid}/task"))
+    kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    return f"pid {pid} ({threads} threads) -> child {', '.join(kids)}", [int(k) for k in kids]
 
 
 def procsnap(*args, check=True):
@@ -54,21 +71,30 @@ def main():
     restored = None
     try:
         time.sleep(1.5)
-        print(f"1. python3 (pid {pid}) is counting; its log ends with:")
+        shape, kids = tree(pid)
+        print(f"1. python3 {shape} is counting; its log ends with:")
         print(textwrap.indent("\n".join(tail(log)), "  "))
         print("\n2. Checkpoint it (the process is killed once the image is complete):")
         t0 = time.monotonic()
         procsnap("dump", "-t", str(pid), "-D", images)
         print(f"  dump took {(time.monotonic() - t0) * 1000:.0f} ms (whole CLI)")
         prog.wait()
+        for k in kids:  # killed too: it comes back to us (the subreaper) to be reaped
+            while os.path.exists(f"/proc/{k}"):
+                try:
+                    os.waitpid(k, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+                time.sleep(0.01)
         last = tail(log, 1)[0]
         print(f"  pid {pid} is gone: exit status {prog.returncode}; the log stops at '{last}'")
         time.sleep(0.5)
         assert tail(log, 1)[0] == last, "the log moved while the process was dead"
         summary = procsnap("show", images, check=True)
         img = json.loads(summary.stdout) if summary.stdout.startswith("{") else {}
-        print(f"  (that was the image as JSON: {len(img.get('vmas', []))} VMAs, "
-              f"{img.get('pages_size', 0) // 1024} KiB of pages)")
+        print(f"  (that was the image as JSON: {len(img.get('procs', []))} processes, "
+              f"{1 + len(img.get('threads', []))} threads in the first, {len(img.get('pipes', []))} pipe, "
+              f"{len(img.get('vmas', []))} VMAs and {img.get('pages_size', 0) // 1024} KiB of pages in the first)")
         print("\n3. Restore it:")
         t0 = time.monotonic()
         out = procsnap("restore", "-D", images, "-d")
@@ -76,17 +102,19 @@ def main():
         print(f"  restore took {(time.monotonic() - t0) * 1000:.0f} ms (whole CLI)")
         time.sleep(1.0)
         lines = tail(log, 4)
-        print(f"\n4. pid {restored} is running again; its log now ends with:")
+        shape_after, kids_after = tree(restored)
+        print(f"\n4. {shape_after} is running again; its log now ends with:")
         print(textwrap.indent("\n".join(lines), "  "))
         last_before = int(last.split()[-1])
         counts = [int(x.split()[-1]) for x in open(log).read().splitlines()]
-        ok = restored == pid and counts == list(range(len(counts))) and counts[-1] > last_before
-        print(f"\nSame pid: {restored == pid}. Counter carried on from {last_before} with no gap or repeat: "
+        same = restored == pid and kids_after == kids and shape_after == shape
+        ok = same and counts == list(range(len(counts))) and counts[-1] > last_before
+        print(f"\nSame pids and threads: {same}. Counter carried on from {last_before} with no gap or repeat: "
               f"{counts == list(range(len(counts)))} (now at {counts[-1]}).")
         print("PASS" if ok else "FAIL")
         return 0 if ok else 1
     finally:
-        for p in (pid, restored):
+        for p in [*(kids if "kids" in locals() else []), pid, restored]:
             if p:
                 try:
                     os.kill(p, signal.SIGKILL)
