@@ -129,13 +129,20 @@ def test_traced_by_another(procs, tmp_path, proc_snapshot, assert_same_snapshot)
     assert_pass(t)
 
 
-@pytest.mark.parametrize("kind", ["socket", "listening", "itimer"])
+@pytest.mark.parametrize("kind", ["pipe", "socket", "listening", "itimer"])
 def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_snapshot):
     images = tmp_path / "img"
     extra = []          # (pid, ) of grandchildren to kill first
     peer = None
     try:
-        if kind == "socket":  # its peer is ours, outside the tree
+        if kind == "pipe":  # its other end is ours, outside the tree
+            fd, peer_w = os.pipe()
+            try:
+                t = procs.start_case(SLEEPER, "pie", pass_fds=(fd,))
+            finally:
+                os.close(fd)
+            names = (f"pid {t.pid}", f"fd {fd}", "pipe", f"pid {os.getpid()}", "outside the dumped tree")
+        elif kind == "socket":  # its peer is ours, outside the tree
             a, peer = socket.socketpair()
             fd = a.fileno()
             try:
@@ -177,11 +184,13 @@ def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_
         assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
         for pid in extra:
             assert proc_status(pid)["TracerPid"] == "0"
-        if kind in ("fifo", "socket", "listening"):
+        if kind in ("pipe", "socket", "listening"):
             assert_pass(t)
     finally:
         if peer is not None:
             peer.close()
+        if kind == "pipe":
+            os.close(peer_w)
         for pid in extra:       # sh reaps them (it is in `wait`), then exits
             try:
                 os.kill(pid, signal.SIGKILL)

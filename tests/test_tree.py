@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import procsnap
-from conftest import (CASES_BY_ID, assert_cli_error, assert_pass, cli, descendants, dump_kill, image_hashes,
+from conftest import (CASES_BY_ID, assert_cli_error, assert_pass, cli, descendants, dump_kill, image_hashes, rewrite_records,
                       proc_status, reap_gone, restore, wait_until)
 from procsnap.errors import RestoreError, Unsupported
 from procsnap.faults import DUMP_STAGES, RESTORE_STAGES, InjectedFault
@@ -634,3 +634,70 @@ def test_thread_pending_signal_and_signalled_zombie(procs, tmp_path, proc_snapsh
     restore(procs, t, images)
     assert_same_snapshot(before, proc_snapshot(t.pid))
     assert_pass(t)
+
+
+DGRAM_PROGRAM = textwrap.dedent("""\
+    import os, signal, socket
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    sizes = [0, 10, 100000, 5, 0]     # an empty first one, a long one behind short ones
+    for n in sizes:
+        b.send(bytes([n % 251]) * n)
+    b.close()
+    signal.signal(signal.SIGUSR1, lambda *x: None)
+    os.write(1, b"READY\\n")
+    signal.pause()
+    a.setblocking(False)
+    got = []
+    while True:
+        try:
+            got.append(a.recv(1 << 20))
+        except BlockingIOError:
+            break
+    ok = got == [bytes([n % 251]) * n for n in sizes]
+    os.write(1, b"PASS\\n" if ok else f"FAIL {[len(g) for g in got]}\\n".encode())
+    """)
+
+
+def test_datagram_queue_kept_whole(procs, tmp_path):
+    """Every datagram, empty or long, comes back whole and in order."""
+    t = procs.start([sys.executable, "-c", DGRAM_PROGRAM], name="dgram")
+    images = dump_kill(t, tmp_path / "img")
+    restore(procs, t, images)
+    assert_pass(t)
+
+
+def our_fds():
+    out = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            out[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def test_restore_leaves_no_fd_in_the_restorer(procs, tmp_path):
+    """Descriptions shared across the tree, pipes, sockets, shared memory:
+    the restorer (here, this process) keeps none of them."""
+    t = procs.start_case(CASES_BY_ID["ipc-fifo"], "pie")
+    images = dump_kill(t, tmp_path / "img")
+    before = our_fds()
+    restore(procs, t, images)
+    after = our_fds()
+    assert after == before, {fd: after[fd] for fd in set(after) - set(before)}
+    assert_pass(t)
+
+
+def test_alias_of_a_restorer_fd_refused(procs, tmp_path):
+    """An image whose fd is said to share the description of an fd number it
+    does not have (the restorer's own, say) is refused."""
+    t = procs.start_case(CASES_BY_ID["tree-pipes"], "pie")
+    images = dump_kill(t, tmp_path / "img")
+
+    def edit(recs):
+        fd = next(obj for tag, obj in recs if tag == b"FD  " and obj["fd"] == 1)
+        fd["shares_with"] = 250
+    rewrite_records(images, edit)
+    with pytest.raises(procsnap.ImageCorrupt, match="fd 1: shares a description with fd 250"):
+        procsnap.restore(str(images))

@@ -15,7 +15,7 @@ import signal
 import time
 
 from .. import faults, model
-from ..errors import ProcessGone, ProcsnapError, translated
+from ..errors import ProcessGone, ProcsnapError, Unsupported, translated
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
 from . import collect as C
@@ -74,7 +74,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             root.procs = tree.procs()
             T.check_sessions(root.procs)
             T.link_descriptions(ckpts)
-            root.pipes = T.fill_pipes(table)
+            root.pipes = T.fill_pipes(table, {task.pid for task in tree.tasks})
             root.sockets = T.fill_sockets(table)
         log.info("pid %d: collected %d VMAs, %d fds", pid, sum(len(c.vmas) for c in ckpts),
                  sum(len(c.fds) for c in ckpts))
@@ -192,18 +192,18 @@ class FrozenTask:
     def freeze(self) -> None:
         """Every thread, until no new one appears: a thread not yet frozen
         may still create another."""
+        self.tids.append(self.pid)  # before the freeze: a half-done one is undone by thaw too
         self.stopped_by = ptrace.freeze(self.pid)
-        self.tids.append(self.pid)
         while True:
             new = [t for t in proc.list_tids(self.pid) if t not in self.tids]
             if not new:
                 return
             for tid in new:
+                self.tids.append(tid)
                 try:
                     ptrace.freeze(tid)
                 except ProcessLookupError:
-                    continue  # it exited before we got to it
-                self.tids.append(tid)
+                    self.tids.remove(tid)  # it exited before we got to it
 
     def thaw(self) -> None:
         if self.attached:
@@ -246,6 +246,9 @@ class FrozenTree:
     def add(self, pid: int) -> None:
         """Freeze `pid` (a child of a frozen process) or record it as a zombie."""
         st, status = proc.read_stat(pid), proc.read_status(pid)
+        if st.state == "Z" and len(proc.list_tids(pid)) > 1:
+            raise Unsupported(f"pid {pid}: its main thread has exited while its other threads run; "
+                              "not supported", pid)
         if st.state != "Z":
             C.check_supported(pid, st, status)
             task = FrozenTask(pid)

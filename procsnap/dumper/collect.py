@@ -45,6 +45,12 @@ class FileTable:
         return self._by_key[key]
 
 
+def _maps_dev(dev: int) -> str:
+    """st_dev as /proc/PID/maps shows it ("00:01"), so fds and mappings of
+    one object get one key."""
+    return f"{os.major(dev):02x}:{os.minor(dev):02x}"
+
+
 def _stat_or_none(path: str) -> os.stat_result | None:
     try:
         return os.stat(path)
@@ -120,7 +126,7 @@ def classify_vma(pid: int, m: MapsEntry, files: FileTable, tree: Table) -> model
         path = "" if m.path.startswith("/dev/zero") else m.path.removesuffix(" (deleted)")
         source = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
         vma = model.Vma(m.start, m.end, model.VmaKind.SHARED_MEM, prot, flags, m.offset, -1, m.path,
-                        shm=tree.shm(m.inode, path, source))
+                        shm=tree.shm((m.dev, m.inode), path, source))
     else:
         vma = _classify(pid, m, files, where, prot, flags)
     vma.advice = model.Advice(sum(bit for bit, (name, _) in model.ADVICE_TABLE.items() if name in m.vmflags))
@@ -323,7 +329,7 @@ def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]
         where = f"pid {pid}: fd {fd}"
         flags = model.OpenFlag(info.flags)
         if stat.S_ISREG(st.st_mode) and link.startswith("/memfd:"):
-            shm = tree.shm(st.st_ino, link.removesuffix(" (deleted)"), f"/proc/{pid}/fd/{fd}")
+            shm = tree.shm((_maps_dev(st.st_dev), st.st_ino), link.removesuffix(" (deleted)"), f"/proc/{pid}/fd/{fd}")
             entry = model.FdEntry(fd, model.FdKind.SHM, flags, info.pos, link, shm)
         elif stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
             kind = model.FdKind.REG if stat.S_ISREG(st.st_mode) else model.FdKind.DIR
@@ -366,7 +372,8 @@ def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]
             path = "" if link.startswith("pipe:[") else link
             if path and not _same_file(st, _stat_or_none(path)):
                 raise Unsupported(f"{where}: named FIFO {path} was removed or replaced", pid)
-            entry = model.FdEntry(fd, model.FdKind.PIPE, flags, 0, path, tree.pipe(st.st_ino, pid, fd, path))
+            entry = model.FdEntry(fd, model.FdKind.PIPE, flags, 0, path,
+                                  tree.pipe((st.st_dev, st.st_ino), pid, fd, path))
         else:
             kind = link.split(":", 1)[0] if ":" in link else stat.filemode(st.st_mode)
             raise Unsupported(f"{where} is a {kind} ({link}); not supported", pid)

@@ -26,7 +26,7 @@ import os
 import signal
 
 from .. import model
-from ..kernel import infect, ptrace
+from ..kernel import infect, proc, ptrace
 from ..kernel.arch.x86_64 import NR
 from ..kernel.proc import MapsEntry
 
@@ -83,10 +83,14 @@ def release(task, child: int, maps: list[MapsEntry]) -> None:
         if not task.attached:
             ptrace.freeze(task.pid)
         try:
-            with infect.infected(task.pid, maps, scratch_area=False) as target:
+            # maps read again: thawed, the target may have changed them (an exec)
+            with infect.infected(task.pid, proc.read_maps(task.pid), scratch_area=False) as target:
                 target.call(NR.wait4, child, 0, ptrace.WALL, 0, check=False)
         finally:
             if not task.attached:
                 ptrace.detach(task.pid)
     except ProcessLookupError:
         pass  # the target exited meanwhile; its children went to its reaper
+    except OSError as err:  # never fails the dump (the image may be complete): the zombie stays
+        log.warning("pid %d: could not reap its snapshot %d (%s); it stays a zombie child of it",
+                    task.pid, child, err)

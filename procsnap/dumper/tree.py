@@ -52,10 +52,10 @@ def zombie_status(pid: int) -> int:
 
 
 class Table:
-    """Tree-wide ids: pipes by inode, shared memory by inode."""
+    """Tree-wide ids: pipes and shared memory objects by (device, inode)."""
 
     def __init__(self):
-        self.pipes: dict[int, model.Pipe] = {}
+        self.pipes: dict[tuple[int, int], model.Pipe] = {}  # by (st_dev, st_ino)
         self.pipe_ends: dict[int, tuple[int, int]] = {}  # pipe id -> (pid, fd) to read it through
         self.shms: dict[int, model.SharedMem] = {}
         self.shm_sources: dict[int, str] = {}  # SharedMem id -> a /proc path to open it by
@@ -63,11 +63,12 @@ class Table:
         self.sockets: dict[int, model.Socket] = {}  # by inode
         self.socket_ends: dict[int, tuple[int, int, sockdiag.UnixSocket]] = {}  # Socket id -> (pid, fd, diag)
 
-    def pipe(self, inode: int, pid: int, fd: int, path: str = "") -> int:
-        if inode not in self.pipes:
-            self.pipes[inode] = model.Pipe(len(self.pipes), 0, b"", path)
-            self.pipe_ends[self.pipes[inode].id] = (pid, fd)
-        return self.pipes[inode].id
+    def pipe(self, key: tuple[int, int], pid: int, fd: int, path: str = "") -> int:
+        """The Pipe id of the pipe `key` = (st_dev, st_ino)."""
+        if key not in self.pipes:
+            self.pipes[key] = model.Pipe(len(self.pipes), 0, b"", path)
+            self.pipe_ends[self.pipes[key].id] = (pid, fd)
+        return self.pipes[key].id
 
     def unix_socket(self, inode: int) -> sockdiag.UnixSocket | None:
         if self.unix is None:
@@ -81,7 +82,7 @@ class Table:
         return self.sockets[unix.inode].id
 
     def shm(self, inode, path: str, source: str) -> int:
-        """The SharedMem id of a memory object (by inode, or ("sysv", shmid))."""
+        """The SharedMem id of a memory object (by (device, inode), or ("sysv", shmid))."""
         if inode not in self.shms:
             self.shms[inode] = model.SharedMem(len(self.shms), 0, path)
             self.shm_sources[self.shms[inode].id] = source
@@ -147,15 +148,18 @@ def _peek_queue(pid: int, fd: int, unix: sockdiag.UnixSocket) -> tuple[list[byte
         sndbuf = sk.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         rcvbuf = sk.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         queued: list[bytes] = []
-        if not unix.rqueue:
+        # sock_diag's rqueue is every byte of a stream's queue, but only the
+        # first message's length for datagrams: those are peeked until none
+        # is left, each whole (a truncated peek is refused, never stored cut).
+        if unix.type == socket.SOCK_STREAM and not unix.rqueue:
             return queued, sndbuf, rcvbuf
+        size = max(unix.rqueue, rcvbuf, 1 << 16)
         peek_off = sk.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
         sk.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
         try:
             while True:
                 try:
-                    data, anc, msg_flags, _ = sk.recvmsg(max(unix.rqueue, 1 << 16), socket.CMSG_SPACE(4 * 253),
-                                                         MSG_PEEK | MSG_DONTWAIT)
+                    data, anc, msg_flags, _ = sk.recvmsg(size, socket.CMSG_SPACE(4 * 253), MSG_PEEK | MSG_DONTWAIT)
                 except BlockingIOError:
                     break
                 if anc:
@@ -165,11 +169,16 @@ def _peek_queue(pid: int, fd: int, unix: sockdiag.UnixSocket) -> tuple[list[byte
                                 os.close(int.from_bytes(payload[i:i + 4], "little"))
                     raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with file descriptors or "
                                       "credentials in flight; not supported", pid)
+                if msg_flags & socket.MSG_TRUNC:
+                    raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with a message of more than "
+                                      f"{size} bytes queued; not supported", pid)
                 if not data and unix.type == socket.SOCK_STREAM:
                     break
                 queued.append(data)
                 if unix.type == socket.SOCK_STREAM and sum(map(len, queued)) >= unix.rqueue:
                     break
+                if len(queued) > 1 << 16:
+                    raise Unsupported(f"pid {pid}: fd {fd} is a unix socket whose queue does not end", pid)
         finally:
             sk.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, peek_off)
         if unix.type == socket.SOCK_STREAM:
@@ -179,10 +188,42 @@ def _peek_queue(pid: int, fd: int, unix: sockdiag.UnixSocket) -> tuple[list[byte
         sk.close()
 
 
-def fill_pipes(table: Table) -> list[model.Pipe]:
+def fill_pipes(table: Table, tree_pids: set[int]) -> list[model.Pipe]:
+    """Every pipe's bytes; a pipe another process outside the tree holds an
+    end of is refused (restored, it would be a new pipe that process knows
+    nothing of: a writer would get EPIPE, a reader EOF)."""
+    outside = _pipes_held_outside({key for key, p in table.pipes.items() if not p.path}, tree_pids)
+    for key, (other, fd) in outside.items():
+        pid, tfd = table.pipe_ends[table.pipes[key].id]
+        raise Unsupported(f"pid {pid}: fd {tfd} is a pipe (pipe:[{key[1]}]) that pid {other} (fd {fd}), outside the "
+                          "dumped tree, also holds; not supported", pid)
     for pipe in table.pipes.values():
         pipe.capacity, pipe.data = read_pipe(*table.pipe_ends[pipe.id])
     return sorted(table.pipes.values(), key=lambda p: p.id)
+
+
+def _pipes_held_outside(keys: set[tuple[int, int]], tree_pids: set[int]) -> dict[tuple[int, int], tuple[int, int]]:
+    """(dev, inode) of those pipes some process outside the tree has open ->
+    (that pid, its fd)."""
+    if not keys:
+        return {}
+    links = {f"pipe:[{ino}]": (dev, ino) for dev, ino in keys}
+    found: dict[tuple[int, int], tuple[int, int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in tree_pids:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{name}/fd")
+        except OSError:
+            continue  # gone, or a kernel thread
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{name}/fd/{fd}")
+            except OSError:
+                continue
+            if link in links:
+                found.setdefault(links[link], (int(name), int(fd)))
+    return found
 
 
 def link_descriptions(ckpts: list[model.Checkpoint]) -> None:

@@ -329,6 +329,10 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
     fdnums = [fd.fd for fd in ckpt.fds]
     if len(set(fdnums)) != len(fdnums):
         p.append("fd numbers are not unique")
+    firsts = {fd.fd for fd in ckpt.fds if fd.shares_with == -1}
+    for fd in ckpt.fds:  # an alias names another fd of this image, never one of the restorer's
+        if fd.shares_with != -1 and (fd.shares_with not in firsts or fd.shares_with == fd.fd):
+            p.append(f"fd {fd.fd}: shares a description with fd {fd.shares_with}, which is not a first fd here")
     for g in ckpt.ghosts:
         if g.size < 0 or g.offset < 0 or g.offset + g.size > image.ghosts_size:
             p.append(f"ghost {g.id}: outside ghosts.img")

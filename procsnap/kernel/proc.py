@@ -270,7 +270,8 @@ def sysv_shm(shmid: int) -> dict[str, int] | None:
     for line in lines[1:]:
         fields = dict(zip(names, line.split()))
         if int(fields["shmid"]) == shmid:
-            return {"key": int(fields["key"]), "perms": int(fields["perms"], 8), "size": int(fields["size"])}
+            return {"key": int(fields["key"]), "perms": int(fields["perms"], 8), "size": int(fields["size"]),
+                    "nattch": int(fields["nattch"])}
     return None
 
 

@@ -21,9 +21,12 @@ def ensure(shmid: int, key: int, size: int, mode: int, private_if_taken: bool = 
     private_if_taken: a removed segment's key may have been reused since;
     then it is made without a key (its name in maps shows key 0)."""
     seg = proc.sysv_shm(shmid)
-    if seg is not None:
-        if seg["size"] != size:
-            raise OSError(0, f"SysV segment {shmid} exists with {seg['size']} bytes, not {size}")
+    if seg is not None:  # still there since the dump: used only if it is the same and nobody uses it
+        if seg["size"] != size or seg["key"] != key or seg["perms"] & 0o1000:
+            raise OSError(0, f"SysV segment {shmid} exists as another segment (key {seg['key']:#x}, "
+                             f"{seg['size']} bytes; the image has key {key:#x}, {size} bytes)")
+        if seg["nattch"]:
+            raise OSError(0, f"SysV segment {shmid} is attached by {seg['nattch']} process(es) already")
         return False
     with open(NEXT_ID, "w") as f:  # used by the next shmget, then back to -1 by itself
         f.write(str(shmid))

@@ -54,7 +54,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             files = None
             if image is not None:
                 images[proc_entry.pid] = image
-                files = prepare_files(image, shell_job, shared)
+                with translated(proc_entry.pid, "prepare files", RestoreError):
+                    files = prepare_files(image, shell_job, shared)
                 stack.callback(files.close)
             node = Node(proc_entry, image.checkpoint.task if image else None, files)
             nodes[proc_entry.pid] = node

@@ -173,9 +173,8 @@ class SharedFiles:
                                    f"(capacity {pipe.capacity}): {err.strerror}") from err
             self.pipe_ends[pipe_id, False], self.pipe_ends[pipe_id, True] = r, w
         fd = self.pipe_ends[pipe_id, write]
-        if fresh:
-            fd = self._own(os.open(pipe.path or f"/proc/self/fd/{fd}",
-                                   (os.O_WRONLY if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK))
+        if fresh:  # through our own fd, never the path again: it is the same FIFO for sure
+            fd = self._own(os.open(f"/proc/self/fd/{fd}", (flags & os.O_ACCMODE) | os.O_CLOEXEC | os.O_NONBLOCK))
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & (os.O_NONBLOCK | os.O_APPEND | os.O_DIRECT))
         return fd
 
@@ -195,13 +194,14 @@ class SharedFiles:
         return obj.sysv_id
 
     def finish(self, ok: bool) -> None:
-        """Segments removed at dump are removed again once attached (they live
-        while attached); after a failure, the ones made here go."""
-        for shm_id in self.sysv_done:
-            obj = self.shms[shm_id]
-            if (ok and obj.sysv_removed) or (not ok and obj.sysv_id in self.sysv_made):
+        """Segments made here that had been removed at dump are removed again
+        once attached (they live while attached); after a failure, every
+        segment made here goes. One that was there already is left alone."""
+        removed = {m.sysv_id for m in self.shms.values() if m.sysv_removed}
+        for shmid in self.sysv_made:
+            if not ok or shmid in removed:
                 with contextlib.suppress(OSError):
-                    sysv.remove(obj.sysv_id)
+                    sysv.remove(shmid)
 
     def shm(self, shm_id: int) -> int:
         """An fd of the shared memory object, made as it was: shared anonymous
@@ -278,11 +278,11 @@ class SharedFiles:
         self.opened.clear()
 
 
-def prepare_files(image: Image, shell_job: bool, shared: SharedFiles | None = None) -> PreparedFiles:
+def prepare_files(image: Image, shell_job: bool, shared: SharedFiles) -> PreparedFiles:
     ckpt = image.checkpoint
     refs = {f.id: f for f in ckpt.files}
     prepared = PreparedFiles({}, {}, set(), {}, -1)
-    shared = shared or SharedFiles(image)
+    prepared.shared = shared.opened  # the same set: what the tree shares is closed by SharedFiles only
     try:
         _prepare_maps(ckpt, refs, prepared)
         for shm_id in sorted({v.shm for v in ckpt.vmas if v.kind == model.VmaKind.SHARED_MEM}):
@@ -290,7 +290,6 @@ def prepare_files(image: Image, shell_job: bool, shared: SharedFiles | None = No
         for shm_id in sorted({v.shm for v in ckpt.vmas if v.kind == model.VmaKind.SYSV_SHM}):
             prepared.sysv_ids[shm_id] = shared.sysv(shm_id)
         _prepare_fds(image, refs, prepared, shell_job, shared)
-        prepared.shared = set(shared.opened) | set(shared.descs.values())
     except BaseException:
         prepared.close()
         raise
@@ -367,7 +366,7 @@ def _prepare_fds(image: Image, refs: dict[int, model.FileRef], prepared: Prepare
                 raise RestoreError(f"fd {entry.fd}: kind {entry.kind.value} cannot be restored")
             prepared.fd_sources[entry.fd] = fd
             if entry.desc >= 0:
-                shared.descs[entry.desc] = fd
+                shared.descs[entry.desc] = shared._own(fd)
             if entry.kind in (model.FdKind.REG, model.FdKind.GHOST, model.FdKind.SHM) or entry.pos:
                 try:
                     os.lseek(fd, entry.pos, os.SEEK_SET)

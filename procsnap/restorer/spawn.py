@@ -197,8 +197,9 @@ def _clone(node: Node) -> int:
         if err == 17:
             raise RestoreError(f"pid {node.proc.pid} is taken (clone3: EEXIST)", node.proc.pid)
         raise RestoreError(f"clone3 with pid {node.proc.pid}: {os.strerror(err)}", node.proc.pid)
-    if node.proc.ppid and node.proc.sid != node.proc.pid and node.proc.pgid != node.parent.proc.pgid \
-            and not node.proc.zombie:
+    if node.proc.zombie:  # dead before the next sibling, which may join its group, is made
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    elif node.proc.ppid and node.proc.sid != node.proc.pid and node.proc.pgid != node.parent.proc.pgid:
         try:  # as a shell does: from both sides, so a later sibling finds the group
             os.setpgid(pid, node.proc.pgid)
         except OSError:
@@ -260,10 +261,17 @@ def spawn(root: Node) -> dict[int, Child]:
 
 
 def _kill_spawned(root_pid: int, pids: list[int]) -> None:
+    """Kill what the spawn made: the root (our child) and every pid of the
+    tree whose parent is one of ours (a pid we failed to take belongs to
+    someone else and is left alone)."""
+    ours = {os.getpid(), *pids}
     for p in pids:
         try:
-            os.kill(p, signal.SIGKILL)
-        except OSError:
+            with open(f"/proc/{p}/stat") as f:
+                ppid = int(f.read().rpartition(")")[2].split()[1])
+            if ppid in ours:
+                os.kill(p, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
             pass
     try:
         os.waitpid(root_pid, 0)

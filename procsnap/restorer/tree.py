@@ -96,6 +96,13 @@ def _check_refs(image: Image, root: model.Checkpoint) -> None:
                  if e.kind == model.FdKind.UNIX and e.file_id not in sockets]
     problems += [f"unix socket {sk.id}: type {sk.type}, peer {sk.peer}" for sk in root.sockets
                  if sk.type not in (1, 2, 5) or (sk.peer >= 0 and sk.peer not in sockets) or sk.peer == sk.id]
+    problems += [f"unix socket {sk.id}: buffers {sk.sndbuf}/{sk.rcvbuf}, {sum(map(len, sk.queued))} bytes queued"
+                 for sk in root.sockets if not (0 <= sk.sndbuf < 1 << 31 and 0 <= sk.rcvbuf < 1 << 31)
+                 or sum(map(len, sk.queued)) > 1 << 30 or not 0 <= sk.shutdown <= 3]
+    problems += [f"fd {e.fd}: {e.kind.value} parameter {k} = {v}" for e in image.checkpoint.fds
+                 for k, v in e.params.items() if not 0 <= v < 1 << 63]
+    problems += [f"fd {e.fd}: epoll watch {w}" for e in image.checkpoint.fds for w in e.watches
+                 if len(w) != 3 or not (0 <= w[0] < 1 << 20 and 0 <= w[1] < 1 << 32 and 0 <= w[2] < 1 << 64)]
     problems += [f"pipe {p.id}: {len(p.data)} bytes in a pipe of {p.capacity}" for p in root.pipes
                  if not 0 < p.capacity <= 1 << 30 or len(p.data) > p.capacity
                  or (p.path and (not p.path.startswith("/") or "\0" in p.path))]
