@@ -145,6 +145,19 @@ def test_python_multiprocessing_pool(procs, tmp_path, proc_snapshot, assert_same
     assert status == 0, out
 
 
+def settled_snapshot(pid, proc_snapshot, timeout=10.0):
+    """The tree's snapshot once two taken 50 ms apart agree: a program just
+    exec'd is still loading its libraries for a moment."""
+    deadline = time.monotonic() + timeout
+    prev = proc_snapshot(pid)
+    while True:
+        time.sleep(0.05)
+        snap = proc_snapshot(pid)
+        if snap == prev or time.monotonic() > deadline:
+            return snap
+        prev = snap
+
+
 def test_shell_script_with_children(procs, tmp_path, proc_snapshot, assert_same_snapshot):
     t = procs.start(["bash", "-c", SH_SCRIPT], name="bash", cwd=tmp_path)
     def comms():
@@ -157,7 +170,7 @@ def test_shell_script_with_children(procs, tmp_path, proc_snapshot, assert_same_
         return sorted(out)
     # every child past its exec: seq and sleep are running, the rest is bash
     wait_until(lambda: comms() == ["bash", "seq", "sleep"], "the pipeline")
-    before = proc_snapshot(t.pid)
+    before = settled_snapshot(t.pid, proc_snapshot)
     assert t.output().count("sum") < 2, "the script got too far before the dump"
     images = dump_kill(t, tmp_path / "img")
     restore(procs, t, images)
