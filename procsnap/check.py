@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import dataclasses
 import os
+import socket
 import signal
 
 from .kernel import memory, ptrace
@@ -122,6 +123,36 @@ def probe_userfaultfd() -> str:
     return "userfaultfd"
 
 
+def probe_sock_diag() -> str:
+    from .kernel import sockdiag
+
+    a, b = socket.socketpair()
+    try:
+        found = sockdiag.unix_sockets().get(os.fstat(a.fileno()).st_ino)
+        if found is None or found.peer != os.fstat(b.fileno()).st_ino:
+            raise OSError(0, "sock_diag does not show a socket pair's peer")
+    finally:
+        a.close()
+        b.close()
+    return "sock_diag unix sockets with peers"
+
+
+def probe_checkpoint_restore_knobs() -> str:
+    """shm_next_id (SysV segments with their ids) and the timerfd ticks
+    ioctl come with CONFIG_CHECKPOINT_RESTORE."""
+    if not os.path.exists("/proc/sys/kernel/shm_next_id"):
+        raise OSError(0, "no /proc/sys/kernel/shm_next_id (CONFIG_CHECKPOINT_RESTORE)")
+    from .kernel import anonfd
+
+    fd = anonfd.make_timerfd(1, True, 10**12, 0, 3)
+    try:
+        if int.from_bytes(os.read(fd, 8), "little") != 3:
+            raise OSError(0, "TFD_IOC_SET_TICKS did not set the ticks")
+    finally:
+        os.close(fd)
+    return "shm_next_id, TFD_IOC_SET_TICKS"
+
+
 def run_checks() -> list[Result]:
     with _sleeper() as pid:
         return [
@@ -132,4 +163,6 @@ def run_checks() -> list[Result]:
             _probe("rseq_config", lambda: probe_rseq(pid)),
             _probe("pidfd_getfd", lambda: probe_pidfd_getfd(pid)),
             _probe("userfaultfd", probe_userfaultfd),
+            _probe("sock_diag", probe_sock_diag),
+            _probe("checkpoint_restore_knobs", probe_checkpoint_restore_knobs),
         ]

@@ -28,7 +28,7 @@ from procsnap.errors import (AccessDenied, ImageCorrupt, ImageWriteError, Proces
 SLEEPER = CASES_BY_ID["sleep-pause"]     # small image, waits in pause() for SIGUSR1
 MEMORY = CASES_BY_ID["memory"]           # ~10 MiB dirty, maps priv.dat from its cwd
 FEATURES = ("ptrace", "process_vm_rw", "clone3_set_tid", "prctl_mm_map", "rseq_config",
-            "pidfd_getfd", "userfaultfd")
+            "pidfd_getfd", "userfaultfd", "sock_diag", "checkpoint_restore_knobs")
 
 
 # --------------------------------------------------------------------------
