@@ -9,10 +9,12 @@ image is only ever read.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import os
 import signal
+import threading
 
 from .. import faults
 from ..errors import ProcsnapError, RestoreError, translated
@@ -74,21 +76,10 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             for proc_entry, image in tree:
                 if image is not None:
                     sources[proc_entry.dir if proc_entry.ppid else ""] = stack.enter_context(page_source(image))
-            for (proc_entry, image) in tree:
-                if image is None:
-                    continue
-                with translated(proc_entry.pid, "restore", RestoreError):
-                    rebuild(children[proc_entry.pid], image, sources[proc_entry.dir if proc_entry.ppid else ""],
-                            progress, sources)
-            faults.point("before-registers")
-            for cpid in children:
-                ckpt = images[cpid].checkpoint
-                with translated(cpid, "restore", RestoreError):
-                    T.load_registers(cpid, ckpt.task, ckpt.threads)
-            faults.point("before-detach")
-            for cpid in reversed(list(children)):  # children first: all are ready
-                with translated(cpid, "restore", RestoreError):
-                    T.release(cpid, images[cpid].checkpoint.threads)
+            live = [(p, image) for p, image in tree if image is not None]
+            key = {p.pid: (p.dir if p.ppid else "") for p, _ in live}
+            rebuild_all(live, lambda p, image: rebuild(children[p.pid], image, sources[key[p.pid]], progress,
+                                                        sources))
         except BaseException:
             kill_children(children, pid)
             raise
@@ -97,6 +88,54 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
         succeeded[0] = True
     log.info("pid %d: running", pid)
     return pid
+
+
+REBUILDERS = 2  # threads rebuilding processes at once: each waits on its tracees most of the time
+
+
+def rebuild_all(live: list, rebuild_one) -> None:
+    """Rebuild every process, REBUILDERS at a time, then give every one its
+    registers, and release them all only once all are ready. A process is
+    rebuilt, loaded and released by one thread: ptrace requests must come
+    from the thread that seized the tracee (which is also the one whose exit
+    kills it, PTRACE_O_EXITKILL, if the restore fails)."""
+    shares = [live[i::REBUILDERS] for i in range(REBUILDERS)] if len(live) > 1 else [live]
+    barrier = threading.Barrier(len(shares))
+    failed = threading.Event()
+
+    def work(share) -> None:
+        try:
+            for p, image in share:
+                if failed.is_set():
+                    return
+                with translated(p.pid, "restore", RestoreError):
+                    rebuild_one(p, image)
+            faults.point("before-registers")
+            for p, image in share:
+                with translated(p.pid, "restore", RestoreError):
+                    T.load_registers(p.pid, image.checkpoint.task, image.checkpoint.threads)
+        except BaseException:
+            failed.set()
+            barrier.abort()
+            raise
+        try:
+            barrier.wait()
+        except threading.BrokenBarrierError:
+            return  # another one failed: its error is the one reported
+        faults.point("before-detach")
+        for p, image in reversed(share):  # children first: all are ready
+            with translated(p.pid, "restore", RestoreError):
+                T.release(p.pid, image.checkpoint.threads)
+
+    if len(shares) == 1:
+        work(shares[0])
+        return
+    with concurrent.futures.ThreadPoolExecutor(len(shares), thread_name_prefix="procsnap-rebuild") as pool:
+        futures = [pool.submit(work, share) for share in shares]
+        errors = [f.exception() for f in futures]
+    for err in errors:
+        if err is not None:
+            raise err
 
 
 def kill_children(children: dict[int, Child], root: int) -> None:
