@@ -39,16 +39,8 @@ def read_until(master, needle, timeout=10.0):
     return data
 
 
-@pytest.fixture
-def tty_job(tmp_path):
-    """python3 with fds 0-2 on a fresh pty; killed and reaped at the end."""
-    master, slave = os.openpty()
-    p = subprocess.Popen([sys.executable, "-c", PROGRAM], stdin=slave, stdout=slave, stderr=slave,
-                         start_new_session=True, close_fds=True)
-    os.close(slave)
-    pids = [p.pid]
-    read_until(master, b"READY")
-    yield p, master, pids
+def kill_all(p, pids):
+    """SIGKILL every pid we started or restored; reap p and the others."""
     for pid in pids:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -60,6 +52,19 @@ def tty_job(tmp_path):
             os.waitpid(pid, 0)
         except ChildProcessError:
             pass
+
+
+@pytest.fixture
+def tty_job(tmp_path):
+    """python3 with fds 0-2 on a fresh pty; killed and reaped at the end."""
+    master, slave = os.openpty()
+    p = subprocess.Popen([sys.executable, "-c", PROGRAM], stdin=slave, stdout=slave, stderr=slave,
+                         start_new_session=True, close_fds=True)
+    os.close(slave)
+    pids = [p.pid]
+    read_until(master, b"READY")
+    yield p, master, pids
+    kill_all(p, pids)
     os.close(master)
 
 
@@ -154,16 +159,6 @@ def test_shell_pipeline_on_a_terminal(tmp_path):
         out = read_until(master2, b"DONE", timeout=60)
         assert f"{count_with_digit(n)}".encode() in out, out
     finally:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        p.wait()
-        for pid in pids[1:]:
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
+        kill_all(p, pids)
         for fd in (master, master2, slave2):
             os.close(fd)
