@@ -44,9 +44,9 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     a subdirectory of it, tree.IMAGE_DIR).
 
     The tree is killed once the image is complete, unless leave_running:
-    then a single process is frozen only while its small state is collected
-    and a copy-on-write snapshot of its memory is taken (see snapshot.py);
-    a tree of several processes stays frozen until everything is written.
+    then it is frozen only while its small state is collected and a
+    copy-on-write snapshot of each process's memory is taken (see
+    snapshot.py); the pages are read from the snapshots after the thaw.
     On any error every process runs on as before and no image is left.
     """
     started = time.monotonic()
@@ -265,7 +265,7 @@ class FrozenTree:
                 return
             st = proc.read_stat(pid)
         self.zombies.append(model.Proc(pid, st.ppid, st.pgrp, st.session, zombie=True,
-                                       exit_status=T.zombie_status(pid)))
+                                       exit_status=st.exit_code))
 
     def kill(self) -> None:
         for task in self.tasks[1:]:

@@ -21,10 +21,9 @@ from ..kernel.arch.x86_64 import NR, PAGE_SIZE
 from ..kernel.infect import Target
 from ..kernel.libc import syscall
 from ..kernel.proc import MapsEntry
-from .tree import Table
+from .tree import Table, same_description
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
 
-KCMP_FILE = 0
 SHM_DEST = 0o1000
 SIGKILL, SIGSTOP = 9, 19
 
@@ -389,7 +388,7 @@ def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]
         for i, idx in enumerate(group):
             for prev in group[:i]:
                 a, b = entries[prev], entries[idx]
-                if a.shares_with == -1 and syscall(NR.kcmp, pid, pid, KCMP_FILE, a.fd, b.fd) == 0:
+                if a.shares_with == -1 and same_description(pid, a.fd, pid, b.fd):
                     b.shares_with = a.fd
                     break
     return entries

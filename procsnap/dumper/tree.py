@@ -29,8 +29,6 @@ from ..kernel.arch.x86_64 import NR, PAGE_SIZE
 from ..kernel.libc import libc, oserror, syscall
 
 KCMP_FILE = 0
-F_GETPIPE_SZ = 1032
-F_SETPIPE_SZ = 1031
 SPLICE_F_NONBLOCK = 2
 IMAGE_DIR = "proc.{pid}"  # a non-root process's image, inside the root's
 
@@ -42,13 +40,6 @@ def children_of(pid: int) -> list[int]:
             with open(f"/proc/{pid}/task/{tid}/children") as f:
                 kids += [int(k) for k in f.read().split()]
     return sorted(set(kids))
-
-
-def zombie_status(pid: int) -> int:
-    """A zombie's wait status: field 52 (exit_code) of /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return int(fields[52 - 3])
 
 
 class Table:
@@ -95,11 +86,11 @@ def read_pipe(pid: int, fd: int) -> tuple[int, bytes]:
     into a pipe of ours as big, and that one is read."""
     src = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        capacity = fcntl.fcntl(src, F_GETPIPE_SZ)
+        capacity = fcntl.fcntl(src, fcntl.F_GETPIPE_SZ)
         r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            if fcntl.fcntl(w, F_GETPIPE_SZ) < capacity:
-                fcntl.fcntl(w, F_SETPIPE_SZ, capacity)
+            if fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) < capacity:
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, capacity)
             n = libc.tee(src, w, ctypes.c_size_t(capacity), SPLICE_F_NONBLOCK)
             if n < 0:
                 err = oserror(f"tee from pipe fd {fd} of pid {pid}")
@@ -226,6 +217,11 @@ def _pipes_held_outside(keys: set[tuple[int, int]], tree_pids: set[int]) -> dict
     return found
 
 
+def same_description(pid_a: int, fd_a: int, pid_b: int, fd_b: int) -> bool:
+    """Whether two fds (of one process or two) are one open file description."""
+    return syscall(NR.kcmp, pid_a, pid_b, KCMP_FILE, fd_a, fd_b) == 0
+
+
 def link_descriptions(ckpts: list[model.Checkpoint]) -> None:
     """Give every open file description held by more than one process of
     the tree a tree-wide id (FdEntry.desc): kcmp says which are one."""
@@ -243,7 +239,7 @@ def link_descriptions(ckpts: list[model.Checkpoint]) -> None:
             continue
         for i, (pid, entry) in enumerate(group):
             for prev_pid, prev in group[:i]:
-                if prev_pid != pid and syscall(NR.kcmp, prev_pid, pid, KCMP_FILE, prev.fd, entry.fd) == 0:
+                if prev_pid != pid and same_description(prev_pid, prev.fd, pid, entry.fd):
                     if prev.desc < 0:
                         prev.desc = next_id
                         next_id += 1

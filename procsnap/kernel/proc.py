@@ -97,6 +97,7 @@ class Stat:
     arg_end: int
     env_start: int
     env_end: int
+    exit_code: int  # a zombie's wait status
 
 
 def parse_stat(text: str) -> Stat:
@@ -112,7 +113,7 @@ def parse_stat(text: str) -> Stat:
         comm=comm, state=f[0], ppid=field(4), pgrp=field(5), session=field(6),
         num_threads=field(20), start_code=field(26), end_code=field(27), start_stack=field(28),
         start_data=field(45), end_data=field(46), start_brk=field(47), arg_start=field(48),
-        arg_end=field(49), env_start=field(50), env_end=field(51),
+        arg_end=field(49), env_start=field(50), env_end=field(51), exit_code=field(52),
     )
 
 

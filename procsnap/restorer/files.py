@@ -21,8 +21,6 @@ from ..image.reader import Image
 from ..kernel import anonfd, mapping, sysv
 
 O_LARGEFILE = 0o100000
-F_SETPIPE_SZ = 1031
-F_GETPIPE_SZ = 1032
 
 # Flags that only matter at open time, or that fcntl/dup decide.
 _OPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY)
@@ -162,8 +160,8 @@ class SharedFiles:
             else:
                 r, w = (self._own(fd) for fd in os.pipe2(os.O_CLOEXEC))
             try:
-                if pipe.capacity > fcntl.fcntl(w, F_GETPIPE_SZ):
-                    fcntl.fcntl(w, F_SETPIPE_SZ, pipe.capacity)
+                if pipe.capacity > fcntl.fcntl(w, fcntl.F_GETPIPE_SZ):
+                    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, pipe.capacity)
                 view = memoryview(pipe.data)
                 os.set_blocking(w, False)
                 while view:

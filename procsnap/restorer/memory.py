@@ -23,7 +23,7 @@ import typing
 from .. import faults, model
 from ..errors import RestoreError
 from ..image.reader import PageSource
-from ..kernel import mapping, memory
+from ..kernel import mapping, memory, sysv
 from ..kernel.arch.x86_64 import NR, PAGE_SIZE, TASK_SIZE
 from ..kernel.infect import SCRATCH_SIZE, Target, free_gap
 from ..kernel.proc import MapsEntry
@@ -99,8 +99,6 @@ def _fmt(areas) -> str:
 PROT_RW = model.Prot.PROT_READ | model.Prot.PROT_WRITE
 MAP_FIXED_NOREPLACE = model.MapFlag.MAP_FIXED_NOREPLACE
 SHARED_KINDS = (model.VmaKind.FILE_SHARED, model.VmaKind.SHARED_ANON, model.VmaKind.SHARED_MEM)
-MADV_DONTNEED = 4
-SHM_RDONLY, SHM_EXEC = 0o10000, 0o100000
 FILL_THREADS = 2
 FILL_BATCH = 16 << 20
 
@@ -233,7 +231,7 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
                 progress(done, total)
         elif own_anon_vma:
             memory.write_bytes(target.pid, at, b"\0")  # the first fault makes its anon_vma
-            target.call(NR.madvise, at, PAGE_SIZE, MADV_DONTNEED)
+            target.call(NR.madvise, at, PAGE_SIZE, mapping.MADV_DONTNEED)
         if prot != v.prot:
             target.call(NR.mprotect, at, v.size, int(v.prot))
         if apart:
@@ -241,13 +239,12 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
 
 
 def _shmat_flags(prot: model.Prot) -> int:
-    return (0 if prot & model.Prot.PROT_WRITE else SHM_RDONLY) | (SHM_EXEC if prot & model.Prot.PROT_EXEC else 0)
+    return (0 if prot & model.Prot.PROT_WRITE else sysv.SHM_RDONLY) | (sysv.SHM_EXEC if prot & model.Prot.PROT_EXEC else 0)
 
 
 def _shmat_prot(prot: model.Prot) -> model.Prot:
     """The protection shmat gives for the flags above."""
-    got = model.Prot.PROT_READ | (prot & (model.Prot.PROT_WRITE | model.Prot.PROT_EXEC))
-    return got
+    return model.Prot.PROT_READ | (prot & (model.Prot.PROT_WRITE | model.Prot.PROT_EXEC))
 
 
 def _kept_apart(a: model.Vma, b: model.Vma) -> bool:

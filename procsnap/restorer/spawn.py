@@ -19,7 +19,7 @@ import time
 from .. import model
 from ..errors import RestoreError
 from ..kernel.arch.x86_64 import NR
-from ..kernel import anonfd
+from ..kernel import anonfd, proc
 from ..kernel.libc import prctl, syscall
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE
 from .files import PreparedFiles
@@ -52,10 +52,8 @@ def wait_pid_free(pid: int, timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while os.path.exists(f"/proc/{pid}"):
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rpartition(")")[2].split()[0]
-            with open(f"/proc/{pid}/comm") as f:
-                comm = f.read().strip()
+            st = proc.read_stat(pid)
+            state, comm = st.state, st.comm
         except OSError:  # gone meanwhile (or unreadable: then clone3 decides)
             if time.monotonic() > deadline:
                 return
@@ -267,11 +265,9 @@ def _kill_spawned(root_pid: int, pids: list[int]) -> None:
     ours = {os.getpid(), *pids}
     for p in pids:
         try:
-            with open(f"/proc/{p}/stat") as f:
-                ppid = int(f.read().rpartition(")")[2].split()[1])
-            if ppid in ours:
+            if proc.read_stat(p).ppid in ours:
                 os.kill(p, signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
+        except OSError:
             pass
     try:
         os.waitpid(root_pid, 0)
