@@ -240,7 +240,7 @@ class FrozenTree:
         for task in self.tasks:
             st = proc.read_stat(task.pid)
             out.append(model.Proc(task.pid, st.ppid if task is not self.tasks[0] else 0, st.pgrp, st.session,
-                                  dir="" if task is self.tasks[0] else T.IMAGE_DIR.format(pid=task.pid)))
+                                  dir=_image_dir(task.pid, self.tasks[0].pid)))
         return out + self.zombies
 
     def add(self, pid: int) -> None:

@@ -75,10 +75,9 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             sources = {}  # every image's pages: a process may map pages another one stored
             for proc_entry, image in tree:
                 if image is not None:
-                    sources[proc_entry.dir if proc_entry.ppid else ""] = stack.enter_context(page_source(image))
+                    sources[proc_entry.dir] = stack.enter_context(page_source(image))
             live = [(p, image) for p, image in tree if image is not None]
-            key = {p.pid: (p.dir if p.ppid else "") for p, _ in live}
-            rebuild_all(live, lambda p, image: rebuild(children[p.pid], image, sources[key[p.pid]], progress,
+            rebuild_all(live, lambda p, image: rebuild(children[p.pid], image, sources[p.dir], progress,
                                                         sources))
         except BaseException:
             kill_children(children, pid)

@@ -56,7 +56,7 @@ def open_tree(root: Image) -> list[tuple[model.Proc, Image | None]]:
             _check_refs(image, root.checkpoint)
         out.append((p, image))
     _check_refs(root, root.checkpoint)
-    by_dir = {(p.dir if p.ppid else ""): img for p, img in out if img is not None}
+    by_dir = {p.dir: img for p, img in out if img is not None}  # the root's dir is "" (checked above)
     for p, img in out:
         if img is not None:
             _check_page_refs(img, by_dir)
