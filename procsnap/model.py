@@ -164,6 +164,9 @@ class Vma:
     name: str = ""  # [heap], [stack], the path: for people reading `show`
     advice: Advice = _flags(Advice)
     shm: int = -1  # SHARED_MEM: SharedMem.id of the object (offset: where in it)
+    # a file mapping: the access mode (O_RDONLY/O_WRONLY/O_RDWR) of the open
+    # file behind it, as its map_files link shows; -1 in images before 1.2
+    access: int = -1
 
     @property
     def size(self) -> int:

@@ -38,6 +38,7 @@ from pathlib import Path
 import pytest
 
 import procsnap
+import statecheck
 
 REPO = Path(__file__).resolve().parent.parent
 TARGETS_DIR = Path(__file__).parent / "targets"
@@ -418,6 +419,9 @@ class Snapshot:
     # every process of the tree rooted at pid (pid included): its ids,
     # threads, maps and fds; pid -> ProcIds
     tree: dict = dataclasses.field(default_factory=dict)
+    # everything else the kernel shows about each process: pid -> {key: value}
+    # (statecheck.capture_tree; None when not taken)
+    state: dict | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -484,7 +488,10 @@ def _canonical_pipes(fds, names):
     return out
 
 
-def proc_snapshot(pid, tree=True):
+def proc_snapshot(pid, tree=True, state=True):
+    """The visible state of the tree rooted at pid. state=False leaves out
+    statecheck's capture (only for a process that must not be stopped even
+    for an instant, such as one already traced by another tracer)."""
     maps, fds = _maps_and_fds(pid)
     names = {}
     fds = _canonical_pipes(fds, names)
@@ -499,7 +506,8 @@ def proc_snapshot(pid, tree=True):
             pfds = _canonical_pipes(pfds, names)
             procs[p] = ProcIds(ppid if p != pid else 0, pgid, sid, "Z" if state == "Z" else "live", tids,
                                _normalized(pmaps), tuple(sorted(pfds.items())))
-    return Snapshot(pid, maps, fds, procs)
+    pids = list(procs) if tree else [pid]
+    return Snapshot(pid, maps, fds, procs, statecheck.capture_tree(pids) if state else None)
 
 
 def _maps_and_fds(pid):
@@ -544,9 +552,37 @@ def assert_same_snapshot(before, after, ignore_pos=()):
             b, a = dataclasses.replace(b, pos=0), dataclasses.replace(a, pos=0)
         if b != a:
             problems.append(f"fd {fd}: expected {b} found {a}")
+    if before.state is not None and after.state is not None:
+        problems += statecheck.state_problems(_ignoring_pos(before.state, ignore_pos),
+                                              _ignoring_pos(after.state, ignore_pos))
     if problems:
         raise AssertionError(f"visible state of pid {before.pid} -> {after.pid} changed:\n"
                              + "\n".join(problems))
+
+
+def without_mapping(snap, pid, m):
+    """`snap` as if private anonymous mapping `m` of `pid` were not there
+    (procsnap's scratch area, left by a dump SIGKILLed while injecting):
+    its maps line and its share of VmSize and VmData."""
+    state = snap.state
+    if state is not None and pid in state:
+        kib = (m.end - m.start) // 1024
+        values = dict(state[pid])
+        for key in ("status.VmSize", "status.VmData"):
+            size, unit = values[key].split()
+            values[key] = f"{int(size) - kib} {unit}"
+        state = {**state, pid: values}
+    maps = tuple(x for x in snap.maps if x != m) if snap.pid == pid else snap.maps
+    tree = snap.tree
+    if pid in tree:
+        tree = {**tree, pid: dataclasses.replace(tree[pid], maps=tuple(x for x in tree[pid].maps if x != m))}
+    return dataclasses.replace(snap, maps=maps, tree=tree, state=state)
+
+
+def _ignoring_pos(state, ignore_pos):
+    """ignore_pos: fds whose offset legitimately moves (in every process)."""
+    drop = {f"fdinfo.{fd}.pos" for fd in ignore_pos}
+    return {pid: {k: v for k, v in values.items() if k not in drop} for pid, values in state.items()}
 
 
 def _tree_problems(before, after, ignore_pos):

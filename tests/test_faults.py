@@ -33,7 +33,8 @@ import pytest
 
 import procsnap
 from conftest import (CASES_BY_ID, assert_pass, assert_running_untraced, assert_untouched, cli,
-                      dump_kill, image_hashes, our_children, proc_status, restore, wait_until)
+                      dump_kill, image_hashes, our_children, proc_status, restore, wait_until,
+                      without_mapping)
 from procsnap.errors import ImageCorrupt
 from procsnap.faults import DUMP_STAGES, RESTORE_STAGES, InjectedFault
 
@@ -117,8 +118,7 @@ def assert_same_but_scratch(before, after, assert_same_snapshot):
     assert len(extra) == 1 and is_scratch_area(extra[0]), \
         (f"expected exactly one extra 16 KiB anonymous rw-p mapping, found "
          f"{[str(m) for m in extra]}")
-    rest = dataclasses.replace(after, maps=tuple(m for m in after.maps if m != extra[0]))
-    assert_same_snapshot(before, rest)
+    assert_same_snapshot(before, without_mapping(after, after.pid, extra[0]))
 
 
 def assert_alive(t, stage):

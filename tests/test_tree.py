@@ -21,7 +21,7 @@ import pytest
 
 import procsnap
 from conftest import (CASES_BY_ID, assert_cli_error, assert_pass, cli, descendants, dump_kill, image_hashes, rewrite_records,
-                      proc_status, reap_gone, restore, wait_until)
+                      proc_status, reap_gone, restore, wait_until, without_mapping)
 from procsnap.errors import RestoreError, Unsupported
 from procsnap.faults import DUMP_STAGES, RESTORE_STAGES, InjectedFault
 
@@ -423,8 +423,7 @@ def test_dump_fault_leaves_tree_running(stage, how, procs, tmp_path, monkeypatch
     if stage == "mid-collect" and how == "kill":  # the root keeps procsnap's 16 KiB scratch area
         extra = [m for m in after.maps if m not in before.maps]
         assert len(extra) == 1 and extra[0].end - extra[0].start == 16384, extra
-        after = dataclasses.replace(after, maps=before.maps,
-                                    tree={**after.tree, t.pid: before.tree[t.pid]})
+        after = without_mapping(after, t.pid, extra[0])
     assert_same_snapshot(before, after)
     assert_pass(t)
 

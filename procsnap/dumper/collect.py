@@ -9,6 +9,7 @@ here, before anything is written, naming the pid and the resource.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import stat
@@ -16,13 +17,16 @@ import struct
 
 from .. import model
 from ..errors import Unsupported
-from ..kernel import infect, ptrace, proc
+from ..kernel import infect, memory, ptrace, proc
+from ..kernel.arch import x86_64 as arch
 from ..kernel.arch.x86_64 import NR, PAGE_SIZE
 from ..kernel.infect import Target
 from ..kernel.libc import syscall
 from ..kernel.proc import MapsEntry
 from .tree import Table, same_description
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
+
+log = logging.getLogger("procsnap.dumper")
 
 SHM_DEST = 0o1000
 SIGKILL, SIGSTOP = 9, 19
@@ -150,7 +154,11 @@ def _classify(pid: int, m: MapsEntry, files: FileTable, where: str, prot: model.
     if not stat.S_ISREG(st.st_mode):
         raise Unsupported(f"{where} maps {m.path}, which is not a regular file; not supported", pid)
     kind = model.VmaKind.FILE_SHARED if m.shared else model.VmaKind.FILE_PRIVATE
-    return model.Vma(m.start, m.end, kind, prot, flags, m.offset, files.add(m.path, st), m.path)
+    # the link's mode is the open file's f_mode: r-- for read, -w- for write
+    link = os.lstat(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}").st_mode
+    access = {0o600: os.O_RDWR, 0o200: os.O_WRONLY}.get(link & 0o600, os.O_RDONLY)
+    return model.Vma(m.start, m.end, kind, prot, flags, m.offset, files.add(m.path, st), m.path,
+                     access=access)
 
 
 def collect_vmas(pid: int, maps: list[MapsEntry], files: FileTable, tree: Table) -> list[model.Vma]:
@@ -263,13 +271,38 @@ def _thread_state_seized(tid: int, target: Target, regs, sigmask: int) -> dict:
     rseq = ptrace.get_rseq_config(tid)
     with open(f"/proc/{target.pid}/task/{tid}/comm") as f:
         comm = f.read().rstrip("\n")
+    saved = {name: getattr(regs, name) for name, _ in regs._fields_}
+    if arch.interrupted_syscall(regs) == NR.restart_syscall:
+        saved["orig_rax"] = _restarted_syscall(target.pid, tid, regs)
     return dict(
-        comm=comm, regs={name: getattr(regs, name) for name, _ in regs._fields_},
+        comm=comm, regs=saved,
         xstate=ptrace.get_xstate(tid), sigmask=sigmask,
         rseq_ptr=rseq.rseq_abi_pointer, rseq_len=rseq.rseq_abi_size, rseq_sig=rseq.signature,
         robust_list=head.value, robust_list_len=length.value, clear_child_tid=clear_child_tid,
         altstack_sp=ss_sp, altstack_flags=ss_flags & ~SS_ONSTACK, altstack_size=ss_size,
     )
+
+
+def _restarted_syscall(pid: int, tid: int, regs) -> int:
+    """A task stopped before (by a debugger, SIGSTOP, an earlier dump -R)
+    while in a sleep the kernel restarts from its restart block is now in
+    restart_syscall, and that block does not survive a restore (restart_syscall
+    would return EINTR). The wrapper's own load of the syscall number tells
+    which call it was; its arguments are still in the registers, so the call
+    is made again as a first freeze would have recorded it. Left as
+    restart_syscall (EINTR, as CRIU gives every interrupted call) when the
+    code before the `syscall` is not a number load."""
+    start = regs.rip - arch.SYSCALL_INSN_LEN - 8
+    try:
+        code = memory.read_mem_file(pid, start, 8)
+    except OSError:
+        return regs.orig_rax
+    nr = arch.syscall_number_before(code)
+    if nr is None:
+        log.warning("pid %d: thread %d is in restart_syscall after a call that cannot be told from its code; "
+                    "it will see EINTR", pid, tid)
+        return regs.orig_rax
+    return nr
 
 
 def collect_thread_seized(tid: int, leader: Target) -> model.Thread:

@@ -35,7 +35,7 @@ from .. import model
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 1  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records
+MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 

@@ -23,7 +23,7 @@ from ..image.reader import Image, PageSource, open_image
 from ..kernel import infect, proc, ptrace
 from . import memory as M
 from . import task as T
-from .files import SharedFiles, prepare_files
+from .files import SharedFiles, map_key, prepare_files
 from .spawn import Child, Node, spawn, wait_pid_free
 from .tree import open_tree
 from .verify import check_restorable
@@ -186,11 +186,11 @@ def rebuild(child: Child, image: Image, pages: PageSource, progress=None,
     maps = proc.read_smaps(pid)
     busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in ckpt.vmas]
     helper = child.helper_fds
-    map_fds = {int(name[3:]): fd for name, fd in helper.items() if name.startswith("map")}
+    map_fds = {name[3:]: fd for name, fd in helper.items() if name.startswith("map")}
     with infect.infected(pid, maps, busy, put_back=False) as target:
         T.unregister_rseq_seized(target)
         M.unmap_seized(target, maps)
-        M.restore_mm_seized(target, ckpt.mm, map_fds[ckpt.mm.exe_file_id])
+        M.restore_mm_seized(target, ckpt.mm, map_fds[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)])
         M.move_vdso_seized(target, maps, ckpt.vmas)
         M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, progress, shm_fds,
                           _page_refs(ckpt, sources or {}), child.sysv_ids)

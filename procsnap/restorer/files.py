@@ -33,7 +33,7 @@ class PreparedFiles:
     fd_sources: dict[int, int]  # target fd -> restorer fd (first of each shared group)
     fd_aliases: dict[int, int]  # target fd -> target fd it shares a description with
     cloexec: set[int]
-    map_sources: dict[int, int]  # FileRef id -> restorer fd, for mmap
+    map_sources: dict[str, int]  # map_key() -> restorer fd, for mmap
     exe: int  # restorer fd of the executable
     shm_sources: dict[int, int] = dataclasses.field(default_factory=dict)  # SharedMem id -> restorer fd
     # epoll target fd -> [fd, events, data] watches the child adds once its fds are in place
@@ -294,20 +294,33 @@ def prepare_files(image: Image, shell_job: bool, shared: SharedFiles) -> Prepare
     return prepared
 
 
+def map_access(vma: model.Vma) -> int:
+    """The access mode to open a file mapping's file with: the one it had
+    (an r--s mapping of a file opened read-write can be mprotect'ed writable
+    later), or for images before 1.2 the least its protection needs."""
+    if vma.access >= 0:
+        return vma.access
+    writable_shared = vma.kind == model.VmaKind.FILE_SHARED and vma.prot & model.Prot.PROT_WRITE
+    return os.O_RDWR if writable_shared else os.O_RDONLY
+
+
+def map_key(file_id: int, access: int) -> str:
+    """Names one open of a mapped file: one per file and access mode."""
+    return f"{file_id}.{access}"
+
+
 def _prepare_maps(ckpt: model.Checkpoint, refs: dict[int, model.FileRef], prepared: PreparedFiles) -> None:
-    writable_shared = {v.file_id for v in ckpt.vmas
-                       if v.kind == model.VmaKind.FILE_SHARED and v.prot & model.Prot.PROT_WRITE}
-    needed = {v.file_id for v in ckpt.vmas if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED)}
-    needed.add(ckpt.mm.exe_file_id)
-    for fid in sorted(needed):
+    needed = {(v.file_id, map_access(v)) for v in ckpt.vmas
+              if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED)}
+    needed.add((ckpt.mm.exe_file_id, os.O_RDONLY))
+    for fid, access in sorted(needed):
         ref = refs[fid]
-        mode = os.O_RDWR if fid in writable_shared else os.O_RDONLY
-        fd = _open(ref.path, mode | os.O_CLOEXEC, "mapped file")
-        prepared.map_sources[fid] = fd
+        fd = _open(ref.path, access | os.O_CLOEXEC, "mapped file")
+        prepared.map_sources[map_key(fid, access)] = fd
         why = changed_since_dump(ref, os.fstat(fd))
         if why:
             raise RestoreError(f"mapped file {ref.path}: {why}; it cannot be mapped again safely")
-    prepared.exe = prepared.map_sources[ckpt.mm.exe_file_id]
+    prepared.exe = prepared.map_sources[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)]
 
 
 def _terminal() -> str:

@@ -28,6 +28,7 @@ from ..kernel.arch.x86_64 import NR, PAGE_SIZE, TASK_SIZE
 from ..kernel.infect import SCRATCH_SIZE, Target, free_gap
 from ..kernel.proc import MapsEntry
 from ..kernel.structs import MREMAP_FIXED, MREMAP_MAYMOVE, Prctl, prctl_mm_map
+from .files import map_access, map_key
 
 MMAP_MIN_ADDR = 0x10000
 
@@ -162,7 +163,7 @@ def _fill_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.PageRun], pages: PageSource,
-                    map_fds: dict[int, int], progress=None, shm_fds: dict[int, int] | None = None,
+                    map_fds: dict[str, int], progress=None, shm_fds: dict[int, int] | None = None,
                     refs: typing.Sequence[tuple[int, int, int, int]] = (),
                     sysv_ids: dict[int, int] | None = None) -> None:
     """Map each VMA, write its pages, set its final protection.
@@ -205,7 +206,8 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
         at = free_gap(busy, v.size) if apart else v.start
         flags = (v.flags & ~(model.MapFlag.MAP_SHARED | model.MapFlag.MAP_PRIVATE)) | MAP_FIXED_NOREPLACE
         flags |= model.MapFlag.MAP_SHARED if v.kind in SHARED_KINDS else model.MapFlag.MAP_PRIVATE
-        fd = map_fds[v.file_id] if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) else -1
+        fd = map_fds[map_key(v.file_id, map_access(v))] \
+            if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) else -1
         if v.kind == model.VmaKind.SHARED_MEM:
             fd = shm_fds[v.shm]
             flags &= ~model.MapFlag.MAP_ANONYMOUS

@@ -121,6 +121,29 @@ def interrupted_syscall(regs: user_regs_struct) -> int | None:
     return None
 
 
+# How a libc syscall wrapper loads the number just before `syscall`
+# (glibc's: mov $nr,%eax or mov $nr,%rax), the instruction ending where
+# `syscall` starts:
+#     b8 NN NN NN NN        mov    $nr,%eax
+#     48 c7 c0 NN NN NN NN  mov    $nr,%rax
+MOV_NR_TO_EAX = b"\xb8"
+MOV_NR_TO_RAX = b"\x48\xc7\xc0"
+
+
+def syscall_number_before(code: bytes) -> int | None:
+    """The syscall number a wrapper loaded into rax, from the code that
+    ends right before its `syscall` instruction; None if it is not one of
+    the two loads above. Needed for a task frozen in restart_syscall: its
+    registers still hold the arguments of the interrupted call, but rax was
+    replaced by restart_syscall, whose saved state (the restart block) is
+    the kernel's and does not survive a restore."""
+    if len(code) >= 7 and code[-7:-4] == MOV_NR_TO_RAX:
+        return int.from_bytes(code[-4:], "little")
+    if len(code) >= 5 and code[-5:-4] == MOV_NR_TO_EAX:
+        return int.from_bytes(code[-4:], "little")
+    return None
+
+
 def rewind_to_syscall(regs: user_regs_struct, *, reexecute_restartblock: bool) -> None:
     """Apply the kernel's syscall-restart rule to saved registers.
 

@@ -1,0 +1,400 @@
+"""The state check: everything the kernel shows about a process tree,
+captured before the dump and after the restore, and compared.
+
+    capture_tree(pids) -> {pid: {key: value}}     every process of a tree
+    state_problems(before, after) -> [str]         what changed, key by key
+
+A key names where the value comes from ("status.CapEff", "stat.policy",
+"fdinfo.5.lock", "prctl.child_subreaper", "task.1234.status.CapEff", ...),
+so a failure says exactly which piece of state a restore lost. Values are
+read from /proc and, where the kernel shows them only to the process
+itself, by syscalls injected into the stopped process (prctl PR_GET_*,
+membarrier), with procsnap's own injector.
+
+What legitimately differs after a restore is listed once, below, each with
+its reason (IGNORED_*). Everything else must be equal: a new kind of state
+that procsnap forgets fails every test that holds it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import struct
+
+from procsnap.kernel import infect, proc, ptrace
+from procsnap.kernel.arch.x86_64 import NR
+
+# --------------------------------------------------------------------------
+# What legitimately differs, and why
+
+IGNORED_STATUS = {
+    "State": "running or sleeping at the instant read (stopped and zombie are kept, see _state)",
+    "FDSize": "capacity of the fd table, grown by the restorer's own descriptors; no program sees it",
+    "VmPeak": "peak address-space size, reached while the restorer rebuilt the process",
+    "VmHWM": "peak resident memory: accounting",
+    "VmRSS": "resident memory: pages not yet touched again are not resident (accounting)",
+    "RssAnon": "resident memory: accounting",
+    "RssFile": "resident memory: accounting",
+    "RssShmem": "resident memory: accounting",
+    "VmPTE": "page-table size follows the resident pages: accounting",
+    "VmSwap": "swapped-out pages: accounting",
+    "VmPin": "pages pinned at the instant read (procsnap's own reads pin them briefly)",
+    "SigQ": "signals queued by every process of the user against its limit: a per-user counter",
+    "voluntary_ctxt_switches": "accounting",
+    "nonvoluntary_ctxt_switches": "accounting",
+}
+IGNORED_ROOT_STATUS = {
+    "PPid": "the root's parent is whoever restores it",
+}
+# /proc/PID/stat fields that are state, by their proc(5) number (1-based)
+STAT_FIELDS = {
+    "ppid": 4, "pgrp": 5, "session": 6, "tty_nr": 7, "tpgid": 8, "flags": 9, "priority": 18,
+    "nice": 19, "num_threads": 20, "exit_signal": 38, "rt_priority": 40, "policy": 41,
+    "start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45, "end_data": 46,
+    "start_brk": 47, "arg_start": 48, "arg_end": 49, "env_start": 50, "env_end": 51,
+}
+# Task flags (include/linux/sched.h) that tell how a process came to be or
+# what it did, not what it is:
+PF_FORKNOEXEC = 0x40  # "forked but didn't exec": the restored copy is cloned, never exec'd
+PF_SUPERPRIV = 0x100  # "used super-user privileges": the restorer's work in it
+PF_RANDOMIZE = 0x400000  # ASLR at exec: the layout itself is in maps, compared exactly
+IGNORED_PF = PF_FORKNOEXEC | PF_SUPERPRIV | PF_RANDOMIZE
+IGNORED_FDINFO = {
+    "ino": "the inode of an object made again (pipe, socket, memfd, unlinked file) is new; "
+           "which fds share one object is compared through the fd table",
+    "eventfd-id": "a per-boot counter naming the eventfd context",
+    "it_value": "a timer's time left runs on; its interval and clock are compared",
+}
+# fdinfo lines whose value holds "dev:ino" of the object they watch or lock
+INODE_FIELD = re.compile(r"\b[0-9a-f]{2,}:[0-9a-f]{2,}:\d+\b")
+INO_WORD = re.compile(r"\bino:\s*[0-9a-f]+")
+SDEV_WORD = re.compile(r"\bsdev:\s*[0-9a-f]+")
+
+
+# --------------------------------------------------------------------------
+# Reading
+
+
+def _read(path: str, binary: bool = False):
+    try:
+        with open(path, "rb" if binary else "r") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        return f"<{os.strerror(err.errno)}>"
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        return f"<{os.strerror(err.errno)}>"
+
+
+def _status(path: str, root: bool) -> dict[str, str]:
+    out = {}
+    for line in _read(path).splitlines():
+        key, _, value = line.partition(":")
+        if key in IGNORED_STATUS or (root and key in IGNORED_ROOT_STATUS):
+            continue
+        out[f"status.{key}"] = " ".join(value.split())
+    return out
+
+
+def _state(stat_state: str) -> str:
+    return "live" if stat_state in "RSD" else stat_state
+
+
+def _stat(path: str, root: bool) -> dict[str, str]:
+    text = _read(path)
+    fields = ["", ""] + text.rpartition(")")[2].split()  # fields[n-1] is proc(5) field n
+    out = {"stat.state": _state(fields[2])}
+    for name, number in STAT_FIELDS.items():
+        if root and name == "ppid":
+            continue
+        value = fields[number - 1]
+        if name == "flags":
+            value = f"{int(value) & ~IGNORED_PF:#x}"
+        out[f"stat.{name}"] = value
+    return out
+
+
+class sched_attr(ctypes.Structure):
+    """struct sched_attr (include/uapi/linux/sched/types.h), SCHED_ATTR_SIZE_VER1."""
+
+    _fields_ = [("size", ctypes.c_uint32), ("sched_policy", ctypes.c_uint32),
+                ("sched_flags", ctypes.c_uint64), ("sched_nice", ctypes.c_int32),
+                ("sched_priority", ctypes.c_uint32), ("sched_runtime", ctypes.c_uint64),
+                ("sched_deadline", ctypes.c_uint64), ("sched_period", ctypes.c_uint64),
+                ("sched_util_min", ctypes.c_uint32), ("sched_util_max", ctypes.c_uint32)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+SYS_ioprio_get = 252
+SYS_sched_getattr = 315
+IOPRIO_WHO_PROCESS = 1
+
+
+def _sched(tid: int) -> dict[str, str]:
+    attr = sched_attr()
+    out = {}
+    if _libc.syscall(SYS_sched_getattr, tid, ctypes.byref(attr), ctypes.sizeof(attr), 0) == 0:
+        out["sched_attr"] = " ".join(f"{name}={getattr(attr, name)}" for name, _ in attr._fields_[1:])
+    else:
+        out["sched_attr"] = f"<{os.strerror(ctypes.get_errno())}>"
+    prio = _libc.syscall(SYS_ioprio_get, IOPRIO_WHO_PROCESS, tid)
+    out["ioprio"] = str(prio) if prio >= 0 else f"<{os.strerror(ctypes.get_errno())}>"
+    try:
+        out["affinity"] = ",".join(map(str, sorted(os.sched_getaffinity(tid))))
+    except OSError as err:
+        out["affinity"] = f"<{os.strerror(err.errno)}>"
+    return out
+
+
+def _mount_points(pid: int) -> dict[str, str]:
+    out = {}
+    for line in _read(f"/proc/{pid}/mountinfo").splitlines():
+        parts = line.split()
+        out[parts[0]] = parts[4]
+    return out
+
+
+def _fdinfo(pid: int) -> dict[str, str]:
+    out = {}
+    mounts = _mount_points(pid)
+    for name in sorted(os.listdir(f"/proc/{pid}/fdinfo"), key=int):
+        try:
+            text = _read(f"/proc/{pid}/fdinfo/{name}")
+            target = _readlink(f"/proc/{pid}/fd/{name}")
+        except FileNotFoundError:
+            continue
+        locks = []
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            value = value.strip()
+            if key in IGNORED_FDINFO:
+                continue
+            if key == "mnt_id":
+                # the mount, by where it is: internal mounts (pipefs, sockfs,
+                # anon_inodefs) are not in mountinfo and keep their kind
+                value = mounts.get(value, "internal" if not target.startswith("/") else f"<mount {value}?>")
+            elif key == "lock":
+                locks.append(_lock_line(value))
+                continue
+            elif key in ("tfd", "inotify", "fanotify ino"):
+                value = SDEV_WORD.sub("sdev:-", INO_WORD.sub("ino:-", value))
+            elif key == "ticks" and "it_interval: (0, 0)" not in text:
+                continue  # a periodic timer's expirations go on accumulating while it waits
+            # repeated keys (an epoll's tfd lines, inotify's watches): all of
+            # them, in a fixed order (the kernel lists them by object address)
+            full = f"fdinfo.{name}.{key}"
+            out[full] = " | ".join(sorted(out[full].split(" | ") + [value])) if full in out else value
+        if locks:
+            out[f"fdinfo.{name}.lock"] = " | ".join(sorted(locks))
+    return out
+
+
+def _lock_line(text: str) -> str:
+    """'1: POSIX  ADVISORY  WRITE 1234 08:01:5678 0 EOF' -> the lock without
+    its ordinal and the file's inode (the file is named by the fd)."""
+    words = text.split()
+    if words and words[0].endswith(":"):
+        words = words[1:]
+    return " ".join("<file>" if INODE_FIELD.fullmatch(w) else w for w in words)
+
+
+def _map_files(pid: int) -> dict[str, str]:
+    """The mode of each map_files link: the access mode of the open file
+    behind a file mapping (r--s backed read-only cannot be mprotected writable)."""
+    out = {}
+    try:
+        names = os.listdir(f"/proc/{pid}/map_files")
+    except OSError as err:
+        return {"map_files": f"<{os.strerror(err.errno)}>"}
+    for name in names:
+        try:
+            mode = os.lstat(f"/proc/{pid}/map_files/{name}").st_mode & 0o777
+        except FileNotFoundError:
+            continue
+        out[f"map_files.{name}"] = f"{mode:o}"
+    return out
+
+
+def _namespaces(pid: int) -> dict[str, str]:
+    out = {}
+    for name in sorted(os.listdir(f"/proc/{pid}/ns")):
+        mine = _readlink(f"/proc/self/ns/{name}")
+        theirs = _readlink(f"/proc/{pid}/ns/{name}")
+        out[f"ns.{name}"] = "same as the host's" if theirs == mine else "its own"
+    return out
+
+
+def _autogroup(pid: int) -> str:
+    # "/autogroup-123 nice 0": the group is made again by setsid, with a new
+    # number; its nice value is state
+    text = _read(f"/proc/{pid}/autogroup")
+    return text.split("nice")[-1].strip() if "nice" in text else text.strip()
+
+
+# prctl PR_GET_* (include/uapi/linux/prctl.h): (option, arg2 is an out pointer, extra args)
+PRCTL_GETS = {
+    "pdeathsig": (2, True, ()),
+    "dumpable": (3, False, ()),
+    "keepcaps": (7, False, ()),
+    "tsc": (25, True, ()),
+    "securebits": (27, False, ()),
+    "timerslack": (30, False, ()),
+    "mce_kill": (34, False, ()),
+    "child_subreaper": (37, True, ()),
+    "no_new_privs": (39, False, ()),
+    "thp_disable": (42, False, ()),
+    "spec_store_bypass": (52, False, (0,)),
+    "spec_indirect_branch": (52, False, (1,)),
+    "spec_l1d_flush": (52, False, (2,)),
+    "mdwe": (66, False, ()),
+    "memory_merge": (68, False, ()),
+    "shadow_stack_status": (74, True, ()),
+    "futex_hash_slots": (78, False, (2,)),  # PR_FUTEX_HASH, PR_FUTEX_HASH_GET_SLOTS
+}
+MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9
+SYS_membarrier = 324
+
+
+def _injected(pid: int) -> dict[str, str]:
+    """What only the process itself can ask the kernel: injected, then put back."""
+    out = {}
+    try:
+        stopped_by = ptrace.freeze(pid)
+    except OSError as err:
+        return {"prctl": f"<cannot freeze: {err}>"}
+    try:
+        if stopped_by:
+            return {"prctl": f"<in a group-stop by signal {stopped_by}>"}
+        with infect.infected(pid, proc.read_maps(pid)) as target:
+            for name, (option, out_ptr, extra) in PRCTL_GETS.items():
+                if out_ptr:
+                    target.write_scratch(bytes(8))
+                    ret = target.call(NR.prctl, option, target.scratch, check=False)
+                    value = struct.unpack("<q", target.read_scratch(8))[0] if ret == 0 else ret
+                else:
+                    value = target.call(NR.prctl, option, *extra, check=False)
+                out[f"prctl.{name}"] = str(value) if not -4096 < value < 0 else f"<{os.strerror(-value)}>"
+            regs = target.call(SYS_membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, check=False)
+            out["membarrier"] = str(regs) if not -4096 < regs < 0 else f"<{os.strerror(-regs)}>"
+    finally:
+        ptrace.detach(pid)
+    return out
+
+
+def capture(pid: int, root: bool = False, inject: bool = True) -> dict[str, str]:
+    """Everything the kernel shows about one process (and each of its threads)."""
+    base = f"/proc/{pid}"
+    state: dict[str, str] = {}
+    state.update(_stat(f"{base}/stat", root))
+    if state["stat.state"] == "Z":
+        return {k: v for k, v in state.items() if k in ("stat.state", "stat.exit_signal", "stat.pgrp",
+                                                        "stat.session", "stat.ppid")}
+    state.update(_status(f"{base}/status", root))
+    for name in ("oom_score_adj", "timerslack_ns", "personality", "loginuid", "sessionid", "cgroup",
+                 "coredump_filter", "comm", "limits", "attr/current", "setgroups", "uid_map", "gid_map"):
+        state[name] = _read(f"{base}/{name}").strip()
+    for name in ("auxv", "environ", "cmdline"):
+        state[name] = _read(f"{base}/{name}", binary=True)
+    for name in ("root", "cwd", "exe"):
+        state[name] = _readlink(f"{base}/{name}")
+    state["autogroup"] = _autogroup(pid)
+    state.update(_sched(pid))
+    state.update(_namespaces(pid))
+    state.update(_fdinfo(pid))
+    state.update(_map_files(pid))
+    for tid in sorted(int(t) for t in os.listdir(f"{base}/task")):
+        if tid == pid:
+            continue
+        where = f"{base}/task/{tid}"
+        try:
+            thread = {**_status(f"{where}/status", root), **_stat(f"{where}/stat", root), **_sched(tid),
+                      "comm": _read(f"{where}/comm").strip()}
+        except FileNotFoundError:
+            continue
+        state.update({f"task.{tid}.{k}": v for k, v in thread.items()})
+    if inject and state["stat.state"] != "T":
+        state.update(_injected(pid))
+    return state
+
+
+def _locks(pids: set[int]) -> dict[str, str]:
+    """/proc/locks entries held or awaited by processes of the tree; the
+    file named by one of the tree's fds that opens it (else by the path of
+    its inode's first fd seen)."""
+    inodes = {}
+    for pid in pids:
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            continue
+        for name in names:
+            try:
+                st = os.stat(f"/proc/{pid}/fd/{name}")
+                inodes.setdefault((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino),
+                                  os.readlink(f"/proc/{pid}/fd/{name}"))
+            except OSError:
+                continue
+    out = []
+    for line in _read("/proc/locks").splitlines():
+        words = line.split()[1:]
+        blocked = words[0] == "->"
+        if blocked:
+            words = words[1:]
+        # kind, ADVISORY/MANDATORY, READ/WRITE, pid, maj:min:ino, start, end
+        if len(words) < 7 or not words[3].lstrip("-").isdigit():
+            continue
+        owner = int(words[3])
+        dev = words[4].split(":")
+        key = (int(dev[0], 16), int(dev[1], 16), int(dev[2]))
+        if owner not in pids and key not in inodes:
+            continue
+        if owner not in pids and owner != -1:
+            continue
+        path = inodes.get(key, "<a file no fd of the tree opens>")
+        out.append(" ".join(["->" * blocked, *words[:4], path, *words[5:]]).strip())
+    return {"locks": "\n".join(sorted(out))}
+
+
+def capture_tree(pids: list[int], inject: bool = True) -> dict[int, dict[str, str]]:
+    """capture() of every process; the first is the root. Global state
+    that belongs to the tree (its file locks) goes under the root."""
+    out = {}
+    for i, pid in enumerate(pids):
+        try:
+            out[pid] = capture(pid, root=i == 0, inject=inject)
+        except FileNotFoundError:
+            out[pid] = {"gone": "exited while read"}
+    if pids:
+        out[pids[0]].update(_locks(set(pids)))
+    return out
+
+
+def state_problems(before: dict[int, dict[str, str]], after: dict[int, dict[str, str]]) -> list[str]:
+    problems = []
+    for pid in sorted(set(before) | set(after)):
+        b, a = before.get(pid), after.get(pid)
+        if b is None or a is None:
+            problems.append(f"pid {pid}: {'new' if b is None else 'missing'} after the restore")
+            continue
+        for key in sorted(set(b) | set(a)):
+            if b.get(key) != a.get(key):
+                problems.append(f"pid {pid}: {key}: expected {_show(b.get(key))} found {_show(a.get(key))}")
+    return problems
+
+
+def _show(value) -> str:
+    if value is None:
+        return "<absent>"
+    text = repr(value) if isinstance(value, bytes) else value
+    return text if len(text) < 300 else text[:300] + "..."
