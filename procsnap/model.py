@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from .objects.settings import Settings
+
 
 class Prot(enum.IntFlag):
     """PROT_* (include/uapi/asm-generic/mman-common.h)."""
@@ -389,3 +391,4 @@ class Checkpoint:
     shms: list[SharedMem] = dataclasses.field(default_factory=list)
     sockets: list[Socket] = dataclasses.field(default_factory=list)
     page_refs: list[PageRefs] = dataclasses.field(default_factory=list)  # none or one
+    settings: list[Settings] = dataclasses.field(default_factory=list)  # one, since format 1.2

@@ -203,6 +203,8 @@ class Target:
             os.close(fd)
         self.pid = self._popen.pid
         self.status = None      # set once reaped; None while the pid is ours and unreaped
+        self.ignore_pos = ()    # fds whose offset legitimately moves (its Case's)
+        self.dumped = None      # proc_snapshot taken by dump_kill, compared by restore()
 
     def __repr__(self):
         return f"<Target pid={self.pid} {' '.join(self.argv)}>"
@@ -300,6 +302,7 @@ class Target:
     def adopt(self, pid):
         """The process now lives on as `pid`, a restored direct child of us."""
         self._popen = None
+        self.dumped = None
         self.pid = pid
         self.status = None
 
@@ -341,8 +344,10 @@ class Procs:
     def start_case(self, case, variant, sabotage=False, ready=True, pass_fds=()):
         binary = self._targets.path(case.target, variant)
         env = {"PS_TARGET_SABOTAGE": "1"} if sabotage else None
-        return self.start(case.argv(binary, self.workdir), env=env, ready=ready,
-                          name=f"{case.id}-{variant}", pass_fds=pass_fds)
+        t = self.start(case.argv(binary, self.workdir), env=env, ready=ready,
+                       name=f"{case.id}-{variant}", pass_fds=pass_fds)
+        t.ignore_pos = case.ignore_pos
+        return t
 
     def adopt_if_ours(self, t, pid):
         """After a failed restore: take over `pid` for cleanup if it is our child."""
@@ -641,12 +646,17 @@ def _assert_same_snapshot_fixture():
 # Dump and restore one target
 
 
-def dump_kill(t, images):
+def dump_kill(t, images, before=None):
     """Dump in kill mode; the original tree dies by procsnap's SIGKILL and is
-    reaped (its other processes come back to us, the subreaper)."""
+    reaped (its other processes come back to us, the subreaper). The tree's
+    visible state is taken just before, and restore() compares against it:
+    no test restores what dump_kill dumped without the state check.
+    `before`: a snapshot the test took itself (a settled one, of a tree
+    that is busy)."""
     images = Path(images)
     images.mkdir(exist_ok=True)
     others = descendants(t.pid)
+    t.dumped = before or proc_snapshot(t.pid)
     procsnap.dump(t.pid, str(images))
     status = t.reap()
     assert status == -signal.SIGKILL, f"{t}: expected SIGKILL after dump, found {status}"
@@ -677,10 +687,13 @@ def restore(procs, t, images):
     except BaseException:
         procs.adopt_if_ours(t, old)     # clean up a half-restored child
         raise
+    dumped, t.dumped = t.dumped, None
     t.adopt(pid)
     assert pid == old, f"restored pid {pid}, expected the original {old}"
     ppid = int(proc_status(pid)["PPid"])
     assert ppid == os.getpid(), f"restored {pid} has parent {ppid}, expected us {os.getpid()}"
+    if dumped is not None:
+        assert_same_snapshot(dumped, proc_snapshot(pid), ignore_pos=t.ignore_pos)
     return pid
 
 

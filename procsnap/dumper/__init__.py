@@ -18,6 +18,7 @@ from .. import faults, model
 from ..errors import ProcessGone, ProcsnapError, Unsupported, translated
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
+from ..objects.settings import collect_settings_seized
 from . import collect as C
 from . import tree as T
 from .pages import write_ghosts_seized, write_pages_seized
@@ -338,7 +339,9 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
         task = C.collect_task_seized(pid, st, status, target, regs, sigmask)
         sigactions = C.collect_sigactions_seized(target, status)
         threads = [C.collect_thread_seized(tid, target) for tid in frozen_task.tids[1:]]
+        settings = collect_settings_seized(target, frozen_task.tids)
     runs = C.collect_page_runs(pid, vmas) if scan_pages else None
     ckpt = model.Checkpoint(task=task, mm=mm, vmas=vmas, pages=[], sigactions=sigactions, pending=pending,
-                            files=files.refs, fds=fds, ghosts=[g for g, _ in ghosts], threads=threads)
+                            files=files.refs, fds=fds, ghosts=[g for g, _ in ghosts], threads=threads,
+                            settings=[settings])
     return ckpt, runs, ghosts, maps

@@ -35,7 +35,7 @@ from .. import model
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access
+MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -69,6 +69,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"SHM ": (model.SharedMem, "shms", True),
     b"SOCK": (model.Socket, "sockets", True),
     b"PREF": (model.PageRefs, "page_refs", True),
+    b"SETS": (model.Settings, "settings", True),
 }
 END = b"END "
 

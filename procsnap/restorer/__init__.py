@@ -23,6 +23,7 @@ from ..image.reader import Image, PageSource, open_image
 from ..kernel import infect, proc, ptrace
 from . import memory as M
 from . import task as T
+from ..objects.settings import restore_dumpable_seized, restore_settings_seized
 from .files import SharedFiles, map_key, prepare_files
 from .spawn import Child, Node, spawn, wait_pid_free
 from .tree import open_tree
@@ -197,11 +198,15 @@ def rebuild(child: Child, image: Image, pages: PageSource, progress=None,
         T.restore_signals_seized(target, ckpt.sigactions, ckpt.pending)
         T.restore_task_seized(target, ckpt.task)
         T.create_threads_seized(target, ckpt.threads)
+        for settings in ckpt.settings:
+            restore_settings_seized(target, settings)
         for name, fd in helper.items():
             if name.startswith(("map", "shm")) or name == "sync":
                 target.call(infect.NR.close, fd)
         # the child's safety net (see spawn) gives way to its own setting
         target.call(infect.NR.prctl, T.PR_SET_PDEATHSIG, ckpt.task.pdeathsig)
+        for settings in ckpt.settings:
+            restore_dumpable_seized(target, settings)
 
 
 __all__ = ["restore", "ProcsnapError"]

@@ -1,0 +1,1 @@
+"""One module per kind of thing a process holds (STYLE.md example 11)."""
