@@ -35,9 +35,10 @@ def _progress(label: str):
 def cmd_dump(args) -> int:
     from . import dump
 
-    os.makedirs(args.images_dir, exist_ok=True)
-    dump(args.tree, args.images_dir, leave_running=args.leave_running, shell_job=args.shell_job,
-         progress=_progress("dump"))
+    stats = dump(args.tree, args.images_dir, leave_running=args.leave_running, shell_job=args.shell_job,
+                 progress=_progress("dump"))
+    if stats.replaced:
+        print(f"procsnap: {args.images_dir}: replaced {stats.replaced}", file=sys.stderr)
     return 0
 
 

@@ -60,6 +60,8 @@ def translate(err: OSError, pid: int | None, what: str) -> ProcsnapError:
     """Map an OSError raised by the kernel layer into the hierarchy."""
     detail = f"{what}: {err.strerror or err}"
     prefix = f"pid {pid}: " if pid is not None else ""
+    if err.errno == errno.ENOENT and err.filename and not str(err.filename).startswith("/proc/"):
+        return ProcsnapError(f"{prefix}{detail}: {err.filename}", pid)  # a file, not the process, is missing
     if err.errno in (errno.ESRCH, errno.ENOENT):
         return ProcessGone(f"{prefix}{detail} (no such process)", pid)
     if err.errno in (errno.EPERM, errno.EACCES):

@@ -16,6 +16,7 @@ import time
 
 from .. import faults, model
 from ..errors import ProcessGone, ProcsnapError, Unsupported, translated
+from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
 from . import collect as C
@@ -35,25 +36,32 @@ class DumpStats:
     total_s: float = 0.0
     pages_bytes: int = 0
     snapshot: bool = False  # pages were read from a copy-on-write snapshot
+    replaced: str | None = None  # what was in the directory before, e.g. "the image of pid 1234 taken ..."
 
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
          progress=None) -> DumpStats:
-    """Checkpoint process `pid` and all its descendants into the existing
-    directory `images_dir` (the root's image; each other process's image in
-    a subdirectory of it, tree.IMAGE_DIR).
+    """Checkpoint process `pid` and all its descendants into the directory
+    `images_dir`, made if missing (the root's image; each other process's
+    image in a subdirectory of it, tree.IMAGE_DIR).
 
     The tree is killed once the image is complete, unless leave_running:
     then it is frozen only while its small state is collected and a
     copy-on-write snapshot of each process's memory is taken (see
     snapshot.py); the pages are read from the snapshots after the thaw.
-    On any error every process runs on as before and no image is left.
+    The image is written beside the one already in `images_dir` and
+    swapped in only once complete (image/staging.py).
+    On any error every process runs on as before and the directory holds
+    what it held before.
     """
     started = time.monotonic()
     st, status = read_target(pid)
     with translated(pid, f"read /proc/{pid}/smaps"):
         early_smaps = proc.read_smaps(pid)
     with contextlib.ExitStack() as stack:
+        staging = stack.enter_context(staged(images_dir))
+        if staging.replaces:
+            log.info("%s: replacing %s", images_dir, staging.replaces)
         with translated(pid, "freeze"):
             C.check_supported(pid, st, status)
             tree = stack.enter_context(frozen_tree(pid))
@@ -93,7 +101,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                 claims = [cow.claim(i, task.pid, c[1]) for i, (task, c) in enumerate(zip(tree.tasks, collected))]
         writers = []
         for index, (task, (ckpt, runs, ghost_fds, maps)) in enumerate(zip(tree.tasks, collected)):
-            where = os.path.join(images_dir, _image_dir(task.pid, pid))
+            where = os.path.join(staging.path, _image_dir(task.pid, pid))
             with translated(task.pid, f"write {where}"):
                 writer = stack.enter_context(image_writer(where, create=task.pid != pid))
                 writers.append(writer)
@@ -128,9 +136,11 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         for writer in writers:
             stats.pages_bytes += writer.pages.offset
         root_writer = writers[0]
-        with translated(pid, f"write {images_dir}"):
+        with translated(pid, f"write {staging.path}"):
             faults.point("before-commit")
             root_writer.commit(root)
+        staging.swap_in()
+        stats.replaced = staging.replaces
         faults.point("before-thaw")
         log.info("pid %d: image written to %s", pid, images_dir)
         if not leave_running:
@@ -303,7 +313,7 @@ def image_writer(images_dir: str, create: bool = False):
     if create:
         os.makedirs(images_dir, exist_ok=True)
     elif not os.path.isdir(images_dir):
-        raise FileNotFoundError(2, f"{images_dir}: no such directory")
+        raise FileNotFoundError(2, "No such directory", images_dir)
     writer = ImageWriter(images_dir)
     try:
         yield writer

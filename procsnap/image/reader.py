@@ -22,7 +22,7 @@ from .. import model
 from ..errors import ImageCorrupt, ImageVersionError
 from ..kernel import mapping
 from ..kernel.arch.x86_64 import PAGE_SIZE, TASK_SIZE
-from . import schema
+from . import schema, staging
 from .checksum import data_hash
 
 MAX_FD = 1 << 20
@@ -99,7 +99,7 @@ def _read_file(path: str) -> bytes:
 def read_records(directory: str) -> tuple[int, int, list[tuple[bytes, int, dict]]]:
     """Parse procsnap.img into (major, minor, [(tag, offset, payload)])."""
     if not os.path.isdir(directory):
-        raise ImageCorrupt(f"{directory}: not a directory")
+        raise ImageCorrupt(f"{directory}: " + ("not a directory" if os.path.exists(directory) else "no such directory"))
     path = os.path.join(directory, schema.INVENTORY)
     data = _read_file(path)
     if len(data) < schema.HEADER.size:
@@ -146,8 +146,11 @@ def read_records(directory: str) -> tuple[int, int, list[tuple[bytes, int, dict]
 
 
 def open_image(directory: str, verify_pages: bool = True) -> Image:
-    """Read and validate an image; raises ImageCorrupt/ImageVersionError."""
+    """Read and validate an image; raises ImageCorrupt/ImageVersionError.
+    A dump's swap cut short is finished first (see staging.py)."""
     path = os.path.join(directory, schema.INVENTORY)
+    if os.path.isdir(directory):
+        staging.settle_for_reading(directory)
     major, minor, records = read_records(directory)
     fields: dict[str, object] = {}
     for _, field, many in schema.RECORDS.values():
