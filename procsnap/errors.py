@@ -56,6 +56,20 @@ class RestoreError(ProcsnapError):
     """The restore failed; the image is untouched."""
 
 
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """'1 process', '2 processes', '0 problems'."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {many or (noun + 'es' if noun.endswith(('s', 'x', 'sh', 'ch')) else noun + 's')}"
+
+
+def article(word: str) -> str:
+    """'a pipe', 'an anon_inode', 'a unix socket' (a vowel sounded as 'y' or 'w' takes 'a')."""
+    low = word.lower()
+    vowel = low[:1] in tuple("aeiou") and not low.startswith(("uni", "use", "usu", "eu", "one"))
+    return f"{'an' if vowel else 'a'} {word}"
+
+
 def translate(err: OSError, pid: int | None, what: str) -> ProcsnapError:
     """Map an OSError raised by the kernel layer into the hierarchy."""
     detail = f"{what}: {err.strerror or err}"

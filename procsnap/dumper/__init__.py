@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
 import time
 
 from .. import faults, model
-from ..errors import ProcessGone, ProcsnapError, Unsupported, translated
+from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
@@ -31,7 +32,7 @@ log = logging.getLogger("procsnap.dumper")
 class DumpStats:
     """What a dump measured about itself."""
 
-    checkpoint: model.Checkpoint
+    checkpoint: model.Checkpoint = dataclasses.field(repr=False)  # the root's: tens of KiB printed
     frozen_s: float = 0.0  # from the freeze to the thaw (or the kill)
     total_s: float = 0.0
     pages_bytes: int = 0
@@ -55,6 +56,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     what it held before.
     """
     started = time.monotonic()
+    if progress:  # progress(phase, done, total), as restore reports it
+        progress = functools.partial(progress, "write pages")
     st, status = read_target(pid)
     with translated(pid, f"read /proc/{pid}/smaps"):
         early_smaps = proc.read_smaps(pid)
@@ -65,8 +68,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         with translated(pid, "freeze"):
             C.check_supported(pid, st, status)
             tree = stack.enter_context(frozen_tree(pid))
-        log.info("pid %d: frozen (%d processes, %d threads, %d zombies)", pid, len(tree.tasks),
-                 sum(len(t.tids) for t in tree.tasks), len(tree.zombies))
+        log.info("pid %d: frozen (%s, %s, %s)", pid, plural(len(tree.tasks), "process"),
+                 plural(sum(len(t.tids) for t in tree.tasks), "thread"), plural(len(tree.zombies), "zombie"))
         faults.point("after-freeze")
         snapshot = leave_running and len(tree.tasks) == 1
         table = T.Table()
@@ -80,12 +83,12 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         stats = DumpStats(root)
         with translated(pid, "collect"):
             root.procs = tree.procs()
-            T.check_sessions(root.procs)
+            T.check_sessions(root.procs, shell_job)
             T.link_descriptions(ckpts)
             root.pipes = T.fill_pipes(table, {task.pid for task in tree.tasks})
             root.sockets = T.fill_sockets(table)
-        log.info("pid %d: collected %d VMAs, %d fds", pid, sum(len(c.vmas) for c in ckpts),
-                 sum(len(c.fds) for c in ckpts))
+        log.info("pid %d: collected %s, %s", pid, plural(sum(len(c.vmas) for c in ckpts), "VMA"),
+                 plural(sum(len(c.fds) for c in ckpts), "fd"))
         # In tree order, so that pages shared copy-on-write are stored by the
         # first process; the root's inventory, written last, commits the whole.
         single = len(tree.tasks) == 1
@@ -119,7 +122,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             if all(snap is not None for snap in snaps):
                 for task in tree.tasks:
                     task.thaw()
-                log.info("pid %d: thawed; reading pages from %d snapshots", pid, len(snaps))
+                log.info("pid %d: thawed; reading pages from %s", pid, plural(len(snaps), "snapshot"))
                 sources, stats.snapshot = snaps, True
         for index, (task, (ckpt, _, _, _)) in enumerate(zip(tree.tasks, collected)):
             if snapshot:
@@ -280,7 +283,11 @@ class FrozenTree:
     def kill(self) -> None:
         for task in self.tasks[1:]:
             task.kill(reap=True)  # as their tracer we see them die; their parent gets them next
-        self.tasks[0].kill()
+        root = self.tasks[0]
+        # Ours, it stays a zombie for us to reap. Another's, it is reaped as our
+        # tracee, which hands it on to its parent: left traced, its parent could
+        # not reap it (nor a restore by us reuse its pid) until we exit.
+        root.kill(reap=proc.read_stat(root.pid).ppid != os.getpid())
 
 
 @contextlib.contextmanager
