@@ -1,8 +1,10 @@
 """procsnap: checkpoint and restore of live Linux processes.
 
-    procsnap.dump(pid, images_dir, leave_running=False)
+    procsnap.dump(pid, images_dir, leave_running=False) -> DumpStats
     procsnap.restore(images_dir) -> pid
     procsnap.open_image(images_dir) -> Image
+
+`progress`, where taken, is called as progress(phase, done, total) in bytes.
 
 Errors are procsnap.errors.ProcsnapError and its subclasses. Submodules are
 imported on first use, to keep the CLI's start-up short.
@@ -18,7 +20,8 @@ __version__ = "0.1.0"
 
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False, progress=None):
-    """Checkpoint `pid` into `images_dir`; kill it unless leave_running."""
+    """Checkpoint `pid` into `images_dir` (made if missing; an image there is
+    replaced only by a complete one); kill it unless leave_running."""
     from .dumper import dump as _dump
 
     return _dump(pid, images_dir, leave_running=leave_running, shell_job=shell_job, progress=progress)

@@ -10,23 +10,23 @@ import os
 import signal
 import sys
 
-from .errors import ProcsnapError
+from .errors import ProcsnapError, plural
 
 
 def _progress(label: str):
-    """A one-line progress report on a terminal; silence otherwise."""
+    """progress(phase, done, total) as one line per phase on a terminal
+    (phases of 64 MiB or more); silence otherwise."""
     if not sys.stderr.isatty():
         return None
-    state = {"last": -1}
+    state = {"line": ""}
 
-    def report(done: int, total: int) -> None:
+    def report(phase: str, done: int, total: int) -> None:
         if total < (64 << 20):
             return
-        pct = done * 100 // total
-        if pct != state["last"]:
-            state["last"] = pct
-            end = "\n" if done >= total else ""
-            sys.stderr.write(f"\r{label}: {pct:3d}% ({done >> 20}/{total >> 20} MiB){end}")
+        line = f"{label}: {phase}: {done * 100 // total:3d}% ({done >> 20}/{total >> 20} MiB)"
+        if line != state["line"]:
+            state["line"] = line
+            sys.stderr.write(f"\r{line}" + ("\n" if done >= total else ""))
             sys.stderr.flush()
 
     return report
@@ -35,9 +35,10 @@ def _progress(label: str):
 def cmd_dump(args) -> int:
     from . import dump
 
-    os.makedirs(args.images_dir, exist_ok=True)
-    dump(args.tree, args.images_dir, leave_running=args.leave_running, shell_job=args.shell_job,
-         progress=_progress("dump"))
+    stats = dump(args.tree, args.images_dir, leave_running=args.leave_running, shell_job=args.shell_job,
+                 progress=_progress("dump"))
+    if stats.replaced:
+        print(f"procsnap: {args.images_dir}: replaced {stats.replaced}", file=sys.stderr)
     return 0
 
 
@@ -94,7 +95,7 @@ def cmd_verify(args) -> int:
     for p in problems:
         print(f"problem: {p}")
     if problems:
-        print(f"procsnap: error: {args.images_dir}: {len(problems)} problem(s), it cannot be restored: "
+        print(f"procsnap: error: {args.images_dir}: {plural(len(problems), 'problem')}, it cannot be restored: "
               + "; ".join(problems), file=sys.stderr)
         return 1
     print(f"{args.images_dir}: image is valid and restorable here")
@@ -111,7 +112,7 @@ def cmd_check(args) -> int:
     for r in results:
         print(f"{'ok     ' if r.ok else 'MISSING'}  {r.name}: {r.detail}")
     if missing:
-        print(f"procsnap: {len(missing)} required kernel feature(s) missing", file=sys.stderr)
+        print(f"procsnap: {plural(len(missing), 'required kernel feature')} missing", file=sys.stderr)
         return 1
     print("Looks good.")
     return 0
@@ -137,12 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_restore)
 
     v = sub.add_parser("verify", help="check an image without restoring it; list every problem")
-    v.add_argument("images_dir", metavar="DIR")
     v.set_defaults(func=cmd_verify)
 
     s = sub.add_parser("show", help="print an image as JSON")
-    s.add_argument("images_dir", metavar="DIR")
     s.set_defaults(func=cmd_show)
+    for sp in (v, s):  # DIR as the other verbs take it (-D) or positionally
+        sp.add_argument("images_dir", metavar="DIR", nargs="?")
+        sp.add_argument("-D", "--images-dir", dest="images_dir_opt", metavar="DIR", help=argparse.SUPPRESS)
 
     c = sub.add_parser("check", help="probe the kernel features procsnap needs; -D also validates an image")
     c.add_argument("-D", "--images-dir", metavar="DIR")
@@ -161,7 +163,13 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if hasattr(args, "images_dir_opt"):
+        given = {d for d in (args.images_dir, args.images_dir_opt) if d is not None}
+        if len(given) != 1:
+            parser.error(f"{args.command}: give the image directory once, as DIR or -D DIR")
+        args.images_dir = given.pop()
     # SIGTERM and SIGHUP unwind like Ctrl-C: a dump in progress puts the
     # target back as it was before procsnap exits.
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -169,7 +177,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="procsnap: %(message)s", stream=sys.stderr)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader gone away shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # `procsnap show DIR | head`: stop quietly, as cat does (status as if killed by SIGPIPE)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except ProcsnapError as err:
         print(f"procsnap: error: {err}", file=sys.stderr)
         return err.exit_code

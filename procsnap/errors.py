@@ -56,10 +56,26 @@ class RestoreError(ProcsnapError):
     """The restore failed; the image is untouched."""
 
 
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """'1 process', '2 processes', '0 problems'."""
+    if n == 1:
+        return f"1 {noun}"
+    return f"{n} {many or (noun + 'es' if noun.endswith(('s', 'x', 'sh', 'ch')) else noun + 's')}"
+
+
+def article(word: str) -> str:
+    """'a pipe', 'an anon_inode', 'a unix socket' (a vowel sounded as 'y' or 'w' takes 'a')."""
+    low = word.lower()
+    vowel = low[:1] in tuple("aeiou") and not low.startswith(("uni", "use", "usu", "eu", "one"))
+    return f"{'an' if vowel else 'a'} {word}"
+
+
 def translate(err: OSError, pid: int | None, what: str) -> ProcsnapError:
     """Map an OSError raised by the kernel layer into the hierarchy."""
     detail = f"{what}: {err.strerror or err}"
     prefix = f"pid {pid}: " if pid is not None else ""
+    if err.errno == errno.ENOENT and err.filename and not str(err.filename).startswith("/proc/"):
+        return ProcsnapError(f"{prefix}{detail}: {err.filename}", pid)  # a file, not the process, is missing
     if err.errno in (errno.ESRCH, errno.ENOENT):
         return ProcessGone(f"{prefix}{detail} (no such process)", pid)
     if err.errno in (errno.EPERM, errno.EACCES):

@@ -12,7 +12,7 @@ import signal
 
 from .errors import ProcsnapError
 
-DUMP_STAGES = ("after-freeze", "mid-collect", "mid-page-write", "before-commit", "before-thaw")
+DUMP_STAGES = ("after-freeze", "mid-collect", "mid-page-write", "before-commit", "mid-swap", "before-thaw")
 RESTORE_STAGES = ("after-spawn", "mid-memory-load", "before-registers", "before-detach")
 __doc__ += f"  dump: {', '.join(DUMP_STAGES)}\n  restore: {', '.join(RESTORE_STAGES)}\n"
 

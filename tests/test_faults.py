@@ -10,7 +10,7 @@ limitation: SIGKILLed at mid-collect, procsnap's 16 KiB scratch area (mapped
 in the target for the arguments of injected syscalls) stays there. An error
 removes every file the dump created; a SIGKILL before the commit may leave
 page data but never procsnap.img, so the directory is not taken for an
-image; a SIGKILL after the commit (before-thaw) leaves a complete image.
+image; a SIGKILL after the commit (mid-swap, before-thaw) leaves a complete image.
 
 A restore that fails either way leaves the image byte for byte as it was
 and no process with the saved pid: on an error procsnap kills and reaps the
@@ -43,17 +43,21 @@ WRITER = CASES_BY_ID["writer"]          # writes 64 MiB all the time, checks it 
 BUSY = CASES_BY_ID["cpu-busy"]          # userspace loop, registers and counters in step
 IMAGE_FILES = {"procsnap.img", "pages.img", "ghosts.img"}
 SCRATCH_SIZE = 16 * 1024                # procsnap.kernel.infect.SCRATCH_SIZE
-# What a SIGKILLed dump leaves in an empty image directory: the image writer
-# (pages.img, ghosts.img) is created after the collect, procsnap.img at the commit.
+# What a SIGKILLed dump leaves visible in an empty image directory: it writes
+# in a hidden staging directory beside it (image/staging.py), and the image
+# appears only once swapped in; a swap cut short (mid-swap) is finished by
+# the next reader.
 KILLED_DUMP_LEAVES = {
     "after-freeze": set(),
     "mid-collect": set(),
-    "mid-page-write": {"pages.img", "ghosts.img"},
-    "before-commit": {"pages.img", "ghosts.img"},
+    "mid-page-write": set(),
+    "before-commit": set(),
+    "mid-swap": set(),
     "before-thaw": IMAGE_FILES,
 }
+COMMITTED = ("mid-swap", "before-thaw")  # SIGKILLed here, the new image is complete
 # --leave-running: from mid-page-write on, pages are read from the copy-on-write snapshot child.
-SNAPSHOT_STAGES = ("mid-page-write", "before-commit", "before-thaw")
+SNAPSHOT_STAGES = ("mid-page-write", "before-commit", "mid-swap", "before-thaw")
 # How the half-built process ends when the restorer is SIGKILLed at a stage:
 # PR_SET_PDEATHSIG's SIGKILL. At after-spawn it is still the Python copy of
 # the restorer, blocked in read() on the sync pipe; the restorer's death
@@ -134,11 +138,12 @@ def assert_dump_fault_left(t, before, images, stage, how, proc_snapshot, assert_
         assert_alive(t, stage)
         assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
         return
-    left = {p.name for p in images.iterdir()}
+    left = {p.name for p in images.iterdir() if not p.name.startswith(".")}
     assert left == KILLED_DUMP_LEAVES[stage], f"SIGKILLed at {stage}, the dump left {sorted(left)}"
-    if stage == "before-thaw":
+    if stage in COMMITTED:
         image = procsnap.open_image(str(images))
         assert image.checkpoint.task.pid == t.pid
+        assert {p.name for p in images.iterdir()} == IMAGE_FILES
     else:
         with pytest.raises(ImageCorrupt):
             procsnap.open_image(str(images))
@@ -217,7 +222,7 @@ def test_dump_fault(stage, how, procs, tmp_path, monkeypatch, proc_snapshot,
     assert_dump_fault_left(t, before, images, stage, how, proc_snapshot, assert_same_snapshot)
     trapped = pass_unless_trapped(t)
 
-    if how == "kill" and stage == "before-thaw":
+    if how == "kill" and stage in COMMITTED:
         # The image left behind is complete: once the original has ended,
         # it restores and the process passes its self-check (again).
         t.reap()

@@ -398,7 +398,7 @@ def test_dump_fault_leaves_tree_running(stage, how, procs, tmp_path, monkeypatch
     """Whatever the stage and however procsnap ends, every process of the
     tree runs on, untraced, unchanged (bar the documented scratch area of
     a SIGKILL mid-collect), and passes its self-check; no complete image is
-    left unless it was committed (before-thaw)."""
+    left unless it was committed (mid-swap, before-thaw)."""
     t = procs.start_case(PIPES, "pie")
     before = proc_snapshot(t.pid)
     images = tmp_path / "img"
@@ -412,8 +412,12 @@ def test_dump_fault_leaves_tree_running(stage, how, procs, tmp_path, monkeypatch
     else:
         r = cli("dump", "-t", t.pid, "-D", images, env={"PROCSNAP_FAULT": _fault(stage, how)})
         assert r.returncode == -signal.SIGKILL, r.stderr
-        committed = (images / "procsnap.img").exists()
-        assert committed == (stage == "before-thaw")
+        try:
+            procsnap.open_image(str(images))  # finishes a swap cut short (mid-swap)
+            committed = True
+        except procsnap.ImageCorrupt:
+            committed = False
+        assert committed == (stage in ("mid-swap", "before-thaw"))
         time.sleep(0.3)     # released by the kernel: a trap or a crash would show now
     for pid in [t.pid] + descendants(t.pid):
         st = proc_status(pid)

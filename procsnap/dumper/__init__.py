@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import signal
 import time
 
 from .. import faults, model
-from ..errors import ProcessGone, ProcsnapError, Unsupported, translated
+from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
+from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
 from ..objects.settings import collect_settings_seized
@@ -31,35 +33,44 @@ log = logging.getLogger("procsnap.dumper")
 class DumpStats:
     """What a dump measured about itself."""
 
-    checkpoint: model.Checkpoint
+    checkpoint: model.Checkpoint = dataclasses.field(repr=False)  # the root's: tens of KiB printed
     frozen_s: float = 0.0  # from the freeze to the thaw (or the kill)
     total_s: float = 0.0
     pages_bytes: int = 0
     snapshot: bool = False  # pages were read from a copy-on-write snapshot
+    replaced: str | None = None  # what was in the directory before, e.g. "the image of pid 1234 taken ..."
 
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
          progress=None) -> DumpStats:
-    """Checkpoint process `pid` and all its descendants into the existing
-    directory `images_dir` (the root's image; each other process's image in
-    a subdirectory of it, tree.IMAGE_DIR).
+    """Checkpoint process `pid` and all its descendants into the directory
+    `images_dir`, made if missing (the root's image; each other process's
+    image in a subdirectory of it, tree.IMAGE_DIR).
 
     The tree is killed once the image is complete, unless leave_running:
     then it is frozen only while its small state is collected and a
     copy-on-write snapshot of each process's memory is taken (see
     snapshot.py); the pages are read from the snapshots after the thaw.
-    On any error every process runs on as before and no image is left.
+    The image is written beside the one already in `images_dir` and
+    swapped in only once complete (image/staging.py).
+    On any error every process runs on as before and the directory holds
+    what it held before.
     """
     started = time.monotonic()
+    if progress:  # progress(phase, done, total), as restore reports it
+        progress = functools.partial(progress, "write pages")
     st, status = read_target(pid)
     with translated(pid, f"read /proc/{pid}/smaps"):
         early_smaps = proc.read_smaps(pid)
     with contextlib.ExitStack() as stack:
+        staging = stack.enter_context(staged(images_dir))
+        if staging.replaces:
+            log.info("%s: replacing %s", images_dir, staging.replaces)
         with translated(pid, "freeze"):
             C.check_supported(pid, st, status)
             tree = stack.enter_context(frozen_tree(pid))
-        log.info("pid %d: frozen (%d processes, %d threads, %d zombies)", pid, len(tree.tasks),
-                 sum(len(t.tids) for t in tree.tasks), len(tree.zombies))
+        log.info("pid %d: frozen (%s, %s, %s)", pid, plural(len(tree.tasks), "process"),
+                 plural(sum(len(t.tids) for t in tree.tasks), "thread"), plural(len(tree.zombies), "zombie"))
         faults.point("after-freeze")
         snapshot = leave_running and len(tree.tasks) == 1
         table = T.Table()
@@ -73,12 +84,12 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         stats = DumpStats(root)
         with translated(pid, "collect"):
             root.procs = tree.procs()
-            T.check_sessions(root.procs)
+            T.check_sessions(root.procs, shell_job)
             T.link_descriptions(ckpts)
             root.pipes = T.fill_pipes(table, {task.pid for task in tree.tasks})
             root.sockets = T.fill_sockets(table)
-        log.info("pid %d: collected %d VMAs, %d fds", pid, sum(len(c.vmas) for c in ckpts),
-                 sum(len(c.fds) for c in ckpts))
+        log.info("pid %d: collected %s, %s", pid, plural(sum(len(c.vmas) for c in ckpts), "VMA"),
+                 plural(sum(len(c.fds) for c in ckpts), "fd"))
         # In tree order, so that pages shared copy-on-write are stored by the
         # first process; the root's inventory, written last, commits the whole.
         single = len(tree.tasks) == 1
@@ -94,7 +105,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                 claims = [cow.claim(i, task.pid, c[1]) for i, (task, c) in enumerate(zip(tree.tasks, collected))]
         writers = []
         for index, (task, (ckpt, runs, ghost_fds, maps)) in enumerate(zip(tree.tasks, collected)):
-            where = os.path.join(images_dir, _image_dir(task.pid, pid))
+            where = os.path.join(staging.path, _image_dir(task.pid, pid))
             with translated(task.pid, f"write {where}"):
                 writer = stack.enter_context(image_writer(where, create=task.pid != pid))
                 writers.append(writer)
@@ -112,7 +123,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             if all(snap is not None for snap in snaps):
                 for task in tree.tasks:
                     task.thaw()
-                log.info("pid %d: thawed; reading pages from %d snapshots", pid, len(snaps))
+                log.info("pid %d: thawed; reading pages from %s", pid, plural(len(snaps), "snapshot"))
                 sources, stats.snapshot = snaps, True
         for index, (task, (ckpt, _, _, _)) in enumerate(zip(tree.tasks, collected)):
             if snapshot:
@@ -129,9 +140,11 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         for writer in writers:
             stats.pages_bytes += writer.pages.offset
         root_writer = writers[0]
-        with translated(pid, f"write {images_dir}"):
+        with translated(pid, f"write {staging.path}"):
             faults.point("before-commit")
             root_writer.commit(root)
+        staging.swap_in()
+        stats.replaced = staging.replaces
         faults.point("before-thaw")
         log.info("pid %d: image written to %s", pid, images_dir)
         if not leave_running:
@@ -271,7 +284,11 @@ class FrozenTree:
     def kill(self) -> None:
         for task in self.tasks[1:]:
             task.kill(reap=True)  # as their tracer we see them die; their parent gets them next
-        self.tasks[0].kill()
+        root = self.tasks[0]
+        # Ours, it stays a zombie for us to reap. Another's, it is reaped as our
+        # tracee, which hands it on to its parent: left traced, its parent could
+        # not reap it (nor a restore by us reuse its pid) until we exit.
+        root.kill(reap=proc.read_stat(root.pid).ppid != os.getpid())
 
 
 @contextlib.contextmanager
@@ -304,7 +321,7 @@ def image_writer(images_dir: str, create: bool = False):
     if create:
         os.makedirs(images_dir, exist_ok=True)
     elif not os.path.isdir(images_dir):
-        raise FileNotFoundError(2, f"{images_dir}: no such directory")
+        raise FileNotFoundError(2, "No such directory", images_dir)
     writer = ImageWriter(images_dir)
     try:
         yield writer

@@ -16,7 +16,7 @@ import stat
 import struct
 
 from .. import model
-from ..errors import Unsupported
+from ..errors import Unsupported, article
 from ..kernel import infect, memory, ptrace, proc
 from ..kernel.arch import x86_64 as arch
 from ..kernel.arch.x86_64 import NR, PAGE_SIZE
@@ -408,7 +408,7 @@ def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]
                                   tree.pipe((st.st_dev, st.st_ino), pid, fd, path))
         else:
             kind = link.split(":", 1)[0] if ":" in link else stat.filemode(st.st_mode)
-            raise Unsupported(f"{where} is a {kind} ({link}); not supported", pid)
+            raise Unsupported(f"{where} is {article(kind)} ({link}); not supported", pid)
         identity.setdefault((st.st_dev, st.st_ino), []).append(len(entries))
         entries.append(entry)
     open_fds = {e.fd for e in entries}

@@ -356,11 +356,21 @@ def write_shms(table: Table, writer) -> list[model.SharedMem]:
     return sorted(table.shms.values(), key=lambda m: m.id)
 
 
-def check_sessions(procs: list[model.Proc]) -> None:
+def check_sessions(procs: list[model.Proc], shell_job: bool = False) -> None:
     """What restore can rebuild: a process is in its parent's session or
     leads its own; it is in its parent's process group, leads its own, or
-    joins one led by a process created before it (lower pid, same session)."""
+    joins one led by a process created before it (lower pid, same session).
+    The root in a session or group led from outside the tree would be
+    restored into the restorer's: refused unless shell_job says so (CRIU)."""
     by_pid = {p.pid: p for p in procs}
+    root = procs[0]
+    outside = [f"{what} {leader} (leader: pid {leader})" for what, leader in
+               (("session", root.sid), ("process group", root.pgid)) if leader != root.pid]
+    if outside and not shell_job:
+        verb = "are" if len(outside) > 1 else "is"
+        raise Unsupported(f"pid {root.pid}: {' and '.join(outside)} {verb} led from outside the dumped tree; "
+                          "restored, it would join the restorer's instead; dump with --shell-job if that is wanted",
+                          root.pid)
     for p in procs[1:]:
         parent = by_pid[p.ppid]
         if p.sid not in (parent.sid, p.pid):

@@ -14,3 +14,13 @@ import xxhash
 def data_hash(data) -> int:
     """XXH3-64 of a buffer (bytes, memoryview, mmap slice)."""
     return xxhash.xxh3_64_intdigest(data)
+
+
+def data_hash_in_steps(data, step: int, done) -> int:
+    """data_hash of a big buffer, `step` bytes at a time; done(nbytes) after each."""
+    state = xxhash.xxh3_64()
+    for offset in range(0, len(data), step):
+        piece = data[offset : offset + step]
+        state.update(piece)
+        done(len(piece))
+    return state.intdigest()

@@ -16,18 +16,20 @@ import dataclasses
 import mmap
 import json
 import os
+import threading
 import zlib
 
 from .. import model
-from ..errors import ImageCorrupt, ImageVersionError
+from ..errors import ImageCorrupt, ImageVersionError, plural
 from ..kernel import mapping
 from ..kernel.arch.x86_64 import PAGE_SIZE, TASK_SIZE
-from . import schema
-from .checksum import data_hash
+from . import schema, staging
+from .checksum import data_hash, data_hash_in_steps
 
 MAX_FD = 1 << 20
 MAX_SIGNAL = 64
 HASH_THREADS = 2
+PROGRESS_STEP = 16 << 20  # bytes checked between two progress reports
 MAX_AUXV = 2 * 8 * 26  # sizeof(mm->saved_auxv) on x86_64: AT_VECTOR_SIZE longs
 
 
@@ -99,7 +101,7 @@ def _read_file(path: str) -> bytes:
 def read_records(directory: str) -> tuple[int, int, list[tuple[bytes, int, dict]]]:
     """Parse procsnap.img into (major, minor, [(tag, offset, payload)])."""
     if not os.path.isdir(directory):
-        raise ImageCorrupt(f"{directory}: not a directory")
+        raise ImageCorrupt(f"{directory}: " + ("not a directory" if os.path.exists(directory) else "no such directory"))
     path = os.path.join(directory, schema.INVENTORY)
     data = _read_file(path)
     if len(data) < schema.HEADER.size:
@@ -145,9 +147,13 @@ def read_records(directory: str) -> tuple[int, int, list[tuple[bytes, int, dict]
     return major, minor, records
 
 
-def open_image(directory: str, verify_pages: bool = True) -> Image:
-    """Read and validate an image; raises ImageCorrupt/ImageVersionError."""
+def open_image(directory: str, verify_pages: bool = True, progress=None) -> Image:
+    """Read and validate an image; raises ImageCorrupt/ImageVersionError.
+    A dump's swap cut short is finished first (see staging.py).
+    progress(done, total): bytes of page data checked so far."""
     path = os.path.join(directory, schema.INVENTORY)
+    if os.path.isdir(directory):
+        staging.settle_for_reading(directory)
     major, minor, records = read_records(directory)
     fields: dict[str, object] = {}
     for _, field, many in schema.RECORDS.values():
@@ -185,13 +191,13 @@ def open_image(directory: str, verify_pages: bool = True) -> Image:
     ckpt = model.Checkpoint(**fields)
     image = Image(directory, major, minor, ckpt, counts["pages_size"], counts["ghosts_size"])
     problems = validate(ckpt, image)
-    problems += _check_data_files(image, verify_pages)
+    problems += _check_data_files(image, verify_pages, progress)
     if problems:
-        raise ImageCorrupt(f"{directory}: {len(problems)} problem(s): " + "; ".join(problems))
+        raise ImageCorrupt(f"{directory}: {plural(len(problems), 'problem')}: " + "; ".join(problems))
     return image
 
 
-def _check_data_files(image: Image, verify_pages: bool) -> list[str]:
+def _check_data_files(image: Image, verify_pages: bool, progress=None) -> list[str]:
     problems = []
     for path, size in ((image.pages_path, image.pages_size), (image.ghosts_path, image.ghosts_size)):
         try:
@@ -207,16 +213,36 @@ def _check_data_files(image: Image, verify_pages: bool) -> list[str]:
     if image.pages_size:
         with open(image.pages_path, "rb") as f, mmap.mmap(f.fileno(), image.pages_size, access=mmap.ACCESS_READ) as m:
             view = memoryview(m)
+            checked = [0]
+            total = sum(run.npages for run in ckpt.pages) * PAGE_SIZE
+            lock = threading.Lock()
             try:
+                def tell(nbytes: int) -> None:
+                    with lock:
+                        checked[0] += nbytes
+                        progress(checked[0], total)
+
                 def check(runs: list[model.PageRun]) -> list[str]:
                     bad = []
+                    untold = 0  # small runs are told of together
                     for run in runs:
-                        found = data_hash(view[run.offset : run.offset + run.npages * PAGE_SIZE])
+                        data = view[run.offset : run.offset + run.npages * PAGE_SIZE]
+                        if progress and len(data) >= PROGRESS_STEP:
+                            found = data_hash_in_steps(data, PROGRESS_STEP, tell)
+                        else:
+                            found = data_hash(data)
+                            untold += len(data)
+                            if progress and untold >= PROGRESS_STEP:
+                                tell(untold)
+                                untold = 0
+                        data.release()
                         if run.offset + run.npages * PAGE_SIZE <= image.pages_size:
                             m.madvise(mmap.MADV_DONTNEED, run.offset, run.npages * PAGE_SIZE)  # bound our RSS
                         if found != run.xxh3:
                             bad.append(f"{image.pages_path}: page run {run.vaddr:#x} at offset {run.offset}: "
                                        f"xxh3 expected {run.xxh3:#x}, found {found:#x}")
+                    if progress and untold:
+                        tell(untold)
                     return bad
 
                 # xxhash releases the GIL: both cores hash, each its share of the runs.

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
 import signal
 import threading
 
 from .. import faults
-from ..errors import ProcsnapError, RestoreError, translated
+from ..errors import ProcsnapError, RestoreError, plural, translated
 from ..image import schema
 from ..image.reader import Image, PageSource, open_image
 from ..kernel import infect, proc, ptrace
+from ..kernel.arch.x86_64 import PAGE_SIZE
 from . import memory as M
 from . import task as T
 from ..objects.settings import restore_dumpable_seized, restore_settings_seized
@@ -40,8 +42,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     accepted for the API's symmetry with the CLI, where -d decides whether
     the restorer waits; waiting is the caller's business.
     """
-    root_image = open_image(images_dir)
-    tree = open_tree(root_image)
+    root_image = open_image(images_dir, progress=progress and functools.partial(progress, "check pages"))
+    tree = open_tree(root_image, progress)
     for _, image in tree:
         if image is not None:
             check_restorable(image, allow_other_owner, allow_setuid)
@@ -70,7 +72,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
                 for th in image.checkpoint.threads:
                     wait_pid_free(th.tid)
             children = spawn(nodes[pid])
-        log.info("pid %d: spawned %d processes", pid, len(children))
+        log.info("pid %d: spawned %s", pid, plural(len(children), "process"))
         try:
             faults.point("after-spawn")
             sources = {}  # every image's pages: a process may map pages another one stored
@@ -78,7 +80,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
                 if image is not None:
                     sources[proc_entry.dir] = stack.enter_context(page_source(image))
             live = [(p, image) for p, image in tree if image is not None]
-            rebuild_all(live, lambda p, image: rebuild(children[p.pid], image, sources[p.dir], progress,
+            filled = Progress(progress, "fill memory", sum(_fill_bytes(image.checkpoint) for _, image in live))
+            rebuild_all(live, lambda p, image: rebuild(children[p.pid], image, sources[p.dir], filled.add,
                                                         sources))
         except BaseException:
             kill_children(children, pid)
@@ -88,6 +91,27 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
         succeeded[0] = True
     log.info("pid %d: running", pid)
     return pid
+
+
+class Progress:
+    """One phase's bytes, summed over the processes of the tree (from any
+    thread), reported as progress(phase, done, total)."""
+
+    def __init__(self, report, phase: str, total: int):
+        self.report, self.phase, self.total, self.done = report, phase, total, 0
+        self.lock = threading.Lock()
+
+    def add(self, nbytes: int) -> None:
+        if self.report:
+            with self.lock:
+                self.done += nbytes
+                self.report(self.phase, self.done, self.total)
+
+
+def _fill_bytes(ckpt) -> int:
+    """What map_vmas_seized writes into a process: its pages and those it maps from another image."""
+    own = sum(r.npages for r in ckpt.pages)
+    return (own + sum(n for refs in ckpt.page_refs for _, n, _, _ in schema.unpack_page_refs(refs))) * PAGE_SIZE
 
 
 REBUILDERS = 2  # threads rebuilding processes at once: each waits on its tracees most of the time
@@ -176,8 +200,9 @@ def _page_refs(ckpt, sources: dict[str, PageSource]) -> list[tuple[int, int, int
     return out
 
 
-def rebuild(child: Child, image: Image, pages: PageSource, progress=None,
+def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
             sources: dict[str, PageSource] | None = None) -> None:
+    """filled(nbytes): told of every batch of pages written."""
     ckpt = image.checkpoint
     pid = child.pid
     shm_fds = {int(name[3:]): fd for name, fd in child.helper_fds.items() if name.startswith("shm")}
@@ -193,7 +218,7 @@ def rebuild(child: Child, image: Image, pages: PageSource, progress=None,
         M.unmap_seized(target, maps)
         M.restore_mm_seized(target, ckpt.mm, map_fds[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)])
         M.move_vdso_seized(target, maps, ckpt.vmas)
-        M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, progress, shm_fds,
+        M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, filled, shm_fds,
                           _page_refs(ckpt, sources or {}), child.sysv_ids)
         T.restore_signals_seized(target, ckpt.sigactions, ckpt.pending)
         T.restore_task_seized(target, ckpt.task)

@@ -104,9 +104,10 @@ FILL_THREADS = 2
 FILL_BATCH = 16 << 20
 
 
-def fill(pid: int, segments: typing.Iterable[tuple[int, int, int]]) -> None:
+def fill(pid: int, segments: typing.Iterable[tuple[int, int, int]], filled=None) -> None:
     """process_vm_writev (local, remote, length) segments from FILL_THREADS
-    threads at once, in batches of at most FILL_BATCH bytes.
+    threads at once, in batches of at most FILL_BATCH bytes; filled(nbytes)
+    after each batch.
 
     Most of the cost is the target's page faults allocating memory, which
     proceed in parallel (the GIL is released in the syscall). After each
@@ -137,6 +138,8 @@ def fill(pid: int, segments: typing.Iterable[tuple[int, int, int]]) -> None:
         lo = min(loc for loc, _, _ in batch)
         hi = max(loc + length for loc, _, length in batch)
         mapping.drop(lo, hi - lo)  # runs sit back to back in pages.img: one call covers the batch
+        if filled:
+            filled(sum(length for _, _, length in batch))
 
     def work() -> None:
         while True:
@@ -163,10 +166,11 @@ def _fill_pool() -> concurrent.futures.ThreadPoolExecutor:
 
 
 def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.PageRun], pages: PageSource,
-                    map_fds: dict[str, int], progress=None, shm_fds: dict[int, int] | None = None,
+                    map_fds: dict[str, int], filled=None, shm_fds: dict[int, int] | None = None,
                     refs: typing.Sequence[tuple[int, int, int, int]] = (),
                     sysv_ids: dict[int, int] | None = None) -> None:
-    """Map each VMA, write its pages, set its final protection.
+    """Map each VMA, write its pages, set its final protection;
+    filled(nbytes) is told of each batch of pages written.
 
     Shared anonymous memory is mapped from the object the restorer made for
     it (shm_fds: SharedMem.id -> fd in the target), so that every process of
@@ -193,8 +197,6 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
     keys = [v.start for v in starts]
     for seg in segments:
         by_vma.setdefault(starts[bisect.bisect_right(keys, seg[0]) - 1].start, []).append(seg)
-    total = sum(seg[1] for seg in segments) * PAGE_SIZE
-    done = 0
     busy = [(v.start, v.end) for v in starts] + [(target.scratch, target.scratch + SCRATCH_SIZE)]
     for i, v in enumerate(starts):
         if v.kind in model.SPECIAL_KINDS:
@@ -226,11 +228,8 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
         if vruns:
             for source in sorted({seg[3] for seg in vruns}):  # a batch never spans two sources' mappings
                 fill(target.pid, ((address, vaddr - v.start + at, npages * PAGE_SIZE)
-                                  for vaddr, npages, address, src in vruns if src == source))
-            done += sum(seg[1] for seg in vruns) * PAGE_SIZE
+                                  for vaddr, npages, address, src in vruns if src == source), filled)
             faults.point("mid-memory-load")
-            if progress:
-                progress(done, total)
         elif own_anon_vma:
             memory.write_bytes(target.pid, at, b"\0")  # the first fault makes its anon_vma
             target.call(NR.madvise, at, PAGE_SIZE, mapping.MADV_DONTNEED)

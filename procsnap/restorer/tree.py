@@ -8,6 +8,7 @@ plan() turns it into spawn.Node objects.
 
 from __future__ import annotations
 
+import functools
 import os
 
 from .. import model
@@ -19,9 +20,10 @@ from ..kernel.arch.x86_64 import PAGE_SIZE
 IMAGE_DIR = "proc.{pid}"  # as the dumper names them
 
 
-def open_tree(root: Image) -> list[tuple[model.Proc, Image | None]]:
+def open_tree(root: Image, progress=None) -> list[tuple[model.Proc, Image | None]]:
     """(Proc, its image or None for a zombie) of every process, root first,
-    each parent before its children."""
+    each parent before its children. progress(phase, done, total) hears of
+    each image's page check."""
     ckpt = root.checkpoint
     procs = ckpt.procs or [model.Proc(ckpt.task.pid, 0, 0, 0)]
     where = os.path.join(root.directory, "procsnap.img")
@@ -50,7 +52,8 @@ def open_tree(root: Image) -> list[tuple[model.Proc, Image | None]]:
     for p in procs[1:]:
         image = None
         if not p.zombie:
-            image = open_image(os.path.join(root.directory, p.dir))
+            check = progress and functools.partial(progress, f"check pages of pid {p.pid}")
+            image = open_image(os.path.join(root.directory, p.dir), progress=check)
             if image.checkpoint.task.pid != p.pid:
                 raise ImageCorrupt(f"{image.directory}: holds pid {image.checkpoint.task.pid}, expected {p.pid}")
             _check_refs(image, root.checkpoint)
