@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from .objects.locks import FileLock
 from .objects.settings import Settings
 
 
@@ -392,3 +393,4 @@ class Checkpoint:
     sockets: list[Socket] = dataclasses.field(default_factory=list)
     page_refs: list[PageRefs] = dataclasses.field(default_factory=list)  # none or one
     settings: list[Settings] = dataclasses.field(default_factory=list)  # one, since format 1.2
+    locks: list[FileLock] = dataclasses.field(default_factory=list)  # since format 1.2

@@ -97,6 +97,7 @@ CASES = [
     Case("ipc", "anonfd"),
     Case("ipc", "sockets"),
     Case("ipc", "fifo", dir_arg=True),
+    Case("locks", dir_arg=True),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 

@@ -33,7 +33,7 @@ def test_dump_restore(procs, case, variant, tmp_path, proc_snapshot, assert_same
     assert_pass(t)
 
 
-@pytest.mark.cases("memory", "cpu-regs", "cpu-busy", "sleep-read", "signals", "files")
+@pytest.mark.cases("memory", "cpu-regs", "cpu-busy", "sleep-read", "signals", "files", "locks")
 @pytest.mark.variants("pie", "static")
 def test_three_cycles(procs, case, variant, tmp_path, proc_snapshot, assert_same_snapshot):
     t = procs.start_case(case, variant)

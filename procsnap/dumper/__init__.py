@@ -20,6 +20,7 @@ from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
+from ..objects.locks import collect_locks
 from ..objects.settings import collect_settings_seized
 from . import collect as C
 from . import tree as T
@@ -360,5 +361,5 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
     runs = C.collect_page_runs(pid, vmas) if scan_pages else None
     ckpt = model.Checkpoint(task=task, mm=mm, vmas=vmas, pages=[], sigactions=sigactions, pending=pending,
                             files=files.refs, fds=fds, ghosts=[g for g, _ in ghosts], threads=threads,
-                            settings=[settings])
+                            settings=[settings], locks=collect_locks(pid, fds))
     return ckpt, runs, ghosts, maps

@@ -23,6 +23,7 @@ from ..kernel.arch.x86_64 import NR, PAGE_SIZE
 from ..kernel.infect import Target
 from ..kernel.libc import syscall
 from ..kernel.proc import MapsEntry
+from ..objects.namespaces import check_namespaces
 from .tree import Table, same_description
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
 
@@ -77,6 +78,7 @@ def check_supported(pid: int, st: proc.Stat, status: dict[str, str]) -> None:
         raise Unsupported(f"pid {pid}: is a zombie", pid)
     if st.state == "T":
         raise stopped_process(pid, 0)
+    check_namespaces(pid)
 
 
 def stopped_process(pid: int, sig: int) -> Unsupported:

@@ -359,6 +359,10 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
     for fd in ckpt.fds:  # an alias names another fd of this image, never one of the restorer's
         if fd.shares_with != -1 and (fd.shares_with not in firsts or fd.shares_with == fd.fd):
             p.append(f"fd {fd.fd}: shares a description with fd {fd.shares_with}, which is not a first fd here")
+    for lock in ckpt.locks:
+        if lock.fd not in firsts or lock.kind not in ("FLOCK", "POSIX", "OFDLCK") or lock.start < 0 \
+                or not (lock.end == -1 or lock.start <= lock.end < 1 << 63):
+            p.append(f"lock {lock}: not a lock of a first fd of this image")
     for g in ckpt.ghosts:
         if g.size < 0 or g.offset < 0 or g.offset + g.size > image.ghosts_size:
             p.append(f"ghost {g.id}: outside ghosts.img")

@@ -35,7 +35,7 @@ from .. import model
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS
+MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -70,6 +70,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"SOCK": (model.Socket, "sockets", True),
     b"PREF": (model.PageRefs, "page_refs", True),
     b"SETS": (model.Settings, "settings", True),
+    b"LOCK": (model.FileLock, "locks", True),
 }
 END = b"END "
 

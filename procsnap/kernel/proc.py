@@ -170,6 +170,34 @@ def parse_fdinfo(text: str) -> FdInfo:
     return FdInfo(pos=int(fields["pos"]), flags=int(fields["flags"], 8), mnt_id=int(fields.get("mnt_id", "0")))
 
 
+@dataclasses.dataclass
+class LockLine:
+    """One `lock:` line of an fdinfo (fs/locks.c lock_get_status): a lock
+    taken through this open file description (by this process, for POSIX)."""
+
+    kind: str  # FLOCK, POSIX, OFDLCK, LEASE, DELEG ...
+    mode: str  # ADVISORY, MANDATORY; for a lease ACTIVE, BREAKING ...
+    access: str  # READ, WRITE, UNLCK
+    pid: int
+    start: int
+    end: int  # -1: to the end of the file (EOF)
+
+
+def parse_fd_locks(text: str) -> list[LockLine]:
+    """'lock:\t1: POSIX  ADVISORY  WRITE 1234 fe:00:5678 0 EOF' lines."""
+    out = []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key != "lock":
+            continue
+        words = value.split()[1:]  # without the ordinal "1:"
+        if words and words[0] == "->":
+            words = words[1:]
+        kind, mode, access, pid, _inode, start, end = words[:7]
+        out.append(LockLine(kind, mode, access, int(pid), int(start), -1 if end == "EOF" else int(end)))
+    return out
+
+
 def parse_anon_fdinfo(text: str) -> tuple[dict[str, int], list[list[int]]]:
     """The state of an eventfd, signalfd, timerfd or epoll from its fdinfo
     (fs/eventfd.c, fs/signalfd.c, fs/timerfd.c, fs/eventpoll.c show_fdinfo)

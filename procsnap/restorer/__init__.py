@@ -25,6 +25,7 @@ from ..kernel import infect, proc, ptrace
 from ..kernel.arch.x86_64 import PAGE_SIZE
 from . import memory as M
 from . import task as T
+from ..objects.locks import restore_locks_seized
 from ..objects.settings import restore_dumpable_seized, restore_settings_seized
 from .files import SharedFiles, map_key, prepare_files
 from .spawn import Child, Node, spawn, wait_pid_free
@@ -81,8 +82,9 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
                     sources[proc_entry.dir] = stack.enter_context(page_source(image))
             live = [(p, image) for p, image in tree if image is not None]
             filled = Progress(progress, "fill memory", sum(_fill_bytes(image.checkpoint) for _, image in live))
+            tree_pids = {p.pid for p, _ in live}
             rebuild_all(live, lambda p, image: rebuild(children[p.pid], image, sources[p.dir], filled.add,
-                                                        sources))
+                                                        sources, tree_pids))
         except BaseException:
             kill_children(children, pid)
             raise
@@ -201,7 +203,7 @@ def _page_refs(ckpt, sources: dict[str, PageSource]) -> list[tuple[int, int, int
 
 
 def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
-            sources: dict[str, PageSource] | None = None) -> None:
+            sources: dict[str, PageSource] | None = None, tree_pids: set[int] = frozenset()) -> None:
     """filled(nbytes): told of every batch of pages written."""
     ckpt = image.checkpoint
     pid = child.pid
@@ -225,6 +227,7 @@ def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
         T.create_threads_seized(target, ckpt.threads)
         for settings in ckpt.settings:
             restore_settings_seized(target, settings)
+        restore_locks_seized(target, ckpt.locks, {e.fd: e.path for e in ckpt.fds}, tree_pids)
         for name, fd in helper.items():
             if name.startswith(("map", "shm")) or name == "sync":
                 target.call(infect.NR.close, fd)
