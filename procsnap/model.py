@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from .objects.creds import Creds
 from .objects.locks import FileLock
 from .objects.settings import Settings
 
@@ -394,3 +395,4 @@ class Checkpoint:
     page_refs: list[PageRefs] = dataclasses.field(default_factory=list)  # none or one
     settings: list[Settings] = dataclasses.field(default_factory=list)  # one, since format 1.2
     locks: list[FileLock] = dataclasses.field(default_factory=list)  # since format 1.2
+    creds: list[Creds] = dataclasses.field(default_factory=list)  # one, since format 1.2

@@ -98,6 +98,7 @@ CASES = [
     Case("ipc", "sockets"),
     Case("ipc", "fifo", dir_arg=True),
     Case("locks", dir_arg=True),
+    Case("creds"),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 
@@ -679,12 +680,13 @@ def reap_gone(pids, timeout=10.0):
             time.sleep(0.005)
 
 
-def restore(procs, t, images):
-    """Restore onto t's (reaped, gone) pid and make t follow the restored process."""
+def restore(procs, t, images, **options):
+    """Restore onto t's (reaped, gone) pid and make t follow the restored
+    process; `options` go to procsnap.restore."""
     assert t.reaped and not os.path.exists(f"/proc/{t.pid}")
     old = t.pid
     try:
-        pid = procsnap.restore(str(images))
+        pid = procsnap.restore(str(images), **options)
     except BaseException:
         procs.adopt_if_ours(t, old)     # clean up a half-restored child
         raise

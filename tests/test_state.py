@@ -9,6 +9,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import procsnap
-from conftest import CASES_BY_ID, assert_pass, descendants, dump_kill, restore, wait_until
+from conftest import REPO, CASES_BY_ID, assert_cli_error, assert_pass, descendants, dump_kill, restore, wait_until
 from procsnap.errors import RestoreError, Unsupported
 
 PYTHON = "/usr/bin/python3"
@@ -145,3 +146,33 @@ def test_namespaces_refused_by_name(unshare, names, procs, tmp_path, proc_snapsh
     assert "namespaces" in str(exc.value)
     assert_same_snapshot(before, proc_snapshot(t.pid))
     assert not (tmp_path / "img" / "procsnap.img").exists()
+
+
+CREDS = CASES_BY_ID["creds"]
+
+
+@pytest.mark.variants("pie", "static")
+def test_credentials_restored(variant, procs, tmp_path):
+    """uids, gids, groups, the five capability sets, securebits and
+    no_new_privs of both threads come back (with --allow-other-owner: the
+    image is of uid 1000); before, the process came back as full root."""
+    t = procs.start_case(CREDS, variant)
+    images = dump_kill(t, tmp_path / "img")
+    with pytest.raises(RestoreError, match="uid 1000 gid 1002.*--allow-other-owner"):
+        procsnap.restore(str(images))
+    wait_until(lambda: not os.path.exists(f"/proc/{t.pid}"), "nothing left of the refused restore")
+    restore(procs, t, images, allow_other_owner=True)
+    assert_pass(t)
+
+
+def test_capabilities_beyond_the_restorers_refused(procs, tmp_path):
+    """A restorer without CAP_NET_BIND_SERVICE (dropped from its bounding
+    set, so root's permitted set lacks it) does not hand it to the restored
+    process: the restore is refused by name, nothing is left running."""
+    t = procs.start_case(CREDS, "pie")
+    images = dump_kill(t, tmp_path / "img")
+    r = subprocess.run(["setpriv", "--bounding-set", "-net_bind_service", sys.executable, "-m", "procsnap",
+                        "restore", "-D", images, "--allow-other-owner"], cwd=REPO, capture_output=True, text=True,
+                       timeout=60)
+    assert_cli_error(r, f"pid {t.pid}", "capabilities [10]", "restorer does not have")
+    wait_until(lambda: not os.path.exists(f"/proc/{t.pid}"), "nothing left of the refused restore")

@@ -35,7 +35,7 @@ from .. import model
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK
+MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -71,6 +71,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"PREF": (model.PageRefs, "page_refs", True),
     b"SETS": (model.Settings, "settings", True),
     b"LOCK": (model.FileLock, "locks", True),
+    b"CRED": (model.Creds, "creds", True),
 }
 END = b"END "
 

@@ -28,10 +28,9 @@ import struct
 
 from ..errors import RestoreError, Unsupported
 from ..kernel import proc
+from ..kernel.arch.x86_64 import NR
 from ..kernel.infect import Target
 
-SYS_fcntl = 72
-SYS_flock = 73
 F_SETLK = 6
 F_OFD_SETLK = 37
 F_RDLCK, F_WRLCK = 0, 1
@@ -95,12 +94,12 @@ def restore_locks_seized(target: Target, locks: list[FileLock], paths: dict[int,
         if lock.kind == "FLOCK" and lock.owner != target.pid and lock.owner in tree_pids:
             continue
         if lock.kind == "FLOCK":
-            ret = target.call(SYS_flock, lock.fd, (LOCK_EX if lock.write else LOCK_SH) | LOCK_NB, check=False)
+            ret = target.call(NR.flock, lock.fd, (LOCK_EX if lock.write else LOCK_SH) | LOCK_NB, check=False)
         else:
             length = 0 if lock.end < 0 else lock.end - lock.start + 1
             target.write_scratch(FLOCK.pack(F_WRLCK if lock.write else F_RDLCK, SEEK_SET, lock.start, length, 0))
             cmd = F_SETLK if lock.kind == "POSIX" else F_OFD_SETLK
-            ret = target.call(SYS_fcntl, lock.fd, cmd, target.scratch, check=False)
+            ret = target.call(NR.fcntl, lock.fd, cmd, target.scratch, check=False)
         if -4096 < ret < 0:
             why = ("another process holds a conflicting lock now" if -ret in (errno.EAGAIN, errno.EACCES,
                                                                             errno.EWOULDBLOCK)

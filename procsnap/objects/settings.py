@@ -29,11 +29,6 @@ from ..kernel.arch.x86_64 import NR
 from ..kernel.infect import Target
 from ..kernel.libc import libc
 
-SYS_ioprio_set = 251
-SYS_ioprio_get = 252
-SYS_sched_setattr = 314
-SYS_sched_getattr = 315
-SYS_membarrier = 324
 IOPRIO_WHO_PROCESS = 1
 
 
@@ -166,9 +161,9 @@ def _syscall(nr: int, *args) -> int:
 
 def collect_thread(pid: int, tid: int) -> ThreadSettings:
     attr = sched_attr()
-    _syscall(SYS_sched_getattr, tid, ctypes.byref(attr), ctypes.sizeof(attr), 0)
+    _syscall(NR.sched_getattr, tid, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     sched = {name: getattr(attr, name) for name in SCHED_FIELDS}
-    ioprio = _syscall(SYS_ioprio_get, IOPRIO_WHO_PROCESS, tid)
+    ioprio = _syscall(NR.ioprio_get, IOPRIO_WHO_PROCESS, tid)
     slack = _read_int(f"/proc/{tid}/timerslack_ns")  # /proc/TID: the thread's own
     return ThreadSettings(tid, sched, sorted(os.sched_getaffinity(tid)), ioprio, slack)
 
@@ -181,7 +176,7 @@ def collect_settings_seized(target: Target, tids: list[int]) -> Settings:
         value = _get_prctl(target, name)
         if value is not None:
             values[name] = value
-    registrations = target.call(SYS_membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, check=False)
+    registrations = target.call(NR.membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, check=False)
     slots = target.call(NR.prctl, Pr.PR_FUTEX_HASH, PR_FUTEX_HASH_GET_SLOTS, check=False)
     immutable = target.call(NR.prctl, Pr.PR_FUTEX_HASH, PR_FUTEX_HASH_GET_IMMUTABLE, check=False)
     return Settings(
@@ -209,7 +204,7 @@ def restore_thread(pid: int, t: ThreadSettings) -> None:
     if attr.sched_util_min == 0 and attr.sched_util_max in (0, 1024):
         attr.sched_flags &= ~SCHED_FLAG_UTIL_CLAMP
     try:
-        _syscall(SYS_sched_setattr, t.tid, ctypes.byref(attr), 0)
+        _syscall(NR.sched_setattr, t.tid, ctypes.byref(attr), 0)
     except OSError as err:
         raise OSError(err.errno, f"thread {t.tid}: scheduling policy {attr.sched_policy} priority "
                                  f"{attr.sched_priority} nice {attr.sched_nice}: {err.strerror}") from err
@@ -219,7 +214,7 @@ def restore_thread(pid: int, t: ThreadSettings) -> None:
         raise OSError(err.errno, f"thread {t.tid}: CPU affinity {t.affinity}: {err.strerror} "
                                  "(a CPU this machine does not have?)") from err
     try:
-        _syscall(SYS_ioprio_set, IOPRIO_WHO_PROCESS, t.tid, t.ioprio)
+        _syscall(NR.ioprio_set, IOPRIO_WHO_PROCESS, t.tid, t.ioprio)
     except OSError as err:
         raise OSError(err.errno, f"thread {t.tid}: I/O priority {t.ioprio:#x}: {err.strerror}") from err
     _write(f"/proc/{t.tid}/timerslack_ns", str(t.timerslack_ns), f"thread {t.tid}: timer slack")
@@ -235,7 +230,7 @@ def restore_settings_seized(target: Target, s: Settings) -> None:
             _set_prctl(target, name, value)
     for bit in MEMBARRIER_REGISTER:
         if s.membarrier & bit:
-            target.call(SYS_membarrier, bit, 0)
+            target.call(NR.membarrier, bit, 0)
     if s.futex_slots:
         now = target.call(NR.prctl, Pr.PR_FUTEX_HASH, PR_FUTEX_HASH_GET_SLOTS, check=False)
         if now != s.futex_slots or s.futex_immutable:

@@ -25,6 +25,7 @@ from ..kernel import infect, proc, ptrace
 from ..kernel.arch.x86_64 import PAGE_SIZE
 from . import memory as M
 from . import task as T
+from ..objects.creds import check_creds, restore_creds_seized
 from ..objects.locks import restore_locks_seized
 from ..objects.settings import restore_dumpable_seized, restore_settings_seized
 from .files import SharedFiles, map_key, prepare_files
@@ -48,6 +49,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     for _, image in tree:
         if image is not None:
             check_restorable(image, allow_other_owner, allow_setuid)
+            check_creds(image.checkpoint.creds, image.checkpoint.task.pid)
     pid = root_image.checkpoint.task.pid
     with contextlib.ExitStack() as stack:
         shared = SharedFiles(root_image)
@@ -183,6 +185,10 @@ def kill_children(children: dict[int, Child], root: int) -> None:
                 os.waitpid(child.pid, ptrace.WALL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(root, 0)
+    for child in children.values():  # if we are a subreaper, the root's orphans are ours now
+        if child.pid != root:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child.pid, 0)
 
 
 @contextlib.contextmanager
@@ -228,6 +234,8 @@ def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
         for settings in ckpt.settings:
             restore_settings_seized(target, settings)
         restore_locks_seized(target, ckpt.locks, {e.fd: e.path for e in ckpt.fds}, tree_pids)
+        for creds in ckpt.creds:
+            restore_creds_seized(target, creds)
         for name, fd in helper.items():
             if name.startswith(("map", "shm")) or name == "sync":
                 target.call(infect.NR.close, fd)
