@@ -62,6 +62,7 @@ class Case:
     dir_arg: bool = False           # argv[2] is a scratch directory made by the test
     ignore_pos: tuple = ()          # fds whose offset legitimately moves while waiting
     sabotage_delay: float = 0.0     # sabotage acts this long after READY, by itself
+    restore_options: tuple = ()     # (name, value) pairs for procsnap.restore
 
     @property
     def id(self):
@@ -98,7 +99,7 @@ CASES = [
     Case("ipc", "sockets"),
     Case("ipc", "fifo", dir_arg=True),
     Case("locks", dir_arg=True),
-    Case("creds"),
+    Case("creds", restore_options=(("allow_other_owner", True),)),  # an image of uid 1000
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 
@@ -206,6 +207,7 @@ class Target:
         self.pid = self._popen.pid
         self.status = None      # set once reaped; None while the pid is ours and unreaped
         self.ignore_pos = ()    # fds whose offset legitimately moves (its Case's)
+        self.restore_options = {}   # its Case's, for restore()
         self.dumped = None      # proc_snapshot taken by dump_kill, compared by restore()
 
     def __repr__(self):
@@ -349,6 +351,7 @@ class Procs:
         t = self.start(case.argv(binary, self.workdir), env=env, ready=ready,
                        name=f"{case.id}-{variant}", pass_fds=pass_fds)
         t.ignore_pos = case.ignore_pos
+        t.restore_options = dict(case.restore_options)
         return t
 
     def adopt_if_ours(self, t, pid):
@@ -686,7 +689,7 @@ def restore(procs, t, images, **options):
     assert t.reaped and not os.path.exists(f"/proc/{t.pid}")
     old = t.pid
     try:
-        pid = procsnap.restore(str(images), **options)
+        pid = procsnap.restore(str(images), **{**t.restore_options, **options})
     except BaseException:
         procs.adopt_if_ours(t, old)     # clean up a half-restored child
         raise
