@@ -20,23 +20,11 @@ from .. import model
 from ..errors import RestoreError
 from ..kernel.arch.x86_64 import NR
 from ..kernel import anonfd, proc
-from ..kernel.libc import prctl, syscall
-from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE
+from ..kernel.libc import prctl, pylibc, syscall
+from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, clone_args
 from .files import PreparedFiles
 
-_pylibc = ctypes.PyDLL(None, use_errno=True)  # keeps the GIL across clone3
-_pylibc.syscall.restype = ctypes.c_long
-
-
 PR_SET_PDEATHSIG = 1
-
-
-class clone_args(ctypes.Structure):
-    """struct clone_args (include/uapi/linux/sched.h), 88 bytes."""
-
-    _fields_ = [(name, ctypes.c_uint64) for name in (
-        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size", "tls",
-        "set_tid", "set_tid_size", "cgroup")]
 
 
 @dataclasses.dataclass
@@ -173,7 +161,7 @@ def _clone(node: Node) -> int:
     its children) or, for a zombie, exits."""
     tid = (ctypes.c_int * 1)(node.proc.pid)
     args = clone_args(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
-    pid = _pylibc.syscall(NR.clone3, ctypes.byref(args), ctypes.sizeof(args))
+    pid = pylibc.syscall(NR.clone3, ctypes.byref(args), ctypes.sizeof(args))
     if pid == 0:  # the child
         code = 1
         try:

@@ -90,7 +90,7 @@ def verify_image(directory: str, allow_other_owner: bool = False, allow_setuid: 
                     problems.append(f"named FIFO {pipe.path}: not a FIFO any more")
             except OSError as err:
                 problems.append(f"named FIFO {pipe.path}: {err.strerror}")
-    from ..check import run_checks
+    from ..kernel.probes import run_checks
 
     problems += [f"kernel: {r.name} missing: {r.detail}" for r in run_checks() if not r.ok]
     return problems
