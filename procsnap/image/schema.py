@@ -32,6 +32,7 @@ import types
 import typing
 
 from .. import model
+from ..objects import file, ghost, pipe, shm, unix
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
@@ -60,14 +61,14 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"PMAP": (model.PageMap, "pages", False),
     b"SACT": (model.SigAction, "sigactions", True),
     b"SPND": (model.PendingSignal, "pending", True),
-    b"FILE": (model.FileRef, "files", True),
+    b"FILE": (file.FileRef, "files", True),
     b"FD  ": (model.FdEntry, "fds", True),
-    b"GHST": (model.Ghost, "ghosts", True),
+    b"GHST": (ghost.Ghost, "ghosts", True),
     b"THRD": (model.Thread, "threads", True),
     b"PROC": (model.Proc, "procs", True),
-    b"PIPE": (model.Pipe, "pipes", True),
-    b"SHM ": (model.SharedMem, "shms", True),
-    b"SOCK": (model.Socket, "sockets", True),
+    b"PIPE": (pipe.Pipe, "pipes", True),
+    b"SHM ": (shm.SharedMem, "shms", True),
+    b"SOCK": (unix.Socket, "sockets", True),
     b"PREF": (model.PageRefs, "page_refs", True),
 }
 END = b"END "

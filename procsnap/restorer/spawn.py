@@ -19,7 +19,7 @@ import time
 from .. import model
 from ..errors import RestoreError
 from ..kernel.arch.x86_64 import NR
-from ..kernel import anonfd, proc
+from ..kernel import proc
 from ..kernel.libc import prctl, pylibc, syscall
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, clone_args
 from .files import PreparedFiles
@@ -122,9 +122,8 @@ def _child_setup(node: Node) -> None:
     for target_fd, first in files.fd_aliases.items():
         os.dup2(first, target_fd, inheritable=target_fd not in files.cloexec)
         keep.add(target_fd)
-    for epfd, watches in files.epolls.items():  # by the fd numbers they were added with
-        for fd, events, data in watches:
-            anonfd.epoll_add(epfd, fd, events, data)
+    for finish in files.in_child:
+        finish()
     for name, (_, want) in helpers.items():
         if name.startswith("fd"):
             os.close(want)
