@@ -107,7 +107,7 @@ def cmd_check(args) -> int:
 
     if args.images_dir:
         return cmd_verify(args)
-    results = check.run_checks()
+    results = check.check()
     missing = [r for r in results if not r.ok]
     for r in results:
         print(f"{'ok     ' if r.ok else 'MISSING'}  {r.name}: {r.detail}")

@@ -21,10 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import typing
 
-from .objects.creds import Creds
-from .objects.locks import FileLock
-from .objects.settings import Settings
+if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with their kinds
+    from .objects.file import FileRef
+    from .objects.ghost import Ghost
+    from .objects.pipe import Pipe
+    from .objects.shm import SharedMem
+    from .objects.unix import Socket
+    from .objects.creds import Creds
+    from .objects.locks import FileLock
+    from .objects.settings import Settings
 
 
 class Prot(enum.IntFlag):
@@ -127,6 +134,8 @@ class SaFlag(enum.IntFlag):
 
 
 class FdKind(enum.Enum):
+    """What an fd is: the kind of object (objects/) that collects and opens it."""
+
     REG = "regular"  # a file reopened by path at its position
     DIR = "directory"
     GHOST = "ghost"  # unlinked while open: contents are in the image
@@ -143,17 +152,6 @@ class FdKind(enum.Enum):
 
 def _flags(table):
     return dataclasses.field(default=table(0), metadata={"flags": table})
-
-
-@dataclasses.dataclass
-class FileRef:
-    """A file the process uses by path, with what identified it at dump."""
-
-    id: int
-    path: str
-    size: int
-    mtime_ns: int
-    mode: int
 
 
 @dataclasses.dataclass
@@ -306,18 +304,6 @@ class FdEntry:
 
 
 @dataclasses.dataclass
-class Ghost:
-    """Contents of a file unlinked while open, at `offset` in ghosts.img."""
-
-    id: int
-    path: str
-    mode: int
-    size: int
-    offset: int
-    xxh3: int  # XXH3-64 of the contents
-
-
-@dataclasses.dataclass
 class Proc:
     """One process of the dumped tree (records of the root's image)."""
 
@@ -328,49 +314,6 @@ class Proc:
     zombie: bool = False
     exit_status: int = 0  # a zombie's wait status (as waitpid reports it)
     dir: str = ""  # its image, relative to the root's; "" for the root itself and zombies
-
-
-@dataclasses.dataclass
-class Pipe:
-    """A pipe of the tree, with the bytes that were in it."""
-
-    id: int
-    capacity: int  # F_GETPIPE_SZ
-    data: bytes
-    path: str = ""  # a named FIFO's path; "" for a pipe()
-
-
-@dataclasses.dataclass
-class Socket:
-    """A connected, unnamed unix socket of the tree (socketpair), with the
-    messages queued to it (a stream: its bytes, as one piece)."""
-
-    id: int
-    type: int  # SOCK_STREAM, SOCK_DGRAM, SOCK_SEQPACKET
-    peer: int  # Socket.id of the other end; -1 if that was closed
-    queued: list[bytes] = dataclasses.field(default_factory=list)
-    shutdown: int = 0  # RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2
-    sndbuf: int = 0
-    rcvbuf: int = 0
-
-
-@dataclasses.dataclass
-class SharedMem:
-    """A memory object processes of the tree map shared or hold as an fd,
-    which exists nowhere else: shared anonymous memory (path ""), a memfd
-    (path "/memfd:NAME") or a file on tmpfs unlinked while mapped (its
-    path). Stored once, however many processes map it: its data extents
-    (the holes stay holes) are in the root's ghosts.img."""
-
-    id: int
-    size: int
-    path: str = ""
-    mode: int = 0o600
-    # [offset in the object, length, offset in ghosts.img, XXH3-64], one per extent
-    extents: list[list[int]] = dataclasses.field(default_factory=list)
-    sysv_id: int = -1  # a SysV segment: its shmid (made again with the same id), key and state
-    sysv_key: int = 0
-    sysv_removed: bool = False  # IPC_RMID'd, alive while attached
 
 
 @dataclasses.dataclass

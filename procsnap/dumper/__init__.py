@@ -15,17 +15,19 @@ import os
 import signal
 import time
 
-from .. import faults, model
+from .. import faults, model, objects
 from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
 from ..objects.creds import collect_creds_seized
+from ..objects.file import FileTable
 from ..objects.locks import collect_locks
+from ..objects.protocol import Collect
 from ..objects.settings import collect_settings_seized
 from . import collect as C
 from . import tree as T
-from .pages import write_ghosts_seized, write_pages_seized
+from .pages import write_pages_seized
 from .snapshot import cow_snapshot, read_while_frozen
 
 log = logging.getLogger("procsnap.dumper")
@@ -75,12 +77,12 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                  plural(sum(len(t.tids) for t in tree.tasks), "thread"), plural(len(tree.zombies), "zombie"))
         faults.point("after-freeze")
         snapshot = leave_running and len(tree.tasks) == 1
-        table = T.Table()
+        kinds = objects.collectors()
         collected = []
         for task in tree.tasks:
             with translated(task.pid, "collect"):
                 collected.append(collect_seized(task, shell_job, early_smaps if task.pid == pid else None,
-                                                table, scan_pages=not snapshot))
+                                                kinds, scan_pages=not snapshot))
         ckpts = [c[0] for c in collected]
         root = ckpts[0]
         stats = DumpStats(root)
@@ -88,8 +90,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             root.procs = tree.procs()
             T.check_sessions(root.procs, shell_job)
             T.link_descriptions(ckpts)
-            root.pipes = T.fill_pipes(table, {task.pid for task in tree.tasks})
-            root.sockets = T.fill_sockets(table)
+            for kind in kinds:
+                kind.collect_tree(root, {task.pid for task in tree.tasks})
         log.info("pid %d: collected %s, %s", pid, plural(sum(len(c.vmas) for c in ckpts), "VMA"),
                  plural(sum(len(c.fds) for c in ckpts), "fd"))
         # In tree order, so that pages shared copy-on-write are stored by the
@@ -97,23 +99,25 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         single = len(tree.tasks) == 1
         early: list[list] = [[] for _ in collected]  # pages read while frozen: a fork would not keep them
         if leave_running and not single:
-            for index, (ckpt, runs, ghost_fds, maps) in enumerate(collected):
+            for index, (ckpt, runs, maps) in enumerate(collected):
                 early[index] = [r for r in runs if read_while_frozen(r[0])]
-                collected[index] = (ckpt, [r for r in runs if not read_while_frozen(r[0])], ghost_fds, maps)
+                collected[index] = (ckpt, [r for r in runs if not read_while_frozen(r[0])], maps)
         cow = T.CowIndex()
         claims = [(c[1], []) for c in collected]
         if not single:
             with translated(pid, "collect"):  # before any page is read (see CowIndex)
                 claims = [cow.claim(i, task.pid, c[1]) for i, (task, c) in enumerate(zip(tree.tasks, collected))]
         writers = []
-        for index, (task, (ckpt, runs, ghost_fds, maps)) in enumerate(zip(tree.tasks, collected)):
+        for index, (task, (ckpt, runs, maps)) in enumerate(zip(tree.tasks, collected)):
             where = os.path.join(staging.path, _image_dir(task.pid, pid))
             with translated(task.pid, f"write {where}"):
                 writer = stack.enter_context(image_writer(where, create=task.pid != pid))
                 writers.append(writer)
-                write_ghosts_seized(task.pid, ghost_fds, writer, ckpt)
+                for kind in kinds:
+                    kind.write_process(task.pid, writer, ckpt)
                 if task.pid == pid:
-                    root.shms = T.write_shms(table, writer)
+                    for kind in kinds:
+                        kind.write_tree(writer, root)
                 if snapshot:
                     stats.snapshot = write_pages_from_snapshot(task, ckpt, maps, writer, stack, progress)
                 elif early[index]:
@@ -121,13 +125,13 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         sources = [task.pid for task in tree.tasks]
         if leave_running and not single:
             # every process's copy-on-write snapshot, then all of them run on
-            snaps = [stack.enter_context(cow_snapshot(task, c[3])) for task, c in zip(tree.tasks, collected)]
+            snaps = [stack.enter_context(cow_snapshot(task, c[2])) for task, c in zip(tree.tasks, collected)]
             if all(snap is not None for snap in snaps):
                 for task in tree.tasks:
                     task.thaw()
                 log.info("pid %d: thawed; reading pages from %s", pid, plural(len(snaps), "snapshot"))
                 sources, stats.snapshot = snaps, True
-        for index, (task, (ckpt, _, _, _)) in enumerate(zip(tree.tasks, collected)):
+        for index, (task, (ckpt, _, _)) in enumerate(zip(tree.tasks, collected)):
             if snapshot:
                 break
             writer = writers[index]
@@ -336,23 +340,22 @@ def image_writer(images_dir: str, create: bool = False):
 
 
 def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[proc.MapsEntry] | None,
-                   table: T.Table, scan_pages: bool = True):
-    """Everything but the page data: (checkpoint, VMAs, page runs or None,
-    ghost fds, maps)."""
+                   kinds: list[Collect], scan_pages: bool = True):
+    """Everything but the page data: (checkpoint, page runs or None, maps)."""
     pid = frozen_task.pid
-    files = C.FileTable()
+    files = FileTable()
     maps = proc.read_maps(pid, early_smaps)
     st = proc.read_stat(pid)
     status = proc.read_status(pid)
-    vmas = C.collect_vmas(pid, maps, files, table)
+    vmas = C.collect_vmas(pid, maps, files, kinds)
     regs = ptrace.get_regs(pid)
     sigmask = ptrace.get_sigmask(pid)
-    ghosts: list = []
-    fds = C.collect_fds(pid, files, ghosts, shell_job, table)
+    fds = C.collect_fds(pid, files, shell_job, kinds)
     pending = C.collect_pending(pid)
     with infect.infected(pid, maps) as target:
         C.check_itimers_seized(target)
-        C.refresh_timerfds_seized(target, fds)
+        for kind in kinds:
+            kind.collect_seized(target, fds)
         mm = C.collect_mm_seized(pid, st, target, files)
         faults.point("mid-collect")
         task = C.collect_task_seized(pid, st, status, target, regs, sigmask)
@@ -362,6 +365,6 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
         creds = collect_creds_seized(target, frozen_task.tids)
     runs = C.collect_page_runs(pid, vmas) if scan_pages else None
     ckpt = model.Checkpoint(task=task, mm=mm, vmas=vmas, pages=[], sigactions=sigactions, pending=pending,
-                            files=files.refs, fds=fds, ghosts=[g for g, _ in ghosts], threads=threads,
+                            files=files.refs, fds=fds, ghosts=[], threads=threads,
                             settings=[settings], locks=collect_locks(pid, fds), creds=[creds])
-    return ckpt, runs, ghosts, maps
+    return ckpt, runs, maps

@@ -3,7 +3,9 @@
 Everything readable from outside is read from /proc and ptrace; the rest
 (brk, clear_child_tid, sigaltstack, sigactions) is asked of the task itself
 through injected syscalls. Whatever procsnap cannot restore is refused
-here, before anything is written, naming the pid and the resource.
+here, before anything is written, naming the pid and the resource. Each
+fd, and each mapping of a kind's object, is described by its kind
+(objects/), offered it in the registry's order.
 """
 
 from __future__ import annotations
@@ -24,48 +26,14 @@ from ..kernel.infect import Target
 from ..kernel.libc import syscall
 from ..kernel.proc import MapsEntry
 from ..objects.namespaces import check_namespaces
-from .tree import Table, same_description
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
+from ..objects.file import FileTable
+from ..objects.protocol import Collect, OpenFd, same_file
+from .tree import same_description
 
 log = logging.getLogger("procsnap.dumper")
 
-SHM_DEST = 0o1000
 SIGKILL, SIGSTOP = 9, 19
-
-
-class FileTable:
-    """FileRef records, one per distinct file, identified at dump time."""
-
-    def __init__(self):
-        self.refs: list[model.FileRef] = []
-        self._by_key: dict[tuple[int, int], int] = {}
-
-    def add(self, path: str, st: os.stat_result) -> int:
-        key = (st.st_dev, st.st_ino)
-        if key not in self._by_key:
-            ref = model.FileRef(len(self.refs), path, st.st_size, st.st_mtime_ns, st.st_mode)
-            self.refs.append(ref)
-            self._by_key[key] = ref.id
-        return self._by_key[key]
-
-
-def _maps_dev(dev: int) -> str:
-    """st_dev as /proc/PID/maps shows it ("00:01"), so fds and mappings of
-    one object get one key."""
-    return f"{os.major(dev):02x}:{os.minor(dev):02x}"
-
-
-def _stat_or_none(path: str) -> os.stat_result | None:
-    try:
-        return os.stat(path)
-    except OSError:
-        return None
-
-
-def _same_file(a: os.stat_result, b: os.stat_result | None) -> bool:
-    if b is None:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def check_supported(pid: int, st: proc.Stat, status: dict[str, str]) -> None:
@@ -97,8 +65,9 @@ def _read_text(path: str) -> str:
         return ""
 
 
-def classify_vma(pid: int, m: MapsEntry, files: FileTable, tree: Table) -> model.Vma | None:
-    """The model VMA for one maps entry, or None for [vsyscall]."""
+def classify_vma(pid: int, m: MapsEntry, files: FileTable, kinds: list[Collect]) -> model.Vma | None:
+    """The model VMA for one maps entry, or None for [vsyscall]. A mapping
+    of a kind's object (shared memory) is that kind's to describe."""
     where = f"pid {pid}: VMA {m.start:#x}-{m.end:#x}"
     prot = model.Prot(0)
     for ch, bit in zip(m.perms[:3], (model.Prot.PROT_READ, model.Prot.PROT_WRITE, model.Prot.PROT_EXEC)):
@@ -115,24 +84,8 @@ def classify_vma(pid: int, m: MapsEntry, files: FileTable, tree: Table) -> model
                      ("ss", "a shadow stack"), ("lo", "mlock()ed")):
         if vf in m.vmflags:
             raise Unsupported(f"{where} ({m.path or 'anonymous'}) is {what}; not supported", pid)
-    if m.shared and m.path.startswith("/SYSV"):
-        seg = proc.sysv_shm(m.inode)  # a segment's inode number is its shmid
-        if seg is None:
-            raise Unsupported(f"{where} maps SysV segment {m.inode}, which /proc/sysvipc/shm does not list", pid)
-        if m.offset or m.end - m.start != -(-seg["size"] // PAGE_SIZE) * PAGE_SIZE:
-            raise Unsupported(f"{where} maps part of SysV segment {m.inode}; only whole attachments are "
-                              "supported", pid)
-        shm = tree.shm(("sysv", m.inode), "", f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
-        obj = next(o for o in tree.shms.values() if o.id == shm)
-        # the key it was made with is in its name (/proc/sysvipc/shm says 0 once it is removed)
-        obj.sysv_id, obj.sysv_key, obj.sysv_removed = m.inode, int(m.path[5:13], 16), bool(seg["perms"] & SHM_DEST)
-        vma = model.Vma(m.start, m.end, model.VmaKind.SYSV_SHM, prot, flags, 0, -1, m.path, shm=shm)
-    elif m.shared and (m.path.startswith(("/dev/zero", "/memfd:")) or m.deleted):
-        path = "" if m.path.startswith("/dev/zero") else m.path.removesuffix(" (deleted)")
-        source = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
-        vma = model.Vma(m.start, m.end, model.VmaKind.SHARED_MEM, prot, flags, m.offset, -1, m.path,
-                        shm=tree.shm((m.dev, m.inode), path, source))
-    else:
+    vma = next((v for k in kinds if (v := k.collect_vma(pid, m, prot, flags)) is not None), None)
+    if vma is None:
         vma = _classify(pid, m, files, where, prot, flags)
     vma.advice = model.Advice(sum(bit for bit, (name, _) in model.ADVICE_TABLE.items() if name in m.vmflags))
     return vma
@@ -151,7 +104,7 @@ def _classify(pid: int, m: MapsEntry, files: FileTable, where: str, prot: model.
         now = os.stat(m.path)
     except OSError as err:
         raise Unsupported(f"{where}: mapped file {m.path}: {err.strerror}", pid) from err
-    if not _same_file(st, now):
+    if not same_file(st, now):
         raise Unsupported(f"{where}: {m.path} now names another file than the one mapped", pid)
     if not stat.S_ISREG(st.st_mode):
         raise Unsupported(f"{where} maps {m.path}, which is not a regular file; not supported", pid)
@@ -163,8 +116,8 @@ def _classify(pid: int, m: MapsEntry, files: FileTable, where: str, prot: model.
                      access=access)
 
 
-def collect_vmas(pid: int, maps: list[MapsEntry], files: FileTable, tree: Table) -> list[model.Vma]:
-    return [v for v in (classify_vma(pid, m, files, tree) for m in maps) if v is not None]
+def collect_vmas(pid: int, maps: list[MapsEntry], files: FileTable, kinds: list[Collect]) -> list[model.Vma]:
+    return [v for v in (classify_vma(pid, m, files, kinds) for m in maps) if v is not None]
 
 
 def collect_page_runs(pid: int, vmas: list[model.Vma]) -> list[tuple[model.Vma, int, int]]:
@@ -201,7 +154,7 @@ def collect_mm_seized(pid: int, st: proc.Stat, target: Target, files: FileTable)
     if exe.endswith(" (deleted)"):
         raise Unsupported(f"pid {pid}: its executable {exe} was deleted; not supported", pid)
     exe_st = os.stat(f"/proc/{pid}/exe")
-    if not _same_file(exe_st, os.stat(exe)):
+    if not same_file(exe_st, os.stat(exe)):
         raise Unsupported(f"pid {pid}: {exe} now names another file than its executable", pid)
     with open(f"/proc/{pid}/auxv", "rb") as f:
         auxv = f.read()
@@ -231,17 +184,6 @@ def collect_sigactions_seized(target: Target, status: dict[str, str]) -> list[mo
 
 
 ITIMERS = ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF")
-
-
-def refresh_timerfds_seized(target: Target, fds: list[model.FdEntry]) -> None:
-    """A periodic timerfd's fdinfo counts expirations only when asked: the
-    task asks (timerfd_gettime, which changes nothing it can see), then
-    fdinfo has the ticks and the time left."""
-    for e in fds:
-        if e.kind == model.FdKind.TIMERFD:
-            target.call(NR.timerfd_gettime, e.fd, target.scratch)
-            with open(f"/proc/{target.pid}/fdinfo/{e.fd}") as f:
-                e.params, _ = proc.parse_anon_fdinfo(f.read())
 
 
 def check_itimers_seized(target: Target) -> None:
@@ -339,86 +281,24 @@ def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target:
 
 PAGEMAP_WINDOW = 1 << 32  # address space per pagemap read: 8 MiB of entries
 
-DEVICES = {(1, 3): "/dev/null", (1, 5): "/dev/zero", (1, 7): "/dev/full", (1, 8): "/dev/random",
-           (1, 9): "/dev/urandom"}
-TTY_MAJORS = set(range(136, 144)) | {4}
-ANON_KINDS = {"anon_inode:[eventfd]": model.FdKind.EVENTFD, "anon_inode:[signalfd]": model.FdKind.SIGNALFD,
-              "anon_inode:[timerfd]": model.FdKind.TIMERFD, "anon_inode:[eventpoll]": model.FdKind.EPOLL}
-
-
-def collect_fds(pid: int, files: FileTable, ghosts: list[tuple[model.Ghost, int]],
-                shell_job: bool, tree: Table) -> list[model.FdEntry]:
-    """Every fd with kind, flags and position; shared descriptions linked.
-
-    `ghosts` receives (Ghost record without data position, fd) for files
-    unlinked while open; their contents are copied by the writer.
-    """
+def collect_fds(pid: int, files: FileTable, shell_job: bool, kinds: list[Collect]) -> list[model.FdEntry]:
+    """Every fd with kind, flags and position, each described by the first
+    kind that takes it; shared descriptions linked."""
     entries: list[model.FdEntry] = []
     identity: dict[tuple[int, int], list[int]] = {}
-    ghost_ids: dict[tuple[int, int], int] = {}
     for fd in proc.list_fds(pid):
         link = os.readlink(f"/proc/{pid}/fd/{fd}")
         st = os.stat(f"/proc/{pid}/fd/{fd}")
         info = proc.read_fdinfo(pid, fd)
-        where = f"pid {pid}: fd {fd}"
-        flags = model.OpenFlag(info.flags)
-        if stat.S_ISREG(st.st_mode) and link.startswith("/memfd:"):
-            shm = tree.shm((_maps_dev(st.st_dev), st.st_ino), link.removesuffix(" (deleted)"), f"/proc/{pid}/fd/{fd}")
-            entry = model.FdEntry(fd, model.FdKind.SHM, flags, info.pos, link, shm)
-        elif stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
-            kind = model.FdKind.REG if stat.S_ISREG(st.st_mode) else model.FdKind.DIR
-            path = link
-            if link.endswith(" (deleted)") and st.st_nlink == 0 and kind == model.FdKind.REG:
-                path = link[: -len(" (deleted)")]
-                if (st.st_dev, st.st_ino) not in ghost_ids:
-                    ghost_ids[st.st_dev, st.st_ino] = len(ghosts)
-                    ghosts.append((model.Ghost(len(ghosts), path, st.st_mode, st.st_size, 0, 0), fd))
-                entry = model.FdEntry(fd, model.FdKind.GHOST, flags, info.pos, path, ghost_ids[st.st_dev, st.st_ino])
-            else:
-                try:
-                    now = os.stat(path)
-                except OSError as err:
-                    raise Unsupported(f"{where}: {path}: {err.strerror}", pid) from err
-                if not _same_file(st, now):
-                    raise Unsupported(f"{where}: {path} now names another file than the one open", pid)
-                entry = model.FdEntry(fd, kind, flags, info.pos, path, files.add(path, st))
-        elif stat.S_ISCHR(st.st_mode):
-            dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
-            if dev in DEVICES:
-                entry = model.FdEntry(fd, model.FdKind.DEVICE, flags, info.pos, DEVICES[dev])
-            elif dev[0] in TTY_MAJORS:
-                if not shell_job:
-                    raise Unsupported(f"{where} is a terminal ({link}); dump with --shell-job", pid)
-                entry = model.FdEntry(fd, model.FdKind.TTY, flags, 0, link)
-            else:
-                raise Unsupported(f"{where} is character device {link} ({dev[0]}:{dev[1]}); not supported", pid)
-        elif link in ANON_KINDS:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                params, watches = proc.parse_anon_fdinfo(f.read())
-            entry = model.FdEntry(fd, ANON_KINDS[link], flags, 0, link, params=params, watches=watches)
-        elif stat.S_ISSOCK(st.st_mode) and (unix := tree.unix_socket(st.st_ino)) is not None:
-            if unix.state == 10 or unix.name:
-                raise Unsupported(f"{where} is a {'listening' if unix.state == 10 else 'bound'} unix socket "
-                                  f"({link}{' ' + unix.name.decode(errors='replace') if unix.name else ''}); "
-                                  "only socket pairs are supported", pid)
-            entry = model.FdEntry(fd, model.FdKind.UNIX, flags, 0, link, tree.socket(unix, pid, fd))
-        elif stat.S_ISFIFO(st.st_mode):
-            path = "" if link.startswith("pipe:[") else link
-            if path and not _same_file(st, _stat_or_none(path)):
-                raise Unsupported(f"{where}: named FIFO {path} was removed or replaced", pid)
-            entry = model.FdEntry(fd, model.FdKind.PIPE, flags, 0, path,
-                                  tree.pipe((st.st_dev, st.st_ino), pid, fd, path))
-        else:
+        found = OpenFd(pid, fd, link, st, model.OpenFlag(info.flags), info.pos, files, shell_job)
+        entry = next((e for k in kinds if (e := k.collect_fd(found)) is not None), None)
+        if entry is None:
             kind = link.split(":", 1)[0] if ":" in link else stat.filemode(st.st_mode)
-            raise Unsupported(f"{where} is {article(kind)} ({link}); not supported", pid)
+            raise Unsupported(f"{found.where} is {article(kind)} ({link}); not supported", pid)
         identity.setdefault((st.st_dev, st.st_ino), []).append(len(entries))
         entries.append(entry)
-    open_fds = {e.fd for e in entries}
-    for e in entries:
-        for watched, _, _ in e.watches:
-            if watched not in open_fds:
-                raise Unsupported(f"pid {pid}: fd {e.fd} is an epoll watching fd {watched}, which is no longer "
-                                  "open; not supported", pid)
+    for k in kinds:
+        k.check_fds(pid, entries)
     for group in identity.values():
         for i, idx in enumerate(group):
             for prev in group[:i]:

@@ -1,4 +1,4 @@
-"""Copying the frozen task's pages into a PageSink, and ghost files.
+"""Copying the frozen task's pages into a PageSink.
 
 Runs are read in chunks into one small local buffer that stays in the CPU
 cache, with as few process_vm_readv calls as possible (many iovecs per
@@ -17,7 +17,7 @@ import mmap
 import os
 
 from .. import faults, model
-from ..image.writer import ImageWriter, PageSink
+from ..image.writer import PageSink
 from ..kernel import memory
 from ..kernel.arch.x86_64 import PAGE_SIZE
 
@@ -139,13 +139,3 @@ class _Buffer:
         with contextlib.suppress(BufferError):
             self.view.release()
             self.map.close()
-
-
-def write_ghosts_seized(pid: int, ghost_fds, writer: ImageWriter, ckpt: model.Checkpoint) -> None:
-    """Copy the contents of files unlinked while open, through the task's fd."""
-    for ghost, fd in ghost_fds:
-        with open(f"/proc/{pid}/fd/{fd}", "rb") as f:
-            data = f.read()
-        ghost.size = len(data)
-        ghost.offset, ghost.xxh3 = writer.write_ghost(data)
-    ckpt.ghosts = [g for g, _ in ghost_fds]

@@ -19,10 +19,11 @@ import os
 import threading
 import zlib
 
-from .. import model
+from .. import model, objects
 from ..errors import ImageCorrupt, ImageVersionError, plural
 from ..kernel import mapping
 from ..kernel.arch.x86_64 import PAGE_SIZE, TASK_SIZE
+from ..objects.protocol import bad_path
 from . import schema, staging
 from .checksum import data_hash, data_hash_in_steps
 
@@ -50,7 +51,8 @@ class Image:
     def ghosts_path(self) -> str:
         return os.path.join(self.directory, schema.GHOSTS)
 
-    def read_ghost(self, ghost: model.Ghost) -> bytes:
+    def read_ghost(self, ghost) -> bytes:
+        """The contents of an objects.ghost.Ghost."""
         return self.read_blob(ghost.offset, ghost.size, ghost.xxh3)
 
     def read_blob(self, offset: int, size: int, xxh3: int) -> bytes:
@@ -252,11 +254,8 @@ def _check_data_files(image: Image, verify_pages: bool, progress=None) -> list[s
                         problems += bad
             finally:
                 view.release()
-    blobs = [(f"ghost {g.id}", g.offset, g.size, g.xxh3) for g in ckpt.ghosts]
-    blobs += [(f"shared memory {m.id} extent at {pos}", blob, length, xxh3)
-              for m in ckpt.shms for pos, length, blob, xxh3 in m.extents]
     with open(image.ghosts_path, "rb") as f:
-        for what, offset, size, xxh3 in blobs:
+        for what, offset, size, xxh3 in objects.blobs(ckpt):
             f.seek(offset)
             data = f.read(size)
             if data_hash(data) != xxh3:
@@ -265,19 +264,10 @@ def _check_data_files(image: Image, verify_pages: bool, progress=None) -> list[s
     return problems
 
 
-def _bad_path(path: str) -> bool:
-    return not path.startswith("/") or "\0" in path or any(p == ".." for p in path.split("/"))
-
-
 def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
     """Consistency of the records with each other; every problem, listed."""
-    p: list[str] = []
+    p: list[str] = objects.check_image(ckpt, image)
     file_ids = {f.id for f in ckpt.files}
-    for f in ckpt.files:
-        if _bad_path(f.path):
-            p.append(f"file {f.id}: path {f.path!r} is not a plain absolute path")
-    if len(file_ids) != len(ckpt.files):
-        p.append("file ids are not unique")
     prev_end = 0
     vmas = sorted(ckpt.vmas, key=lambda v: v.start)
     for v in vmas:
@@ -344,12 +334,6 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
     for fd in ckpt.fds:
         if not 0 <= fd.fd < MAX_FD:
             p.append(f"fd {fd.fd}: number out of range")
-        if fd.kind in (model.FdKind.REG, model.FdKind.DIR) and fd.file_id not in file_ids:
-            p.append(f"fd {fd.fd}: refers to unknown file {fd.file_id}")
-        if fd.kind in (model.FdKind.DEVICE, model.FdKind.TTY) and _bad_path(fd.path):
-            p.append(f"fd {fd.fd}: path {fd.path!r} is not a plain absolute path")
-        if fd.kind == model.FdKind.GHOST and fd.file_id not in {g.id for g in ckpt.ghosts}:
-            p.append(f"fd {fd.fd}: refers to unknown ghost {fd.file_id}")
         if fd.pos < 0:
             p.append(f"fd {fd.fd}: negative position")
     fdnums = [fd.fd for fd in ckpt.fds]
@@ -363,21 +347,6 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
         if lock.fd not in firsts or lock.kind not in ("FLOCK", "POSIX", "OFDLCK") or lock.start < 0 \
                 or not (lock.end == -1 or lock.start <= lock.end < 1 << 63):
             p.append(f"lock {lock}: not a lock of a first fd of this image")
-    for g in ckpt.ghosts:
-        if g.size < 0 or g.offset < 0 or g.offset + g.size > image.ghosts_size:
-            p.append(f"ghost {g.id}: outside ghosts.img")
-    for m in ckpt.shms:
-        if not 0 <= m.size < 1 << 46 or (not m.path and m.sysv_id < 0 and m.size % PAGE_SIZE) \
-                or (m.path and _bad_path(m.path)) or not -1 <= m.sysv_id < 1 << 31:
-            p.append(f"shared memory {m.id}: bad size {m.size} or path {m.path!r}")
-        for ext in m.extents:
-            if len(ext) != 4 or any(not isinstance(x, int) or x < 0 for x in ext) \
-                    or ext[0] + ext[1] > m.size or ext[2] + ext[1] > image.ghosts_size:
-                p.append(f"shared memory {m.id}: extent {ext} outside the object or ghosts.img")
-                break
-    for v in ckpt.vmas:
-        if v.kind in (model.VmaKind.SHARED_MEM, model.VmaKind.SYSV_SHM) and v.shm < 0:
-            p.append(f"VMA {v.start:#x}-{v.end:#x}: shared memory without an object")
     for sa in ckpt.sigactions:
         if not 1 <= sa.signo <= MAX_SIGNAL:
             p.append(f"sigaction: signal {sa.signo} out of range")
@@ -389,7 +358,7 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
         p.append(f"task: pid {t.pid} out of range")
     if len(t.xstate) > 1 << 16:
         p.append("task: xstate too large")
-    if _bad_path(t.cwd):
+    if bad_path(t.cwd):
         p.append(f"task: cwd {t.cwd!r} is not a plain absolute path")
     tids = [t.pid] + [th.tid for th in ckpt.threads]
     if len(set(tids)) != len(tids):

@@ -32,6 +32,7 @@ import types
 import typing
 
 from .. import model
+from ..objects import creds, file, ghost, locks, pipe, settings, shm, unix
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
@@ -60,18 +61,18 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"PMAP": (model.PageMap, "pages", False),
     b"SACT": (model.SigAction, "sigactions", True),
     b"SPND": (model.PendingSignal, "pending", True),
-    b"FILE": (model.FileRef, "files", True),
+    b"FILE": (file.FileRef, "files", True),
     b"FD  ": (model.FdEntry, "fds", True),
-    b"GHST": (model.Ghost, "ghosts", True),
+    b"GHST": (ghost.Ghost, "ghosts", True),
     b"THRD": (model.Thread, "threads", True),
     b"PROC": (model.Proc, "procs", True),
-    b"PIPE": (model.Pipe, "pipes", True),
-    b"SHM ": (model.SharedMem, "shms", True),
-    b"SOCK": (model.Socket, "sockets", True),
+    b"PIPE": (pipe.Pipe, "pipes", True),
+    b"SHM ": (shm.SharedMem, "shms", True),
+    b"SOCK": (unix.Socket, "sockets", True),
     b"PREF": (model.PageRefs, "page_refs", True),
-    b"SETS": (model.Settings, "settings", True),
-    b"LOCK": (model.FileLock, "locks", True),
-    b"CRED": (model.Creds, "creds", True),
+    b"SETS": (settings.Settings, "settings", True),
+    b"LOCK": (locks.FileLock, "locks", True),
+    b"CRED": (creds.Creds, "creds", True),
 }
 END = b"END "
 

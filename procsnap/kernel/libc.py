@@ -17,6 +17,8 @@ libc.ptrace.restype = ctypes.c_long
 libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
 libc.prctl.restype = ctypes.c_int
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+pylibc = ctypes.PyDLL(None, use_errno=True)  # keeps the GIL across clone3
+pylibc.syscall.restype = ctypes.c_long
 
 
 def oserror(call: str) -> OSError:

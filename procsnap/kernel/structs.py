@@ -27,6 +27,14 @@ class prctl_mm_map(ctypes.Structure):
         ("auxv_size", ctypes.c_uint32), ("exe_fd", ctypes.c_uint32)]
 
 
+class clone_args(ctypes.Structure):
+    """struct clone_args (include/uapi/linux/sched.h), 88 bytes."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in (
+        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size", "tls",
+        "set_tid", "set_tid_size", "cgroup")]
+
+
 class Prctl(enum.IntEnum):
     """prctl options (include/uapi/linux/prctl.h)."""
 

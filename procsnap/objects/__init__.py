@@ -1,1 +1,58 @@
-"""One module per kind of thing a process holds (STYLE.md example 11)."""
+"""Every kind of object a process holds, one module each, registered here;
+the pipelines reach them only through the functions below (the protocol
+is in protocol.py). Adding a kind is adding its module to KINDS (and its
+FdKind, if it has fds, to model.FdKind).
+
+Reading an image (show, verify) imports every kind, for its records and
+checks; what only a dump or a restore needs of the kernel layer beyond
+that (sock_diag, socket, /proc parsers, SysV) a kind imports where it uses
+it, to keep the CLI's start-up short."""
+
+from __future__ import annotations
+
+import typing
+
+from .. import model
+from . import device, epoll, eventfd, file, ghost, pipe, protocol, shm, signalfd, timerfd, tty, unix
+
+if typing.TYPE_CHECKING:
+    from ..image.reader import Image
+
+# In the order an fd is offered to them, the first that takes it wins: a
+# memfd before regular files, an unlinked file before a linked one, a
+# terminal before other character devices.
+KINDS = (shm, ghost, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe)
+
+
+def collectors() -> list[protocol.Collect]:
+    """One fresh dump side of each kind, for one dump of a tree."""
+    return [k.Collect() for k in KINDS if hasattr(k, "Collect")]
+
+
+def preparers(root: Image, tree_fds: protocol.TreeFds) -> list[protocol.Prepare]:
+    """One fresh restore side of each kind, for one restore of a tree."""
+    return [k.Prepare(root, tree_fds) for k in KINDS if hasattr(k, "Prepare")]
+
+
+def _problems(hook: str, *args) -> list[str]:
+    return [p for k in KINDS if hasattr(k, hook) for p in getattr(k, hook)(*args)]
+
+
+def check_image(ckpt: model.Checkpoint, image: Image) -> list[str]:
+    """Every kind's problems with its records in one image."""
+    return _problems("check_image", ckpt, image)
+
+
+def check_tree(ckpt: model.Checkpoint, root: model.Checkpoint) -> list[str]:
+    """Every kind's problems with what an image of the tree refers to in the root's."""
+    return _problems("check_tree", ckpt, root)
+
+
+def verify(root: model.Checkpoint) -> list[str]:
+    """Every kind's problems with the world a restore would meet here."""
+    return _problems("verify", root)
+
+
+def blobs(ckpt: model.Checkpoint) -> list[tuple[str, int, int, int]]:
+    """(what, offset, size, xxh3) of every kind's data in an image's ghosts.img."""
+    return [b for k in KINDS if hasattr(k, "blobs") for b in k.blobs(ckpt)]

@@ -19,24 +19,12 @@ import time
 from .. import model
 from ..errors import RestoreError
 from ..kernel.arch.x86_64 import NR
-from ..kernel import anonfd, proc
-from ..kernel.libc import prctl, syscall
-from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE
+from ..kernel import proc
+from ..kernel.libc import prctl, pylibc, syscall
+from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, clone_args
 from .files import PreparedFiles
 
-_pylibc = ctypes.PyDLL(None, use_errno=True)  # keeps the GIL across clone3
-_pylibc.syscall.restype = ctypes.c_long
-
-
 PR_SET_PDEATHSIG = 1
-
-
-class clone_args(ctypes.Structure):
-    """struct clone_args (include/uapi/linux/sched.h), 88 bytes."""
-
-    _fields_ = [(name, ctypes.c_uint64) for name in (
-        "flags", "pidfd", "child_tid", "parent_tid", "exit_signal", "stack", "stack_size", "tls",
-        "set_tid", "set_tid_size", "cgroup")]
 
 
 @dataclasses.dataclass
@@ -134,9 +122,8 @@ def _child_setup(node: Node) -> None:
     for target_fd, first in files.fd_aliases.items():
         os.dup2(first, target_fd, inheritable=target_fd not in files.cloexec)
         keep.add(target_fd)
-    for epfd, watches in files.epolls.items():  # by the fd numbers they were added with
-        for fd, events, data in watches:
-            anonfd.epoll_add(epfd, fd, events, data)
+    for finish in files.in_child:
+        finish()
     for name, (_, want) in helpers.items():
         if name.startswith("fd"):
             os.close(want)
@@ -173,7 +160,7 @@ def _clone(node: Node) -> int:
     its children) or, for a zombie, exits."""
     tid = (ctypes.c_int * 1)(node.proc.pid)
     args = clone_args(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
-    pid = _pylibc.syscall(NR.clone3, ctypes.byref(args), ctypes.sizeof(args))
+    pid = pylibc.syscall(NR.clone3, ctypes.byref(args), ctypes.sizeof(args))
     if pid == 0:  # the child
         code = 1
         try:

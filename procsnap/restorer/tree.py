@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 
-from .. import model
+from .. import model, objects
 from ..errors import ImageCorrupt
 from ..image import schema
 from ..image.reader import Image, open_image
@@ -82,32 +82,13 @@ def _check_page_refs(image: Image, by_dir: dict[str, Image]) -> None:
 
 
 def _check_refs(image: Image, root: model.Checkpoint) -> None:
-    """Pipes and shared memory an image refers to are the root's."""
-    pipes = {p.id for p in root.pipes}
-    shms = {m.id for m in root.shms}
-    problems = [f"fd {e.fd}: unknown pipe {e.file_id}" for e in image.checkpoint.fds
-                if e.kind == model.FdKind.PIPE and e.file_id not in pipes]
-    problems += [f"fd {e.fd}: unknown shared memory {e.file_id}" for e in image.checkpoint.fds
-                 if e.kind == model.FdKind.SHM and e.file_id not in shms]
-    problems += [f"VMA {v.start:#x}: unknown shared memory {v.shm}" for v in image.checkpoint.vmas
-                 if v.kind in (model.VmaKind.SHARED_MEM, model.VmaKind.SYSV_SHM) and v.shm not in shms]
-    sysv = {m.id for m in root.shms if m.sysv_id >= 0}
-    problems += [f"VMA {v.start:#x}: shared memory {v.shm} is not a SysV segment" for v in image.checkpoint.vmas
-                 if v.kind == model.VmaKind.SYSV_SHM and v.shm not in sysv]
-    sockets = {sk.id for sk in root.sockets}
-    problems += [f"fd {e.fd}: unknown unix socket {e.file_id}" for e in image.checkpoint.fds
-                 if e.kind == model.FdKind.UNIX and e.file_id not in sockets]
-    problems += [f"unix socket {sk.id}: type {sk.type}, peer {sk.peer}" for sk in root.sockets
-                 if sk.type not in (1, 2, 5) or (sk.peer >= 0 and sk.peer not in sockets) or sk.peer == sk.id]
-    problems += [f"unix socket {sk.id}: buffers {sk.sndbuf}/{sk.rcvbuf}, {sum(map(len, sk.queued))} bytes queued"
-                 for sk in root.sockets if not (0 <= sk.sndbuf < 1 << 31 and 0 <= sk.rcvbuf < 1 << 31)
-                 or sum(map(len, sk.queued)) > 1 << 30 or not 0 <= sk.shutdown <= 3]
-    problems += [f"fd {e.fd}: {e.kind.value} parameter {k} = {v}" for e in image.checkpoint.fds
+    """What an image refers to in the root's (pipes, sockets, shared
+    memory: each kind checks its own), and the fds' parameters."""
+    ckpt = image.checkpoint
+    problems = objects.check_tree(ckpt, root)
+    problems += [f"fd {e.fd}: {e.kind.value} parameter {k} = {v}" for e in ckpt.fds
                  for k, v in e.params.items() if not 0 <= v < 1 << 63]
-    problems += [f"fd {e.fd}: epoll watch {w}" for e in image.checkpoint.fds for w in e.watches
+    problems += [f"fd {e.fd}: epoll watch {w}" for e in ckpt.fds for w in e.watches
                  if len(w) != 3 or not (0 <= w[0] < 1 << 20 and 0 <= w[1] < 1 << 32 and 0 <= w[2] < 1 << 64)]
-    problems += [f"pipe {p.id}: {len(p.data)} bytes in a pipe of {p.capacity}" for p in root.pipes
-                 if not 0 < p.capacity <= 1 << 30 or len(p.data) > p.capacity
-                 or (p.path and (not p.path.startswith("/") or "\0" in p.path))]
     if problems:
         raise ImageCorrupt(f"{image.directory}: " + "; ".join(problems))

@@ -23,10 +23,10 @@ from __future__ import annotations
 import os
 import stat
 
-from .. import model
+from .. import model, objects
 from ..errors import ImageCorrupt, RestoreError
 from ..image.reader import Image, open_image
-from .files import changed_since_dump
+from ..objects.file import changed_since_dump
 
 
 def _file_problems(ckpt: model.Checkpoint, allow_setuid: bool) -> list[str]:
@@ -83,14 +83,8 @@ def verify_image(directory: str, allow_other_owner: bool = False, allow_setuid: 
         if img is not None:
             found = image_problems(img, allow_other_owner, allow_setuid)
             problems += [f"pid {proc.pid}: {p}" for p in found] if proc.ppid else found
-    for pipe in image.checkpoint.pipes:
-        if pipe.path:
-            try:
-                if not stat.S_ISFIFO(os.stat(pipe.path).st_mode):
-                    problems.append(f"named FIFO {pipe.path}: not a FIFO any more")
-            except OSError as err:
-                problems.append(f"named FIFO {pipe.path}: {err.strerror}")
-    from ..check import run_checks
+    problems += objects.verify(image.checkpoint)
+    from ..kernel.probes import run_checks
 
     problems += [f"kernel: {r.name} missing: {r.detail}" for r in run_checks() if not r.ok]
     return problems

@@ -1,0 +1,167 @@
+"""Probes, on this kernel, of each feature procsnap uses (for `procsnap
+check` and for verify).
+
+Each probe does the real call on a throw-away child process (or on
+ourselves where that is harmless) and reports what it found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import os
+import socket
+import signal
+
+from . import memory, ptrace
+from .arch.x86_64 import NR
+from .libc import pylibc, syscall
+from .structs import Prctl, clone_args
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    ok: bool
+    detail: str
+
+
+@contextlib.contextmanager
+def _sleeper():
+    """A child that only waits, killed and reaped on exit."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.pause()
+        finally:
+            os._exit(0)
+    try:
+        yield pid
+    finally:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _probe(name: str, fn) -> Result:
+    try:
+        return Result(name, True, fn() or "works")
+    except OSError as err:
+        return Result(name, False, err.strerror or str(err))
+
+
+def probe_ptrace(pid: int) -> str:
+    ptrace.freeze(pid)
+    try:
+        ptrace.get_regs(pid)
+        size = len(ptrace.get_xstate(pid))
+    finally:
+        ptrace.detach(pid)
+    return f"seize, interrupt, regsets (xstate {size} bytes)"
+
+
+def probe_rseq(pid: int) -> str:
+    ptrace.freeze(pid)
+    try:
+        conf = ptrace.get_rseq_config(pid)
+    finally:
+        ptrace.detach(pid)
+    return f"PTRACE_GET_RSEQ_CONFIGURATION (registered: {bool(conf.rseq_abi_pointer)})"
+
+
+def probe_vm_rw(pid: int) -> str:
+    buf = ctypes.create_string_buffer(b"procsnap", 8)
+    data = memory.read_bytes(os.getpid(), ctypes.addressof(buf), 8)
+    memory.write_bytes(os.getpid(), ctypes.addressof(buf), data)
+    memory.read_bytes(pid, ctypes.addressof(buf), 8)  # same layout after fork
+    return "process_vm_readv/writev"
+
+
+def probe_mm_map() -> str:
+    size = ctypes.c_uint()
+    syscall(NR.prctl, Prctl.PR_SET_MM, Prctl.PR_SET_MM_MAP_SIZE, ctypes.addressof(size), 0, 0)
+    return f"PR_SET_MM_MAP (struct {size.value} bytes)"
+
+
+def probe_clone3_set_tid() -> str:
+    # A pid that is free now: a child's, once reaped.
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    tid = (ctypes.c_int * 1)(pid)
+    args = clone_args(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
+    got = pylibc.syscall(NR.clone3, ctypes.byref(args), ctypes.sizeof(args))
+    if got == 0:
+        os._exit(0)
+    if got < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"clone3 set_tid: {os.strerror(err)}")
+    os.waitpid(got, 0)
+    if got != pid:
+        raise OSError(0, f"clone3 set_tid gave pid {got}, asked {pid}")
+    return "clone3 with set_tid"
+
+
+def probe_pidfd_getfd(pid: int) -> str:
+    pidfd = syscall(NR.pidfd_open, pid, 0)
+    try:
+        fd = syscall(NR.pidfd_getfd, pidfd, 0, 0)
+        os.close(fd)
+    finally:
+        os.close(pidfd)
+    return "pidfd_open + pidfd_getfd"
+
+
+def probe_userfaultfd() -> str:
+    UFFD_USER_MODE_ONLY = 1
+    fd = syscall(NR.userfaultfd, os.O_CLOEXEC | UFFD_USER_MODE_ONLY)
+    os.close(fd)
+    return "userfaultfd"
+
+
+def probe_sock_diag() -> str:
+    from . import sockdiag
+
+    a, b = socket.socketpair()
+    try:
+        found = sockdiag.unix_sockets().get(os.fstat(a.fileno()).st_ino)
+        if found is None or found.peer != os.fstat(b.fileno()).st_ino:
+            raise OSError(0, "sock_diag does not show a socket pair's peer")
+    finally:
+        a.close()
+        b.close()
+    return "sock_diag unix sockets with peers"
+
+
+def probe_checkpoint_restore_knobs() -> str:
+    """shm_next_id (SysV segments with their ids) and the timerfd ticks
+    ioctl come with CONFIG_CHECKPOINT_RESTORE."""
+    if not os.path.exists("/proc/sys/kernel/shm_next_id"):
+        raise OSError(0, "no /proc/sys/kernel/shm_next_id (CONFIG_CHECKPOINT_RESTORE)")
+    from . import anonfd
+
+    fd = anonfd.make_timerfd(1, True, 10**12, 0, 3)
+    try:
+        if int.from_bytes(os.read(fd, 8), "little") != 3:
+            raise OSError(0, "TFD_IOC_SET_TICKS did not set the ticks")
+    finally:
+        os.close(fd)
+    return "shm_next_id, TFD_IOC_SET_TICKS"
+
+
+def run_checks() -> list[Result]:
+    with _sleeper() as pid:
+        return [
+            _probe("ptrace", lambda: probe_ptrace(pid)),
+            _probe("process_vm_rw", lambda: probe_vm_rw(pid)),
+            _probe("clone3_set_tid", probe_clone3_set_tid),
+            _probe("prctl_mm_map", probe_mm_map),
+            _probe("rseq_config", lambda: probe_rseq(pid)),
+            _probe("pidfd_getfd", lambda: probe_pidfd_getfd(pid)),
+            _probe("userfaultfd", probe_userfaultfd),
+            _probe("sock_diag", probe_sock_diag),
+            _probe("checkpoint_restore_knobs", probe_checkpoint_restore_knobs),
+        ]

@@ -1,0 +1,235 @@
+"""The protocol between the pipelines and the kinds of objects.
+
+A kind is a module of procsnap/objects that may define:
+
+    Collect                 its dump side, a subclass of Collect below. A
+                            dump makes one instance of each kind, so it
+                            holds what the processes of the tree share.
+    Prepare                 its restore side, a subclass of Prepare below,
+                            one instance per restore of a tree.
+    check_image(ckpt, image) -> [problem]   its records in one image
+    check_tree(ckpt, root)   -> [problem]   what an image refers to in the root's
+    verify(root)             -> [problem]   whether the world still fits (paths)
+    blobs(ckpt) -> [(what, offset, size, xxh3)]  its data in ghosts.img
+
+Every hook has a default that does nothing, so a kind defines only what it
+has. The pipelines call the kinds in their registered order
+(objects.KINDS) and never name one.
+
+    dump, per process              dump, per tree        restore
+    -----------------              --------------        -------
+    collect_vma  a shared mapping  collect_tree          prepare_vmas
+    collect_fd   an fd, or None    write_tree            open_fd
+    check_fds    all fds found                           end_process
+    collect_seized  with the task's help                 finish
+    write_process   its own data
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import typing
+
+from .. import model
+from ..errors import RestoreError
+
+if typing.TYPE_CHECKING:
+    from ..image.reader import Image
+    from ..image.writer import ImageWriter
+    from ..kernel.infect import Target
+    from ..kernel.proc import MapsEntry
+    from .file import FileTable
+
+
+@dataclasses.dataclass(slots=True)
+class OpenFd:
+    """An fd of a frozen process as the dump found it, offered to each kind
+    in turn until one takes it."""
+
+    pid: int
+    fd: int
+    link: str  # readlink of /proc/PID/fd/FD
+    st: os.stat_result  # stat through it: of the object itself
+    flags: model.OpenFlag
+    pos: int
+    files: FileTable  # the process's FileRefs
+    shell_job: bool
+
+    @property
+    def where(self) -> str:
+        return f"pid {self.pid}: fd {self.fd}"
+
+    @property
+    def path(self) -> str:
+        """The fd in /proc, to open the object again through."""
+        return f"/proc/{self.pid}/fd/{self.fd}"
+
+
+class Collect:
+    """A kind at dump."""
+
+    def collect_vma(self, pid: int, m: MapsEntry, prot: model.Prot, flags: model.MapFlag) -> model.Vma | None:
+        """The record of mapping `m` if it maps an object of this kind, else None."""
+        return None
+
+    def collect_fd(self, fd: OpenFd) -> model.FdEntry | None:
+        """The record of `fd` if it is of this kind, else None."""
+        return None
+
+    def check_fds(self, pid: int, entries: list[model.FdEntry]) -> None:
+        """Refuse what only all of a process's fds together show."""
+
+    def collect_seized(self, target: Target, entries: list[model.FdEntry]) -> None:
+        """What only the frozen task itself can tell (injected syscalls)."""
+
+    def write_process(self, pid: int, writer: ImageWriter, ckpt: model.Checkpoint) -> None:
+        """This kind's data and records of one process, into its image."""
+
+    def collect_tree(self, root: model.Checkpoint, tree_pids: set[int]) -> None:
+        """Once every process is collected, still frozen: the tree-wide
+        records, into the root's checkpoint."""
+
+    def write_tree(self, writer: ImageWriter, root: model.Checkpoint) -> None:
+        """Tree-wide data, into the root's image."""
+
+
+@dataclasses.dataclass
+class Restoring:
+    """What a kind's open_fd sees of the process being prepared."""
+
+    image: Image
+    shell_job: bool
+    in_child: list[typing.Callable[[], None]]  # run in the new process once its fds are at their numbers
+
+
+class TreeFds:
+    """Fds the restorer holds for the whole tree (what its processes share),
+    closed once the restore is over, not with any one process's files."""
+
+    def __init__(self):
+        self.fds: set[int] = set()
+
+    def own(self, fd: int) -> int:
+        self.fds.add(fd)
+        return fd
+
+    def close(self, fd: int) -> None:
+        self.fds.discard(fd)
+        os.close(fd)
+
+    def close_all(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fds.clear()
+
+
+class Prepare:
+    """A kind at restore: its fds opened in the restorer, inherited by the
+    new processes."""
+
+    fd_kinds: tuple[model.FdKind, ...] = ()  # the FD records it opens
+    always_seek: tuple[model.FdKind, ...] = ()  # these get their position back even when it is 0
+
+    def __init__(self, root: Image, tree_fds: TreeFds):
+        self.root = root
+        self.tree_fds = tree_fds
+        self.own = tree_fds.own
+
+    def prepare_vmas(self, ckpt: model.Checkpoint, prepared) -> None:
+        """The objects this kind's mappings need (restorer.files.PreparedFiles)."""
+
+    def open_fd(self, entry: model.FdEntry, proc: Restoring) -> int:
+        """A restorer fd of the object `entry` (of one of fd_kinds) names."""
+        raise NotImplementedError
+
+    def end_process(self) -> None:
+        """Every fd of a process is open (or one failed)."""
+
+    def finish(self, ok: bool) -> None:
+        """The restore of the tree is over; ok: it succeeded."""
+
+
+class AnonCollect(Collect):
+    """An fd of an anonymous inode (its link: `link`), whose state is what
+    its fdinfo shows (FdEntry.params, and an epoll's watches)."""
+
+    link = ""
+    fd_kind: model.FdKind
+
+    def collect_fd(self, fd: OpenFd) -> model.FdEntry | None:
+        if fd.link != self.link:
+            return None
+        from ..kernel import proc  # a dump's (see objects/__init__)
+
+        with open(f"/proc/{fd.pid}/fdinfo/{fd.fd}") as f:
+            params, watches = proc.parse_anon_fdinfo(f.read())
+        return model.FdEntry(fd.fd, self.fd_kind, fd.flags, 0, fd.link, params=params, watches=watches)
+
+
+class AnonPrepare(Prepare):
+    """Made again in the restorer from its parameters, by `make`."""
+
+    def make(self, entry: model.FdEntry) -> int:
+        raise NotImplementedError
+
+    def open_fd(self, entry: model.FdEntry, proc: Restoring) -> int:
+        try:
+            return self.own(self.make(entry))
+        except OSError as err:
+            raise RestoreError(f"fd {entry.fd}: cannot make the {entry.kind.value}: {err.strerror}") from err
+
+
+def nonblock(entry: model.FdEntry) -> bool:
+    return bool(entry.flags & os.O_NONBLOCK)
+
+
+# Flags that only matter at open time, or that fcntl/dup decide.
+_OPEN_MASK = ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC | os.O_CLOEXEC | os.O_NOCTTY)
+
+
+def open_flags(entry: model.FdEntry) -> int:
+    """The flags to open an fd's object again with (close-on-exec in the
+    restorer; the child decides)."""
+    return (entry.flags & _OPEN_MASK) | os.O_CLOEXEC
+
+
+def open_path(path: str, flags: int, what: str) -> int:
+    try:
+        return os.open(path, flags)
+    except OSError as err:
+        raise RestoreError(f"{what}: cannot open {path}: {err.strerror}") from err
+
+
+def bad_path(path: str) -> bool:
+    """Not a plain absolute path (an image must never name a relative one)."""
+    return not path.startswith("/") or "\0" in path or any(p == ".." for p in path.split("/"))
+
+
+def bad_fd_paths(ckpt: model.Checkpoint, kinds: tuple[model.FdKind, ...]) -> list[str]:
+    """Problems of the fds of `kinds`, which are reopened by FdEntry.path."""
+    return [f"fd {fd.fd}: path {fd.path!r} is not a plain absolute path" for fd in ckpt.fds
+            if fd.kind in kinds and bad_path(fd.path)]
+
+
+def same_file(a: os.stat_result, b: os.stat_result | None) -> bool:
+    if b is None:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def create_beside(path: str, mode: int, what: str) -> str:
+    """Create `path` (or a name beside it, if taken) exclusively; returns it."""
+    for n in range(100):
+        candidate = path if n == 0 else f"{path}.procsnap-ghost.{n}"
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode & 0o7777)
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise RestoreError(f"{what}: cannot recreate {path}: {err.strerror}") from err
+        os.close(fd)
+        return candidate
+    raise RestoreError(f"{what}: no free name beside {path}")
