@@ -617,6 +617,26 @@ def _tree_problems(before, after, ignore_pos):
     return problems
 
 
+def shared_file_times(pid):
+    """{path: (atime_ns, mtime_ns)} of every file `pid` maps shared and writable."""
+    out = {}
+    for m in _maps_and_fds(pid)[0]:
+        if m.perms[1] == "w" and m.perms[3] == "s" and m.path.startswith("/") and m.inode:
+            st = os.stat(m.path)
+            out[m.path] = (st.st_atime_ns, st.st_mtime_ns)
+    return out
+
+
+def put_back_times(times):
+    """A test that lets the original run on after a dump and then restores
+    the older image: the original wrote through its shared mappings, which
+    (once the kernel has written the pages back) gives the files a new
+    mtime, and a restore rightly refuses a mapped file modified since the
+    dump. The image is of the process before: its files' times are put back."""
+    for path, ns in times.items():
+        os.utime(path, ns=ns)
+
+
 def image_size(images_dir):
     return sum(p.stat().st_size for p in Path(images_dir).rglob("*") if p.is_file())
 

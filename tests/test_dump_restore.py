@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 import procsnap
-from conftest import assert_pass, dump_kill, image_size, proc_status, restore
+from conftest import (assert_pass, dump_kill, image_size, proc_status, put_back_times, restore,
+                      shared_file_times)
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -53,6 +54,7 @@ def test_leave_running(procs, case, variant, tmp_path, proc_snapshot, assert_sam
     t = procs.start_case(case, variant)
     before = proc_snapshot(t.pid)
     out_size = t.output_size()
+    times = shared_file_times(t.pid)
     images = tmp_path / "img"
     images.mkdir()
     stats = procsnap.dump(t.pid, str(images), leave_running=True)
@@ -73,6 +75,7 @@ def test_leave_running(procs, case, variant, tmp_path, proc_snapshot, assert_sam
     # of the process before SIGUSR1 and must restore and pass again.
     t.reap()
     t.truncate_output(out_size)     # its stdout resumes at the saved offset
+    put_back_times(times)
     restore(procs, t, images)
     assert_pass(t)
 

@@ -34,7 +34,7 @@ import pytest
 import procsnap
 from conftest import (CASES_BY_ID, assert_pass, assert_running_untraced, assert_untouched, cli,
                       dump_kill, image_hashes, our_children, proc_status, restore, wait_until,
-                      without_mapping)
+                      put_back_times, shared_file_times, without_mapping)
 from procsnap.errors import ImageCorrupt
 from procsnap.faults import DUMP_STAGES, RESTORE_STAGES, InjectedFault
 
@@ -216,6 +216,7 @@ def test_dump_fault(stage, how, procs, tmp_path, monkeypatch, proc_snapshot,
     t = procs.start_case(MEMORY, "pie")
     before = proc_snapshot(t.pid)
     out_size = t.output_size()
+    times = shared_file_times(t.pid)
     images = tmp_path / "img"
 
     dump_with_fault(t, images, stage, how, monkeypatch)
@@ -227,6 +228,7 @@ def test_dump_fault(stage, how, procs, tmp_path, monkeypatch, proc_snapshot,
         # it restores and the process passes its self-check (again).
         t.reap()
         t.truncate_output(out_size)     # its stdout resumes at the saved offset
+        put_back_times(times)
         restore(procs, t, images)
         assert_pass(t)
     if trapped:
