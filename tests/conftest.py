@@ -90,6 +90,8 @@ CASES = [
     Case("files", dir_arg=True),
     Case("writer"),
     Case("threads"),
+    Case("settings"),
+    Case("settings", "mdwe"),
     Case("tree", "prefork"),
     Case("tree", "pipes"),
     Case("tree", "zombie"),
