@@ -86,6 +86,7 @@ CASES = [
     Case("sleep", "poll", sabotage_delay=1.5),
     Case("sleep", "read", ignore_pos=(10,)),
     Case("signals"),
+    Case("signals", "sigtrap"),
     Case("identity", dir_arg=True),
     Case("files", dir_arg=True),
     Case("writer"),
