@@ -34,7 +34,8 @@ def test_dump_restore(procs, case, variant, tmp_path, proc_snapshot, assert_same
     assert_pass(t)
 
 
-@pytest.mark.cases("memory", "cpu-regs", "cpu-busy", "sleep-read", "signals", "files", "locks")
+@pytest.mark.cases("memory", "cpu-regs", "cpu-busy", "sleep-read", "signals", "signals-sigtrap", "files",
+                   "settings", "settings-mdwe", "locks")
 @pytest.mark.variants("pie", "static")
 def test_three_cycles(procs, case, variant, tmp_path, proc_snapshot, assert_same_snapshot):
     t = procs.start_case(case, variant)
@@ -47,7 +48,8 @@ def test_three_cycles(procs, case, variant, tmp_path, proc_snapshot, assert_same
     assert_pass(t)
 
 
-@pytest.mark.cases("memory", "cpu-regs", "cpu-busy", "sleep-clock_abs", "signals", "files", "writer")
+@pytest.mark.cases("memory", "cpu-regs", "cpu-busy", "sleep-clock_abs", "signals", "signals-sigtrap", "files",
+                   "writer", "settings", "settings-mdwe")
 @pytest.mark.variants("pie")
 def test_leave_running(procs, case, variant, tmp_path, proc_snapshot, assert_same_snapshot):
     """The dump leaves no trace; then the image still restores after the original exits."""

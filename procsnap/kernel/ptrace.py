@@ -2,14 +2,22 @@
 signal mask and queue, rseq configuration, and syscall injection.
 
 Injection never writes code into the target: it points rip at a `syscall`
-instruction already mapped in the target (one in its vdso) and single-steps
-it. To put the task's own registers back, the task is then moved into an
-interrupt trap (PTRACE_INTERRUPT + PTRACE_CONT, which also clears the trap
-flag: a flag left set would kill the task with SIGTRAP if procsnap died).
-That stop is inside signal delivery, so whenever the task leaves it -
-resumed by us, detached, or released because procsnap was killed - the
-kernel applies its own syscall-restart rule to the registers, exactly as if
-it had never stopped.
+instruction already mapped in the target (one in its vdso) and runs it to
+its syscall-exit stop (PTRACE_SYSCALL: an entry stop, then an exit stop).
+To put the task's own registers back, the task is then moved into an
+interrupt trap (PTRACE_INTERRUPT + PTRACE_CONT, which also ends syscall
+tracing). That stop is inside signal delivery, so whenever the task leaves
+it - resumed by us, detached, or released because procsnap was killed -
+the kernel applies its own syscall-restart rule to the registers, exactly
+as if it had never stopped.
+
+Why syscall stops and not a single step: the single-step trap is a real
+SIGTRAP, forced on the task (force_sig_fault). With SIGTRAP blocked, as
+every signal is while a call runs, forcing it resets the task's SIGTRAP
+handler to SIG_DFL and unblocks it; and it merges with a SIGTRAP the task
+has pending, which the trap stop then dequeues: the task's handler and its
+pending SIGTRAP were both lost. Syscall stops (SIGTRAP | 0x80 with
+PTRACE_O_TRACESYSGOOD, which every seize here sets) queue no signal.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ class NT(enum.IntEnum):
 PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_STOP = 128
 PTRACE_O_TRACESYSGOOD = 0x1
+SYSCALL_STOP = signal.SIGTRAP | 0x80  # a syscall-entry or -exit stop, with PTRACE_O_TRACESYSGOOD
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
 PTRACE_PEEKSIGINFO_SHARED = 1
@@ -140,6 +149,10 @@ def is_event_stop(status: int) -> bool:
     return (status >> 16) == PTRACE_EVENT_STOP
 
 
+def is_syscall_stop(status: int) -> bool:
+    return os.WSTOPSIG(status) == SYSCALL_STOP and not status >> 16
+
+
 def freeze(pid: int, max_signals: int = 64, options: int = 0) -> int:
     """Seize and stop a task; signals already on their way are delivered first.
 
@@ -222,12 +235,13 @@ class Injector:
     """Runs syscalls inside a stopped task (seized by `freeze`).
 
     `gadget` is the address of a `syscall` instruction in the task. While a
-    call runs, every signal is blocked, so none is dequeued under us. With
+    call runs, every signal is blocked, so none is dequeued under us (and
+    the injection itself sends none: see the module docstring). With
     `put_back`, the task's own registers and signal mask are set again
     after every call, from an interrupt trap (see the module docstring): if
     procsnap dies between two calls, even by SIGKILL, the kernel releases a
     task that is exactly as it was. Without it (a task being rebuilt) the
-    task stays in its single-step trap between calls.
+    task stays in its syscall-exit stop between calls.
     """
 
     def __init__(self, pid: int, gadget: int, regs: arch.user_regs_struct, mask: int, put_back: bool = True):
@@ -257,7 +271,8 @@ class Injector:
             set_sigmask(self.pid, ALL_SIGNALS_BLOCKED)
             self.blocked = True
         set_regs(self.pid, regs)
-        self._resume_until(Req.SINGLESTEP, lambda st: os.WSTOPSIG(st) == signal.SIGTRAP and not st >> 16)
+        self._resume_until(Req.SYSCALL, is_syscall_stop)  # entry
+        self._resume_until(Req.SYSCALL, is_syscall_stop)  # exit
         ret = arch.syscall_result(get_regs(self.pid))
         if self.put_back:
             self.restore()

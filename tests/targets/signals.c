@@ -1,7 +1,7 @@
 /*
  * signals: dispositions, masks, the alternate stack and pending signals.
  *
- *   ./signals default
+ *   ./signals default|sigtrap
  *
  * Before READY: handlers with assorted sa_flags/sa_mask, SIGPIPE ignored,
  * sigaltstack, SIGUSR2 and SIGRTMIN+3 (and SIGWINCH) blocked, SIGUSR2 raised
@@ -9,6 +9,10 @@
  * After SIGUSR1: every disposition, the mask, the altstack and the pending
  * set are unchanged; then unblocking delivers SIGUSR2 once (on the altstack)
  * and SIGRTMIN+3 twice with SI_QUEUE/42; SA_RESETHAND and SA_NODEFER still act.
+ * Mode sigtrap also has a SIGTRAP handler, SIGTRAP blocked and raised once,
+ * so pending (the signal ptrace's own traps use): after SIGUSR1 the handler
+ * and the pending SIGTRAP are there, and unblocking runs the handler once
+ * with the raise's siginfo (SI_TKILL from our own pid).
  * Sabotage: SIGTERM's sa_mask changes after READY.
  */
 #include "target.h"
@@ -19,7 +23,7 @@
 
 static unsigned char altstack[65536] __attribute__((aligned(16)));
 static volatile int usr2_runs, usr2_on_altstack, rt_runs, rt_bad, hup_runs, hup_self_blocked;
-static volatile int hup_quit_blocked, int_runs;
+static volatile int hup_quit_blocked, int_runs, trap_runs, trap_bad;
 static int rtsig;
 
 static void h_usr2(int sig, siginfo_t *si, void *uc)
@@ -50,6 +54,14 @@ static void h_hup(int sig)
 }
 
 static void h_int(int sig) { (void)sig; int_runs++; }
+
+static void h_trap(int sig, siginfo_t *si, void *uc)
+{
+	(void)uc;
+	trap_runs++;
+	if (sig != SIGTRAP || si->si_code != SI_TKILL || si->si_pid != getpid())
+		trap_bad++;
+}
 static void h_term(int sig) { (void)sig; }
 
 struct disp {
@@ -95,7 +107,12 @@ static void check_masks(const char *what, const sigset_t *exp, const sigset_t *g
 
 int main(int argc, char **argv)
 {
-	if (argc < 2 || strcmp(argv[1], "default"))
+	int trap = 0;
+	if (argc < 2)
+		ps_bad_mode(NULL);
+	if (!strcmp(argv[1], "sigtrap"))
+		trap = 1;
+	else if (strcmp(argv[1], "default"))
 		ps_bad_mode(argv[1]);
 	ps_install_usr1();
 	rtsig = SIGRTMIN + 3;
@@ -106,6 +123,8 @@ int main(int argc, char **argv)
 	set(SIGINT, h_int, SA_RESETHAND, 0, 0);
 	set(SIGTERM, h_term, SA_RESTART | SA_ONSTACK | SA_NODEFER, SIGUSR2, SIGALRM);
 	set(SIGPIPE, SIG_IGN, 0, 0, 0);
+	if (trap)
+		set(SIGTRAP, h_trap, SA_SIGINFO | SA_RESTART, SIGHUP, 0);
 
 	stack_t ss = { .ss_sp = altstack, .ss_size = sizeof(altstack), .ss_flags = 0 }, oss;
 	ps_setup(sigaltstack(&ss, NULL) == 0, "sigaltstack");
@@ -115,10 +134,14 @@ int main(int argc, char **argv)
 	sigaddset(&block, SIGUSR2);
 	sigaddset(&block, rtsig);
 	sigaddset(&block, SIGWINCH);
+	if (trap)
+		sigaddset(&block, SIGTRAP);
 	ps_setup(sigprocmask(SIG_BLOCK, &block, NULL) == 0, "sigprocmask");
 	sigprocmask(SIG_BLOCK, NULL, &mask_saved);
 
 	raise(SIGUSR2);
+	if (trap)
+		raise(SIGTRAP);
 	union sigval v = { .sival_int = 42 };
 	ps_setup(sigqueue(getpid(), rtsig, v) == 0, "sigqueue");
 	ps_setup(sigqueue(getpid(), rtsig, v) == 0, "sigqueue");
@@ -126,6 +149,8 @@ int main(int argc, char **argv)
 	sigemptyset(&pend_saved);
 	sigaddset(&pend_saved, SIGUSR2);
 	sigaddset(&pend_saved, rtsig);
+	if (trap)
+		sigaddset(&pend_saved, SIGTRAP);
 	sigpending(&pend);
 	check_masks("setup pending", &pend_saved, &pend);
 
@@ -170,6 +195,8 @@ int main(int argc, char **argv)
 	PS_CHECK_U64("SIGUSR2 ran on altstack", 1, usr2_on_altstack);
 	PS_CHECK_U64("SIGRTMIN+3 handler runs", 2, rt_runs);
 	PS_CHECK_U64("SIGRTMIN+3 bad siginfo (code/value/pid)", 0, rt_bad);
+	PS_CHECK_U64("SIGTRAP handler runs", trap, trap_runs);
+	PS_CHECK_U64("SIGTRAP bad siginfo (code/pid)", 0, trap_bad);
 
 	raise(SIGHUP);
 	PS_CHECK_U64("SIGHUP runs", 1, hup_runs);
