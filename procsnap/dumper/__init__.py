@@ -20,11 +20,8 @@ from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
-from ..objects.creds import collect_creds_seized
 from ..objects.file import FileTable
-from ..objects.locks import collect_locks
 from ..objects.protocol import Collect
-from ..objects.settings import collect_settings_seized
 from . import collect as C
 from . import tree as T
 from .pages import write_pages_seized
@@ -361,10 +358,8 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
         task = C.collect_task_seized(pid, st, status, target, regs, sigmask)
         sigactions = C.collect_sigactions_seized(target, status)
         threads = [C.collect_thread_seized(tid, target) for tid in frozen_task.tids[1:]]
-        settings = collect_settings_seized(target, frozen_task.tids)
-        creds = collect_creds_seized(target, frozen_task.tids)
+        ckpt = model.Checkpoint(task=task, mm=mm, vmas=vmas, pages=[], sigactions=sigactions, pending=pending,
+                                files=files.refs, fds=fds, ghosts=[], threads=threads)
+        objects.collect_task_state_seized(target, frozen_task.tids, ckpt)
     runs = C.collect_page_runs(pid, vmas) if scan_pages else None
-    ckpt = model.Checkpoint(task=task, mm=mm, vmas=vmas, pages=[], sigactions=sigactions, pending=pending,
-                            files=files.refs, fds=fds, ghosts=[], threads=threads,
-                            settings=[settings], locks=collect_locks(pid, fds), creds=[creds])
     return ckpt, runs, maps

@@ -13,10 +13,37 @@ from __future__ import annotations
 import typing
 
 from .. import model
-from . import device, epoll, eventfd, file, ghost, pipe, protocol, shm, signalfd, timerfd, tty, unix
+from . import creds, device, epoll, eventfd, file, ghost, locks, pipe, protocol, settings, shm, signalfd, timerfd, \
+    tty, unix
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
+
+# State of a process that is not an fd or a mapping: each module has
+#     collect_seized(target, tids, ckpt)      into its ckpt field, frozen, injecting
+#     restore_seized(target, ckpt, tree_pids) into the rebuilt process, threads made
+#     check_restore(ckpt)                     (optional) refuse before anything is made
+# restored in this order: locks through the restorer's privileges, then the
+# credentials (which drop them), then the settings (dumpable, which a
+# credential change resets, among them).
+TASK_STATE = (locks, creds, settings)
+
+
+def collect_task_state_seized(target, tids: list[int], ckpt: model.Checkpoint) -> None:
+    for k in TASK_STATE:
+        k.collect_seized(target, tids, ckpt)
+
+
+def check_task_state(ckpt: model.Checkpoint) -> None:
+    for k in TASK_STATE:
+        if hasattr(k, "check_restore"):
+            k.check_restore(ckpt)
+
+
+def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int]) -> None:
+    for k in TASK_STATE:
+        k.restore_seized(target, ckpt, tree_pids)
+
 
 # In the order an fd is offered to them, the first that takes it wins: a
 # memfd before regular files, an unlinked file before a linked one, a

@@ -172,3 +172,18 @@ def restore_creds_seized(target: Target, creds: Creds) -> None:
             continue
         with infect.infected(saved.tid, [], scratch_area=False, put_back=False, gadget=target.call.gadget) as t:
             restore_thread_creds_seized(Target(target.pid, t.call, target.scratch), saved)
+
+
+# The task-state protocol (objects/__init__.py TASK_STATE)
+
+def collect_seized(target: Target, tids: list[int], ckpt) -> None:
+    ckpt.creds = [collect_creds_seized(target, tids)]
+
+
+def check_restore(ckpt) -> None:
+    check_creds(ckpt.creds, ckpt.task.pid)
+
+
+def restore_seized(target: Target, ckpt, tree_pids: set[int]) -> None:
+    for creds in ckpt.creds:
+        restore_creds_seized(target, creds)

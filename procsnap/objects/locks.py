@@ -106,3 +106,13 @@ def restore_locks_seized(target: Target, locks: list[FileLock], paths: dict[int,
                    else os.strerror(-ret))
             raise RestoreError(f"pid {target.pid}: fd {lock.fd} ({paths.get(lock.fd, '?')}): cannot take its "
                                f"{describe(lock)} again: {why}", target.pid)
+
+
+# The task-state protocol (objects/__init__.py TASK_STATE)
+
+def collect_seized(target: Target, tids: list[int], ckpt) -> None:
+    ckpt.locks = collect_locks(target.pid, ckpt.fds)
+
+
+def restore_seized(target: Target, ckpt, tree_pids: set[int]) -> None:
+    restore_locks_seized(target, ckpt.locks, {e.fd: e.path for e in ckpt.fds}, tree_pids)

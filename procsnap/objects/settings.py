@@ -245,3 +245,15 @@ def restore_settings_seized(target: Target, s: Settings) -> None:
 def restore_dumpable_seized(target: Target, s: Settings) -> None:
     if "dumpable" in s.prctl and _get_prctl(target, "dumpable") != s.prctl["dumpable"]:
         _set_prctl(target, "dumpable", s.prctl["dumpable"])
+
+
+# The task-state protocol (objects/__init__.py TASK_STATE)
+
+def collect_seized(target: Target, tids: list[int], ckpt) -> None:
+    ckpt.settings = [collect_settings_seized(target, tids)]
+
+
+def restore_seized(target: Target, ckpt, tree_pids: set[int]) -> None:
+    for s in ckpt.settings:
+        restore_settings_seized(target, s)
+        restore_dumpable_seized(target, s)  # after the credentials, whose change resets it

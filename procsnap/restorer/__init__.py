@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 
-from .. import faults
+from .. import faults, objects
 from ..errors import ProcsnapError, RestoreError, plural, translated
 from ..image import schema
 from ..image.reader import Image, PageSource, open_image
@@ -25,9 +25,6 @@ from ..kernel import infect, proc, ptrace
 from ..kernel.arch.x86_64 import PAGE_SIZE
 from . import memory as M
 from . import task as T
-from ..objects.creds import check_creds, restore_creds_seized
-from ..objects.locks import restore_locks_seized
-from ..objects.settings import restore_dumpable_seized, restore_settings_seized
 from .files import SharedFiles, map_key, prepare_files
 from .spawn import Child, Node, spawn, wait_pid_free
 from .tree import open_tree
@@ -49,7 +46,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     for _, image in tree:
         if image is not None:
             check_restorable(image, allow_other_owner, allow_setuid)
-            check_creds(image.checkpoint.creds, image.checkpoint.task.pid)
+            objects.check_task_state(image.checkpoint)
     pid = root_image.checkpoint.task.pid
     with contextlib.ExitStack() as stack:
         shared = SharedFiles(root_image)
@@ -231,18 +228,12 @@ def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
         T.restore_signals_seized(target, ckpt.sigactions, ckpt.pending)
         T.restore_task_seized(target, ckpt.task)
         T.create_threads_seized(target, ckpt.threads)
-        for settings in ckpt.settings:
-            restore_settings_seized(target, settings)
-        restore_locks_seized(target, ckpt.locks, {e.fd: e.path for e in ckpt.fds}, tree_pids)
-        for creds in ckpt.creds:
-            restore_creds_seized(target, creds)
+        objects.restore_task_state_seized(target, ckpt, tree_pids)
         for name, fd in helper.items():
             if name.startswith(("map", "shm")) or name == "sync":
                 target.call(infect.NR.close, fd)
         # the child's safety net (see spawn) gives way to its own setting
         target.call(infect.NR.prctl, T.PR_SET_PDEATHSIG, ckpt.task.pdeathsig)
-        for settings in ckpt.settings:
-            restore_dumpable_seized(target, settings)
 
 
 __all__ = ["restore", "ProcsnapError"]
