@@ -264,6 +264,7 @@ PRCTL_GETS = {
 }
 MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9
 SYS_membarrier = 324
+SYS_get_mempolicy = 239
 
 
 def _injected(pid: int) -> dict[str, str]:
@@ -285,6 +286,11 @@ def _injected(pid: int) -> dict[str, str]:
                 else:
                     value = target.call(NR.prctl, option, *extra, check=False)
                 out[f"prctl.{name}"] = str(value) if not -4096 < value < 0 else f"<{os.strerror(-value)}>"
+            target.write_scratch(bytes(8 + 128))
+            ret = target.call(SYS_get_mempolicy, target.scratch, target.scratch + 8, 1024, 0, 0, check=False)
+            data = target.read_scratch(8 + 128)
+            out["mempolicy"] = (f"mode {struct.unpack_from('<i', data)[0]} nodes {data[8:].rstrip(bytes(1)).hex()}"
+                                if ret == 0 else f"<{os.strerror(-ret)}>")
             regs = target.call(SYS_membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, check=False)
             out["membarrier"] = str(regs) if not -4096 < regs < 0 else f"<{os.strerror(-regs)}>"
     finally:

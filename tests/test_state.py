@@ -177,3 +177,38 @@ def test_capabilities_beyond_the_restorers_refused(procs, tmp_path):
                        timeout=60)
     assert_cli_error(r, f"pid {t.pid}", "capabilities [10]", "restorer does not have")
     wait_until(lambda: not os.path.exists(f"/proc/{t.pid}"), "nothing left of the refused restore")
+
+
+def test_other_exit_signal_refused_by_name(procs, targets, tmp_path, proc_snapshot, assert_same_snapshot):
+    t = procs.start([targets.path("exitsig", "pie"), "default"], name="exitsig")
+    child = descendants(t.pid)[0]
+    before = proc_snapshot(t.pid)
+    with pytest.raises(Unsupported) as exc:
+        procsnap.dump(t.pid, str(tmp_path / "img"))
+    assert f"pid {child}" in str(exc.value) and "SIGUSR2" in str(exc.value)
+    assert_same_snapshot(before, proc_snapshot(t.pid))
+    assert_pass(t)
+
+
+MEMPOLICY = textwrap.dedent("""\
+    import ctypes, signal
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    libc = ctypes.CDLL(None, use_errno=True)
+    MPOL_BIND, MPOL_F_STATIC_NODES = 2, 1 << 15
+    nodes = ctypes.c_ulong(1)
+    assert libc.syscall(238, MPOL_BIND | MPOL_F_STATIC_NODES, ctypes.byref(nodes), 64) == 0, ctypes.get_errno()
+    print("READY", flush=True)
+    signal.sigwait({signal.SIGUSR1})
+    mode, got = ctypes.c_int(), ctypes.c_ulong()
+    assert libc.syscall(239, ctypes.byref(mode), ctypes.byref(got), 64, 0, 0) == 0
+    ok = mode.value == MPOL_BIND | MPOL_F_STATIC_NODES and got.value == 1
+    print("PASS" if ok else f"FAIL: mempolicy expected {MPOL_BIND | MPOL_F_STATIC_NODES} nodes 1 "
+          f"found {mode.value} nodes {got.value}", flush=True)
+""")
+
+
+def test_numa_policy_restored(procs, tmp_path):
+    t = procs.start([PYTHON, "-c", MEMPOLICY], name="mempolicy")
+    images = dump_kill(t, tmp_path / "img")
+    restore(procs, t, images)
+    assert_pass(t)

@@ -47,6 +47,16 @@ def check_supported(pid: int, st: proc.Stat, status: dict[str, str]) -> None:
     if st.state == "T":
         raise stopped_process(pid, 0)
     check_namespaces(pid)
+    if st.exit_signal != signal.SIGCHLD:
+        raise Unsupported(f"pid {pid}: signals its parent with {_signame(st.exit_signal)} when it exits, not "
+                          "SIGCHLD (a clone() with another exit signal); not supported", pid)
+
+
+def _signame(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}" if sig else "no signal"
 
 
 def stopped_process(pid: int, sig: int) -> Unsupported:

@@ -98,6 +98,7 @@ class Stat:
     env_start: int
     env_end: int
     exit_code: int  # a zombie's wait status
+    exit_signal: int = 17  # sent to the parent when it exits (clone's exit signal)
 
 
 def parse_stat(text: str) -> Stat:
@@ -114,6 +115,7 @@ def parse_stat(text: str) -> Stat:
         num_threads=field(20), start_code=field(26), end_code=field(27), start_stack=field(28),
         start_data=field(45), end_data=field(46), start_brk=field(47), arg_start=field(48),
         arg_end=field(49), env_start=field(50), env_end=field(51), exit_code=field(52),
+        exit_signal=field(38),
     )
 
 

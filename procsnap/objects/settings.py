@@ -1,6 +1,8 @@
 """Per-process and per-thread settings: scheduling, affinity, I/O priority,
 timer slack, the prctl flags, oom_score_adj, coredump_filter, membarrier
-registrations and the private futex hash.
+registrations, the private futex hash and the leader's NUMA memory policy
+(other threads' policies are not read: each would need an injection of
+its own).
 
     dump                                    restore (before any task runs)
     ----                                    -------
@@ -106,6 +108,8 @@ class Settings:
     membarrier: int = 0  # registration bits
     futex_slots: int = 0
     futex_immutable: int = 0
+    mempolicy: int = 0  # the leader's NUMA policy: MPOL_* | MPOL_F_* (0: MPOL_DEFAULT)
+    mempolicy_nodes: bytes = b""  # its nodemask, MEMPOLICY_MAXNODE bits
 
 
 # name -> (get option, get args, set option, how the value is passed to set)
@@ -120,6 +124,17 @@ PRCTL_SETTINGS = {
     "spec_store_bypass": (Pr.PR_GET_SPECULATION_CTRL, (0,), Pr.PR_SET_SPECULATION_CTRL),
     "spec_indirect_branch": (Pr.PR_GET_SPECULATION_CTRL, (1,), Pr.PR_SET_SPECULATION_CTRL),
 }
+
+
+MEMPOLICY_MAXNODE = 1024  # bits of the nodemask passed to get/set_mempolicy
+
+
+def _get_mempolicy(target: Target) -> tuple[int, bytes]:
+    size = MEMPOLICY_MAXNODE // 8
+    target.write_scratch(bytes(8 + size))
+    target.call(NR.get_mempolicy, target.scratch, target.scratch + 8, MEMPOLICY_MAXNODE, 0, 0)
+    data = target.read_scratch(8 + size)
+    return struct.unpack_from("<i", data)[0], data[8:]
 
 
 def _failed(ret: int) -> bool:
@@ -179,7 +194,9 @@ def collect_settings_seized(target: Target, tids: list[int]) -> Settings:
     registrations = target.call(NR.membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, check=False)
     slots = target.call(NR.prctl, Pr.PR_FUTEX_HASH, PR_FUTEX_HASH_GET_SLOTS, check=False)
     immutable = target.call(NR.prctl, Pr.PR_FUTEX_HASH, PR_FUTEX_HASH_GET_IMMUTABLE, check=False)
+    policy, nodes = _get_mempolicy(target)
     return Settings(
+        mempolicy=policy, mempolicy_nodes=nodes.rstrip(b"\0") if policy else b"",
         threads=[collect_thread(pid, tid) for tid in tids], prctl=values,
         oom_score_adj=_read_int(f"/proc/{pid}/oom_score_adj"),
         coredump_filter=_read_int(f"/proc/{pid}/coredump_filter", 16),
@@ -235,6 +252,10 @@ def restore_settings_seized(target: Target, s: Settings) -> None:
         now = target.call(NR.prctl, Pr.PR_FUTEX_HASH, PR_FUTEX_HASH_GET_SLOTS, check=False)
         if now != s.futex_slots or s.futex_immutable:
             target.call(NR.prctl, Pr.PR_FUTEX_HASH, PR_FUTEX_HASH_SET_SLOTS, s.futex_slots, s.futex_immutable)
+    if s.mempolicy:
+        size = MEMPOLICY_MAXNODE // 8
+        target.write_scratch(s.mempolicy_nodes[:size].ljust(size, b"\0"))
+        target.call(NR.set_mempolicy, s.mempolicy, target.scratch, MEMPOLICY_MAXNODE)
     if _read_int(f"/proc/{pid}/oom_score_adj") != s.oom_score_adj:
         _write(f"/proc/{pid}/oom_score_adj", str(s.oom_score_adj), f"pid {pid}: oom_score_adj")
     _write(f"/proc/{pid}/coredump_filter", f"{s.coredump_filter:#x}", f"pid {pid}: coredump_filter")

@@ -57,6 +57,8 @@ class NR(enum.IntEnum):
     gettid = 186
     set_tid_address = 218
     restart_syscall = 219
+    set_mempolicy = 238
+    get_mempolicy = 239
     clock_nanosleep = 230
     openat = 257
     set_robust_list = 273
