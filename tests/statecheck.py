@@ -25,6 +25,7 @@ import struct
 
 from procsnap.kernel import infect, proc, ptrace
 from procsnap.kernel.arch.x86_64 import NR
+from procsnap.objects.settings import sched_attr  # struct sched_attr, declared once
 
 # --------------------------------------------------------------------------
 # What legitimately differs, and why
@@ -122,16 +123,6 @@ def _stat(path: str, root: bool) -> dict[str, str]:
             value = f"{int(value) & ~IGNORED_PF:#x}"
         out[f"stat.{name}"] = value
     return out
-
-
-class sched_attr(ctypes.Structure):
-    """struct sched_attr (include/uapi/linux/sched/types.h), SCHED_ATTR_SIZE_VER1."""
-
-    _fields_ = [("size", ctypes.c_uint32), ("sched_policy", ctypes.c_uint32),
-                ("sched_flags", ctypes.c_uint64), ("sched_nice", ctypes.c_int32),
-                ("sched_priority", ctypes.c_uint32), ("sched_runtime", ctypes.c_uint64),
-                ("sched_deadline", ctypes.c_uint64), ("sched_period", ctypes.c_uint64),
-                ("sched_util_min", ctypes.c_uint32), ("sched_util_max", ctypes.c_uint32)]
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
