@@ -104,6 +104,7 @@ CASES = [
     Case("locks", dir_arg=True),
     Case("creds", restore_options=(("allow_other_owner", True),)),  # an image of uid 1000
     Case("memfd"),
+    Case("memfd", "wipe"),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 

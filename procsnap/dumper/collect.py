@@ -75,6 +75,8 @@ def classify_vma(pid: int, m: MapsEntry, files: FileTable, kinds: list[Collect])
         if ch != "-":
             prot |= bit
     flags = model.MapFlag.MAP_SHARED if m.shared else model.MapFlag.MAP_PRIVATE
+    if "dp" in m.vmflags:  # pages the kernel may drop under memory pressure (it implies wf, dd, nr)
+        flags = model.MapFlag.MAP_DROPPABLE
     if "gd" in m.vmflags:
         flags |= model.MapFlag.MAP_GROWSDOWN
     if m.path == "[vsyscall]":
