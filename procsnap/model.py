@@ -47,6 +47,7 @@ class MapFlag(enum.IntFlag):
 
     MAP_SHARED = 0x01
     MAP_PRIVATE = 0x02
+    MAP_DROPPABLE = 0x08  # a mapping type of its own (6.11), instead of MAP_PRIVATE; smaps "dp"
     MAP_FIXED = 0x10
     MAP_ANONYMOUS = 0x20
     MAP_GROWSDOWN = 0x100

@@ -103,6 +103,8 @@ CASES = [
     Case("ipc", "fifo", dir_arg=True),
     Case("locks", dir_arg=True),
     Case("creds", restore_options=(("allow_other_owner", True),)),  # an image of uid 1000
+    Case("memfd"),
+    Case("memfd", "wipe"),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 

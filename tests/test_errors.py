@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import procsnap
-from conftest import (CASES_BY_ID, REPO, assert_cli_error, assert_pass, assert_untouched, cli,
+from conftest import (CASES_BY_ID, REPO, Case, assert_cli_error, assert_pass, assert_untouched, cli,
                       dump_kill, image_hashes, our_children, proc_status, rewrite_records,
                       wait_pid_gone, wait_until)
 from procsnap.errors import (AccessDenied, ImageCorrupt, ImageWriteError, ProcessGone,
@@ -198,6 +198,29 @@ def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_
                 pass
         for pid in extra:
             wait_pid_gone(pid)
+
+
+# memfd target modes that a dump refuses, and what the refusal must name
+REFUSED_MEMORY = {
+    "secret": ("memfd_secret", "/secretmem (deleted)", "fd "),
+    "secret-mapped": ("memfd_secret", "/secretmem (deleted)", "VMA "),
+    "future-mixed": ("memfd /memfd:ps-future", "F_SEAL_FUTURE_WRITE", "may write", "may not"),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(REFUSED_MEMORY))
+def test_unsupported_memory(mode, procs, tmp_path, proc_snapshot, assert_same_snapshot):
+    """A memfd_secret (unreadable from outside) and a memfd sealed
+    F_SEAL_FUTURE_WRITE with mappings made both before and after the seal
+    (the kernel cannot make both again) are refused by name; the target runs on."""
+    t = procs.start_case(Case("memfd", mode), "pie")
+    images = tmp_path / "img"
+    names = REFUSED_MEMORY[mode] + ((f"pid {t.pid}",) if mode.startswith("secret") else ())
+    before = proc_snapshot(t.pid)
+    dump_refused(t.pid, images, Unsupported, *names)
+    assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
+    assert_cli_error(cli("dump", "-t", t.pid, "-D", images), *names)
+    assert_pass(t)
 
 
 @pytest.fixture

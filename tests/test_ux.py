@@ -4,6 +4,7 @@ as English, a process in a group or session led from outside the tree is
 refused by name, restore reports the phase that takes the time, and
 DumpStats prints short."""
 
+import fcntl
 import os
 import re
 import signal
@@ -61,10 +62,16 @@ def test_show_quiet_on_a_closed_pipe(procs, tmp_path):
     t = procs.start_case(SLEEPER, "pie")
     images = tmp_path / "img"
     procsnap.dump(t.pid, str(images), leave_running=True)
+    # A one-page pipe: show's output (~20 KiB) cannot all fit before head
+    # exits, so show always meets the closed pipe (in a 64 KiB one it may
+    # finish first and rightly exit 0).
+    r, w = os.pipe()
+    fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
     show = subprocess.Popen([sys.executable, "-m", "procsnap", "show", str(images)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    head = subprocess.run(["head", "-c", "1"], stdin=show.stdout, capture_output=True)
-    show.stdout.close()            # the only reader is gone now
+                            stdout=w, stderr=subprocess.PIPE)
+    os.close(w)
+    head = subprocess.run(["head", "-c", "1"], stdin=r, capture_output=True)
+    os.close(r)                    # the only reader is gone now
     err = show.stderr.read().decode()
     show.wait(timeout=60)
     assert head.stdout == b"{"

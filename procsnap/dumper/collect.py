@@ -29,6 +29,7 @@ from ..objects.namespaces import check_namespaces
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
 from ..objects.file import FileTable
 from ..objects.protocol import Collect, OpenFd, same_file
+from ..objects.shm import SECRETMEM
 from .tree import same_description
 
 log = logging.getLogger("procsnap.dumper")
@@ -84,12 +85,17 @@ def classify_vma(pid: int, m: MapsEntry, files: FileTable, kinds: list[Collect])
         if ch != "-":
             prot |= bit
     flags = model.MapFlag.MAP_SHARED if m.shared else model.MapFlag.MAP_PRIVATE
+    if "dp" in m.vmflags:  # pages the kernel may drop under memory pressure (it implies wf, dd, nr)
+        flags = model.MapFlag.MAP_DROPPABLE
     if "gd" in m.vmflags:
         flags |= model.MapFlag.MAP_GROWSDOWN
     if m.path == "[vsyscall]":
         return None
     if m.path in model.SPECIAL_NAMES:
         return model.Vma(m.start, m.end, model.SPECIAL_NAMES[m.path], prot, flags, 0, -1, m.path)
+    if m.path == SECRETMEM:
+        raise Unsupported(f"{where} is a memfd_secret area ({m.path}); not supported: its pages cannot be read "
+                          "from outside the process", pid)
     for vf, what in (("ht", "hugetlb"), ("io", "an I/O mapping"), ("pf", "a PFN mapping"),
                      ("ss", "a shadow stack"), ("lo", "mlock()ed")):
         if vf in m.vmflags:

@@ -83,7 +83,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             filled = Progress(progress, "fill memory", sum(_fill_bytes(image.checkpoint) for _, image in live))
             tree_pids = {p.pid for p, _ in live}
             rebuild_all(live, lambda p, image: rebuild(children[p.pid], image, sources[p.dir], filled.add,
-                                                        sources, tree_pids))
+                                                        sources, tree_pids), shared.ready)
         except BaseException:
             kill_children(children, pid)
             raise
@@ -118,14 +118,16 @@ def _fill_bytes(ckpt) -> int:
 REBUILDERS = 2  # threads rebuilding processes at once: each waits on its tracees most of the time
 
 
-def rebuild_all(live: list, rebuild_one) -> None:
+def rebuild_all(live: list, rebuild_one, ready=lambda: None) -> None:
     """Rebuild every process, REBUILDERS at a time, then give every one its
-    registers, and release them all only once all are ready. A process is
+    registers, and release them all only once all are ready (and ready()
+    has run, in one of the threads: the kinds' last word on what the tree
+    shares, such as seals added after every mapping). A process is
     rebuilt, loaded and released by one thread: ptrace requests must come
     from the thread that seized the tracee (which is also the one whose exit
     kills it, PTRACE_O_EXITKILL, if the restore fails)."""
     shares = [live[i::REBUILDERS] for i in range(REBUILDERS)] if len(live) > 1 else [live]
-    barrier = threading.Barrier(len(shares))
+    barrier = threading.Barrier(len(shares), action=ready)  # an error in ready() is raised in its thread
     failed = threading.Event()
 
     def work(share) -> None:

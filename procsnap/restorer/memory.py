@@ -99,6 +99,7 @@ def _fmt(areas) -> str:
 
 PROT_RW = model.Prot.PROT_READ | model.Prot.PROT_WRITE
 MAP_FIXED_NOREPLACE = model.MapFlag.MAP_FIXED_NOREPLACE
+MAP_TYPES = model.MapFlag.MAP_SHARED | model.MapFlag.MAP_PRIVATE | model.MapFlag.MAP_DROPPABLE
 SHARED_KINDS = (model.VmaKind.FILE_SHARED, model.VmaKind.SHARED_ANON, model.VmaKind.SHARED_MEM)
 FILL_THREADS = 2
 FILL_BATCH = 16 << 20
@@ -206,8 +207,11 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
         own_anon_vma = apart or (i + 1 < len(starts) and _kept_apart(v, starts[i + 1]))
         prot = v.prot | PROT_RW if vruns or own_anon_vma else v.prot
         at = free_gap(busy, v.size) if apart else v.start
-        flags = (v.flags & ~(model.MapFlag.MAP_SHARED | model.MapFlag.MAP_PRIVATE)) | MAP_FIXED_NOREPLACE
-        flags |= model.MapFlag.MAP_SHARED if v.kind in SHARED_KINDS else model.MapFlag.MAP_PRIVATE
+        flags = (v.flags & ~MAP_TYPES) | MAP_FIXED_NOREPLACE
+        if v.kind in SHARED_KINDS:
+            flags |= model.MapFlag.MAP_SHARED
+        else:
+            flags |= v.flags & model.MapFlag.MAP_DROPPABLE or model.MapFlag.MAP_PRIVATE
         fd = map_fds[map_key(v.file_id, map_access(v))] \
             if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) else -1
         if v.kind == model.VmaKind.SHARED_MEM:
@@ -220,8 +224,9 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
             else:
                 target.call(NR.mmap, at, v.size, int(prot), int(flags), fd, v.offset)
         except OSError as err:
+            needs = " (MAP_DROPPABLE needs Linux 6.11)" if flags & model.MapFlag.MAP_DROPPABLE else ""
             raise RestoreError(f"pid {target.pid}: mmap of VMA {v.start:#x}-{v.end:#x} ({v.name or v.kind.value}): "
-                               f"{err.strerror}", target.pid) from err
+                               f"{err.strerror}{needs}", target.pid) from err
         for bit, (_, advice) in model.ADVICE_TABLE.items():
             if v.advice & bit:
                 target.call(NR.madvise, at, v.size, advice)
