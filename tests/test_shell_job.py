@@ -119,7 +119,7 @@ def count_with_digit(n, digit="7"):
 def test_shell_pipeline_on_a_terminal(tmp_path):
     """`seq | grep 7 | wc -l` started from a terminal, dumped mid-flight with
     --shell-job, restored on another terminal: the same count appears there."""
-    n = 2_000_000
+    n = 10_000_000  # seconds of work: still running when the restored processes are looked at, also under load
     master, slave = os.openpty()
     p = subprocess.Popen(["bash", "-c", f"echo READY; seq {n} | grep 7 | wc -l; echo DONE"],
                          stdin=slave, stdout=slave, stderr=slave, start_new_session=True, close_fds=True)
