@@ -21,7 +21,8 @@ has. The pipelines call the kinds in their registered order
     collect_vma  a shared mapping  collect_tree          prepare_vmas
     collect_fd   an fd, or None    write_tree            open_fd
     check_fds    all fds found                           end_process
-    collect_seized  with the task's help                 finish
+    collect_seized  with the task's help                 end_prepare
+                                                         finish
     write_process   its own data
 """
 
@@ -147,6 +148,9 @@ class Prepare:
 
     def end_process(self) -> None:
         """Every fd of a process is open (or one failed)."""
+
+    def end_prepare(self) -> None:
+        """Every fd of every process of the tree is open; none runs yet."""
 
     def finish(self, ok: bool) -> None:
         """The restore of the tree is over; ok: it succeeded."""
