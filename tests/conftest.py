@@ -102,6 +102,8 @@ CASES = [
     Case("ipc", "sockets"),
     Case("ipc", "fifo", dir_arg=True),
     Case("locks", dir_arg=True),
+    Case("ghosts", dir_arg=True),
+    Case("ghosts", "shared", dir_arg=True),
     Case("creds", restore_options=(("allow_other_owner", True),)),  # an image of uid 1000
     Case("memfd"),
     Case("memfd", "wipe"),

@@ -68,6 +68,16 @@ IGNORED_FDINFO = {
     "eventfd-id": "a per-boot counter naming the eventfd context",
     "it_value": "a timer's time left runs on; its interval and clock are compared",
 }
+# The inode behind an fd of a file unlinked while open (made again by the
+# restore: nothing else holds its state) is compared by its stat, except:
+IGNORED_FDSTAT = {
+    "st_ino": "a file made again has a new inode",
+    "st_dev": "compared through the fd's link and mount",
+    "st_ctime": "set by the kernel to the time the inode changed: the restore's own writes",
+    "st_blocks": "allocation is the filesystem's; holes are checked by the targets (SEEK_HOLE)",
+}
+FDSTAT_FIELDS = ("st_mode", "st_uid", "st_gid", "st_size", "st_nlink", "st_rdev", "st_atime_ns", "st_mtime_ns")
+DELETED = " (deleted)"
 # fdinfo lines whose value holds "dev:ino" of the object they watch or lock
 INODE_FIELD = re.compile(r"\b[0-9a-f]{2,}:[0-9a-f]{2,}:\d+\b")
 INO_WORD = re.compile(r"\bino:\s*[0-9a-f]+")
@@ -165,6 +175,8 @@ def _fdinfo(pid: int) -> dict[str, str]:
             target = _readlink(f"/proc/{pid}/fd/{name}")
         except FileNotFoundError:
             continue
+        if target.endswith(DELETED) and not target.startswith("/memfd:"):  # a memfd's times are its own
+            out[f"fdstat.{name}"] = _fd_stat(f"/proc/{pid}/fd/{name}")
         locks = []
         for line in text.splitlines():
             key, _, value = line.partition(":")
@@ -189,6 +201,15 @@ def _fdinfo(pid: int) -> dict[str, str]:
         if locks:
             out[f"fdinfo.{name}.lock"] = " | ".join(sorted(locks))
     return out
+
+
+def _fd_stat(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        return f"<{os.strerror(err.errno)}>"
+    return " ".join(f"{field}={getattr(st, field):o}" if field == "st_mode" else f"{field}={getattr(st, field)}"
+                    for field in FDSTAT_FIELDS)
 
 
 def _lock_line(text: str) -> str:

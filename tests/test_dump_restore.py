@@ -252,3 +252,18 @@ def test_huge_reservation_costs_no_memory(procs, tmp_path):
     assert image_size(images) < 64 * MIB
     restore(procs, t, images)
     assert_pass(t)
+
+
+@pytest.mark.cases("ghosts")
+@pytest.mark.variants("static")
+def test_sparse_unlinked_file_costs_its_data(procs, case, variant, tmp_path):
+    """A 2 GiB unlinked file with 1 MiB of data in three extents: the image
+    holds the data, not the holes (the target checks that the holes are
+    holes again, SEEK_DATA/SEEK_HOLE)."""
+    t = procs.start_case(case, variant)
+    images = dump_kill(t, tmp_path / "img")
+    ghosts = (images / "ghosts.img").stat().st_size
+    assert ghosts == 1 * MIB, f"ghosts.img holds {ghosts} bytes for 1 MiB of data"
+    assert image_size(images) < 4 * MIB
+    restore(procs, t, images)
+    assert_pass(t)

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import textwrap
@@ -129,7 +130,7 @@ def test_traced_by_another(procs, tmp_path, proc_snapshot, assert_same_snapshot)
     assert_pass(t)
 
 
-@pytest.mark.parametrize("kind", ["pipe", "socket", "listening", "itimer"])
+@pytest.mark.parametrize("kind", ["pipe", "socket", "listening", "itimer", "device-node"])
 def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_snapshot):
     images = tmp_path / "img"
     extra = []          # (pid, ) of grandchildren to kill first
@@ -168,6 +169,16 @@ def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_
             finally:
                 os.close(fd)
             names = (f"pid {t.pid}", f"fd {fd}", "named FIFO")
+        elif kind == "device-node":  # unlinked, of a device with state (/dev/kmsg's)
+            node = tmp_path / "kmsg"
+            os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(1, 11))
+            fd = os.open(node, os.O_WRONLY)
+            node.unlink()
+            try:
+                t = procs.start_case(SLEEPER, "pie", pass_fds=(fd,))
+            finally:
+                os.close(fd)
+            names = (f"pid {t.pid}", f"fd {fd}", str(node), "unlinked character device node", "1:11")
         elif kind == "itimer":
             code = ("import os, signal, time\n"
                     "signal.signal(signal.SIGALRM, lambda *a: None)\n"
@@ -184,7 +195,7 @@ def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_
         assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
         for pid in extra:
             assert proc_status(pid)["TracerPid"] == "0"
-        if kind in ("pipe", "socket", "listening"):
+        if kind in ("pipe", "socket", "listening", "device-node"):
             assert_pass(t)
     finally:
         if peer is not None:

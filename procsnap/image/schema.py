@@ -37,7 +37,7 @@ from ..objects import creds, file, ghost, locks, pipe, settings, shm, unix
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
 MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
-# SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE
+# SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 

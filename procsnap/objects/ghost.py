@@ -1,59 +1,149 @@
-"""Ghost files: regular files unlinked while open. Their contents go into
-the process's ghosts.img; restore creates the file again at its old path
-(or beside it, if that is taken), opens it and unlinks it again."""
+"""Unlinked files: files whose name was removed while they were open.
+
+    what at dump                   stored                    made again (beside the old path if taken)
+    regular file, no link left     its data extents (holes   created, truncated to its size, extents
+                                   stay holes), attrs        written, owner/mode/times set
+    device node, no link left      rdev, attrs               mknod (only the stateless devices of
+                                                             device.DEVICES; others are refused)
+    regular file, linked elsewhere that other link (found   linked again from that link: the same inode
+                                   by searching), its inode
+
+Each is stored once for the whole tree, in the root's image, however many
+processes and descriptions hold it (two processes that opened it apart
+share it again). Restore makes the file and opens every description of it
+by its name, which is removed once every process's fds are open, before
+any runs (end_prepare): each shows as "PATH (deleted)" as at dump. (Not
+through /proc/self/fd/N: a description opened with O_NOFOLLOW, as
+mkstemp's are, cannot be opened again through a link.) An unlinked FIFO
+is a pipe's (objects/pipe.py).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import stat
 
 from .. import model
-from ..errors import RestoreError
+from ..errors import RestoreError, Unsupported
 from . import protocol
-from .protocol import OpenFd, Restoring
+from .device import DEVICES
+from .protocol import FileAttrs, OpenFd, Restoring
 
 DELETED = " (deleted)"
+O_NOATIME = 0o1000000
+SEARCH_BUDGET = 200_000  # directory entries looked at for another link of a file, at most
 
 
 @dataclasses.dataclass
 class Ghost:
-    """Contents of a file unlinked while open, at `offset` in ghosts.img."""
+    """A file unlinked while open. Images before this one (1.2 without
+    `extents`) hold a regular file's whole contents at `offset`, `size`."""
 
     id: int
     path: str
-    mode: int
+    mode: int  # st_mode, with the file type
     size: int
     offset: int
     xxh3: int  # XXH3-64 of the contents
+    attrs: FileAttrs | None = None  # 1.2: owner, mode, times
+    # 1.2: [offset in the file, length, offset in ghosts.img, XXH3-64] per data extent; None: see above
+    extents: list[list[int]] | None = None
+    rdev: int = 0  # 1.2: a device node's device number
+    link: str = ""  # 1.2: another link of the file, by which it is opened again (nothing stored)
+    ino: int = 0  # 1.2: with `link`: the file's inode number, to know it again
 
 
 class Collect(protocol.Collect):
     def __init__(self):
-        # pid -> (Ghost without its data yet, an fd to read it through), and ids by (st_dev, st_ino)
-        self.found: dict[int, list[tuple[Ghost, int]]] = {}
-        self.ids: dict[int, dict[tuple[int, int], int]] = {}
+        self.ghosts: dict[tuple[int, int], Ghost] = {}  # by (st_dev, st_ino), for the whole tree
+        self.sources: dict[int, str] = {}  # Ghost id -> a /proc path to read it through
 
     def collect_fd(self, fd: OpenFd) -> model.FdEntry | None:
         st = fd.st
-        if not (stat.S_ISREG(st.st_mode) and fd.link.endswith(DELETED) and st.st_nlink == 0):
+        if not fd.link.endswith(DELETED) or not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode)
+                                                 or stat.S_ISBLK(st.st_mode)):
             return None
         path = fd.link[: -len(DELETED)]
-        ghosts, ids = self.found.setdefault(fd.pid, []), self.ids.setdefault(fd.pid, {})
-        if (st.st_dev, st.st_ino) not in ids:
-            ids[st.st_dev, st.st_ino] = len(ghosts)
-            ghosts.append((Ghost(len(ghosts), path, st.st_mode, st.st_size, 0, 0), fd.fd))
-        return model.FdEntry(fd.fd, model.FdKind.GHOST, fd.flags, fd.pos, path, ids[st.st_dev, st.st_ino])
+        key = (st.st_dev, st.st_ino)
+        if key not in self.ghosts:
+            ghost = Ghost(len(self.ghosts), path, st.st_mode, st.st_size, 0, 0, FileAttrs.of(st), [])
+            if st.st_nlink:
+                if not stat.S_ISREG(st.st_mode):
+                    raise Unsupported(f"{fd.where}: device node {fd.link} still has another link; not supported",
+                                      fd.pid)
+                ghost.link, ghost.ino, ghost.attrs = _find_link(path, st, fd), st.st_ino, None
+            elif not stat.S_ISREG(st.st_mode):
+                dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+                if not stat.S_ISCHR(st.st_mode) or dev not in DEVICES:
+                    kind = "character" if stat.S_ISCHR(st.st_mode) else "block"
+                    raise Unsupported(f"{fd.where}: {fd.link} is an unlinked {kind} device node ({dev[0]}:{dev[1]}); "
+                                      f"only nodes of {', '.join(DEVICES.values())} are supported", fd.pid)
+                ghost.rdev, ghost.size = st.st_rdev, 0
+            self.ghosts[key] = ghost
+            self.sources[ghost.id] = fd.path
+        return model.FdEntry(fd.fd, model.FdKind.GHOST, fd.flags, fd.pos, path, self.ghosts[key].id)
 
-    def write_process(self, pid: int, writer, ckpt: model.Checkpoint) -> None:
-        """Copy the contents through the task's fd."""
-        found = self.found.get(pid, [])
-        for ghost, fd in found:
-            with open(f"/proc/{pid}/fd/{fd}", "rb") as f:
-                data = f.read()
-            ghost.size = len(data)
-            ghost.offset, ghost.xxh3 = writer.write_ghost(data)
-        ckpt.ghosts = [g for g, _ in found]
+    def write_tree(self, writer, root: model.Checkpoint) -> None:
+        """The data extents of each regular file without a link, read
+        through a task's fd without touching its atime, into the root's image."""
+        for ghost in self.ghosts.values():
+            if stat.S_ISREG(ghost.mode) and not ghost.link:
+                fd = os.open(self.sources[ghost.id], os.O_RDONLY | O_NOATIME | os.O_CLOEXEC)
+                try:
+                    ghost.size = os.fstat(fd).st_size
+                    ghost.extents = protocol.write_extents(fd, ghost.size, writer)
+                finally:
+                    os.close(fd)
+        root.ghosts = sorted(self.ghosts.values(), key=lambda g: g.id)
+
+
+def _find_link(path: str, st: os.stat_result, fd: OpenFd) -> str:
+    """A name of the file (st) other than the removed `path`: searched in
+    the directory it was in, then in each enclosing directory in turn up to
+    the top of its filesystem, at most SEARCH_BUDGET entries in all."""
+    budget = [SEARCH_BUDGET]
+    done = None
+    here = os.path.dirname(path)
+    while True:
+        try:
+            if os.stat(here).st_dev != st.st_dev:
+                break
+        except OSError:
+            here = os.path.dirname(here)  # removed too: search from its parent
+            continue
+        found = _search(here, st, done, budget)
+        if found:
+            return found
+        if here == "/" or budget[0] <= 0:
+            break
+        done, here = here, os.path.dirname(here)
+    raise Unsupported(f"{fd.where}: {fd.link} still has {st.st_nlink} other link(s), none found in "
+                      f"{SEARCH_BUDGET} entries around it; not supported", fd.pid)
+
+
+def _search(top: str, st: os.stat_result, skip: str | None, budget: list[int]) -> str | None:
+    """A path under `top` (not under `skip`, searched already) of the inode
+    of `st`, on its filesystem."""
+    dirs = [top]
+    while dirs and budget[0] > 0:
+        where = dirs.pop()
+        try:
+            entries = list(os.scandir(where))
+        except OSError:
+            continue
+        budget[0] -= len(entries)
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    if entry.path != skip and entry.stat(follow_symlinks=False).st_dev == st.st_dev:
+                        dirs.append(entry.path)
+                elif entry.inode() == st.st_ino and protocol.same_file(st, os.stat(entry.path, follow_symlinks=False)):
+                    return entry.path
+            except OSError:
+                continue
+    return None
 
 
 class Prepare(protocol.Prepare):
@@ -62,50 +152,112 @@ class Prepare(protocol.Prepare):
 
     def __init__(self, root, tree_fds):
         super().__init__(root, tree_fds)
-        self.paths: dict[int, str] = {}  # Ghost id -> where it is, until the process's fds are open
+        self.made: dict[tuple[str, int], str] = {}  # (image directory, Ghost id) -> its name until end_prepare
 
     def open_fd(self, entry: model.FdEntry, proc: Restoring) -> int:
-        if entry.file_id not in self.paths:
-            ghost = next(g for g in proc.image.checkpoint.ghosts if g.id == entry.file_id)  # there: check_image
-            self.paths[entry.file_id] = _recreate(proc.image, ghost)
-        return protocol.open_path(self.paths[entry.file_id], protocol.open_flags(entry), f"fd {entry.fd}")
+        # an image before 1.2 holds each process's own ghosts; a newer one the tree's, in the root's
+        image = proc.image if proc.image.checkpoint.ghosts else self.root
+        key = (image.directory, entry.file_id)
+        if key not in self.made:
+            ghost = next(g for g in image.checkpoint.ghosts if g.id == entry.file_id)  # there: check_tree
+            self.made[key] = _recreate(image, ghost)
+        return protocol.open_path(self.made[key], protocol.open_flags(entry), f"fd {entry.fd}")
 
-    def end_process(self) -> None:
-        """Unlinked again as soon as they are open: as at dump."""
-        for path in self.paths.values():
-            try:
+    def end_prepare(self) -> None:
+        """Unlinked again, as at dump."""
+        for path in self.made.values():
+            with contextlib.suppress(OSError):
                 os.unlink(path)
-            except OSError:
-                pass
-        self.paths.clear()
+        self.made.clear()
+
+    def finish(self, ok: bool) -> None:
+        self.end_prepare()
 
 
 def _recreate(image, ghost: Ghost) -> str:
-    """The file, back at its old path (or beside it if that is taken)."""
-    data = image.read_ghost(ghost)
-    path = protocol.create_beside(ghost.path, ghost.mode, f"ghost file {ghost.path}")
+    """The file made again beside its old path; returns its name."""
+    what = f"unlinked file {ghost.path}"
+    if ghost.link:
+        _check_link(ghost, what)
+        return protocol.make_beside(ghost.path, lambda name: os.link(ghost.link, name), what)
+    if stat.S_ISREG(ghost.mode):
+        make = protocol.new_file(0o600 if ghost.attrs else ghost.mode)
+    else:
+        def make(name: str) -> None:
+            os.mknod(name, stat.S_IFCHR | 0o600, ghost.rdev)
+    path = protocol.make_beside(ghost.path, make, what)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+        if stat.S_ISREG(ghost.mode):
+            _fill(path, image, ghost)
+        if ghost.attrs is not None:
+            ghost.attrs.apply(path)
     except OSError as err:
         os.unlink(path)
-        raise RestoreError(f"ghost file {ghost.path}: cannot write: {err.strerror}") from err
+        raise RestoreError(f"{what}: cannot make it again at {path}: {err.strerror}") from err
     return path
 
 
+def _fill(path: str, image, ghost: Ghost) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        if ghost.extents is None:
+            data = memoryview(image.read_ghost(ghost))
+            while data:
+                data = data[os.write(fd, data):]
+        else:
+            os.ftruncate(fd, ghost.size)
+            protocol.fill_extents(fd, ghost.extents, image)
+    finally:
+        os.close(fd)
+
+
+def _check_link(ghost: Ghost, what: str) -> None:
+    problem = _link_problem(ghost)
+    if problem:
+        raise RestoreError(f"{what}: {problem}")
+
+
+def _link_problem(ghost: Ghost) -> str | None:
+    try:
+        st = os.stat(ghost.link, follow_symlinks=False)
+    except OSError as err:
+        return f"its other link {ghost.link}: {err.strerror}"
+    if not stat.S_ISREG(st.st_mode) or st.st_ino != ghost.ino:
+        return f"its other link {ghost.link} names another file now (inode {st.st_ino}, expected {ghost.ino})"
+    return None
+
+
 def check_image(ckpt: model.Checkpoint, image) -> list[str]:
-    ids = {g.id for g in ckpt.ghosts}
-    p = [f"fd {fd.fd}: refers to unknown ghost {fd.file_id}" for fd in ckpt.fds
-         if fd.kind == model.FdKind.GHOST and fd.file_id not in ids]
-    p += [f"ghost {g.id}: outside ghosts.img" for g in ckpt.ghosts
-          if g.size < 0 or g.offset < 0 or g.offset + g.size > image.ghosts_size]
+    p = []
+    for g in ckpt.ghosts:
+        if protocol.bad_path(g.path) or (g.link and protocol.bad_path(g.link)):
+            p.append(f"ghost {g.id}: path {g.path!r} or link {g.link!r} is not a plain absolute path")
+        if not (stat.S_ISREG(g.mode) or (stat.S_ISCHR(g.mode) and g.rdev >= 0)):
+            p.append(f"ghost {g.id}: mode {g.mode:#o} is neither a regular file nor a character device")
+        if g.extents is None:
+            if g.size < 0 or g.offset < 0 or g.offset + g.size > image.ghosts_size:
+                p.append(f"ghost {g.id}: outside ghosts.img")
+        elif not 0 <= g.size < 1 << 62 or protocol.bad_extents(g.extents, g.size, image):
+            p.append(f"ghost {g.id}: size {g.size}, or an extent outside the file or ghosts.img")
     return p
 
 
+def check_tree(ckpt: model.Checkpoint, root: model.Checkpoint) -> list[str]:
+    ids = {g.id for g in (ckpt.ghosts or root.ghosts)}
+    return [f"fd {fd.fd}: refers to unknown ghost {fd.file_id}" for fd in ckpt.fds
+            if fd.kind == model.FdKind.GHOST and fd.file_id not in ids]
+
+
+def verify(root: model.Checkpoint) -> list[str]:
+    return [f"unlinked file {g.path}: {problem}" for g in root.ghosts if g.link
+            for problem in [_link_problem(g)] if problem]
+
+
 def blobs(ckpt: model.Checkpoint) -> list[tuple[str, int, int, int]]:
-    return [(f"ghost {g.id}", g.offset, g.size, g.xxh3) for g in ckpt.ghosts]
+    out = []
+    for g in ckpt.ghosts:
+        if g.extents is None:
+            out.append((f"ghost {g.id}", g.offset, g.size, g.xxh3))
+        else:
+            out += [(f"ghost {g.id} extent at {pos}", blob, length, xxh3) for pos, length, blob, xxh3 in g.extents]
+    return out

@@ -5,7 +5,9 @@ dump     every end an fd of the tree holds names its pipe by (device,
          tee() (which does not consume them), and a pipe that a process
          outside the tree also holds is refused.
 restore  the pipe made once in the restorer (a FIFO opened again at its
-         path), refilled, and its ends handed to every process that had one.
+         path; one unlinked while open made again beside its old path, with
+         its owner, mode and times, and unlinked again), refilled, and its
+         ends handed to every process that had one.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from .. import model
 from ..errors import RestoreError, Unsupported
 from ..kernel.libc import libc, oserror
 from . import protocol
-from .protocol import OpenFd, Restoring
+from .protocol import FileAttrs, OpenFd, Restoring
 
 SPLICE_F_NONBLOCK = 2
 O_LARGEFILE = 0o100000
+DELETED = " (deleted)"
 
 
 @dataclasses.dataclass
@@ -34,6 +37,7 @@ class Pipe:
     capacity: int  # F_GETPIPE_SZ
     data: bytes
     path: str = ""  # a named FIFO's path; "" for a pipe()
+    attrs: FileAttrs | None = None  # 1.2: a FIFO unlinked while open: its owner, mode, times
 
 
 class Collect(protocol.Collect):
@@ -45,11 +49,14 @@ class Collect(protocol.Collect):
         if not stat.S_ISFIFO(fd.st.st_mode):
             return None
         path = "" if fd.link.startswith("pipe:[") else fd.link
-        if path and not protocol.same_file(fd.st, _stat_or_none(path)):
+        unlinked = path.endswith(DELETED) and fd.st.st_nlink == 0
+        if unlinked:
+            path = path[: -len(DELETED)]
+        elif path and not protocol.same_file(fd.st, _stat_or_none(path)):
             raise Unsupported(f"{fd.where}: named FIFO {path} was removed or replaced", fd.pid)
         key = (fd.st.st_dev, fd.st.st_ino)
         if key not in self.pipes:
-            self.pipes[key] = Pipe(len(self.pipes), 0, b"", path)
+            self.pipes[key] = Pipe(len(self.pipes), 0, b"", path, FileAttrs.of(fd.st) if unlinked else None)
             self.ends[self.pipes[key].id] = (fd.pid, fd.fd)
         return model.FdEntry(fd.fd, model.FdKind.PIPE, fd.flags, 0, path, self.pipes[key].id)
 
@@ -148,7 +155,9 @@ class Prepare(protocol.Prepare):
         if not fresh:
             self.ends_used.add((pipe_id, write))
         if (pipe_id, write) not in self.ends:
-            if pipe.path:  # held open for reading and writing while the restore lasts
+            if pipe.attrs is not None:
+                r = w = self.own(_make_unlinked(pipe))
+            elif pipe.path:  # held open for reading and writing while the restore lasts
                 try:  # (never opened if it is not a FIFO: opening a device can act)
                     if not stat.S_ISFIFO(os.stat(pipe.path).st_mode):
                         raise RestoreError(f"named FIFO {pipe.path}: is not a FIFO any more")
@@ -169,12 +178,20 @@ class Prepare(protocol.Prepare):
             except OSError as err:
                 raise RestoreError(f"pipe {pipe_id}: cannot refill it with its {len(pipe.data)} bytes "
                                    f"(capacity {pipe.capacity}): {err.strerror}") from err
+            if pipe.attrs is not None:
+                pipe.attrs.apply_times(r)  # the refill moved them
             self.ends[pipe_id, False], self.ends[pipe_id, True] = r, w
         fd = self.ends[pipe_id, write]
         if fresh:  # through our own fd, never the path again: it is the same FIFO for sure
             fd = self.own(os.open(f"/proc/self/fd/{fd}", (flags & os.O_ACCMODE) | os.O_CLOEXEC | os.O_NONBLOCK))
         fcntl.fcntl(fd, fcntl.F_SETFL, flags & (os.O_NONBLOCK | os.O_APPEND | os.O_DIRECT))
         return fd
+
+
+def _make_unlinked(pipe: Pipe) -> int:
+    """An unlinked FIFO made again, open for reading and writing."""
+    return protocol.open_unlinked(pipe.path, lambda name: os.mkfifo(name, 0o600), pipe.attrs.apply,
+                                  os.O_RDWR | os.O_NONBLOCK, f"unlinked FIFO {pipe.path}")
 
 
 def check_tree(ckpt: model.Checkpoint, root: model.Checkpoint) -> list[str]:
@@ -189,7 +206,7 @@ def check_tree(ckpt: model.Checkpoint, root: model.Checkpoint) -> list[str]:
 def verify(root: model.Checkpoint) -> list[str]:
     problems = []
     for pipe in root.pipes:
-        if pipe.path:
+        if pipe.path and pipe.attrs is None:
             try:
                 if not stat.S_ISFIFO(os.stat(pipe.path).st_mode):
                     problems.append(f"named FIFO {pipe.path}: not a FIFO any more")

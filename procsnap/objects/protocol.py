@@ -21,8 +21,9 @@ has. The pipelines call the kinds in their registered order
     collect_vma  a shared mapping  collect_tree          prepare_vmas
     collect_fd   an fd, or None    write_tree            open_fd
     check_fds    all fds found                           end_process
-    collect_seized  with the task's help                 ready
-    write_process   its own data                         finish
+    collect_seized  with the task's help                 end_prepare
+    write_process   its own data                         ready
+                                                         finish
 """
 
 from __future__ import annotations
@@ -148,6 +149,9 @@ class Prepare:
     def end_process(self) -> None:
         """Every fd of a process is open (or one failed)."""
 
+    def end_prepare(self) -> None:
+        """Every fd of every process of the tree is open; none runs yet."""
+
     def ready(self) -> None:
         """Every process of the tree is rebuilt (its memory mapped); none runs yet."""
 
@@ -223,16 +227,115 @@ def same_file(a: os.stat_result, b: os.stat_result | None) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-def create_beside(path: str, mode: int, what: str) -> str:
-    """Create `path` (or a name beside it, if taken) exclusively; returns it."""
+def make_beside(path: str, make: typing.Callable[[str], None], what: str) -> str:
+    """Make a file at `path` (or at a name beside it, if taken) with
+    `make(name)`, which must fail with FileExistsError on a taken name;
+    returns the name."""
     for n in range(100):
         candidate = path if n == 0 else f"{path}.procsnap-ghost.{n}"
         try:
-            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode & 0o7777)
+            make(candidate)
         except FileExistsError:
             continue
         except OSError as err:
             raise RestoreError(f"{what}: cannot recreate {path}: {err.strerror}") from err
-        os.close(fd)
         return candidate
     raise RestoreError(f"{what}: no free name beside {path}")
+
+
+def new_file(mode: int) -> typing.Callable[[str], None]:
+    """A `make` for make_beside: an empty regular file, created exclusively."""
+    def make(name: str) -> None:
+        os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode & 0o7777))
+    return make
+
+
+def create_beside(path: str, mode: int, what: str) -> str:
+    """Create `path` (or a name beside it, if taken) exclusively; returns it."""
+    return make_beside(path, new_file(mode), what)
+
+
+def open_unlinked(path: str, make: typing.Callable[[str], None], fill: typing.Callable[[str], None],
+                  flags: int, what: str) -> int:
+    """A file made again beside `path` (make_beside), filled by fill(name),
+    opened with `flags` and unlinked again at once: an fd of a file unlinked
+    while open, as /proc shows one ("PATH (deleted)")."""
+    name = make_beside(path, make, what)
+    try:
+        fill(name)
+        return os.open(name, flags | os.O_CLOEXEC)
+    except OSError as err:
+        raise RestoreError(f"{what}: cannot make it again at {name}: {err.strerror}") from err
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(name)
+
+
+@dataclasses.dataclass
+class FileAttrs:
+    """What the inode of a file made again keeps of the original (1.2):
+    owner, permission bits and times. Its ctime and inode number are the
+    kernel's to give, never ours."""
+
+    mode: int  # st_mode & 0o7777
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileAttrs:
+        return cls(st.st_mode & 0o7777, st.st_uid, st.st_gid, st.st_atime_ns, st.st_mtime_ns)
+
+    def apply(self, path: str) -> None:
+        """Owner, then mode (chown clears set-uid and set-gid), then times."""
+        os.chown(path, self.uid, self.gid)
+        os.chmod(path, self.mode)
+        self.apply_times(path)
+
+    def apply_times(self, where: str | int) -> None:
+        """The times alone, again, after writes that moved them (a path or an fd)."""
+        os.utime(where, ns=(self.atime_ns, self.mtime_ns))
+
+
+# Extents of sparse objects: [offset in the object, length, offset in ghosts.img, XXH3-64] each.
+SEEK_DATA, SEEK_HOLE = 3, 4
+EXTENT_CHUNK = 64 << 20
+ENXIO = 6
+
+
+def write_extents(fd: int, size: int, writer: ImageWriter) -> list[list[int]]:
+    """The data extents of the object at `fd` (SEEK_DATA/SEEK_HOLE: holes
+    are not read, nor stored) into ghosts.img."""
+    extents = []
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(fd, off, SEEK_DATA)
+        except OSError as err:
+            if err.errno == ENXIO:  # no data after off
+                break
+            raise
+        end = min(os.lseek(fd, start, SEEK_HOLE), size)
+        for pos in range(start, end, EXTENT_CHUNK):
+            data = os.pread(fd, min(EXTENT_CHUNK, end - pos), pos)
+            blob, xxh3 = writer.write_ghost(data)
+            extents.append([pos, len(data), blob, xxh3])
+        off = end
+    return extents
+
+
+def fill_extents(fd: int, extents: list[list[int]], image: Image) -> None:
+    """Write the extents back into the object at `fd` (already at its size:
+    what lies between them stays a hole)."""
+    for pos, length, blob, xxh3 in extents:
+        data = image.read_blob(blob, length, xxh3)
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(fd, view, pos + len(data) - len(view)):]
+
+
+def bad_extents(extents: list[list[int]], size: int, image: Image) -> bool:
+    """Some extent is not four non-negative ints inside the object and ghosts.img."""
+    return any(len(ext) != 4 or any(not isinstance(x, int) or x < 0 for x in ext)
+               or ext[0] + ext[1] > size or ext[2] + ext[1] > image.ghosts_size for ext in extents)

@@ -52,8 +52,6 @@ from . import protocol
 from .protocol import OpenFd, Restoring
 
 SHM_DEST = 0o1000  # a SysV segment IPC_RMID'd while attached
-SEEK_DATA, SEEK_HOLE = 3, 4
-EXTENT_CHUNK = 64 << 20
 SECRETMEM = "/secretmem (deleted)"  # what maps and fd links show of a memfd_secret
 
 
@@ -188,20 +186,7 @@ class Collect(protocol.Collect):
                     obj.mode = st.st_mode & 0o7777
                 else:
                     obj.mode = (proc.sysv_shm(obj.sysv_id) or {"perms": 0o600})["perms"] & 0o777
-                off = 0
-                while off < obj.size:
-                    try:
-                        start = os.lseek(fd, off, SEEK_DATA)
-                    except OSError as err:
-                        if err.errno == 6:  # ENXIO: no data after off
-                            break
-                        raise
-                    end = min(os.lseek(fd, start, SEEK_HOLE), obj.size)
-                    for pos in range(start, end, EXTENT_CHUNK):
-                        data = os.pread(fd, min(EXTENT_CHUNK, end - pos), pos)
-                        blob, xxh3 = writer.write_ghost(data)
-                        obj.extents.append([pos, len(data), blob, xxh3])
-                    off = end
+                obj.extents = protocol.write_extents(fd, obj.size, writer)
             finally:
                 os.close(fd)
         root.shms = sorted(self.shms.values(), key=lambda m: m.id)
@@ -264,11 +249,7 @@ class Prepare(protocol.Prepare):
                     finally:
                         os.unlink(path)
                     os.ftruncate(fd, obj.size)
-                for pos, length, blob, xxh3 in obj.extents:
-                    data = self.root.read_blob(blob, length, xxh3)
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.pwrite(fd, view, pos + len(data) - len(view)):]
+                protocol.fill_extents(fd, obj.extents, self.root)
                 if obj.path.startswith("/memfd:"):
                     os.fchmod(fd, obj.mode)
                     _add_seals(fd, obj.seals & ~obj.late_seals, what)
@@ -348,11 +329,8 @@ def check_image(ckpt: model.Checkpoint, image) -> list[str]:
             p.append(f"shared memory {m.id}: bad size {m.size} or path {m.path!r}")
         if (m.seals | m.late_seals) & ~Seal(sum(Seal)) or m.late_seals & ~m.seals:
             p.append(f"shared memory {m.id}: bad seals {m.seals.value:#x}, late {m.late_seals.value:#x}")
-        for ext in m.extents:
-            if len(ext) != 4 or any(not isinstance(x, int) or x < 0 for x in ext) \
-                    or ext[0] + ext[1] > m.size or ext[2] + ext[1] > image.ghosts_size:
-                p.append(f"shared memory {m.id}: extent {ext} outside the object or ghosts.img")
-                break
+        if protocol.bad_extents(m.extents, m.size, image):
+            p.append(f"shared memory {m.id}: an extent outside the object or ghosts.img")
     return p + [f"VMA {v.start:#x}-{v.end:#x}: shared memory without an object" for v in ckpt.vmas
                 if v.kind in (model.VmaKind.SHARED_MEM, model.VmaKind.SYSV_SHM) and v.shm < 0]
 

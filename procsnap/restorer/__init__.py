@@ -67,6 +67,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             if proc_entry.ppid:
                 node.parent = nodes[proc_entry.ppid]
                 node.parent.children.append(node)
+        shared.end_prepare()
         with translated(pid, "spawn", RestoreError):
             for image in images.values():
                 for th in image.checkpoint.threads:

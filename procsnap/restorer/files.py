@@ -59,6 +59,10 @@ class SharedFiles:
         self.kinds = objects.preparers(root_image, self.tree_fds)
         self.by_fd_kind = {fd_kind: k for k in self.kinds for fd_kind in k.fd_kinds}
 
+    def end_prepare(self) -> None:
+        for kind in self.kinds:
+            kind.end_prepare()
+
     def ready(self) -> None:
         for kind in self.kinds:
             kind.ready()
