@@ -73,6 +73,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         with translated(pid, "freeze"):
             C.check_supported(pid, st, status)
             tree = stack.enter_context(frozen_tree(pid))
+            T.check_shared_tables([task.pid for task in tree.tasks])
         log.info("pid %d: frozen (%s, %s, %s)", pid, plural(len(tree.tasks), "process"),
                  plural(sum(len(t.tids) for t in tree.tasks), "thread"), plural(len(tree.zombies), "zombie"))
         faults.point("after-freeze")
