@@ -279,6 +279,7 @@ class Task(ThreadState):
     uids: list[int] = dataclasses.field(default_factory=list)  # real, effective, saved, fs
     gids: list[int] = dataclasses.field(default_factory=list)
     pdeathsig: int = 0
+    root: str = "/"  # chroot, as the dumper's root shows it (since format 1.2)
 
 
 @dataclasses.dataclass

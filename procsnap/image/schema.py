@@ -36,7 +36,8 @@ from ..objects import creds, file, ghost, locks, pipe, settings, shm, unix
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED
+MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
+#            Task.root
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
