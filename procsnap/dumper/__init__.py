@@ -20,6 +20,7 @@ from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
+from ..objects.cgroups import collect_cgroups
 from ..objects.creds import collect_creds_seized
 from ..objects.file import FileTable
 from ..objects.locks import collect_locks
@@ -367,5 +368,6 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
     runs = C.collect_page_runs(pid, vmas) if scan_pages else None
     ckpt = model.Checkpoint(task=task, mm=mm, vmas=vmas, pages=[], sigactions=sigactions, pending=pending,
                             files=files.refs, fds=fds, ghosts=[], threads=threads,
-                            settings=[settings], locks=collect_locks(pid, fds), creds=[creds])
+                            settings=[settings], locks=collect_locks(pid, fds), creds=[creds],
+                            cgroups=collect_cgroups(pid, frozen_task.tids))
     return ckpt, runs, maps
