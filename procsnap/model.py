@@ -31,6 +31,7 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.unix import Socket
     from .objects.creds import Creds
     from .objects.locks import FileLock
+    from .objects.fown import FdOwner
     from .objects.cgroups import Cgroup
     from .objects.settings import Settings
 
@@ -341,4 +342,5 @@ class Checkpoint:
     settings: list[Settings] = dataclasses.field(default_factory=list)  # one, since format 1.2
     locks: list[FileLock] = dataclasses.field(default_factory=list)  # since format 1.2
     creds: list[Creds] = dataclasses.field(default_factory=list)  # one, since format 1.2
+    owners: list[FdOwner] = dataclasses.field(default_factory=list)  # since format 1.2
     cgroups: list[Cgroup] = dataclasses.field(default_factory=list)  # since format 1.2

@@ -103,6 +103,7 @@ CASES = [
     Case("ipc", "fifo", dir_arg=True),
     Case("locks", dir_arg=True),
     Case("creds", restore_options=(("allow_other_owner", True),)),  # an image of uid 1000
+    Case("treestate", "fown"),
     Case("treestate", "chroot", dir_arg=True),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}

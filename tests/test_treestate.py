@@ -1,10 +1,13 @@
 """What a process shares with its tree or the system: cgroup membership
 restored (refused by name when the cgroup is gone), fd tables and fs
-structs shared between processes refused by name at dump. (chroot is a
-target case: treestate-chroot.)"""
+structs shared between processes refused by name at dump. (fd owners and
+chroot are target cases: treestate-fown, treestate-chroot; a zombie's wait
+status is in the state check, see test_tree's signalled zombie.)"""
 
 import contextlib
 import os
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -112,3 +115,27 @@ def test_thread_in_another_cgroup_refused(procs, tmp_path):
         tid = max(int(x) for x in os.listdir(f"/proc/{t.pid}/task"))
         (v1 / "tasks").write_text(str(tid))
         assert_refused_untouched(t, tmp_path, f"pid {t.pid}", f"thread {tid}", f"pids:/{name}", "its process: /")
+
+
+
+# fd owners
+
+OWNER_OUTSIDE = textwrap.dedent("""\
+    import fcntl, os, signal
+    r, w = os.pipe()
+    fcntl.fcntl(r, fcntl.F_SETOWN, os.getppid())
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    os.write(1, f"READY\\n{r}\\n".encode())
+    signal.pause()
+    ok = fcntl.fcntl(r, fcntl.F_GETOWN) == os.getppid()
+    os.write(1, b"PASS\\n" if ok else b"FAIL owner\\n")
+    """)
+
+
+def test_fd_owner_outside_the_tree_refused(procs, tmp_path):
+    """F_SETOWN to a process outside the tree (the test): refused at dump
+    naming the fd and the owner; the target runs on untouched."""
+    t = procs.start([sys.executable, "-c", OWNER_OUTSIDE], name="owner")
+    fd = t.output().split()[1]
+    assert_refused_untouched(t, tmp_path, f"pid {t.pid}", f"fd {fd}", f"owner pid {os.getpid()}",
+                             "outside the dumped tree")

@@ -22,6 +22,7 @@ from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
 from ..objects.cgroups import collect_cgroups
 from ..objects.creds import collect_creds_seized
+from ..objects.fown import check_owners, collect_owners_seized
 from ..objects.file import FileTable
 from ..objects.locks import collect_locks
 from ..objects.protocol import Collect
@@ -92,6 +93,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             root.procs = tree.procs()
             T.check_sessions(root.procs, shell_job)
             T.link_descriptions(ckpts)
+            check_owners(ckpts, {task.pid: task.tids for task in tree.tasks}, root.procs)
             for kind in kinds:
                 kind.collect_tree(root, {task.pid for task in tree.tasks})
         log.info("pid %d: collected %s, %s", pid, plural(sum(len(c.vmas) for c in ckpts), "VMA"),
@@ -365,9 +367,10 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
         threads = [C.collect_thread_seized(tid, target) for tid in frozen_task.tids[1:]]
         settings = collect_settings_seized(target, frozen_task.tids)
         creds = collect_creds_seized(target, frozen_task.tids)
+        owners = collect_owners_seized(target, fds)
     runs = C.collect_page_runs(pid, vmas) if scan_pages else None
     ckpt = model.Checkpoint(task=task, mm=mm, vmas=vmas, pages=[], sigactions=sigactions, pending=pending,
                             files=files.refs, fds=fds, ghosts=[], threads=threads,
-                            settings=[settings], locks=collect_locks(pid, fds), creds=[creds],
+                            settings=[settings], locks=collect_locks(pid, fds), creds=[creds], owners=owners,
                             cgroups=collect_cgroups(pid, frozen_task.tids))
     return ckpt, runs, maps

@@ -32,12 +32,12 @@ import types
 import typing
 
 from .. import model
-from ..objects import cgroups, creds, file, ghost, locks, pipe, settings, shm, unix
+from ..objects import cgroups, creds, file, fown, ghost, locks, pipe, settings, shm, unix
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
 MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
-#            CGRP, Task.root
+#            FOWN, CGRP, Task.root
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -74,6 +74,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"SETS": (settings.Settings, "settings", True),
     b"LOCK": (locks.FileLock, "locks", True),
     b"CRED": (creds.Creds, "creds", True),
+    b"FOWN": (fown.FdOwner, "owners", True),
     b"CGRP": (cgroups.Cgroup, "cgroups", True),
 }
 END = b"END "

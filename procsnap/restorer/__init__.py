@@ -27,6 +27,7 @@ from . import memory as M
 from . import task as T
 from ..objects.cgroups import restore_cgroups
 from ..objects.creds import check_creds, restore_creds_seized
+from ..objects.fown import restore_owners_seized
 from ..objects.locks import restore_locks_seized
 from ..objects.settings import restore_dumpable_seized, restore_settings_seized
 from .files import SharedFiles, map_key, prepare_files
@@ -241,6 +242,7 @@ def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
         restore_locks_seized(target, ckpt.locks, {e.fd: e.path for e in ckpt.fds}, tree_pids)
         for creds in ckpt.creds:
             restore_creds_seized(target, creds)
+        restore_owners_seized(target, ckpt.owners)
         for name, fd in helper.items():
             if name.startswith(("map", "shm")) or name == "sync":
                 target.call(infect.NR.close, fd)

@@ -1,6 +1,9 @@
 /*
  * What a process shares with its tree or the system beyond its memory:
  *
+ *   fown        signal-driven I/O: a pipe with O_ASYNC, owner = this process
+ *               and F_SETSIG SIGRTMIN+1 (checked by a write that must queue
+ *               that signal with si_fd); a socket owned by this thread (TID)
  *   chroot DIR  chroot into DIR/jail, working directory /sub in it
  *   sharefiles  a child made with clone(CLONE_FILES): one fd table for two
  *   sharefs     a child made with clone(CLONE_FS): one root/cwd/umask for two
@@ -11,11 +14,57 @@
 #include <sched.h>
 #include <sys/prctl.h>
 #include <sys/wait.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 
 #define KCMP_FILES 2
 #define KCMP_FS 3
+
+static int mode_fown(void)
+{
+	int p[2], s[2];
+	int sig = SIGRTMIN + 1;
+	pid_t me = getpid();
+	ps_setup(pipe(p) == 0, "pipe");
+	ps_setup(socketpair(AF_UNIX, SOCK_STREAM, 0, s) == 0, "socketpair");
+	sigset_t set;
+	sigemptyset(&set);
+	sigaddset(&set, sig);
+	ps_setup(sigprocmask(SIG_BLOCK, &set, NULL) == 0, "block the I/O signal");
+	struct f_owner_ex own = { F_OWNER_PID, me };
+	ps_setup(fcntl(p[0], F_SETOWN_EX, &own) == 0, "F_SETOWN_EX pipe");
+	ps_setup(fcntl(p[0], F_SETSIG, sig) == 0, "F_SETSIG");
+	ps_setup(fcntl(p[0], F_SETFL, O_ASYNC | O_NONBLOCK) == 0, "O_ASYNC");
+	struct f_owner_ex town = { F_OWNER_TID, (pid_t)syscall(SYS_gettid) };
+	ps_setup(fcntl(s[0], F_SETOWN_EX, &town) == 0, "F_SETOWN_EX socket");
+
+	ps_ready();
+	if (ps_sabotage()) {
+		struct f_owner_ex none = { F_OWNER_PID, 0 };
+		fcntl(s[0], F_SETOWN_EX, &none);
+	}
+	ps_wait_usr1();
+
+	struct f_owner_ex got;
+	ps_setup(fcntl(p[0], F_GETOWN_EX, &got) == 0, "F_GETOWN_EX pipe");
+	PS_CHECK_U64("pipe: owner type", F_OWNER_PID, got.type);
+	PS_CHECK_U64("pipe: owner", me, got.pid);
+	PS_CHECK_U64("pipe: F_GETSIG", sig, fcntl(p[0], F_GETSIG));
+	PS_CHECK_U64("pipe: O_ASYNC", O_ASYNC, fcntl(p[0], F_GETFL) & O_ASYNC);
+	ps_setup(fcntl(s[0], F_GETOWN_EX, &got) == 0, "F_GETOWN_EX socket");
+	PS_CHECK_U64("socket: owner type", F_OWNER_TID, got.type);
+	PS_CHECK_U64("socket: owner", town.pid, got.pid);
+	ps_setup(write(p[1], "x", 1) == 1, "write the pipe");
+	siginfo_t si;
+	struct timespec ts = { 2, 0 };
+	int r = sigtimedwait(&set, &si, &ts);
+	if (r != sig)
+		ps_fail("pipe: signal after a write", "expected %d found %d (errno %d)", sig, r, errno);
+	else
+		PS_CHECK_U64("pipe: si_fd", p[0], si.si_fd);
+	return ps_finish();
+}
 
 static int mode_chroot(const char *dir)
 {
@@ -91,6 +140,8 @@ int main(int argc, char **argv)
 {
 	const char *mode = argc >= 2 ? argv[1] : NULL;
 	ps_install_usr1();
+	if (mode && !strcmp(mode, "fown"))
+		return mode_fown();
 	if (mode && !strcmp(mode, "chroot") && argc >= 3)
 		return mode_chroot(argv[2]);
 	if (mode && !strcmp(mode, "sharefiles"))
