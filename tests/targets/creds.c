@@ -69,11 +69,12 @@ static void check(const char *who)
 	PS_CHECK_U64(what, 1, prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0));
 }
 
-static volatile int checked;
+static volatile int checked, started;
 
 static void *second(void *arg)
 {
 	(void)arg;
+	started = 1;  /* past glibc's start_thread, which runs with every signal blocked */
 	while (!ps_usr1)
 		usleep(1000);
 	check("thread");
@@ -102,6 +103,8 @@ int main(int argc, char **argv)
 	ps_setup(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0, "no_new_privs");
 	pthread_t th;
 	ps_setup(pthread_create(&th, NULL, second, NULL) == 0, "pthread_create");
+	while (!started)  /* else the state before the dump may catch its mask mid-start */
+		usleep(1000);
 	ps_ready();
 	if (ps_sabotage())
 		prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_LOWER, CAP_NET_BIND_SERVICE, 0, 0);
