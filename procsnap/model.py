@@ -31,6 +31,8 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.unix import Socket
     from .objects.creds import Creds
     from .objects.locks import FileLock
+    from .objects.fown import FdOwner
+    from .objects.cgroups import Cgroup
     from .objects.settings import Settings
 
 
@@ -280,6 +282,7 @@ class Task(ThreadState):
     uids: list[int] = dataclasses.field(default_factory=list)  # real, effective, saved, fs
     gids: list[int] = dataclasses.field(default_factory=list)
     pdeathsig: int = 0
+    root: str = "/"  # chroot, as the dumper's root shows it (since format 1.2)
 
 
 @dataclasses.dataclass
@@ -340,3 +343,5 @@ class Checkpoint:
     settings: list[Settings] = dataclasses.field(default_factory=list)  # one, since format 1.2
     locks: list[FileLock] = dataclasses.field(default_factory=list)  # since format 1.2
     creds: list[Creds] = dataclasses.field(default_factory=list)  # one, since format 1.2
+    owners: list[FdOwner] = dataclasses.field(default_factory=list)  # since format 1.2
+    cgroups: list[Cgroup] = dataclasses.field(default_factory=list)  # since format 1.2

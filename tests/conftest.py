@@ -107,6 +107,8 @@ CASES = [
     Case("creds", restore_options=(("allow_other_owner", True),)),  # an image of uid 1000
     Case("memfd"),
     Case("memfd", "wipe"),
+    Case("treestate", "fown"),
+    Case("treestate", "chroot", dir_arg=True),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 

@@ -55,6 +55,7 @@ STAT_FIELDS = {
     "nice": 19, "num_threads": 20, "exit_signal": 38, "rt_priority": 40, "policy": 41,
     "start_code": 26, "end_code": 27, "start_stack": 28, "start_data": 45, "end_data": 46,
     "start_brk": 47, "arg_start": 48, "arg_end": 49, "env_start": 50, "env_end": 51,
+    "exit_code": 52,  # a zombie's wait status: exited with a code, or killed by a signal
 }
 # Task flags (include/linux/sched.h) that tell how a process came to be or
 # what it did, not what it is:
@@ -277,6 +278,9 @@ PRCTL_GETS = {
 MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9
 SYS_membarrier = 324
 SYS_get_mempolicy = 239
+F_GETSIG, F_GETOWN_EX = 11, 16  # fcntl (include/uapi/asm-generic/fcntl.h)
+SYS_kcmp = 312
+KCMP_FILES, KCMP_FS = 2, 3
 
 
 def _injected(pid: int) -> dict[str, str]:
@@ -305,8 +309,37 @@ def _injected(pid: int) -> dict[str, str]:
                                 if ret == 0 else f"<{os.strerror(-ret)}>")
             regs = target.call(SYS_membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, check=False)
             out["membarrier"] = str(regs) if not -4096 < regs < 0 else f"<{os.strerror(-regs)}>"
+            out.update(_fd_owners(target))
     finally:
         ptrace.detach(pid)
+    return out
+
+
+def _fd_owners(target) -> dict[str, str]:
+    """Each fd's signal-driven I/O owner (type and pid) and signal, where set."""
+    out = {}
+    for name in os.listdir(f"/proc/{target.pid}/fd"):
+        target.write_scratch(bytes(8))
+        ret = target.call(NR.fcntl, int(name), F_GETOWN_EX, target.scratch, check=False)
+        owner = struct.unpack("<ii", target.read_scratch(8)) if ret == 0 else (f"<{os.strerror(-ret)}>", "")
+        sig = target.call(NR.fcntl, int(name), F_GETSIG, check=False)
+        if owner[1] or sig:
+            out[f"fdinfo.{name}.owner"] = f"type {owner[0]} pid {owner[1]} signal {sig}"
+    return out
+
+
+def _sharing(pids: list[int]) -> dict[int, dict[str, str]]:
+    """Which earlier process of the tree (if any) each one shares its fd
+    table and its fs struct (root, cwd, umask) with: kcmp."""
+    out: dict[int, dict[str, str]] = {pid: {} for pid in pids}
+    for key, kind in (("shares.files", KCMP_FILES), ("shares.fs", KCMP_FS)):
+        for i, pid in enumerate(pids):
+            same = "own"
+            for other in pids[:i]:
+                if _libc.syscall(SYS_kcmp, other, pid, kind, 0, 0) == 0:
+                    same = f"pid {other}'s"
+                    break
+            out[pid][key] = same
     return out
 
 
@@ -317,7 +350,7 @@ def capture(pid: int, root: bool = False, inject: bool = True) -> dict[str, str]
     state.update(_stat(f"{base}/stat", root))
     if state["stat.state"] == "Z":
         return {k: v for k, v in state.items() if k in ("stat.state", "stat.exit_signal", "stat.pgrp",
-                                                        "stat.session", "stat.ppid")}
+                                                        "stat.session", "stat.ppid", "stat.exit_code")}
     state.update(_status(f"{base}/status", root))
     for name in ("oom_score_adj", "timerslack_ns", "personality", "loginuid", "sessionid", "cgroup",
                  "coredump_filter", "comm", "limits", "attr/current", "setgroups", "uid_map", "gid_map"):
@@ -395,6 +428,9 @@ def capture_tree(pids: list[int], inject: bool = True) -> dict[int, dict[str, st
             out[pid] = {"gone": "exited while read"}
     if pids:
         out[pids[0]].update(_locks(set(pids)))
+    live = [p for p in pids if out[p].get("stat.state") not in ("Z", None)]  # a zombie has neither
+    for pid, shares in _sharing(live).items():
+        out[pid].update(shares)
     return out
 
 

@@ -112,14 +112,16 @@ def test_shell_job_reattaches_to_restoring_terminal(tty_job, tmp_path):
         os.close(master2)
 
 
-def count_with_digit(n, digit="7"):
-    return sum(digit in str(i) for i in range(1, n + 1))
+def count_with_digit(digits):
+    """How many of 1 .. 10**digits have a 7: all but the 9**digits without one."""
+    return 10**digits - 9**digits
 
 
 def test_shell_pipeline_on_a_terminal(tmp_path):
     """`seq | grep 7 | wc -l` started from a terminal, dumped mid-flight with
     --shell-job, restored on another terminal: the same count appears there."""
-    n = 10_000_000  # seconds of work: still running when the restored processes are looked at, also under load
+    digits = 7  # 10 million lines: long enough (~0.7 s) to be mid-flight at the dump and after the restore
+    n = 10**digits
     master, slave = os.openpty()
     p = subprocess.Popen(["bash", "-c", f"echo READY; seq {n} | grep 7 | wc -l; echo DONE"],
                          stdin=slave, stdout=slave, stderr=slave, start_new_session=True, close_fds=True)
@@ -157,7 +159,7 @@ def test_shell_pipeline_on_a_terminal(tmp_path):
             assert os.readlink(f"/proc/{pid}/fd/2") == new_tty, f"pid {pid}: fd 2 not on the restoring terminal"
         assert sorted(os.readlink(f"/proc/{pid}/fd/0").startswith("pipe:") for pid in kids) == [False, True, True]
         out = read_until(master2, b"DONE", timeout=60)
-        assert f"{count_with_digit(n)}".encode() in out, out
+        assert f"{count_with_digit(digits)}".encode() in out, out
     finally:
         kill_all(p, pids)
         for fd in (master, master2, slave2):

@@ -20,6 +20,7 @@ from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
+from ..objects.fown import check_owners
 from ..objects.file import FileTable
 from ..objects.protocol import Collect
 from . import collect as C
@@ -70,6 +71,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         with translated(pid, "freeze"):
             C.check_supported(pid, st, status)
             tree = stack.enter_context(frozen_tree(pid))
+            T.check_shared_tables([task.pid for task in tree.tasks])
         log.info("pid %d: frozen (%s, %s, %s)", pid, plural(len(tree.tasks), "process"),
                  plural(sum(len(t.tids) for t in tree.tasks), "thread"), plural(len(tree.zombies), "zombie"))
         faults.point("after-freeze")
@@ -87,6 +89,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             root.procs = tree.procs()
             T.check_sessions(root.procs, shell_job)
             T.link_descriptions(ckpts)
+            check_owners(ckpts, {task.pid: task.tids for task in tree.tasks}, root.procs)
             for kind in kinds:
                 kind.collect_tree(root, {task.pid for task in tree.tasks})
         log.info("pid %d: collected %s, %s", pid, plural(sum(len(c.vmas) for c in ckpts), "VMA"),

@@ -283,12 +283,15 @@ def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target:
     cwd = os.readlink(f"/proc/{pid}/cwd")
     if cwd.endswith(" (deleted)"):
         raise Unsupported(f"pid {pid}: its working directory {cwd} was deleted; not supported", pid)
+    root = os.readlink(f"/proc/{pid}/root")
+    if root.endswith(" (deleted)"):
+        raise Unsupported(f"pid {pid}: its root directory (chroot) {root} was deleted; not supported", pid)
     with open(f"/proc/{pid}/personality") as f:
         personality = int(f.read(), 16)
     target.call(NR.prctl, Prctl.PR_GET_PDEATHSIG, target.scratch)
     (pdeathsig,) = struct.unpack("<i", target.read_scratch(4))
     return model.Task(
-        pid=pid, personality=personality, pdeathsig=pdeathsig, umask=int(status["Umask"], 8), cwd=cwd,
+        pid=pid, personality=personality, pdeathsig=pdeathsig, umask=int(status["Umask"], 8), cwd=cwd, root=root,
         session_leader=st.session == pid, group_leader=st.pgrp == pid, rlimits=rlimits,
         uids=[int(x) for x in status["Uid"].split()], gids=[int(x) for x in status["Gid"].split()],
         **state,

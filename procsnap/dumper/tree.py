@@ -8,7 +8,10 @@ freeze    the root (every thread), then the children of each frozen
           reap them meanwhile).
 share     what crosses processes, found once all are collected: open file
           descriptions held by several processes (kcmp), pages shared
-          copy-on-write (stored once). What each kind of object shares
+          copy-on-write (stored once). An fd table or fs struct (root,
+          cwd, umask) shared by two processes (CLONE_FILES, CLONE_FS) is
+          refused by name once the tree is frozen: the spawn makes every
+          process with its own. What each kind of object shares
           (pipes, sockets, shared memory) is the kind's (objects/).
 """
 
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import enum
+import functools
 import os
 
 from .. import model
@@ -25,7 +30,15 @@ from ..kernel import proc
 from ..kernel.arch.x86_64 import NR, PAGE_SIZE
 from ..kernel.libc import syscall
 
-KCMP_FILE = 0
+
+class Kcmp(enum.IntEnum):
+    """kcmp types (include/uapi/linux/kcmp.h) used here."""
+
+    KCMP_FILE = 0
+    KCMP_FILES = 2
+    KCMP_FS = 3
+
+
 IMAGE_DIR = "proc.{pid}"  # a non-root process's image, inside the root's
 
 
@@ -40,7 +53,24 @@ def children_of(pid: int) -> list[int]:
 
 def same_description(pid_a: int, fd_a: int, pid_b: int, fd_b: int) -> bool:
     """Whether two fds (of one process or two) are one open file description."""
-    return syscall(NR.kcmp, pid_a, pid_b, KCMP_FILE, fd_a, fd_b) == 0
+    return syscall(NR.kcmp, pid_a, pid_b, Kcmp.KCMP_FILE, fd_a, fd_b) == 0
+
+
+def check_shared_tables(pids: list[int]) -> None:
+    """Refuse two processes of the tree (not threads: those share both by
+    being one process) that share one fd table or one fs struct. kcmp
+    orders the objects, so a sort finds the pairs: neighbours that are equal."""
+    for what, kind, flag in (("fd table", Kcmp.KCMP_FILES, "CLONE_FILES"),
+                             ("root, working directory and umask", Kcmp.KCMP_FS, "CLONE_FS")):
+        def order(a: int, b: int, kind=kind) -> int:  # kcmp: 0 equal, 1 less, 2 greater
+            return (0, -1, 1)[syscall(NR.kcmp, a, b, kind, 0, 0)]
+
+        ranked = sorted(pids, key=functools.cmp_to_key(order))
+        for a, b in zip(ranked, ranked[1:]):
+            if order(a, b) == 0:
+                first, then = sorted((a, b), key=pids.index)
+                raise Unsupported(f"pid {then}: shares its {what} with pid {first} ({flag}); "
+                                  "processes sharing one are not supported", then)
 
 
 def link_descriptions(ckpts: list[model.Checkpoint]) -> None:

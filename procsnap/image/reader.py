@@ -360,6 +360,8 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
         p.append("task: xstate too large")
     if bad_path(t.cwd):
         p.append(f"task: cwd {t.cwd!r} is not a plain absolute path")
+    if bad_path(t.root):
+        p.append(f"task: root {t.root!r} is not a plain absolute path")
     tids = [t.pid] + [th.tid for th in ckpt.threads]
     if len(set(tids)) != len(tids):
         p.append("thread ids are not unique")

@@ -32,12 +32,13 @@ import types
 import typing
 
 from .. import model
-from ..objects import creds, file, ghost, locks, pipe, settings, shm, unix
+from ..objects import cgroups, creds, file, fown, ghost, locks, pipe, settings, shm, unix
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
 MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
-# SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs
+# SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
+#            FOWN, CGRP, Task.root
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -74,6 +75,8 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"SETS": (settings.Settings, "settings", True),
     b"LOCK": (locks.FileLock, "locks", True),
     b"CRED": (creds.Creds, "creds", True),
+    b"FOWN": (fown.FdOwner, "owners", True),
+    b"CGRP": (cgroups.Cgroup, "cgroups", True),
 }
 END = b"END "
 

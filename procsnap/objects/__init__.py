@@ -13,8 +13,8 @@ from __future__ import annotations
 import typing
 
 from .. import model
-from . import creds, device, epoll, eventfd, file, ghost, locks, pipe, protocol, settings, shm, signalfd, timerfd, \
-    tty, unix
+from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, settings, shm, \
+    signalfd, timerfd, tty, unix
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -23,10 +23,11 @@ if typing.TYPE_CHECKING:
 #     collect_seized(target, tids, ckpt)      into its ckpt field, frozen, injecting
 #     restore_seized(target, ckpt, tree_pids) into the rebuilt process, threads made
 #     check_restore(ckpt)                     (optional) refuse before anything is made
-# restored in this order: locks through the restorer's privileges, then the
-# credentials (which drop them), then the settings (dumpable, which a
-# credential change resets, among them).
-TASK_STATE = (locks, creds, settings)
+# restored in this order: locks and fd owners through the restorer's
+# privileges, then the credentials (which drop them), then the settings
+# (dumpable, which a credential change resets, among them); cgroups are
+# joined earlier, at the spawn.
+TASK_STATE = (locks, fown, creds, settings, cgroups)
 
 
 def collect_task_state_seized(target, tids: list[int], ckpt: model.Checkpoint) -> None:

@@ -25,6 +25,7 @@ from ..kernel import infect, proc, ptrace
 from ..kernel.arch.x86_64 import PAGE_SIZE
 from . import memory as M
 from . import task as T
+from ..objects.cgroups import restore_cgroups
 from .files import SharedFiles, map_key, prepare_files
 from .spawn import Child, Node, spawn, wait_pid_free
 from .tree import open_tree
@@ -76,6 +77,10 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
         log.info("pid %d: spawned %s", pid, plural(len(children), "process"))
         try:
             faults.point("after-spawn")
+            for p, image in tree:  # before any memory is mapped: it is charged where it is made
+                if image is not None:
+                    with translated(p.pid, "restore cgroups", RestoreError):
+                        restore_cgroups(p.pid, image.checkpoint.cgroups)
             sources = {}  # every image's pages: a process may map pages another one stored
             for proc_entry, image in tree:
                 if image is not None:

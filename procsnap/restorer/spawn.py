@@ -2,7 +2,7 @@
 
 clone3 with set_tid gives the child the saved pid. The child is a copy of
 this Python process; while it is still Python it sets what is simplest to
-set from inside (cwd, umask, session, fds, rlimits), reports READY on a
+set from inside (cwd, umask, session, fds, chroot, rlimits), reports READY on a
 pipe and blocks in read() on another, where the restorer freezes it and
 replaces everything else.
 """
@@ -133,6 +133,8 @@ def _child_setup(node: Node) -> None:
         if fd > prev:
             os.closerange(prev, fd)
         prev = fd + 1
+    if task.root != "/":  # last of the paths: everything above was opened from ours
+        os.chroot(task.root)
     for r in task.rlimits:
         resource.setrlimit(r.resource, (_rlim(r.soft), _rlim(r.hard)))
     ready_w, sync_r = helpers["ready"][1], helpers["sync"][1]
@@ -259,4 +261,4 @@ def _kill_spawned(root_pid: int, pids: list[int]) -> None:
     try:
         os.waitpid(root_pid, 0)
     except ChildProcessError:
-        pass
+        os.chroot(task.root)

@@ -26,6 +26,7 @@ import stat
 from .. import model, objects
 from ..errors import ImageCorrupt, RestoreError
 from ..image.reader import Image, open_image
+from ..objects.cgroups import cgroup_problems
 from ..objects.file import changed_since_dump
 
 
@@ -65,7 +66,10 @@ def _owner_problems(task: model.Task, allow_other_owner: bool) -> list[str]:
 
 def image_problems(image: Image, allow_other_owner: bool = False, allow_setuid: bool = False) -> list[str]:
     ckpt = image.checkpoint
-    return _owner_problems(ckpt.task, allow_other_owner) + _file_problems(ckpt, allow_setuid)
+    root = [] if ckpt.task.root == "/" or os.path.isdir(ckpt.task.root) else \
+        [f"its root directory (chroot) {ckpt.task.root} is gone"]
+    return (_owner_problems(ckpt.task, allow_other_owner) + _file_problems(ckpt, allow_setuid) + root
+            + cgroup_problems(ckpt.cgroups))
 
 
 def verify_image(directory: str, allow_other_owner: bool = False, allow_setuid: bool = False) -> list[str]:
