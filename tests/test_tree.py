@@ -98,6 +98,7 @@ PY_POOL = textwrap.dedent("""\
 # subshell counting, a background sleep it waits for. (None of them starts
 # new processes while the test compares the tree before and after.)
 SH_SCRIPT = textwrap.dedent("""\
+    trap 'echo PASS; exit 0' USR1
     ( i=0; while [ $i -lt 300000 ]; do i=$((i+1)); done; echo $i > count.txt ) &
     sleep 1000 &
     sleeper=$!
@@ -107,7 +108,6 @@ SH_SCRIPT = textwrap.dedent("""\
     wait %1
     echo "count $(cat count.txt)"
     kill $sleeper
-    trap 'echo PASS; exit 0' USR1
     while true; do sleep 0.05; done
     """)
 
