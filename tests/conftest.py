@@ -217,6 +217,7 @@ class Target:
         self.status = None      # set once reaped; None while the pid is ours and unreaped
         self.ignore_pos = ()    # fds whose offset legitimately moves (its Case's)
         self.restore_options = {}   # its Case's, for restore()
+        self.ignore_state = ()      # statecheck keys a busy target changes while read (see assert_same_snapshot)
         self.dumped = None      # proc_snapshot taken by dump_kill, compared by restore()
 
     def __repr__(self):
@@ -554,7 +555,10 @@ def _maps_and_fds(pid):
     return tuple(maps), fds
 
 
-def assert_same_snapshot(before, after, ignore_pos=()):
+def assert_same_snapshot(before, after, ignore_pos=(), ignore_state=()):
+    """ignore_state: statecheck keys (of the process and of each of its
+    threads) a busy test target changes while its snapshot is being read;
+    each test that passes one says why."""
     problems = []
     if before.tree and after.tree:
         problems += _tree_problems(before, after, ignore_pos)
@@ -572,8 +576,8 @@ def assert_same_snapshot(before, after, ignore_pos=()):
         if b != a:
             problems.append(f"fd {fd}: expected {b} found {a}")
     if before.state is not None and after.state is not None:
-        problems += statecheck.state_problems(_ignoring_pos(before.state, ignore_pos),
-                                              _ignoring_pos(after.state, ignore_pos))
+        problems += statecheck.state_problems(_ignoring(before.state, ignore_pos, ignore_state),
+                                              _ignoring(after.state, ignore_pos, ignore_state))
     if problems:
         raise AssertionError(f"visible state of pid {before.pid} -> {after.pid} changed:\n"
                              + "\n".join(problems))
@@ -598,10 +602,14 @@ def without_mapping(snap, pid, m):
     return dataclasses.replace(snap, maps=maps, tree=tree, state=state)
 
 
-def _ignoring_pos(state, ignore_pos):
+def _ignoring(state, ignore_pos, ignore_state):
     """ignore_pos: fds whose offset legitimately moves (in every process)."""
-    drop = {f"fdinfo.{fd}.pos" for fd in ignore_pos}
-    return {pid: {k: v for k, v in values.items() if k not in drop} for pid, values in state.items()}
+    drop = {f"fdinfo.{fd}.pos" for fd in ignore_pos} | set(ignore_state)
+
+    def dropped(key):
+        return key in drop or (key.startswith("task.") and key.split(".", 2)[2] in drop)
+
+    return {pid: {k: v for k, v in values.items() if not dropped(k)} for pid, values in state.items()}
 
 
 def _tree_problems(before, after, ignore_pos):
@@ -728,7 +736,7 @@ def restore(procs, t, images, **options):
     ppid = int(proc_status(pid)["PPid"])
     assert ppid == os.getpid(), f"restored {pid} has parent {ppid}, expected us {os.getpid()}"
     if dumped is not None:
-        assert_same_snapshot(dumped, proc_snapshot(pid), ignore_pos=t.ignore_pos)
+        assert_same_snapshot(dumped, proc_snapshot(pid), ignore_pos=t.ignore_pos, ignore_state=t.ignore_state)
     return pid
 
 

@@ -137,8 +137,11 @@ def test_namespaces_refused_by_name(unshare, names, procs, tmp_path, proc_snapsh
     # a hostname of its own only where it has a UTS namespace of its own
     rename = "hostname inside; " if "--uts" in unshare else ""
     t = procs.start(["unshare", *unshare, "sh", "-c", f"{rename}echo READY; exec sleep 1000"], name="unshare")
-    wait_until(lambda: any(Path(f"/proc/{p}/comm").read_text().strip() == "sleep"
-                           for p in [t.pid] + descendants(t.pid)), "sleep in the namespaces")
+    def sleeping():  # past its exec and its loader: in clock_nanosleep
+        return any(Path(f"/proc/{p}/comm").read_text().strip() == "sleep"
+                   and Path(f"/proc/{p}/syscall").read_text().split()[0] == "230"
+                   for p in [t.pid] + descendants(t.pid))
+    wait_until(sleeping, "sleep in the namespaces")
     before = proc_snapshot(t.pid)
     with pytest.raises(Unsupported) as exc:
         procsnap.dump(t.pid, str(tmp_path / "img"))
