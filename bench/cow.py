@@ -14,7 +14,10 @@ it in memory), so both MemAvailable figures are the tree's own; AnonPages
 says the same more steadily. Both are the whole machine's: anything else
 running moves them; RSS and PSS are the tree's alone. Figures: median [min-max] of BENCH_RUNS (3).
 
-Environment: BENCH_COW_MIB (256), BENCH_COW_WORKERS (8), BENCH_RUNS (3).
+With CRIU=path (e.g. ../shared/anchors/criu-4.2) the same runs are made
+with CRIU's dump and restore -d too, for comparison.
+
+Environment: BENCH_COW_MIB (256), BENCH_COW_WORKERS (8), BENCH_RUNS (3), CRIU.
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ from common import cli, gone, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+CRIU = os.environ.get("CRIU", "")
 MIB = int(os.environ.get("BENCH_COW_MIB", "256"))
 WORKERS = int(os.environ.get("BENCH_COW_WORKERS", "8"))
 PR_SET_CHILD_SUBREAPER = 36
 SETTLE_S = 0.25
 STEADY_S = 2.0
-STEADY_KIB = 2048
-SETTLE_TIMEOUT_S = 60
+STEADY_KIB = 16384
+SETTLE_TIMEOUT_S = 20
 
 
 def tree_of(pid: int) -> list[int]:
@@ -99,7 +103,15 @@ def measure(root: int, baseline: dict[str, int]) -> dict[str, float]:
             "used": (baseline["avail"] - now["avail"]) / 1024, "anon": (now["anon"] - baseline["anon"]) / 1024}
 
 
-def one_run(exe: str, work: str) -> tuple[dict, dict, float, float]:
+def run_criu(*args: str) -> float:
+    t = time.perf_counter()
+    p = subprocess.run([CRIU, *args], capture_output=True, text=True)
+    if p.returncode:
+        raise SystemExit(f"criu {' '.join(args)} failed: {p.stderr.strip()[-2000:]}")
+    return time.perf_counter() - t
+
+
+def one_run(exe: str, work: str, tool) -> tuple[dict, dict, float, float]:
     out = os.path.join(work, "out")
     images = os.path.join(work, "img")
     base = machine()
@@ -110,11 +122,12 @@ def one_run(exe: str, work: str) -> tuple[dict, dict, float, float]:
         raise SystemExit(f"the server did not start: {open(out).read()!r}")
     before = measure(p.pid, base)
     pids = tree_of(p.pid)
-    dump = cli("dump", "-t", str(p.pid), "-D", images)
+    os.mkdir(images)
+    dump = tool("dump", "-t", str(p.pid), "-D", images)
     p.wait()
     gone(pids)
     base = machine()  # the image is in tmpfs now: part of the baseline
-    restore = cli("restore", "-D", images, "-d")
+    restore = tool("restore", "-D", images, "-d")
     after = measure(p.pid, base)
     os.kill(p.pid, signal.SIGUSR1)
     text = wait_for(out, "PASS")
@@ -131,26 +144,34 @@ def med(values: list[float], fmt: str = ".0f") -> str:
     return f"{statistics.median(v):{fmt}} [{v[0]:{fmt}}-{v[-1]:{fmt}}]"
 
 
-def main() -> int:
-    ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the restored tree come back to us
-    runs = []
-    with tempfile.TemporaryDirectory(dir="/dev/shm") as work:
-        exe = os.path.join(work, "cowserver")
-        subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(HERE, "cowserver.c")], check=True)
-        for i in range(RUNS):
-            run_dir = os.path.join(work, f"run{i}")
-            os.mkdir(run_dir)
-            runs.append(one_run(exe, run_dir))
-            subprocess.run(["rm", "-rf", run_dir], check=True)
-    print(f"procsnap cow bench {time.strftime('%Y-%m-%d')}: {os.cpu_count()} cores, kernel {os.uname().release}; "
-          f"a server of {MIB} MiB shared copy-on-write by {WORKERS} workers ({WORKERS + 1} processes); "
-          f"{RUNS} runs; median [min-max] MiB; image on tmpfs")
-    print(f"{'':>22} | {'before dump':>22} | {'after restore':>22}")
+def report(name: str, runs: list) -> None:
+    print(f"{name:>22} | {'before dump':>22} | {'after restore':>22}")
     for key, label in (("rss", "tree RSS (sum)"), ("pss", "tree PSS (sum)"), ("used", "MemAvailable drop"),
                        ("anon", "AnonPages growth")):
         print(f"{label:>22} | {med([r[0][key] for r in runs]):>22} | {med([r[1][key] for r in runs]):>22}")
     print(f"{'processes':>22} | {runs[0][0]['procs']:>22} | {runs[0][1]['procs']:>22}")
-    print(f"dump {med([r[2] * 1000 for r in runs])} ms, restore {med([r[3] * 1000 for r in runs])} ms (whole CLI runs)")
+    print(f"dump {med([r[2] * 1000 for r in runs])} ms, restore {med([r[3] * 1000 for r in runs])} ms "
+          "(whole CLI runs)")
+
+
+def main() -> int:
+    ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # orphans of the restored tree come back to us
+    tools = {"procsnap": cli} | ({"CRIU": run_criu} if CRIU else {})
+    runs: dict[str, list] = {name: [] for name in tools}
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as work:
+        exe = os.path.join(work, "cowserver")
+        subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(HERE, "cowserver.c")], check=True)
+        for i in range(RUNS):
+            for name, tool in tools.items():  # interleaved: the machine's drift hits both alike
+                run_dir = os.path.join(work, f"{name}{i}")
+                os.mkdir(run_dir)
+                runs[name].append(one_run(exe, run_dir, tool))
+                subprocess.run(["rm", "-rf", run_dir], check=True)
+    print(f"procsnap cow bench {time.strftime('%Y-%m-%d')}: {os.cpu_count()} cores, kernel {os.uname().release}; "
+          f"a server of {MIB} MiB shared copy-on-write by {WORKERS} workers ({WORKERS + 1} processes); "
+          f"{RUNS} runs; median [min-max] MiB; image on tmpfs")
+    for name in tools:
+        report(name, runs[name])
     return 0
 
 
