@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-tree clean
+.PHONY: demo test bench bench-tree bench-cow clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,6 +25,9 @@ bench: $(STAMP)
 
 bench-tree: $(STAMP)
 	$(PY) bench/tree.py
+
+bench-cow: $(STAMP)
+	$(PY) bench/cow.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -24,8 +24,9 @@ import tempfile
 import textwrap
 import time
 
+from common import cli, gone, wait_for
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 TREES = [tuple(int(x) for x in t.split("x")) for t in
          os.environ.get("BENCH_TREES", "4x4x64x64,16x4x16x64,64x2x4x16").split(",")]
@@ -75,37 +76,6 @@ PROGRAM = textwrap.dedent("""\
     """)
 
 
-def cli(*args: str) -> float:
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "procsnap", *args], cwd=ROOT, capture_output=True, text=True)
-    took = time.perf_counter() - t
-    if p.returncode:
-        raise SystemExit(f"procsnap {' '.join(args)} failed: {p.stderr.strip()}")
-    return took
-
-
-def wait_for(path: str, word: str, timeout: float = 120.0) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        with open(path) as f:
-            text = f.read()
-        if word in text:
-            return text
-        if time.monotonic() > deadline:
-            raise SystemExit(f"no {word} in {path}: {text!r}")
-        time.sleep(0.01)
-
-
-def gone(pids: list[int]) -> None:
-    for pid in pids:
-        while os.path.exists(f"/proc/{pid}"):
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(0.005)
-
-
 def descendants(pid: int) -> list[int]:
     out, todo = [], [pid]
     while todo:
@@ -137,7 +107,7 @@ def one_run(procs: int, threads: int, private: int, shared: int, work: str) -> d
     shutil.rmtree(images + ".cp")
     restore = cli("restore", "-D", images, "-d")
     os.kill(p.pid, signal.SIGUSR1)
-    text = wait_for(out, "PASS" if "FAIL" not in open(out).read() else "FAIL")
+    text = wait_for(out, "PASS")
     if "FAIL" in text:
         raise SystemExit(f"restored tree failed its check: {text}")
     gone(pids)

@@ -1,0 +1,44 @@
+"""What the tree benches share: run the CLI, wait for a target's word,
+wait until processes are gone (reaping what is ours)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli(*args: str) -> float:
+    """Runs procsnap; seconds taken (whole CLI run)."""
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "procsnap", *args], cwd=ROOT, capture_output=True, text=True)
+    took = time.perf_counter() - t
+    if p.returncode:
+        raise SystemExit(f"procsnap {' '.join(args)} failed: {p.stderr.strip()}")
+    return took
+
+
+def wait_for(path: str, word: str, timeout: float = 120.0) -> str:
+    """The file's text once it holds `word` (or FAIL)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(path) as f:
+            text = f.read()
+        if word in text or "FAIL" in text:
+            return text
+        if time.monotonic() > deadline:
+            raise SystemExit(f"no {word} in {path}: {text!r}")
+        time.sleep(0.01)
+
+
+def gone(pids: list[int]) -> None:
+    for pid in pids:
+        while os.path.exists(f"/proc/{pid}"):
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.005)
