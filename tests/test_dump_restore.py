@@ -27,7 +27,7 @@ MIB = 1024 * KIB
 def test_dump_restore(procs, case, variant, tmp_path, proc_snapshot, assert_same_snapshot):
     t = procs.start_case(case, variant)
     before = proc_snapshot(t.pid)
-    images = dump_kill(t, tmp_path / "img")
+    images = dump_kill(t, tmp_path / "img", before)
     procsnap.open_image(str(images))        # the validated reader accepts what dump wrote
     restore(procs, t, images)
     assert_same_snapshot(before, proc_snapshot(t.pid), ignore_pos=case.ignore_pos)

@@ -116,7 +116,7 @@ def test_python_threads(procs, tmp_path, proc_snapshot, assert_same_snapshot):
     t = procs.start([sys.executable, "-c", PY_THREADS], name="pythreads")
     wait_until(lambda: len(os.listdir(f"/proc/{t.pid}/task")) == 7, "six threads")
     before = proc_snapshot(t.pid)
-    images = dump_kill(t, tmp_path / "img")
+    images = dump_kill(t, tmp_path / "img", before)
     image = procsnap.open_image(str(images))
     assert len(image.checkpoint.threads) == 6
     restore(procs, t, images)
@@ -138,7 +138,7 @@ def test_python_multiprocessing_pool(procs, tmp_path, proc_snapshot, assert_same
     # their maps (compared) and of their status in one snapshot.
     t.ignore_state = ("status.VmData", "status.VmSize")
     before = proc_snapshot(t.pid)
-    images = dump_kill(t, tmp_path / "img")
+    images = dump_kill(t, tmp_path / "img", before)
     restore(procs, t, images)
     after = proc_snapshot(t.pid)
     assert_same_snapshot(before, after, ignore_state=t.ignore_state)
@@ -510,7 +510,7 @@ def test_cow_shared_pages_stored_once(procs, tmp_path, proc_snapshot, assert_sam
     stored once, not four times; every process still has it after restore."""
     t = procs.start([sys.executable, "-c", COW_PROGRAM], name="cow")
     before = proc_snapshot(t.pid)
-    images = dump_kill(t, tmp_path / "img")
+    images = dump_kill(t, tmp_path / "img", before)
     total = sum(p.stat().st_size for p in images.rglob("pages.img"))
     assert total < 48 << 20, f"{total >> 20} MiB of pages for 32 MiB shared by 4 processes"
     kids = [p for p in images.iterdir() if p.is_dir()]
@@ -595,7 +595,7 @@ def test_sysv_shared_memory(state, procs, tmp_path, proc_snapshot, assert_same_s
     sid = int(t.output().split()[1])
     try:
         before = proc_snapshot(t.pid)
-        images = dump_kill(t, tmp_path / "img")
+        images = dump_kill(t, tmp_path / "img", before)
         if state == "gone":
             subprocess.run(["ipcrm", "-m", str(sid)], check=True)
         restore(procs, t, images)
@@ -645,7 +645,7 @@ def test_thread_pending_signal_and_signalled_zombie(procs, tmp_path, proc_snapsh
     a signal is reaped after restore with that signal as its status."""
     t = procs.start([sys.executable, "-c", THREAD_SIGNAL_PROGRAM], name="thrsig")
     before = proc_snapshot(t.pid)
-    images = dump_kill(t, tmp_path / "img")
+    images = dump_kill(t, tmp_path / "img", before)
     image = procsnap.open_image(str(images))
     assert [len(th.pending) for th in image.checkpoint.threads] == [1]
     zombies = [p for p in image.checkpoint.procs if p.zombie]
