@@ -29,7 +29,7 @@ import struct
 
 from ..kernel.arch.x86_64 import NR
 from ..kernel.infect import Target
-from ..kernel.libc import libc
+from ..kernel.libc import syscall
 
 IOPRIO_WHO_PROCESS = 1
 
@@ -166,19 +166,11 @@ def _read_int(path: str, base: int = 10) -> int:
         return int(f.read().strip(), base)
 
 
-def _syscall(nr: int, *args) -> int:
-    ret = libc.syscall(nr, *args)
-    if ret < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"syscall {nr}{args[:1]}: {os.strerror(err)}")
-    return ret
-
-
 def collect_thread(pid: int, tid: int) -> ThreadSettings:
     attr = sched_attr()
-    _syscall(NR.sched_getattr, tid, ctypes.byref(attr), ctypes.sizeof(attr), 0)
+    syscall(NR.sched_getattr, tid, ctypes.byref(attr), ctypes.sizeof(attr), 0)
     sched = {name: getattr(attr, name) for name in SCHED_FIELDS}
-    ioprio = _syscall(NR.ioprio_get, IOPRIO_WHO_PROCESS, tid)
+    ioprio = syscall(NR.ioprio_get, IOPRIO_WHO_PROCESS, tid)
     slack = _read_int(f"/proc/{tid}/timerslack_ns")  # /proc/TID: the thread's own
     return ThreadSettings(tid, sched, sorted(os.sched_getaffinity(tid)), ioprio, slack)
 
@@ -221,7 +213,7 @@ def restore_thread(pid: int, t: ThreadSettings) -> None:
     if attr.sched_util_min == 0 and attr.sched_util_max in (0, 1024):
         attr.sched_flags &= ~SCHED_FLAG_UTIL_CLAMP
     try:
-        _syscall(NR.sched_setattr, t.tid, ctypes.byref(attr), 0)
+        syscall(NR.sched_setattr, t.tid, ctypes.byref(attr), 0)
     except OSError as err:
         raise OSError(err.errno, f"thread {t.tid}: scheduling policy {attr.sched_policy} priority "
                                  f"{attr.sched_priority} nice {attr.sched_nice}: {err.strerror}") from err
@@ -231,7 +223,7 @@ def restore_thread(pid: int, t: ThreadSettings) -> None:
         raise OSError(err.errno, f"thread {t.tid}: CPU affinity {t.affinity}: {err.strerror} "
                                  "(a CPU this machine does not have?)") from err
     try:
-        _syscall(NR.ioprio_set, IOPRIO_WHO_PROCESS, t.tid, t.ioprio)
+        syscall(NR.ioprio_set, IOPRIO_WHO_PROCESS, t.tid, t.ioprio)
     except OSError as err:
         raise OSError(err.errno, f"thread {t.tid}: I/O priority {t.ioprio:#x}: {err.strerror}") from err
     _write(f"/proc/{t.tid}/timerslack_ns", str(t.timerslack_ns), f"thread {t.tid}: timer slack")
