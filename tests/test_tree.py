@@ -124,6 +124,14 @@ def test_python_threads(procs, tmp_path, proc_snapshot, assert_same_snapshot):
     assert_pass(t)
 
 
+def without_anon_rw(snap):
+    """The snapshot without unnamed private rw-p areas (heaps that grow)."""
+    def keep(maps):
+        return tuple(m for m in maps if not (m.path == "" and m.perms == "rw-p"))
+    tree = {p: dataclasses.replace(v, maps=keep(v.maps)) for p, v in snap.tree.items()}
+    return dataclasses.replace(snap, maps=keep(snap.maps), tree=tree)
+
+
 @pytest.mark.parametrize("when", ["early", "late"])
 def test_python_multiprocessing_pool(procs, tmp_path, proc_snapshot, assert_same_snapshot, when):
     """Mid-flight: the same final result as an uninterrupted run."""
@@ -137,10 +145,13 @@ def test_python_multiprocessing_pool(procs, tmp_path, proc_snapshot, assert_same
     # The pool's processes allocate as they work, also between the reading of
     # their maps (compared) and of their status in one snapshot.
     t.ignore_state = ("status.VmData", "status.VmSize")
-    before = proc_snapshot(t.pid)
+    # ... and their malloc arenas (unnamed rw-p areas) grow between the
+    # snapshot and the freeze: compared without them (1 in 6 runs differed).
+    t.snapshot_view = without_anon_rw
+    before = without_anon_rw(proc_snapshot(t.pid))
     images = dump_kill(t, tmp_path / "img", before)
     restore(procs, t, images)
-    after = proc_snapshot(t.pid)
+    after = without_anon_rw(proc_snapshot(t.pid))
     assert_same_snapshot(before, after, ignore_state=t.ignore_state)
     wait_until(lambda: "PASS" in t.output() or "FAIL" in t.output(), "the job to finish", timeout=60)
     assert "PASS total=" in t.output(), t.output()
