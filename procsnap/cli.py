@@ -66,25 +66,17 @@ def cmd_restore(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from .image import reader, schema
+    from . import views
 
-    from .restorer.tree import open_tree
-
-    def described(image) -> dict:
-        out = {"pages_size": image.pages_size, "ghosts_size": image.ghosts_size}
-        for tag, (_, field, _) in schema.RECORDS.items():
-            value = getattr(image.checkpoint, field)
-            if value or field not in ("procs", "pipes", "shms", "sockets", "threads"):
-                out[field] = schema.describe(value)
-        return out
-
-    image = reader.open_image(args.images_dir)
-    out = {"format": f"{image.major}.{image.minor}", **described(image)}
-    others = {str(p.pid): described(img) for p, img in open_tree(image)[1:] if img is not None}
-    if others:
-        out["processes"] = others  # the other processes of the tree, by pid
-    json.dump(out, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    root, tree = views.load(args.images_dir)
+    if args.view:
+        table = views.view(args.view, tree)
+        sys.stdout.write(views.json_lines(table) if args.json else views.render(table))
+    elif args.json:
+        json.dump(views.full_json(root, tree), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(views.summary(root, tree))
     return 0
 
 
@@ -140,11 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check an image without restoring it; list every problem")
     v.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("show", help="print an image as JSON")
+    s = sub.add_parser("show", help="what an image holds: a summary, a view (ps fds mems rss sockets files), JSON")
     s.set_defaults(func=cmd_show)
     for sp in (v, s):  # DIR as the other verbs take it (-D) or positionally
         sp.add_argument("images_dir", metavar="DIR", nargs="?")
         sp.add_argument("-D", "--images-dir", dest="images_dir_opt", metavar="DIR", help=argparse.SUPPRESS)
+    s.add_argument("view", metavar="VIEW", nargs="?", help="ps, fds, mems, rss, sockets or files")
+    s.add_argument("--json", action="store_true", help="every record as JSON; with VIEW, its rows as JSON lines")
 
     c = sub.add_parser("check", help="probe the kernel features procsnap needs; -D also validates an image")
     c.add_argument("-D", "--images-dir", metavar="DIR")
@@ -158,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _views() -> list[str]:
+    from .views import VIEWS
+
+    return list(VIEWS)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -165,6 +165,10 @@ def _interrupt(signum, frame):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "view", None) is None and getattr(args, "images_dir_opt", None) and args.images_dir:
+        args.view, args.images_dir = args.images_dir, None  # show -D DIR VIEW
+    if getattr(args, "view", None) is not None and args.view not in _views():
+        parser.error(f"show: unknown view {args.view!r}; the views are {', '.join(_views())}")
     if hasattr(args, "images_dir_opt"):
         given = {d for d in (args.images_dir, args.images_dir_opt) if d is not None}
         if len(given) != 1:

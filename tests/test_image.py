@@ -41,7 +41,7 @@ def image(procs, tmp_path):
 
 
 def show(images):
-    r = subprocess.run([sys.executable, "-m", "procsnap", "show", str(images)], cwd=REPO,
+    r = subprocess.run([sys.executable, "-m", "procsnap", "show", "--json", str(images)], cwd=REPO,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     return json.loads(r.stdout)

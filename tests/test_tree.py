@@ -390,7 +390,7 @@ def test_show_lists_the_tree(procs, tmp_path):
     live = [p for p in kids if proc_status(p)["State"][0] != "Z"]
     assert len(live) == 1 and len(kids) == 2
     images = dump_kill(t, tmp_path / "img")
-    r = cli("show", images)
+    r = cli("show", "--json", images)
     assert r.returncode == 0, r.stderr
     for pid in kids:
         assert f'"pid": {pid}' in r.stdout

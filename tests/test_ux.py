@@ -67,7 +67,7 @@ def test_show_quiet_on_a_closed_pipe(procs, tmp_path):
     # finish first and rightly exit 0).
     r, w = os.pipe()
     fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 4096)
-    show = subprocess.Popen([sys.executable, "-m", "procsnap", "show", str(images)], cwd=REPO,
+    show = subprocess.Popen([sys.executable, "-m", "procsnap", "show", "--json", str(images)], cwd=REPO,
                             stdout=w, stderr=subprocess.PIPE)
     os.close(w)
     head = subprocess.run(["head", "-c", "1"], stdin=r, capture_output=True)

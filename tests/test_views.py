@@ -1,0 +1,161 @@
+"""Looking inside images: `show DIR [VIEW]` (summary and the views ps, fds,
+mems, rss, sockets, files), `diff DIR1 DIR2` and `core DIR -o FILE` opened
+in gdb. Every image is a real dump of a real target; what the views say is
+compared with what the kernel showed about the process when it was dumped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import procsnap
+from conftest import (CASES_BY_ID, REPO, Case, assert_cli_error, assert_pass, cli, descendants, dump_kill,
+                      restore)
+
+DEBUGGEE = Case("debuggee")
+VIEWS = ("ps", "fds", "mems", "rss", "sockets", "files")
+
+
+def show_rows(images, view):
+    r = cli("show", images, view, "--json")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines()]
+
+
+def stat_ids(pid):
+    """(comm, ppid, pgid, sid, threads) as /proc/PID shows them."""
+    with open(f"/proc/{pid}/stat") as f:
+        head, _, rest = f.read().rpartition(")")
+    fields = rest.split()
+    return head.partition("(")[2], int(fields[1]), int(fields[2]), int(fields[3]), len(os.listdir(f"/proc/{pid}/task"))
+
+
+def fd_positions(pid):
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            pos = next(int(line.split()[1]) for line in f if line.startswith("pos:"))
+        out[int(fd)] = (os.readlink(f"/proc/{pid}/fd/{fd}"), pos)
+    return out
+
+
+def maps(pid):
+    out = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            rng, perms = line.split()[:2]
+            start, end = (int(x, 16) for x in rng.split("-"))
+            if not line.rstrip().endswith("[vsyscall]"):  # the kernel's, in no process's mm
+                out.append((start, end, perms))
+    return out
+
+
+def test_ps_lists_the_tree(procs, tmp_path):
+    """Every process of a tree with its own group and session: pid, ppid,
+    pgid, sid, threads and comm as /proc showed them; the text table too."""
+    t = procs.start_case(CASES_BY_ID["tree-session"], "pie")
+    pids = [t.pid] + descendants(t.pid)
+    before = {pid: stat_ids(pid) for pid in pids}
+    images = dump_kill(t, tmp_path / "img")
+    rows = show_rows(images, "ps")
+    assert [r["pid"] for r in rows] == pids
+    for r in rows:
+        comm, ppid, pgid, sid, threads = before[r["pid"]]
+        assert (r["comm"], r["pgid"], r["sid"], r["threads"]) == (comm, pgid, sid, threads), r
+        assert r["ppid"] == (0 if r["pid"] == t.pid else ppid), r  # the root's parent is its restorer
+    assert len({r["pgid"] for r in rows}) >= 2 and len({r["sid"] for r in rows}) >= 2, rows
+    table = cli("show", images, "ps")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["PID", "PPID", "PGID", "SID", "THREADS", "COMM", "STATE"]
+    assert [int(line.split()[0]) for line in lines[1:]] == pids
+    restore(procs, t, images)
+    assert_pass(t)
+
+
+def test_fds_mems_rss_files_of_a_running_process(procs, tmp_path):
+    """fds: every fd with its target and position; mems: every VMA with
+    its protection, and the pages stored add up to the page runs and to
+    pages.img; files: the executable, its size, and a file changed since
+    the dump named as changed."""
+    t = procs.start_case(DEBUGGEE, "pie")
+    fds_before, maps_before = fd_positions(t.pid), maps(t.pid)
+    exe = os.readlink(f"/proc/{t.pid}/exe")
+    images = tmp_path / "img"
+    procsnap.dump(t.pid, str(images), leave_running=True)
+
+    fds = {r["fd"]: r for r in show_rows(images, "fds")}
+    assert sorted(fds) == sorted(fds_before)
+    for fd, (target, pos) in fds_before.items():
+        assert fds[fd]["pos"] == pos and fds[fd]["target"].startswith(target), (fds[fd], target, pos)
+    assert fds[1]["pos"] == len("READY\n") and fds[1]["kind"] == "regular"
+    assert "O_WRONLY" in fds[1]["flags"] and "shares fd 1" in fds[2]["target"]
+
+    mems = show_rows(images, "mems")
+    assert [(m["start"], m["end"], m["perms"]) for m in mems] == maps_before
+    rss = show_rows(images, "rss")
+    stored = sum(m["stored"] + m["shared"] for m in mems)
+    assert stored == sum(r["pages"] for r in rss) == (images / "pages.img").stat().st_size // 4096 > 16
+    assert any(m["name"] == "[heap]" and m["stored"] for m in mems), mems
+    assert all(r["stored_in"] == "own" for r in rss)
+
+    assert show_rows(images, "sockets") == []
+    assert_pass(t)  # writes PASS to its output: the file the image needs is not the one dumped now
+    files = {r["path"]: r for r in show_rows(images, "files")}
+    assert files[exe]["size"] == os.stat(exe).st_size and files[exe]["now"] == "ok"
+    assert "exe" in files[exe]["used_by"] and "map" in files[exe]["used_by"]
+    out = fds_before[1][0]
+    assert files[out]["used_by"] == f"{t.pid}: fd 1, fd 2" and files[out]["now"].startswith("size 6 at dump")
+
+    summary = cli("show", images)
+    assert summary.returncode == 0, summary.stderr
+    comm = os.path.basename(exe)[:15]
+    assert f"1 process, 4 threads; root pid {t.pid} ({comm}), in pause" in summary.stdout, summary.stdout
+    assert "needs from the host: 4 files" in summary.stdout and exe in summary.stdout
+    assert "fds: 3 (regular 2, device 1)" in summary.stdout, summary.stdout
+    assert len(summary.stdout.splitlines()) <= 24
+
+
+def test_sockets_view(procs, tmp_path):
+    """The socket pairs the ipc target's root and child hold (root 20/22/24,
+    child 21/23/25): each end by pid:fd, its peer the other end, its type,
+    and the bytes queued to it as the kernel counted them at the dump."""
+    t = procs.start_case(CASES_BY_ID["ipc-sockets"], "pie")
+    (child,) = descendants(t.pid)
+    images = tmp_path / "img"
+    procsnap.dump(t.pid, str(images), leave_running=True)
+    rows = show_rows(images, "sockets")
+    by_end = {r["ends"]: r for r in rows}
+    by_id = {r["id"]: r for r in rows}
+    assert sorted(by_end) == sorted([f"{t.pid}:{fd}" for fd in (20, 22, 24)] + [f"{child}:{fd}" for fd in (21, 23, 25)])
+    for k, kind in enumerate(("stream", "dgram", "seqpacket")):
+        mine, theirs = by_end[f"{t.pid}:{20 + 2 * k}"], by_end[f"{child}:{21 + 2 * k}"]
+        assert (mine["peer"], theirs["peer"]) == (theirs["id"], mine["id"])
+        assert mine["type"] == theirs["type"] == kind
+    # what each end will read: the child wrote to the root, the root 3000 bytes to the child
+    assert [by_end[f"{t.pid}:{fd}"]["queued"] for fd in (20, 22, 24)] == [100000, 6161, 2013]
+    assert [by_end[f"{t.pid}:{fd}"]["messages"] for fd in (22, 24)] == [5, 3]
+    assert by_end[f"{child}:21"]["queued"] == 3000 and by_id
+    assert_pass(t)
+
+
+def test_views_quiet_on_a_closed_pipe_and_bad_names(procs, tmp_path):
+    t = procs.start_case(DEBUGGEE, "pie")
+    images = tmp_path / "img"
+    procsnap.dump(t.pid, str(images), leave_running=True)
+    for args in [(), ("--json",)] + [(v,) for v in VIEWS] + [(v, "--json") for v in VIEWS if v != "sockets"]:
+        # (no sockets here: no JSON lines, nothing written, exit 0)
+        r, w = os.pipe()
+        os.close(r)  # nobody reads: the first write fails
+        show = subprocess.run([sys.executable, "-m", "procsnap", "show", str(images), *args], cwd=REPO,
+                              stdout=w, stderr=subprocess.PIPE, text=True, timeout=60)
+        os.close(w)
+        assert show.stderr == "" and show.returncode == 128 + signal.SIGPIPE, (args, show.returncode, show.stderr)
+    assert cli("show", "-D", images, "ps").stdout == cli("show", images, "ps").stdout
+    bad = cli("show", images, "nosuch")
+    assert bad.returncode == 2 and "unknown view 'nosuch'" in bad.stderr and "Traceback" not in bad.stderr
+    assert_cli_error(cli("show", tmp_path / "none", "ps"), "no such directory")
+    assert_pass(t)
