@@ -80,6 +80,18 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_diff(args) -> int:
+    from . import imagediff
+
+    d = imagediff.diff(args.first, args.second)
+    if args.json:
+        json.dump(d, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(imagediff.render(d))
+    return 0
+
+
 def cmd_verify(args) -> int:
     from . import verify
 
@@ -140,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("view", metavar="VIEW", nargs="?", help="ps, fds, mems, rss, sockets or files")
     s.add_argument("--json", action="store_true", help="every record as JSON; with VIEW, its rows as JSON lines")
 
+    df = sub.add_parser("diff", help="what changed between two images: processes, threads, VMAs, fds, "
+                                     "registers, pages (by content)")
+    df.add_argument("first", metavar="DIR1")
+    df.add_argument("second", metavar="DIR2")
+    df.add_argument("--json", action="store_true", help="the differences as JSON")
+    df.set_defaults(func=cmd_diff)
+
     c = sub.add_parser("check", help="probe the kernel features procsnap needs; -D also validates an image")
     c.add_argument("-D", "--images-dir", metavar="DIR")
     c.set_defaults(func=cmd_check)
@@ -147,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--allow-other-owner", action="store_true",
                         help="root: restore an image of another user's process (it runs as root)")
         sp.add_argument("--allow-setuid", action="store_true", help="allow a set-uid/set-gid executable")
-    for sp in (d, r, s, c, v):
+    for sp in (d, r, s, c, v, df):
         sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 

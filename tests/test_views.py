@@ -159,3 +159,65 @@ def test_views_quiet_on_a_closed_pipe_and_bad_names(procs, tmp_path):
     assert bad.returncode == 2 and "unknown view 'nosuch'" in bad.stderr and "Traceback" not in bad.stderr
     assert_cli_error(cli("show", tmp_path / "none", "ps"), "no such directory")
     assert_pass(t)
+
+
+def symbol_addresses(pid, exe, *names):
+    """Run-time addresses of global symbols of a PIE target (nm + its load base)."""
+    base = next(s for s, e, p in maps(pid) if os.path.realpath(f"/proc/{pid}/map_files/{s:x}-{e:x}") == exe)
+    out = subprocess.run(["nm", exe], capture_output=True, text=True, check=True).stdout
+    table = {line.split()[2]: int(line.split()[0], 16) for line in out.splitlines() if len(line.split()) == 3}
+    return [base + table[n] for n in names]
+
+
+def test_diff_of_two_dumps_of_a_counter(procs, tmp_path):
+    """Two dumps of the debuggee with it running in between: the page of
+    its spin counter changed, the 16 pages of its quiet buffer (written once)
+    did not; main, waiting in pause(), has the same registers; nothing else
+    of the process moved (fds, VMAs, threads). An image against itself: no
+    differences, in text and JSON."""
+    t = procs.start_case(DEBUGGEE, "pie")
+    exe = os.readlink(f"/proc/{t.pid}/exe")
+    spins, quiet = symbol_addresses(t.pid, exe, "spins", "quiet")
+    first, second = tmp_path / "first", tmp_path / "second"
+    procsnap.dump(t.pid, str(first), leave_running=True)
+    procsnap.dump(t.pid, str(second), leave_running=True)
+
+    r = cli("diff", first, second, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["processes"] == {"only_first": [], "only_second": [], "both": [t.pid]}
+    (c,) = d["changed"]
+    assert c["pid"] == t.pid and not {"threads", "fds", "vmas"} & c.keys(), c
+    assert t.pid not in [reg["tid"] for reg in c.get("registers", [])]
+    pages = c["pages"]
+    changed = {start + i * 4096 for start, n, _ in pages["changed"] for i in range(n)}
+    page = lambda a: a & ~4095  # noqa: E731
+    assert page(spins) in changed, (hex(spins), pages)
+    quiet_pages = set(range(page(quiet + 4095), page(quiet + 65536), 4096))
+    assert len(quiet_pages) >= 15 and not quiet_pages & changed
+    assert pages["unchanged"] >= len(quiet_pages) and not pages["only_first"] and not pages["only_second"]
+    text = cli("diff", first, second)
+    assert f"pid {t.pid} (" in text.stdout and f"changed {page(spins):#x} +" in text.stdout, text.stdout
+    assert f"{pages['unchanged']} unchanged, {len(changed)} changed" in text.stdout, text.stdout
+
+    same = cli("diff", first, first)
+    assert same.returncode == 0 and same.stdout == "no differences\n", same.stdout
+    assert json.loads(cli("diff", "--json", second, second).stdout)["changed"] == []
+    assert_cli_error(cli("diff", first, tmp_path / "nothing"), "nothing")
+    assert_pass(t)
+
+
+def test_diff_of_a_tree_across_a_restore(procs, tmp_path):
+    """The session tree dumped, restored and dumped again: every process is
+    in both, with its ids; the diff names no process only on one side."""
+    t = procs.start_case(CASES_BY_ID["tree-session"], "pie")
+    pids = sorted([t.pid] + descendants(t.pid))
+    first = dump_kill(t, tmp_path / "first")
+    restore(procs, t, first)
+    second = tmp_path / "second"
+    procsnap.dump(t.pid, str(second), leave_running=True)
+    d = json.loads(cli("diff", "--json", first, second).stdout)
+    assert d["processes"] == {"only_first": [], "only_second": [], "both": pids}
+    for c in d["changed"]:
+        assert not {"ppid", "pgid", "sid", "threads", "vmas"} & c.keys(), c
+    assert_pass(t)
