@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	# byte-compile now: where PYTHONDONTWRITEBYTECODE is set, every CLI run would compile from source
 	$(PY) -m compileall -q procsnap
+	# gdb: tests/test_views.py opens the core files of `procsnap core` in it
+	command -v gdb >/dev/null || (apt-get update -q && apt-get install -y -q gdb)
 	touch $(STAMP)
 
 demo: $(STAMP)

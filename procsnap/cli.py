@@ -92,6 +92,15 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def cmd_core(args) -> int:
+    from .coredump import write_core
+
+    stats = write_core(args.images_dir, args.output, pid=args.pid)
+    print(f"{stats.path}: core of pid {stats.pid}, {plural(stats.threads, 'thread')}, "
+          f"{plural(stats.segments, 'segment')}, {stats.memory_bytes >> 10} KiB of memory")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from . import verify
 
@@ -146,7 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("show", help="what an image holds: a summary, a view (ps fds mems rss sockets files), JSON")
     s.set_defaults(func=cmd_show)
-    for sp in (v, s):  # DIR as the other verbs take it (-D) or positionally
+    co = sub.add_parser("core", help="write an ELF core file of a process of an image, for gdb")
+    co.add_argument("-o", "--output", required=True, metavar="FILE", help="the core file to write")
+    co.add_argument("--pid", type=int, metavar="PID", help="which process of the tree (default: the root)")
+    co.set_defaults(func=cmd_core)
+
+    for sp in (v, s, co):  # DIR as the other verbs take it (-D) or positionally
         sp.add_argument("images_dir", metavar="DIR", nargs="?")
         sp.add_argument("-D", "--images-dir", dest="images_dir_opt", metavar="DIR", help=argparse.SUPPRESS)
     s.add_argument("view", metavar="VIEW", nargs="?", help="ps, fds, mems, rss, sockets or files")
@@ -166,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--allow-other-owner", action="store_true",
                         help="root: restore an image of another user's process (it runs as root)")
         sp.add_argument("--allow-setuid", action="store_true", help="allow a set-uid/set-gid executable")
-    for sp in (d, r, s, c, v, df):
+    for sp in (d, r, s, c, v, df, co):
         sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
