@@ -98,6 +98,8 @@ def cmd_core(args) -> int:
     stats = write_core(args.images_dir, args.output, pid=args.pid)
     print(f"{stats.path}: core of pid {stats.pid}, {plural(stats.threads, 'thread')}, "
           f"{plural(stats.segments, 'segment')}, {stats.memory_bytes >> 10} KiB of memory")
+    for change in stats.changed_files:
+        print(f"procsnap: warning: {change}; gdb reads the pages the image does not hold from it", file=sys.stderr)
     return 0
 
 

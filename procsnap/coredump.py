@@ -35,7 +35,7 @@ from .image.pagedata import StoredRun, TreePages
 from .image.reader import Image
 from .kernel import proc
 from .kernel.arch.x86_64 import PAGE_SIZE, signed, user_regs_struct
-from .views import Tree, load
+from .views import Tree, host_state, load
 
 
 @dataclasses.dataclass
@@ -45,6 +45,8 @@ class CoreStats:
     threads: int
     segments: int
     memory_bytes: int  # bytes of memory written into the core (holes not counted)
+    # mapped files that differ on this host from the ones dumped: gdb reads their clean pages from them
+    changed_files: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -228,5 +230,7 @@ def write_core(directory: str, path: str, pid: int | None = None) -> CoreStats:
             raise
         os.close(fd)
     os.replace(tmp, path)
-    return CoreStats(path, ckpt.task.pid, 1 + len(ckpt.threads), len(segments), written)
+    mapped = {v.file_id for v in ckpt.vmas if v.file_id != -1}
+    changed = [f"{f.path}: {state}" for f in ckpt.files if f.id in mapped and (state := host_state(f)) != "ok"]
+    return CoreStats(path, ckpt.task.pid, 1 + len(ckpt.threads), len(segments), written, changed)
 

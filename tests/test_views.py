@@ -272,7 +272,7 @@ def test_core_opens_in_gdb(procs, tmp_path, variant):
     images, core = tmp_path / "img", tmp_path / f"core.{t.pid}"
     procsnap.dump(t.pid, str(images), leave_running=True)
     r = cli("core", images, "-o", core)
-    assert r.returncode == 0 and f"core of pid {t.pid}, 4 threads" in r.stdout, r.stderr
+    assert r.returncode == 0 and r.stderr == "" and f"core of pid {t.pid}, 4 threads" in r.stdout, r.stderr
     out, err = gdb(exe, core, "bt", "thread apply all bt", "print/x core_magic", "print heap_note",
                    "print/x quiet[4096]", "print/x quiet[65535]")
     assert "warning" not in err.lower(), err  # e.g. "Section .reg-xstate in core file too small"
@@ -340,4 +340,22 @@ def test_core_of_a_tree_process_and_refusals(procs, tmp_path):
         assert_cli_error(cli("core", images, "--pid", pid, "-o", bad), f"pid {pid}", what)
         assert not bad.exists() and not Path(f"{bad}.part").exists()
     assert_cli_error(cli("core", "-D", images, "-o", tmp_path / "nodir" / "core"), "nodir")
+    assert_pass(t)
+
+
+def test_core_warns_of_a_mapped_file_changed_since_the_dump(procs, tmp_path):
+    """gdb reads the clean pages of a file mapping from the file: a core of
+    an image whose mapped file has changed since says so, naming it."""
+    t = procs.start_case(CASES_BY_ID["memory"], "pie")
+    images = tmp_path / "img"
+    procsnap.dump(t.pid, str(images), leave_running=True)
+    quiet = cli("core", images, "-o", tmp_path / "core.before")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+    priv = procs.workdir / "priv.dat"
+    st = priv.stat()
+    os.utime(priv, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    r = cli("core", images, "-o", tmp_path / "core.after")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr == f"procsnap: warning: {priv}: modified since the dump; gdb reads the pages the image " \
+                       "does not hold from it\n", r.stderr
     assert_pass(t)
