@@ -87,7 +87,7 @@ def _pages(first: dict[int, int], second: dict[int, int], vmas: list[model.Vma])
             "only_second": _ranges(only_b, vmas)}
 
 
-def _process(pid: int, a, b, pages_a: TreePages, pages_b: TreePages) -> dict:
+def _process(a, b, pages_a: TreePages, pages_b: TreePages) -> dict:
     out: dict = {}
     ca, cb = a.checkpoint, b.checkpoint
     if ca.task.comm != cb.task.comm:
@@ -135,7 +135,7 @@ def diff_trees(tree_a: Tree, tree_b: Tree) -> dict:
             (pa, a), (pb, b) = procs_a[pid], procs_b[pid]
             change = _changes(dataclasses.asdict(pa), dataclasses.asdict(pb), PROC_FIELDS)
             if a is not None and b is not None:
-                change.update(_process(pid, a, b, pages_a, pages_b))
+                change.update(_process(a, b, pages_a, pages_b))
             if change:
                 comm = (a or b).checkpoint.task.comm if (a or b) else ""
                 out["changed"].append({"pid": pid, "comm": comm, **change})
