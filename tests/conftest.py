@@ -109,6 +109,10 @@ CASES = [
     Case("memfd", "wipe"),
     Case("treestate", "fown"),
     Case("treestate", "chroot", dir_arg=True),
+    Case("memlock", "guard"),
+    Case("memlock", "mlock"),
+    Case("memlock", "mlockall"),
+    Case("memlock", "mlockall-current"),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 

@@ -25,6 +25,7 @@ from ..kernel.arch.x86_64 import NR, PAGE_SIZE
 from ..kernel.infect import Target
 from ..kernel.libc import syscall
 from ..kernel.proc import MapsEntry
+from ..objects import memlock
 from ..objects.namespaces import check_namespaces
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
 from ..objects.file import FileTable
@@ -97,13 +98,14 @@ def classify_vma(pid: int, m: MapsEntry, files: FileTable, kinds: list[Collect])
         raise Unsupported(f"{where} is a memfd_secret area ({m.path}); not supported: its pages cannot be read "
                           "from outside the process", pid)
     for vf, what in (("ht", "hugetlb"), ("io", "an I/O mapping"), ("pf", "a PFN mapping"),
-                     ("ss", "a shadow stack"), ("lo", "mlock()ed")):
+                     ("ss", "a shadow stack")):
         if vf in m.vmflags:
             raise Unsupported(f"{where} ({m.path or 'anonymous'}) is {what}; not supported", pid)
     vma = next((v for k in kinds if (v := k.collect_vma(pid, m, prot, flags)) is not None), None)
     if vma is None:
         vma = _classify(pid, m, files, where, prot, flags)
     vma.advice = model.Advice(sum(bit for bit, (name, _) in model.ADVICE_TABLE.items() if name in m.vmflags))
+    memlock.collect_vma(pid, m, vma)
     return vma
 
 
