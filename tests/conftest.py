@@ -114,6 +114,8 @@ CASES = [
     Case("memlock", "mlockall"),
     Case("memlock", "mlockall-current"),
 ]
+# Targets whose state a dump refuses (tests/test_refused.py): self-checked, never restored
+REFUSED_CASES = [Case("refused", m) for m in ("io_uring", "userfaultfd", "bpf-map", "perf_event", "aio")]
 CASES_BY_ID = {c.id: c for c in CASES}
 
 

@@ -18,7 +18,7 @@ import stat
 import struct
 
 from .. import model
-from ..errors import Unsupported, article
+from ..errors import Unsupported
 from ..kernel import infect, memory, ptrace, proc
 from ..kernel.arch import x86_64 as arch
 from ..kernel.arch.x86_64 import NR, PAGE_SIZE
@@ -26,6 +26,7 @@ from ..kernel.infect import Target
 from ..kernel.libc import syscall
 from ..kernel.proc import MapsEntry
 from ..objects import memlock
+from ..objects.refused import refused_kind, vma_name
 from ..objects.namespaces import check_namespaces
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
 from ..objects.file import FileTable
@@ -97,6 +98,8 @@ def classify_vma(pid: int, m: MapsEntry, files: FileTable, kinds: list[Collect])
     if m.path == SECRETMEM:
         raise Unsupported(f"{where} is a memfd_secret area ({m.path}); not supported: its pages cannot be read "
                           "from outside the process", pid)
+    if what := vma_name(m.path):
+        raise Unsupported(f"{where} is {what} ({m.path}); not supported", pid)
     for vf, what in (("ht", "hugetlb"), ("io", "an I/O mapping"), ("pf", "a PFN mapping"),
                      ("ss", "a shadow stack")):
         if vf in m.vmflags:
@@ -314,8 +317,7 @@ def collect_fds(pid: int, files: FileTable, shell_job: bool, kinds: list[Collect
         found = OpenFd(pid, fd, link, st, model.OpenFlag(info.flags), info.pos, files, shell_job)
         entry = next((e for k in kinds if (e := k.collect_fd(found)) is not None), None)
         if entry is None:
-            kind = link.split(":", 1)[0] if ":" in link else stat.filemode(st.st_mode)
-            raise Unsupported(f"{found.where} is {article(kind)} ({link}); not supported", pid)
+            raise Unsupported(f"{found.where} is {refused_kind(found)} ({link}); not supported", pid)
         identity.setdefault((st.st_dev, st.st_ino), []).append(len(entries))
         entries.append(entry)
     for k in kinds:
