@@ -159,6 +159,7 @@ class FdKind(enum.Enum):
     TIMERFD = "timerfd"  # params: clockid, ticks, value_ns, interval_ns (time left when dumped)
     EPOLL = "epoll"  # watches: [fd, events, data] as registered
     UNIX = "unix-socket"  # one end of a connected unix socket pair of the tree (file_id: Socket.id)
+    PATH = "path"  # an O_PATH fd (of a file, directory, symlink, device...): reopened by path (1.3)
 
 
 def _flags(table):

@@ -113,6 +113,7 @@ CASES = [
     Case("memlock", "mlock"),
     Case("memlock", "mlockall"),
     Case("memlock", "mlockall-current"),
+    Case("opath", dir_arg=True),
 ]
 # Targets whose state a dump refuses (tests/test_refused.py): self-checked, never restored
 REFUSED_CASES = [Case("refused", m) for m in ("io_uring", "userfaultfd", "bpf-map", "perf_event", "aio")]
