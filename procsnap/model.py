@@ -159,6 +159,7 @@ class FdKind(enum.Enum):
     TIMERFD = "timerfd"  # params: clockid, ticks, value_ns, interval_ns (time left when dumped)
     EPOLL = "epoll"  # watches: [fd, events, data] as registered
     UNIX = "unix-socket"  # one end of a connected unix socket pair of the tree (file_id: Socket.id)
+    GHOST_DIR = "removed-directory"  # of a directory removed while open: a placeholder, removed again (1.3)
     PATH = "path"  # an O_PATH fd (of a file, directory, symlink, device...): reopened by path (1.3)
 
 
@@ -294,6 +295,7 @@ class Task(ThreadState):
     gids: list[int] = dataclasses.field(default_factory=list)
     pdeathsig: int = 0
     root: str = "/"  # chroot, as the dumper's root shows it (since format 1.2)
+    cwd_removed: dict[str, int] = dataclasses.field(default_factory=dict)  # 1.3: attrs of a removed cwd
     mlockall: int = 0  # 1.3: MCL_FUTURE | MCL_ONFAULT, as mm->def_flags shows them (objects/memlock.py)
 
 

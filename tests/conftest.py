@@ -114,6 +114,7 @@ CASES = [
     Case("memlock", "mlockall"),
     Case("memlock", "mlockall-current"),
     Case("opath", dir_arg=True),
+    Case("removed", dir_arg=True),
 ]
 # Targets whose state a dump refuses (tests/test_refused.py): self-checked, never restored
 REFUSED_CASES = [Case("refused", m) for m in ("io_uring", "userfaultfd", "bpf-map", "perf_event", "aio")]

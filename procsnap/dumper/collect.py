@@ -25,7 +25,7 @@ from ..kernel.arch.x86_64 import NR, PAGE_SIZE
 from ..kernel.infect import Target
 from ..kernel.libc import syscall
 from ..kernel.proc import MapsEntry
-from ..objects import memlock
+from ..objects import ghostdir, memlock
 from ..objects.refused import refused_kind, vma_name
 from ..objects.namespaces import check_namespaces
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
@@ -286,8 +286,9 @@ def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target:
     with open(f"/proc/{pid}/limits") as f:
         rlimits = [model.Rlimit(res, soft, hard) for res, (soft, hard) in enumerate(proc.parse_limits(f.read()))]
     cwd = os.readlink(f"/proc/{pid}/cwd")
+    cwd_removed = {}
     if cwd.endswith(" (deleted)"):
-        raise Unsupported(f"pid {pid}: its working directory {cwd} was deleted; not supported", pid)
+        cwd, cwd_removed = ghostdir.collect_cwd(pid, cwd)
     root = os.readlink(f"/proc/{pid}/root")
     if root.endswith(" (deleted)"):
         raise Unsupported(f"pid {pid}: its root directory (chroot) {root} was deleted; not supported", pid)
@@ -297,7 +298,7 @@ def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target:
     (pdeathsig,) = struct.unpack("<i", target.read_scratch(4))
     return model.Task(
         pid=pid, personality=personality, pdeathsig=pdeathsig, umask=int(status["Umask"], 8), cwd=cwd, root=root,
-        session_leader=st.session == pid, group_leader=st.pgrp == pid, rlimits=rlimits,
+        cwd_removed=cwd_removed, session_leader=st.session == pid, group_leader=st.pgrp == pid, rlimits=rlimits,
         uids=[int(x) for x in status["Uid"].split()], gids=[int(x) for x in status["Gid"].split()],
         **state,
     )

@@ -15,7 +15,7 @@ import typing
 from .. import model
 from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, settings, shm, \
     signalfd, timerfd, tty, unix
-from . import memlock, opath
+from . import ghostdir, memlock, opath
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -51,7 +51,7 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 # In the order an fd is offered to them, the first that takes it wins: a
 # memfd before regular files, an unlinked file before a linked one, a
 # terminal before other character devices; an O_PATH fd before all, whatever it is of.
-KINDS = (opath, shm, ghost, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe, memlock)
+KINDS = (opath, shm, ghost, ghostdir, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe, memlock)
 
 
 def collectors() -> list[protocol.Collect]:

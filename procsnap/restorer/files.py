@@ -83,6 +83,7 @@ def prepare_files(image: Image, shell_job: bool, shared: SharedFiles) -> Prepare
         _prepare_maps(ckpt, {f.id: f for f in ckpt.files}, prepared)
         for kind in shared.kinds:
             kind.prepare_vmas(ckpt, prepared)
+            kind.prepare_process(ckpt)
         _prepare_fds(image, prepared, shell_job, shared)
     except BaseException:
         prepared.close()
