@@ -184,6 +184,7 @@ class Vma:
     access: int = -1
     lock: Lock = _flags(Lock)  # 1.3
     guards: list[list[int]] = dataclasses.field(default_factory=list)  # 1.3: [first page, count] of guard regions
+    ghost: int = -1  # 1.3: FILE_PRIVATE of a file unlinked while mapped: its Ghost.id (file_id is -1)
 
     @property
     def size(self) -> int:

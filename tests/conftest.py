@@ -115,6 +115,7 @@ CASES = [
     Case("memlock", "mlockall-current"),
     Case("opath", dir_arg=True),
     Case("removed", dir_arg=True),
+    Case("ghostmap", dir_arg=True),
 ]
 # Targets whose state a dump refuses (tests/test_refused.py): self-checked, never restored
 REFUSED_CASES = [Case("refused", m) for m in ("io_uring", "userfaultfd", "bpf-map", "perf_event", "aio")]
@@ -467,10 +468,12 @@ class ProcIds:
 # Shared memory comes back as a new object of the same kind and name: only
 # its inode number differs.
 RECREATED_OBJECTS = ("/dev/zero (deleted)", "/memfd:", "/dev/shm/")
+DELETED = " (deleted)"  # a file unlinked while mapped: made again by the restore, a new inode
 
 
 def _normalized(maps):
-    return tuple(dataclasses.replace(m, inode=0) if m.path.startswith(RECREATED_OBJECTS) else m for m in maps)
+    return tuple(dataclasses.replace(m, inode=0) if m.path.startswith(RECREATED_OBJECTS) or m.path.endswith(DELETED)
+                 else m for m in maps)
 
 
 def descendants(pid):
