@@ -116,6 +116,7 @@ CASES = [
     Case("opath", dir_arg=True),
     Case("removed", dir_arg=True),
     Case("ghostmap", dir_arg=True),
+    Case("epollclosed"),
 ]
 # Targets whose state a dump refuses (tests/test_refused.py): self-checked, never restored
 REFUSED_CASES = [Case("refused", m) for m in ("io_uring", "userfaultfd", "bpf-map", "perf_event", "aio")]

@@ -191,7 +191,9 @@ def _fdinfo(pid: int) -> dict[str, str]:
             elif key == "lock":
                 locks.append(_lock_line(value))
                 continue
-            elif key in ("tfd", "inotify", "fanotify ino"):
+            elif key == "tfd":  # the watched object's filesystem (pipefs, anon_inodefs ...) stays: its kind
+                value = INO_WORD.sub("ino:-", value)
+            elif key in ("inotify", "fanotify ino"):
                 value = SDEV_WORD.sub("sdev:-", INO_WORD.sub("ino:-", value))
             elif key == "ticks" and "it_interval: (0, 0)" not in text:
                 continue  # a periodic timer's expirations go on accumulating while it waits

@@ -7,14 +7,16 @@ address, not the image directory.
 """
 
 import os
+import signal
 import socket
-import time
+import sys
+import textwrap
 
 import pytest
 
 import procsnap
 from conftest import (CASES_BY_ID, REFUSED_CASES, assert_cli_error, assert_pass, assert_untouched, cli,
-                      dump_kill, restore)
+                      descendants, dump_kill, restore, wait_until)
 from procsnap import model
 from procsnap.errors import DumpError, RestoreError, Unsupported
 from procsnap.image.writer import ImageWriter
@@ -170,3 +172,41 @@ def test_restore_names_the_missing_working_directory(procs, tmp_path):
     assert f"working directory {wd}" in message and "No such file or directory" in message, message
     assert "Error" not in message and "[Errno" not in message, message
     assert_cli_error(cli("restore", "-D", images), f"working directory {wd}", "No such file or directory")
+
+
+EPOLL_OF_A_FILE_HELD_OUTSIDE = textwrap.dedent("""\
+    import os, select, signal, sys
+    r, w = os.pipe()
+    ep = select.epoll()
+    ep.register(r, select.EPOLLIN)
+    child = os.fork()
+    if child == 0:
+        os.close(r)  # the watch lives on: the parent still holds the pipe
+        print("READY", ep.fileno(), r, flush=True)
+        signal.signal(signal.SIGUSR1, lambda *a: None)
+        signal.pause()
+        print("PASS" if ep.poll(0) == [] else "FAIL: events", flush=True)
+        sys.exit(0)
+    os.waitpid(child, 0)
+""")
+
+
+def test_epoll_watching_a_file_no_fd_of_the_process_holds(procs, tmp_path, proc_snapshot, assert_same_snapshot):
+    """An epoll watch whose fd was closed, its file held only by a process
+    outside the tree (its parent): there is nothing to restore it from."""
+    t = procs.start([sys.executable, "-c", EPOLL_OF_A_FILE_HELD_OUTSIDE], name="epoll-outside", ready=False)
+    wait_until(lambda: "READY" in t.output(), "the child's READY")
+    child = descendants(t.pid)[0]
+    _, epfd, closed = t.output().split()[:3]
+    images = tmp_path / "img"
+    images.mkdir()
+    before = proc_snapshot(child)
+    with pytest.raises(Unsupported) as exc:
+        procsnap.dump(child, str(images), shell_job=True)
+    assert str(exc.value).startswith(f"pid {child}: fd {epfd} is an epoll watching fd {closed}, which is closed"), \
+        str(exc.value)
+    assert "no other fd of the process holds its file" in str(exc.value), str(exc.value)
+    assert_untouched(child, before, images, proc_snapshot, assert_same_snapshot)
+    os.kill(child, signal.SIGUSR1)
+    wait_until(lambda: "PASS" in t.output() or "FAIL" in t.output(), "the child's check")
+    assert "PASS" in t.output(), t.output()
