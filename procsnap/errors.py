@@ -70,6 +70,18 @@ def article(word: str) -> str:
     return f"{'an' if vowel else 'a'} {word}"
 
 
+def describe(err: BaseException) -> str:
+    """An exception in words for a person: for an OSError the kernel's
+    reason and the file it names, never the exception's class or errno
+    number ("No such file or directory: /tmp/x", not "FileNotFoundError:
+    [Errno 2] ...")."""
+    if isinstance(err, OSError):
+        names = [str(n) for n in (err.filename, err.filename2) if n is not None]
+        reason = err.strerror or (str(err.args[0]) if err.args else "failed")
+        return f"{reason}: {' -> '.join(names)}" if names else reason
+    return str(err) or "failed"
+
+
 def translate(err: OSError, pid: int | None, what: str) -> ProcsnapError:
     """Map an OSError raised by the kernel layer into the hierarchy."""
     detail = f"{what}: {err.strerror or err}"

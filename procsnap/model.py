@@ -68,6 +68,14 @@ class Advice(enum.IntFlag):
     MERGEABLE = 0x20  # "mg", MADV_MERGEABLE
 
 
+class Lock(enum.IntFlag):
+    """How a VMA is locked in memory (mlock, mlock2, mlockall), as smaps
+    shows it (VmFlags); restored by objects/memlock.py."""
+
+    VM_LOCKED = 0x1  # "lo": mlock(), or mlockall(MCL_CURRENT)
+    VM_LOCKONFAULT = 0x2  # "lf": mlock2(MLOCK_ONFAULT), or MCL_ONFAULT: pages locked as they fault in
+
+
 # Advice bit -> (smaps VmFlags mnemonic, madvise advice number)
 ADVICE_TABLE = {
     Advice.DONTFORK: ("dc", 10),
@@ -151,6 +159,8 @@ class FdKind(enum.Enum):
     TIMERFD = "timerfd"  # params: clockid, ticks, value_ns, interval_ns (time left when dumped)
     EPOLL = "epoll"  # watches: [fd, events, data] as registered
     UNIX = "unix-socket"  # one end of a connected unix socket pair of the tree (file_id: Socket.id)
+    GHOST_DIR = "removed-directory"  # of a directory removed while open: a placeholder, removed again (1.3)
+    PATH = "path"  # an O_PATH fd (of a file, directory, symlink, device...): reopened by path (1.3)
 
 
 def _flags(table):
@@ -172,6 +182,9 @@ class Vma:
     # a file mapping: the access mode (O_RDONLY/O_WRONLY/O_RDWR) of the open
     # file behind it, as its map_files link shows; -1 in images before 1.2
     access: int = -1
+    lock: Lock = _flags(Lock)  # 1.3
+    guards: list[list[int]] = dataclasses.field(default_factory=list)  # 1.3: [first page, count] of guard regions
+    ghost: int = -1  # 1.3: FILE_PRIVATE of a file unlinked while mapped: its Ghost.id (file_id is -1)
 
     @property
     def size(self) -> int:
@@ -283,6 +296,8 @@ class Task(ThreadState):
     gids: list[int] = dataclasses.field(default_factory=list)
     pdeathsig: int = 0
     root: str = "/"  # chroot, as the dumper's root shows it (since format 1.2)
+    cwd_removed: dict[str, int] = dataclasses.field(default_factory=dict)  # 1.3: attrs of a removed cwd
+    mlockall: int = 0  # 1.3: MCL_FUTURE | MCL_ONFAULT, as mm->def_flags shows them (objects/memlock.py)
 
 
 @dataclasses.dataclass

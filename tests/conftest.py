@@ -109,7 +109,17 @@ CASES = [
     Case("memfd", "wipe"),
     Case("treestate", "fown"),
     Case("treestate", "chroot", dir_arg=True),
+    Case("memlock", "guard"),
+    Case("memlock", "mlock"),
+    Case("memlock", "mlockall"),
+    Case("memlock", "mlockall-current"),
+    Case("opath", dir_arg=True),
+    Case("removed", dir_arg=True),
+    Case("ghostmap", dir_arg=True),
+    Case("epollclosed"),
 ]
+# Targets whose state a dump refuses (tests/test_refused.py): self-checked, never restored
+REFUSED_CASES = [Case("refused", m) for m in ("io_uring", "userfaultfd", "bpf-map", "perf_event", "aio")]
 CASES_BY_ID = {c.id: c for c in CASES}
 
 
@@ -459,10 +469,12 @@ class ProcIds:
 # Shared memory comes back as a new object of the same kind and name: only
 # its inode number differs.
 RECREATED_OBJECTS = ("/dev/zero (deleted)", "/memfd:", "/dev/shm/")
+DELETED = " (deleted)"  # a file unlinked while mapped: made again by the restore, a new inode
 
 
 def _normalized(maps):
-    return tuple(dataclasses.replace(m, inode=0) if m.path.startswith(RECREATED_OBJECTS) else m for m in maps)
+    return tuple(dataclasses.replace(m, inode=0) if m.path.startswith(RECREATED_OBJECTS) or m.path.endswith(DELETED)
+                 else m for m in maps)
 
 
 def descendants(pid):

@@ -191,7 +191,9 @@ def _fdinfo(pid: int) -> dict[str, str]:
             elif key == "lock":
                 locks.append(_lock_line(value))
                 continue
-            elif key in ("tfd", "inotify", "fanotify ino"):
+            elif key == "tfd":  # the watched object's filesystem (pipefs, anon_inodefs ...) stays: its kind
+                value = INO_WORD.sub("ino:-", value)
+            elif key in ("inotify", "fanotify ino"):
                 value = SDEV_WORD.sub("sdev:-", INO_WORD.sub("ino:-", value))
             elif key == "ticks" and "it_interval: (0, 0)" not in text:
                 continue  # a periodic timer's expirations go on accumulating while it waits
@@ -237,6 +239,34 @@ def _map_files(pid: int) -> dict[str, str]:
             continue
         out[f"map_files.{name}"] = f"{mode:o}"
     return out
+
+
+def _memory_locks(pid: int) -> dict[str, str]:
+    """Each area's lock and guard flags from smaps ("lo", "lf", "gu"), and
+    the pages of its guard regions from pagemap (bit 58)."""
+    out = {}
+    fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for m in proc.read_smaps(pid):
+            kept = [f for f in m.vmflags if f in ("lo", "lf", "gu")]
+            if kept:
+                out[f"smaps.{m.start:x}.flags"] = " ".join(kept)
+            if "gu" in m.vmflags:
+                out[f"pagemap.{m.start:x}.guards"] = str(proc.guard_pages(proc.read_pagemap(fd, m.start, m.end)))
+    finally:
+        os.close(fd)
+    return out
+
+
+def _def_flags(target) -> str:
+    """mm->def_flags (mlockall MCL_FUTURE/MCL_ONFAULT): the lock flags of a
+    shared anonymous page mapped by the process, unmapped again."""
+    addr = target.call(NR.mmap, 0, 4096, 0, 0x21, -1, 0)  # PROT_NONE, MAP_SHARED | MAP_ANONYMOUS
+    try:
+        flags = next((m.vmflags for m in proc.read_smaps(target.pid) if m.start == addr), ())
+    finally:
+        target.call(NR.munmap, addr, 4096)
+    return " ".join(f for f in flags if f in ("lo", "lf"))
 
 
 def _namespaces(pid: int) -> dict[str, str]:
@@ -310,6 +340,7 @@ def _injected(pid: int) -> dict[str, str]:
             regs = target.call(SYS_membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, check=False)
             out["membarrier"] = str(regs) if not -4096 < regs < 0 else f"<{os.strerror(-regs)}>"
             out.update(_fd_owners(target))
+            out["mm.def_flags"] = _def_flags(target)
     finally:
         ptrace.detach(pid)
     return out
@@ -364,6 +395,7 @@ def capture(pid: int, root: bool = False, inject: bool = True) -> dict[str, str]
     state.update(_namespaces(pid))
     state.update(_fdinfo(pid))
     state.update(_map_files(pid))
+    state.update(_memory_locks(pid))
     for tid in sorted(int(t) for t in os.listdir(f"{base}/task")):
         if tid == pid:
             continue

@@ -112,7 +112,7 @@ def test_messages_are_english(procs, tmp_path):
     t = procs.start([sys.executable, "-c", code], name="inotify")
     with pytest.raises(procsnap.Unsupported) as exc:
         procsnap.dump(t.pid, str(tmp_path / "img"))
-    assert "is an anon_inode (anon_inode:inotify)" in str(exc.value), str(exc.value)
+    assert "is an inotify instance (anon_inode:inotify)" in str(exc.value), str(exc.value)
 
 
 def test_group_led_from_outside_refused(procs, targets, tmp_path):

@@ -18,13 +18,15 @@ import stat
 import struct
 
 from .. import model
-from ..errors import Unsupported, article
+from ..errors import Unsupported
 from ..kernel import infect, memory, ptrace, proc
 from ..kernel.arch import x86_64 as arch
 from ..kernel.arch.x86_64 import NR, PAGE_SIZE
 from ..kernel.infect import Target
 from ..kernel.libc import syscall
 from ..kernel.proc import MapsEntry
+from ..objects import ghostdir, memlock
+from ..objects.refused import refused_kind, vma_name
 from ..objects.namespaces import check_namespaces
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
 from ..objects.file import FileTable
@@ -96,14 +98,17 @@ def classify_vma(pid: int, m: MapsEntry, files: FileTable, kinds: list[Collect])
     if m.path == SECRETMEM:
         raise Unsupported(f"{where} is a memfd_secret area ({m.path}); not supported: its pages cannot be read "
                           "from outside the process", pid)
+    if what := vma_name(m.path):
+        raise Unsupported(f"{where} is {what} ({m.path}); not supported", pid)
     for vf, what in (("ht", "hugetlb"), ("io", "an I/O mapping"), ("pf", "a PFN mapping"),
-                     ("ss", "a shadow stack"), ("lo", "mlock()ed")):
+                     ("ss", "a shadow stack")):
         if vf in m.vmflags:
             raise Unsupported(f"{where} ({m.path or 'anonymous'}) is {what}; not supported", pid)
     vma = next((v for k in kinds if (v := k.collect_vma(pid, m, prot, flags)) is not None), None)
     if vma is None:
         vma = _classify(pid, m, files, where, prot, flags)
     vma.advice = model.Advice(sum(bit for bit, (name, _) in model.ADVICE_TABLE.items() if name in m.vmflags))
+    memlock.collect_vma(pid, m, vma)
     return vma
 
 
@@ -281,8 +286,9 @@ def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target:
     with open(f"/proc/{pid}/limits") as f:
         rlimits = [model.Rlimit(res, soft, hard) for res, (soft, hard) in enumerate(proc.parse_limits(f.read()))]
     cwd = os.readlink(f"/proc/{pid}/cwd")
+    cwd_removed = {}
     if cwd.endswith(" (deleted)"):
-        raise Unsupported(f"pid {pid}: its working directory {cwd} was deleted; not supported", pid)
+        cwd, cwd_removed = ghostdir.collect_cwd(pid, cwd)
     root = os.readlink(f"/proc/{pid}/root")
     if root.endswith(" (deleted)"):
         raise Unsupported(f"pid {pid}: its root directory (chroot) {root} was deleted; not supported", pid)
@@ -292,7 +298,7 @@ def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target:
     (pdeathsig,) = struct.unpack("<i", target.read_scratch(4))
     return model.Task(
         pid=pid, personality=personality, pdeathsig=pdeathsig, umask=int(status["Umask"], 8), cwd=cwd, root=root,
-        session_leader=st.session == pid, group_leader=st.pgrp == pid, rlimits=rlimits,
+        cwd_removed=cwd_removed, session_leader=st.session == pid, group_leader=st.pgrp == pid, rlimits=rlimits,
         uids=[int(x) for x in status["Uid"].split()], gids=[int(x) for x in status["Gid"].split()],
         **state,
     )
@@ -312,8 +318,7 @@ def collect_fds(pid: int, files: FileTable, shell_job: bool, kinds: list[Collect
         found = OpenFd(pid, fd, link, st, model.OpenFlag(info.flags), info.pos, files, shell_job)
         entry = next((e for k in kinds if (e := k.collect_fd(found)) is not None), None)
         if entry is None:
-            kind = link.split(":", 1)[0] if ":" in link else stat.filemode(st.st_mode)
-            raise Unsupported(f"{found.where} is {article(kind)} ({link}); not supported", pid)
+            raise Unsupported(f"{found.where} is {refused_kind(found)} ({link}); not supported", pid)
         identity.setdefault((st.st_dev, st.st_ino), []).append(len(entries))
         entries.append(entry)
     for k in kinds:

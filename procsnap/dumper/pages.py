@@ -17,6 +17,7 @@ import mmap
 import os
 
 from .. import faults, model
+from ..errors import DumpError
 from ..image.writer import PageSink
 from ..kernel import memory
 from ..kernel.arch.x86_64 import PAGE_SIZE
@@ -87,13 +88,17 @@ def write_pages_seized(pid: int, runs: list[tuple[model.Vma, int, int]], sink: P
         for i, (readable, batch) in enumerate(_chunks(runs)):
             buf = ring[i % BUFFERS]
             buf.wait()
-            if readable and cow_shared:
-                memory.read_mem_into(mem_fd, [(buf.view[off : off + length], addr) for _, addr, length, off in batch])
-            elif readable:
-                memory.read_into(pid, [(buf.address + off, addr, length) for _, addr, length, off in batch])
-            else:
-                _, addr, length, _ = batch[0]
-                buf.map[:length] = memory.read_mem_file(pid, addr, length)
+            try:
+                if readable and cow_shared:
+                    memory.read_mem_into(mem_fd, [(buf.view[off : off + length], addr)
+                                                  for _, addr, length, off in batch])
+                elif readable:
+                    memory.read_into(pid, [(buf.address + off, addr, length) for _, addr, length, off in batch])
+                else:
+                    _, addr, length, _ = batch[0]
+                    buf.map[:length] = memory.read_mem_file(pid, addr, length)
+            except OSError as err:
+                raise _read_failed(pid, batch, err) from err
             pieces = []
             for vma, addr, length, off in batch:
                 spans = nonzero_runs(buf.map, off, off + length) if vma.kind in ZERO_SKIPPED else [(off, length)]
@@ -111,6 +116,17 @@ def write_pages_seized(pid: int, runs: list[tuple[model.Vma, int, int]], sink: P
             os.close(mem_fd)
         for buf in ring:
             buf.close()
+
+
+def _read_failed(pid: int, batch, err: OSError) -> DumpError:
+    """A read of the task's memory failed: which address of which pid (the
+    kernel layer names the address it stopped at), in which VMA."""
+    at = getattr(err, "address", None)
+    vma, addr, length, _ = next((b for b in batch if at is not None and b[1] <= at < b[1] + b[2]), batch[0])
+    if at is None:
+        at = addr
+    return DumpError(f"pid {pid}: cannot read its memory at {at:#x} (VMA {vma.start:#x}-{vma.end:#x} "
+                     f"{vma.name or vma.kind.value}): {os.strerror(err.errno) if err.errno else err}", pid)
 
 
 class _Buffer:

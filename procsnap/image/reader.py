@@ -279,7 +279,8 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
         if v.start < prev_end:
             p.append(f"{where}: overlaps the previous VMA (ends {prev_end:#x})")
         prev_end = max(prev_end, v.end)
-        if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) and v.file_id not in file_ids:
+        if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) and v.file_id not in file_ids \
+                and v.ghost < 0:  # an unlinked file's is its Ghost (objects/ghost.py)
             p.append(f"{where}: refers to unknown file {v.file_id}")
         if v.offset < 0 or v.offset % PAGE_SIZE:
             p.append(f"{where}: bad file offset {v.offset}")

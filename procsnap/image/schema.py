@@ -36,9 +36,12 @@ from ..objects import cgroups, creds, file, fown, ghost, locks, pipe, settings, 
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
+MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
-#            FOWN, CGRP, Task.root
+#            FOWN, CGRP, Task.root; 1.3: Vma.lock, Vma.guards, Task.mlockall,
+#            FdKind.PATH (O_PATH fds), FdKind.GHOST_DIR and Task.cwd_removed (removed directories),
+#            Vma.ghost (private mappings of unlinked files), a 4th element of an epoll watch (the fd
+#            holding the file of a watched fd that was closed)
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 

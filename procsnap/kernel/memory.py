@@ -21,6 +21,13 @@ _IOVECS = [struct.Struct(f"<{2 * n}Q") for n in range(IOV_MAX + 1)]
 libc.syscall.restype = ctypes.c_long
 
 
+def _fault(errno_: int, what: str, address: int) -> OSError:
+    """An OSError that carries the remote address the transfer stopped at."""
+    err = OSError(errno_, f"{what} at {address:#x}")
+    err.address = address
+    return err
+
+
 def _vm_rw(nr: int, name: str, pid: int, segments: list[tuple[int, int, int]]) -> None:
     """Transfer each (local, remote, length) segment, IOV_MAX per call.
 
@@ -42,9 +49,11 @@ def _vm_rw(nr: int, name: str, pid: int, segments: list[tuple[int, int, int]]) -
         done = libc.syscall(ctypes.c_long(nr), ctypes.c_long(pid), lv, ctypes.c_ulong(n), rv,
                             ctypes.c_ulong(n), ctypes.c_ulong(0))
         if done < 0:
-            raise oserror(f"{name}({pid}) at {batch[0][1] + skip:#x}")
+            err = oserror(f"{name}({pid}) at {batch[0][1] + skip:#x}")
+            err.address = batch[0][1] + skip
+            raise err
         if done == 0:
-            raise OSError(14, f"{name}({pid}): no access at {batch[0][1] + skip:#x}")
+            raise _fault(14, f"{name}({pid}): no access", batch[0][1] + skip)
         while done > 0:
             left = segments[i][2] - skip
             if done >= left:
@@ -82,9 +91,12 @@ def read_mem_file(pid: int, address: int, length: int) -> bytes:
         data = b""
         f.seek(address)
         while len(data) < length:
-            chunk = f.read(length - len(data))
+            try:
+                chunk = f.read(length - len(data))
+            except OSError as err:
+                raise _fault(err.errno, f"/proc/{pid}/mem: read", address + len(data)) from err
             if not chunk:
-                raise OSError(14, f"/proc/{pid}/mem: short read at {address + len(data):#x}")
+                raise _fault(14, f"/proc/{pid}/mem: short read", address + len(data))
             data += chunk
         return data
 
@@ -100,7 +112,10 @@ def read_mem_into(fd: int, pieces: list[tuple[memoryview, int]]) -> None:
     for view, address in pieces:
         done = 0
         while done < len(view):
-            n = os.preadv(fd, [view[done:]], address + done)
+            try:
+                n = os.preadv(fd, [view[done:]], address + done)
+            except OSError as err:
+                raise _fault(err.errno, "/proc/PID/mem: read", address + done) from err
             if n <= 0:
-                raise OSError(14, f"/proc/PID/mem: short read at {address + done:#x}")
+                raise _fault(14, "/proc/PID/mem: short read", address + done)
             done += n

@@ -251,12 +251,18 @@ def list_tids(pid: int) -> list[int]:
 PM_TOP_PRESENT = 0x80
 PM_TOP_SWAPPED = 0x40
 PM_TOP_FILE = 0x20
+# 58: a guard region's page (MADV_GUARD_INSTALL, 6.15+): a PTE marker that
+# also shows as swapped (0x44 in the top byte here); there is nothing to read.
+PM_TOP_GUARD = 0x04
 
 # One byte per page -> b"1" (store it) or b"0" (leave it), for str.translate.
 _PRIVATE_TABLE = bytes(
-    0x31 if (b & (PM_TOP_PRESENT | PM_TOP_SWAPPED)) and not b & PM_TOP_FILE else 0x30 for b in range(256)
+    0x31 if (b & (PM_TOP_PRESENT | PM_TOP_SWAPPED)) and not b & (PM_TOP_FILE | PM_TOP_GUARD) else 0x30
+    for b in range(256)
 )
-_SHARED_TABLE = bytes(0x31 if b & (PM_TOP_PRESENT | PM_TOP_SWAPPED) else 0x30 for b in range(256))
+_SHARED_TABLE = bytes(0x31 if b & (PM_TOP_PRESENT | PM_TOP_SWAPPED) and not b & PM_TOP_GUARD else 0x30
+                      for b in range(256))
+_GUARD_TABLE = bytes(0x31 if b & PM_TOP_GUARD else 0x30 for b in range(256))
 _RUN_RE = re.compile(b"1+")
 
 
@@ -270,6 +276,12 @@ def classify_pages(pagemap: bytes, shared_anon: bool) -> list[tuple[int, int]]:
     """
     top = pagemap[7::8]
     marks = top.translate(_SHARED_TABLE if shared_anon else _PRIVATE_TABLE)
+    return [(m.start(), m.end() - m.start()) for m in _RUN_RE.finditer(marks)]
+
+
+def guard_pages(pagemap: bytes) -> list[tuple[int, int]]:
+    """Runs (first page index, page count) of guard-region pages."""
+    marks = pagemap[7::8].translate(_GUARD_TABLE)
     return [(m.start(), m.end() - m.start()) for m in _RUN_RE.finditer(marks)]
 
 

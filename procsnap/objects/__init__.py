@@ -15,6 +15,7 @@ import typing
 from .. import model
 from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, settings, shm, \
     signalfd, timerfd, tty, unix
+from . import ghostdir, memlock, opath
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -26,8 +27,9 @@ if typing.TYPE_CHECKING:
 # restored in this order: locks and fd owners through the restorer's
 # privileges, then the credentials (which drop them), then the settings
 # (dumpable, which a credential change resets, among them); cgroups are
-# joined earlier, at the spawn.
-TASK_STATE = (locks, fown, creds, settings, cgroups)
+# joined earlier, at the spawn. Memory locks and guards come first, through
+# the restorer's CAP_IPC_LOCK.
+TASK_STATE = (memlock, locks, fown, creds, settings, cgroups)
 
 
 def collect_task_state_seized(target, tids: list[int], ckpt: model.Checkpoint) -> None:
@@ -48,8 +50,8 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 
 # In the order an fd is offered to them, the first that takes it wins: a
 # memfd before regular files, an unlinked file before a linked one, a
-# terminal before other character devices.
-KINDS = (shm, ghost, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe)
+# terminal before other character devices; an O_PATH fd before all, whatever it is of.
+KINDS = (opath, shm, ghost, ghostdir, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe, memlock)
 
 
 def collectors() -> list[protocol.Collect]:

@@ -85,6 +85,30 @@ class Collect(protocol.Collect):
             self.sources[ghost.id] = fd.path
         return model.FdEntry(fd.fd, model.FdKind.GHOST, fd.flags, fd.pos, path, self.ghosts[key].id)
 
+    def collect_vma(self, pid: int, m, prot: model.Prot, flags: model.MapFlag) -> model.Vma | None:
+        """A private mapping of a regular file unlinked while mapped (a
+        library replaced by an upgrade): its file is a Ghost like an open
+        one's, read through map_files; its written pages are copied as for
+        any private file mapping. (A shared one is objects/shm.py's.)"""
+        if m.shared or not m.deleted or not m.path.startswith("/") or m.inode == 0:
+            return None
+        where = f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}"
+        try:
+            st = os.stat(where)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink:
+            return None  # refused by the dumper, by name
+        key = (st.st_dev, st.st_ino)
+        if key not in self.ghosts:
+            self.ghosts[key] = Ghost(len(self.ghosts), m.path[: -len(DELETED)], st.st_mode, st.st_size, 0, 0,
+                                     FileAttrs.of(st), [])
+            self.sources[self.ghosts[key].id] = where
+        link = os.lstat(where).st_mode  # the open file's f_mode, as for any file mapping
+        access = {0o600: os.O_RDWR, 0o200: os.O_WRONLY}.get(link & 0o600, os.O_RDONLY)
+        return model.Vma(m.start, m.end, model.VmaKind.FILE_PRIVATE, prot, flags, m.offset, -1, m.path,
+                         access=access, ghost=self.ghosts[key].id)
+
     def write_tree(self, writer, root: model.Checkpoint) -> None:
         """The data extents of each regular file without a link, read
         through a task's fd without touching its atime, into the root's image."""
@@ -153,6 +177,7 @@ class Prepare(protocol.Prepare):
     def __init__(self, root, tree_fds):
         super().__init__(root, tree_fds)
         self.made: dict[tuple[str, int], str] = {}  # (image directory, Ghost id) -> its name until end_prepare
+        self.retime: list[tuple[int, FileAttrs]] = []  # mapped ghosts: mmap() set their atime (file_accessed)
 
     def open_fd(self, entry: model.FdEntry, proc: Restoring) -> int:
         # an image before 1.2 holds each process's own ghosts; a newer one the tree's, in the root's
@@ -162,6 +187,33 @@ class Prepare(protocol.Prepare):
             ghost = next(g for g in image.checkpoint.ghosts if g.id == entry.file_id)  # there: check_tree
             self.made[key] = _recreate(image, ghost)
         return protocol.open_path(self.made[key], protocol.open_flags(entry), f"fd {entry.fd}")
+
+    def prepare_vmas(self, ckpt: model.Checkpoint, prepared) -> None:
+        """The file of each mapping of an unlinked file, made again (or the
+        one an fd of it made), opened with the mapping's access mode."""
+        from ..restorer.files import map_access, vma_map_key  # a restore's
+
+        for v in ckpt.vmas:
+            if v.ghost < 0 or vma_map_key(v) in prepared.map_sources:
+                continue
+            key = (self.root.directory, v.ghost)
+            if key not in self.made:
+                ghost = next(g for g in self.root.checkpoint.ghosts if g.id == v.ghost)  # there: check_tree
+                self.made[key] = _recreate(self.root, ghost)
+            fd = protocol.open_path(self.made[key], map_access(v) | os.O_CLOEXEC,
+                                    f"VMA {v.start:#x}-{v.end:#x} ({v.name})")
+            prepared.map_sources[vma_map_key(v)] = fd
+            ghost = next(g for g in self.root.checkpoint.ghosts if g.id == v.ghost)
+            if ghost.attrs is not None:
+                self.retime.append((self.own(os.dup(fd)), ghost.attrs))
+
+    def ready(self) -> None:
+        """The times of mapped ghosts again: mmap() of the file moved its atime."""
+        for fd, attrs in self.retime:
+            with contextlib.suppress(OSError):
+                attrs.apply_times(fd)
+            self.tree_fds.close(fd)
+        self.retime.clear()
 
     def end_prepare(self) -> None:
         """Unlinked again, as at dump."""
@@ -245,7 +297,9 @@ def check_image(ckpt: model.Checkpoint, image) -> list[str]:
 def check_tree(ckpt: model.Checkpoint, root: model.Checkpoint) -> list[str]:
     ids = {g.id for g in (ckpt.ghosts or root.ghosts)}
     return [f"fd {fd.fd}: refers to unknown ghost {fd.file_id}" for fd in ckpt.fds
-            if fd.kind == model.FdKind.GHOST and fd.file_id not in ids]
+            if fd.kind == model.FdKind.GHOST and fd.file_id not in ids] + \
+        [f"VMA {v.start:#x}-{v.end:#x}: refers to unknown ghost {v.ghost}" for v in ckpt.vmas
+         if v.ghost >= 0 and (v.ghost not in {g.id for g in root.ghosts} or v.kind != model.VmaKind.FILE_PRIVATE)]
 
 
 def verify(root: model.Checkpoint) -> list[str]:

@@ -142,6 +142,9 @@ class Prepare:
     def prepare_vmas(self, ckpt: model.Checkpoint, prepared) -> None:
         """The objects this kind's mappings need (restorer.files.PreparedFiles)."""
 
+    def prepare_process(self, ckpt: model.Checkpoint) -> None:
+        """Before a process's fds are opened: what its task needs (a removed cwd's placeholder)."""
+
     def open_fd(self, entry: model.FdEntry, proc: Restoring) -> int:
         """A restorer fd of the object `entry` (of one of fd_kinds) names."""
         raise NotImplementedError

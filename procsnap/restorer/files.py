@@ -83,6 +83,7 @@ def prepare_files(image: Image, shell_job: bool, shared: SharedFiles) -> Prepare
         _prepare_maps(ckpt, {f.id: f for f in ckpt.files}, prepared)
         for kind in shared.kinds:
             kind.prepare_vmas(ckpt, prepared)
+            kind.prepare_process(ckpt)
         _prepare_fds(image, prepared, shell_job, shared)
     except BaseException:
         prepared.close()
@@ -105,9 +106,15 @@ def map_key(file_id: int, access: int) -> str:
     return f"{file_id}.{access}"
 
 
+def vma_map_key(vma: model.Vma) -> str:
+    """The open a file VMA is mapped from: of its FileRef, or of the Ghost
+    of a file unlinked while mapped (objects/ghost.py)."""
+    return f"ghost{vma.ghost}.{map_access(vma)}" if vma.ghost >= 0 else map_key(vma.file_id, map_access(vma))
+
+
 def _prepare_maps(ckpt: model.Checkpoint, refs: dict[int, FileRef], prepared: PreparedFiles) -> None:
     needed = {(v.file_id, map_access(v)) for v in ckpt.vmas
-              if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED)}
+              if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) and v.ghost < 0}
     needed.add((ckpt.mm.exe_file_id, os.O_RDONLY))
     for fid, access in sorted(needed):
         ref = refs[fid]

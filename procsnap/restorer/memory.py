@@ -28,7 +28,7 @@ from ..kernel.arch.x86_64 import NR, PAGE_SIZE, TASK_SIZE
 from ..kernel.infect import SCRATCH_SIZE, Target, free_gap
 from ..kernel.proc import MapsEntry
 from ..kernel.structs import MREMAP_FIXED, MREMAP_MAYMOVE, Prctl, prctl_mm_map
-from .files import map_access, map_key
+from .files import vma_map_key
 
 MMAP_MIN_ADDR = 0x10000
 
@@ -212,7 +212,7 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
             flags |= model.MapFlag.MAP_SHARED
         else:
             flags |= v.flags & model.MapFlag.MAP_DROPPABLE or model.MapFlag.MAP_PRIVATE
-        fd = map_fds[map_key(v.file_id, map_access(v))] \
+        fd = map_fds[vma_map_key(v)] \
             if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) else -1
         if v.kind == model.VmaKind.SHARED_MEM:
             fd = shm_fds[v.shm]

@@ -17,7 +17,7 @@ import signal
 import time
 
 from .. import model
-from ..errors import RestoreError
+from ..errors import RestoreError, describe
 from ..kernel.arch.x86_64 import NR
 from ..kernel import proc
 from ..kernel.libc import prctl, pylibc, syscall
@@ -113,7 +113,10 @@ def _child_setup(node: Node) -> None:
     # Helpers first go above every number in use, so nothing collides.
     for src, want in helpers.values():
         os.dup2(src, want, inheritable=False)
-    os.chdir(task.cwd)
+    try:
+        os.chdir(task.cwd)
+    except OSError as err:
+        raise RestoreError(f"cannot enter its working directory {task.cwd}: {err.strerror}") from err
     os.umask(task.umask)
     keep = {want for _, want in helpers.values()}
     for target_fd, src in files.fd_sources.items():
@@ -134,9 +137,16 @@ def _child_setup(node: Node) -> None:
             os.closerange(prev, fd)
         prev = fd + 1
     if task.root != "/":  # last of the paths: everything above was opened from ours
-        os.chroot(task.root)
+        try:
+            os.chroot(task.root)
+        except OSError as err:
+            raise RestoreError(f"cannot enter its root directory {task.root}: {err.strerror}") from err
     for r in task.rlimits:
-        resource.setrlimit(r.resource, (_rlim(r.soft), _rlim(r.hard)))
+        try:
+            resource.setrlimit(r.resource, (_rlim(r.soft), _rlim(r.hard)))
+        except (OSError, ValueError) as err:
+            raise RestoreError(f"cannot set its resource limit {r.resource} to soft {r.soft} hard {r.hard}: "
+                               f"{describe(err)}") from err
     ready_w, sync_r = helpers["ready"][1], helpers["sync"][1]
     os.write(ready_w, b"R")
     os.close(ready_w)
@@ -174,7 +184,7 @@ def _clone(node: Node) -> int:
             code = 2
             for fd in (node.helpers.get("ready", (-1, -1))[::-1]):
                 try:
-                    os.write(fd, f"E{type(err).__name__}: {err}".encode()[:4000])
+                    os.write(fd, f"E{describe(err)}".encode()[:4000])
                     break
                 except BaseException:  # noqa: BLE001
                     continue

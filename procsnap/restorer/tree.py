@@ -89,6 +89,7 @@ def _check_refs(image: Image, root: model.Checkpoint) -> None:
     problems += [f"fd {e.fd}: {e.kind.value} parameter {k} = {v}" for e in ckpt.fds
                  for k, v in e.params.items() if not 0 <= v < 1 << 63]
     problems += [f"fd {e.fd}: epoll watch {w}" for e in ckpt.fds for w in e.watches
-                 if len(w) != 3 or not (0 <= w[0] < 1 << 20 and 0 <= w[1] < 1 << 32 and 0 <= w[2] < 1 << 64)]
+                 if len(w) not in (3, 4) or not (0 <= w[0] < 1 << 20 and 0 <= w[1] < 1 << 32 and 0 <= w[2] < 1 << 64)
+                 or (len(w) == 4 and w[3] not in {f.fd for f in ckpt.fds})]  # 1.3: the fd holding a closed one's file
     if problems:
         raise ImageCorrupt(f"{image.directory}: " + "; ".join(problems))

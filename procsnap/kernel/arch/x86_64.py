@@ -52,6 +52,7 @@ class NR(enum.IntEnum):
     ioprio_get = 252
     sigaltstack = 131
     personality = 135
+    mlockall = 151
     prctl = 157
     arch_prctl = 158
     gettid = 186
@@ -73,6 +74,7 @@ class NR(enum.IntEnum):
     sched_getattr = 315
     userfaultfd = 323
     membarrier = 324
+    mlock2 = 325
     rseq = 334
     pidfd_open = 434
     clone3 = 435
