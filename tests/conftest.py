@@ -109,6 +109,11 @@ CASES = [
     Case("memfd", "wipe"),
     Case("treestate", "fown"),
     Case("treestate", "chroot", dir_arg=True),
+    Case("seccomp", "filter"),
+    Case("seccomp", "threads"),
+    Case("seccomp", "tsync"),
+    Case("seccomp", "fork"),
+    Case("seccomp", "strict"),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 

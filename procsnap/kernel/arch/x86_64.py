@@ -71,6 +71,7 @@ class NR(enum.IntEnum):
     kcmp = 312
     sched_setattr = 314
     sched_getattr = 315
+    seccomp = 317
     userfaultfd = 323
     membarrier = 324
     rseq = 334
