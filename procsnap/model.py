@@ -152,6 +152,7 @@ class FdKind(enum.Enum):
     TIMERFD = "timerfd"  # params: clockid, ticks, value_ns, interval_ns (time left when dumped)
     EPOLL = "epoll"  # watches: [fd, events, data] as registered
     UNIX = "unix-socket"  # one end of a connected unix socket pair of the tree (file_id: Socket.id)
+    INOTIFY = "inotify"  # marks: objects.inotify.WATCH each, by wd
 
 
 def _flags(table):
@@ -306,6 +307,7 @@ class FdEntry:
     desc: int = -1  # open file description shared with other processes of the tree: its tree-wide id
     params: dict[str, int] = dataclasses.field(default_factory=dict)  # of an anonymous-inode kind
     watches: list[list[int]] = dataclasses.field(default_factory=list)  # EPOLL: [fd, events, data]
+    marks: list[list[int]] = dataclasses.field(default_factory=list)  # INOTIFY: inotify.WATCH each (since 1.3)
 
 
 @dataclasses.dataclass

@@ -114,6 +114,7 @@ CASES = [
     Case("seccomp", "tsync"),
     Case("seccomp", "fork"),
     Case("seccomp", "strict"),
+    Case("inotify", dir_arg=True),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 

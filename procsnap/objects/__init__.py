@@ -15,7 +15,7 @@ import typing
 from .. import model
 from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, settings, shm, \
     signalfd, timerfd, tty, unix
-from . import seccomp
+from . import inotify, seccomp
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -51,7 +51,7 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 # In the order an fd is offered to them, the first that takes it wins: a
 # memfd before regular files, an unlinked file before a linked one, a
 # terminal before other character devices.
-KINDS = (shm, ghost, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe)
+KINDS = (shm, ghost, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe, inotify)
 
 
 def collectors() -> list[protocol.Collect]:
