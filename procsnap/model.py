@@ -153,6 +153,9 @@ class FdKind(enum.Enum):
     EPOLL = "epoll"  # watches: [fd, events, data] as registered
     UNIX = "unix-socket"  # one end of a connected unix socket pair of the tree (file_id: Socket.id)
     INOTIFY = "inotify"  # marks: objects.inotify.WATCH each, by wd
+    PIDFD = "pidfd"  # params: pid (of the tree), or dead: 1 (its process is gone)
+    PROC_FILE = "proc-file"  # /proc/PID/... of a process of the tree (path; params: pid)
+    NAMESPACE = "namespace"  # /proc/self/ns/NAME of a host namespace (path)
 
 
 def _flags(table):

@@ -15,7 +15,7 @@ import typing
 from .. import model
 from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, settings, shm, \
     signalfd, timerfd, tty, unix
-from . import inotify, seccomp
+from . import inotify, procfd, seccomp
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -28,8 +28,9 @@ if typing.TYPE_CHECKING:
 # privileges, then the credentials (which drop them), then the settings
 # (dumpable, which a credential change resets, among them); cgroups are
 # joined earlier, at the spawn. seccomp filters go in before the credentials,
-# with the restorer's privileges (tracees run no filter while seized).
-TASK_STATE = (locks, fown, seccomp, creds, settings, cgroups)
+# with the restorer's privileges (tracees run no filter while seized), and so
+# do the pidfds and /proc files the process opens again (procfd).
+TASK_STATE = (locks, fown, seccomp, procfd, creds, settings, cgroups)
 
 
 def collect_task_state_seized(target, tids: list[int], ckpt: model.Checkpoint) -> None:
@@ -50,8 +51,9 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 
 # In the order an fd is offered to them, the first that takes it wins: a
 # memfd before regular files, an unlinked file before a linked one, a
-# terminal before other character devices.
-KINDS = (shm, ghost, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe, inotify)
+# terminal before other character devices, /proc/PID files and namespace
+# fds before regular files.
+KINDS = (shm, ghost, procfd, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe, inotify)
 
 
 def collectors() -> list[protocol.Collect]:

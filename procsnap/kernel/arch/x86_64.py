@@ -64,6 +64,7 @@ class NR(enum.IntEnum):
     set_robust_list = 273
     get_robust_list = 274
     timerfd_gettime = 287
+    dup3 = 292
     rt_tgsigqueueinfo = 297
     prlimit64 = 302
     process_vm_readv = 310
