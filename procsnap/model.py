@@ -156,6 +156,7 @@ class FdKind(enum.Enum):
     PIDFD = "pidfd"  # params: pid (of the tree), or dead: 1 (its process is gone)
     PROC_FILE = "proc-file"  # /proc/PID/... of a process of the tree (path; params: pid)
     NAMESPACE = "namespace"  # /proc/self/ns/NAME of a host namespace (path)
+    FANOTIFY = "fanotify"  # params: flags, event_flags; marks: objects.fanotify.MARK each
 
 
 def _flags(table):

@@ -6,7 +6,7 @@ every variant through test_dump_restore's cases."""
 import os
 import textwrap
 
-from conftest import (assert_cli_error, assert_untouched, cli, dump_kill, proc_snapshot, assert_same_snapshot,
+from conftest import (assert_cli_error, assert_pass, assert_untouched, cli, dump_kill, proc_snapshot, assert_same_snapshot,
                       restore, wait_until)
 
 PYTHON = "/usr/bin/python3"
@@ -65,3 +65,66 @@ def test_queued_events_refused(procs, tmp_path):
     r = cli("dump", "-t", t.pid, "-D", images)
     assert_cli_error(r, f"pid {t.pid}: fd {fd}", "inotify", "bytes of events not yet read")
     assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
+
+
+FANOTIFY = textwrap.dedent("""\
+    import ctypes, os, select, signal, struct, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+    FAN_CLOEXEC, FAN_NONBLOCK, FAN_MARK_ADD, FAN_MARK_IGNORED_MASK = 0x1, 0x2, 0x1, 0x20
+    FAN_MODIFY, FAN_CLOSE_WRITE, FAN_EVENT_ON_CHILD = 0x2, 0x8, 0x08000000
+    d = sys.argv[1]
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    g = libc.fanotify_init(FAN_CLOEXEC | FAN_NONBLOCK, os.O_RDONLY | os.O_LARGEFILE)
+    assert g >= 0, ctypes.get_errno()
+    for name in ("watched", "quiet", "moved"):
+        open(f"{d}/{name}", "w").close()
+    assert libc.fanotify_mark(g, FAN_MARK_ADD, FAN_MODIFY, -100, f"{d}/watched".encode()) == 0
+    assert libc.fanotify_mark(g, FAN_MARK_ADD, FAN_CLOSE_WRITE | FAN_EVENT_ON_CHILD, -100, d.encode()) == 0
+    assert libc.fanotify_mark(g, FAN_MARK_ADD | FAN_MARK_IGNORED_MASK | 0x40, FAN_CLOSE_WRITE, -100, f"{d}/quiet".encode()) == 0  # IGNORED_SURV_MODIFY
+    assert libc.fanotify_mark(g, FAN_MARK_ADD, FAN_MODIFY, -100, f"{d}/moved".encode()) == 0
+    os.rename(f"{d}/moved", f"{d}/moved.1")   # marked on its inode
+    if os.environ.get("PS_TARGET_SABOTAGE") == "1":
+        assert libc.fanotify_mark(g, 0x2, FAN_MODIFY, -100, f"{d}/moved.1".encode()) == 0  # FAN_MARK_REMOVE
+    print("READY", flush=True)
+    signal.sigwait({signal.SIGUSR1})
+    for name in ("watched", "quiet", "moved.1"):
+        with open(f"{d}/{name}", "a") as f:
+            f.write("x")
+    got = []
+    while select.select([g], [], [], 1)[0]:
+        data = os.read(g, 4096)
+        while data:
+            length, _, _, _, mask, fd, pid = struct.unpack_from("<IBBHQii", data)
+            got.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), mask))
+            os.close(fd)
+            data = data[length:]
+    want = [("watched", FAN_MODIFY), ("watched", FAN_CLOSE_WRITE), ("moved.1", FAN_MODIFY),
+            ("moved.1", FAN_CLOSE_WRITE)]
+    # events of one file may merge into one with both bits
+    merged = {}
+    for name, mask in got:
+        merged[name] = merged.get(name, 0) | mask
+    expect = {"watched": FAN_MODIFY | FAN_CLOSE_WRITE, "moved.1": FAN_MODIFY | FAN_CLOSE_WRITE}
+    print("PASS" if merged == expect else f"FAIL: events {got}, expected {expect}", flush=True)
+    sys.exit(0 if merged == expect else 1)
+""")
+
+
+def test_fanotify_marks(procs, tmp_path):
+    """A fanotify group with an inode mark, a directory mark for its
+    children, an ignored mask and a mark on a file renamed since: after the
+    restore it reports exactly the events it would have (the sabotaged run,
+    one mark removed, must not)."""
+    script = tmp_path / "fan.py"
+    script.write_text(FANOTIFY)
+    for sabotage in ("1", "0"):
+        d = tmp_path / f"dir{sabotage}"
+        d.mkdir()
+        t = procs.start([PYTHON, script, d], name=f"fanotify{sabotage}", env={"PS_TARGET_SABOTAGE": sabotage})
+        if sabotage == "1":
+            status, out = t.wait_result()
+            assert status == 1 and "FAIL: events" in out, out
+            continue
+        restore(procs, t, dump_kill(t, tmp_path / "img"))
+        assert_pass(t)

@@ -40,7 +40,7 @@ MAJOR = 1
 MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
 #            FOWN, CGRP, Task.root; 1.3: SECC (seccomp mode and filters of each thread),
-#            FdEntry.marks (inotify watches)
+#            FdEntry.marks (inotify watches, fanotify marks)
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 

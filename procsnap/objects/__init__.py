@@ -15,7 +15,7 @@ import typing
 from .. import model
 from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, settings, shm, \
     signalfd, timerfd, tty, unix
-from . import inotify, procfd, seccomp
+from . import fanotify, inotify, procfd, seccomp
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -53,7 +53,7 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 # memfd before regular files, an unlinked file before a linked one, a
 # terminal before other character devices, /proc/PID files and namespace
 # fds before regular files.
-KINDS = (shm, ghost, procfd, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe, inotify)
+KINDS = (shm, ghost, procfd, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe, inotify, fanotify)
 
 
 def collectors() -> list[protocol.Collect]:

@@ -120,7 +120,7 @@ class file_handle(ctypes.Structure):
                 ("f_handle", ctypes.c_ubyte * MAX_HANDLE_SZ)]
 
 
-def _mount_of(sdev: int) -> str:
+def mount_of(sdev: int) -> str:
     """A mount point of the filesystem whose (kernel-encoded) device is `sdev`."""
     major, minor = sdev >> 20, sdev & 0xFFFFF
     best = None
@@ -134,19 +134,18 @@ def _mount_of(sdev: int) -> str:
     return best
 
 
-def _open_watched(w: list[int], what: str) -> int:
-    """An O_PATH fd of the watched inode, found by its handle."""
-    wd, _, _, sdev, ino, htype, nbytes, handle = w
+def open_by_handle(sdev: int, ino: int, htype: int, nbytes: int, handle: int, what: str) -> int:
+    """An O_PATH fd of a watched inode (`what` names the watch), found by its handle."""
     fh = file_handle(nbytes, htype)
     ctypes.memmove(fh.f_handle, handle.to_bytes(nbytes, "big"), nbytes)
-    mount = _mount_of(sdev)
+    mount = mount_of(sdev)
     mfd = os.open(mount, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # not O_PATH: EBADF
     try:
         fd = libc.open_by_handle_at(mfd, ctypes.byref(fh), os.O_PATH | os.O_CLOEXEC)
         if fd < 0:
             err = oserror("open_by_handle_at")
             hint = " (needs CAP_DAC_READ_SEARCH)" if err.errno == 1 else ""
-            raise RestoreError(f"{what}: inotify watch {wd}: the watched inode {ino} on {mount}: "
+            raise RestoreError(f"{what}: the watched inode {ino} on {mount}: "
                                f"{os.strerror(err.errno)}{hint}") from err
         return fd
     finally:
@@ -180,8 +179,8 @@ def make_inotify(entry: model.FdEntry, what: str) -> int:
                 libc.inotify_rm_watch(ifd, got)
                 next_wd = got + 1
             if placeholder:
-                _drain(ifd)  # their IN_IGNORED, before any event of a real watch
-            fd = _open_watched(w, what)
+                drain(ifd)  # their IN_IGNORED, before any event of a real watch
+            fd = open_by_handle(*w[3:], f"{what}: inotify watch {w[0]}")
             try:
                 got = _add(ifd, f"/proc/self/fd/{fd}", w[1] & ~IN_DONT_FOLLOW, what)
             finally:
@@ -199,7 +198,7 @@ def make_inotify(entry: model.FdEntry, what: str) -> int:
             os.close(ifd)
 
 
-def _drain(ifd: int) -> None:
+def drain(ifd: int) -> None:
     flags = os.get_blocking(ifd)
     os.set_blocking(ifd, False)
     try:
