@@ -34,6 +34,7 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.fown import FdOwner
     from .objects.cgroups import Cgroup
     from .objects.settings import Settings
+    from .objects.seccomp import Seccomp
 
 
 class Prot(enum.IntFlag):
@@ -161,6 +162,11 @@ class FdKind(enum.Enum):
     UNIX = "unix-socket"  # one end of a connected unix socket pair of the tree (file_id: Socket.id)
     GHOST_DIR = "removed-directory"  # of a directory removed while open: a placeholder, removed again (1.3)
     PATH = "path"  # an O_PATH fd (of a file, directory, symlink, device...): reopened by path (1.3)
+    INOTIFY = "inotify"  # marks: objects.inotify.WATCH each, by wd
+    PIDFD = "pidfd"  # params: pid (of the tree), or dead: 1 (its process is gone)
+    PROC_FILE = "proc-file"  # /proc/PID/... of a process of the tree (path; params: pid)
+    NAMESPACE = "namespace"  # /proc/self/ns/NAME of a host namespace (path)
+    FANOTIFY = "fanotify"  # params: flags, event_flags; marks: objects.fanotify.MARK each
 
 
 def _flags(table):
@@ -320,6 +326,7 @@ class FdEntry:
     desc: int = -1  # open file description shared with other processes of the tree: its tree-wide id
     params: dict[str, int] = dataclasses.field(default_factory=dict)  # of an anonymous-inode kind
     watches: list[list[int]] = dataclasses.field(default_factory=list)  # EPOLL: [fd, events, data]
+    marks: list[list[int]] = dataclasses.field(default_factory=list)  # INOTIFY: inotify.WATCH each (since 1.3)
 
 
 @dataclasses.dataclass
@@ -360,3 +367,4 @@ class Checkpoint:
     creds: list[Creds] = dataclasses.field(default_factory=list)  # one, since format 1.2
     owners: list[FdOwner] = dataclasses.field(default_factory=list)  # since format 1.2
     cgroups: list[Cgroup] = dataclasses.field(default_factory=list)  # since format 1.2
+    seccomp: list[Seccomp] = dataclasses.field(default_factory=list)  # none or one, since format 1.3

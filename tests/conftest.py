@@ -117,6 +117,12 @@ CASES = [
     Case("removed", dir_arg=True),
     Case("ghostmap", dir_arg=True),
     Case("epollclosed"),
+    Case("seccomp", "filter"),
+    Case("seccomp", "threads"),
+    Case("seccomp", "tsync"),
+    Case("seccomp", "fork"),
+    Case("seccomp", "strict"),
+    Case("inotify", dir_arg=True),
 ]
 # Targets whose state a dump refuses (tests/test_refused.py): self-checked, never restored
 REFUSED_CASES = [Case("refused", m) for m in ("io_uring", "userfaultfd", "bpf-map", "perf_event", "aio")]

@@ -22,10 +22,12 @@ import ctypes
 import os
 import re
 import struct
+import zlib
 
 from procsnap.kernel import infect, proc, ptrace
 from procsnap.kernel.arch.x86_64 import NR
 from procsnap.objects.settings import sched_attr  # struct sched_attr, declared once
+from procsnap.objects import seccomp
 
 # --------------------------------------------------------------------------
 # What legitimately differs, and why
@@ -359,6 +361,25 @@ def _fd_owners(target) -> dict[str, str]:
     return out
 
 
+def _seccomp_filters(pid: int, tid: int) -> str:
+    """The programs and flags of a thread's filters, oldest first (the
+    status lines only count them): read with the thread seized, stopped."""
+    try:
+        if seccomp.thread_mode(pid, tid) != seccomp.SECCOMP_MODE_FILTER:
+            return "none"
+        stopped_by = ptrace.freeze(tid)
+    except OSError as err:
+        return f"<cannot freeze: {err}>"
+    try:
+        if stopped_by:
+            return f"<in a group-stop by signal {stopped_by}>"
+        chain = seccomp.read_chain(pid, tid)
+        return " ".join(f"{len(insns) // seccomp.SOCK_FILTER_SIZE}:{zlib.crc32(insns):08x}:{flags}"
+                        for insns, flags in chain)
+    finally:
+        ptrace.detach(tid)
+
+
 def _sharing(pids: list[int]) -> dict[int, dict[str, str]]:
     """Which earlier process of the tree (if any) each one shares its fd
     table and its fs struct (root, cwd, umask) with: kcmp."""
@@ -406,8 +427,12 @@ def capture(pid: int, root: bool = False, inject: bool = True) -> dict[str, str]
         except FileNotFoundError:
             continue
         state.update({f"task.{tid}.{k}": v for k, v in thread.items()})
+        if inject:
+            state[f"task.{tid}.seccomp_filters"] = _seccomp_filters(pid, tid)
     if inject and state["stat.state"] != "T":
         state.update(_injected(pid))
+    if inject:
+        state["seccomp_filters"] = _seccomp_filters(pid, pid)
     return state
 
 

@@ -28,6 +28,7 @@ from ..kernel.proc import MapsEntry
 from ..objects import ghostdir, memlock
 from ..objects.refused import refused_kind, vma_name
 from ..objects.namespaces import check_namespaces
+from ..objects.seccomp import check_seccomp_dumpable
 from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, SS_ONSTACK, STACK_T, Prctl
 from ..objects.file import FileTable
 from ..objects.protocol import Collect, OpenFd, same_file
@@ -41,8 +42,7 @@ SIGKILL, SIGSTOP = 9, 19
 
 def check_supported(pid: int, st: proc.Stat, status: dict[str, str]) -> None:
     """Refuse what this version cannot checkpoint, before freezing."""
-    if status.get("Seccomp", "0") != "0":
-        raise Unsupported(f"pid {pid}: uses seccomp (mode {status['Seccomp']}); not supported", pid)
+    check_seccomp_dumpable(pid)
     if _read_text(f"/proc/{pid}/timers").strip():
         raise Unsupported(f"pid {pid}: has POSIX timers; not supported", pid)
     if st.state == "Z":

@@ -47,7 +47,7 @@ def cow_snapshot(task, maps: list[MapsEntry]):
     with the target frozen throughout."""
     pid = task.pid
     child = None
-    ptrace.set_options(pid, ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACESYSGOOD)
+    ptrace.set_options(pid, ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACESYSGOOD | ptrace.suspend_seccomp())
     try:
         with infect.infected(pid, maps, scratch_area=False) as target:
             try:
@@ -57,7 +57,7 @@ def cow_snapshot(task, maps: list[MapsEntry]):
             if target.call.clones:
                 child = target.call.clones[-1]
     finally:
-        ptrace.set_options(pid, ptrace.PTRACE_O_TRACESYSGOOD)
+        ptrace.set_options(pid, ptrace.PTRACE_O_TRACESYSGOOD | ptrace.suspend_seccomp())
     try:
         if child is not None:
             ptrace.wait_stop(child)

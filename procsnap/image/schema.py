@@ -33,6 +33,7 @@ import typing
 
 from .. import model
 from ..objects import cgroups, creds, file, fown, ghost, locks, pipe, settings, shm, unix
+from ..objects import seccomp
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
@@ -41,7 +42,8 @@ MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #            FOWN, CGRP, Task.root; 1.3: Vma.lock, Vma.guards, Task.mlockall,
 #            FdKind.PATH (O_PATH fds), FdKind.GHOST_DIR and Task.cwd_removed (removed directories),
 #            Vma.ghost (private mappings of unlinked files), a 4th element of an epoll watch (the fd
-#            holding the file of a watched fd that was closed)
+#            holding the file of a watched fd that was closed),
+#            SECC (seccomp mode and filters of each thread), FdEntry.marks (inotify watches, fanotify marks)
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -80,6 +82,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"CRED": (creds.Creds, "creds", True),
     b"FOWN": (fown.FdOwner, "owners", True),
     b"CGRP": (cgroups.Cgroup, "cgroups", True),
+    b"SECC": (seccomp.Seccomp, "seccomp", True),
 }
 END = b"END "
 

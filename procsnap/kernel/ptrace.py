@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import functools
 import os
 import signal
 
@@ -49,6 +50,8 @@ class Req(enum.IntEnum):
     PEEKSIGINFO = 0x4209
     GETSIGMASK = 0x420A
     SETSIGMASK = 0x420B
+    SECCOMP_GET_FILTER = 0x420C
+    SECCOMP_GET_METADATA = 0x420D
     GET_RSEQ_CONFIGURATION = 0x420F
 
 
@@ -65,6 +68,8 @@ PTRACE_O_TRACESYSGOOD = 0x1
 SYSCALL_STOP = signal.SIGTRAP | 0x80  # a syscall-entry or -exit stop, with PTRACE_O_TRACESYSGOOD
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
+PTRACE_O_SUSPEND_SECCOMP = 0x200000  # needs CAP_SYS_ADMIN and a tracer without seccomp
+CAP_SYS_ADMIN = 21
 PTRACE_PEEKSIGINFO_SHARED = 1
 WALL = 0x40000000
 SIGINFO_SIZE = 128
@@ -100,6 +105,17 @@ def ptrace(req: Req, pid: int, addr=0, data=0) -> int:
     if ret == -1 and ctypes.get_errno() != 0:
         raise oserror(f"ptrace({req.name}, {pid})")
     return ret
+
+
+@functools.cache
+def suspend_seccomp() -> int:
+    """PTRACE_O_SUSPEND_SECCOMP if this process may set it, else 0. Every
+    tracee seized with it runs no seccomp filter (nor strict mode) while it
+    is traced: injected syscalls are never refused or killed by its filter."""
+    with open("/proc/self/status") as f:
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    cap_sys_admin = int(status["CapEff"], 16) >> CAP_SYS_ADMIN & 1
+    return PTRACE_O_SUSPEND_SECCOMP if cap_sys_admin and status["Seccomp"].strip() == "0" else 0
 
 
 def seize(pid: int, options: int = 0) -> None:
@@ -162,7 +178,7 @@ def freeze(pid: int, max_signals: int = 64, options: int = 0) -> int:
     that had stopped the task (SIGSTOP, SIGTSTP ...) if it was in a
     group-stop (state T), else 0.
     """
-    seize(pid, PTRACE_O_TRACESYSGOOD | options)
+    seize(pid, PTRACE_O_TRACESYSGOOD | options | suspend_seccomp())
     interrupt(pid)
     for _ in range(max_signals):
         status = wait_stop(pid)

@@ -15,7 +15,7 @@ import typing
 from .. import model
 from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, settings, shm, \
     signalfd, timerfd, tty, unix
-from . import ghostdir, memlock, opath
+from . import fanotify, ghostdir, inotify, memlock, opath, procfd, seccomp
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -28,8 +28,10 @@ if typing.TYPE_CHECKING:
 # privileges, then the credentials (which drop them), then the settings
 # (dumpable, which a credential change resets, among them); cgroups are
 # joined earlier, at the spawn. Memory locks and guards come first, through
-# the restorer's CAP_IPC_LOCK.
-TASK_STATE = (memlock, locks, fown, creds, settings, cgroups)
+# the restorer's CAP_IPC_LOCK. seccomp filters go in before the credentials,
+# with the restorer's privileges (tracees run no filter while seized), and so
+# do the pidfds and /proc files the process opens again (procfd).
+TASK_STATE = (memlock, locks, fown, seccomp, procfd, creds, settings, cgroups)
 
 
 def collect_task_state_seized(target, tids: list[int], ckpt: model.Checkpoint) -> None:
@@ -50,8 +52,10 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 
 # In the order an fd is offered to them, the first that takes it wins: a
 # memfd before regular files, an unlinked file before a linked one, a
-# terminal before other character devices; an O_PATH fd before all, whatever it is of.
-KINDS = (opath, shm, ghost, ghostdir, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe, memlock)
+# terminal before other character devices, /proc/PID files and namespace
+# fds before regular files; an O_PATH fd before all, whatever it is of.
+KINDS = (opath, shm, ghost, ghostdir, procfd, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe,
+         inotify, fanotify, memlock)
 
 
 def collectors() -> list[protocol.Collect]:

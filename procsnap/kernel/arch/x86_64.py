@@ -65,6 +65,7 @@ class NR(enum.IntEnum):
     set_robust_list = 273
     get_robust_list = 274
     timerfd_gettime = 287
+    dup3 = 292
     rt_tgsigqueueinfo = 297
     prlimit64 = 302
     process_vm_readv = 310
@@ -72,6 +73,7 @@ class NR(enum.IntEnum):
     kcmp = 312
     sched_setattr = 314
     sched_getattr = 315
+    seccomp = 317
     userfaultfd = 323
     membarrier = 324
     mlock2 = 325
