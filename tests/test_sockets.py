@@ -1,0 +1,89 @@
+"""Sockets other than pairs: unix sockets bound, listening, with waiting
+connections, named datagram sockets (objects/unix.py), and inet sockets
+that are not live connections (objects/inet.py). Every target checks its
+own sockets after the restore; the state check compares every socket's
+kind, addresses, peer, queue and options (tests/statecheck.py)."""
+
+import os
+import socket
+import sys
+import textwrap
+
+import pytest
+
+import procsnap
+from conftest import assert_cli_error, assert_pass, assert_untouched, cli, dump_kill, restore
+
+UNIX_PROGRAM = textwrap.dedent("""\
+    import os, signal, socket, stat, struct, sys
+    d = sys.argv[1]
+    path, upath, gone = f"{d}/listen.sock", f"{d}/u.sock", f"{d}/gone.sock"
+    abstract = f"\\0procsnap-test-{os.getpid()}".encode()
+    seqname = f"\\0procsnap-seq-{os.getpid()}".encode()
+    U = socket.AF_UNIX
+    L = socket.socket(U, socket.SOCK_STREAM); L.bind(path); os.chmod(path, 0o640); L.listen(5)
+    c1 = socket.socket(U, socket.SOCK_STREAM); c1.connect(path); s1, _ = L.accept()
+    L.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)  # after: s1 carries no credentials
+    c1.send(b"to-server"); s1.send(b"to-client")
+    c1.setsockopt(socket.SOL_SOCKET, 42, 0)  # SO_PEEK_OFF
+    c2 = socket.socket(U, socket.SOCK_STREAM); c2.connect(path)   # waiting in the backlog
+    c3 = socket.socket(U, socket.SOCK_STREAM); c3.bind(f"{d}/c3.sock"); c3.connect(path)
+    D = socket.socket(U, socket.SOCK_DGRAM); D.bind(abstract)
+    D.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 300000)
+    u = socket.socket(U, socket.SOCK_DGRAM); u.bind(upath); u.sendto(b"m1", abstract)
+    u.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("qq", 3, 500000))
+    v = socket.socket(U, socket.SOCK_DGRAM); v.sendto(b"m2", abstract)
+    e = socket.socket(U, socket.SOCK_DGRAM); e.connect(abstract); e.send(b"m3")
+    Q = socket.socket(U, socket.SOCK_SEQPACKET); Q.bind(seqname); Q.listen(3)
+    q1 = socket.socket(U, socket.SOCK_SEQPACKET); q1.connect(seqname); qs, _ = Q.accept()
+    q1.send(b"one"); q1.send(b"two!"); q1.shutdown(socket.SHUT_WR)
+    x = socket.socket(U, socket.SOCK_DGRAM); x.bind(gone); os.unlink(gone)
+    lone = socket.socket(U, socket.SOCK_STREAM)
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    os.write(1, b"READY\\n")
+    signal.pause()
+    bad = []
+    def check(what, got, want):
+        if got != want:
+            bad.append(f"{what}: {got!r} != {want!r}")
+    check("listener name", L.getsockname(), path)
+    check("listener file mode", oct(os.stat(path).st_mode), oct(stat.S_IFSOCK | 0o640))
+    check("passcred", L.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED), 1)
+    check("accepted name", s1.getsockname(), path)
+    check("to server", s1.recv(100), b"to-server")
+    check("to client", c1.recv(100), b"to-client")
+    check("peek off", c1.getsockopt(socket.SOL_SOCKET, 42), 0)
+    s2, _ = L.accept(); c2.send(b"c2"); check("c2 accepted first", s2.recv(10), b"c2")
+    check("passcred inherited", s2.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED), 1)
+    s3, a3 = L.accept(); check("c3 second, by its name", a3, f"{d}/c3.sock")
+    c3.send(b"c3"); check("c3 accepted", s3.recv(100, socket.MSG_PEEK), b"c3")
+    msg, anc, _, _ = s3.recvmsg(10, 64)
+    check("credentials of the restored sender", [struct.unpack("3i", a[2])[0] for a in anc], [os.getpid()])
+    got = [D.recvfrom(100) for _ in range(3)]
+    check("datagrams", [g[0] for g in got], [b"m1", b"m2", b"m3"])
+    check("sender", got[0][1], upath)
+    check("rcvbuf", D.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF), 600000)
+    check("sndtimeo", struct.unpack("qq", u.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16)), (3, 500000))
+    check("seqpacket", [qs.recv(10), qs.recv(10), qs.recv(10)], [b"one", b"two!", b""])
+    check("unlinked name", x.getsockname(), gone)
+    check("unlinked file", os.path.exists(gone), False)
+    check("lone", lone.getsockname(), "")
+    n = socket.socket(U, socket.SOCK_STREAM); n.connect(path); s4, _ = L.accept(); n.send(b"new")
+    check("new connection", s4.recv(10), b"new")
+    e.send(b"m4"); check("connected datagram", D.recv(10), b"m4")
+    os.write(1, b"PASS\\n" if not bad else ("FAIL " + "; ".join(bad) + "\\n").encode())
+    """)
+
+
+def test_unix_sockets_named_listening_waiting(procs, tmp_path):
+    """A listener at a path (its file's mode kept) with an accepted
+    connection holding data both ways and two connections waiting in its
+    backlog (accepted after the restore, in order); an abstract datagram
+    socket with datagrams from a named, an unnamed and a connected sender;
+    a seqpacket pair with boundaries and a shutdown; a socket bound to a
+    path since unlinked; an unbound one."""
+    (tmp_path / "d").mkdir()
+    t = procs.start([sys.executable, "-c", UNIX_PROGRAM, str(tmp_path / "d")], name="unix")
+    images = dump_kill(t, tmp_path / "img")
+    restore(procs, t, images)
+    assert_pass(t)
