@@ -74,7 +74,7 @@ def cmd_show(args) -> int:
         out = {"pages_size": image.pages_size, "ghosts_size": image.ghosts_size}
         for tag, (_, field, _) in schema.RECORDS.items():
             value = getattr(image.checkpoint, field)
-            if value or field not in ("procs", "pipes", "shms", "sockets", "threads"):
+            if value or field not in ("procs", "pipes", "shms", "sockets", "threads", "inet_sockets"):
                 out[field] = schema.describe(value)
         return out
 

@@ -34,6 +34,7 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.fown import FdOwner
     from .objects.cgroups import Cgroup
     from .objects.settings import Settings
+    from .objects.inet import InetSocket
 
 
 class Prot(enum.IntFlag):
@@ -151,6 +152,7 @@ class FdKind(enum.Enum):
     TIMERFD = "timerfd"  # params: clockid, ticks, value_ns, interval_ns (time left when dumped)
     EPOLL = "epoll"  # watches: [fd, events, data] as registered
     UNIX = "unix-socket"  # one end of a connected unix socket pair of the tree (file_id: Socket.id)
+    INET = "inet-socket"  # a TCP, UDP, raw, packet or netlink socket, not a live connection (InetSocket.id)
 
 
 def _flags(table):
@@ -345,3 +347,4 @@ class Checkpoint:
     creds: list[Creds] = dataclasses.field(default_factory=list)  # one, since format 1.2
     owners: list[FdOwner] = dataclasses.field(default_factory=list)  # since format 1.2
     cgroups: list[Cgroup] = dataclasses.field(default_factory=list)  # since format 1.2
+    inet_sockets: list[InetSocket] = dataclasses.field(default_factory=list)  # since format 1.3

@@ -557,12 +557,17 @@ def _socket(sk, key: str) -> dict[str, str]:
         for opt in SOCKOPT_LEVELS[level]:
             if (level, opt) in IGNORED_SOCKOPTS:
                 continue
-            try:
-                value = sk.getsockopt(level, opt, 256).hex()
-            except OSError as err:
-                if err.errno == 92:  # ENOPROTOOPT: not an option of this socket
+            # a zeroed buffer: some options read a request from it (IPV6_FLOWLABEL_MGR),
+            # and socket.getsockopt's is not zeroed
+            buf = ctypes.create_string_buffer(256)
+            length = ctypes.c_uint(256)
+            if _libc.getsockopt(sk.fileno(), level, opt, buf, ctypes.byref(length)) == 0:
+                value = buf.raw[: length.value].hex()
+            else:
+                errno = ctypes.get_errno()
+                if errno == 92:  # ENOPROTOOPT: not an option of this socket
                     continue
-                value = f"<{os.strerror(err.errno)}>"
+                value = f"<{os.strerror(errno)}>"
             out[f"{key}.opt.{level}.{opt}"] = value
     try:
         info = sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)

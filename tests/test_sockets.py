@@ -87,3 +87,64 @@ def test_unix_sockets_named_listening_waiting(procs, tmp_path):
     images = dump_kill(t, tmp_path / "img")
     restore(procs, t, images)
     assert_pass(t)
+
+
+def free_port(family=socket.AF_INET, host="127.0.0.1"):
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def http_get(port, path="/"):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(f"GET {path} HTTP/1.0\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while chunk := c.recv(65536):
+            data += chunk
+    return data
+
+
+def test_http_server_serves_after_restore(procs, tmp_path):
+    """python3 -m http.server on loopback: dumped after serving a request
+    (its port has a connection in TIME_WAIT), killed, restored onto the
+    same port, and serving again."""
+    port = free_port()
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "hello.txt").write_text("hello from before the dump\n")
+    t = procs.start([sys.executable, "-u", "-c",
+                     "import runpy, sys; sys.argv = ['http.server', '--bind', '127.0.0.1', sys.argv[1]]; "
+                     "print('READY', flush=True); runpy.run_module('http.server', run_name='__main__')",
+                     str(port)], cwd=tmp_path / "www", name="http", ready=False)
+    t.wait_ready()
+
+    def serving():
+        try:
+            return b"hello from before" in http_get(port, "/hello.txt")
+        except OSError:
+            return False
+    from conftest import wait_until
+    wait_until(serving, "http.server serving")
+    t.ignore_state = ("fdinfo.1.pos",)  # its log of requests
+    images = dump_kill(t, tmp_path / "img")
+    restore(procs, t, images)
+    assert b"200 OK" in http_get(port, "/hello.txt") and b"hello from before" in http_get(port, "/hello.txt")
+
+
+@pytest.mark.variants("pie")
+def test_inet_sockets_with_options(procs, targets, variant, tmp_path):
+    """TCP listeners (IPv4, IPv6, v4-mapped), UDP bound and connected with a
+    BPF filter, UDP-Lite, raw ICMP, packet and netlink sockets, with their
+    options: the target reads each back and uses each socket after the
+    restore; the state check compares every option getsockopt shows."""
+    t = procs.start([targets.path("inet", variant), "all"], name="inet")
+    images = dump_kill(t, tmp_path / "img")
+    restore(procs, t, images)
+    assert_pass(t)
+
+
+@pytest.mark.variants("pie")
+def test_inet_target_can_fail(procs, targets, variant, tmp_path):
+    """The target's own check sees an option that changed (PS_TARGET_SABOTAGE)."""
+    t = procs.start([targets.path("inet", variant), "all"], name="inet", env={"PS_TARGET_SABOTAGE": "1"})
+    status, out = t.wait_result()
+    assert status == 1 and "TCP_KEEPIDLE" in out, out

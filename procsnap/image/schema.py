@@ -32,7 +32,7 @@ import types
 import typing
 
 from .. import model
-from ..objects import cgroups, creds, file, fown, ghost, locks, pipe, settings, shm, unix
+from ..objects import cgroups, creds, file, fown, ghost, inet, locks, pipe, settings, shm, unix
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
@@ -79,6 +79,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"CRED": (creds.Creds, "creds", True),
     b"FOWN": (fown.FdOwner, "owners", True),
     b"CGRP": (cgroups.Cgroup, "cgroups", True),
+    b"INET": (inet.InetSocket, "inet_sockets", True),
 }
 END = b"END "
 

@@ -14,7 +14,7 @@ import typing
 
 from .. import model
 from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, settings, shm, \
-    signalfd, timerfd, tty, unix
+    signalfd, timerfd, tty, unix, inet
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -49,7 +49,7 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 # In the order an fd is offered to them, the first that takes it wins: a
 # memfd before regular files, an unlinked file before a linked one, a
 # terminal before other character devices.
-KINDS = (shm, ghost, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe)
+KINDS = (shm, ghost, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe, inet)
 
 
 def collectors() -> list[protocol.Collect]:

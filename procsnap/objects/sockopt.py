@@ -103,7 +103,8 @@ ALWAYS = ("SO_BUF_LOCK", "SO_REUSEADDR")  # and SO_REUSEADDR, which an inet bind
 # Never set from the table: what setting them does differs from what
 # reading shows (the kernel doubles a buffer size; a peek offset is set
 # once the queue is refilled; the filter lock once the filter is on).
-SPECIAL = ("SO_SNDBUF", "SO_RCVBUF", "SO_PEEK_OFF", "SO_BUF_LOCK")
+SPECIAL = ("SO_SNDBUF", "SO_RCVBUF", "SO_PEEK_OFF", "SO_BUF_LOCK", "SO_PRIORITY")
+# SO_PRIORITY goes after IP_TOS, which sets the priority from the TOS (rt_tos2priority).
 
 
 def copy_fd(pid: int, fd: int) -> socket.socket:
@@ -187,7 +188,7 @@ def apply_options(sk: socket.socket, options: dict[str, int | str], where: str,
                 sk.setsockopt(SOL_SOCKET, force, int(options[name]) // 2)
             except OSError as err:
                 raise RestoreError(f"{where}: cannot set {name} to {options[name]}: {err.strerror}") from err
-    for name in ("SO_BUF_LOCK", "SO_PEEK_OFF"):
+    for name in ("SO_BUF_LOCK", "SO_PEEK_OFF", "SO_PRIORITY"):
         if name in options:
             set_option(sk, name, options[name], where)
 
