@@ -18,6 +18,7 @@ that procsnap forgets fails every test that holds it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -464,21 +465,16 @@ def capture_tree(pids: list[int], inject: bool = True) -> dict[int, dict[str, st
 
 def _socket_fds(pids: list[int]) -> dict[int, list[tuple[int, int]]]:
     """{pid: [(fd, socket inode)]} of every socket fd of the tree."""
-    out = {}
-    for pid in pids:
-        out[pid] = []
+    def links(pid):
         try:
             names = os.listdir(f"/proc/{pid}/fd")
         except FileNotFoundError:
-            continue
+            return
         for name in names:
-            try:
-                link = os.readlink(f"/proc/{pid}/fd/{name}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                out[pid].append((int(name), int(link[8:-1])))
-    return out
+            with contextlib.suppress(OSError):
+                yield int(name), os.readlink(f"/proc/{pid}/fd/{name}")
+
+    return {pid: [(fd, int(link[8:-1])) for fd, link in links(pid) if link.startswith("socket:[")] for pid in pids}
 
 
 def _sockets(pids: list[int]) -> dict[int, dict[str, str]]:

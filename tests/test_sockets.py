@@ -148,3 +148,108 @@ def test_inet_target_can_fail(procs, targets, variant, tmp_path):
     t = procs.start([targets.path("inet", variant), "all"], name="inet", env={"PS_TARGET_SABOTAGE": "1"})
     status, out = t.wait_result()
     assert status == 1 and "TCP_KEEPIDLE" in out, out
+
+
+REFUSED = {
+    # kind: (set-up code that leaves `fd` = the fd refused, what the refusal names)
+    "tcp-established": ("a = socket.socket(); a.bind(('127.0.0.1', 0)); a.listen()\n"
+                        "c = socket.create_connection(a.getsockname()); s, _ = a.accept(); fd = c.fileno()",
+                        ("live TCP connection", "ESTABLISHED", "127.0.0.1")),
+    "accept-queue": ("a = socket.socket(); a.bind(('127.0.0.1', 0)); a.listen()\n"
+                     "c = socket.create_connection(a.getsockname()); c.detach(); fd = a.fileno()",
+                     ("listening", "1 connection in its accept queue")),
+    "udp-queued": ("a = socket.socket(type=socket.SOCK_DGRAM); a.bind(('127.0.0.1', 0))\n"
+                   "a.sendto(b'x' * 33, a.getsockname()); fd = a.fileno()",
+                   ("IPv4 socket", "datagrams queued", "33 bytes")),
+    "unix-data-not-accepted": ("a = socket.socket(socket.AF_UNIX); a.bind(b'\\0procsnap-refused-%d' % os.getpid())\n"
+                               "a.listen(); c = socket.socket(socket.AF_UNIX); c.connect(a.getsockname())\n"
+                               "c.send(b'early'); fd = c.fileno()",
+                               ("waits to be accepted", "data already sent")),
+    "unix-credentials": ("a, b = socket.socketpair(); a.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)\n"
+                         "b.send(b'with credentials'); fd = a.fileno()",
+                         ("credentials in flight",)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED))
+def test_refused_by_name(kind, procs, tmp_path, proc_snapshot, assert_same_snapshot):
+    """What is not restored yet is refused at dump, naming the pid, the fd
+    and why; the process runs on untouched and passes its own check."""
+    setup, names = REFUSED[kind]
+    code = ("import os, signal, socket\n" + setup + "\n"
+            "signal.signal(signal.SIGUSR1, lambda *x: None)\n"
+            "os.write(1, f'READY\\n{fd}\\n'.encode())\n"
+            "signal.pause()\n"
+            "os.write(1, b'PASS\\n')\n")
+    t = procs.start([sys.executable, "-c", code], name=kind)
+    fd = t.output().split()[1]
+    images = tmp_path / "img"
+    images.mkdir()
+    before = proc_snapshot(t.pid)
+    with pytest.raises(procsnap.Unsupported) as exc:
+        procsnap.dump(t.pid, str(images))
+    for name in (f"pid {t.pid}", f"fd {fd}", *names):
+        assert name in str(exc.value), exc.value
+    assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
+    assert_cli_error(cli("dump", "-t", t.pid, "-D", images), f"pid {t.pid}", f"fd {fd}", *names)
+    assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
+    assert_pass(t)
+
+
+EXT_PROGRAM = textwrap.dedent("""\
+    import os, signal, socket, sys
+    d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    d.connect(sys.argv[1])
+    d.send(b"before")
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    os.write(1, f"READY\\n{d.fileno()}\\n".encode())
+    signal.pause()
+    d.send(b"after")
+    os.write(1, b"PASS\\n")
+    """)
+
+
+def test_ext_unix_sk_datagram_reconnects(procs, tmp_path):
+    """A datagram socket connected to a named socket outside the tree is
+    refused unless --ext-unix-sk; with it, the restore (also given the flag)
+    connects it to that name again and what it sends arrives there."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = str(tmp_path / "outside.sock")
+    server.bind(path)
+    try:
+        t = procs.start([sys.executable, "-c", EXT_PROGRAM, path], name="ext")
+        fd = t.output().split()[1]
+        assert server.recv(10) == b"before"
+        r = cli("dump", "-t", t.pid, "-D", tmp_path / "img")
+        assert_cli_error(r, f"pid {t.pid}", f"fd {fd}", "outside the dumped tree", "--ext-unix-sk")
+        images = tmp_path / "img"
+        t.dumped = None
+        from conftest import proc_snapshot, reap_gone
+        t.dumped = proc_snapshot(t.pid)
+        procsnap.dump(t.pid, str(images), ext_unix_sk=True)
+        t.reap()
+        with pytest.raises(procsnap.RestoreError, match="--ext-unix-sk"):
+            procsnap.restore(str(images))
+        restore(procs, t, images, ext_unix_sk=True)
+        assert_pass(t)
+        assert server.recv(10) == b"after"
+    finally:
+        server.close()
+
+
+def test_ext_unix_sk_stream_refused(procs, tmp_path):
+    """A stream connection to a process outside the tree cannot be made
+    again: refused with the reason, even with --ext-unix-sk."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    path = str(tmp_path / "outside.sock")
+    listener.bind(path)
+    listener.listen()
+    try:
+        code = EXT_PROGRAM.replace("SOCK_DGRAM", "SOCK_STREAM")
+        t = procs.start([sys.executable, "-c", code, path], name="ext")
+        fd = t.output().split()[1]
+        r = cli("dump", "--ext-unix-sk", "-t", t.pid, "-D", tmp_path / "img")
+        assert_cli_error(r, f"pid {t.pid}", f"fd {fd}", "outside the dumped tree", "stream", "--ext-unix-sk")
+        assert_pass(t)
+    finally:
+        listener.close()

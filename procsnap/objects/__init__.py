@@ -52,14 +52,20 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 KINDS = (shm, ghost, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe, inet)
 
 
-def collectors() -> list[protocol.Collect]:
+def collectors(**options) -> list[protocol.Collect]:
     """One fresh dump side of each kind, for one dump of a tree."""
-    return [k.Collect() for k in KINDS if hasattr(k, "Collect")]
+    out = [k.Collect() for k in KINDS if hasattr(k, "Collect")]
+    for c in out:
+        c.options = options
+    return out
 
 
-def preparers(root: Image, tree_fds: protocol.TreeFds) -> list[protocol.Prepare]:
+def preparers(root: Image, tree_fds: protocol.TreeFds, **options) -> list[protocol.Prepare]:
     """One fresh restore side of each kind, for one restore of a tree."""
-    return [k.Prepare(root, tree_fds) for k in KINDS if hasattr(k, "Prepare")]
+    out = [k.Prepare(root, tree_fds) for k in KINDS if hasattr(k, "Prepare")]
+    for p in out:
+        p.options = options
+    return out
 
 
 def _problems(hook: str, *args) -> list[str]:

@@ -71,6 +71,7 @@ class Socket:
     senders: list[bytes] = dataclasses.field(default_factory=list)  # a datagram's sender's name, per message
     options: dict[str, int | str] = dataclasses.field(default_factory=dict)  # objects/sockopt.py
     filter: bytes = b""  # an attached classic BPF program
+    ext_peer: bytes = b""  # --ext-unix-sk: the name of the datagram peer outside the tree it is connected to
 
     @property
     def path(self) -> str:
@@ -116,6 +117,9 @@ class Collect(protocol.Collect):
         """Peers linked and every socket's queue read."""
         waiting = {client: self.sockets[ino] for ino, (_, _, unix) in
                    ((ino, self.ends[s.id]) for ino, s in self.sockets.items()) for client in unix.icons}
+        # a connection waiting in the backlog of a listener outside the tree
+        outside_listeners = {client: lst for lst in (self.unix or {}).values() if lst.inode not in self.sockets
+                             for client in lst.icons}
         for ino, sock in self.sockets.items():
             pid, fd, unix = self.ends[sock.id]
             where = f"pid {pid}: fd {fd} is a unix socket (socket:[{unix.inode}])"
@@ -124,7 +128,10 @@ class Collect(protocol.Collect):
                     raise Unsupported(f"{where} listening, with a connection from socket:[{client}], outside the "
                                       "dumped tree, waiting to be accepted; not supported", pid)
                 sock.icons.append(self.sockets[client].id)
-            if ino in waiting:
+            listener = outside_listeners.get(ino)
+            if listener is not None and ino not in waiting:
+                sock.ext_peer = self._outside_peer(where, pid, unix, listener)
+            elif ino in waiting:
                 sock.waiting = waiting[ino].id
                 if _outq(pid, fd):
                     raise Unsupported(f"{where} whose connection waits to be accepted by "
@@ -132,9 +139,9 @@ class Collect(protocol.Collect):
             elif unix.peer:
                 peer = self.sockets.get(unix.peer)
                 if peer is None:
-                    raise Unsupported(f"{where} whose peer (socket:[{unix.peer}]) is outside the dumped tree; "
-                                      "not supported", pid)
-                sock.peer = peer.id
+                    sock.ext_peer = self._outside_peer(where, pid, unix, self.unix.get(unix.peer))
+                else:
+                    sock.peer = peer.id
             sock.queued, sock.senders, sock.options, sock.filter = _read_socket(pid, fd, unix, sock)
             sock.sndbuf, sock.rcvbuf = int(sock.options.pop("SO_SNDBUF", 0)), int(sock.options.pop("SO_RCVBUF", 0))
         names = {s.name: s for s in self.sockets.values() if s.name}
@@ -150,6 +157,25 @@ class Collect(protocol.Collect):
                 raise Unsupported(f"pid {pid}: fd {fd} is a unix datagram socket connected to an unnamed one that "
                                   "is connected elsewhere; not supported", pid)
         root.sockets = sorted(self.sockets.values(), key=lambda s: s.id)
+
+
+    def _outside_peer(self, where: str, pid: int, unix: UnixSocket, outside: UnixSocket | None) -> bytes:
+        """The name a socket whose peer (or the listener it waits on) is
+        outside the tree connects to again (--ext-unix-sk, as CRIU:
+        datagram sockets only), or refused."""
+        name = _name(outside.name) if outside is not None else b""
+        peer = outside.inode if outside is not None else unix.peer
+        if not self.options.get("ext_unix_sk"):
+            raise Unsupported(f"{where} whose peer (socket:[{peer}]) is outside the dumped tree; not supported "
+                              "(--ext-unix-sk dumps a datagram socket connected to a named one)", pid)
+        if unix.type != SOCK_DGRAM:
+            raise Unsupported(f"{where} whose peer (socket:[{peer}]) is outside the dumped tree: a stream "
+                              "connection cannot be made again with a process that is not restored, "
+                              "even with --ext-unix-sk", pid)
+        if not name:
+            raise Unsupported(f"{where} whose peer (socket:[{peer}]) is outside the dumped tree and unnamed: "
+                              "there is no name to connect to again, even with --ext-unix-sk", pid)
+        return name
 
 
 def _collect_path(fd: OpenFd, sock: Socket, unix: UnixSocket) -> None:
@@ -247,6 +273,10 @@ class Prepare(protocol.Prepare):
 
     def open_fd(self, entry: model.FdEntry, proc: Restoring) -> int:
         if self.fds is None:
+            outside = next((s for s in self.sockets.values() if s.ext_peer), None)
+            if outside is not None and not self.options.get("ext_unix_sk"):
+                raise RestoreError(f"{outside.describe()} was connected to {outside.ext_peer!r}, outside the dumped "
+                                   "tree; restore with --ext-unix-sk to connect it to that name again")
             self.fds = {sid: self.own(sk.detach()) for sid, sk in build(self.sockets).items()}
         fd = self.fds[entry.file_id]
         fcntl.fcntl(fd, fcntl.F_SETFL, int(entry.flags) & os.O_NONBLOCK)
@@ -325,7 +355,7 @@ def build(sockets: dict[int, Socket]) -> dict[int, socket_mod.socket]:
     5. listeners get their options (a connection made to one takes its
        SO_PASSCRED, the accepted ends above must not), and the clients
        waiting in a backlog connect to it, in order
-    6. datagram sockets connect to their peer's name
+    6. datagram sockets connect to their peer's name (outside the tree: --ext-unix-sk)
     7. queues refilled, options set, stand-ins closed, files put back
     """
     import socket
@@ -383,6 +413,8 @@ def build(sockets: dict[int, Socket]) -> dict[int, socket_mod.socket]:
             peer = sockets.get(s.peer)
             if s.type == SOCK_DGRAM and s.connected and peer is not None and peer.name:
                 _connect(made[s.id], peer.name, s.describe())
+            elif s.ext_peer:
+                _connect(made[s.id], s.ext_peer, s.describe())
         for s in sockets.values():  # 7
             _refill(made, sockets, s, stand_ins.get(s.id))
         for sk in temps:
@@ -434,7 +466,7 @@ def _pairs(sockets: dict[int, Socket]) -> tuple[list[tuple[int, int]], set[int]]
         peer = sockets.get(s.peer)
         if s.type == SOCK_DGRAM:
             if peer is None:
-                if not s.name:  # connected to a peer since closed
+                if not s.name and not s.ext_peer:  # connected to a peer since closed
                     pairs.append((-1, s.id))
                     seen.add(s.id)
                 continue
@@ -537,7 +569,7 @@ def check_tree(ckpt: model.Checkpoint, root: model.Checkpoint) -> list[str]:
                  or sum(map(len, sk.queued)) > 1 << 30 or not 0 <= sk.shutdown <= 3]
     listeners = {sk.id for sk in root.sockets if sk.backlog >= 0}
     for sk in root.sockets:
-        if len(sk.name) > UNIX_PATH_MAX or (sk.path and protocol.bad_path(sk.path)) or (sk.linked and not sk.path):
+        if len(sk.name) > UNIX_PATH_MAX or len(sk.ext_peer) > UNIX_PATH_MAX or (sk.path and protocol.bad_path(sk.path)) or (sk.linked and not sk.path):
             problems.append(f"unix socket {sk.id}: name {sk.name!r} is not an absolute path or abstract name")
         if (sk.waiting >= 0 and sk.waiting not in listeners) or any(i not in sockets for i in sk.icons):
             problems.append(f"unix socket {sk.id}: waits in the backlog of {sk.waiting}, which is not listening")

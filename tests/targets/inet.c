@@ -63,6 +63,42 @@ static int get_int(int fd, int level, int opt)
 
 #define CHECK_OPT(fd, level, opt, want) PS_CHECK_U64(#fd " " #opt, (want), get_int(fd, level, opt))
 
+/* The int options, set in this order before bind and read back after the
+ * restore: {socket, level, option, value set, value read, name}. */
+struct int_opt {
+	int *fd;
+	int level, opt, set, want;
+	const char *name;
+};
+static int t4, t6, tm, u1;
+static const struct int_opt INT_OPTS[] = {
+	{&t4, SOL_SOCKET, SO_REUSEADDR, 1, 1, "t4 SO_REUSEADDR"},
+	{&t4, SOL_SOCKET, SO_KEEPALIVE, 1, 1, "t4 SO_KEEPALIVE"},
+	{&t4, IPPROTO_TCP, TCP_KEEPIDLE, 77, 77, "t4 TCP_KEEPIDLE"},
+	{&t4, IPPROTO_TCP, TCP_KEEPINTVL, 11, 11, "t4 TCP_KEEPINTVL"},
+	{&t4, IPPROTO_TCP, TCP_KEEPCNT, 5, 5, "t4 TCP_KEEPCNT"},
+	{&t4, IPPROTO_TCP, TCP_NODELAY, 1, 1, "t4 TCP_NODELAY"},
+	{&t4, SOL_SOCKET, SO_MARK, 42, 42, "t4 SO_MARK"},
+	{&t4, IPPROTO_IP, IP_FREEBIND, 1, 1, "t4 IP_FREEBIND"},
+	{&t4, IPPROTO_IP, IP_TRANSPARENT, 1, 1, "t4 IP_TRANSPARENT"},
+	{&t4, IPPROTO_IP, IP_TTL, 33, 33, "t4 IP_TTL"},
+	{&t4, IPPROTO_IP, IP_TOS, 0x10, 0x10, "t4 IP_TOS"},  /* sets the priority to 6 (rt_tos2priority) ... */
+	{&t4, SOL_SOCKET, SO_PRIORITY, 5, 5, "t4 SO_PRIORITY"},  /* ... which this overrides */
+	{&t4, IPPROTO_TCP, TCP_MAXSEG, 1000, 1000, "t4 TCP_MAXSEG"},
+	{&t4, IPPROTO_TCP, TCP_USER_TIMEOUT, 12345, 12345, "t4 TCP_USER_TIMEOUT"},
+	{&t4, SOL_SOCKET, SO_SNDBUF, 200000, 400000, "t4 SO_SNDBUF"},  /* the kernel doubles it */
+	{&t4, SOL_SOCKET, SO_RCVBUF, 100000, 200000, "t4 SO_RCVBUF"},
+	{&t6, IPPROTO_IPV6, IPV6_V6ONLY, 1, 1, "t6 IPV6_V6ONLY"},
+	{&t6, IPPROTO_IPV6, IPV6_UNICAST_HOPS, 17, 17, "t6 IPV6_UNICAST_HOPS"},
+	{&t6, IPPROTO_IPV6, IPV6_TCLASS, 0x20, 0x20, "t6 IPV6_TCLASS"},
+	{&t6, SOL_SOCKET, SO_REUSEADDR, 0, 0, "t6 SO_REUSEADDR"},  /* the restore's bind sets it, then puts it back */
+	{&tm, IPPROTO_IPV6, IPV6_V6ONLY, 0, 0, "tm IPV6_V6ONLY"},
+	{&u1, IPPROTO_IP, IP_MULTICAST_TTL, 9, 9, "u1 IP_MULTICAST_TTL"},
+	{&u1, IPPROTO_IP, IP_MULTICAST_LOOP, 0, 0, "u1 IP_MULTICAST_LOOP"},
+	{&u1, IPPROTO_IP, IP_RECVTOS, 1, 1, "u1 IP_RECVTOS"},
+	{&u1, SOL_SOCKET, SO_BROADCAST, 1, 1, "u1 SO_BROADCAST"},
+};
+
 static unsigned short port_of(int fd)
 {
 	struct sockaddr_storage ss;
@@ -132,50 +168,29 @@ int main(int argc, char **argv)
 		ps_bad_mode(argc > 1 ? argv[1] : NULL);
 	ps_install_usr1();
 
-	int t4 = socket(AF_INET, SOCK_STREAM, 0);
-	set_int(t4, SOL_SOCKET, SO_REUSEADDR, 1, "SO_REUSEADDR");
-	set_int(t4, SOL_SOCKET, SO_KEEPALIVE, 1, "SO_KEEPALIVE");
-	set_int(t4, IPPROTO_TCP, TCP_KEEPIDLE, 77, "TCP_KEEPIDLE");
-	set_int(t4, IPPROTO_TCP, TCP_KEEPINTVL, 11, "TCP_KEEPINTVL");
-	set_int(t4, IPPROTO_TCP, TCP_KEEPCNT, 5, "TCP_KEEPCNT");
+	t4 = socket(AF_INET, SOCK_STREAM, 0);
+	t6 = socket(AF_INET6, SOCK_STREAM, 0);
+	tm = socket(AF_INET6, SOCK_STREAM, 0);
+	u1 = socket(AF_INET, SOCK_DGRAM, 0);
+	for (size_t i = 0; i < sizeof(INT_OPTS) / sizeof(INT_OPTS[0]); i++)
+		set_int(*INT_OPTS[i].fd, INT_OPTS[i].level, INT_OPTS[i].opt, INT_OPTS[i].set, INT_OPTS[i].name);
 	struct linger lg = {1, 13};
 	ps_setup(setsockopt(t4, SOL_SOCKET, SO_LINGER, &lg, sizeof(lg)) == 0, "SO_LINGER");
-	set_int(t4, IPPROTO_TCP, TCP_NODELAY, 1, "TCP_NODELAY");
-	set_int(t4, SOL_SOCKET, SO_MARK, 42, "SO_MARK");
 	ps_setup(setsockopt(t4, SOL_SOCKET, SO_BINDTODEVICE, "lo", 3) == 0, "SO_BINDTODEVICE");
-	set_int(t4, IPPROTO_IP, IP_FREEBIND, 1, "IP_FREEBIND");
-	set_int(t4, IPPROTO_IP, IP_TRANSPARENT, 1, "IP_TRANSPARENT");
-	set_int(t4, IPPROTO_IP, IP_TTL, 33, "IP_TTL");
-	set_int(t4, IPPROTO_IP, IP_TOS, 0x10, "IP_TOS");  /* sets the priority to 6 (rt_tos2priority) ... */
-	set_int(t4, SOL_SOCKET, SO_PRIORITY, 5, "SO_PRIORITY");  /* ... which this overrides */
-	set_int(t4, IPPROTO_TCP, TCP_MAXSEG, 1000, "TCP_MAXSEG");
-	set_int(t4, IPPROTO_TCP, TCP_USER_TIMEOUT, 12345, "TCP_USER_TIMEOUT");
 	ps_setup(setsockopt(t4, IPPROTO_TCP, TCP_CONGESTION, "reno", 4) == 0, "TCP_CONGESTION");
-	set_int(t4, SOL_SOCKET, SO_SNDBUF, 200000, "SO_SNDBUF");
-	set_int(t4, SOL_SOCKET, SO_RCVBUF, 100000, "SO_RCVBUF");
 	ps_setup(bind_loopback(t4, AF_INET, "127.0.0.1") == 0, "bind t4");
 	ps_setup(listen(t4, 7) == 0, "listen t4");
 
-	int t6 = socket(AF_INET6, SOCK_STREAM, 0);
-	set_int(t6, IPPROTO_IPV6, IPV6_V6ONLY, 1, "IPV6_V6ONLY");
-	set_int(t6, IPPROTO_IPV6, IPV6_UNICAST_HOPS, 17, "IPV6_UNICAST_HOPS");
-	set_int(t6, IPPROTO_IPV6, IPV6_TCLASS, 0x20, "IPV6_TCLASS");
 	ps_setup(bind_loopback(t6, AF_INET6, "::1") == 0, "bind t6");
 	ps_setup(listen(t6, 3) == 0, "listen t6");
 
-	int tm = socket(AF_INET6, SOCK_STREAM, 0);
-	set_int(tm, IPPROTO_IPV6, IPV6_V6ONLY, 0, "IPV6_V6ONLY 0");
 	ps_setup(bind_loopback(tm, AF_INET6, "::ffff:127.0.0.1") == 0, "bind tm");
 	ps_setup(listen(tm, 4) == 0, "listen tm");
 
-	int u1 = socket(AF_INET, SOCK_DGRAM, 0), u2 = socket(AF_INET, SOCK_DGRAM, 0);
+	int u2 = socket(AF_INET, SOCK_DGRAM, 0);
 	struct sock_filter cut[] = {BPF_STMT(BPF_RET | BPF_K, 12)};  /* the UDP header and 4 bytes */
 	struct sock_fprog cutprog = {1, cut};
 	ps_setup(setsockopt(u1, SOL_SOCKET, SO_ATTACH_FILTER, &cutprog, sizeof(cutprog)) == 0, "u1 filter");
-	set_int(u1, IPPROTO_IP, IP_MULTICAST_TTL, 9, "IP_MULTICAST_TTL");
-	set_int(u1, IPPROTO_IP, IP_MULTICAST_LOOP, 0, "IP_MULTICAST_LOOP");
-	set_int(u1, IPPROTO_IP, IP_RECVTOS, 1, "IP_RECVTOS");
-	set_int(u1, SOL_SOCKET, SO_BROADCAST, 1, "SO_BROADCAST");
 	ps_setup(bind_loopback(u1, AF_INET, "127.0.0.1") == 0, "bind u1");
 	ps_setup(bind_loopback(u2, AF_INET, "127.0.0.1") == 0, "bind u2");
 	struct sockaddr_in u1a = {.sin_family = AF_INET, .sin_port = htons(port_of(u1))};
@@ -219,53 +234,31 @@ int main(int argc, char **argv)
 	ps_ready();
 	ps_wait_usr1();
 
-	CHECK_OPT(t4, SOL_SOCKET, SO_REUSEADDR, 1);
-	CHECK_OPT(t4, SOL_SOCKET, SO_KEEPALIVE, 1);
-	CHECK_OPT(t4, IPPROTO_TCP, TCP_KEEPIDLE, 77);
-	CHECK_OPT(t4, IPPROTO_TCP, TCP_KEEPINTVL, 11);
-	CHECK_OPT(t4, IPPROTO_TCP, TCP_KEEPCNT, 5);
+	for (size_t i = 0; i < sizeof(INT_OPTS) / sizeof(INT_OPTS[0]); i++)
+		PS_CHECK_U64(INT_OPTS[i].name, INT_OPTS[i].want, get_int(*INT_OPTS[i].fd, INT_OPTS[i].level, INT_OPTS[i].opt));
+
 	struct linger lg2 = {0, 0};
 	socklen_t lglen = sizeof(lg2);
 	getsockopt(t4, SOL_SOCKET, SO_LINGER, &lg2, &lglen);
 	PS_CHECK_U64("t4 SO_LINGER", 0x10000000dull, ((unsigned long long)lg2.l_onoff << 32) | lg2.l_linger);
-	CHECK_OPT(t4, IPPROTO_TCP, TCP_NODELAY, 1);
-	CHECK_OPT(t4, SOL_SOCKET, SO_MARK, 42);
-	CHECK_OPT(t4, SOL_SOCKET, SO_PRIORITY, 5);
 	char dev[IFNAMSIZ] = "", cc[16] = "";
 	socklen_t devlen = sizeof(dev), cclen = sizeof(cc);
 	getsockopt(t4, SOL_SOCKET, SO_BINDTODEVICE, dev, &devlen);
 	PS_CHECK_STR("t4 SO_BINDTODEVICE", "lo", dev);
-	CHECK_OPT(t4, IPPROTO_IP, IP_FREEBIND, 1);
-	CHECK_OPT(t4, IPPROTO_IP, IP_TRANSPARENT, 1);
-	CHECK_OPT(t4, IPPROTO_IP, IP_TTL, 33);
-	CHECK_OPT(t4, IPPROTO_IP, IP_TOS, 0x10);
-	CHECK_OPT(t4, IPPROTO_TCP, TCP_MAXSEG, 1000);
-	CHECK_OPT(t4, IPPROTO_TCP, TCP_USER_TIMEOUT, 12345);
 	getsockopt(t4, IPPROTO_TCP, TCP_CONGESTION, cc, &cclen);
 	PS_CHECK_STR("t4 TCP_CONGESTION", "reno", cc);
-	CHECK_OPT(t4, SOL_SOCKET, SO_SNDBUF, 400000);
-	CHECK_OPT(t4, SOL_SOCKET, SO_RCVBUF, 200000);
 	PS_CHECK_U64("t4 port", t4port, port_of(t4));
 	PS_CHECK_U64("t4 backlog", 7, tcp_backlog(t4));
 	accepts(t4, AF_INET, "127.0.0.1", "t4");
 
-	CHECK_OPT(t6, IPPROTO_IPV6, IPV6_V6ONLY, 1);
-	CHECK_OPT(t6, IPPROTO_IPV6, IPV6_UNICAST_HOPS, 17);
-	CHECK_OPT(t6, IPPROTO_IPV6, IPV6_TCLASS, 0x20);
-	CHECK_OPT(t6, SOL_SOCKET, SO_REUSEADDR, 0);
 	PS_CHECK_U64("t6 port", t6port, port_of(t6));
 	PS_CHECK_U64("t6 backlog", 3, tcp_backlog(t6));
 	accepts(t6, AF_INET6, "::1", "t6");
 
-	CHECK_OPT(tm, IPPROTO_IPV6, IPV6_V6ONLY, 0);
 	PS_CHECK_U64("tm port", tmport, port_of(tm));
 	PS_CHECK_U64("tm backlog", 4, tcp_backlog(tm));
 	accepts(tm, AF_INET, "127.0.0.1", "tm from IPv4");
 
-	CHECK_OPT(u1, IPPROTO_IP, IP_MULTICAST_TTL, 9);
-	CHECK_OPT(u1, IPPROTO_IP, IP_MULTICAST_LOOP, 0);
-	CHECK_OPT(u1, IPPROTO_IP, IP_RECVTOS, 1);
-	CHECK_OPT(u1, SOL_SOCKET, SO_BROADCAST, 1);
 	PS_CHECK_U64("u1 port", u1port, port_of(u1));
 	PS_CHECK_U64("u2 port", u2port, port_of(u2));
 	char buf[64];
