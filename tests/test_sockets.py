@@ -38,6 +38,11 @@ UNIX_PROGRAM = textwrap.dedent("""\
     q1 = socket.socket(U, socket.SOCK_SEQPACKET); q1.connect(seqname); qs, _ = Q.accept()
     q1.send(b"one"); q1.send(b"two!"); q1.shutdown(socket.SHUT_WR)
     x = socket.socket(U, socket.SOCK_DGRAM); x.bind(gone); os.unlink(gone)
+    y = socket.socket(U, socket.SOCK_DGRAM); y.bind(f"{d}/replaced.sock")
+    os.unlink(f"{d}/replaced.sock")
+    with open(f"{d}/replaced.sock", "w") as f:
+        f.write("a file now")
+    os.chown(path, 1000, 1001)
     lone = socket.socket(U, socket.SOCK_STREAM)
     signal.signal(signal.SIGUSR1, lambda *a: None)
     os.write(1, b"READY\\n")
@@ -48,6 +53,10 @@ UNIX_PROGRAM = textwrap.dedent("""\
             bad.append(f"{what}: {got!r} != {want!r}")
     check("listener name", L.getsockname(), path)
     check("listener file mode", oct(os.stat(path).st_mode), oct(stat.S_IFSOCK | 0o640))
+    check("listener file owner", (os.stat(path).st_uid, os.stat(path).st_gid), (1000, 1001))
+    check("replaced name", y.getsockname(), f"{d}/replaced.sock")
+    check("the file that replaced it", open(f"{d}/replaced.sock").read(), "a file now")
+    check("nothing left beside it", sorted(os.listdir(d)), ["c3.sock", "listen.sock", "replaced.sock", "u.sock"])
     check("passcred", L.getsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED), 1)
     check("accepted name", s1.getsockname(), path)
     check("to server", s1.recv(100), b"to-server")
@@ -81,7 +90,8 @@ def test_unix_sockets_named_listening_waiting(procs, tmp_path):
     backlog (accepted after the restore, in order); an abstract datagram
     socket with datagrams from a named, an unnamed and a connected sender;
     a seqpacket pair with boundaries and a shutdown; a socket bound to a
-    path since unlinked; an unbound one."""
+    path since unlinked, one whose path now names a regular file; an unbound
+    one; the listener's socket file keeps its mode and owner."""
     (tmp_path / "d").mkdir()
     t = procs.start([sys.executable, "-c", UNIX_PROGRAM, str(tmp_path / "d")], name="unix")
     images = dump_kill(t, tmp_path / "img")
@@ -124,7 +134,6 @@ def test_http_server_serves_after_restore(procs, tmp_path):
             return False
     from conftest import wait_until
     wait_until(serving, "http.server serving")
-    t.ignore_state = ("fdinfo.1.pos",)  # its log of requests
     images = dump_kill(t, tmp_path / "img")
     restore(procs, t, images)
     assert b"200 OK" in http_get(port, "/hello.txt") and b"hello from before" in http_get(port, "/hello.txt")
