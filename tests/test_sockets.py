@@ -262,3 +262,25 @@ def test_ext_unix_sk_stream_refused(procs, tmp_path):
         assert_pass(t)
     finally:
         listener.close()
+
+
+def test_restore_refused_when_the_socket_directory_is_gone(procs, tmp_path):
+    """A socket bound in a directory removed since the dump: verify names
+    it, and the restore fails naming the path, before any process exists;
+    nothing is left behind."""
+    d = tmp_path / "d"
+    d.mkdir()
+    code = ("import os, signal, socket, sys\n"
+            "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1] + '/l.sock'); s.listen()\n"
+            "signal.signal(signal.SIGUSR1, lambda *a: None)\n"
+            "os.write(1, b'READY\\n'); signal.pause()\n")
+    t = procs.start([sys.executable, "-c", code, str(d)], name="gone-dir")
+    images = dump_kill(t, tmp_path / "img")
+    t.dumped = None
+    (d / "l.sock").unlink()
+    d.rmdir()
+    assert any(str(d) in p for p in procsnap.verify(str(images)))
+    with pytest.raises(procsnap.RestoreError, match=str(d / "l.sock")):
+        procsnap.restore(str(images))
+    assert not os.path.exists(f"/proc/{t.pid}") and not d.exists()
+    assert_cli_error(cli("restore", "-D", images), str(d / "l.sock"))
