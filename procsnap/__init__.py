@@ -19,21 +19,23 @@ from .errors import (AccessDenied, ImageCorrupt, ImageVersionError, ProcessGone,
 __version__ = "0.1.0"
 
 
-def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False, progress=None):
+def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False, progress=None,
+         ext_unix_sk: bool = False):
     """Checkpoint `pid` into `images_dir` (made if missing; an image there is
     replaced only by a complete one); kill it unless leave_running."""
     from .dumper import dump as _dump
 
-    return _dump(pid, images_dir, leave_running=leave_running, shell_job=shell_job, progress=progress)
+    return _dump(pid, images_dir, leave_running=leave_running, shell_job=shell_job, progress=progress,
+                 ext_unix_sk=ext_unix_sk)
 
 
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
-            allow_other_owner: bool = False, allow_setuid: bool = False) -> int:
+            allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False) -> int:
     """Restore the process in `images_dir` as a child of the caller; its pid."""
     from .restorer import restore as _restore
 
     return _restore(images_dir, detach=detach, shell_job=shell_job, progress=progress,
-                    allow_other_owner=allow_other_owner, allow_setuid=allow_setuid)
+                    allow_other_owner=allow_other_owner, allow_setuid=allow_setuid, ext_unix_sk=ext_unix_sk)
 
 
 def verify(images_dir: str, allow_other_owner: bool = False, allow_setuid: bool = False) -> list[str]:

@@ -36,7 +36,7 @@ def cmd_dump(args) -> int:
     from . import dump
 
     stats = dump(args.tree, args.images_dir, leave_running=args.leave_running, shell_job=args.shell_job,
-                 progress=_progress("dump"))
+                 progress=_progress("dump"), ext_unix_sk=args.ext_unix_sk)
     if stats.replaced:
         print(f"procsnap: {args.images_dir}: replaced {stats.replaced}", file=sys.stderr)
     return 0
@@ -47,7 +47,7 @@ def cmd_restore(args) -> int:
 
     pid = restore(args.images_dir, detach=args.restore_detached, shell_job=args.shell_job,
                   progress=_progress("restore"), allow_other_owner=args.allow_other_owner,
-                  allow_setuid=args.allow_setuid)
+                  allow_setuid=args.allow_setuid, ext_unix_sk=args.ext_unix_sk)
     if args.pidfile:
         with open(args.pidfile, "w") as f:
             f.write(f"{pid}\n")
@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-D", "--images-dir", required=True, metavar="DIR")
     d.add_argument("-R", "--leave-running", action="store_true", help="let the process run on after the dump")
     d.add_argument("-j", "--shell-job", action="store_true", help="allow fds on the controlling terminal")
+    d.add_argument("--ext-unix-sk", action="store_true",
+                   help="allow unix datagram sockets connected to a named socket outside the tree")
     d.set_defaults(func=cmd_dump)
 
     r = sub.add_parser("restore", help="restore a process from an image directory")
@@ -150,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-d", "--restore-detached", action="store_true", help="return once it runs; print its pid")
     r.add_argument("--pidfile", metavar="FILE", help="write the restored pid here")
     r.add_argument("-j", "--shell-job", action="store_true", help="attach terminal fds to this terminal")
+    r.add_argument("--ext-unix-sk", action="store_true",
+                   help="connect unix sockets dumped with --ext-unix-sk to their outside peer again")
     r.set_defaults(func=cmd_restore)
 
     v = sub.add_parser("verify", help="check an image without restoring it; list every problem")

@@ -35,6 +35,7 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.cgroups import Cgroup
     from .objects.settings import Settings
     from .objects.seccomp import Seccomp
+    from .objects.inet import InetSocket
 
 
 class Prot(enum.IntFlag):
@@ -167,6 +168,7 @@ class FdKind(enum.Enum):
     PROC_FILE = "proc-file"  # /proc/PID/... of a process of the tree (path; params: pid)
     NAMESPACE = "namespace"  # /proc/self/ns/NAME of a host namespace (path)
     FANOTIFY = "fanotify"  # params: flags, event_flags; marks: objects.fanotify.MARK each
+    INET = "inet-socket"  # a TCP, UDP, raw, packet or netlink socket, not a live connection (InetSocket.id)
 
 
 def _flags(table):
@@ -368,3 +370,4 @@ class Checkpoint:
     owners: list[FdOwner] = dataclasses.field(default_factory=list)  # since format 1.2
     cgroups: list[Cgroup] = dataclasses.field(default_factory=list)  # since format 1.2
     seccomp: list[Seccomp] = dataclasses.field(default_factory=list)  # none or one, since format 1.3
+    inet_sockets: list[InetSocket] = dataclasses.field(default_factory=list)  # since format 1.3

@@ -51,7 +51,7 @@ def full_json(root: Image, tree: Tree) -> dict:
         out = {"pages_size": image.pages_size, "ghosts_size": image.ghosts_size}
         for tag, (_, field, _) in schema.RECORDS.items():
             value = getattr(image.checkpoint, field)
-            if value or field not in ("procs", "pipes", "shms", "sockets", "threads"):
+            if value or field not in ("procs", "pipes", "shms", "sockets", "threads", "inet_sockets"):
                 out[field] = schema.describe(value)
         return out
 

@@ -18,6 +18,7 @@ that procsnap forgets fails every test that holds it.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import re
@@ -85,6 +86,32 @@ DELETED = " (deleted)"
 INODE_FIELD = re.compile(r"\b[0-9a-f]{2,}:[0-9a-f]{2,}:\d+\b")
 INO_WORD = re.compile(r"\bino:\s*[0-9a-f]+")
 SDEV_WORD = re.compile(r"\bsdev:\s*[0-9a-f]+")
+
+
+# Socket options read for the state check, by level: every option number
+# of the level (getsockopt answers the ones a socket has) but these:
+IGNORED_SOCKOPTS = {
+    (1, 4): "SO_ERROR: reading it clears the pending error",
+    (1, 17): "SO_PEERCRED: the peer's pid and ids as of the connection; a restored pair is made by the restorer",
+    (1, 31): "SO_PEERSEC: as SO_PEERCRED",
+    (1, 59): "SO_PEERGROUPS: as SO_PEERCRED",
+    (1, 77): "SO_PEERPIDFD: makes a new pidfd",
+    (1, 26): "SO_GET_FILTER: compared as sock.N.filter",
+    (1, 49): "SO_INCOMING_CPU: the CPU that last handled a packet",
+    (1, 55): "SO_MEMINFO: memory accounting",
+    (1, 56): "SO_INCOMING_NAPI_ID: the device queue that last handled a packet",
+    (1, 57): "SO_COOKIE: a per-boot counter naming the socket",
+    (6, 11): "TCP_INFO: counters and timers (its state is compared as sock.N.tcp_state)",
+    (6, 21): "TCP_QUEUE_SEQ: a sequence number (live connections: the TCP_REPAIR issue)",
+    (6, 24): "TCP_TIMESTAMP: the clock",
+    (6, 26): "TCP_CC_INFO: counters",
+    (6, 28): "TCP_SAVED_SYN: reading it frees it",
+    (6, 35): "TCP_ZEROCOPY_RECEIVE: receives",
+    (263, 6): "PACKET_STATISTICS: reading it resets the counters",
+}
+SOCKOPT_LEVELS = {1: range(1, 85), 0: range(1, 60), 41: range(1, 80), 6: range(1, 45),
+                  17: (*range(1, 3), *range(100, 106)), 136: (10, 11), 255: (1,), 263: range(1, 26),
+                  270: range(1, 13)}
 
 
 # --------------------------------------------------------------------------
@@ -488,7 +515,133 @@ def capture_tree(pids: list[int], inject: bool = True) -> dict[int, dict[str, st
     live = [p for p in pids if out[p].get("stat.state") not in ("Z", None)]  # a zombie has neither
     for pid, shares in _sharing(live).items():
         out[pid].update(shares)
+    for pid, socks in _sockets(live).items():
+        out[pid].update(socks)
     return out
+
+
+def _socket_fds(pids: list[int]) -> dict[int, list[tuple[int, int]]]:
+    """{pid: [(fd, socket inode)]} of every socket fd of the tree."""
+    def links(pid):
+        try:
+            names = os.listdir(f"/proc/{pid}/fd")
+        except FileNotFoundError:
+            return
+        for name in names:
+            with contextlib.suppress(OSError):
+                yield int(name), os.readlink(f"/proc/{pid}/fd/{name}")
+
+    return {pid: [(fd, int(link[8:-1])) for fd, link in links(pid) if link.startswith("socket:[")] for pid in pids}
+
+
+def _sockets(pids: list[int]) -> dict[int, dict[str, str]]:
+    """Each socket fd of the tree: its kind, addresses, peer (which fd of
+    the tree, for a unix socket), queue, every option and filter, through a
+    copy of the fd (pidfd_getfd); unix sockets also as sock_diag shows them."""
+    import socket
+
+    from procsnap.kernel import sockdiag
+    from procsnap.kernel.libc import syscall
+    from procsnap.objects.sockopt import read_filter
+
+    fds = _socket_fds(pids)
+    where = {ino: f"pid {pid} fd {fd}" for pid, items in fds.items() for fd, ino in items}
+    unix = sockdiag.unix_sockets()
+    out: dict[int, dict[str, str]] = {pid: {} for pid in pids}
+    for pid, items in fds.items():
+        for fd, ino in items:
+            key = f"sock.{fd}"
+            try:
+                pidfd = os.pidfd_open(pid)
+                try:
+                    local = syscall(NR.pidfd_getfd, pidfd, fd, 0)
+                finally:
+                    os.close(pidfd)
+            except OSError as err:
+                out[pid][key] = f"<{os.strerror(err.errno)}>"
+                continue
+            with socket.socket(fileno=local) as sk:
+                out[pid].update(_socket(sk, key))
+                try:
+                    out[pid][f"{key}.filter"] = read_filter(sk).hex()
+                except OSError as err:
+                    out[pid][f"{key}.filter"] = f"<{os.strerror(err.errno)}>"
+            d = unix.get(ino)
+            if d is not None:
+                name = d.name.split(b"\0", 1)[0] if d.name[:1] not in (b"", b"\0") else d.name
+                # wqueue: a listener's backlog; of other sockets, the truesize of what they
+                # sent that is not read yet (accounting: a datagram from an unnamed sender
+                # is sent again from another unnamed socket), not compared
+                out[pid][f"{key}.unix"] = (
+                    f"state {d.state} peer {where.get(d.peer, 'outside the tree' if d.peer else 'none')} "
+                    f"rqueue {d.rqueue} backlog {d.wqueue if d.state == 10 else '-'} shutdown {d.shutdown} "
+                    f"waiting {[where.get(i, 'outside the tree') for i in d.icons]}")
+                if name[:1] == b"/":
+                    try:
+                        st = os.lstat(name)
+                        linked = d.vfs is not None and st.st_ino == d.vfs[0]
+                        out[pid][f"{key}.file"] = (f"{'its own' if linked else 'another'} file, mode {st.st_mode:o} "
+                                                   f"owner {st.st_uid}:{st.st_gid}")
+                    except FileNotFoundError:
+                        out[pid][f"{key}.file"] = "unlinked"
+    return out
+
+
+def _socket(sk, key: str) -> dict[str, str]:
+    import socket
+
+    out = {}
+    family = sk.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+    for what, call in (("name", _libc.getsockname), ("peername", _libc.getpeername)):
+        buf = ctypes.create_string_buffer(128)
+        length = ctypes.c_uint(128)
+        if call(sk.fileno(), buf, ctypes.byref(length)) == 0:
+            out[f"{key}.{what}"] = buf.raw[: length.value].hex()
+        else:
+            out[f"{key}.{what}"] = f"<{os.strerror(ctypes.get_errno())}>"
+    levels = [1]
+    if family in (socket.AF_INET, socket.AF_INET6):
+        levels += [0, 41, 6, 17, 136, 255]
+    elif family == socket.AF_PACKET:
+        levels.append(263)
+    elif family == socket.AF_NETLINK:
+        levels.append(270)
+    for level in levels:
+        for opt in SOCKOPT_LEVELS[level]:
+            if (level, opt) in IGNORED_SOCKOPTS:
+                continue
+            # a zeroed buffer: some options read a request from it (IPV6_FLOWLABEL_MGR),
+            # and socket.getsockopt's is not zeroed
+            buf = ctypes.create_string_buffer(256)
+            length = ctypes.c_uint(256)
+            if _libc.getsockopt(sk.fileno(), level, opt, buf, ctypes.byref(length)) == 0:
+                value = buf.raw[: length.value].hex()
+            else:
+                errno = ctypes.get_errno()
+                if errno == 92:  # ENOPROTOOPT: not an option of this socket
+                    continue
+                value = f"<{os.strerror(errno)}>"
+            out[f"{key}.opt.{level}.{opt}"] = value
+    try:
+        info = sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+        # struct tcp_info (linux/tcp.h): u8 state ...; u32 unacked at 24, sacked at 28
+        # (a listener: its accept queue and its backlog)
+        state = info[0]
+        out[f"{key}.tcp_state"] = f"{state}" + (f" accept queue {struct.unpack_from('<II', info, 24)}"
+                                                 if state == 10 else "")
+    except OSError:
+        pass
+    try:
+        out[f"{key}.inq"] = str(struct.unpack("<i", fcntl_ioctl(sk.fileno(), 0x541B))[0])  # FIONREAD
+    except OSError as err:
+        out[f"{key}.inq"] = f"<{os.strerror(err.errno)}>"
+    return out
+
+
+def fcntl_ioctl(fd: int, request: int) -> bytes:
+    import fcntl
+
+    return fcntl.ioctl(fd, request, bytes(4))
 
 
 def state_problems(before: dict[int, dict[str, str]], after: dict[int, dict[str, str]]) -> list[str]:

@@ -305,19 +305,21 @@ def test_failed_dump_leaves_tree_untouched(procs, tmp_path, monkeypatch, proc_sn
 
 
 def test_unsupported_in_a_child_refused(procs, targets, tmp_path, proc_snapshot, assert_same_snapshot):
-    """A TCP socket (loopback) in a child: refused naming the child, its fd
-    and the kind; the whole tree keeps running, untraced and unchanged."""
+    """A live TCP connection (loopback) in a child: refused naming the child,
+    its fd and the kind; the whole tree keeps running, untraced and unchanged."""
     code = textwrap.dedent("""\
         import os, signal, socket, time
         a = socket.socket()
         a.bind(("127.0.0.1", 0))
         a.listen()
-        fd = a.fileno()
+        c = socket.create_connection(a.getsockname())
+        s, _ = a.accept()
+        fd = c.fileno()
         pid = os.fork()
         if pid == 0:
             signal.pause()
             os._exit(0)
-        a.close()
+        a.close(); c.close(); s.close()
         signal.signal(signal.SIGUSR1, lambda *x: None)
         os.write(1, f"READY\\n{fd} {pid}\\n".encode())
         signal.pause()
@@ -333,7 +335,7 @@ def test_unsupported_in_a_child_refused(procs, targets, tmp_path, proc_snapshot,
     images.mkdir()
     with pytest.raises(Unsupported) as exc:
         procsnap.dump(t.pid, str(images))
-    for name in (f"pid {child}", f"fd {fd}", "socket"):
+    for name in (f"pid {child}", f"fd {fd}", "socket", "live TCP connection"):
         assert name in str(exc.value), exc.value
     r = cli("dump", "-t", t.pid, "-D", images)
     assert_cli_error(r, f"pid {child}", f"fd {fd}", "socket")

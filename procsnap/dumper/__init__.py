@@ -44,7 +44,7 @@ class DumpStats:
 
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
-         progress=None) -> DumpStats:
+         progress=None, ext_unix_sk: bool = False) -> DumpStats:
     """Checkpoint process `pid` and all its descendants into the directory
     `images_dir`, made if missing (the root's image; each other process's
     image in a subdirectory of it, tree.IMAGE_DIR).
@@ -55,6 +55,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     snapshot.py); the pages are read from the snapshots after the thaw.
     The image is written beside the one already in `images_dir` and
     swapped in only once complete (image/staging.py).
+    ext_unix_sk: a unix datagram socket connected to a named one outside
+    the tree is dumped (connected again by name at restore), as CRIU's.
     On any error every process runs on as before and the directory holds
     what it held before.
     """
@@ -76,7 +78,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                  plural(sum(len(t.tids) for t in tree.tasks), "thread"), plural(len(tree.zombies), "zombie"))
         faults.point("after-freeze")
         snapshot = leave_running and len(tree.tasks) == 1
-        kinds = objects.collectors()
+        kinds = objects.collectors(ext_unix_sk=ext_unix_sk)
         collected = []
         for task in tree.tasks:
             with translated(task.pid, "collect"):

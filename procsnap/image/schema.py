@@ -32,7 +32,7 @@ import types
 import typing
 
 from .. import model
-from ..objects import cgroups, creds, file, fown, ghost, locks, pipe, settings, shm, unix
+from ..objects import cgroups, creds, file, fown, ghost, inet, locks, pipe, settings, shm, unix
 from ..objects import seccomp
 
 MAGIC = b"PSNAPIMG"
@@ -43,7 +43,9 @@ MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #            FdKind.PATH (O_PATH fds), FdKind.GHOST_DIR and Task.cwd_removed (removed directories),
 #            Vma.ghost (private mappings of unlinked files), a 4th element of an epoll watch (the fd
 #            holding the file of a watched fd that was closed),
-#            SECC (seccomp mode and filters of each thread), FdEntry.marks (inotify watches, fanotify marks)
+#            SECC (seccomp mode and filters of each thread), FdEntry.marks (inotify watches, fanotify marks),
+#            Socket.connected/name/linked/attrs/backlog/waiting/icons/senders/options/filter (unix sockets
+#            bound, listening, unconnected), INET records (objects/inet.py)
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -83,6 +85,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"FOWN": (fown.FdOwner, "owners", True),
     b"CGRP": (cgroups.Cgroup, "cgroups", True),
     b"SECC": (seccomp.Seccomp, "seccomp", True),
+    b"INET": (inet.InetSocket, "inet_sockets", True),
 }
 END = b"END "
 

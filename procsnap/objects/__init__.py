@@ -14,7 +14,7 @@ import typing
 
 from .. import model
 from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, settings, shm, \
-    signalfd, timerfd, tty, unix
+    signalfd, timerfd, tty, unix, inet
 from . import fanotify, ghostdir, inotify, memlock, opath, procfd, seccomp
 
 if typing.TYPE_CHECKING:
@@ -55,17 +55,23 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 # terminal before other character devices, /proc/PID files and namespace
 # fds before regular files; an O_PATH fd before all, whatever it is of.
 KINDS = (opath, shm, ghost, ghostdir, procfd, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe,
-         inotify, fanotify, memlock)
+         inotify, fanotify, memlock, inet)
 
 
-def collectors() -> list[protocol.Collect]:
+def collectors(**options) -> list[protocol.Collect]:
     """One fresh dump side of each kind, for one dump of a tree."""
-    return [k.Collect() for k in KINDS if hasattr(k, "Collect")]
+    out = [k.Collect() for k in KINDS if hasattr(k, "Collect")]
+    for c in out:
+        c.options = options
+    return out
 
 
-def preparers(root: Image, tree_fds: protocol.TreeFds) -> list[protocol.Prepare]:
+def preparers(root: Image, tree_fds: protocol.TreeFds, **options) -> list[protocol.Prepare]:
     """One fresh restore side of each kind, for one restore of a tree."""
-    return [k.Prepare(root, tree_fds) for k in KINDS if hasattr(k, "Prepare")]
+    out = [k.Prepare(root, tree_fds) for k in KINDS if hasattr(k, "Prepare")]
+    for p in out:
+        p.options = options
+    return out
 
 
 def _problems(hook: str, *args) -> list[str]:

@@ -71,6 +71,8 @@ class OpenFd:
 class Collect:
     """A kind at dump."""
 
+    options: dict[str, typing.Any] = {}  # the dump's options a kind may heed (ext_unix_sk), set by collectors()
+
     def collect_vma(self, pid: int, m: MapsEntry, prot: model.Prot, flags: model.MapFlag) -> model.Vma | None:
         """The record of mapping `m` if it maps an object of this kind, else None."""
         return None
@@ -132,6 +134,7 @@ class Prepare:
     new processes."""
 
     fd_kinds: tuple[model.FdKind, ...] = ()  # the FD records it opens
+    options: dict[str, typing.Any] = {}  # the restore's options a kind may heed (ext_unix_sk), set by preparers()
     always_seek: tuple[model.FdKind, ...] = ()  # these get their position back even when it is 0
 
     def __init__(self, root: Image, tree_fds: TreeFds):

@@ -35,12 +35,13 @@ log = logging.getLogger("procsnap.restorer")
 
 
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
-            allow_other_owner: bool = False, allow_setuid: bool = False) -> int:
+            allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False) -> int:
     """Bring the process tree in `images_dir` back; returns the root's pid.
 
     The restored root is a child of the caller, running. `detach` is
     accepted for the API's symmetry with the CLI, where -d decides whether
-    the restorer waits; waiting is the caller's business.
+    the restorer waits; waiting is the caller's business. ext_unix_sk: unix
+    sockets dumped connected outside the tree are connected again by name.
     """
     root_image = open_image(images_dir, progress=progress and functools.partial(progress, "check pages"))
     tree = open_tree(root_image, progress)
@@ -50,7 +51,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             objects.check_task_state(image.checkpoint)
     pid = root_image.checkpoint.task.pid
     with contextlib.ExitStack() as stack:
-        shared = SharedFiles(root_image)
+        shared = SharedFiles(root_image, ext_unix_sk=ext_unix_sk)
         stack.callback(shared.close)
         succeeded = [False]
         stack.callback(lambda: shared.finish(succeeded[0]))

@@ -52,11 +52,11 @@ class SharedFiles:
     inherited by all of them: open file descriptions (FdEntry.desc), and
     what each kind shares (pipes, sockets, shared memory)."""
 
-    def __init__(self, root_image: Image):
+    def __init__(self, root_image: Image, **options):
         self.tree_fds = TreeFds()
         self.opened = self.tree_fds.fds
         self.descs: dict[int, int] = {}  # FdEntry.desc -> restorer fd
-        self.kinds = objects.preparers(root_image, self.tree_fds)
+        self.kinds = objects.preparers(root_image, self.tree_fds, **options)
         self.by_fd_kind = {fd_kind: k for k in self.kinds for fd_kind in k.fd_kinds}
 
     def end_prepare(self) -> None:

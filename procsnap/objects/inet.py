@@ -1,0 +1,259 @@
+"""Sockets of the network stack that are not live connections: TCP
+sockets listening or never connected (IPv4, IPv6, v4-mapped IPv6), UDP
+and UDP-Lite bound or connected, ICMP ping sockets, raw sockets, packet
+sockets, netlink sockets with their groups; each with its options
+(objects/sockopt.py) and classic BPF filter.
+
+dump     read through a copy of the fd (pidfd_getfd): family, type,
+         protocol, TCP state (TCP_INFO), addresses, options. Refused by
+         name: a live TCP connection (any state but LISTEN and CLOSE), a
+         listener with connections in its accept queue, datagrams or
+         messages queued, a packet socket in a fanout group.
+restore  made again with its options; bound with SO_REUSEADDR (the port
+         of a socket the dump's kill closed, or one in TIME_WAIT, binds
+         again; the stored value is set after), connected, listening.
+
+The record (InetSocket) is the socket as a program sees it; a live TCP
+connection (TCP_REPAIR) is to be a record of its own that names one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+import stat
+import struct
+import typing
+
+from .. import model
+from ..errors import RestoreError, Unsupported
+from . import protocol
+from .protocol import OpenFd, Restoring
+
+if typing.TYPE_CHECKING:
+    import socket as socket_mod
+
+AF_INET, AF_INET6, AF_NETLINK, AF_PACKET = 2, 10, 16, 17
+SOCK_STREAM, SOCK_DGRAM, SOCK_RAW = 1, 2, 3
+IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, IPPROTO_ICMP, IPPROTO_ICMPV6 = 6, 17, 136, 1, 58
+SO_DOMAIN, SO_TYPE, SO_PROTOCOL = 39, 3, 38
+TCP_INFO = 11
+PACKET_FANOUT = 18
+NETLINK_ADD_MEMBERSHIP, NETLINK_LIST_MEMBERSHIPS = 1, 9
+MSG_PEEK, MSG_DONTWAIT, MSG_TRUNC = 0x2, 0x40, 0x20
+# TCP states (include/net/tcp_states.h)
+TCP_STATES = {1: "ESTABLISHED", 2: "SYN_SENT", 3: "SYN_RECV", 4: "FIN_WAIT1", 5: "FIN_WAIT2", 6: "TIME_WAIT",
+              7: "CLOSE", 8: "CLOSE_WAIT", 9: "LAST_ACK", 10: "LISTEN", 11: "CLOSING", 12: "NEW_SYN_RECV"}
+TCP_CLOSE, TCP_LISTEN = 7, 10
+FAMILIES = {AF_INET: "IPv4", AF_INET6: "IPv6", AF_NETLINK: "netlink", AF_PACKET: "packet"}
+
+
+@dataclasses.dataclass
+class InetSocket:
+    """A socket of the network stack (1.3), as its program sees it."""
+
+    id: int
+    family: int  # AF_INET, AF_INET6, AF_PACKET, AF_NETLINK
+    type: int  # SOCK_STREAM, SOCK_DGRAM, SOCK_RAW
+    proto: int  # IPPROTO_*, a netlink family, a packet socket's ethertype (host order)
+    state: int = 0  # TCP: TCP_LISTEN or TCP_CLOSE; 0 for others
+    # addresses as Python's socket module takes them: inet [host, port], IPv6
+    # [host, port, flowinfo, scope_id], packet [ifname, proto], netlink [portid, groups]
+    local: list[int | str] = dataclasses.field(default_factory=list)  # [] if not bound
+    peer: list[int | str] = dataclasses.field(default_factory=list)  # [] if not connected
+    backlog: int = -1  # listening: its backlog
+    options: dict[str, int | str] = dataclasses.field(default_factory=dict)
+    filter: bytes = b""  # an attached classic BPF program (struct sock_filter each)
+    groups: list[int] = dataclasses.field(default_factory=list)  # netlink: every group it listens to
+
+    def describe(self) -> str:
+        kind = {SOCK_STREAM: "TCP", SOCK_DGRAM: "UDP" if self.proto != IPPROTO_UDPLITE else "UDP-Lite",
+                SOCK_RAW: "raw"}.get(self.type, str(self.type))
+        if self.type == SOCK_DGRAM and self.proto in (IPPROTO_ICMP, IPPROTO_ICMPV6):
+            kind = "ping"
+        if self.family in (AF_NETLINK, AF_PACKET):
+            kind = {SOCK_DGRAM: "datagram", SOCK_RAW: "raw"}.get(self.type, str(self.type))
+        return f"{FAMILIES.get(self.family, self.family)} {kind} socket {self.id} ({_addr(self.local)})"
+
+
+def _addr(addr: list) -> str:
+    if not addr:
+        return "unbound"
+    if len(addr) >= 2 and isinstance(addr[0], str) and ":" in addr[0]:
+        return f"[{addr[0]}]:{addr[1]}"
+    return ":".join(str(x) for x in addr[:2])
+
+
+class Collect(protocol.Collect):
+    def __init__(self):
+        self.sockets: dict[int, InetSocket] = {}  # by inode
+
+    def collect_fd(self, fd: OpenFd) -> model.FdEntry | None:
+        if not stat.S_ISSOCK(fd.st.st_mode):
+            return None
+        import socket
+
+        from . import sockopt
+
+        if fd.st.st_ino not in self.sockets:
+            with sockopt.copy_fd(fd.pid, fd.fd) as sk:
+                family = sk.getsockopt(socket.SOL_SOCKET, SO_DOMAIN)
+                if family not in FAMILIES:
+                    return None
+                sock = _collect(fd, sk, family, len(self.sockets))
+            self.sockets[fd.st.st_ino] = sock
+        return model.FdEntry(fd.fd, model.FdKind.INET, fd.flags, 0, fd.link, self.sockets[fd.st.st_ino].id)
+
+    def collect_tree(self, root: model.Checkpoint, tree_pids: set[int]) -> None:
+        root.inet_sockets = sorted(self.sockets.values(), key=lambda s: s.id)
+
+
+def _collect(fd: OpenFd, sk: socket_mod.socket, family: int, sid: int) -> InetSocket:
+    import socket
+
+    from . import sockopt
+
+    stype = sk.getsockopt(socket.SOL_SOCKET, SO_TYPE)
+    proto = sk.getsockopt(socket.SOL_SOCKET, SO_PROTOCOL)
+    where = f"{fd.where} is {'an' if family == AF_INET else 'a'} {FAMILIES[family]} socket ({fd.link})"
+    sock = InetSocket(sid, family, stype, proto)
+    local = list(sk.getsockname())
+    try:
+        peer = list(sk.getpeername())
+    except OSError:
+        peer = []
+    if family in (AF_INET, AF_INET6):
+        if stype == SOCK_STREAM and proto != IPPROTO_TCP:
+            raise Unsupported(f"{where}: protocol {proto} (not TCP); not supported", fd.pid)
+        if stype not in (SOCK_STREAM, SOCK_DGRAM, SOCK_RAW):
+            raise Unsupported(f"{where}: type {stype}; not supported", fd.pid)
+        sock.local = local if local[1] or local[0] not in ("0.0.0.0", "::") else []
+        if stype == SOCK_STREAM:
+            info = sk.getsockopt(socket.IPPROTO_TCP, TCP_INFO, 104)
+            sock.state = info[0]
+            # struct tcp_info (linux/tcp.h): of a listener, tcpi_unacked (at 24) is
+            # its accept queue, tcpi_sacked (at 28) its backlog
+            queued, backlog = struct.unpack_from("<II", info, 24)
+            if sock.state == TCP_LISTEN:
+                if queued:
+                    raise Unsupported(f"{where} listening on {_addr(local)}, with {queued} connection"
+                                      f"{'s' if queued > 1 else ''} in its accept queue; not supported", fd.pid)
+                sock.backlog = backlog
+            elif sock.state != TCP_CLOSE:
+                raise Unsupported(f"{where}: a live TCP connection ({TCP_STATES.get(sock.state, sock.state)}, "
+                                  f"{_addr(local)} -> {_addr(peer)}); not supported", fd.pid)
+        else:
+            sock.peer = peer
+    elif family == AF_PACKET:
+        ifname, sock.proto = local[0], local[1]
+        sock.local = [ifname, local[1]] if ifname else []
+        if sk.getsockopt(sockopt.SOL_PACKET, PACKET_FANOUT):
+            raise Unsupported(f"{where} in a fanout group (PACKET_FANOUT); not supported", fd.pid)
+    else:
+        sock.local = local if local[0] else []
+        sock.peer = peer if peer[0] or peer[1] else []
+        bitmap = sk.getsockopt(sockopt.SOL_NETLINK, NETLINK_LIST_MEMBERSHIPS, 1024)
+        sock.groups = [i * 32 + b + 1 for i, (word,) in enumerate(struct.iter_unpack("<I", bitmap))
+                       for b in range(32) if word >> b & 1]
+    if sock.state != TCP_LISTEN and stype != SOCK_STREAM:
+        _refuse_queued(sk, fd, where)
+    sock.options = sockopt.collect_options(sk, family, stype, sock.proto if family != AF_PACKET else 0)
+    sock.filter = sockopt.read_filter(sk)
+    return sock
+
+
+def _refuse_queued(sk, fd: OpenFd, where: str) -> None:
+    import socket
+
+    try:
+        data = sk.recv(1, MSG_PEEK | MSG_DONTWAIT | MSG_TRUNC)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        return  # nothing to read (a pending error is not data)
+    n = struct.unpack("<i", fcntl.ioctl(sk.fileno(), 0x541B, bytes(4)))[0]  # FIONREAD: the first one's size
+    raise Unsupported(f"{where} with {'datagrams' if sk.type != socket.SOCK_STREAM else 'data'} queued "
+                      f"(the first of {max(n, len(data))} bytes); not supported", fd.pid)
+
+
+class Prepare(protocol.Prepare):
+    fd_kinds = (model.FdKind.INET,)
+
+    def __init__(self, root, tree_fds):
+        super().__init__(root, tree_fds)
+        self.sockets = {s.id: s for s in root.checkpoint.inet_sockets}
+        self.fds: dict[int, int] = {}
+
+    def open_fd(self, entry: model.FdEntry, proc: Restoring) -> int:
+        if entry.file_id not in self.fds:
+            self.fds[entry.file_id] = self.own(make(self.sockets[entry.file_id]).detach())
+        fd = self.fds[entry.file_id]
+        fcntl.fcntl(fd, fcntl.F_SETFL, int(entry.flags) & os.O_NONBLOCK)
+        return fd
+
+
+def _address(sock: InetSocket, addr: list) -> tuple:
+    if sock.family == AF_PACKET:
+        return (addr[0], addr[1])
+    return tuple(addr)
+
+
+def make(sock: InetSocket) -> socket_mod.socket:
+    import socket
+
+    from . import sockopt
+
+    what = sock.describe()
+    proto = socket.htons(sock.proto) if sock.family == AF_PACKET else sock.proto
+    try:
+        sk = socket.socket(sock.family, sock.type | socket.SOCK_CLOEXEC, proto)
+    except OSError as err:
+        raise RestoreError(f"{what}: cannot make it: {err.strerror}") from err
+    try:
+        for name in sockopt.BEFORE_BIND:
+            if name in sock.options:
+                sockopt.set_option(sk, name, sock.options[name], what)
+        step = "bind it"
+        try:
+            if sock.local:
+                if sock.family in (AF_INET, AF_INET6):
+                    sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sk.bind(_address(sock, sock.local))
+            for group in sock.groups:
+                if group > 32 or not sock.local:
+                    sk.setsockopt(sockopt.SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+            step = "connect it"
+            if sock.peer:
+                sk.connect(_address(sock, sock.peer))
+            step = "listen"
+            if sock.backlog >= 0:
+                sk.listen(sock.backlog)
+        except OSError as err:
+            addr = _addr(sock.peer) if step == "connect it" else _addr(sock.local)
+            raise RestoreError(f"{what}: cannot {step} ({addr}): {err.strerror}") from err
+        sockopt.attach_filter(sk, sock.filter, what)
+        # those set before bind stay (IPV6_V6ONLY cannot change once bound), but
+        # SO_REUSEADDR, which the bind itself needed
+        sockopt.apply_options(sk, sock.options, what, skip=tuple(n for n in sockopt.BEFORE_BIND if n != "SO_REUSEADDR"))
+    except BaseException:
+        sk.close()
+        raise
+    return sk
+
+
+def check_tree(ckpt: model.Checkpoint, root: model.Checkpoint) -> list[str]:
+    ids = {s.id for s in root.inet_sockets}
+    problems = [f"fd {e.fd}: unknown inet socket {e.file_id}" for e in ckpt.fds
+                if e.kind == model.FdKind.INET and e.file_id not in ids]
+    for s in root.inet_sockets:
+        if s.family not in FAMILIES or s.type not in (SOCK_STREAM, SOCK_DGRAM, SOCK_RAW) \
+                or s.state not in (0, TCP_CLOSE, TCP_LISTEN) or not -1 <= s.backlog < 1 << 31 \
+                or len(s.filter) % 8 or len(s.filter) > 8 * 4096 or len(s.local) > 4 or len(s.peer) > 4:
+            problems.append(f"inet socket {s.id}: family {s.family}, type {s.type}, state {s.state}, "
+                            f"backlog {s.backlog}")
+        if s.options:
+            from .sockopt import check_options
+
+            problems += check_options(s.options, f"inet socket {s.id}")
+    return problems
