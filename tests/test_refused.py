@@ -68,11 +68,13 @@ def test_refused_target_check_can_fail(mode, procs):
     assert status == 1 and "FAIL: " in out and "PASS" not in out, out
 
 
-def _tcp_listening():
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    s.listen()
-    return [s], (f"a TCP socket listening on 127.0.0.1:{s.getsockname()[1]}",)
+def _tcp_backlog():
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen()
+    c = socket.create_connection(lsock.getsockname())  # never accepted: waits in the accept queue
+    return [lsock, c], (f"a TCP socket listening on 127.0.0.1:{lsock.getsockname()[1]}",
+                        "with 1 connection in its accept queue")
 
 
 def _tcp_connection():
@@ -82,34 +84,29 @@ def _tcp_connection():
     c = socket.create_connection(lsock.getsockname())
     server, _ = lsock.accept()
     here, there = c.getsockname(), c.getpeername()
-    return [c, lsock, server], (f"a TCP connection 127.0.0.1:{here[1]} -> 127.0.0.1:{there[1]} (ESTABLISHED)",)
+    return [c, lsock, server], (f"a TCP connection 127.0.0.1:{here[1]} -> 127.0.0.1:{there[1]} (ESTABLISHED)",
+                                "live TCP connections")
 
 
-def _udp():
+def _udp_queued():
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
-    return [s], (f"a UDP socket bound to 127.0.0.1:{s.getsockname()[1]}",)
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.sendto(b"queued", s.getsockname())
+    return [s, sender], (f"a UDP socket bound to 127.0.0.1:{s.getsockname()[1]}", "datagrams queued")
 
 
-def _udp6():
+def _udp6_queued():
     s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
     s.bind(("::1", 0))
-    return [s], (f"a UDP socket bound to [::1]:{s.getsockname()[1]}",)
+    sender = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    sender.sendto(b"queued", s.getsockname())
+    return [s, sender], (f"a UDP socket bound to [::1]:{s.getsockname()[1]}", "datagrams queued")
 
 
-def _netlink():
-    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    return [s], ("a netlink socket (NETLINK_ROUTE",)
-
-
-def _packet():
-    s = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(0x88B5))  # a local experimental type
-    s.bind(("lo", 0x88B5))
-    return [s], (f"a datagram packet socket (protocol 0x88b5, interface {socket.if_nametoindex('lo')})",)
-
-
-SOCKETS = {"tcp-listening": _tcp_listening, "tcp-connection": _tcp_connection, "udp": _udp, "udp6": _udp6,
-           "netlink": _netlink, "packet": _packet}
+# sockets the inet kind (objects/inet.py) does not restore yet; the rest are restored (tests/test_sockets.py)
+SOCKETS = {"tcp-backlog": _tcp_backlog, "tcp-connection": _tcp_connection, "udp-queued": _udp_queued,
+           "udp6-queued": _udp6_queued}
 
 
 @pytest.mark.parametrize("kind", sorted(SOCKETS))

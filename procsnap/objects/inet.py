@@ -116,7 +116,9 @@ def _collect(fd: OpenFd, sk: socket_mod.socket, family: int, sid: int) -> InetSo
 
     stype = sk.getsockopt(socket.SOL_SOCKET, SO_TYPE)
     proto = sk.getsockopt(socket.SOL_SOCKET, SO_PROTOCOL)
-    where = f"{fd.where} is {'an' if family == AF_INET else 'a'} {FAMILIES[family]} socket ({fd.link})"
+    from .sockname import describe_socket
+
+    where = f"{fd.where} is {describe_socket(fd.pid, fd.fd, fd.st.st_ino)} ({fd.link})"
     sock = InetSocket(sid, family, stype, proto)
     local = list(sk.getsockname())
     try:
@@ -137,12 +139,11 @@ def _collect(fd: OpenFd, sk: socket_mod.socket, family: int, sid: int) -> InetSo
             queued, backlog = struct.unpack_from("<II", info, 24)
             if sock.state == TCP_LISTEN:
                 if queued:
-                    raise Unsupported(f"{where} listening on {_addr(local)}, with {queued} connection"
+                    raise Unsupported(f"{where}, with {queued} connection"
                                       f"{'s' if queued > 1 else ''} in its accept queue; not supported", fd.pid)
                 sock.backlog = backlog
             elif sock.state != TCP_CLOSE:
-                raise Unsupported(f"{where}: a live TCP connection ({TCP_STATES.get(sock.state, sock.state)}, "
-                                  f"{_addr(local)} -> {_addr(peer)}); not supported", fd.pid)
+                raise Unsupported(f"{where}: live TCP connections are not restored; not supported", fd.pid)
         else:
             sock.peer = peer
     elif family == AF_PACKET:
