@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import procsnap
+from procsnap.image import schema
 from conftest import (CASES_BY_ID, REPO, Case, assert_cli_error, assert_pass, cli, descendants, dump_kill,
                       restore, wait_until)
 
@@ -75,6 +76,9 @@ def test_ps_lists_the_tree(procs, tmp_path):
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["PID", "PPID", "PGID", "SID", "THREADS", "COMM", "STATE"]
     assert [int(line.split()[0]) for line in lines[1:]] == pids
+    summary = cli("show", images).stdout.splitlines()
+    threads = sum(b[4] for b in before.values())
+    assert f": format {schema.MAJOR}.{schema.MINOR}, {len(pids)} processes, {threads} threads; root pid {t.pid} (" in summary[0], summary
     restore(procs, t, images)
     assert_pass(t)
 
