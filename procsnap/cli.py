@@ -204,9 +204,9 @@ def _interrupt(signum, frame):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "view", None) is None and getattr(args, "images_dir_opt", None) and args.images_dir:
+    if args.command == "show" and args.view is None and args.images_dir_opt and args.images_dir:
         args.view, args.images_dir = args.images_dir, None  # show -D DIR VIEW
-    if getattr(args, "view", None) is not None and args.view not in _views():
+    if args.command == "show" and args.view is not None and args.view not in _views():
         parser.error(f"show: unknown view {args.view!r}; the views are {', '.join(_views())}")
     if hasattr(args, "images_dir_opt"):
         given = {d for d in (args.images_dir, args.images_dir_opt) if d is not None}

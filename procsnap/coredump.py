@@ -38,6 +38,9 @@ from .kernel.arch.x86_64 import PAGE_SIZE, signed, user_regs_struct
 from .views import Tree, host_state, load
 
 
+WRITE_STEP = 16 << 20  # bytes written, then dropped from our RSS, at a time
+
+
 @dataclasses.dataclass
 class CoreStats:
     path: str
@@ -55,7 +58,8 @@ class Segment:
     memsz: int
     flags: E.PF
     dumped: bool  # p_filesz = memsz, else 0
-    pieces: list[tuple[int, bytes | memoryview]] = dataclasses.field(default_factory=list)  # (vaddr, data)
+    # (vaddr, data, the StoredRun it is, or None for shared memory and the vdso)
+    pieces: list[tuple[int, bytes | memoryview, StoredRun | None]] = dataclasses.field(default_factory=list)
 
 
 def _flags(v: model.Vma) -> E.PF:
@@ -74,7 +78,7 @@ def _shared_pieces(root: Image, v: model.Vma) -> list[tuple[int, bytes]]:
         lo, hi = max(offset, v.offset), min(offset + length, v.offset + v.size)
         if lo < hi:
             data = root.read_blob(blob, length, xxh3)
-            out.append((v.start + lo - v.offset, data[lo - offset : hi - offset]))
+            out.append((v.start + lo - v.offset, data[lo - offset : hi - offset], None))
     return out
 
 
@@ -90,7 +94,7 @@ def plan_segments(v: model.Vma, runs: list[StoredRun], pages: TreePages, root: I
     flags = _flags(v)
     inside = [r for r in runs if v.start <= r.vaddr < v.end]
     if v.kind == model.VmaKind.VDSO and len(vdso) == v.size:
-        return [Segment(v.start, v.size, flags, True, [(v.start, vdso)])]
+        return [Segment(v.start, v.size, flags, True, [(v.start, vdso, None)])]
     if v.advice & model.Advice.DONTDUMP or v.kind in model.SPECIAL_KINDS or v.kind == model.VmaKind.FILE_SHARED:
         return [Segment(v.start, v.size, flags, False)]
     if v.kind in (model.VmaKind.SHARED_MEM, model.VmaKind.SYSV_SHM):
@@ -101,12 +105,12 @@ def plan_segments(v: model.Vma, runs: list[StoredRun], pages: TreePages, root: I
         for r in inside:
             if r.vaddr > at:
                 out.append(Segment(at, r.vaddr - at, flags, False))
-            out.append(Segment(r.vaddr, r.end - r.vaddr, flags, True, [(r.vaddr, pages.data(r))]))
+            out.append(Segment(r.vaddr, r.end - r.vaddr, flags, True, [(r.vaddr, pages.data(r), r)]))
             at = r.end
         if at < v.end:
             out.append(Segment(at, v.end - at, flags, False))
         return out
-    return [Segment(v.start, v.size, flags, bool(inside), [(r.vaddr, pages.data(r)) for r in inside])]
+    return [Segment(v.start, v.size, flags, bool(inside), [(r.vaddr, pages.data(r), r) for r in inside])]
 
 
 def read_memory(addr: int, size: int, runs: list[StoredRun], pages: TreePages) -> bytes:
@@ -220,8 +224,11 @@ def write_core(directory: str, path: str, pid: int | None = None) -> CoreStats:
         try:
             os.pwrite(fd, bytes(ehdr) + b"".join(map(bytes, phdrs)) + body, 0)
             for s, at in placed:
-                for vaddr, data in s.pieces:
-                    os.pwrite(fd, data, at + vaddr - s.vaddr)
+                for vaddr, data, run in s.pieces:
+                    for off in range(0, len(data), WRITE_STEP):
+                        os.pwrite(fd, data[off : off + WRITE_STEP], at + vaddr - s.vaddr + off)
+                        if run is not None:
+                            pages.drop(run, off, WRITE_STEP)  # written: out of our RSS
                     written += len(data)
             os.ftruncate(fd, max(offset, data_start))  # zero pages at the end stay holes
         except BaseException:

@@ -61,6 +61,7 @@ def _page_hashes(pages: TreePages, image) -> dict[int, int]:
         for i in range(run.npages):
             out[run.vaddr + i * PAGE_SIZE] = data_hash(data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])
         data.release()
+        pages.drop(run)
     return out
 
 
@@ -151,8 +152,11 @@ def diff(first: str, second: str) -> dict:
 # Text
 
 
-def _val(v) -> str:
-    return f"{v:#x}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+HEX = ("start", "end", "offset")  # addresses, in hex
+
+
+def _val(key: str, v) -> str:
+    return f"{v:#x}" if key in HEX and isinstance(v, int) else str(v)
 
 
 def _listed(label: str, ranges: list[list]) -> list[str]:
@@ -163,7 +167,7 @@ def _listed(label: str, ranges: list[list]) -> list[str]:
 
 
 def _fields(change: dict, skip: str) -> str:
-    return ", ".join(f"{k} {_val(a)} -> {_val(b)}" for k, (a, b) in change.items() if k != skip)
+    return ", ".join(f"{k} {_val(k, ab[0])} -> {_val(k, ab[1])}" for k, ab in change.items() if k != skip)
 
 
 def render(d: dict) -> str:
@@ -198,7 +202,7 @@ def render(d: dict) -> str:
                 else (lambda r: f"fd {r['fd']} {r['kind']} {r['target']} pos {r['pos']}")
             lines += [f"  {name}: only in the first: {label(r)}" for r in s["only_first"]]
             lines += [f"  {name}: only in the second: {label(r)}" for r in s["only_second"]]
-            lines += [f"  {name}: {'fd ' if key == 'fd' else ''}{_val(r[key]) if key == 'start' else r[key]}: "
+            lines += [f"  {name}: {'fd ' if key == 'fd' else ''}{_val(key, r[key])}: "
                       f"{_fields(r, key)}" for r in s["changed"]]
         if "pages" in c:
             g = c["pages"]

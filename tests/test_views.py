@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 import procsnap
+from procsnap.image import schema
 from conftest import (CASES_BY_ID, REPO, Case, assert_cli_error, assert_pass, cli, descendants, dump_kill,
-                      restore)
+                      restore, wait_until)
 
 DEBUGGEE = Case("debuggee")
 VIEWS = ("ps", "fds", "mems", "rss", "sockets", "files")
@@ -75,6 +76,9 @@ def test_ps_lists_the_tree(procs, tmp_path):
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["PID", "PPID", "PGID", "SID", "THREADS", "COMM", "STATE"]
     assert [int(line.split()[0]) for line in lines[1:]] == pids
+    summary = cli("show", images).stdout.splitlines()
+    threads = sum(b[4] for b in before.values())
+    assert f": format {schema.MAJOR}.{schema.MINOR}, {len(pids)} processes, {threads} threads; root pid {t.pid} (" in summary[0], summary
     restore(procs, t, images)
     assert_pass(t)
 
@@ -359,3 +363,38 @@ def test_core_warns_of_a_mapped_file_changed_since_the_dump(procs, tmp_path):
     assert r.stderr == f"procsnap: warning: {priv}: modified since the dump; gdb reads the pages the image " \
                        "does not hold from it\n", r.stderr
     assert_pass(t)
+
+
+GROWER = """
+import mmap, os, signal, sys
+areas = []
+def grow(sig, frame):
+    areas.append(mmap.mmap(-1, 1 << 20))
+    areas[-1][:5] = b"grown"
+    os.write(1, b"grown\\n")
+signal.signal(signal.SIGUSR2, grow)
+os.write(1, b"READY\\n")
+while True:
+    signal.pause()
+"""
+
+
+def test_diff_names_a_new_mapping_and_a_moved_fd(procs, tmp_path):
+    """A python3 process maps 1 MiB and writes a line between two dumps:
+    the diff names the new mapping and fd 1's position moved by the line,
+    in text and in JSON (the text of a changed fd and VMA once raised)."""
+    t = procs.start([sys.executable, "-c", GROWER], name="grower")
+    first, second = tmp_path / "first", tmp_path / "second"
+    procsnap.dump(t.pid, str(first), leave_running=True)
+    t.signal(signal.SIGUSR2)
+    wait_until(lambda: "grown\n" in t.output(), "the grower's new mapping")
+    procsnap.dump(t.pid, str(second), leave_running=True)
+    d = json.loads(cli("diff", "--json", first, second).stdout)
+    (c,) = d["changed"]
+    assert {"fd": 1, "pos": [6, 12]} in c["fds"]["changed"], c["fds"]
+    (grown,) = c["vmas"]["only_second"]  # python's mmap(-1, n) is MAP_SHARED: its own VMA
+    assert grown["end"] - grown["start"] == 1 << 20 and grown["kind"] == "shared-mem", grown
+    text = cli("diff", first, second)
+    assert text.returncode == 0 and text.stderr == "", text.stderr
+    assert "  fds: fd 1: pos 6 -> 12" in text.stdout, text.stdout
+    assert f"  vmas: only in the second: {grown['start']:#x}-{grown['end']:#x} rw-s" in text.stdout, text.stdout

@@ -72,6 +72,13 @@ class TreePages:
                 os.close(fd)
         return memoryview(m)[run.offset : run.offset + run.npages * PAGE_SIZE]
 
+    def drop(self, run: StoredRun, start: int = 0, length: int | None = None) -> None:
+        """Done with the run's bytes [start, start + length): let the kernel drop them from our RSS."""
+        m = self._maps.get(run.source.pages_path)
+        size = run.npages * PAGE_SIZE - start if length is None else min(length, run.npages * PAGE_SIZE - start)
+        if m is not None and size > 0:
+            m.madvise(mmap.MADV_DONTNEED, run.offset + start, size)
+
     def close(self) -> None:
         for m in self._maps.values():
             try:
