@@ -12,8 +12,11 @@ its pages and protection, and the mm's default for new mappings.
 A guard page has no contents (the pagemap shows it as a swapped PTE marker;
 reading it faults), so its pages are left out of pages.img
 (proc.PM_TOP_GUARD). mm->def_flags is in no /proc file: the frozen task
-maps one shared anonymous page (which never merges with a neighbour), the
-VmFlags smaps shows for it are the mm's def_flags, and it is unmapped again.
+maps one readable shared anonymous page (which never merges with a
+neighbour) and unmaps it again. VM_LOCKED in def_flags shows as VmLck
+growing by that page (the whole of a locked VMA is counted); without
+VM_LOCKONFAULT, mmap also faulted it in (pagemap: present). Reading smaps
+instead would walk every page table of the task while it is frozen.
 mlockall(MCL_CURRENT) is no state of its own: it locked the VMAs there were,
 which show "lo" each. Locking goes through the restorer's privileges
 (CAP_IPC_LOCK), before the credentials are restored.
@@ -42,7 +45,7 @@ class Mcl(enum.IntFlag):
     MCL_ONFAULT = 4
 
 
-PROBE_PROT_NONE, PROBE_FLAGS = 0, 0x01 | 0x20  # MAP_SHARED | MAP_ANONYMOUS
+PROBE_PROT_READ, PROBE_FLAGS = 0x1, 0x01 | 0x20  # MAP_SHARED | MAP_ANONYMOUS
 
 
 def collect_vma(pid: int, m: proc.MapsEntry, vma: model.Vma) -> None:
@@ -60,14 +63,24 @@ def collect_vma(pid: int, m: proc.MapsEntry, vma: model.Vma) -> None:
 
 
 def collect_seized(target: Target, tids: list[int], ckpt: model.Checkpoint) -> None:
-    """mm->def_flags, from the VmFlags of a probe page mapped by the task."""
-    addr = target.call(NR.mmap, 0, PAGE_SIZE, PROBE_PROT_NONE, PROBE_FLAGS, -1, 0)
+    """mm->def_flags, from what mapping a probe page did (see above)."""
+    before = _vmlck_kib(target.pid)
+    addr = target.call(NR.mmap, 0, PAGE_SIZE, PROBE_PROT_READ, PROBE_FLAGS, -1, 0)
     try:
-        flags = next((m.vmflags for m in proc.read_smaps(target.pid) if m.start == addr), ())
+        if _vmlck_kib(target.pid) == before:
+            return
+        fd = os.open(f"/proc/{target.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            populated = proc.read_pagemap(fd, addr, addr + PAGE_SIZE)[7] & proc.PM_TOP_PRESENT
+        finally:
+            os.close(fd)
     finally:
         target.call(NR.munmap, addr, PAGE_SIZE)
-    if "lo" in flags:
-        ckpt.task.mlockall = Mcl.MCL_FUTURE | (Mcl.MCL_ONFAULT if "lf" in flags else 0)
+    ckpt.task.mlockall = Mcl.MCL_FUTURE | (0 if populated else Mcl.MCL_ONFAULT)
+
+
+def _vmlck_kib(pid: int) -> int:
+    return int(proc.read_status(pid)["VmLck"].split()[0])
 
 
 def restore_seized(target: Target, ckpt: model.Checkpoint, tree_pids: set[int]) -> None:
