@@ -105,14 +105,14 @@ def test_messages_are_english(procs, tmp_path):
         ["a pipe", "an anon_inode", "a unix socket"]
     code = textwrap.dedent("""\
         import ctypes, signal
-        fd = ctypes.CDLL(None).inotify_init()
+        fd = ctypes.CDLL(None).syscall(425, 4, ctypes.create_string_buffer(120))  # io_uring_setup
         print("READY", flush=True)
         signal.pause()
     """)
-    t = procs.start([sys.executable, "-c", code], name="inotify")
+    t = procs.start([sys.executable, "-c", code], name="io_uring")
     with pytest.raises(procsnap.Unsupported) as exc:
         procsnap.dump(t.pid, str(tmp_path / "img"))
-    assert "is an anon_inode (anon_inode:inotify)" in str(exc.value), str(exc.value)
+    assert "is an anon_inode (anon_inode:[io_uring])" in str(exc.value), str(exc.value)
 
 
 def test_group_led_from_outside_refused(procs, targets, tmp_path):
