@@ -128,3 +128,44 @@ def test_fanotify_marks(procs, tmp_path):
             continue
         restore(procs, t, dump_kill(t, tmp_path / "img"))
         assert_pass(t)
+
+
+RENAMED = textwrap.dedent("""\
+    import ctypes, os, select, signal, struct, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    fd = libc.inotify_init1(0)
+    wd = libc.inotify_add_watch(fd, sys.argv[1].encode(), 0x2 | 0x800)  # IN_MODIFY | IN_MOVE_SELF
+    print("READY", flush=True)
+    signal.sigwait({signal.SIGUSR1})
+    got = []
+    while select.select([fd], [], [], 2)[0]:
+        data = os.read(fd, 4096)
+        while data:
+            w, mask, _, length = struct.unpack_from("<iIII", data)
+            got.append((w, mask))
+            data = data[16 + length:]
+        if (wd, 0x2) in got:
+            break
+    ok = got == [(wd, 0x2)]
+    print("PASS" if ok else f"FAIL: events {got}, expected {[(wd, 0x2)]}", flush=True)
+    sys.exit(0 if ok else 1)
+""")
+
+
+def test_watch_survives_rename_between_dump_and_restore(procs, tmp_path):
+    """The watched file is renamed after the dump, before the restore (no
+    fd of the process names it): the watch is made again by its handle and
+    reports the file's modification under its new name."""
+    watched = tmp_path / "watched"
+    watched.write_text("")
+    script = tmp_path / "renamed.py"
+    script.write_text(RENAMED)
+    t = procs.start([PYTHON, script, watched], name="renamed")
+    images = dump_kill(t, tmp_path / "img")
+    moved = tmp_path / "elsewhere"
+    watched.rename(moved)
+    restore(procs, t, images)
+    with open(moved, "a") as f:
+        f.write("x")
+    assert_pass(t)

@@ -6,7 +6,7 @@ after the restore that each still names what it named."""
 import os
 import textwrap
 
-from conftest import (assert_cli_error, assert_pass, assert_untouched, cli, dump_kill, proc_snapshot,
+from conftest import (assert_cli_error, assert_pass, assert_untouched, cli, dump_kill, proc_snapshot, wait_until,
                       assert_same_snapshot, restore)
 
 PYTHON = "/usr/bin/python3"
@@ -129,3 +129,29 @@ def test_outside_the_tree_refused(procs, tmp_path):
         r = cli("dump", "-t", t.pid, "-D", images)
         assert_cli_error(r, f"pid {t.pid}", f"fd {fd}", str(os.getpid()), "outside the dumped tree")
         assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
+
+
+NSFD = textwrap.dedent("""\
+    import os, sys, time
+    fd = os.open(f"/proc/{sys.argv[1]}/ns/uts", os.O_RDONLY)
+    print("READY", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_foreign_namespace_fd_refused(procs, tmp_path):
+    """An fd of a UTS namespace that is not the host's (held open, the
+    process itself in the host's): refused naming the fd and the namespace."""
+    other = procs.start(["unshare", "--uts", "sh", "-c", "echo READY; exec sleep 600"], name="unshared")
+    wait_until(lambda: os.readlink(f"/proc/{other.pid}/ns/uts") != os.readlink("/proc/self/ns/uts"),
+               "the unshared namespace")
+    script = tmp_path / "nsfd.py"
+    script.write_text(NSFD)
+    t = procs.start([PYTHON, script, other.pid], name="nsfd")
+    fd = max(int(x) for x in os.listdir(f"/proc/{t.pid}/fd"))
+    images = tmp_path / "img"
+    images.mkdir()
+    before = proc_snapshot(t.pid)
+    r = cli("dump", "-t", t.pid, "-D", images)
+    assert_cli_error(r, f"pid {t.pid}: fd {fd}", os.readlink(f"/proc/{other.pid}/ns/uts"), "other than the host's")
+    assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)

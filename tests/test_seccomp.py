@@ -3,6 +3,7 @@ act. The C target's modes (filter, threads, tsync, fork, strict) run in
 every variant through test_dump_restore's cases; here: a sandboxed Python
 program, a leave-running dump and a procsnap without CAP_SYS_ADMIN."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -92,3 +93,19 @@ def test_refused_without_cap_sys_admin(procs, case, variant, tmp_path):
     assert_cli_error(r, f"pid {t.pid}", "thread", "seccomp", "CAP_SYS_ADMIN")
     assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
     assert_pass(t)
+
+
+@pytest.mark.cases("seccomp-filter")
+@pytest.mark.variants("pie")
+def test_restore_refused_without_cap_sys_admin(procs, case, variant, tmp_path):
+    """The image of a filtered process, restored by a procsnap without
+    CAP_SYS_ADMIN: refused by name before any process is made (the filters
+    could not be suspended for the rest of the rebuild)."""
+    t = procs.start_case(case, variant)
+    images = dump_kill(t, tmp_path / "img")
+    t.dumped = None
+    r = subprocess.run(["setpriv", "--bounding-set", "-sys_admin", "--inh-caps", "-sys_admin",
+                        sys.executable, "-m", "procsnap", "restore", "-d", "-D", str(images)],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert_cli_error(r, f"pid {t.pid}", "seccomp", "CAP_SYS_ADMIN")
+    assert not os.path.exists(f"/proc/{t.pid}"), "a process was made"

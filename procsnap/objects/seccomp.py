@@ -258,6 +258,9 @@ def collect_seized(target: Target, tids: list[int], ckpt) -> None:
 def check_restore(ckpt) -> None:
     for s in ckpt.seccomp:
         check_seccomp(s, ckpt.task.pid)
+        if not ptrace.suspend_seccomp():  # the filters would act on the rest of the rebuild's injections
+            raise RestoreError(f"pid {ckpt.task.pid}: restoring its seccomp state needs CAP_SYS_ADMIN "
+                               "(PTRACE_O_SUSPEND_SECCOMP) and a procsnap without seccomp of its own", ckpt.task.pid)
 
 
 def restore_seized(target: Target, ckpt, tree_pids: set[int]) -> None:
