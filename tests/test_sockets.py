@@ -134,6 +134,8 @@ def test_http_server_serves_after_restore(procs, tmp_path):
             return False
     from conftest import wait_until
     wait_until(serving, "http.server serving")
+    # its handler threads (one per request) are gone before the state is taken
+    wait_until(lambda: len(os.listdir(f"/proc/{t.pid}/task")) == 1, "the request threads to end")
     images = dump_kill(t, tmp_path / "img")
     restore(procs, t, images)
     assert b"200 OK" in http_get(port, "/hello.txt") and b"hello from before" in http_get(port, "/hello.txt")
@@ -175,8 +177,12 @@ REFUSED = {
                                "c.send(b'early'); fd = c.fileno()",
                                ("waits to be accepted", "data already sent")),
     "unix-credentials": ("a, b = socket.socketpair(); a.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)\n"
-                         "b.send(b'with credentials'); fd = a.fileno()",
-                         ("credentials in flight",)),
+                         "kid = os.fork()\n"
+                         "if kid == 0: b.send(b'from a process gone since'); os._exit(0)\n"
+                         "os.waitpid(kid, 0); fd = a.fileno()",
+                         ("credentials in flight from pid", "outside the dumped tree")),
+    "unix-rights": ("a, b = socket.socketpair(); socket.send_fds(b, [b'x'], [0]); fd = a.fileno()",
+                    ("file descriptors in flight", "SCM_RIGHTS")),
 }
 
 
@@ -284,3 +290,45 @@ def test_restore_refused_when_the_socket_directory_is_gone(procs, tmp_path):
         procsnap.restore(str(images))
     assert not os.path.exists(f"/proc/{t.pid}") and not d.exists()
     assert_cli_error(cli("restore", "-D", images), str(d / "l.sock"))
+
+
+CREDS_PROGRAM = textwrap.dedent("""\
+    import os, signal, socket, struct
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    a.send(b"from the root")
+    name = b"\\0procsnap-creds-%d" % os.getpid()
+    d = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); d.bind(name)
+    d.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    s, c = socket.socketpair(); c.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    kid = os.fork()
+    if kid == 0:
+        e = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); e.sendto(b"from the child", name)
+        s.send(b"stream from the child")
+        signal.pause()
+        os._exit(0)
+    signal.signal(signal.SIGUSR1, lambda *x: None)
+    for sk in (d, c):  # the child's messages are there
+        sk.recv(100, socket.MSG_PEEK)
+    os.write(1, b"READY\\n")
+    signal.pause()
+    bad = []
+    for sk, want, who in ((b, b"from the root", os.getpid()), (d, b"from the child", kid),
+                          (c, b"stream from the child", kid)):
+        msg, anc, _, _ = sk.recvmsg(100, 64, socket.MSG_DONTWAIT)
+        cred = [struct.unpack("<iII", data[:12]) for level, kind, data in anc if kind == socket.SCM_CREDENTIALS]
+        if msg != want or cred != [(who, 0, 0)]:
+            bad.append(f"{msg!r} {cred} (expected {want!r} from {who})")
+    os.kill(kid, 9); os.waitpid(kid, 0)
+    os.write(1, b"PASS\\n" if not bad else ("FAIL " + "; ".join(bad) + "\\n").encode())
+    """)
+
+
+def test_credentials_in_flight(procs, tmp_path):
+    """SCM_CREDENTIALS in flight (receivers with SO_PASSCRED): datagrams
+    from the root and from its child, stream bytes from the child, each
+    arriving after the restore with the sender's pid, uid and gid."""
+    t = procs.start([sys.executable, "-c", CREDS_PROGRAM], name="creds")
+    images = dump_kill(t, tmp_path / "img")
+    restore(procs, t, images)
+    assert_pass(t)

@@ -26,6 +26,7 @@ import dataclasses
 import fcntl
 import os
 import stat
+import struct
 import typing
 
 from .. import model
@@ -72,6 +73,7 @@ class Socket:
     options: dict[str, int | str] = dataclasses.field(default_factory=dict)  # objects/sockopt.py
     filter: bytes = b""  # an attached classic BPF program
     ext_peer: bytes = b""  # --ext-unix-sk: the name of the datagram peer outside the tree it is connected to
+    creds: list[list[int]] = dataclasses.field(default_factory=list)  # SCM_CREDENTIALS [pid, uid, gid] per message
 
     @property
     def path(self) -> str:
@@ -142,7 +144,14 @@ class Collect(protocol.Collect):
                     sock.ext_peer = self._outside_peer(where, pid, unix, self.unix.get(unix.peer))
                 else:
                     sock.peer = peer.id
-            sock.queued, sock.senders, sock.options, sock.filter = _read_socket(pid, fd, unix, sock)
+            sock.queued, sock.senders, sock.creds, sock.options, sock.filter = _read_socket(pid, fd, unix, sock)
+            for cred in sock.creds:
+                if cred and cred[0] not in tree_pids:
+                    raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with credentials in flight from pid "
+                                      f"{cred[0]}, outside the dumped tree; not supported", pid)
+            if sock.creds and sock.connected and sock.peer < 0:
+                raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with credentials in flight from a peer "
+                                  "since closed; not supported", pid)
             sock.sndbuf, sock.rcvbuf = int(sock.options.pop("SO_SNDBUF", 0)), int(sock.options.pop("SO_RCVBUF", 0))
         names = {s.name: s for s in self.sockets.values() if s.name}
         for sock in self.sockets.values():
@@ -211,9 +220,9 @@ def _read_socket(pid: int, fd: int, unix: UnixSocket, sock: Socket):
         options["SO_RCVBUF"] = sk.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         program = sockopt.read_filter(sk)
         if unix.state == TCP_LISTEN:
-            return [], [], options, program
-        queued, senders = _peek_queue(pid, fd, unix, sk, options["SO_RCVBUF"])
-        return queued, senders, options, program
+            return [], [], [], options, program
+        queued, senders, creds = _peek_queue(pid, fd, unix, sk, options["SO_RCVBUF"])
+        return queued, senders, creds, options, program
 
 
 def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvbuf: int):
@@ -221,11 +230,12 @@ def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvb
 
     queued: list[bytes] = []
     senders: list[bytes] = []
+    creds: list[list[int]] = []
     # sock_diag's rqueue is every byte of a stream's queue, but only the
     # first message's length for datagrams: those are peeked until none
     # is left, each whole (a truncated peek is refused, never stored cut).
     if unix.type == socket.SOCK_STREAM and not unix.rqueue:
-        return queued, senders
+        return queued, senders, creds
     size = max(unix.rqueue, rcvbuf, 1 << 16)
     peek_off = sk.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
     sk.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
@@ -236,13 +246,18 @@ def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvb
                                                         socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
-            if anc:
-                for level, kind, payload in anc:
-                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                        for i in range(0, len(payload) - len(payload) % 4, 4):
-                            os.close(int.from_bytes(payload[i:i + 4], "little"))
-                raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with file descriptors or "
-                                  "credentials in flight; not supported", pid)
+            cred = []
+            rights = False
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    rights = True
+                    for i in range(0, len(payload) - len(payload) % 4, 4):
+                        os.close(int.from_bytes(payload[i:i + 4], "little"))
+                elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
+                    cred = list(struct.unpack_from("<iII", payload))  # struct ucred: pid, uid, gid
+            if rights or (anc and not cred):
+                raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with file descriptors in flight "
+                                  "(SCM_RIGHTS); not supported", pid)
             if msg_flags & socket.MSG_TRUNC:
                 raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with a message of more than "
                                   f"{size} bytes queued; not supported", pid)
@@ -250,6 +265,7 @@ def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvb
                              or (unix.type == socket.SOCK_SEQPACKET and unix.shutdown & 1)):
                 break  # the end of a stream, or of a seqpacket connection shut down by its peer
             queued.append(data)
+            creds.append(cred)
             if unix.type == socket.SOCK_DGRAM:
                 senders.append(addr if isinstance(addr, bytes) else os.fsencode(addr or ""))
             if unix.type == socket.SOCK_STREAM and sum(map(len, queued)) >= unix.rqueue:
@@ -258,9 +274,11 @@ def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvb
                 raise Unsupported(f"pid {pid}: fd {fd} is a unix socket whose queue does not end", pid)
     finally:
         sk.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, peek_off)
-    if unix.type == socket.SOCK_STREAM:
-        queued = [b"".join(queued)]
-    return queued, senders
+    if not any(creds):
+        creds = []
+        if unix.type == socket.SOCK_STREAM:
+            queued = [b"".join(queued)]
+    return queued, senders, creds
 
 
 class Prepare(protocol.Prepare):
@@ -281,6 +299,27 @@ class Prepare(protocol.Prepare):
         fd = self.fds[entry.file_id]
         fcntl.fcntl(fd, fcntl.F_SETFL, int(entry.flags) & os.O_NONBLOCK)
         return fd
+
+    def ready(self) -> None:
+        """Queues with credentials in flight, sent again with them (every
+        process of the tree exists now, none runs)."""
+        import socket
+
+        waiting = [s for s in self.sockets.values() if s.creds]
+        if not waiting or self.fds is None:
+            return
+        from . import sockopt
+
+        made = {sid: socket.socket(fileno=os.dup(fd)) for sid, fd in self.fds.items()}
+        try:
+            for s in waiting:
+                _refill(made, self.sockets, s, None)
+            for s in self.sockets.values():  # the refill forced buffer sizes: theirs again
+                buffers = {k: v for k, v in _options(s).items() if k in ("SO_SNDBUF", "SO_RCVBUF", "SO_BUF_LOCK")}
+                sockopt.apply_options(made[s.id], buffers, s.describe())
+        finally:
+            for sk in made.values():
+                sk.close()
 
 
 class _Names:
@@ -356,7 +395,9 @@ def build(sockets: dict[int, Socket]) -> dict[int, socket_mod.socket]:
        SO_PASSCRED, the accepted ends above must not), and the clients
        waiting in a backlog connect to it, in order
     6. datagram sockets connect to their peer's name (outside the tree: --ext-unix-sk)
-    7. queues refilled, options set, stand-ins closed, files put back
+    7. queues refilled, options set, stand-ins closed, files put back; a
+       queue with credentials in flight is refilled by Prepare.ready: a
+       credential names a pid, which must exist when it is sent
     """
     import socket
 
@@ -415,8 +456,9 @@ def build(sockets: dict[int, Socket]) -> dict[int, socket_mod.socket]:
                 _connect(made[s.id], peer.name, s.describe())
             elif s.ext_peer:
                 _connect(made[s.id], s.ext_peer, s.describe())
-        for s in sockets.values():  # 7
-            _refill(made, sockets, s, stand_ins.get(s.id))
+        for s in sockets.values():  # 7 (with credentials: once their processes exist, Prepare.ready)
+            if not s.creds:
+                _refill(made, sockets, s, stand_ins.get(s.id))
         for sk in temps:
             sk.close()
         temps.clear()
@@ -516,22 +558,32 @@ def _refill(made, sockets: dict[int, Socket], sock: Socket, stand_in) -> None:
         else:
             sender = _new(sock.type, sock.describe())
             own = True
+        cred = sock.creds[i] if i < len(sock.creds) else []
+        anc = [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, struct.pack("<iII", *cred))] if cred else []
         try:
             sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * total + (1 << 16))
             if sock.type == SOCK_STREAM:
                 view = memoryview(msg)
                 while view:
-                    view = view[sender.send(view, socket.MSG_DONTWAIT):]
+                    view = view[sender.sendmsg([view], anc, socket.MSG_DONTWAIT):]
             elif stand_in is not None or (src is not None and src.peer == sock.id):
-                sender.send(msg, socket.MSG_DONTWAIT)
+                sender.sendmsg([msg], anc, socket.MSG_DONTWAIT)
             else:
-                sender.sendto(msg, socket.MSG_DONTWAIT, sock.name)
+                sender.sendmsg([msg], anc, socket.MSG_DONTWAIT, sock.name)
         except OSError as err:
             raise RestoreError(f"{sock.describe()}: cannot refill it with its {len(sock.queued)} messages: "
                                f"{err.strerror}") from err
         finally:
             if own:
                 sender.close()
+
+
+def _options(sock: Socket) -> dict[str, int | str]:
+    options = dict(sock.options)
+    for name, value in (("SO_SNDBUF", sock.sndbuf), ("SO_RCVBUF", sock.rcvbuf)):
+        if value:
+            options[name] = value
+    return options
 
 
 def _finish(sk, sock: Socket) -> None:
@@ -541,12 +593,8 @@ def _finish(sk, sock: Socket) -> None:
     from . import sockopt
 
     what = sock.describe()
-    options = dict(sock.options)
-    for name, value in (("SO_SNDBUF", sock.sndbuf), ("SO_RCVBUF", sock.rcvbuf)):
-        if value:
-            options[name] = value
     sockopt.attach_filter(sk, sock.filter, what)
-    sockopt.apply_options(sk, options, what)
+    sockopt.apply_options(sk, _options(sock), what)
     try:
         if sock.backlog >= 0:
             sk.listen(sock.backlog)
@@ -573,7 +621,8 @@ def check_tree(ckpt: model.Checkpoint, root: model.Checkpoint) -> list[str]:
             problems.append(f"unix socket {sk.id}: name {sk.name!r} is not an absolute path or abstract name")
         if (sk.waiting >= 0 and sk.waiting not in listeners) or any(i not in sockets for i in sk.icons):
             problems.append(f"unix socket {sk.id}: waits in the backlog of {sk.waiting}, which is not listening")
-        if not -1 <= sk.backlog < 1 << 31 or (sk.senders and len(sk.senders) != len(sk.queued)):
+        if not -1 <= sk.backlog < 1 << 31 or (sk.senders and len(sk.senders) != len(sk.queued)) \
+                or (sk.creds and (len(sk.creds) != len(sk.queued) or any(len(c) not in (0, 3) for c in sk.creds))):
             problems.append(f"unix socket {sk.id}: backlog {sk.backlog}, {len(sk.senders)} senders")
         if len(sk.filter) % 8 or len(sk.filter) > 8 * 4096:
             problems.append(f"unix socket {sk.id}: a filter of {len(sk.filter)} bytes")
