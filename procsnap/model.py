@@ -34,6 +34,7 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.fown import FdOwner
     from .objects.cgroups import Cgroup
     from .objects.settings import Settings
+    from .objects.pty import Pty
 
 
 class Prot(enum.IntFlag):
@@ -151,6 +152,9 @@ class FdKind(enum.Enum):
     TIMERFD = "timerfd"  # params: clockid, ticks, value_ns, interval_ns (time left when dumped)
     EPOLL = "epoll"  # watches: [fd, events, data] as registered
     UNIX = "unix-socket"  # one end of a connected unix socket pair of the tree (file_id: Socket.id)
+    PTY_MASTER = "pty-master"  # /dev/ptmx of a pty of the tree (file_id: Pty.index)
+    PTY_SLAVE = "pty-slave"  # /dev/pts/N whose master is in the tree (file_id: Pty.index)
+    DEV_TTY = "dev-tty"  # /dev/tty: reopened once the process has its controlling terminal
 
 
 def _flags(table):
@@ -345,3 +349,4 @@ class Checkpoint:
     creds: list[Creds] = dataclasses.field(default_factory=list)  # one, since format 1.2
     owners: list[FdOwner] = dataclasses.field(default_factory=list)  # since format 1.2
     cgroups: list[Cgroup] = dataclasses.field(default_factory=list)  # since format 1.2
+    ptys: list[Pty] = dataclasses.field(default_factory=list)  # the root's, since format 1.3

@@ -109,6 +109,8 @@ CASES = [
     Case("memfd", "wipe"),
     Case("treestate", "fown"),
     Case("treestate", "chroot", dir_arg=True),
+    Case("pty", "cooked"),
+    Case("pty", "raw"),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 

@@ -32,13 +32,13 @@ import types
 import typing
 
 from .. import model
-from ..objects import cgroups, creds, file, fown, ghost, locks, pipe, settings, shm, unix
+from ..objects import cgroups, creds, file, fown, ghost, locks, pipe, pty, settings, shm, unix
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
+MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
-#            FOWN, CGRP, Task.root
+#            FOWN, CGRP, Task.root; 1.3: PTY, FdKind pty-master/pty-slave/dev-tty
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -77,6 +77,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"CRED": (creds.Creds, "creds", True),
     b"FOWN": (fown.FdOwner, "owners", True),
     b"CGRP": (cgroups.Cgroup, "cgroups", True),
+    b"PTY ": (pty.Pty, "ptys", True),
 }
 END = b"END "
 

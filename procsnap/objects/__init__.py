@@ -13,7 +13,7 @@ from __future__ import annotations
 import typing
 
 from .. import model
-from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, settings, shm, \
+from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, pty, settings, shm, \
     signalfd, timerfd, tty, unix
 
 if typing.TYPE_CHECKING:
@@ -49,7 +49,7 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 # In the order an fd is offered to them, the first that takes it wins: a
 # memfd before regular files, an unlinked file before a linked one, a
 # terminal before other character devices.
-KINDS = (shm, ghost, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe)
+KINDS = (shm, ghost, file, pty, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe)
 
 
 def collectors() -> list[protocol.Collect]:
