@@ -151,16 +151,19 @@ def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_
             finally:
                 a.close()
             names = (f"pid {t.pid}", f"fd {fd}", kind, "outside the dumped tree")
-        elif kind == "listening":
+        elif kind == "listening":  # with a connection of ours waiting to be accepted
             lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             lsock.bind(str(tmp_path / "sock"))
             lsock.listen()
+            peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            peer.connect(str(tmp_path / "sock"))
             fd = lsock.fileno()
             try:
                 t = procs.start_case(SLEEPER, "pie", pass_fds=(fd,))
             finally:
                 lsock.close()
-            names = (f"pid {t.pid}", f"fd {fd}", "listening unix socket", str(tmp_path / "sock"))
+            names = (f"pid {t.pid}", f"fd {fd}", "unix socket listening on", str(tmp_path / "sock"),
+                     "1 connections waiting to be accepted")
         elif kind == "fifo":
             os.mkfifo(tmp_path / "fifo")
             fd = os.open(tmp_path / "fifo", os.O_RDWR)

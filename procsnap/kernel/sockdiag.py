@@ -27,8 +27,9 @@ class UnixSocket:
     state: int  # TCP_ESTABLISHED (1) when connected, TCP_LISTEN (10), TCP_CLOSE (7)
     peer: int = 0  # the peer's inode, 0 if none
     name: bytes = b""  # bound address, b"" if unnamed
-    rqueue: int = 0
+    rqueue: int = 0  # a listener: connections waiting to be accepted
     shutdown: int = 0  # RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2
+    wqueue: int = 0  # a listener: its backlog (sk_max_ack_backlog)
 
 
 def unix_sockets() -> dict[int, UnixSocket]:
@@ -71,7 +72,7 @@ def _parse(msg: bytes, out: dict[int, UnixSocket]) -> None:
         elif atype == UNIX_DIAG_PEER:
             (s.peer,) = struct.unpack_from("=I", payload)
         elif atype == UNIX_DIAG_RQLEN:
-            s.rqueue, _ = struct.unpack_from("=II", payload)
+            s.rqueue, s.wqueue = struct.unpack_from("=II", payload)
         elif atype == UNIX_DIAG_SHUTDOWN:
             s.shutdown = payload[0]
         off += (alen + 3) & ~3

@@ -145,6 +145,10 @@ def _collect_pty(index: int, pid: int, fd: int, path: str, slave_at: tuple[int, 
                     tty.set_locked(master, True)
         pty.exclusive = tty.get_exclusive(slave)
         pty.to_master = _drain(master, pty.packet)
+        # Packet mode off meanwhile: our termios changes (IXON) would queue status bytes for the
+        # master's reader; switching it on again clears them (none was waiting: checked above).
+        if pty.packet:
+            tty.set_packet(master, False)
         raw = tty.termios2.from_buffer_copy(pty.termios)
         raw.c_lflag &= ~(tty.Lflag.ICANON | tty.Lflag.EXTPROC)
         tty.set_termios(master, raw)
@@ -152,7 +156,11 @@ def _collect_pty(index: int, pid: int, fd: int, path: str, slave_at: tuple[int, 
             pty.to_slave = _drain(slave, False)
         finally:
             tty.set_termios(master, t)
-            refill(master, slave, pty)  # a tree left running has them again
+            try:
+                refill(master, slave, pty)  # a tree left running has them again
+            finally:
+                if pty.packet:
+                    tty.set_packet(master, True)
     except OSError as err:
         raise Unsupported(f"{where}: {err.strerror}", pid) from err
     finally:
@@ -333,7 +341,17 @@ class Prepare(protocol.Prepare):
             self.master_given.add(entry.file_id)
             fcntl.fcntl(master, fcntl.F_SETFL, int(entry.flags) & (os.O_NONBLOCK | os.O_APPEND))
             return master
-        return self.own(protocol.open_path(entry.path, protocol.open_flags(entry) | os.O_NOCTTY, f"fd {entry.fd}"))
+        flags = protocol.open_flags(entry) | os.O_NOCTTY
+        if entry.flags & model.OpenFlag.O_LARGEFILE:  # opened by path: open() adds O_LARGEFILE
+            return self.own(protocol.open_path(entry.path, flags, f"fd {entry.fd}"))
+        from ..kernel import tty  # opened from the master (openpty, forkpty): TIOCGPTPEER does not
+
+        try:  # its flags are the file's as given, O_CLOEXEC too (fdinfo would show it): set apart
+            fd = self.own(tty.open_peer(master, flags & ~os.O_CLOEXEC))
+            os.set_inheritable(fd, False)
+            return fd
+        except OSError as err:
+            raise RestoreError(f"fd {entry.fd}: cannot open {entry.path}: {err.strerror}") from err
 
     def end_prepare(self) -> None:
         """Every open of every slave is made: the locks and exclusive modes go back on."""

@@ -1,7 +1,8 @@
 """Connected, unnamed unix sockets of the tree (socketpair), with the
 messages queued to them. sock_diag names each socket's peer; both ends
-must be in the tree, or the peer closed. Listening and bound sockets are
-refused.
+must be in the tree, or the peer closed. A listening socket bound to a
+path or an abstract name with no connection waiting (a tmux server's) is
+bound and listens again; other bound sockets are refused.
 
 dump     queues read without consuming them: through a copy of the fd
          (pidfd_getfd), peeking message after message (SO_PEEK_OFF).
@@ -11,6 +12,7 @@ restore  a socketpair per pair (a stand-in closed again for a closed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import os
@@ -22,7 +24,7 @@ from ..errors import RestoreError, Unsupported
 from ..kernel.arch.x86_64 import NR
 from ..kernel.libc import syscall
 from . import protocol
-from .protocol import OpenFd, Restoring
+from .protocol import FileAttrs, OpenFd, Restoring
 
 if typing.TYPE_CHECKING:
     from ..kernel.sockdiag import UnixSocket
@@ -46,6 +48,10 @@ class Socket:
     shutdown: int = 0  # RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2
     sndbuf: int = 0
     rcvbuf: int = 0
+    # 1.3: a listening socket: its address (a path, or "\0" and an abstract name), backlog, the path's file
+    address: bytes = b""
+    backlog: int = 0
+    attrs: FileAttrs | None = None
 
 
 class Collect(protocol.Collect):
@@ -64,6 +70,8 @@ class Collect(protocol.Collect):
         unix = self.unix.get(fd.st.st_ino)
         if unix is None:
             return None
+        if unix.state == TCP_LISTEN and unix.name:
+            return self._listener(fd, unix)
         if unix.state == TCP_LISTEN or unix.name:
             raise Unsupported(f"{fd.where} is a {'listening' if unix.state == TCP_LISTEN else 'bound'} unix socket "
                               f"({fd.link}{' ' + unix.name.decode(errors='replace') if unix.name else ''}); "
@@ -73,9 +81,32 @@ class Collect(protocol.Collect):
             self.ends[self.sockets[unix.inode].id] = (fd.pid, fd.fd, unix)
         return model.FdEntry(fd.fd, model.FdKind.UNIX, fd.flags, 0, fd.link, self.sockets[unix.inode].id)
 
+    def _listener(self, fd: OpenFd, unix: UnixSocket) -> model.FdEntry:
+        address = unix.name if unix.name.startswith(b"\0") else unix.name.rstrip(b"\0")  # a path's NUL counted
+        name = address.decode(errors="replace")
+        if unix.rqueue:
+            raise Unsupported(f"{fd.where} is a unix socket listening on {name} with {unix.rqueue} connections "
+                              "waiting to be accepted; not supported", fd.pid)
+        attrs = None
+        if not address.startswith(b"\0"):
+            try:
+                st = os.stat(address)
+            except OSError as err:
+                raise Unsupported(f"{fd.where} is a unix socket listening on {name}: {err.strerror}", fd.pid) from err
+            if not stat.S_ISSOCK(st.st_mode):
+                raise Unsupported(f"{fd.where} is a unix socket listening on {name}, which is no socket now "
+                                  "(removed or replaced); not supported", fd.pid)
+            attrs = FileAttrs.of(st)
+        if unix.inode not in self.sockets:
+            self.sockets[unix.inode] = Socket(len(self.sockets), unix.type, -1, address=address,
+                                              backlog=unix.wqueue, attrs=attrs)
+        return model.FdEntry(fd.fd, model.FdKind.UNIX, fd.flags, 0, fd.link, self.sockets[unix.inode].id)
+
     def collect_tree(self, root: model.Checkpoint, tree_pids: set[int]) -> None:
         """Peers linked and every socket's queue read."""
         for sock in self.sockets.values():
+            if sock.address:
+                continue
             pid, fd, unix = self.ends[sock.id]
             if unix.peer:
                 peer = self.sockets.get(unix.peer)
@@ -156,6 +187,8 @@ class Prepare(protocol.Prepare):
         import socket
 
         sock_id = entry.file_id
+        if sock_id not in self.fds and self.sockets[sock_id].address:
+            self.fds[sock_id] = self.own(_listen(self.sockets[sock_id]))
         if sock_id not in self.fds:
             sock = self.sockets[sock_id]
             peer = self.sockets.get(sock.peer)
@@ -182,6 +215,64 @@ class Prepare(protocol.Prepare):
         fd = self.fds[sock_id]
         fcntl.fcntl(fd, fcntl.F_SETFL, int(entry.flags) & os.O_NONBLOCK)
         return fd
+
+
+def _listen(sock: Socket) -> int:
+    """A listening socket bound to its address again. The path the killed
+    tree left behind is a socket nobody listens on: it is removed first; a
+    path someone listens on, or that is no socket, fails the restore."""
+    import socket
+
+    name = sock.address.decode(errors="replace")
+    what = f"unix socket listening on {name}"
+    if sock.attrs is not None:
+        stale = _stale(sock.address)
+        if stale:
+            raise RestoreError(f"{what}: {stale}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(sock.address)
+    sk = socket.socket(socket.AF_UNIX, sock.type | socket.SOCK_CLOEXEC)
+    try:
+        sk.bind(sock.address)
+        if sock.attrs is not None:
+            sock.attrs.apply(sock.address)
+        sk.listen(sock.backlog)
+    except OSError as err:
+        sk.close()
+        raise RestoreError(f"{what}: {err.strerror}") from err
+    return sk.detach()
+
+
+def _stale(path: bytes) -> str | None:
+    """Why `path` cannot be bound again (None: it is free, or a socket nobody listens on)."""
+    import socket
+
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode):
+        return "the path is there and is no socket"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            return None
+        except OSError as err:
+            if err.errno == 91:  # EPROTOTYPE: a datagram or seqpacket socket; listened on
+                return "another socket is bound there"
+            return None
+    return "another process listens there"
+
+
+def verify(root: model.Checkpoint) -> list[str]:
+    problems = []
+    for sock in root.sockets:
+        if sock.attrs is not None:
+            why = _stale(sock.address)
+            if why:
+                problems.append(f"unix socket listening on {sock.address.decode(errors='replace')}: {why}")
+    return problems
 
 
 def _refill(into: int, frm: int, sock: Socket) -> None:
@@ -220,6 +311,10 @@ def check_tree(ckpt: model.Checkpoint, root: model.Checkpoint) -> list[str]:
     sockets = {sk.id for sk in root.sockets}
     problems = [f"fd {e.fd}: unknown unix socket {e.file_id}" for e in ckpt.fds
                 if e.kind == model.FdKind.UNIX and e.file_id not in sockets]
+    problems += [f"unix socket {sk.id}: listening on {sk.address!r}, backlog {sk.backlog}" for sk in root.sockets
+                 if sk.address and (sk.peer != -1 or not 0 <= sk.backlog < 1 << 31 or (
+                     (not sk.address.startswith(b"/") or b"\0" in sk.address) if sk.attrs is not None
+                     else not sk.address.startswith(b"\0")))]
     problems += [f"unix socket {sk.id}: type {sk.type}, peer {sk.peer}" for sk in root.sockets
                  if sk.type not in (1, 2, 5) or (sk.peer >= 0 and sk.peer not in sockets) or sk.peer == sk.id]
     return problems + [f"unix socket {sk.id}: buffers {sk.sndbuf}/{sk.rcvbuf}, {sum(map(len, sk.queued))} bytes "
