@@ -46,49 +46,9 @@ class Ioctl(enum.IntEnum):
     TIOCGPTPEER = 0x5441
 
 
-class Cc(enum.IntEnum):
-    """c_cc indices (asm-generic/termbits.h)."""
-
-    VINTR = 0
-    VQUIT = 1
-    VERASE = 2
-    VKILL = 3
-    VEOF = 4
-    VEOL = 11
-    VWERASE = 14
-    VLNEXT = 15
-    VEOL2 = 16
-
-
-class Lflag(enum.IntFlag):
-    ISIG = 0o1
-    ICANON = 0o2
-    ECHO = 0o10
-    ECHOE = 0o20
-    ECHOK = 0o40
-    ECHONL = 0o100
-    ECHOCTL = 0o1000
-    ECHOPRT = 0o2000
-    ECHOKE = 0o4000
-    IEXTEN = 0o100000
-    EXTPROC = 0o200000
-
-
-class Iflag(enum.IntFlag):
-    IGNBRK = 0o1
-    BRKINT = 0o2
-    PARMRK = 0o10
-    ISTRIP = 0o40
-    INLCR = 0o100
-    IGNCR = 0o200
-    ICRNL = 0o400
-    IUCLC = 0o1000
-    IXON = 0o2000
-    IXOFF = 0o10000
-    IUTF8 = 0o40000
-
-
-OPOST = 0o1
+# The c_cc indices and c_iflag/c_oflag/c_lflag bits are the stdlib termios module's (termios.ICANON ...),
+# but for this one (asm-generic/termbits.h): the line discipline's work is done elsewhere (a pty's master)
+EXTPROC = 0o200000
 PTMX = (5, 2)  # /dev/ptmx and each devpts instance's ptmx
 DEV_TTY = (5, 0)  # /dev/tty: the opener's controlling terminal
 CONSOLE = (5, 1)

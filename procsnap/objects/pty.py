@@ -31,6 +31,7 @@ import dataclasses
 import os
 import signal
 import stat
+import termios
 
 from .. import model
 from ..errors import RestoreError, Unsupported
@@ -150,7 +151,7 @@ def _collect_pty(index: int, pid: int, fd: int, path: str, slave_at: tuple[int, 
         if pty.packet:
             tty.set_packet(master, False)
         raw = tty.termios2.from_buffer_copy(pty.termios)
-        raw.c_lflag &= ~(tty.Lflag.ICANON | tty.Lflag.EXTPROC)
+        raw.c_lflag &= ~(termios.ICANON | tty.EXTPROC)
         tty.set_termios(master, raw)
         try:
             pty.to_slave = _drain(slave, False)
@@ -203,19 +204,19 @@ def refill(master: int, slave: int, pty: Pty) -> None:
 
     saved = tty.termios2.from_buffer_copy(pty.termios)
     quiet = tty.termios2.from_buffer_copy(pty.termios)
-    quiet.c_oflag &= ~tty.OPOST
-    quiet.c_lflag &= ~(tty.Lflag.ECHO | tty.Lflag.ECHOE | tty.Lflag.ECHOK | tty.Lflag.ECHONL | tty.Lflag.ISIG
-                       | tty.Lflag.IEXTEN | tty.Lflag.ECHOCTL | tty.Lflag.ECHOPRT | tty.Lflag.ECHOKE)
-    quiet.c_iflag &= ~(tty.Iflag.IXON | tty.Iflag.IXOFF | tty.Iflag.ISTRIP | tty.Iflag.INLCR | tty.Iflag.IGNCR
-                       | tty.Iflag.ICRNL | tty.Iflag.IUCLC | tty.Iflag.PARMRK | tty.Iflag.BRKINT)
-    if saved.c_lflag & tty.Lflag.ICANON:
+    quiet.c_oflag &= ~termios.OPOST
+    quiet.c_lflag &= ~(termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL | termios.ISIG
+                       | termios.IEXTEN | termios.ECHOCTL | termios.ECHOPRT | termios.ECHOKE)
+    quiet.c_iflag &= ~(termios.IXON | termios.IXOFF | termios.ISTRIP | termios.INLCR | termios.IGNCR
+                       | termios.ICRNL | termios.IUCLC | termios.PARMRK | termios.BRKINT)
+    if saved.c_lflag & termios.ICANON:
         free = [b for b in range(1, 256) if b not in pty.to_slave and b != 10]
         if len(free) < 5:
             raise OSError(22, "the input queued in canonical mode holds every byte value: it cannot be queued again")
-        for i, cc in enumerate((tty.Cc.VERASE, tty.Cc.VKILL, tty.Cc.VEOL, tty.Cc.VEOL2, tty.Cc.VEOF)):
+        for i, cc in enumerate((termios.VERASE, termios.VKILL, termios.VEOL, termios.VEOL2, termios.VEOF)):
             quiet.c_cc[cc] = free[i]
         if 0 in pty.to_slave:
-            quiet.c_cc[tty.Cc.VEOF] = 0
+            quiet.c_cc[termios.VEOF] = 0
     tty.set_termios(master, quiet)
     try:
         for into, frm, data in ((master, slave, pty.to_master), (slave, master, pty.to_slave)):
