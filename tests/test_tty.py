@@ -20,7 +20,8 @@ import pytest
 
 import procsnap
 import statecheck
-from conftest import (CASES_BY_ID, assert_pass, assert_same_snapshot, descendants, dump_kill, reap_gone, restore,
+from conftest import (CASES_BY_ID, assert_pass, assert_same_snapshot, assert_untouched, descendants, dump_kill,
+                      reap_gone, restore,
                       wait_until)
 from procsnap.kernel import tty
 
@@ -231,3 +232,119 @@ def test_tmux_with_vim_and_top(tmp_path):
                 os.waitpid(p, 0)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tm.socket)
+
+
+# --------------------------------------------------------------------------
+# Refused by name, the tree left running untouched
+
+PACKET_STATUS = r"""
+import fcntl, os, struct, termios, time
+m, s = os.openpty()
+fcntl.ioctl(m, termios.TIOCPKT, struct.pack("i", 1))
+a = termios.tcgetattr(s)
+a[0] ^= termios.IXON  # the master's reader is told: a status byte waits
+termios.tcsetattr(s, termios.TCSANOW, a)
+os.write(1, f"fd {m}\nREADY\n".encode())
+time.sleep(1000)
+"""
+SLEEP = "import os, time\nos.write(1, b'READY\\n')\ntime.sleep(1000)\n"
+LOST_TTY = r"""
+import fcntl, os, signal, termios, time
+m, s = os.openpty()
+fcntl.ioctl(s, termios.TIOCSCTTY, 0)  # a session leader (the test made it one)
+fd = os.open("/dev/tty", os.O_RDWR)
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the leader's TIOCNOTTY hangs up its foreground: itself
+fcntl.ioctl(fd, termios.TIOCNOTTY)
+os.write(1, f"fd {fd}\nREADY\n".encode())
+time.sleep(1000)
+"""
+
+
+@pytest.mark.parametrize("kind", ["packet-status", "console", "dev-tty"])
+def test_terminal_refused(kind, procs, tmp_path, proc_snapshot):
+    images = tmp_path / "img"
+    images.mkdir()
+    if kind == "console":
+        try:
+            fd = os.open("/dev/console", os.O_RDONLY | os.O_NOCTTY)
+        except OSError as err:
+            pytest.skip(f"/dev/console: {err.strerror}")
+        try:
+            t = procs.start([sys.executable, "-c", SLEEP], name=kind, pass_fds=(fd,))
+        finally:
+            os.close(fd)
+        names = (f"pid {t.pid}: fd {fd} is a terminal (/dev/console); dump with --shell-job",)
+    else:
+        t = procs.start([sys.executable, "-c", PACKET_STATUS if kind == "packet-status" else LOST_TTY], name=kind)
+        fd = int(t.output().split()[1])
+        names = ((f"pid {t.pid}: fd {fd}", "pty master of /dev/pts/", "packet-mode status byte")
+                 if kind == "packet-status" else
+                 (f"pid {t.pid}: fd {fd} is /dev/tty of a process without a controlling terminal",))
+    before = proc_snapshot(t.pid)
+    with pytest.raises(procsnap.Unsupported) as exc:
+        procsnap.dump(t.pid, str(images))
+    for name in names:
+        assert name in str(exc.value), str(exc.value)
+    assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
+
+
+DEV_TTY_JOB = r"""
+import os, signal, time
+signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the restoring CLI exiting hangs up the foreground of its terminal
+fd = os.open("/dev/tty", os.O_WRONLY)
+os.write(1, b"READY\n")
+while True:
+    time.sleep(0.05)
+    try:
+        os.write(fd, b"via /dev/tty\n")
+    except OSError:
+        pass
+"""
+
+
+def _with_ctty():
+    import fcntl
+    import termios
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def test_dev_tty_of_a_shell_job(tmp_path):
+    """--shell-job: /dev/tty opened on the dumping terminal is opened again
+    on the restoring one (the restorer's controlling terminal); a restorer
+    without one refuses, naming the fd."""
+    from test_shell_job import kill_all, read_until
+
+    master, slave = os.openpty()
+    # a job of a shell: its session and group are the shell's, the controlling terminal too
+    p = subprocess.Popen(["sh", "-c", f"{sys.executable} -c '{DEV_TTY_JOB}' & wait"], stdin=slave, stdout=slave,
+                         stderr=slave, start_new_session=True, close_fds=True, preexec_fn=_with_ctty)
+    os.close(slave)
+    pids = [p.pid]
+    master2, slave2 = os.openpty()
+    try:
+        read_until(master, b"READY")
+        job = int(open(f"/proc/{p.pid}/task/{p.pid}/children").read().split()[0])
+        pids.append(job)
+        fd = next(int(n) for n in os.listdir(f"/proc/{job}/fd") if os.readlink(f"/proc/{job}/fd/{n}") == "/dev/tty")
+        procsnap.dump(job, str(tmp_path / "img"), shell_job=True)
+        p.wait()  # its job killed, the shell's wait is over
+        reap_gone([job])
+        restorer = [sys.executable, "-m", "procsnap", "restore", "-D", str(tmp_path / "img"), "-d", "-j"]
+        alone = subprocess.run(restorer, stdin=slave2, capture_output=True, text=True, timeout=60,  # no terminal
+                               cwd=os.path.dirname(os.path.dirname(__file__)), start_new_session=True)
+        assert alone.returncode != 0 and alone.stderr.count("\n") == 1, alone.stderr
+        assert f"fd {fd} was /dev/tty of the dumping terminal; the restorer has no controlling terminal" \
+            in alone.stderr, alone.stderr
+        assert not os.path.exists(f"/proc/{job}")
+        cli = subprocess.run(restorer, stdin=slave2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60,
+                             cwd=os.path.dirname(os.path.dirname(__file__)), start_new_session=True,
+                             preexec_fn=_with_ctty)
+        assert cli.returncode == 0, cli.stderr
+        pid = int(cli.stdout.split()[-1])
+        assert pid == job
+        assert os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/tty"
+        read_until(master2, b"via /dev/tty")
+    finally:
+        kill_all(p, pids)
+        for f in (master, master2, slave2):
+            os.close(f)

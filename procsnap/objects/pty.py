@@ -109,9 +109,10 @@ class Collect(protocol.Collect):
             if ctty == 0:
                 raise Unsupported(f"{fd.where} is /dev/tty of a process without a controlling terminal; "
                                   "not supported", fd.pid)
-            if tty.is_pts(ctty) and tty.pts_index(ctty) not in ptys and not fd.shell_job:
-                raise Unsupported(f"{fd.where} is /dev/tty (/dev/pts/{tty.pts_index(ctty)}, outside the tree); "
-                                  "dump with --shell-job", fd.pid)
+            if not (tty.is_pts(ctty) and tty.pts_index(ctty) in ptys) and not fd.shell_job:
+                name = f"/dev/pts/{tty.pts_index(ctty)}" if tty.is_pts(ctty) else \
+                    f"terminal {os.major(ctty)}:{os.minor(ctty)}"
+                raise Unsupported(f"{fd.where} is /dev/tty ({name}, outside the tree); dump with --shell-job", fd.pid)
         root.ptys = list(ptys.values())
 
 
@@ -323,7 +324,17 @@ class Prepare(protocol.Prepare):
                 prepared.in_session.append(lambda fd=master, pgrp=pty.fg_pgrp: _take_foreground(fd, pgrp))
         for entry in ckpt.fds:
             if entry.kind == model.FdKind.DEV_TTY:
+                if not self._session_has_pty(pid):  # --shell-job: the restorer's terminal, inherited
+                    if ckpt.task.session_leader:
+                        raise RestoreError(f"fd {entry.fd} was /dev/tty of the dumping terminal, but pid {pid} leads "
+                                           "a session of its own, which has no controlling terminal after the "
+                                           "restore (--shell-job gives the restorer's to its session)")
+                    _check_own_tty(entry)
                 prepared.in_child.append(lambda e=entry: _reopen_dev_tty(e))
+
+    def _session_has_pty(self, pid: int) -> bool:
+        sid = next((p.sid for p in self.root.checkpoint.procs if p.pid == pid), pid)
+        return any(pty.session == sid for pty in self.ptys.values())
 
     def _fg_process(self, pty: Pty) -> int:
         """The first live process of the tree in the foreground group."""
@@ -380,6 +391,14 @@ def _take_foreground(master: int, pgrp: int) -> None:
         tty.set_fg_pgrp(master, pgrp)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _check_own_tty(entry: model.FdEntry) -> None:
+    try:
+        os.close(os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC))
+    except OSError as err:
+        raise RestoreError(f"fd {entry.fd} was /dev/tty of the dumping terminal; the restorer has no controlling "
+                           f"terminal to give it ({err.strerror}): restore from one, with --shell-job") from err
 
 
 def _reopen_dev_tty(entry: model.FdEntry) -> None:
