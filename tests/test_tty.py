@@ -62,6 +62,7 @@ def test_pty_index_taken(procs, tmp_path):
     images = dump_kill(t, tmp_path / "img")
     taken = _open_master_at(index)
     try:
+        assert procsnap.verify(str(images)) == [f"pty /dev/pts/{index}: the index is taken"]
         with pytest.raises(procsnap.RestoreError, match=rf"pty /dev/pts/{index}: index {index} is taken"):
             procsnap.restore(str(images))
         assert not os.path.exists(f"/proc/{t.pid}")

@@ -407,6 +407,12 @@ def _reopen_dev_tty(entry: model.FdEntry) -> None:
     os.close(fd)
 
 
+def verify(root: model.Checkpoint) -> list[str]:
+    """A pty's index is free here (devpts shows every pty in use as /dev/pts/N)."""
+    return [f"pty /dev/pts/{p.index}: the index is taken" for p in root.ptys
+            if os.path.exists(f"{PTS_DIR}{p.index}")]
+
+
 def check_image(ckpt: model.Checkpoint, image) -> list[str]:
     return [f"fd {e.fd}: path {e.path!r} is not a pty slave" for e in ckpt.fds
             if e.kind == model.FdKind.PTY_SLAVE and e.path != f"{PTS_DIR}{e.file_id}"]
