@@ -349,3 +349,34 @@ def test_dev_tty_of_a_shell_job(tmp_path):
         kill_all(p, pids)
         for f in (master, master2, slave2):
             os.close(f)
+
+
+FOREIGN_SESSION = r"""
+import fcntl, os, termios, time
+m, s = os.openpty()
+fcntl.ioctl(s, termios.TIOCSCTTY, 0)  # the terminal of our session (the test made us its leader)
+child = os.fork()
+if child == 0:  # holds the master too, in our session: dumped alone, its terminal's session leader is outside
+    time.sleep(1000)
+    os._exit(0)
+os.write(1, f"child {child}\nREADY\n".encode())
+time.sleep(1000)
+"""
+
+
+def test_terminal_of_a_session_led_from_outside(procs, tmp_path, proc_snapshot):
+    """A process whose controlling terminal is a pty of the tree, in a
+    session whose leader is not dumped: restored, the session (and so the
+    terminal) could not be made again. Refused by name, even with
+    --shell-job (which lets the root join the restorer's session)."""
+    t = procs.start([sys.executable, "-c", FOREIGN_SESSION], name="foreign-session")
+    child = int(t.output().split()[1])
+    images = tmp_path / "img"
+    images.mkdir()
+    before = proc_snapshot(child)
+    with pytest.raises(procsnap.Unsupported) as exc:
+        procsnap.dump(child, str(images), shell_job=True)
+    for name in (f"pid {child}: its controlling terminal /dev/pts/", f"belongs to session {t.pid}",
+                 "whose leader is not in the dumped tree"):
+        assert name in str(exc.value), str(exc.value)
+    assert_untouched(child, before, images, proc_snapshot, assert_same_snapshot)
