@@ -38,7 +38,7 @@ MAGIC = b"PSNAPIMG"
 MAJOR = 1
 MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
-#            FOWN, CGRP, Task.root; 1.3: PTY, FdKind pty-master/pty-slave/dev-tty
+#            FOWN, CGRP, Task.root; 1.3: PTY, FdKind pty-master/pty-slave/dev-tty, Socket.address/backlog/attrs
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
