@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test bench bench-tree bench-cow clean
 
 $(STAMP): pyproject.toml
+	# programs the tests run (tests/test_tty.py: tmux with vim and top), installed only when missing
+	command -v tmux >/dev/null || apt-get install -y tmux
+	command -v vim >/dev/null || apt-get install -y vim
+	command -v top >/dev/null || apt-get install -y procps
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# compat: a plain path in a .pth file; the default editable finder costs ~13 ms per start

@@ -36,6 +36,7 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.settings import Settings
     from .objects.seccomp import Seccomp
     from .objects.inet import InetSocket
+    from .objects.pty import Pty
 
 
 class Prot(enum.IntFlag):
@@ -169,6 +170,9 @@ class FdKind(enum.Enum):
     NAMESPACE = "namespace"  # /proc/self/ns/NAME of a host namespace (path)
     FANOTIFY = "fanotify"  # params: flags, event_flags; marks: objects.fanotify.MARK each
     INET = "inet-socket"  # a TCP, UDP, raw, packet or netlink socket, not a live connection (InetSocket.id)
+    PTY_MASTER = "pty-master"  # /dev/ptmx of a pty of the tree (file_id: Pty.index)
+    PTY_SLAVE = "pty-slave"  # /dev/pts/N whose master is in the tree (file_id: Pty.index)
+    DEV_TTY = "dev-tty"  # /dev/tty: reopened once the process has its controlling terminal
 
 
 def _flags(table):
@@ -371,3 +375,4 @@ class Checkpoint:
     cgroups: list[Cgroup] = dataclasses.field(default_factory=list)  # since format 1.2
     seccomp: list[Seccomp] = dataclasses.field(default_factory=list)  # none or one, since format 1.3
     inet_sockets: list[InetSocket] = dataclasses.field(default_factory=list)  # since format 1.3
+    ptys: list[Pty] = dataclasses.field(default_factory=list)  # the root's, since format 1.3

@@ -235,6 +235,40 @@ def _fdinfo(pid: int) -> dict[str, str]:
     return out
 
 
+def _tty_settings(pid: int) -> dict[str, str]:
+    """Each terminal fd's settings, through a copy of the fd (pidfd_getfd:
+    opening a master again would make a new pty): termios and window size,
+    a master's index, packet mode and lock, a slave's exclusive mode."""
+    from procsnap.kernel import tty
+
+    out = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            st = os.stat(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        dev = (os.major(st.st_rdev), os.minor(st.st_rdev)) if st.st_rdev else None
+        if dev != tty.PTMX and dev != tty.DEV_TTY and not tty.is_pts(st.st_rdev):
+            continue
+        try:
+            fd = tty.copy_fd(pid, int(name))
+        except OSError as err:
+            out[f"tty.{name}"] = f"<{os.strerror(err.errno)}>"
+            continue
+        try:
+            values = [f"termios {bytes(tty.get_termios(fd)).hex()}", f"winsize {tty.get_winsize(fd)}"]
+            if dev == tty.PTMX:
+                values += [f"index {tty.get_ptn(fd)}", f"packet {tty.get_packet(fd)}", f"locked {tty.get_locked(fd)}"]
+            elif dev != tty.DEV_TTY:
+                values.append(f"exclusive {tty.get_exclusive(fd)}")
+            out[f"tty.{name}"] = ", ".join(values)
+        except OSError as err:
+            out[f"tty.{name}"] = f"<{err}>"
+        finally:
+            os.close(fd)
+    return out
+
+
 def _fd_stat(path: str) -> str:
     try:
         st = os.stat(path)
@@ -442,6 +476,7 @@ def capture(pid: int, root: bool = False, inject: bool = True) -> dict[str, str]
     state.update(_sched(pid))
     state.update(_namespaces(pid))
     state.update(_fdinfo(pid))
+    state.update(_tty_settings(pid))
     state.update(_map_files(pid))
     state.update(_memory_locks(pid))
     for tid in sorted(int(t) for t in os.listdir(f"{base}/task")):

@@ -32,7 +32,7 @@ import types
 import typing
 
 from .. import model
-from ..objects import cgroups, creds, file, fown, ghost, inet, locks, pipe, settings, shm, unix
+from ..objects import cgroups, creds, file, fown, ghost, inet, locks, pipe, pty, settings, shm, unix
 from ..objects import seccomp
 
 MAGIC = b"PSNAPIMG"
@@ -45,7 +45,8 @@ MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #            holding the file of a watched fd that was closed),
 #            SECC (seccomp mode and filters of each thread), FdEntry.marks (inotify watches, fanotify marks),
 #            Socket.connected/name/linked/attrs/backlog/waiting/icons/senders/options/filter (unix sockets
-#            bound, listening, unconnected), INET records (objects/inet.py)
+#            bound, listening, unconnected), INET records (objects/inet.py),
+#            PTY, FdKind pty-master/pty-slave/dev-tty
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -86,6 +87,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"CGRP": (cgroups.Cgroup, "cgroups", True),
     b"SECC": (seccomp.Seccomp, "seccomp", True),
     b"INET": (inet.InetSocket, "inet_sockets", True),
+    b"PTY ": (pty.Pty, "ptys", True),
 }
 END = b"END "
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import typing
 
 from .. import model
-from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, settings, shm, \
+from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, pty, settings, shm, \
     signalfd, timerfd, tty, unix, inet
 from . import fanotify, ghostdir, inotify, memlock, opath, procfd, seccomp
 
@@ -54,7 +54,7 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 # memfd before regular files, an unlinked file before a linked one, a
 # terminal before other character devices, /proc/PID files and namespace
 # fds before regular files; an O_PATH fd before all, whatever it is of.
-KINDS = (opath, shm, ghost, ghostdir, procfd, file, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe,
+KINDS = (opath, shm, ghost, ghostdir, procfd, file, pty, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe,
          inotify, fanotify, memlock, inet)
 
 

@@ -1,5 +1,7 @@
-"""Terminals (--shell-job): an fd on the dumping terminal is reattached to
-the restoring one, as CRIU's --shell-job does."""
+"""Terminals of the outside world (--shell-job): an fd on the dumping
+terminal (a pty whose master is outside the tree, a virtual terminal, the
+console) is reattached to the restoring one, as CRIU's --shell-job does;
+refused by name without it. Ptys of the tree are pty.py's."""
 
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ from ..errors import RestoreError, Unsupported
 from . import protocol
 from .protocol import OpenFd, Restoring
 
-TTY_MAJORS = set(range(136, 144)) | {4}  # /dev/pts/N, /dev/ttyN
+TTY_MAJORS = set(range(136, 144)) | {4}  # /dev/pts/N, /dev/ttyN (and serial lines)
+CONSOLE = (5, 1)  # /dev/console
 
 
 class Collect(protocol.Collect):
     def collect_fd(self, fd: OpenFd) -> model.FdEntry | None:
-        if not stat.S_ISCHR(fd.st.st_mode) or os.major(fd.st.st_rdev) not in TTY_MAJORS:
+        if not stat.S_ISCHR(fd.st.st_mode):
+            return None
+        if os.major(fd.st.st_rdev) not in TTY_MAJORS and (os.major(fd.st.st_rdev), os.minor(fd.st.st_rdev)) != CONSOLE:
             return None
         if not fd.shell_job:
             raise Unsupported(f"{fd.where} is a terminal ({fd.link}); dump with --shell-job", fd.pid)

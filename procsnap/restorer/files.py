@@ -32,6 +32,9 @@ class PreparedFiles:
     shm_sources: dict[int, int] = dataclasses.field(default_factory=dict)  # SharedMem id -> restorer fd
     # what kinds finish in the child once its fds are at their numbers (an epoll's watches)
     in_child: list[typing.Callable[[], None]] = dataclasses.field(default_factory=list)
+    # what kinds do in the new process right after its setsid/setpgid, before it makes its children
+    # (a session leader takes its controlling terminal, which they inherit)
+    in_session: list[typing.Callable[[], None]] = dataclasses.field(default_factory=list)
     shared: set[int] = dataclasses.field(default_factory=set)  # sources owned by the tree's SharedFiles
     sysv_ids: dict[int, int] = dataclasses.field(default_factory=dict)  # SharedMem id -> shmid, attached by shmat
 

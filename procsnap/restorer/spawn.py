@@ -107,6 +107,8 @@ def _child_setup(node: Node) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     _set_session(node)
+    for in_session in files.in_session:
+        in_session()
     # Children before anything of ours changes: they inherit the restorer's fds.
     for child in node.children:
         _clone(child)
