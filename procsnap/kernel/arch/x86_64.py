@@ -37,6 +37,10 @@ class NR(enum.IntEnum):
     getitimer = 36
     getpid = 39
     fcntl = 72
+    chdir = 80
+    umask = 95
+    setpgid = 109
+    setsid = 112
     flock = 73
     setgroups = 116
     setresuid = 117
@@ -64,6 +68,7 @@ class NR(enum.IntEnum):
     set_robust_list = 273
     get_robust_list = 274
     timerfd_gettime = 287
+    dup3 = 292
     rt_tgsigqueueinfo = 297
     prlimit64 = 302
     process_vm_readv = 310
@@ -76,6 +81,7 @@ class NR(enum.IntEnum):
     rseq = 334
     pidfd_open = 434
     clone3 = 435
+    close_range = 436
     pidfd_getfd = 438
 
 
