@@ -278,7 +278,7 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
     kept = {start: functools.partial(_restore_kept, target, mine[start], v, parent[1], filled)
             for start, v in inherited.items()}
     T.unregister_rseq_seized(target)
-    M.unmap_seized(target, maps, [(v.start, v.end) for v in inherited.values()])
+    M.unmap_seized(target, maps, [(start, mine[start].end) for start in inherited])
     M.restore_mm_seized(target, ckpt.mm, map_fds[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)])
     M.move_vdso_seized(target, maps, ckpt.vmas)
     M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, filled, shm_fds, refs, child.sysv_ids, kept)

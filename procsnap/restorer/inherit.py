@@ -3,10 +3,11 @@
 held copy-on-write when dumped are one page again.
 
 A VMA of the child is *kept* when its parent's image has the same private
-anonymous VMA (start, end, flags, advice; no MADV_DONTFORK or
-MADV_WIPEONFORK, which a fork does not copy as it is; not MAP_DROPPABLE)
+anonymous VMA, or one it is a piece of (flags, advice; no MADV_DONTFORK or
+MADV_WIPEONFORK, which a fork does not copy as it is; not MAP_DROPPABLE),
 holding at least one page, so that the copy has an anon_vma of its own
-and no new neighbour merges into it. Then, page by page (in runs):
+and no new neighbour merges into it; what the child lacks of it is
+unmapped with the rest. Then, page by page (in runs):
 
     the child's stored page there          what is done in the child
     ------------------------------         --------------------------
@@ -39,19 +40,29 @@ NOT_INHERITED = model.Advice.DONTFORK | model.Advice.WIPEONFORK
 
 def kept_vmas(ckpt: model.Checkpoint, parent: model.Checkpoint,
               parent_pages: typing.Sequence[Segment]) -> dict[int, model.Vma]:
-    """start -> the parent's VMA, for each VMA of `ckpt` the fork keeps."""
-    theirs = {(v.start, v.end): v for v in parent.vmas}
+    """start -> the parent's VMA, for each VMA of `ckpt` the fork keeps: one
+    of the parent's, or a piece of one (the rest unmapped, or protected
+    otherwise), but two neighbouring pieces of one the kernel would have
+    merged (a new area in the middle: it is built anew and kept apart)."""
+    theirs = sorted(parent.vmas, key=lambda v: v.start)
+    keys = [v.start for v in theirs]
     starts = sorted(s[0] for s in parent_pages)
     ends = {s[0]: s[0] + s[1] * PAGE_SIZE for s in parent_pages}
-    out = {}
-    for v in ckpt.vmas:
-        pv = theirs.get((v.start, v.end))
+    out: dict[int, model.Vma] = {}
+    prev = None
+    for v in sorted(ckpt.vmas, key=lambda v: v.start):
+        i = bisect.bisect_right(keys, v.start) - 1
+        pv = theirs[i] if i >= 0 and v.end <= theirs[i].end else None
         if (pv is None or v.kind != model.VmaKind.ANON or pv.kind != v.kind or pv.flags != v.flags
-                or pv.advice != v.advice or v.advice & NOT_INHERITED or v.flags & model.MapFlag.MAP_DROPPABLE):
+                or pv.advice != v.advice or v.advice & NOT_INHERITED or v.flags & model.MapFlag.MAP_DROPPABLE
+                or ((pv.start, pv.end) != (v.start, v.end) and v.flags & model.MapFlag.MAP_GROWSDOWN)):
             continue
-        i = bisect.bisect_right(starts, v.end - 1) - 1  # the last run starting below the end
-        if i >= 0 and ends[starts[i]] > v.start:
+        if prev is not None and out.get(prev.start) is pv and prev.end == v.start and prev.prot == v.prot:
+            continue
+        j = bisect.bisect_right(starts, pv.end - 1) - 1  # the last run starting below its end
+        if j >= 0 and ends[starts[j]] > pv.start:  # it has pages: the copy has an anon_vma
             out[v.start] = pv
+            prev = v
     return out
 
 
