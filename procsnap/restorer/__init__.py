@@ -308,10 +308,9 @@ def _fork_and_rebuild(parent, node: Node, parent_ckpt: model.Checkpoint, parent_
     """Fork `node` from `parent` (its memory rebuilt, nothing else yet),
     set it up and rebuild it, its own fork-built children included."""
     pid = node.proc.pid
-    fork_child_seized(parent, pid)
     helpers = helper_numbers(node)
     child = Child(pid, -1, {name: want for name, (_, want) in helpers.items()}, node.files.sysv_ids)
-    ctx.children[pid] = child
+    fork_child_seized(parent, pid, lambda made: ctx.children.setdefault(made, dataclasses.replace(child, pid=made)))
     faults.point("after-fork")
     image = ctx.images[pid]
     target = child_target(parent, pid)

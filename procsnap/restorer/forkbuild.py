@@ -46,6 +46,7 @@ F_SETFD = 2
 F_DUPFD_CLOEXEC = 1030
 RLIMIT_NOFILE = 7
 RLIMIT = struct.Struct("<QQ")  # struct rlimit64
+RLIM64_INFINITY = (1 << 64) - 1
 FORK_OPTIONS = (ptrace.PTRACE_O_TRACESYSGOOD | ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACECLONE
                 | ptrace.PTRACE_O_TRACEFORK)
 
@@ -120,9 +121,11 @@ def fork_built(root: Node, images: dict) -> set[int]:
     return out
 
 
-def fork_child_seized(parent: Target, pid: int) -> None:
-    """fork (clone3 with set_tid) inside `parent`; the child is auto-attached
-    and stopped before its first instruction when this returns."""
+def fork_child_seized(parent: Target, pid: int, born=lambda pid: None) -> None:
+    """fork (clone3 with set_tid) inside `parent`; born(pid) is told as soon
+    as the pid is the child's (to kill it if anything fails from there on);
+    the child is auto-attached and stopped before its first instruction
+    when this returns."""
     ptrace.set_options(parent.pid, FORK_OPTIONS)
     parent.write_scratch(CLONE_ARGS.pack(0, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, parent.scratch + CLONE_ARGS.size, 1, 0)
                          + struct.pack("<i", pid))
@@ -132,6 +135,7 @@ def fork_child_seized(parent: Target, pid: int) -> None:
         if err.errno == 17:
             raise RestoreError(f"pid {pid} is taken (clone3: EEXIST)", pid) from err
         raise RestoreError(f"pid {parent.pid}: fork of pid {pid}: {err.strerror}", pid) from err
+    born(made)
     if made != pid:
         raise RestoreError(f"pid {parent.pid}: the fork made pid {made}, expected {pid}", pid)
     ptrace.wait_stop(pid)
@@ -201,5 +205,5 @@ def finish_seized(target: Target, node: Node) -> None:
     """Its saved limit on fds again, once the helper fds are closed."""
     for r in node.task.rlimits:
         if r.resource == RLIMIT_NOFILE:
-            target.write_scratch(RLIMIT.pack(min(r.soft, (1 << 64) - 1), min(r.hard, (1 << 64) - 1)))
+            target.write_scratch(RLIMIT.pack(*(v if v < 1 << 63 else RLIM64_INFINITY for v in (r.soft, r.hard))))
             target.call(NR.prlimit64, 0, RLIMIT_NOFILE, target.scratch, 0)
