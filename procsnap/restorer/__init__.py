@@ -29,7 +29,8 @@ from . import memory as M
 from . import task as T
 from ..objects.cgroups import restore_cgroups
 from .files import SharedFiles, map_key, prepare_files
-from .forkbuild import child_target, finish_seized, fork_built, fork_child_seized, helper_numbers, setup_seized
+from .forkbuild import (child_target, finish_seized, fork_built, fork_child_seized, helper_numbers, make_zombie_seized,
+                        setup_seized)
 from .inherit import kept_vmas, restore_kept_seized
 from .spawn import Child, Node, spawn, wait_pid_free
 from .tree import open_tree
@@ -284,7 +285,9 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
     M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, filled, shm_fds, refs, child.sysv_ids, kept)
     if ctx is not None:
         for node in ctx.nodes[child.pid].children:
-            if node.fork_built:
+            if node.fork_built and node.proc.zombie:
+                make_zombie_seized(target, node, lambda made: ctx.children.setdefault(made, Child(made, -1, {})))
+            elif node.fork_built:
                 _fork_and_rebuild(target, node, ckpt, segments, ctx)
     T.restore_signals_seized(target, ckpt.sigactions, ckpt.pending)
     T.restore_task_seized(target, ckpt.task)

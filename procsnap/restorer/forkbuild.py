@@ -10,12 +10,14 @@ shared again (restore today: one private copy each; issue 9).
     setup_seized          the injected twin of spawn._child_setup: session,
                           group, fds (from the restorer's, by pidfd_getfd),
                           helper fds, cwd, umask
+    make_zombie_seized    a zombie child of a fork-built process, forked
+                          and let go to exit as it did
 
 The rest of its rebuild is the spawned processes' (restorer.rebuild), but
 that it keeps the VMAs inherit.py keeps.
 
 Everything else is spawned by Python as before. A process is fork-built
-only when clearly safe: not the root, not a zombie, its parent live; no
+only when clearly safe: not the root, its parent live; no
 epoll (its watches are added by a Python step in the child); the same
 resource limits and root ("/") as its parent (it inherits them; raising a
 hard limit needs CAP_SYS_RESOURCE); the vdso where its parent has it; some
@@ -23,7 +25,8 @@ private anonymous VMA it keeps from its parent and pages stored by another
 image; its session its own or its parent's; every child of it fork-built
 too (a spawned process needs its parent while the spawn runs); and every
 process of its group or session made after it, on the same rebuilder
-thread (its subtree of fork-built processes, in tree order).
+thread (its subtree of fork-built processes, in tree order). A zombie is
+forked when its parent is.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from __future__ import annotations
 import os
 import signal
 import struct
+import time
 
 from .. import model
 from ..errors import RestoreError
 from ..image import schema
-from ..kernel import infect, ptrace
+from ..kernel import infect, proc, ptrace
+from ..kernel.arch import x86_64 as arch
 from ..kernel.arch.x86_64 import NR
 from ..kernel.infect import Target
 from .inherit import kept_vmas
@@ -44,6 +49,7 @@ from .task import CLONE_ARGS
 
 F_SETFD = 2
 F_DUPFD_CLOEXEC = 1030
+RLIMIT_CORE = 4
 RLIMIT_NOFILE = 7
 RLIMIT = struct.Struct("<QQ")  # struct rlimit64
 RLIM64_INFINITY = (1 << 64) - 1
@@ -80,12 +86,14 @@ def _may_fork(node: Node, images: dict) -> bool:
 
 def fork_built(root: Node, images: dict) -> set[int]:
     """The pids of the processes to fork from their parents (see the module
-    docstring); marks their Nodes."""
+    docstring); marks their Nodes. A zombie is forked when its parent is."""
     order = {n.proc.pid: i for i, n in enumerate(root.walk())}
     nodes = {n.proc.pid: n for n in root.walk()}
     out: set[int] = set()
 
     def decide(node: Node) -> bool:
+        if node.proc.zombie:
+            return True  # whatever its parent is, it can be made by it
         kids = [decide(c) for c in node.children]  # every child decided, whatever the first says
         if all(kids) and node is not root and _may_fork(node, images):
             out.add(node.proc.pid)
@@ -93,6 +101,13 @@ def fork_built(root: Node, images: dict) -> set[int]:
         return False
 
     decide(root)
+
+    def zombies_follow() -> None:
+        for n in nodes.values():
+            if n.proc.zombie:
+                (out.add if n.parent.proc.pid in out else out.discard)(n.proc.pid)
+
+    zombies_follow()
 
     def spawned_ancestor(pid: int) -> int:
         while pid in out:
@@ -115,6 +130,7 @@ def fork_built(root: Node, images: dict) -> set[int]:
                         and order[leader] < order[n.proc.pid]):
                     continue
                 drop(leader)
+                zombies_follow()
                 changed = True
     for pid in out:
         nodes[pid].fork_built = True
@@ -158,15 +174,50 @@ def helper_numbers(node: Node) -> dict[str, tuple[int, int]]:
     return {name: (src, base + i) for i, (name, src) in enumerate(helpers.items())}
 
 
+def _set_session_seized(target: Target, node: Node) -> None:
+    p = node.proc
+    if p.sid == p.pid:
+        target.call(NR.setsid)
+    elif p.pgid != node.parent.proc.pgid:
+        target.call(NR.setpgid, 0, p.pgid)
+
+
+def make_zombie_seized(parent: Target, node: Node, born=lambda pid: None, timeout: float = 5.0) -> None:
+    """A zombie child of `parent` (spawn._become_zombie, injected): forked,
+    put in its session and group, then let go to exit as it did (its exit
+    status, or killed by its signal without a core dump). Once it is a
+    zombie, the SIGCHLD its exit queued in the parent is taken back: a
+    traced task queues even a signal it ignores, and the parent's saved
+    pending signals, restored later, are the whole truth."""
+    pid, status = node.proc.pid, node.proc.exit_status
+    fork_child_seized(parent, pid, born)
+    target = child_target(parent, pid)
+    _set_session_seized(target, node)
+    if os.WIFSIGNALED(status):
+        target.write_scratch(RLIMIT.pack(0, 0))
+        target.call(NR.prlimit64, 0, RLIMIT_CORE, target.scratch, 0)
+        last = (NR.kill, pid, os.WTERMSIG(status))  # its action is SIG_DFL: its parent's are not restored yet
+    else:
+        last = (NR.exit_group, os.WEXITSTATUS(status))
+    ptrace.set_regs(pid, arch.prepare_injection(target.call.base, target.call.gadget, last[0], last[1:]))
+    ptrace.set_sigmask(pid, 0)
+    ptrace.detach(pid)
+    deadline = time.monotonic() + timeout
+    while proc.read_stat(pid).state != "Z":  # before the next sibling, which may join its group
+        if time.monotonic() > deadline:
+            raise RestoreError(f"pid {pid}: made again to exit (status {status:#x}), it did not within {timeout} s",
+                               pid)
+        time.sleep(0.001)
+    parent.write_scratch(struct.pack("<QQQ", 1 << (signal.SIGCHLD - 1), 0, 0))  # set, then timespec 0
+    parent.call(NR.rt_sigtimedwait, parent.scratch, 0, parent.scratch + 8, 8, check=False)
+
+
 def setup_seized(target: Target, node: Node, helpers: dict[str, tuple[int, int]]) -> None:
     """What spawn._child_setup does in Python, in the same order, injected:
     the child holds its parent's fd table as the spawn left it, its signal
     actions are all SIG_DFL (its parent's have not been restored yet)."""
     p, files, call = node.proc, node.files, target.call
-    if p.sid == p.pid:
-        call(NR.setsid)
-    elif p.pgid != node.parent.proc.pgid:
-        call(NR.setpgid, 0, p.pgid)
+    _set_session_seized(target, node)
     # fd numbers up to the hard limit meanwhile (the saved limit is set back at the end)
     call(NR.prlimit64, 0, RLIMIT_NOFILE, 0, target.scratch)
     _, hard = RLIMIT.unpack(target.read_scratch(RLIMIT.size))

@@ -18,7 +18,9 @@
  *                    5 group      setpgid(0, 0)
  *                    6 joiner     joins worker 5's group
  *                    7 session    setsid()
- *                    8 zombie's   has a child that exited with 3, unreaped
+ *                    8 zombies'   has a child that exited with 3 and one killed
+ *                                 by SIGTERM, both unreaped, and a SIGCHLD
+ *                                 handler that ran once for each
  *                    9 epoll      holds an epoll watching a pipe
  *                  Before READY it prints "AREA <start> <pages>" and
  *                  "PIDS <worker 0> ... <worker 9> <grandchild>".
@@ -54,6 +56,8 @@
 
 static volatile sig_atomic_t got_usr2;
 static void on_usr2(int sig) { (void)sig; got_usr2 = 1; }
+static volatile sig_atomic_t got_chld;
+static void on_chld(int sig) { (void)sig; got_chld++; }
 
 static unsigned char *area;
 static int report_w = -1;
@@ -137,7 +141,7 @@ __attribute__((noreturn)) static void worker(int w, pid_t group)
 	snprintf(who, sizeof(who), "worker %d", w);
 	pid_t ppid = getppid(), pgrp = getpgrp(), sid = getsid(0);
 	int extra = 0, epfd = -1, pfd[2] = { -1, -1 };
-	pid_t kid = -1;
+	pid_t kid = -1, kid2 = -1;
 	switch (w) {
 	case 1:
 		for (size_t i = W1_LO; i < W1_HI; i++)
@@ -177,14 +181,28 @@ __attribute__((noreturn)) static void worker(int w, pid_t group)
 		ps_setup(setsid() == getpid(), "setsid");
 		pgrp = sid = getpid();
 		break;
-	case 8:
-		kid = fork();
-		ps_setup(kid >= 0, "fork");
-		if (kid == 0)
-			_exit(3);
-		while (waitid(P_PID, kid, &(siginfo_t){0}, WEXITED | WNOWAIT) < 0 && errno == EINTR)
-			;
+	case 8: {
+		struct sigaction sc = { .sa_handler = on_chld, .sa_flags = SA_RESTART };
+		sigemptyset(&sc.sa_mask);
+		ps_setup(sigaction(SIGCHLD, &sc, NULL) == 0, "sigaction(SIGCHLD)");
+		for (int z = 0; z < 2; z++) {   /* one after the other: two SIGCHLDs could merge */
+			pid_t k = fork();
+			ps_setup(k >= 0, "fork");
+			if (k == 0 && z == 0)
+				_exit(3);
+			if (k == 0) {
+				signal(SIGTERM, SIG_DFL);
+				raise(SIGTERM);
+				_exit(2);
+			}
+			while (waitid(P_PID, k, &(siginfo_t){0}, WEXITED | WNOWAIT) < 0 && errno == EINTR)
+				;
+			while (got_chld < z + 1)
+				sleep_ms(1);
+			*(z ? &kid2 : &kid) = k;
+		}
 		break;
+	}
 	case 9: {
 		ps_setup(pipe(pfd) == 0, "pipe");
 		epfd = epoll_create1(0);
@@ -216,8 +234,11 @@ __attribute__((noreturn)) static void worker(int w, pid_t group)
 		tell_and_reap(kid, SIGUSR2, "grandchild");
 	if (w == 8) {
 		int st = 0;
+		PS_CHECK_U64("worker 8: SIGCHLDs handled (one per zombie, none from the restore)", 2, got_chld);
 		PS_CHECK_U64("worker 8: waitpid(zombie)", kid, waitpid(kid, &st, 0));
 		PS_CHECK_U64("worker 8: zombie's exit status", 3, WIFEXITED(st) ? WEXITSTATUS(st) : 256);
+		PS_CHECK_U64("worker 8: waitpid(killed zombie)", kid2, waitpid(kid2, &st, 0));
+		PS_CHECK_U64("worker 8: killed zombie's signal", SIGTERM, WIFSIGNALED(st) ? WTERMSIG(st) : 0);
 	}
 	if (w == 9) {
 		struct epoll_event ev;

@@ -51,6 +51,7 @@ class NR(enum.IntEnum):
     clone = 56
     wait4 = 61
     kill = 62
+    rt_sigtimedwait = 128
     rt_sigqueueinfo = 129
     ioprio_set = 251
     ioprio_get = 252
@@ -60,6 +61,7 @@ class NR(enum.IntEnum):
     arch_prctl = 158
     gettid = 186
     set_tid_address = 218
+    exit_group = 231
     restart_syscall = 219
     set_mempolicy = 238
     get_mempolicy = 239
