@@ -62,10 +62,12 @@ class NT(enum.IntEnum):
     X86_XSTATE = 0x202
 
 
+PTRACE_EVENT_FORK = 1
 PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_STOP = 128
 PTRACE_O_TRACESYSGOOD = 0x1
 SYSCALL_STOP = signal.SIGTRAP | 0x80  # a syscall-entry or -exit stop, with PTRACE_O_TRACESYSGOOD
+PTRACE_O_TRACEFORK = 0x2
 PTRACE_O_TRACECLONE = 0x8
 PTRACE_O_EXITKILL = 0x100000
 PTRACE_O_SUSPEND_SECCOMP = 0x200000  # needs CAP_SYS_ADMIN and a tracer without seccomp
@@ -267,13 +269,13 @@ class Injector:
         self.mask = mask
         self.put_back = put_back
         self.blocked = False
-        self.clones: list[int] = []  # pids of tasks created by injected clones
+        self.clones: list[int] = []  # pids of tasks created by injected clones and forks
 
     def _resume_until(self, req: Req, want) -> int:
         ptrace(req, self.pid)
         while True:
             status = wait_stop(self.pid)
-            if (status >> 16) == PTRACE_EVENT_CLONE:  # with PTRACE_O_TRACECLONE
+            if (status >> 16) in (PTRACE_EVENT_CLONE, PTRACE_EVENT_FORK):  # PTRACE_O_TRACECLONE/TRACEFORK
                 self.clones.append(get_event_msg(self.pid))
                 ptrace(req, self.pid)
                 continue

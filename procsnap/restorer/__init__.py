@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
 import signal
 import threading
+import typing
 
-from .. import faults, objects
+from .. import faults, model, objects
 from ..errors import ProcsnapError, RestoreError, plural, translated
 from ..image import schema
 from ..image.reader import Image, PageSource, open_image
@@ -27,6 +29,9 @@ from . import memory as M
 from . import task as T
 from ..objects.cgroups import restore_cgroups
 from .files import SharedFiles, map_key, prepare_files
+from .forkbuild import (child_target, finish_seized, fork_built, fork_child_seized, helper_numbers, make_zombie_seized,
+                        setup_seized)
+from .inherit import kept_vmas, restore_kept_seized
 from .spawn import Child, Node, spawn, wait_pid_free
 from .tree import open_tree
 from .verify import check_restorable
@@ -70,6 +75,10 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
                 node.parent = nodes[proc_entry.ppid]
                 node.parent.children.append(node)
         shared.end_prepare()
+        forked = fork_built(nodes[pid], images)
+        if forked:
+            log.info("pid %d: %s forked from their parents: %s", pid, plural(len(forked), "process"),
+                     " ".join(map(str, sorted(forked))))
         with translated(pid, "spawn", RestoreError):
             for image in images.values():
                 for th in image.checkpoint.threads:
@@ -79,7 +88,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
         try:
             faults.point("after-spawn")
             for p, image in tree:  # before any memory is mapped: it is charged where it is made
-                if image is not None:
+                if image is not None and p.pid not in forked:  # (those: once forked)
                     with translated(p.pid, "restore cgroups", RestoreError):
                         restore_cgroups(p.pid, image.checkpoint.cgroups)
             sources = {}  # every image's pages: a process may map pages another one stored
@@ -88,14 +97,16 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
                     sources[proc_entry.dir] = stack.enter_context(page_source(image))
             live = [(p, image) for p, image in tree if image is not None]
             filled = Progress(progress, "fill memory", sum(_fill_bytes(image.checkpoint) for _, image in live))
-            tree_pids = {p.pid for p, _ in live}
-            rebuild_all(live, lambda p, image: rebuild(children[p.pid], image, sources[p.dir], filled.add,
-                                                        sources, tree_pids), shared.ready)
+            ctx = Rebuild(sources, filled.add, {p.pid for p, _ in live}, nodes, images, children)
+            rebuild_all(live, lambda p, image: p.pid in forked or rebuild(children[p.pid], image, sources[p.dir],
+                                                                          filled.add, sources, ctx.tree_pids, ctx),
+                        shared.ready, {p.pid: nodes[p.pid].parent.proc.pid for p, _ in live if p.pid in forked})
         except BaseException:
             kill_children(children, pid)
             raise
         for child in children.values():
-            os.close(child.sync_w)
+            if child.sync_w >= 0:
+                os.close(child.sync_w)
         succeeded[0] = True
     log.info("pid %d: running", pid)
     return pid
@@ -125,15 +136,25 @@ def _fill_bytes(ckpt) -> int:
 REBUILDERS = 2  # threads rebuilding processes at once: each waits on its tracees most of the time
 
 
-def rebuild_all(live: list, rebuild_one, ready=lambda: None) -> None:
+def rebuild_all(live: list, rebuild_one, ready=lambda: None, forked_from: dict[int, int] | None = None) -> None:
     """Rebuild every process, REBUILDERS at a time, then give every one its
     registers, and release them all only once all are ready (and ready()
     has run, in one of the threads: the kinds' last word on what the tree
     shares, such as seals added after every mapping). A process is
     rebuilt, loaded and released by one thread: ptrace requests must come
     from the thread that seized the tracee (which is also the one whose exit
-    kills it, PTRACE_O_EXITKILL, if the restore fails)."""
-    shares = [live[i::REBUILDERS] for i in range(REBUILDERS)] if len(live) > 1 else [live]
+    kills it, PTRACE_O_EXITKILL, if the restore fails), or made it: a
+    fork-built process (forked_from: pid -> parent) goes with its parent,
+    whose rebuild makes it."""
+    groups: dict[int, list] = {}
+    for p, image in live:
+        at = p.pid
+        while forked_from and at in forked_from:
+            at = forked_from[at]
+        groups.setdefault(at, []).append((p, image))
+    subtrees = list(groups.values())
+    shares = [[x for g in subtrees[i::REBUILDERS] for x in g] for i in range(REBUILDERS)] \
+        if len(subtrees) > 1 else [live]
     barrier = threading.Barrier(len(shares), action=ready)  # an error in ready() is raised in its thread
     failed = threading.Event()
 
@@ -214,35 +235,97 @@ def _page_refs(ckpt, sources: dict[str, PageSource]) -> list[tuple[int, int, int
     return out
 
 
+@dataclasses.dataclass
+class Rebuild:
+    """What the rebuild of one process needs of the whole tree's, to make
+    its fork-built children (restorer/forkbuild.py) too."""
+
+    sources: dict[str, PageSource]
+    filled: typing.Callable[[int], None] | None
+    tree_pids: set[int]
+    nodes: dict[int, Node]
+    images: dict[int, Image]
+    children: dict[int, Child]  # fork-built ones are added as they are made, for kill_children
+
+
 def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
-            sources: dict[str, PageSource] | None = None, tree_pids: set[int] = frozenset()) -> None:
+            sources: dict[str, PageSource] | None = None, tree_pids: set[int] = frozenset(),
+            ctx: Rebuild | None = None) -> None:
     """filled(nbytes): told of every batch of pages written."""
     ckpt = image.checkpoint
     pid = child.pid
-    shm_fds = {int(name[3:]): fd for name, fd in child.helper_fds.items() if name.startswith("shm")}
     # EXITKILL: the half-built process dies with the restorer, until detach
     # TRACECLONE: the threads it is made to create are stopped at birth
-    ptrace.freeze(pid, options=ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACECLONE)
+    # TRACEFORK: so are the children forked from it (forkbuild.py)
+    ptrace.freeze(pid, options=ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK)
     maps = proc.read_smaps(pid)
     busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in ckpt.vmas]
-    helper = child.helper_fds
-    map_fds = {name[3:]: fd for name, fd in helper.items() if name.startswith("map")}
     with infect.infected(pid, maps, busy, put_back=False) as target:
-        T.unregister_rseq_seized(target)
-        M.unmap_seized(target, maps)
-        M.restore_mm_seized(target, ckpt.mm, map_fds[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)])
-        M.move_vdso_seized(target, maps, ckpt.vmas)
-        M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, filled, shm_fds,
-                          _page_refs(ckpt, sources or {}), child.sysv_ids)
-        T.restore_signals_seized(target, ckpt.sigactions, ckpt.pending)
-        T.restore_task_seized(target, ckpt.task)
-        T.create_threads_seized(target, ckpt.threads)
-        objects.restore_task_state_seized(target, ckpt, tree_pids)
-        for name, fd in helper.items():
-            if name.startswith(("map", "shm")) or name == "sync":
-                target.call(infect.NR.close, fd)
-        # the child's safety net (see spawn) gives way to its own setting
-        target.call(infect.NR.prctl, T.PR_SET_PDEATHSIG, ckpt.task.pdeathsig)
+        _rebuild_seized(target, child, image, pages, maps, filled, sources or {}, tree_pids, ctx)
+
+
+def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps, filled,
+                    sources: dict[str, PageSource], tree_pids: set[int], ctx: Rebuild | None,
+                    parent: tuple[model.Checkpoint, list] | None = None) -> None:
+    """`parent`: (checkpoint, page segments) of the process a fork-built
+    one was forked from, whose memory it holds."""
+    ckpt = image.checkpoint
+    helper = child.helper_fds
+    shm_fds = {int(name[3:]): fd for name, fd in helper.items() if name.startswith("shm")}
+    map_fds = {name[3:]: fd for name, fd in helper.items() if name.startswith("map")}
+    refs = _page_refs(ckpt, sources)
+    segments = M.page_segments(ckpt.pages, pages, refs)
+    inherited = kept_vmas(ckpt, parent[0], parent[1]) if parent is not None else {}
+    mine = {v.start: v for v in ckpt.vmas}
+    kept = {start: functools.partial(_restore_kept, target, mine[start], v, parent[1], filled)
+            for start, v in inherited.items()}
+    T.unregister_rseq_seized(target)
+    M.unmap_seized(target, maps, [(start, mine[start].end) for start in inherited])
+    M.restore_mm_seized(target, ckpt.mm, map_fds[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)])
+    M.move_vdso_seized(target, maps, ckpt.vmas)
+    M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, filled, shm_fds, refs, child.sysv_ids, kept)
+    if ctx is not None:
+        for node in ctx.nodes[child.pid].children:
+            if node.fork_built and node.proc.zombie:
+                make_zombie_seized(target, node, lambda made: ctx.children.setdefault(made, Child(made, -1, {})))
+            elif node.fork_built:
+                _fork_and_rebuild(target, node, ckpt, segments, ctx)
+    T.restore_signals_seized(target, ckpt.sigactions, ckpt.pending)
+    T.restore_task_seized(target, ckpt.task)
+    T.create_threads_seized(target, ckpt.threads)
+    objects.restore_task_state_seized(target, ckpt, tree_pids)
+    for name, fd in helper.items():
+        if name.startswith(("map", "shm")) or name == "sync":
+            target.call(infect.NR.close, fd)
+    # the child's safety net (see spawn) gives way to its own setting
+    target.call(infect.NR.prctl, T.PR_SET_PDEATHSIG, ckpt.task.pdeathsig)
+
+
+def _restore_kept(target, v: model.Vma, inherited: model.Vma, theirs: list, filled, mine: list) -> None:
+    written = restore_kept_seized(target, v, inherited, mine, theirs, filled)
+    if filled:  # what the fork shared counts as filled
+        filled(sum(seg[1] for seg in mine) * PAGE_SIZE - written)
+
+
+def _fork_and_rebuild(parent, node: Node, parent_ckpt: model.Checkpoint, parent_segments: list,
+                      ctx: Rebuild) -> None:
+    """Fork `node` from `parent` (its memory rebuilt, nothing else yet),
+    set it up and rebuild it, its own fork-built children included."""
+    pid = node.proc.pid
+    helpers = helper_numbers(node)
+    child = Child(pid, -1, {name: want for name, (_, want) in helpers.items()}, node.files.sysv_ids)
+    fork_child_seized(parent, pid, lambda made: ctx.children.setdefault(made, dataclasses.replace(child, pid=made)))
+    faults.point("after-fork")
+    image = ctx.images[pid]
+    target = child_target(parent, pid)
+    with translated(pid, "restore cgroups", RestoreError):
+        restore_cgroups(pid, image.checkpoint.cgroups)
+    setup_seized(target, node, helpers)
+    maps = proc.read_smaps(pid)
+    _rebuild_seized(target, child, image, ctx.sources[node.proc.dir], maps, ctx.filled, ctx.sources,
+                    ctx.tree_pids, ctx, (parent_ckpt, parent_segments))
+    finish_seized(target, node)
+    target.call(infect.NR.munmap, target.scratch, infect.SCRATCH_SIZE)  # the parent's, inherited
 
 
 __all__ = ["restore", "ProcsnapError"]

@@ -37,9 +37,11 @@ def specials_of(maps: list[MapsEntry]) -> dict[model.VmaKind, tuple[int, int]]:
     return {model.SPECIAL_NAMES[m.path]: (m.start, m.end) for m in maps if m.path in model.SPECIAL_NAMES}
 
 
-def unmap_seized(target: Target, maps: list[MapsEntry]) -> None:
-    """munmap everything between the areas we keep, in a few big calls."""
-    keep = sorted([r for r in specials_of(maps).values()] + [(target.scratch, target.scratch + SCRATCH_SIZE)])
+def unmap_seized(target: Target, maps: list[MapsEntry], inherited: typing.Iterable[tuple[int, int]] = ()) -> None:
+    """munmap everything between the areas we keep, in a few big calls
+    (`inherited`: VMAs a fork-built process keeps, see inherit.py)."""
+    keep = sorted([r for r in specials_of(maps).values()] + [(target.scratch, target.scratch + SCRATCH_SIZE)]
+                  + list(inherited))
     prev = MMAP_MIN_ADDR
     for start, end in keep + [(TASK_SIZE, TASK_SIZE)]:
         if start > prev:
@@ -169,7 +171,8 @@ def _fill_pool() -> concurrent.futures.ThreadPoolExecutor:
 def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.PageRun], pages: PageSource,
                     map_fds: dict[str, int], filled=None, shm_fds: dict[int, int] | None = None,
                     refs: typing.Sequence[tuple[int, int, int, int]] = (),
-                    sysv_ids: dict[int, int] | None = None) -> None:
+                    sysv_ids: dict[int, int] | None = None,
+                    kept: typing.Mapping[int, typing.Callable[[list], None]] | None = None) -> None:
     """Map each VMA, write its pages, set its final protection;
     filled(nbytes) is told of each batch of pages written.
 
@@ -190,9 +193,11 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
     and, if it continues the previous one, built elsewhere and moved into
     place with mremap, which never merges two areas with different
     anon_vmas.
+
+    `kept`: VMA start -> what makes a VMA the fork left in place hold its
+    pages, given its segments (inherit.restore_kept_seized).
     """
-    # (vaddr, npages, local address, source: -1 for our own pages.img)
-    segments = [(r.vaddr, r.npages, pages.address(r), -1) for r in runs] + list(refs)
+    segments = page_segments(runs, pages, refs)
     by_vma: dict[int, list[tuple[int, int, int, int]]] = {}
     starts = sorted(vmas, key=lambda v: v.start)
     keys = [v.start for v in starts]
@@ -203,6 +208,9 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
         if v.kind in model.SPECIAL_KINDS:
             continue
         vruns = by_vma.get(v.start, [])
+        if kept and v.start in kept:
+            kept[v.start](vruns)
+            continue
         apart = i > 0 and _kept_apart(starts[i - 1], v)  # built elsewhere, moved in
         own_anon_vma = apart or (i + 1 < len(starts) and _kept_apart(v, starts[i + 1]))
         prot = v.prot | PROT_RW if vruns or own_anon_vma else v.prot
@@ -242,6 +250,12 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
             target.call(NR.mprotect, at, v.size, int(v.prot))
         if apart:
             target.call(NR.mremap, at, v.size, v.size, MREMAP_MAYMOVE | MREMAP_FIXED, v.start)
+
+
+def page_segments(runs: list[model.PageRun], pages: PageSource,
+                  refs: typing.Sequence[tuple[int, int, int, int]] = ()) -> list[tuple[int, int, int, int]]:
+    """(vaddr, npages, local address, source: -1 for our own pages.img) of every page a process gets."""
+    return [(r.vaddr, r.npages, pages.address(r), -1) for r in runs] + list(refs)
 
 
 def _shmat_flags(prot: model.Prot) -> int:

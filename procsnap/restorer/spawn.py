@@ -64,6 +64,7 @@ class Node:
     ready_r: int = -1
     sync_w: int = -1
     parent: "Node | None" = None
+    fork_built: bool = False  # made by a fork in its rebuilt parent (forkbuild.py), not by the spawn
 
     def walk(self):
         yield self
@@ -111,7 +112,8 @@ def _child_setup(node: Node) -> None:
         in_session()
     # Children before anything of ours changes: they inherit the restorer's fds.
     for child in node.children:
-        _clone(child)
+        if not child.fork_built:
+            _clone(child)
     # Helpers first go above every number in use, so nothing collides.
     for src, want in helpers.values():
         os.dup2(src, want, inheritable=False)
@@ -212,7 +214,7 @@ def spawn(root: Node) -> dict[int, Child]:
     nodes = list(root.walk())
     for node in nodes:
         wait_pid_free(node.proc.pid)
-    live = [n for n in nodes if not n.proc.zombie]
+    live = [n for n in nodes if not n.proc.zombie and not n.fork_built]
     try:
         for node in live:
             node.ready_r, ready_w = os.pipe2(os.O_CLOEXEC)

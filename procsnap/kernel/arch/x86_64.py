@@ -37,6 +37,10 @@ class NR(enum.IntEnum):
     getitimer = 36
     getpid = 39
     fcntl = 72
+    chdir = 80
+    umask = 95
+    setpgid = 109
+    setsid = 112
     flock = 73
     setgroups = 116
     setresuid = 117
@@ -47,6 +51,7 @@ class NR(enum.IntEnum):
     clone = 56
     wait4 = 61
     kill = 62
+    rt_sigtimedwait = 128
     rt_sigqueueinfo = 129
     ioprio_set = 251
     ioprio_get = 252
@@ -57,6 +62,7 @@ class NR(enum.IntEnum):
     arch_prctl = 158
     gettid = 186
     set_tid_address = 218
+    exit_group = 231
     restart_syscall = 219
     set_mempolicy = 238
     get_mempolicy = 239
@@ -80,6 +86,7 @@ class NR(enum.IntEnum):
     rseq = 334
     pidfd_open = 434
     clone3 = 435
+    close_range = 436
     pidfd_getfd = 438
 
 
