@@ -18,7 +18,8 @@ that it keeps the VMAs inherit.py keeps.
 
 Everything else is spawned by Python as before. A process is fork-built
 only when clearly safe: not the root, its parent live; no
-epoll (its watches are added by a Python step in the child); the same
+epoll or terminal step (its watches, a controlling terminal: Python steps
+in the spawned child, in_child and in_session); the same
 resource limits and root ("/") as its parent (it inherits them; raising a
 hard limit needs CAP_SYS_RESOURCE); the vdso where its parent has it; some
 private anonymous VMA it keeps from its parent and pages stored by another
@@ -75,7 +76,7 @@ def _may_fork(node: Node, images: dict) -> bool:
         return False
     mine, theirs = images[node.proc.pid].checkpoint, images[parent.proc.pid].checkpoint
     p = node.proc
-    return (not node.files.in_child
+    return (not node.files.in_child and not node.files.in_session
             and node.task.rlimits == parent.task.rlimits
             and node.task.root == parent.task.root == "/"
             and (p.sid == parent.proc.sid or p.sid == p.pid == p.pgid)
