@@ -109,6 +109,7 @@ CASES = [
     Case("memfd", "wipe"),
     Case("treestate", "fown"),
     Case("treestate", "chroot", dir_arg=True),
+    Case("inet", "all"),
 ]
 CASES_BY_ID = {c.id: c for c in CASES}
 
