@@ -161,6 +161,9 @@ REFUSED = {
                       "a.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, struct.pack('4s4s', "
                       "socket.inet_aton('239.7.7.7'), socket.inet_aton('127.0.0.1'))); fd = a.fileno()",
                       ("multicast group 239.7.7.7", "not supported")),
+    "packet-ring": ("import struct; a = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, 0)\n"
+                    "a.setsockopt(263, 5, struct.pack('4I', 4096, 1, 2048, 2)); fd = a.fileno()",  # PACKET_RX_RING
+                    ("packet socket", "packet ring")),
     "unix-data-not-accepted": ("a = socket.socket(socket.AF_UNIX); a.bind(b'\\0procsnap-refused-%d' % os.getpid())\n"
                                "a.listen(); c = socket.socket(socket.AF_UNIX); c.connect(a.getsockname())\n"
                                "c.send(b'early'); fd = c.fileno()",

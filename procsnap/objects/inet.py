@@ -40,7 +40,7 @@ SOCK_STREAM, SOCK_DGRAM, SOCK_RAW = 1, 2, 3
 IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, IPPROTO_ICMP, IPPROTO_ICMPV6 = 6, 17, 136, 1, 58
 SO_DOMAIN, SO_TYPE, SO_PROTOCOL = 39, 3, 38
 TCP_INFO = 11
-PACKET_FANOUT = 18
+PACKET_FANOUT, PACKET_VERSION = 18, 10
 NETLINK_ADD_MEMBERSHIP, NETLINK_LIST_MEMBERSHIPS = 1, 9
 MSG_PEEK, MSG_DONTWAIT, MSG_TRUNC = 0x2, 0x40, 0x20
 # TCP states (include/net/tcp_states.h)
@@ -151,6 +151,16 @@ def _collect(fd: OpenFd, sk: socket_mod.socket, family: int, sid: int) -> InetSo
         sock.local = [ifname, local[1]] if ifname else []
         if sk.getsockopt(sockopt.SOL_PACKET, PACKET_FANOUT):
             raise Unsupported(f"{where} in a fanout group (PACKET_FANOUT); not supported", fd.pid)
+        # A ring is not readable; PACKET_VERSION cannot change while one is set
+        # (EBUSY): set to the value it has, it tells without changing anything.
+        version = sk.getsockopt(sockopt.SOL_PACKET, PACKET_VERSION)
+        try:
+            sk.setsockopt(sockopt.SOL_PACKET, PACKET_VERSION, version)
+        except OSError as err:
+            if err.errno != 16:  # EBUSY
+                raise
+            raise Unsupported(f"{where} has a packet ring (PACKET_RX_RING or PACKET_TX_RING); not supported",
+                              fd.pid) from err
     else:
         sock.local = local if local[0] else []
         sock.peer = peer if peer[0] or peer[1] else []
