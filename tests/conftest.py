@@ -125,6 +125,7 @@ CASES = [
     Case("inotify", dir_arg=True),
     Case("pty", "cooked"),
     Case("pty", "raw"),
+    Case("inet", "all"),
 ]
 # Targets whose state a dump refuses (tests/test_refused.py): self-checked, never restored
 REFUSED_CASES = [Case("refused", m) for m in ("io_uring", "userfaultfd", "bpf-map", "perf_event", "aio")]

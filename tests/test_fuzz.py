@@ -67,9 +67,9 @@ def test_hostile_field_values(image, data):
         rewrite_records(image, lambda recs: recs.__setitem__(slice(None), [r for r in snapshot if r[0] != b"END "]))
 
 
-@pytest.fixture(params=["ipc-fifo", "ipc-sockets"])
+@pytest.fixture(params=["ipc-fifo", "ipc-sockets", "inet-all"])
 def tree_image(request, procs, tmp_path):
-    """A tree's image: PROC, PIPE (a named FIFO), SHM, SOCK records in the root's."""
+    """A tree's image: PROC, PIPE (a named FIFO), SHM, SOCK, INET records in the root's."""
     images = tmp_path / "img"
     images.mkdir()
     t = procs.start_case(CASES_BY_ID[request.param], "pie")
@@ -85,7 +85,7 @@ def test_hostile_tree_records(tree_image, data):
     (open_tree: every process's image and what they share)."""
     header, raw = read_inventory(tree_image)
     original = [[tag, json.loads(payload)] for tag, _, payload in raw]
-    records = [r for r in original if r[0] in (b"PROC", b"PIPE", b"SHM ", b"SOCK", b"FD  ", b"VMA ")]
+    records = [r for r in original if r[0] in (b"PROC", b"PIPE", b"SHM ", b"SOCK", b"INET", b"FD  ", b"VMA ")]
     tag, obj = data.draw(st.sampled_from(records), label="record")
     i = original.index([tag, obj])
     key = data.draw(st.sampled_from(sorted(obj)), label=f"field of {tag!r}")

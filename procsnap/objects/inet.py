@@ -19,6 +19,7 @@ connection (TCP_REPAIR) is to be a record of its own that names one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import os
@@ -39,7 +40,7 @@ SOCK_STREAM, SOCK_DGRAM, SOCK_RAW = 1, 2, 3
 IPPROTO_TCP, IPPROTO_UDP, IPPROTO_UDPLITE, IPPROTO_ICMP, IPPROTO_ICMPV6 = 6, 17, 136, 1, 58
 SO_DOMAIN, SO_TYPE, SO_PROTOCOL = 39, 3, 38
 TCP_INFO = 11
-PACKET_FANOUT = 18
+PACKET_FANOUT, PACKET_VERSION = 18, 10
 NETLINK_ADD_MEMBERSHIP, NETLINK_LIST_MEMBERSHIPS = 1, 9
 MSG_PEEK, MSG_DONTWAIT, MSG_TRUNC = 0x2, 0x40, 0x20
 # TCP states (include/net/tcp_states.h)
@@ -151,6 +152,16 @@ def _collect(fd: OpenFd, sk: socket_mod.socket, family: int, sid: int) -> InetSo
         sock.local = [ifname, local[1]] if ifname else []
         if sk.getsockopt(sockopt.SOL_PACKET, PACKET_FANOUT):
             raise Unsupported(f"{where} in a fanout group (PACKET_FANOUT); not supported", fd.pid)
+        # A ring is not readable; PACKET_VERSION cannot change while one is set
+        # (EBUSY): set to the value it has, it tells without changing anything.
+        version = sk.getsockopt(sockopt.SOL_PACKET, PACKET_VERSION)
+        try:
+            sk.setsockopt(sockopt.SOL_PACKET, PACKET_VERSION, version)
+        except OSError as err:
+            if err.errno != 16:  # EBUSY
+                raise
+            raise Unsupported(f"{where} has a packet ring (PACKET_RX_RING or PACKET_TX_RING); not supported",
+                              fd.pid) from err
     else:
         sock.local = local if local[0] else []
         sock.peer = peer if peer[0] or peer[1] else []
@@ -159,6 +170,8 @@ def _collect(fd: OpenFd, sk: socket_mod.socket, family: int, sid: int) -> InetSo
                        for b in range(32) if word >> b & 1]
     if sock.state != TCP_LISTEN and stype != SOCK_STREAM:
         _refuse_queued(sk, fd, where)
+    if family in (AF_INET, AF_INET6) and stype != SOCK_STREAM:
+        _refuse_memberships(sk, family, fd, where)
     sock.options = sockopt.collect_options(sk, family, stype, sock.proto if family != AF_PACKET else 0)
     sock.filter = sockopt.read_filter(sk)
     return sock
@@ -176,6 +189,59 @@ def _refuse_queued(sk, fd: OpenFd, where: str) -> None:
     n = struct.unpack("<i", fcntl.ioctl(sk.fileno(), 0x541B, bytes(4)))[0]  # FIONREAD: the first one's size
     raise Unsupported(f"{where} with {'datagrams' if sk.type != socket.SOCK_STREAM else 'data'} queued "
                       f"(the first of {max(n, len(data))} bytes); not supported", fd.pid)
+
+
+MCAST_MSFILTER = 48  # linux/in.h, linux/in6.h
+# struct group_filter (linux/in.h): u32 gf_interface; sockaddr_storage gf_group (at 8);
+# u32 gf_fmode; u32 gf_numsrc; sockaddr_storage gf_slist[]
+GROUP_FILTER_SIZE = 8 + 128 + 4 + 4 + 128
+
+
+def multicast_groups() -> list[tuple[int, int, bytes]]:
+    """(family, ifindex, group address) of every group some socket of this
+    network namespace joined, from /proc/net/igmp and igmp6."""
+    out = []
+    with contextlib.suppress(OSError), open("/proc/net/igmp") as f:
+        index = 0
+        for line in f.read().splitlines()[1:]:
+            words = line.split()
+            if not line.startswith("\t") and words:
+                index = int(words[0])
+            elif len(words) >= 2:
+                out.append((AF_INET, index, struct.pack("<I", int(words[0], 16))))
+    with contextlib.suppress(OSError), open("/proc/net/igmp6") as f:
+        for line in f.read().splitlines():
+            words = line.split()
+            if len(words) >= 3:
+                out.append((AF_INET6, int(words[0]), bytes.fromhex(words[2])))
+    return out
+
+
+def _refuse_memberships(sk, family: int, fd: OpenFd, where: str) -> None:
+    """A multicast membership (IP_ADD_MEMBERSHIP ...) is not readable from
+    the socket, only testable group by group: MCAST_MSFILTER answers for a
+    group the socket joined and fails (EADDRNOTAVAIL) for any other."""
+    import ctypes
+    import socket
+
+    from ..kernel.libc import libc
+
+    for fam, index, group in multicast_groups():
+        if fam != family:
+            continue
+        buf = ctypes.create_string_buffer(GROUP_FILTER_SIZE)
+        struct.pack_into("<I", buf, 0, index)
+        if family == AF_INET:
+            struct.pack_into("<H2x4s", buf, 8, AF_INET, group)
+            level = socket.IPPROTO_IP
+        else:
+            struct.pack_into("<H6x16s", buf, 8, AF_INET6, group)
+            level = socket.IPPROTO_IPV6
+        length = ctypes.c_uint(GROUP_FILTER_SIZE)
+        if libc.getsockopt(sk.fileno(), level, MCAST_MSFILTER, buf, ctypes.byref(length)) == 0:
+            name = socket.inet_ntop(family, group)
+            raise Unsupported(f"{where} joined the multicast group {name} (interface {index}); "
+                              "multicast memberships are not supported", fd.pid)
 
 
 class Prepare(protocol.Prepare):
