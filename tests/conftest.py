@@ -284,11 +284,29 @@ class Target:
             raise AssertionError(f"{self}: already reaped, not signalling pid {self.pid}")
         os.kill(self.pid, sig)
 
+    def _settle_stdout(self, timeout=2.0):
+        """The kernel moves a file's position after the written bytes are
+        visible to readers: under load a snapshot taken right after READY
+        showed fd 1 at 0, the restored one at 6. Wait until the position of
+        fd 1 (when it is the output file) has caught up with its size."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if os.readlink(f"/proc/{self.pid}/fd/1") != str(self.out_path):
+                    return
+                with open(f"/proc/{self.pid}/fdinfo/1") as f:
+                    if int(f.readline().split()[1]) >= self.output_size():
+                        return
+            except (OSError, ValueError, IndexError):
+                return
+            time.sleep(0.002)
+
     def wait_ready(self, timeout=READY_TIMEOUT):
         deadline = time.monotonic() + timeout
         while True:
             out = self.output()
             if "READY\n" in out:
+                self._settle_stdout()
                 return out
             if self._poll() is not None:
                 raise AssertionError(
