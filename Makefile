@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-tree bench-cow clean
+.PHONY: demo test bench bench-tree bench-cow bench-encoded clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+	$(PY) bench/encoded.py
+
+bench-encoded: $(STAMP)
+	$(PY) bench/encoded.py
 
 bench-tree: $(STAMP)
 	$(PY) bench/tree.py

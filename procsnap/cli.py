@@ -32,11 +32,20 @@ def _progress(label: str):
     return report
 
 
+def _key(args) -> bytes | None:
+    """--encrypt KEYFILE: its key (image/sealing.py says the format)."""
+    if not getattr(args, "encrypt", None):
+        return None
+    from .image.sealing import read_key_file
+
+    return read_key_file(args.encrypt)
+
+
 def cmd_dump(args) -> int:
     from . import dump
 
     stats = dump(args.tree, args.images_dir, leave_running=args.leave_running, shell_job=args.shell_job,
-                 progress=_progress("dump"))
+                 progress=_progress("dump"), compress=args.compress, key=_key(args))
     if stats.replaced:
         print(f"procsnap: {args.images_dir}: replaced {stats.replaced}", file=sys.stderr)
     return 0
@@ -47,7 +56,7 @@ def cmd_restore(args) -> int:
 
     pid = restore(args.images_dir, detach=args.restore_detached, shell_job=args.shell_job,
                   progress=_progress("restore"), allow_other_owner=args.allow_other_owner,
-                  allow_setuid=args.allow_setuid)
+                  allow_setuid=args.allow_setuid, key=_key(args))
     if args.pidfile:
         with open(args.pidfile, "w") as f:
             f.write(f"{pid}\n")
@@ -78,7 +87,7 @@ def cmd_show(args) -> int:
                 out[field] = schema.describe(value)
         return out
 
-    image = reader.open_image(args.images_dir)
+    image = reader.open_image(args.images_dir, key=_key(args))
     out = {"format": f"{image.major}.{image.minor}", **described(image)}
     others = {str(p.pid): described(img) for p, img in open_tree(image)[1:] if img is not None}
     if others:
@@ -91,7 +100,8 @@ def cmd_show(args) -> int:
 def cmd_verify(args) -> int:
     from . import verify
 
-    problems = verify(args.images_dir, allow_other_owner=args.allow_other_owner, allow_setuid=args.allow_setuid)
+    problems = verify(args.images_dir, allow_other_owner=args.allow_other_owner, allow_setuid=args.allow_setuid,
+                      key=_key(args))
     for p in problems:
         print(f"problem: {p}")
     if problems:
@@ -128,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-D", "--images-dir", required=True, metavar="DIR")
     d.add_argument("-R", "--leave-running", action="store_true", help="let the process run on after the dump")
     d.add_argument("-j", "--shell-job", action="store_true", help="allow fds on the controlling terminal")
+    d.add_argument("--compress", action="store_true", help="store pages in zstd chunks (procsnap[compress])")
     d.set_defaults(func=cmd_dump)
 
     r = sub.add_parser("restore", help="restore a process from an image directory")
@@ -153,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--allow-other-owner", action="store_true",
                         help="root: restore an image of another user's process (it runs as root)")
         sp.add_argument("--allow-setuid", action="store_true", help="allow a set-uid/set-gid executable")
+    for sp in (d, r, s, c, v):
+        sp.add_argument("--encrypt", metavar="KEYFILE", help="encrypt (dump) or open (others) the image with "
+                        "the 32-byte key in KEYFILE (procsnap[encrypt])")
     for sp in (d, r, s, c, v):
         sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p

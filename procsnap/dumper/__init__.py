@@ -17,6 +17,7 @@ import time
 
 from .. import faults, model, objects
 from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
+from ..image.chunks import require_compress
 from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
@@ -44,7 +45,7 @@ class DumpStats:
 
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
-         progress=None) -> DumpStats:
+         progress=None, compress: bool = False, key: bytes | None = None) -> DumpStats:
     """Checkpoint process `pid` and all its descendants into the directory
     `images_dir`, made if missing (the root's image; each other process's
     image in a subdirectory of it, tree.IMAGE_DIR).
@@ -54,11 +55,14 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     copy-on-write snapshot of each process's memory is taken (see
     snapshot.py); the pages are read from the snapshots after the thaw.
     The image is written beside the one already in `images_dir` and
-    swapped in only once complete (image/staging.py).
+    swapped in only once complete (image/staging.py). compress: pages in
+    zstd chunks; key: the image encrypted with it (image/chunks.py, sealing.py).
     On any error every process runs on as before and the directory holds
     what it held before.
     """
     started = time.monotonic()
+    if compress:
+        require_compress()
     if progress:  # progress(phase, done, total), as restore reports it
         progress = functools.partial(progress, "write pages")
     st, status = read_target(pid)
@@ -111,7 +115,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         for index, (task, (ckpt, runs, maps)) in enumerate(zip(tree.tasks, collected)):
             where = os.path.join(staging.path, _image_dir(task.pid, pid))
             with translated(task.pid, f"write {where}"):
-                writer = stack.enter_context(image_writer(where, create=task.pid != pid))
+                writer = stack.enter_context(image_writer(where, create=task.pid != pid, compress=compress, key=key))
                 writers.append(writer)
                 for kind in kinds:
                     kind.write_process(task.pid, writer, ckpt)
@@ -321,14 +325,14 @@ def frozen_tree(pid: int):
 
 
 @contextlib.contextmanager
-def image_writer(images_dir: str, create: bool = False):
+def image_writer(images_dir: str, create: bool = False, compress: bool = False, key: bytes | None = None):
     """create: the directory is made here (a non-root process's image) and
     removed again with the files if the dump fails."""
     if create:
         os.makedirs(images_dir, exist_ok=True)
     elif not os.path.isdir(images_dir):
         raise FileNotFoundError(2, "No such directory", images_dir)
-    writer = ImageWriter(images_dir)
+    writer = ImageWriter(images_dir, compress, key)
     try:
         yield writer
     except BaseException:

@@ -33,12 +33,15 @@ import typing
 
 from .. import model
 from ..objects import cgroups, creds, file, fown, ghost, locks, pipe, settings, shm, unix
+from . import chunks
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
+MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
 #            FOWN, CGRP, Task.root
+#            1.3: XFRM (pages.img in compressed/encrypted chunks, chunks.py); an encrypted
+#            inventory is CRYP then SEAL, the records sealed inside it (sealing.py)
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -77,8 +80,11 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"CRED": (creds.Creds, "creds", True),
     b"FOWN": (fown.FdOwner, "owners", True),
     b"CGRP": (cgroups.Cgroup, "cgroups", True),
+    b"XFRM": (chunks.PageCodec, "codec", True),
 }
 END = b"END "
+CRYP = b"CRYP"  # in the clear, first: an encrypted image's cipher, salt and key check
+SEAL = b"SEAL"  # then the sealed records (sealing.py)
 
 
 def pack_page_runs(runs: list[model.PageRun]) -> model.PageMap:

@@ -20,7 +20,7 @@ import threading
 from .. import faults, objects
 from ..errors import ProcsnapError, RestoreError, plural, translated
 from ..image import schema
-from ..image.reader import Image, PageSource, open_image
+from ..image.reader import Image, PageSource, open_image, open_pages
 from ..kernel import infect, proc, ptrace
 from ..kernel.arch.x86_64 import PAGE_SIZE
 from . import memory as M
@@ -35,14 +35,15 @@ log = logging.getLogger("procsnap.restorer")
 
 
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
-            allow_other_owner: bool = False, allow_setuid: bool = False) -> int:
+            allow_other_owner: bool = False, allow_setuid: bool = False, key: bytes | None = None) -> int:
     """Bring the process tree in `images_dir` back; returns the root's pid.
 
     The restored root is a child of the caller, running. `detach` is
     accepted for the API's symmetry with the CLI, where -d decides whether
-    the restorer waits; waiting is the caller's business.
+    the restorer waits; waiting is the caller's business. key: an
+    encrypted image's (image/sealing.py).
     """
-    root_image = open_image(images_dir, progress=progress and functools.partial(progress, "check pages"))
+    root_image = open_image(images_dir, progress=progress and functools.partial(progress, "check pages"), key=key)
     tree = open_tree(root_image, progress)
     for _, image in tree:
         if image is not None:
@@ -85,6 +86,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             for proc_entry, image in tree:
                 if image is not None:
                     sources[proc_entry.dir] = stack.enter_context(page_source(image))
+            expect_pages(tree, sources)
             live = [(p, image) for p, image in tree if image is not None]
             filled = Progress(progress, "fill memory", sum(_fill_bytes(image.checkpoint) for _, image in live))
             tree_pids = {p.pid for p, _ in live}
@@ -196,9 +198,24 @@ def kill_children(children: dict[int, Child], root: int) -> None:
                 os.waitpid(child.pid, 0)
 
 
+def expect_pages(tree, sources: dict) -> None:
+    """Tell encoded page sources which of their pages will be written, so
+    that each chunk is dropped once all its readers are done (chunks.py)."""
+    for p, image in tree:
+        if image is None:
+            continue
+        if sources[p.dir].transformed:
+            for run in image.checkpoint.pages:
+                sources[p.dir].expect(run.offset, run.npages * PAGE_SIZE)
+        for refs in image.checkpoint.page_refs:
+            for _, npages, src, offset in schema.unpack_page_refs(refs):
+                if sources[refs.sources[src]].transformed:
+                    sources[refs.sources[src]].expect(offset, npages * PAGE_SIZE)
+
+
 @contextlib.contextmanager
 def page_source(image: Image):
-    pages = PageSource(image)
+    pages = open_pages(image)
     try:
         yield pages
     finally:
@@ -211,6 +228,11 @@ def _page_refs(ckpt, sources: dict[str, PageSource]) -> list[tuple[int, int, int
         for vaddr, npages, src, offset in schema.unpack_page_refs(refs):
             out.append((vaddr, npages, sources[refs.sources[src]].base + offset, src))
     return out
+
+
+def _ref_sources(ckpt, sources: dict[str, PageSource]) -> dict[int, PageSource]:
+    """The source index of each PREF run -> its PageSource."""
+    return {i: sources[d] for refs in ckpt.page_refs for i, d in enumerate(refs.sources)}
 
 
 def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
@@ -232,7 +254,7 @@ def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
         M.restore_mm_seized(target, ckpt.mm, map_fds[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)])
         M.move_vdso_seized(target, maps, ckpt.vmas)
         M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, filled, shm_fds,
-                          _page_refs(ckpt, sources or {}), child.sysv_ids)
+                          _page_refs(ckpt, sources or {}), child.sysv_ids, _ref_sources(ckpt, sources or {}))
         T.restore_signals_seized(target, ckpt.sigactions, ckpt.pending)
         T.restore_task_seized(target, ckpt.task)
         T.create_threads_seized(target, ckpt.threads)

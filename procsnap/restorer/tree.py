@@ -53,7 +53,7 @@ def open_tree(root: Image, progress=None) -> list[tuple[model.Proc, Image | None
         image = None
         if not p.zombie:
             check = progress and functools.partial(progress, f"check pages of pid {p.pid}")
-            image = open_image(os.path.join(root.directory, p.dir), progress=check)
+            image = open_image(os.path.join(root.directory, p.dir), progress=check, key=root.key)
             if image.checkpoint.task.pid != p.pid:
                 raise ImageCorrupt(f"{image.directory}: holds pid {image.checkpoint.task.pid}, expected {p.pid}")
             _check_refs(image, root.checkpoint)
