@@ -18,6 +18,7 @@ import time
 from .. import faults, model, objects
 from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.chunks import require_compress
+from ..image import objstore
 from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
@@ -69,7 +70,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     with translated(pid, f"read /proc/{pid}/smaps"):
         early_smaps = proc.read_smaps(pid)
     with contextlib.ExitStack() as stack:
-        staging = stack.enter_context(staged(images_dir))
+        staging = stack.enter_context(objstore.staged(images_dir) if objstore.is_url(images_dir)
+                                      else staged(images_dir))
         if staging.replaces:
             log.info("%s: replacing %s", images_dir, staging.replaces)
         with translated(pid, "freeze"):
@@ -328,7 +330,9 @@ def frozen_tree(pid: int):
 def image_writer(images_dir: str, create: bool = False, compress: bool = False, key: bytes | None = None):
     """create: the directory is made here (a non-root process's image) and
     removed again with the files if the dump fails."""
-    if create:
+    if objstore.is_url(images_dir):
+        pass  # objects need no directory
+    elif create:
         os.makedirs(images_dir, exist_ok=True)
     elif not os.path.isdir(images_dir):
         raise FileNotFoundError(2, "No such directory", images_dir)
@@ -337,7 +341,7 @@ def image_writer(images_dir: str, create: bool = False, compress: bool = False, 
         yield writer
     except BaseException:
         writer.abort()
-        if create:
+        if create and not objstore.is_url(images_dir):
             with contextlib.suppress(OSError):
                 os.rmdir(images_dir)
         raise

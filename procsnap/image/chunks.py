@@ -112,9 +112,10 @@ def check_codec(codec: PageCodec, pages_size: int, sealer: Sealer | None, path: 
     return problems
 
 
-def decode_chunk(fd: int, index: int, c: Chunk, sealer: Sealer | None, path: str) -> bytes:
-    """The bytes of one chunk, checked against its xxh3; ImageCorrupt if not."""
-    data = os.pread(fd, c.stored, c.file_offset)
+def decode_chunk(read, index: int, c: Chunk, sealer: Sealer | None, path: str) -> bytes:
+    """The bytes of one chunk, checked against its xxh3; ImageCorrupt if not.
+    read(offset, length): bytes of pages.img."""
+    data = read(c.file_offset, c.stored)
     where = f"{path}: chunk {index} at offset {c.file_offset}"
     if len(data) != c.stored:
         raise ImageCorrupt(f"{where}: expected {c.stored} bytes, found {len(data)} (truncated)")
@@ -131,17 +132,24 @@ def decode_chunk(fd: int, index: int, c: Chunk, sealer: Sealer | None, path: str
     return data
 
 
-def verify_chunks(path: str, codec: PageCodec, sealer: Sealer | None, threads: int, tell=None) -> list[str]:
+def local_reader(fd: int):
+    """read(offset, length) of a local file, for decode_chunk."""
+    return lambda offset, length: os.pread(fd, length, offset)
+
+
+def verify_chunks(path: str, codec: PageCodec, sealer: Sealer | None, threads: int, tell=None, read=None) -> list[str]:
     """Decode and check every chunk; one problem per bad chunk.
-    tell(nbytes) after each chunk (from any thread)."""
+    tell(nbytes) after each chunk (from any thread); read: see decode_chunk
+    (default: the local file `path`)."""
     chunks = unpack_chunks(codec)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if read is None else -1
+    read = read or local_reader(fd)
     try:
         def check(share: list[int]) -> list[str]:
             bad = []
             for i in share:
                 try:
-                    decode_chunk(fd, i, chunks[i], sealer, path)
+                    decode_chunk(read, i, chunks[i], sealer, path)
                 except ImageCorrupt as err:
                     bad.append(str(err))
                 if tell:
@@ -152,7 +160,8 @@ def verify_chunks(path: str, codec: PageCodec, sealer: Sealer | None, threads: i
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             return [p for bad in pool.map(check, [indexes[i::threads] for i in range(threads)]) for p in bad]
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
 
 
 class ChunkEncoder:
@@ -196,15 +205,17 @@ class ChunkedPageSource:
 
     transformed = True
 
-    def __init__(self, path: str, size: int, codec: PageCodec, sealer: Sealer | None):
+    def __init__(self, path: str, size: int, codec: PageCodec, sealer: Sealer | None, read=None):
+        """read: see decode_chunk (default: the local file `path`, whose raw chunks are mapped)."""
         self.path, self.size, self.sealer = path, size, sealer
         self.chunks = unpack_chunks(codec)
         self.starts = [c.offset for c in self.chunks]
-        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if read is None else -1
+        self.read = read or local_reader(self.fd)
         self.area = mmap.mmap(-1, max(size, PAGE_SIZE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mapping.MAP_NORESERVE)
         self._anchor = ctypes.c_char.from_buffer(self.area)
         self.base = ctypes.addressof(self._anchor)
-        self.mapped = [c.method == Method.RAW and sealer is None for c in self.chunks]
+        self.mapped = [c.method == Method.RAW and sealer is None and self.fd >= 0 for c in self.chunks]
         for c, raw in zip(self.chunks, self.mapped):
             if raw:
                 mapping.map_file_fixed(self.base + c.offset, self.fd, c.length, c.file_offset)
@@ -238,7 +249,7 @@ class ChunkedPageSource:
                     with self.locks[i]:
                         if not self.decoded[i]:
                             c = self.chunks[i]
-                            self.area[c.offset : c.offset + c.length] = decode_chunk(self.fd, i, c, self.sealer,
+                            self.area[c.offset : c.offset + c.length] = decode_chunk(self.read, i, c, self.sealer,
                                                                                    self.path)
                             self.decoded[i] = True
 
@@ -260,7 +271,9 @@ class ChunkedPageSource:
             del self._anchor
             self.area.close()  # the raw chunks' file mappings go with it
             self.area = None
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def require_compress() -> None:

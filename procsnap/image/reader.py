@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import dataclasses
+import functools
 import mmap
 import json
 import os
@@ -24,7 +25,7 @@ from ..errors import ImageCorrupt, ImageError, ImageVersionError, plural
 from ..kernel import mapping
 from ..kernel.arch.x86_64 import PAGE_SIZE, TASK_SIZE
 from ..objects.protocol import bad_path
-from . import schema, staging
+from . import objstore, schema, staging
 from .checksum import data_hash, data_hash_in_steps
 from .chunks import ChunkedPageSource, PageCodec, check_codec, verify_chunks
 from .sealing import TAG_BYTES, Sealer, blob_ad
@@ -60,9 +61,16 @@ class Image:
         """The contents of an objects.ghost.Ghost."""
         return self.read_blob(ghost.offset, ghost.size, ghost.xxh3)
 
+    @property
+    def remote(self) -> bool:
+        return objstore.is_url(self.directory)
+
+    def open_ghosts(self):
+        return objstore.RangeFile(self.ghosts_path) if self.remote else open(self.ghosts_path, "rb")
+
     def read_blob(self, offset: int, size: int, xxh3: int) -> bytes:
         """Bytes of ghosts.img (ghost files, shared memory extents), checked."""
-        with open(self.ghosts_path, "rb") as f:
+        with self.open_ghosts() as f:
             data = self.load_blob(f, offset, size)
         if len(data) != size or data_hash(data) != xxh3:
             raise ImageCorrupt(f"{self.ghosts_path}: {size} bytes at offset {offset} changed since validation")
@@ -82,7 +90,8 @@ def open_pages(image: Image):
     for an encoded pages.img (with prepare/release around each use)."""
     if image.codec is None:
         return PageSource(image)
-    return ChunkedPageSource(image.pages_path, image.pages_size, image.codec, image.sealer)
+    read = functools.partial(objstore.read_range, image.pages_path) if image.remote else None
+    return ChunkedPageSource(image.pages_path, image.pages_size, image.codec, image.sealer, read)
 
 
 class PageSource:
@@ -131,10 +140,13 @@ def read_records(directory: str) -> tuple[int, int, list[tuple[bytes, int, dict]
 def read_inventory(directory: str, key: bytes | None = None):
     """(major, minor, [(tag, offset, payload)], Sealer or None): an encrypted
     inventory is opened with `key` (offsets are then into its sealed body)."""
-    if not os.path.isdir(directory):
-        raise ImageCorrupt(f"{directory}: " + ("not a directory" if os.path.exists(directory) else "no such directory"))
     path = os.path.join(directory, schema.INVENTORY)
-    data = _read_file(path)
+    if objstore.is_url(directory):
+        data = objstore.read(path)
+    elif not os.path.isdir(directory):
+        raise ImageCorrupt(f"{directory}: " + ("not a directory" if os.path.exists(directory) else "no such directory"))
+    else:
+        data = _read_file(path)
     if len(data) < schema.HEADER.size:
         raise _corrupt(path, 0, "header", f"{schema.HEADER.size} bytes", f"{len(data)} bytes")
     magic, major, minor, crc = schema.HEADER.unpack_from(data)
@@ -201,10 +213,13 @@ def open_image(directory: str, verify_pages: bool = True, progress=None, key: by
     """Read and validate an image; raises ImageCorrupt/ImageVersionError.
     A dump's swap cut short is finished first (see staging.py).
     progress(done, total): bytes of page data checked so far.
-    key: the key file's key (sealing.py); an encrypted image needs it, a plain one must not get one."""
-    path = os.path.join(directory, schema.INVENTORY)
-    if os.path.isdir(directory):
+    key: the key file's key (sealing.py); an encrypted image needs it, a plain one must not get one.
+    directory: or s3://BUCKET/PREFIX, whose current generation is read (objstore.py)."""
+    if objstore.is_url(directory):
+        directory = objstore.resolve(directory)
+    elif os.path.isdir(directory):
         staging.settle_for_reading(directory)
+    path = os.path.join(directory, schema.INVENTORY)
     major, minor, records, sealer = read_inventory(directory, key)
     fields: dict[str, object] = {}
     for _, field, many in schema.RECORDS.values():
@@ -261,9 +276,12 @@ def _check_data_files(image: Image, verify_pages: bool, progress=None) -> list[s
     stored = image.codec.stored_size if image.codec else image.pages_size
     for path, size in ((image.pages_path, stored), (image.ghosts_path, image.ghosts_size)):
         try:
-            found = os.stat(path).st_size
+            found = objstore.size(path) if image.remote else os.stat(path).st_size
         except OSError as err:
             problems.append(f"{path}: {err.strerror}")
+            continue
+        except ImageCorrupt as err:
+            problems.append(str(err))
             continue
         if found != size:
             problems.append(f"{path}: size expected {size}, found {found}")
@@ -314,7 +332,7 @@ def _check_data_files(image: Image, verify_pages: bool, progress=None) -> list[s
                         problems += bad
             finally:
                 view.release()
-    with open(image.ghosts_path, "rb") as f:
+    with image.open_ghosts() as f:
         for what, offset, size, xxh3 in objects.blobs(ckpt):
             try:
                 data = image.load_blob(f, offset, size)
@@ -341,7 +359,8 @@ def _check_chunks(image: Image, progress=None) -> list[str]:
                 checked[1] = 0
                 progress(checked[0], total)
 
-    return verify_chunks(image.pages_path, image.codec, image.sealer, HASH_THREADS, tell if progress else None)
+    read = functools.partial(objstore.read_range, image.pages_path) if image.remote else None
+    return verify_chunks(image.pages_path, image.codec, image.sealer, HASH_THREADS, tell if progress else None, read)
 
 
 def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:

@@ -15,7 +15,7 @@ import typing
 import zlib
 
 from .. import model
-from . import schema
+from . import objstore, schema
 from .checksum import data_hash
 from .chunks import CHUNK_SIZE, Chunk, ChunkEncoder, Method
 from .sealing import Sealer, blob_ad
@@ -50,9 +50,9 @@ class FilePageSink:
 
     WRITERS = 2
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, local: bool = True):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600) if local else -1
         self.offset = 0
         self.runs: list[model.PageRun] = []
         self.pool = concurrent.futures.ThreadPoolExecutor(self.WRITERS, thread_name_prefix="procsnap-write")
@@ -110,9 +110,11 @@ class ChunkedPageSink(FilePageSink):
     """Pages encoded in chunks of at most CHUNK_SIZE of each submit's bytes
     (chunks.py), appended to pages.img in the order they are done."""
 
-    def __init__(self, path: str, compress: bool, sealer: Sealer | None):
+    def __init__(self, path: str, compress: bool, sealer: Sealer | None, out: objstore.Output | None = None):
+        """out: an object in object storage to upload to instead of the file `path`."""
         self.encoder = ChunkEncoder(compress, sealer)
-        super().__init__(path)
+        self.out = out
+        super().__init__(path, local=out is None)
         self.stored = 0
         self.chunks: list[Chunk] = []
         self.lock = threading.Lock()
@@ -130,14 +132,14 @@ class ChunkedPageSink(FilePageSink):
         out = self.encoder.seal(offset, len(data), method, out)
         with self.lock:
             where = self.stored
-            if method == Method.RAW and self.encoder.sealer is None:
+            if method == Method.RAW and self.encoder.sealer is None and self.out is None:
                 where = -(-where // PAGE_SIZE) * PAGE_SIZE  # mapped by restore: page aligned
             self.stored = where + len(out)
             self.chunks.append(Chunk(offset, where, data_hash(data), len(data), len(out), method))
         view = memoryview(out)
         while view:
             try:
-                n = os.pwrite(self.fd, view, where)
+                n = self.out.pwrite(view, where) if self.out else os.pwrite(self.fd, view, where)
             except OSError as err:
                 raise OSError(err.errno, f"write {self.path} at offset {where}: {err.strerror}") from err
             view, where = view[n:], where + n
@@ -147,7 +149,14 @@ class ChunkedPageSink(FilePageSink):
             fut.result()
         if self.fd >= 0:
             os.ftruncate(self.fd, self.stored)  # a raw chunk's alignment gap may be the last thing written
+        if self.out is not None:
+            self.out.close(self.stored)
         return super().close()
+
+    def abort(self) -> None:
+        super().abort()
+        if self.out is not None:
+            self.out.abort()
 
     def codec(self):
         return self.encoder.codec(self.chunks, self.stored)
@@ -170,23 +179,34 @@ class ImageWriter:
         """compress: zstd page chunks; key: encrypted with it (chunks.py, sealing.py)."""
         self.dir = directory
         self.inventory = os.path.join(directory, schema.INVENTORY)
-        try:
-            os.unlink(self.inventory)
-        except FileNotFoundError:
-            pass
+        self.remote = objstore.is_url(directory)  # s3://: a generation being written (objstore.py)
+        if not self.remote:
+            try:
+                os.unlink(self.inventory)
+            except FileNotFoundError:
+                pass
         self.sealer = Sealer(key) if key is not None else None
         pages = os.path.join(directory, schema.PAGES)
-        self.pages = ChunkedPageSink(pages, compress, self.sealer) if compress or key is not None \
-            else FilePageSink(pages)
+        if self.remote:
+            self.pages = ChunkedPageSink(pages, compress, self.sealer, objstore.Output(pages))
+        elif compress or key is not None:
+            self.pages = ChunkedPageSink(pages, compress, self.sealer)
+        else:
+            self.pages = FilePageSink(pages)
         self.ghost_path = os.path.join(directory, schema.GHOSTS)
-        self.ghost_fd = os.open(self.ghost_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.ghost_out = objstore.Output(self.ghost_path) if self.remote else None
+        self.ghost_fd = -1 if self.remote else \
+            os.open(self.ghost_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         self.ghost_offset = 0
 
     def write_ghost(self, data: bytes) -> tuple[int, int]:
         """Store a ghost file's contents; returns (offset, xxh3)."""
         offset = self.ghost_offset
         stored = data if self.sealer is None else self.sealer.seal(b"GHST", offset, data, blob_ad(offset, len(data)))
-        _write_all(self.ghost_fd, stored, self.ghost_path)
+        if self.ghost_out is not None:
+            self.ghost_out.write_at_end(stored)
+        else:
+            _write_all(self.ghost_fd, stored, self.ghost_path)
         self.ghost_offset += len(stored)
         return offset, data_hash(data)
 
@@ -195,9 +215,12 @@ class ImageWriter:
         ckpt.pages = self.pages.close()
         if isinstance(self.pages, ChunkedPageSink):
             ckpt.codec = [self.pages.codec()]
-        os.fsync(self.ghost_fd)
-        os.close(self.ghost_fd)
-        self.ghost_fd = -1
+        if self.ghost_out is not None:
+            self.ghost_out.close()
+        else:
+            os.fsync(self.ghost_fd)
+            os.close(self.ghost_fd)
+            self.ghost_fd = -1
         body = bytearray(schema.HEADER.pack(schema.MAGIC, schema.MAJOR, schema.MINOR, 0))
         crc = zlib.crc32(bytes(body[:12]))
         body[12:16] = crc.to_bytes(4, "little")
@@ -219,6 +242,9 @@ class ImageWriter:
         if self.sealer is not None:
             sealed = self.sealer.seal(b"INV\0", 0, bytes(body), bytes(clear))
             body = clear + schema.RECORD.pack(schema.SEAL, len(sealed), zlib.crc32(sealed)) + sealed
+        if self.remote:
+            objstore.put(self.inventory, bytes(body))
+            return
         tmp = self.inventory + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -236,6 +262,9 @@ class ImageWriter:
     def abort(self) -> None:
         """Remove what this writer created; the directory is left as found."""
         self.pages.abort()
+        if self.ghost_out is not None:
+            self.ghost_out.abort()
+            return  # the generation's objects are removed by objstore.Staging.abandon
         if self.ghost_fd >= 0:
             os.close(self.ghost_fd)
             self.ghost_fd = -1
