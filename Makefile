@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 S3RVER := $(VENV)/s3rver/node_modules/.bin/s3rver
 
-.PHONY: demo test bench bench-tree bench-cow bench-encoded clean
+.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,9 +27,13 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/run.py
 	$(PY) bench/encoded.py
+	$(PY) bench/objstore.py
 
 bench-encoded: $(STAMP)
 	$(PY) bench/encoded.py
+
+bench-s3: $(STAMP)
+	$(PY) bench/objstore.py
 
 bench-tree: $(STAMP)
 	$(PY) bench/tree.py
