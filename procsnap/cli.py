@@ -45,7 +45,8 @@ def cmd_dump(args) -> int:
     from . import dump
 
     stats = dump(args.tree, args.images_dir, leave_running=args.leave_running, shell_job=args.shell_job,
-                 progress=_progress("dump"), compress=args.compress, key=_key(args))
+                 progress=_progress("dump"), compress=args.compress, key=_key(args),
+                 prev_images_dir=args.prev_images_dir)
     if stats.replaced:
         print(f"procsnap: {args.images_dir}: replaced {stats.replaced}", file=sys.stderr)
     return 0
@@ -112,6 +113,17 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def cmd_gc(args) -> int:
+    from .image.series import gc
+
+    removed = gc(args.directory, args.keep, _key(args))
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print(f"{args.directory}: every image is kept or referred to")
+    return 0
+
+
 def cmd_check(args) -> int:
     from . import check
 
@@ -139,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-R", "--leave-running", action="store_true", help="let the process run on after the dump")
     d.add_argument("-j", "--shell-job", action="store_true", help="allow fds on the controlling terminal")
     d.add_argument("--compress", action="store_true", help="store pages in zstd chunks (procsnap[compress])")
+    d.add_argument("--prev-images-dir", metavar="DIR", help="store only the pages not in this image "
+                   "(relative to -D, as CRIU's)")
     d.set_defaults(func=cmd_dump)
 
     r = sub.add_parser("restore", help="restore a process from an image directory")
@@ -157,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("images_dir", metavar="DIR", nargs="?")
         sp.add_argument("-D", "--images-dir", dest="images_dir_opt", metavar="DIR", help=argparse.SUPPRESS)
 
+    g = sub.add_parser("gc", help="remove the images in DIR that no kept image refers to (a series)")
+    g.add_argument("directory", metavar="DIR")
+    g.add_argument("--keep", action="append", metavar="NAME", help="an image of DIR to keep (default: the newest)")
+    g.set_defaults(func=cmd_gc)
+
     c = sub.add_parser("check", help="probe the kernel features procsnap needs; -D also validates an image")
     c.add_argument("-D", "--images-dir", metavar="DIR")
     c.set_defaults(func=cmd_check)
@@ -164,10 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--allow-other-owner", action="store_true",
                         help="root: restore an image of another user's process (it runs as root)")
         sp.add_argument("--allow-setuid", action="store_true", help="allow a set-uid/set-gid executable")
-    for sp in (d, r, s, c, v):
+    for sp in (d, r, s, c, v, g):
         sp.add_argument("--encrypt", metavar="KEYFILE", help="encrypt (dump) or open (others) the image with "
                         "the 32-byte key in KEYFILE (procsnap[encrypt])")
-    for sp in (d, r, s, c, v):
+    for sp in (d, r, s, c, v, g):
         sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 

@@ -18,6 +18,7 @@ import time
 from .. import faults, model, objects
 from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.chunks import require_compress
+from ..image.series import DedupSink, page_index
 from ..image import objstore
 from ..image.staging import staged
 from ..image.writer import ImageWriter
@@ -46,7 +47,8 @@ class DumpStats:
 
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
-         progress=None, compress: bool = False, key: bytes | None = None) -> DumpStats:
+         progress=None, compress: bool = False, key: bytes | None = None,
+         prev_images_dir: str | None = None) -> DumpStats:
     """Checkpoint process `pid` and all its descendants into the directory
     `images_dir`, made if missing (the root's image; each other process's
     image in a subdirectory of it, tree.IMAGE_DIR).
@@ -58,12 +60,16 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     The image is written beside the one already in `images_dir` and
     swapped in only once complete (image/staging.py). compress: pages in
     zstd chunks; key: the image encrypted with it (image/chunks.py, sealing.py).
+    prev_images_dir (relative to images_dir, as CRIU's): the root's pages
+    found in that image are referred to, not stored (image/series.py).
     On any error every process runs on as before and the directory holds
     what it held before.
     """
     started = time.monotonic()
     if compress:
         require_compress()
+    parent_pages = _parent_index(images_dir, prev_images_dir, key) if prev_images_dir else None
+    dedup = None
     if progress:  # progress(phase, done, total), as restore reports it
         progress = functools.partial(progress, "write pages")
     st, status = read_target(pid)
@@ -119,6 +125,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             with translated(task.pid, f"write {where}"):
                 writer = stack.enter_context(image_writer(where, create=task.pid != pid, compress=compress, key=key))
                 writers.append(writer)
+                if task.pid == pid and parent_pages is not None:
+                    writer.pages = dedup = DedupSink(writer.pages, parent_pages, images_dir)
                 for kind in kinds:
                     kind.write_process(task.pid, writer, ckpt)
                 if task.pid == pid:
@@ -152,6 +160,10 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         for writer in writers:
             stats.pages_bytes += writer.pages.offset
         root_writer = writers[0]
+        if dedup is not None:
+            refs = dedup.merged_refs(root.page_refs[0] if root.page_refs else None)
+            root.page_refs = [refs] if refs else []
+            log.info("pid %d: %d pages found in %s, referred to", pid, dedup.referred, prev_images_dir)
         with translated(pid, f"write {staging.path}"):
             faults.point("before-commit")
             root_writer.commit(root)
@@ -167,6 +179,15 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     stats.total_s = time.monotonic() - started
     log.info("pid %d: frozen for %.1f ms of %.1f ms", pid, stats.frozen_s * 1000, stats.total_s * 1000)
     return stats
+
+
+def _parent_index(images_dir: str, prev: str, key: bytes | None):
+    parent = os.path.normpath(os.path.join(os.path.abspath(images_dir), prev))  # as CRIU's: relative to -D
+    if objstore.is_url(images_dir) or objstore.is_url(prev):
+        raise Unsupported("--prev-images-dir: not supported with s3:// images yet")
+    if os.path.realpath(parent) == os.path.realpath(images_dir):
+        raise Unsupported(f"--prev-images-dir {prev}: is the image directory itself; the new image would replace it")
+    return page_index(parent, key)
 
 
 def _image_dir(pid: int, root: int) -> str:

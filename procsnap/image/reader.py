@@ -29,6 +29,7 @@ from . import objstore, schema, staging
 from .checksum import data_hash, data_hash_in_steps
 from .chunks import ChunkedPageSource, PageCodec, check_codec, verify_chunks
 from .sealing import TAG_BYTES, Sealer, blob_ad
+from .series import bad_source, is_parent_source
 
 MAX_FD = 1 << 20
 MAX_SIGNAL = 64
@@ -48,6 +49,7 @@ class Image:
     key: bytes | None = None  # --encrypt: the key file's, for the tree's other images
     sealer: Sealer | None = None  # this image's AEAD, if encrypted
     codec: PageCodec | None = None  # pages.img in chunks (chunks.py), if compressed or encrypted
+    parents: dict = dataclasses.field(default_factory=dict)  # the root's: parent images by PREF source (series.py)
 
     @property
     def pages_path(self) -> str:
@@ -405,7 +407,10 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
             p.append(str(err))
             continue
         for src in refs.sources:
-            if src and not (src.startswith("proc.") and src[5:].isdigit()):
+            if is_parent_source(src):
+                if bad_source(src):
+                    p.append(f"page refs: parent source {src!r} is not a relative path")
+            elif src and not (src.startswith("proc.") and src[5:].isdigit()):
                 p.append(f"page refs: source {src!r} is not an image of the tree")
         for vaddr, npages, src, offset in ref_runs:
             where = f"page ref {vaddr:#x}+{npages}"

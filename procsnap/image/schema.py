@@ -41,7 +41,8 @@ MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
 #            FOWN, CGRP, Task.root
 #            1.3: XFRM (pages.img in compressed/encrypted chunks, chunks.py); an encrypted
-#            inventory is CRYP then SEAL, the records sealed inside it (sealing.py)
+#            inventory is CRYP then SEAL, the records sealed inside it (sealing.py);
+#            PREF sources "parent:REL", pages of a parent image (dump --prev-images-dir, series.py)
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 

@@ -213,7 +213,7 @@ class ImageWriter:
     def commit(self, ckpt: model.Checkpoint) -> None:
         """Write the records after the data they index, then make it visible."""
         ckpt.pages = self.pages.close()
-        if isinstance(self.pages, ChunkedPageSink):
+        if hasattr(self.pages, "codec"):  # a ChunkedPageSink (or one behind series.DedupSink)
             ckpt.codec = [self.pages.codec()]
         if self.ghost_out is not None:
             self.ghost_out.close()

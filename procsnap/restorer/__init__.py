@@ -86,6 +86,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             for proc_entry, image in tree:
                 if image is not None:
                     sources[proc_entry.dir] = stack.enter_context(page_source(image))
+            for name, parent in root_image.parents.items():  # a series' parents (image/series.py)
+                sources[name] = stack.enter_context(page_source(parent))
             expect_pages(tree, sources)
             live = [(p, image) for p, image in tree if image is not None]
             filled = Progress(progress, "fill memory", sum(_fill_bytes(image.checkpoint) for _, image in live))

@@ -15,6 +15,7 @@ from .. import model, objects
 from ..errors import ImageCorrupt
 from ..image import schema
 from ..image.reader import Image, open_image
+from ..image.series import open_parents
 from ..kernel.arch.x86_64 import PAGE_SIZE
 
 IMAGE_DIR = "proc.{pid}"  # as the dumper names them
@@ -60,6 +61,8 @@ def open_tree(root: Image, progress=None) -> list[tuple[model.Proc, Image | None
         out.append((p, image))
     _check_refs(root, root.checkpoint)
     by_dir = {p.dir: img for p, img in out if img is not None}  # the root's dir is "" (checked above)
+    root.parents = open_parents([img for _, img in out if img is not None], root.key)
+    by_dir.update(root.parents)
     for p, img in out:
         if img is not None:
             _check_page_refs(img, by_dir)
