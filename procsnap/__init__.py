@@ -20,36 +20,41 @@ __version__ = "0.1.0"
 
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False, progress=None,
-         ext_unix_sk: bool = False):
+         ext_unix_sk: bool = False, compress: bool = False, key: bytes | None = None,
+         prev_images_dir: str | None = None):
     """Checkpoint `pid` into `images_dir` (made if missing; an image there is
-    replaced only by a complete one); kill it unless leave_running."""
+    replaced only by a complete one); kill it unless leave_running.
+    compress: zstd page chunks; key: 32 bytes, the image encrypted with it."""
     from .dumper import dump as _dump
 
     return _dump(pid, images_dir, leave_running=leave_running, shell_job=shell_job, progress=progress,
-                 ext_unix_sk=ext_unix_sk)
+                 ext_unix_sk=ext_unix_sk, compress=compress, key=key, prev_images_dir=prev_images_dir)
 
 
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
-            allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False) -> int:
+            allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
+            key: bytes | None = None) -> int:
     """Restore the process in `images_dir` as a child of the caller; its pid."""
     from .restorer import restore as _restore
 
     return _restore(images_dir, detach=detach, shell_job=shell_job, progress=progress,
-                    allow_other_owner=allow_other_owner, allow_setuid=allow_setuid, ext_unix_sk=ext_unix_sk)
+                    allow_other_owner=allow_other_owner, allow_setuid=allow_setuid, ext_unix_sk=ext_unix_sk,
+                    key=key)
 
 
-def verify(images_dir: str, allow_other_owner: bool = False, allow_setuid: bool = False) -> list[str]:
+def verify(images_dir: str, allow_other_owner: bool = False, allow_setuid: bool = False,
+           key: bytes | None = None) -> list[str]:
     """Every problem that would stop a restore of `images_dir` ([] if none)."""
     from .restorer.verify import verify_image
 
-    return verify_image(images_dir, allow_other_owner=allow_other_owner, allow_setuid=allow_setuid)
+    return verify_image(images_dir, allow_other_owner=allow_other_owner, allow_setuid=allow_setuid, key=key)
 
 
-def open_image(images_dir: str):
-    """Read and fully validate an image."""
+def open_image(images_dir: str, key: bytes | None = None):
+    """Read and fully validate an image (an encrypted one with its key)."""
     from .image.reader import open_image as _open
 
-    return _open(images_dir)
+    return _open(images_dir, key=key)
 
 
 __all__ = ["dump", "restore", "open_image", "verify", "errors", "ProcsnapError", "ProcessGone", "AccessDenied",

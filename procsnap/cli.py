@@ -32,11 +32,21 @@ def _progress(label: str):
     return report
 
 
+def _key(args) -> bytes | None:
+    """--encrypt KEYFILE: its key (image/sealing.py says the format)."""
+    if not getattr(args, "encrypt", None):
+        return None
+    from .image.sealing import read_key_file
+
+    return read_key_file(args.encrypt)
+
+
 def cmd_dump(args) -> int:
     from . import dump
 
     stats = dump(args.tree, args.images_dir, leave_running=args.leave_running, shell_job=args.shell_job,
-                 progress=_progress("dump"), ext_unix_sk=args.ext_unix_sk)
+                 progress=_progress("dump"), ext_unix_sk=args.ext_unix_sk, compress=args.compress,
+                 key=_key(args), prev_images_dir=args.prev_images_dir)
     if stats.replaced:
         print(f"procsnap: {args.images_dir}: replaced {stats.replaced}", file=sys.stderr)
     return 0
@@ -47,7 +57,7 @@ def cmd_restore(args) -> int:
 
     pid = restore(args.images_dir, detach=args.restore_detached, shell_job=args.shell_job,
                   progress=_progress("restore"), allow_other_owner=args.allow_other_owner,
-                  allow_setuid=args.allow_setuid, ext_unix_sk=args.ext_unix_sk)
+                  allow_setuid=args.allow_setuid, ext_unix_sk=args.ext_unix_sk, key=_key(args))
     if args.pidfile:
         with open(args.pidfile, "w") as f:
             f.write(f"{pid}\n")
@@ -68,7 +78,7 @@ def cmd_restore(args) -> int:
 def cmd_show(args) -> int:
     from . import views
 
-    root, tree = views.load(args.images_dir)
+    root, tree = views.load(args.images_dir, _key(args))
     if args.view:
         table = views.view(args.view, tree)
         sys.stdout.write(views.json_lines(table) if args.json else views.render(table))
@@ -83,7 +93,7 @@ def cmd_show(args) -> int:
 def cmd_diff(args) -> int:
     from . import imagediff
 
-    d = imagediff.diff(args.first, args.second)
+    d = imagediff.diff(args.first, args.second, _key(args))
     if args.json:
         json.dump(d, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -95,7 +105,7 @@ def cmd_diff(args) -> int:
 def cmd_core(args) -> int:
     from .coredump import write_core
 
-    stats = write_core(args.images_dir, args.output, pid=args.pid)
+    stats = write_core(args.images_dir, args.output, pid=args.pid, key=_key(args))
     print(f"{stats.path}: core of pid {stats.pid}, {plural(stats.threads, 'thread')}, "
           f"{plural(stats.segments, 'segment')}, {stats.memory_bytes >> 10} KiB of memory")
     for change in stats.changed_files:
@@ -106,7 +116,8 @@ def cmd_core(args) -> int:
 def cmd_verify(args) -> int:
     from . import verify
 
-    problems = verify(args.images_dir, allow_other_owner=args.allow_other_owner, allow_setuid=args.allow_setuid)
+    problems = verify(args.images_dir, allow_other_owner=args.allow_other_owner, allow_setuid=args.allow_setuid,
+                      key=_key(args))
     for p in problems:
         print(f"problem: {p}")
     if problems:
@@ -114,6 +125,17 @@ def cmd_verify(args) -> int:
               + "; ".join(problems), file=sys.stderr)
         return 1
     print(f"{args.images_dir}: image is valid and restorable here")
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from .image.series import gc
+
+    removed = gc(args.directory, args.keep, _key(args))
+    for path in removed:
+        print(f"removed {path}")
+    if not removed:
+        print(f"{args.directory}: every image is kept or referred to")
     return 0
 
 
@@ -145,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-j", "--shell-job", action="store_true", help="allow fds on the controlling terminal")
     d.add_argument("--ext-unix-sk", action="store_true",
                    help="allow unix datagram sockets connected to a named socket outside the tree")
+    d.add_argument("--compress", action="store_true", help="store pages in zstd chunks (procsnap[compress])")
+    d.add_argument("--prev-images-dir", metavar="DIR", help="store only the pages not in this image "
+                   "(relative to -D, as CRIU's)")
     d.set_defaults(func=cmd_dump)
 
     r = sub.add_parser("restore", help="restore a process from an image directory")
@@ -179,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     df.add_argument("--json", action="store_true", help="the differences as JSON")
     df.set_defaults(func=cmd_diff)
 
+    g = sub.add_parser("gc", help="remove the images in DIR that no kept image refers to (a series)")
+    g.add_argument("directory", metavar="DIR")
+    g.add_argument("--keep", action="append", metavar="NAME", help="an image of DIR to keep (default: the newest)")
+    g.set_defaults(func=cmd_gc)
+
     c = sub.add_parser("check", help="probe the kernel features procsnap needs; -D also validates an image")
     c.add_argument("-D", "--images-dir", metavar="DIR")
     c.set_defaults(func=cmd_check)
@@ -186,7 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--allow-other-owner", action="store_true",
                         help="root: restore an image of another user's process (it runs as root)")
         sp.add_argument("--allow-setuid", action="store_true", help="allow a set-uid/set-gid executable")
-    for sp in (d, r, s, c, v, df, co):
+    for sp in (d, r, s, c, v, g, df, co):
+        sp.add_argument("--encrypt", metavar="KEYFILE", help="encrypt (dump) or open (others) the image with "
+                        "the 32-byte key in KEYFILE (procsnap[encrypt])")
+    for sp in (d, r, s, c, v, g, df, co):
         sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 

@@ -190,9 +190,9 @@ def _pick(tree: Tree, pid: int | None) -> tuple[model.Proc, Image]:
     raise ProcsnapError(f"pid {pid} is not in the image (it holds {', '.join(str(p.pid) for p, _ in tree)})", pid)
 
 
-def write_core(directory: str, path: str, pid: int | None = None) -> CoreStats:
+def write_core(directory: str, path: str, pid: int | None = None, key: bytes | None = None) -> CoreStats:
     """Write the core file of process `pid` (the root if None) of the image at `directory`."""
-    root, tree = load(directory)
+    root, tree = load(directory, key)
     proc, image = _pick(tree, pid)
     ckpt = image.checkpoint
     tmp = f"{path}.part"

@@ -1,6 +1,8 @@
 """Fault injection, for tests: PROCSNAP_FAULT=<stage> makes procsnap fail
 at that stage as if a call there had failed; PROCSNAP_FAULT=<stage>:kill
-makes it SIGKILL itself there instead (nothing can be cleaned up then).
+makes it SIGKILL itself there instead (nothing can be cleaned up then);
+PROCSNAP_FAULT=<stage>:stop makes it SIGSTOP itself there, for a test to
+act (kill the object store, say) before it goes on.
 
 The stages, in the order a dump or a restore passes them:
 """
@@ -32,4 +34,8 @@ def point(stage: str) -> None:
         return
     if how == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    if how == "stop":  # once: a stage passed many times (a chunk of pages each) goes on after
+        del os.environ["PROCSNAP_FAULT"]
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
     raise InjectedFault(f"injected fault at stage {stage} (PROCSNAP_FAULT={spec})")

@@ -143,9 +143,9 @@ def diff_trees(tree_a: Tree, tree_b: Tree) -> dict:
     return out
 
 
-def diff(first: str, second: str) -> dict:
+def diff(first: str, second: str, key: bytes | None = None) -> dict:
     """What changed from image directory `first` to `second` (both validated)."""
-    return diff_trees(load(first)[1], load(second)[1])
+    return diff_trees(load(first, key)[1], load(second, key)[1])
 
 
 # --------------------------------------------------------------------------

@@ -37,6 +37,7 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.seccomp import Seccomp
     from .objects.inet import InetSocket
     from .objects.pty import Pty
+    from .image.chunks import PageCodec
 
 
 class Prot(enum.IntFlag):
@@ -376,3 +377,4 @@ class Checkpoint:
     seccomp: list[Seccomp] = dataclasses.field(default_factory=list)  # none or one, since format 1.3
     inet_sockets: list[InetSocket] = dataclasses.field(default_factory=list)  # since format 1.3
     ptys: list[Pty] = dataclasses.field(default_factory=list)  # the root's, since format 1.3
+    codec: list[PageCodec] = dataclasses.field(default_factory=list)  # none or one, since format 1.3

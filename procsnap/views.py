@@ -36,11 +36,11 @@ Tree = list[tuple[model.Proc, Image | None]]
 SUMMARY_FILES = 8  # files listed by the summary; the files view has them all
 
 
-def load(directory: str) -> tuple[Image, Tree]:
+def load(directory: str, key: bytes | None = None) -> tuple[Image, Tree]:
     """The root's image and the tree, validated as a restore validates them."""
     from .restorer.tree import open_tree
 
-    root = open_image(directory)
+    root = open_image(directory, key=key)
     return root, open_tree(root)
 
 

@@ -728,18 +728,18 @@ def _assert_same_snapshot_fixture():
 # Dump and restore one target
 
 
-def dump_kill(t, images, before=None):
+def dump_kill(t, images, before=None, **options):
     """Dump in kill mode; the original tree dies by procsnap's SIGKILL and is
     reaped (its other processes come back to us, the subreaper). The tree's
     visible state is taken just before, and restore() compares against it:
     no test restores what dump_kill dumped without the state check.
     `before`: a snapshot the test took itself (a settled one, of a tree
-    that is busy)."""
+    that is busy). `options` go to procsnap.dump."""
     images = Path(images)
     images.mkdir(exist_ok=True)
     others = descendants(t.pid)
     t.dumped = before or proc_snapshot(t.pid)
-    procsnap.dump(t.pid, str(images))
+    procsnap.dump(t.pid, str(images), **options)
     status = t.reap()
     assert status == -signal.SIGKILL, f"{t}: expected SIGKILL after dump, found {status}"
     reap_gone(others)

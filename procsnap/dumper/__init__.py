@@ -17,6 +17,9 @@ import time
 
 from .. import faults, model, objects
 from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
+from ..image.chunks import require_compress
+from ..image.series import DedupSink, page_index
+from ..image import objstore
 from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
@@ -44,7 +47,8 @@ class DumpStats:
 
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
-         progress=None, ext_unix_sk: bool = False) -> DumpStats:
+         progress=None, ext_unix_sk: bool = False, compress: bool = False, key: bytes | None = None,
+         prev_images_dir: str | None = None) -> DumpStats:
     """Checkpoint process `pid` and all its descendants into the directory
     `images_dir`, made if missing (the root's image; each other process's
     image in a subdirectory of it, tree.IMAGE_DIR).
@@ -57,17 +61,26 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     swapped in only once complete (image/staging.py).
     ext_unix_sk: a unix datagram socket connected to a named one outside
     the tree is dumped (connected again by name at restore), as CRIU's.
+    compress: pages in
+    zstd chunks; key: the image encrypted with it (image/chunks.py, sealing.py).
+    prev_images_dir (relative to images_dir, as CRIU's): the root's pages
+    found in that image are referred to, not stored (image/series.py).
     On any error every process runs on as before and the directory holds
     what it held before.
     """
     started = time.monotonic()
+    if compress:
+        require_compress()
+    parent_pages = _parent_index(images_dir, prev_images_dir, key) if prev_images_dir else None
+    dedup = None
     if progress:  # progress(phase, done, total), as restore reports it
         progress = functools.partial(progress, "write pages")
     st, status = read_target(pid)
     with translated(pid, f"read /proc/{pid}/smaps"):
         early_smaps = proc.read_smaps(pid)
     with contextlib.ExitStack() as stack:
-        staging = stack.enter_context(staged(images_dir))
+        staging = stack.enter_context(objstore.staged(images_dir) if objstore.is_url(images_dir)
+                                      else staged(images_dir))
         if staging.replaces:
             log.info("%s: replacing %s", images_dir, staging.replaces)
         with translated(pid, "freeze"):
@@ -113,8 +126,10 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         for index, (task, (ckpt, runs, maps)) in enumerate(zip(tree.tasks, collected)):
             where = os.path.join(staging.path, _image_dir(task.pid, pid))
             with translated(task.pid, f"write {where}"):
-                writer = stack.enter_context(image_writer(where, create=task.pid != pid))
+                writer = stack.enter_context(image_writer(where, create=task.pid != pid, compress=compress, key=key))
                 writers.append(writer)
+                if task.pid == pid and parent_pages is not None:
+                    writer.pages = dedup = DedupSink(writer.pages, parent_pages, images_dir)
                 for kind in kinds:
                     kind.write_process(task.pid, writer, ckpt)
                 if task.pid == pid:
@@ -148,6 +163,10 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         for writer in writers:
             stats.pages_bytes += writer.pages.offset
         root_writer = writers[0]
+        if dedup is not None:
+            refs = dedup.merged_refs(root.page_refs[0] if root.page_refs else None)
+            root.page_refs = [refs] if refs else []
+            log.info("pid %d: %d pages found in %s, referred to", pid, dedup.referred, prev_images_dir)
         with translated(pid, f"write {staging.path}"):
             faults.point("before-commit")
             root_writer.commit(root)
@@ -163,6 +182,15 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     stats.total_s = time.monotonic() - started
     log.info("pid %d: frozen for %.1f ms of %.1f ms", pid, stats.frozen_s * 1000, stats.total_s * 1000)
     return stats
+
+
+def _parent_index(images_dir: str, prev: str, key: bytes | None):
+    parent = os.path.normpath(os.path.join(os.path.abspath(images_dir), prev))  # as CRIU's: relative to -D
+    if objstore.is_url(images_dir) or objstore.is_url(prev):
+        raise Unsupported("--prev-images-dir: not supported with s3:// images yet")
+    if os.path.realpath(parent) == os.path.realpath(images_dir):
+        raise Unsupported(f"--prev-images-dir {prev}: is the image directory itself; the new image would replace it")
+    return page_index(parent, key)
 
 
 def _image_dir(pid: int, root: int) -> str:
@@ -323,19 +351,21 @@ def frozen_tree(pid: int):
 
 
 @contextlib.contextmanager
-def image_writer(images_dir: str, create: bool = False):
+def image_writer(images_dir: str, create: bool = False, compress: bool = False, key: bytes | None = None):
     """create: the directory is made here (a non-root process's image) and
     removed again with the files if the dump fails."""
-    if create:
+    if objstore.is_url(images_dir):
+        pass  # objects need no directory
+    elif create:
         os.makedirs(images_dir, exist_ok=True)
     elif not os.path.isdir(images_dir):
         raise FileNotFoundError(2, "No such directory", images_dir)
-    writer = ImageWriter(images_dir)
+    writer = ImageWriter(images_dir, compress, key)
     try:
         yield writer
     except BaseException:
         writer.abort()
-        if create:
+        if create and not objstore.is_url(images_dir):
             with contextlib.suppress(OSError):
                 os.rmdir(images_dir)
         raise

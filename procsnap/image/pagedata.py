@@ -21,6 +21,7 @@ import os
 
 from .. import model
 from ..kernel.arch.x86_64 import PAGE_SIZE
+from ..errors import Unsupported
 from .reader import Image
 from . import schema
 
@@ -64,6 +65,9 @@ class TreePages:
         """The run's bytes (a view of the mapped file; valid until close)."""
         path = run.source.pages_path
         m = self._maps.get(path)
+        if m is None and (run.source.codec is not None or not os.path.isfile(path)):
+            raise Unsupported(f"{run.source.directory}: its pages are in compressed or encrypted chunks or in object "
+                              f"storage, which show, diff and core do not read yet; restore it, or dump it plain")
         if m is None:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import dataclasses
+import functools
 import mmap
 import json
 import os
@@ -20,12 +21,15 @@ import threading
 import zlib
 
 from .. import model, objects
-from ..errors import ImageCorrupt, ImageVersionError, plural
+from ..errors import ImageCorrupt, ImageError, ImageVersionError, plural
 from ..kernel import mapping
 from ..kernel.arch.x86_64 import PAGE_SIZE, TASK_SIZE
 from ..objects.protocol import bad_path
-from . import schema, staging
+from . import objstore, schema, staging
 from .checksum import data_hash, data_hash_in_steps
+from .chunks import ChunkedPageSource, PageCodec, check_codec, verify_chunks
+from .sealing import TAG_BYTES, Sealer, blob_ad
+from .series import bad_source, is_parent_source
 
 MAX_FD = 1 << 20
 MAX_SIGNAL = 64
@@ -40,8 +44,12 @@ class Image:
     major: int
     minor: int
     checkpoint: model.Checkpoint
-    pages_size: int
+    pages_size: int  # the logical page space (that of a plain pages.img)
     ghosts_size: int
+    key: bytes | None = None  # --encrypt: the key file's, for the tree's other images
+    sealer: Sealer | None = None  # this image's AEAD, if encrypted
+    codec: PageCodec | None = None  # pages.img in chunks (chunks.py), if compressed or encrypted
+    parents: dict = dataclasses.field(default_factory=dict)  # the root's: parent images by PREF source (series.py)
 
     @property
     def pages_path(self) -> str:
@@ -55,19 +63,44 @@ class Image:
         """The contents of an objects.ghost.Ghost."""
         return self.read_blob(ghost.offset, ghost.size, ghost.xxh3)
 
+    @property
+    def remote(self) -> bool:
+        return objstore.is_url(self.directory)
+
+    def open_ghosts(self):
+        return objstore.RangeFile(self.ghosts_path) if self.remote else open(self.ghosts_path, "rb")
+
     def read_blob(self, offset: int, size: int, xxh3: int) -> bytes:
         """Bytes of ghosts.img (ghost files, shared memory extents), checked."""
-        with open(self.ghosts_path, "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
+        with self.open_ghosts() as f:
+            data = self.load_blob(f, offset, size)
         if len(data) != size or data_hash(data) != xxh3:
             raise ImageCorrupt(f"{self.ghosts_path}: {size} bytes at offset {offset} changed since validation")
         return data
+
+    def load_blob(self, f, offset: int, size: int) -> bytes:
+        """`size` bytes stored at `offset` of the open ghosts.img, unsealed if encrypted."""
+        f.seek(offset)
+        if self.sealer is None:
+            return f.read(size)
+        return self.sealer.open(b"GHST", offset, f.read(size + TAG_BYTES), blob_ad(offset, size),
+                                f"{self.ghosts_path}: {size} bytes at offset {offset}")
+
+
+def open_pages(image: Image):
+    """The image's pages for a restore: a PageSource, or a ChunkedPageSource
+    for an encoded pages.img (with prepare/release around each use)."""
+    if image.codec is None:
+        return PageSource(image)
+    read = functools.partial(objstore.read_range, image.pages_path) if image.remote else None
+    return ChunkedPageSource(image.pages_path, image.pages_size, image.codec, image.sealer, read)
 
 
 class PageSource:
     """Pages of an image, mapped read-only; `address(run)` points into them,
     so the kernel copies straight from the page cache into the target."""
+
+    transformed = False
 
     def __init__(self, image: Image):
         self.fd = os.open(image.pages_path, os.O_RDONLY | os.O_CLOEXEC)
@@ -102,10 +135,20 @@ def _read_file(path: str) -> bytes:
 
 def read_records(directory: str) -> tuple[int, int, list[tuple[bytes, int, dict]]]:
     """Parse procsnap.img into (major, minor, [(tag, offset, payload)])."""
-    if not os.path.isdir(directory):
-        raise ImageCorrupt(f"{directory}: " + ("not a directory" if os.path.exists(directory) else "no such directory"))
+    major, minor, records, _ = read_inventory(directory)
+    return major, minor, records
+
+
+def read_inventory(directory: str, key: bytes | None = None):
+    """(major, minor, [(tag, offset, payload)], Sealer or None): an encrypted
+    inventory is opened with `key` (offsets are then into its sealed body)."""
     path = os.path.join(directory, schema.INVENTORY)
-    data = _read_file(path)
+    if objstore.is_url(directory):
+        data = objstore.read(path)
+    elif not os.path.isdir(directory):
+        raise ImageCorrupt(f"{directory}: " + ("not a directory" if os.path.exists(directory) else "no such directory"))
+    else:
+        data = _read_file(path)
     if len(data) < schema.HEADER.size:
         raise _corrupt(path, 0, "header", f"{schema.HEADER.size} bytes", f"{len(data)} bytes")
     magic, major, minor, crc = schema.HEADER.unpack_from(data)
@@ -116,47 +159,70 @@ def read_records(directory: str) -> tuple[int, int, list[tuple[bytes, int, dict]
     if major != schema.MAJOR:
         raise ImageVersionError(
             f"{path}: format version {major}.{minor}; this procsnap reads version {schema.MAJOR}.x")
-    records = []
     off = schema.HEADER.size
+    sealer = None
+    if data[off : off + 4] == schema.CRYP:
+        (_, start, header), off = _read_record(data, off, path, (schema.CRYP,))
+        sealer = Sealer.for_reading(key, header, path)
+        (_, start, sealed), off = _read_record(data, off, path, (schema.SEAL,), raw=True)
+        if off != len(data):
+            raise _corrupt(path, off, "end of file after SEAL record", "nothing", f"{len(data) - off} bytes")
+        data = sealer.open(b"INV\0", 0, sealed, data[:start - schema.RECORD.size], f"{path}: SEAL record")
+        path, off = f"{path} (sealed body)", 0
+    elif key is not None:
+        raise ImageError(f"{path}: the image is not encrypted, but a key was given")
+    records = []
     while True:
-        if off + schema.RECORD.size > len(data):
-            raise _corrupt(path, off, "record header (truncated image?)", f"{schema.RECORD.size} bytes",
-                           f"{len(data) - off} bytes")
-        tag, length, crc = schema.RECORD.unpack_from(data, off)
-        if tag != schema.END and tag not in schema.RECORDS:
-            raise _corrupt(path, off, "record tag", "a known tag", tag)
-        if length > schema.MAX_RECORD:
-            raise _corrupt(path, off + 4, "record length", f"<= {schema.MAX_RECORD}", length)
-        start = off + schema.RECORD.size
-        payload = data[start : start + length]
-        if len(payload) != length:
-            raise _corrupt(path, start, f"{tag.decode(errors='replace')} payload (truncated)", f"{length} bytes",
-                           f"{len(payload)} bytes")
-        if zlib.crc32(payload) != crc:
-            raise _corrupt(path, start, f"{tag.decode(errors='replace')} crc32", hex(crc), hex(zlib.crc32(payload)))
-        try:
-            obj = json.loads(payload)
-        except (ValueError, RecursionError) as err:
-            raise _corrupt(path, start, "record payload", "JSON", str(err)) from err
-        if not isinstance(obj, dict):
-            raise _corrupt(path, start, "record payload", "an object", type(obj).__name__)
+        (tag, start, obj), off = _read_record(data, off, path)
         records.append((tag, start, obj))
-        off = start + length
         if tag == schema.END:
             break
     if off != len(data):
         raise _corrupt(path, off, "end of file after END record", "nothing", f"{len(data) - off} bytes")
-    return major, minor, records
+    return major, minor, records, sealer
 
 
-def open_image(directory: str, verify_pages: bool = True, progress=None) -> Image:
+def _read_record(data: bytes, off: int, path: str, tags=None, raw: bool = False):
+    """((tag, payload offset, payload), next offset) of the record at `off`;
+    tags: the ones allowed (default: the schema's); raw: payload as bytes."""
+    if off + schema.RECORD.size > len(data):
+        raise _corrupt(path, off, "record header (truncated image?)", f"{schema.RECORD.size} bytes",
+                       f"{len(data) - off} bytes")
+    tag, length, crc = schema.RECORD.unpack_from(data, off)
+    if (tag not in tags) if tags else (tag != schema.END and tag not in schema.RECORDS):
+        raise _corrupt(path, off, "record tag", b"/".join(tags) if tags else "a known tag", tag)
+    if length > schema.MAX_RECORD:
+        raise _corrupt(path, off + 4, "record length", f"<= {schema.MAX_RECORD}", length)
+    start = off + schema.RECORD.size
+    payload = data[start : start + length]
+    if len(payload) != length:
+        raise _corrupt(path, start, f"{tag.decode(errors='replace')} payload (truncated)", f"{length} bytes",
+                       f"{len(payload)} bytes")
+    if zlib.crc32(payload) != crc:
+        raise _corrupt(path, start, f"{tag.decode(errors='replace')} crc32", hex(crc), hex(zlib.crc32(payload)))
+    if raw:
+        return (tag, start, payload), start + length
+    try:
+        obj = json.loads(payload)
+    except (ValueError, RecursionError) as err:
+        raise _corrupt(path, start, "record payload", "JSON", str(err)) from err
+    if not isinstance(obj, dict):
+        raise _corrupt(path, start, "record payload", "an object", type(obj).__name__)
+    return (tag, start, obj), start + length
+
+
+def open_image(directory: str, verify_pages: bool = True, progress=None, key: bytes | None = None) -> Image:
     """Read and validate an image; raises ImageCorrupt/ImageVersionError.
     A dump's swap cut short is finished first (see staging.py).
-    progress(done, total): bytes of page data checked so far."""
-    path = os.path.join(directory, schema.INVENTORY)
-    if os.path.isdir(directory):
+    progress(done, total): bytes of page data checked so far.
+    key: the key file's key (sealing.py); an encrypted image needs it, a plain one must not get one.
+    directory: or s3://BUCKET/PREFIX, whose current generation is read (objstore.py)."""
+    if objstore.is_url(directory):
+        directory = objstore.resolve(directory)
+    elif os.path.isdir(directory):
         staging.settle_for_reading(directory)
-    major, minor, records = read_records(directory)
+    path = os.path.join(directory, schema.INVENTORY)
+    major, minor, records, sealer = read_inventory(directory, key)
     fields: dict[str, object] = {}
     for _, field, many in schema.RECORDS.values():
         if many:
@@ -185,14 +251,22 @@ def open_image(directory: str, verify_pages: bool = True, progress=None) -> Imag
         if field not in fields:
             raise ImageCorrupt(f"{path}: no {field} record")
     counts = {k: end.get(k) for k in ("records", "pages_size", "ghosts_size")}
-    for key, value in counts.items():
+    for name, value in counts.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ImageCorrupt(f"{path}: END record: {key} expected a non-negative integer, found {value!r}")
+            raise ImageCorrupt(f"{path}: END record: {name} expected a non-negative integer, found {value!r}")
     if counts["records"] != nrecords - 1:
         raise ImageCorrupt(f"{path}: END record: expected {counts['records']} records, found {nrecords - 1}")
     ckpt = model.Checkpoint(**fields)
-    image = Image(directory, major, minor, ckpt, counts["pages_size"], counts["ghosts_size"])
-    problems = validate(ckpt, image)
+    image = Image(directory, major, minor, ckpt, counts["pages_size"], counts["ghosts_size"], key, sealer)
+    problems = []
+    if len(ckpt.codec) > 1:
+        problems.append("more than one XFRM record")
+    elif ckpt.codec:
+        image.codec = ckpt.codec[0]
+        problems += check_codec(image.codec, image.pages_size, sealer, image.pages_path)
+    elif sealer is not None:
+        problems.append("an encrypted image without an XFRM record (its pages would be in the clear)")
+    problems += validate(ckpt, image)
     problems += _check_data_files(image, verify_pages, progress)
     if problems:
         raise ImageCorrupt(f"{directory}: {plural(len(problems), 'problem')}: " + "; ".join(problems))
@@ -201,18 +275,24 @@ def open_image(directory: str, verify_pages: bool = True, progress=None) -> Imag
 
 def _check_data_files(image: Image, verify_pages: bool, progress=None) -> list[str]:
     problems = []
-    for path, size in ((image.pages_path, image.pages_size), (image.ghosts_path, image.ghosts_size)):
+    stored = image.codec.stored_size if image.codec else image.pages_size
+    for path, size in ((image.pages_path, stored), (image.ghosts_path, image.ghosts_size)):
         try:
-            found = os.stat(path).st_size
+            found = objstore.size(path) if image.remote else os.stat(path).st_size
         except OSError as err:
             problems.append(f"{path}: {err.strerror}")
+            continue
+        except ImageCorrupt as err:
+            problems.append(str(err))
             continue
         if found != size:
             problems.append(f"{path}: size expected {size}, found {found}")
     if problems or not verify_pages:
         return problems
     ckpt = image.checkpoint
-    if image.pages_size:
+    if image.codec is not None:
+        problems += _check_chunks(image, progress)
+    elif image.pages_size:
         with open(image.pages_path, "rb") as f, mmap.mmap(f.fileno(), image.pages_size, access=mmap.ACCESS_READ) as m:
             view = memoryview(m)
             checked = [0]
@@ -254,14 +334,35 @@ def _check_data_files(image: Image, verify_pages: bool, progress=None) -> list[s
                         problems += bad
             finally:
                 view.release()
-    with open(image.ghosts_path, "rb") as f:
+    with image.open_ghosts() as f:
         for what, offset, size, xxh3 in objects.blobs(ckpt):
-            f.seek(offset)
-            data = f.read(size)
+            try:
+                data = image.load_blob(f, offset, size)
+            except ImageCorrupt as err:
+                problems.append(f"{what}: {err}")
+                continue
             if data_hash(data) != xxh3:
                 problems.append(f"{image.ghosts_path}: {what} at offset {offset}: "
                                 f"xxh3 expected {xxh3:#x}, found {data_hash(data):#x}")
     return problems
+
+
+def _check_chunks(image: Image, progress=None) -> list[str]:
+    """Every chunk of an encoded pages.img decoded and checked (chunks.py)."""
+    total = image.pages_size
+    checked = [0, 0]  # bytes, bytes not yet told
+    lock = threading.Lock()
+
+    def tell(nbytes: int) -> None:
+        with lock:
+            checked[0] += nbytes
+            checked[1] += nbytes
+            if checked[1] >= PROGRESS_STEP or checked[0] == total:
+                checked[1] = 0
+                progress(checked[0], total)
+
+    read = functools.partial(objstore.read_range, image.pages_path) if image.remote else None
+    return verify_chunks(image.pages_path, image.codec, image.sealer, HASH_THREADS, tell if progress else None, read)
 
 
 def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
@@ -307,7 +408,10 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
             p.append(str(err))
             continue
         for src in refs.sources:
-            if src and not (src.startswith("proc.") and src[5:].isdigit()):
+            if is_parent_source(src):
+                if bad_source(src):
+                    p.append(f"page refs: parent source {src!r} is not a relative path")
+            elif src and not (src.startswith("proc.") and src[5:].isdigit()):
                 p.append(f"page refs: source {src!r} is not an image of the tree")
         for vaddr, npages, src, offset in ref_runs:
             where = f"page ref {vaddr:#x}+{npages}"

@@ -34,6 +34,7 @@ import typing
 from .. import model
 from ..objects import cgroups, creds, file, fown, ghost, inet, locks, pipe, pty, settings, shm, unix
 from ..objects import seccomp
+from . import chunks
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
@@ -46,7 +47,10 @@ MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #            SECC (seccomp mode and filters of each thread), FdEntry.marks (inotify watches, fanotify marks),
 #            Socket.connected/name/linked/attrs/backlog/waiting/icons/senders/options/filter (unix sockets
 #            bound, listening, unconnected), INET records (objects/inet.py),
-#            PTY, FdKind pty-master/pty-slave/dev-tty
+#            PTY, FdKind pty-master/pty-slave/dev-tty,
+#            XFRM (pages.img in compressed/encrypted chunks, chunks.py); an encrypted
+#            inventory is CRYP then SEAL, the records sealed inside it (sealing.py);
+#            PREF sources "parent:REL", pages of a parent image (dump --prev-images-dir, series.py)
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -88,8 +92,11 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"SECC": (seccomp.Seccomp, "seccomp", True),
     b"INET": (inet.InetSocket, "inet_sockets", True),
     b"PTY ": (pty.Pty, "ptys", True),
+    b"XFRM": (chunks.PageCodec, "codec", True),
 }
 END = b"END "
+CRYP = b"CRYP"  # in the clear, first: an encrypted image's cipher, salt and key check
+SEAL = b"SEAL"  # then the sealed records (sealing.py)
 
 
 def pack_page_runs(runs: list[model.PageRun]) -> model.PageMap:

@@ -146,18 +146,23 @@ def _locked(directory: str, wait: bool):
 def describe_image(directory: str) -> str | None:
     """'the image of pid 1234 taken 2026-12-01 10:00:01' if `directory`
     holds an image (None if not), read from its inventory alone."""
-    from .reader import read_records
-
     path = os.path.join(directory, schema.INVENTORY)
     if not os.path.exists(path):
         return None
     taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.stat(path).st_mtime))
+    pid = inventory_pid(directory)
+    return f"an unreadable image written {taken}" if pid is None else f"the image of pid {pid} taken {taken}"
+
+
+def inventory_pid(location: str) -> int | None:
+    """The pid an image's inventory holds, None if it cannot be read (or is encrypted)."""
+    from .reader import read_records
+
     try:
-        _, _, records = read_records(directory)
-        pid = next(payload.get("pid") for tag, _, payload in records if tag == b"TASK")
+        _, _, records = read_records(location)
+        return next(payload.get("pid") for tag, _, payload in records if tag == b"TASK")
     except (ImageError, StopIteration):
-        return f"an unreadable image written {taken}"
-    return f"the image of pid {pid} taken {taken}"
+        return None
 
 
 class Staging:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import threading
 import typing
 import zlib
 
 from .. import model
-from . import schema
+from . import objstore, schema
 from .checksum import data_hash
+from .chunks import CHUNK_SIZE, Chunk, ChunkEncoder, Method
+from .sealing import Sealer, blob_ad
 
 PAGE_SIZE = 4096
 IOV_MAX = 1024
@@ -47,9 +50,9 @@ class FilePageSink:
 
     WRITERS = 2
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, local: bool = True):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600) if local else -1
         self.offset = 0
         self.runs: list[model.PageRun] = []
         self.pool = concurrent.futures.ThreadPoolExecutor(self.WRITERS, thread_name_prefix="procsnap-write")
@@ -103,6 +106,62 @@ class FilePageSink:
             self.fd = -1
 
 
+class ChunkedPageSink(FilePageSink):
+    """Pages encoded in chunks of at most CHUNK_SIZE of each submit's bytes
+    (chunks.py), appended to pages.img in the order they are done."""
+
+    def __init__(self, path: str, compress: bool, sealer: Sealer | None, out: objstore.Output | None = None):
+        """out: an object in object storage to upload to instead of the file `path`."""
+        self.encoder = ChunkEncoder(compress, sealer)
+        self.out = out
+        super().__init__(path, local=out is None)
+        self.stored = 0
+        self.chunks: list[Chunk] = []
+        self.lock = threading.Lock()
+
+    def _write(self, jobs) -> None:
+        for run, data in jobs:
+            run.xxh3 = data_hash(data)
+        start = jobs[0][0].offset
+        whole = memoryview(b"".join(memoryview(data).cast("B") for _, data in jobs))  # this submit's bytes
+        for at in range(0, len(whole), CHUNK_SIZE):
+            self._write_chunk(start + at, whole[at : at + CHUNK_SIZE])
+
+    def _write_chunk(self, offset: int, data: memoryview) -> None:
+        method, out = self.encoder.compress(data)
+        out = self.encoder.seal(offset, len(data), method, out)
+        with self.lock:
+            where = self.stored
+            if method == Method.RAW and self.encoder.sealer is None and self.out is None:
+                where = -(-where // PAGE_SIZE) * PAGE_SIZE  # mapped by restore: page aligned
+            self.stored = where + len(out)
+            self.chunks.append(Chunk(offset, where, data_hash(data), len(data), len(out), method))
+        view = memoryview(out)
+        while view:
+            try:
+                n = self.out.pwrite(view, where) if self.out else os.pwrite(self.fd, view, where)
+            except OSError as err:
+                raise OSError(err.errno, f"write {self.path} at offset {where}: {err.strerror}") from err
+            view, where = view[n:], where + n
+
+    def close(self) -> list[model.PageRun]:
+        for fut in self.pending:
+            fut.result()
+        if self.fd >= 0:
+            os.ftruncate(self.fd, self.stored)  # a raw chunk's alignment gap may be the last thing written
+        if self.out is not None:
+            self.out.close(self.stored)
+        return super().close()
+
+    def abort(self) -> None:
+        super().abort()
+        if self.out is not None:
+            self.out.abort()
+
+    def codec(self):
+        return self.encoder.codec(self.chunks, self.stored)
+
+
 def _write_all(fd: int, data, path: str) -> None:
     view = memoryview(data).cast("B")
     while view:
@@ -116,34 +175,57 @@ def _write_all(fd: int, data, path: str) -> None:
 class ImageWriter:
     """Creates the files of one image in `directory`; `commit` finishes it."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, compress: bool = False, key: bytes | None = None):
+        """compress: zstd page chunks; key: encrypted with it (chunks.py, sealing.py)."""
         self.dir = directory
         self.inventory = os.path.join(directory, schema.INVENTORY)
-        try:
-            os.unlink(self.inventory)
-        except FileNotFoundError:
-            pass
-        self.pages = FilePageSink(os.path.join(directory, schema.PAGES))
+        self.remote = objstore.is_url(directory)  # s3://: a generation being written (objstore.py)
+        if not self.remote:
+            try:
+                os.unlink(self.inventory)
+            except FileNotFoundError:
+                pass
+        self.sealer = Sealer(key) if key is not None else None
+        pages = os.path.join(directory, schema.PAGES)
+        if self.remote:
+            self.pages = ChunkedPageSink(pages, compress, self.sealer, objstore.Output(pages))
+        elif compress or key is not None:
+            self.pages = ChunkedPageSink(pages, compress, self.sealer)
+        else:
+            self.pages = FilePageSink(pages)
         self.ghost_path = os.path.join(directory, schema.GHOSTS)
-        self.ghost_fd = os.open(self.ghost_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.ghost_out = objstore.Output(self.ghost_path) if self.remote else None
+        self.ghost_fd = -1 if self.remote else \
+            os.open(self.ghost_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         self.ghost_offset = 0
 
     def write_ghost(self, data: bytes) -> tuple[int, int]:
         """Store a ghost file's contents; returns (offset, xxh3)."""
         offset = self.ghost_offset
-        _write_all(self.ghost_fd, data, self.ghost_path)
-        self.ghost_offset += len(data)
+        stored = data if self.sealer is None else self.sealer.seal(b"GHST", offset, data, blob_ad(offset, len(data)))
+        if self.ghost_out is not None:
+            self.ghost_out.write_at_end(stored)
+        else:
+            _write_all(self.ghost_fd, stored, self.ghost_path)
+        self.ghost_offset += len(stored)
         return offset, data_hash(data)
 
     def commit(self, ckpt: model.Checkpoint) -> None:
         """Write the records after the data they index, then make it visible."""
         ckpt.pages = self.pages.close()
-        os.fsync(self.ghost_fd)
-        os.close(self.ghost_fd)
-        self.ghost_fd = -1
+        if hasattr(self.pages, "codec"):  # a ChunkedPageSink (or one behind series.DedupSink)
+            ckpt.codec = [self.pages.codec()]
+        if self.ghost_out is not None:
+            self.ghost_out.close()
+        else:
+            os.fsync(self.ghost_fd)
+            os.close(self.ghost_fd)
+            self.ghost_fd = -1
         body = bytearray(schema.HEADER.pack(schema.MAGIC, schema.MAJOR, schema.MINOR, 0))
         crc = zlib.crc32(bytes(body[:12]))
         body[12:16] = crc.to_bytes(4, "little")
+        if self.sealer is not None:  # the records go sealed, after the key's parameters (sealing.py)
+            clear, body = body + _record(schema.CRYP, self.sealer.header()), bytearray()
         count = 0
         for tag, (_, field, many) in schema.RECORDS.items():
             value = getattr(ckpt, field)
@@ -157,6 +239,12 @@ class ImageWriter:
             "pages_size": self.pages.offset,
             "ghosts_size": self.ghost_offset,
         })
+        if self.sealer is not None:
+            sealed = self.sealer.seal(b"INV\0", 0, bytes(body), bytes(clear))
+            body = clear + schema.RECORD.pack(schema.SEAL, len(sealed), zlib.crc32(sealed)) + sealed
+        if self.remote:
+            objstore.put(self.inventory, bytes(body))
+            return
         tmp = self.inventory + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -174,6 +262,9 @@ class ImageWriter:
     def abort(self) -> None:
         """Remove what this writer created; the directory is left as found."""
         self.pages.abort()
+        if self.ghost_out is not None:
+            self.ghost_out.abort()
+            return  # the generation's objects are removed by objstore.Staging.abandon
         if self.ghost_fd >= 0:
             os.close(self.ghost_fd)
             self.ghost_fd = -1

@@ -49,3 +49,14 @@ def drop(address: int, size: int) -> None:
     stay in the page cache): keeps RSS bounded while streaming a file."""
     if libc.madvise(address, size, MADV_DONTNEED) != 0:
         raise oserror("madvise(MADV_DONTNEED)")
+
+
+MAP_PRIVATE = 0x02
+MAP_FIXED = 0x10
+MAP_NORESERVE = 0x4000  # mmap has no name for it before Python 3.13
+
+
+def map_file_fixed(address: int, fd: int, size: int, offset: int) -> None:
+    """Map [offset, offset+size) of fd read-only at `address`, replacing what is there (our own reservation)."""
+    if libc.mmap(address, size, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, offset) != address:
+        raise oserror("mmap(MAP_FIXED)")

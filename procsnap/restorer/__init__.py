@@ -22,7 +22,7 @@ import typing
 from .. import faults, model, objects
 from ..errors import ProcsnapError, RestoreError, plural, translated
 from ..image import schema
-from ..image.reader import Image, PageSource, open_image
+from ..image.reader import Image, PageSource, open_image, open_pages
 from ..kernel import infect, proc, ptrace
 from ..kernel.arch.x86_64 import PAGE_SIZE
 from . import memory as M
@@ -40,15 +40,17 @@ log = logging.getLogger("procsnap.restorer")
 
 
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
-            allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False) -> int:
+            allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
+            key: bytes | None = None) -> int:
     """Bring the process tree in `images_dir` back; returns the root's pid.
 
     The restored root is a child of the caller, running. `detach` is
     accepted for the API's symmetry with the CLI, where -d decides whether
     the restorer waits; waiting is the caller's business. ext_unix_sk: unix
     sockets dumped connected outside the tree are connected again by name.
+    key: an encrypted image's (image/sealing.py).
     """
-    root_image = open_image(images_dir, progress=progress and functools.partial(progress, "check pages"))
+    root_image = open_image(images_dir, progress=progress and functools.partial(progress, "check pages"), key=key)
     tree = open_tree(root_image, progress)
     for _, image in tree:
         if image is not None:
@@ -95,6 +97,9 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             for proc_entry, image in tree:
                 if image is not None:
                     sources[proc_entry.dir] = stack.enter_context(page_source(image))
+            for name, parent in root_image.parents.items():  # a series' parents (image/series.py)
+                sources[name] = stack.enter_context(page_source(parent))
+            expect_pages(tree, sources)
             live = [(p, image) for p, image in tree if image is not None]
             filled = Progress(progress, "fill memory", sum(_fill_bytes(image.checkpoint) for _, image in live))
             ctx = Rebuild(sources, filled.add, {p.pid for p, _ in live}, nodes, images, children)
@@ -218,9 +223,24 @@ def kill_children(children: dict[int, Child], root: int) -> None:
                 os.waitpid(child.pid, 0)
 
 
+def expect_pages(tree, sources: dict) -> None:
+    """Tell encoded page sources which of their pages will be written, so
+    that each chunk is dropped once all its readers are done (chunks.py)."""
+    for p, image in tree:
+        if image is None:
+            continue
+        if sources[p.dir].transformed:
+            for run in image.checkpoint.pages:
+                sources[p.dir].expect(run.offset, run.npages * PAGE_SIZE)
+        for refs in image.checkpoint.page_refs:
+            for _, npages, src, offset in schema.unpack_page_refs(refs):
+                if sources[refs.sources[src]].transformed:
+                    sources[refs.sources[src]].expect(offset, npages * PAGE_SIZE)
+
+
 @contextlib.contextmanager
 def page_source(image: Image):
-    pages = PageSource(image)
+    pages = open_pages(image)
     try:
         yield pages
     finally:
@@ -246,6 +266,11 @@ class Rebuild:
     nodes: dict[int, Node]
     images: dict[int, Image]
     children: dict[int, Child]  # fork-built ones are added as they are made, for kill_children
+
+
+def _ref_sources(ckpt, sources: dict[str, PageSource]) -> dict[int, PageSource]:
+    """The source index of each PREF run -> its PageSource."""
+    return {i: sources[d] for refs in ckpt.page_refs for i, d in enumerate(refs.sources)}
 
 
 def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
@@ -283,7 +308,8 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
     M.unmap_seized(target, maps, [(start, mine[start].end) for start in inherited])
     M.restore_mm_seized(target, ckpt.mm, map_fds[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)])
     M.move_vdso_seized(target, maps, ckpt.vmas)
-    M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, filled, shm_fds, refs, child.sysv_ids, kept)
+    M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, filled, shm_fds, refs, child.sysv_ids, kept,
+                      _ref_sources(ckpt, sources))
     if ctx is not None:
         for node in ctx.nodes[child.pid].children:
             if node.fork_built and node.proc.zombie:

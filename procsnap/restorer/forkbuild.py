@@ -24,7 +24,8 @@ resource limits and root ("/") as its parent (it inherits them; raising a
 hard limit needs CAP_SYS_RESOURCE); the vdso where its parent has it; some
 private anonymous VMA it keeps from its parent and pages stored by another
 image; its session its own or its parent's; every child of it fork-built
-too (a spawned process needs its parent while the spawn runs); and every
+too (a spawned process needs its parent while the spawn runs); its image
+and its parent's plain and local (not compressed, encrypted or remote); and every
 process of its group or session made after it, on the same rebuilder
 thread (its subtree of fork-built processes, in tree order). A zombie is
 forked when its parent is.
@@ -74,6 +75,8 @@ def _may_fork(node: Node, images: dict) -> bool:
     parent = node.parent
     if parent is None or node.proc.zombie or parent.proc.zombie or node.task is None:
         return False
+    if any(images[pid].codec is not None or images[pid].remote for pid in (node.proc.pid, parent.proc.pid)):
+        return False  # pages decoded by chunk (image/chunks.py): inherit.py writes from plain mappings only
     mine, theirs = images[node.proc.pid].checkpoint, images[parent.proc.pid].checkpoint
     p = node.proc
     return (not node.files.in_child and not node.files.in_session

@@ -107,7 +107,7 @@ FILL_THREADS = 2
 FILL_BATCH = 16 << 20
 
 
-def fill(pid: int, segments: typing.Iterable[tuple[int, int, int]], filled=None) -> None:
+def fill(pid: int, segments: typing.Iterable[tuple[int, int, int]], filled=None, pages=None) -> None:
     """process_vm_writev (local, remote, length) segments from FILL_THREADS
     threads at once, in batches of at most FILL_BATCH bytes; filled(nbytes)
     after each batch.
@@ -116,7 +116,8 @@ def fill(pid: int, segments: typing.Iterable[tuple[int, int, int]], filled=None)
     proceed in parallel (the GIL is released in the syscall). After each
     batch the source pages are dropped from our mapping of pages.img, so
     procsnap's RSS stays near FILL_THREADS * FILL_BATCH however big the
-    process is.
+    process is. An encoded image's `pages` (image/chunks.py) decodes what
+    a batch needs first, on the thread that writes it, and drops it after.
     """
     def batches():
         """Built as the threads take them: a sparse image has a segment per
@@ -137,6 +138,13 @@ def fill(pid: int, segments: typing.Iterable[tuple[int, int, int]], filled=None)
     lock = threading.Lock()
 
     def write(batch) -> None:
+        if pages is not None:
+            pages.prepare(batch)
+            memory.write_from(pid, batch)
+            pages.release(batch)
+            if filled:
+                filled(sum(length for _, _, length in batch))
+            return
         memory.write_from(pid, batch)
         lo = min(loc for loc, _, _ in batch)
         hi = max(loc + length for loc, _, length in batch)
@@ -172,7 +180,8 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
                     map_fds: dict[str, int], filled=None, shm_fds: dict[int, int] | None = None,
                     refs: typing.Sequence[tuple[int, int, int, int]] = (),
                     sysv_ids: dict[int, int] | None = None,
-                    kept: typing.Mapping[int, typing.Callable[[list], None]] | None = None) -> None:
+                    kept: typing.Mapping[int, typing.Callable[[list], None]] | None = None,
+                    ref_sources: dict | None = None) -> None:
     """Map each VMA, write its pages, set its final protection;
     filled(nbytes) is told of each batch of pages written.
 
@@ -240,8 +249,10 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
                 target.call(NR.madvise, at, v.size, advice)
         if vruns:
             for source in sorted({seg[3] for seg in vruns}):  # a batch never spans two sources' mappings
+                of = pages if source == -1 else (ref_sources or {}).get(source)
                 fill(target.pid, ((address, vaddr - v.start + at, npages * PAGE_SIZE)
-                                  for vaddr, npages, address, src in vruns if src == source), filled)
+                                  for vaddr, npages, address, src in vruns if src == source), filled,
+                     of if getattr(of, "transformed", False) else None)
             faults.point("mid-memory-load")
         elif own_anon_vma:
             memory.write_bytes(target.pid, at, b"\0")  # the first fault makes its anon_vma

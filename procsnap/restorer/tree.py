@@ -15,6 +15,7 @@ from .. import model, objects
 from ..errors import ImageCorrupt
 from ..image import schema
 from ..image.reader import Image, open_image
+from ..image.series import open_parents
 from ..kernel.arch.x86_64 import PAGE_SIZE
 
 IMAGE_DIR = "proc.{pid}"  # as the dumper names them
@@ -53,13 +54,15 @@ def open_tree(root: Image, progress=None) -> list[tuple[model.Proc, Image | None
         image = None
         if not p.zombie:
             check = progress and functools.partial(progress, f"check pages of pid {p.pid}")
-            image = open_image(os.path.join(root.directory, p.dir), progress=check)
+            image = open_image(os.path.join(root.directory, p.dir), progress=check, key=root.key)
             if image.checkpoint.task.pid != p.pid:
                 raise ImageCorrupt(f"{image.directory}: holds pid {image.checkpoint.task.pid}, expected {p.pid}")
             _check_refs(image, root.checkpoint)
         out.append((p, image))
     _check_refs(root, root.checkpoint)
     by_dir = {p.dir: img for p, img in out if img is not None}  # the root's dir is "" (checked above)
+    root.parents = open_parents([img for _, img in out if img is not None], root.key)
+    by_dir.update(root.parents)
     for p, img in out:
         if img is not None:
             _check_page_refs(img, by_dir)

@@ -72,13 +72,14 @@ def image_problems(image: Image, allow_other_owner: bool = False, allow_setuid: 
             + cgroup_problems(ckpt.cgroups))
 
 
-def verify_image(directory: str, allow_other_owner: bool = False, allow_setuid: bool = False) -> list[str]:
+def verify_image(directory: str, allow_other_owner: bool = False, allow_setuid: bool = False,
+                 key: bytes | None = None) -> list[str]:
     """Every problem that would stop a restore of `directory` (and of every
     process of its tree); [] if none."""
     from .tree import open_tree
 
     try:
-        image = open_image(directory)
+        image = open_image(directory, key=key)
         tree = open_tree(image)
     except ImageCorrupt as err:
         return [str(err)]
