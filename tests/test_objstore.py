@@ -106,7 +106,7 @@ def test_s3_round_trip(procs, s3, case_id, encoding):
         keyfile = Path(procs.workdir) / "key"
         keyfile.write_bytes(KEY)
         keyargs = ["--encrypt", keyfile]
-    r = cli("show", url, *keyargs, env=s3.env)
+    r = cli("show", url, "--json", *keyargs, env=s3.env)
     assert r.returncode == 0 and '"pid"' in r.stdout, r.stderr
     restore(procs, t, url, key=options.get("key"))
     assert_pass(t)

@@ -156,7 +156,7 @@ REFUSED = {
                      ("listening", "1 connection in its accept queue")),
     "udp-queued": ("a = socket.socket(type=socket.SOCK_DGRAM); a.bind(('127.0.0.1', 0))\n"
                    "a.sendto(b'x' * 33, a.getsockname()); fd = a.fileno()",
-                   ("IPv4 socket", "datagrams queued", "33 bytes")),
+                   ("UDP socket bound to 127.0.0.1:", "datagrams queued", "33 bytes")),
     "udp-multicast": ("import struct; a = socket.socket(type=socket.SOCK_DGRAM)\n"
                       "a.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, struct.pack('4s4s', "
                       "socket.inet_aton('239.7.7.7'), socket.inet_aton('127.0.0.1'))); fd = a.fileno()",
