@@ -283,6 +283,8 @@ class Task(ThreadState):
     gids: list[int] = dataclasses.field(default_factory=list)
     pdeathsig: int = 0
     root: str = "/"  # chroot, as the dumper's root shows it (since format 1.2)
+    # ns its interrupted wait had left at the freeze, -1: none or unknown (dumper/waits.py; since 1.3)
+    wait_left_ns: int = -1
 
 
 @dataclasses.dataclass
@@ -291,6 +293,7 @@ class Thread(ThreadState):
 
     tid: int
     pending: list[bytes] = dataclasses.field(default_factory=list)  # siginfos queued to this thread
+    wait_left_ns: int = -1  # as Task.wait_left_ns (since 1.3)
 
 
 @dataclasses.dataclass

@@ -25,6 +25,7 @@ from ..objects.file import FileTable
 from ..objects.protocol import Collect
 from . import collect as C
 from . import tree as T
+from . import waits as W
 from .pages import write_pages_seized
 from .snapshot import cow_snapshot, read_while_frozen
 
@@ -208,12 +209,13 @@ class FrozenTask:
         self.since = time.monotonic()
         self.frozen_s = 0.0
         self.stopped_by = 0  # it was in a group-stop (state T)
+        self.wait_left: dict[int, int] = {}  # tid -> ns its interrupted wait had left (dumper/waits.py)
 
     def freeze(self) -> None:
         """Every thread, until no new one appears: a thread not yet frozen
         may still create another."""
         self.tids.append(self.pid)  # before the freeze: a half-done one is undone by thaw too
-        self.stopped_by = ptrace.freeze(self.pid)
+        self.stopped_by = self._freeze(self.pid)
         while True:
             new = [t for t in proc.list_tids(self.pid) if t not in self.tids]
             if not new:
@@ -221,9 +223,13 @@ class FrozenTask:
             for tid in new:
                 self.tids.append(tid)
                 try:
-                    ptrace.freeze(tid)
+                    self._freeze(tid)
                 except ProcessLookupError:
                     self.tids.remove(tid)  # it exited before we got to it
+
+    def _freeze(self, tid: int) -> int:
+        stopped_by, self.wait_left[tid] = ptrace.freeze_timed(tid)
+        return stopped_by
 
     def thaw(self) -> None:
         if self.attached:
@@ -364,5 +370,7 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
         ckpt = model.Checkpoint(task=task, mm=mm, vmas=vmas, pages=[], sigactions=sigactions, pending=pending,
                                 files=files.refs, fds=fds, ghosts=[], threads=threads)
         objects.collect_task_state_seized(target, frozen_task.tids, ckpt)
+    for tid, state in [(pid, task)] + [(th.tid, th) for th in threads]:
+        state.wait_left_ns = W.wait_left(pid, state.regs, frozen_task.wait_left.get(tid, W.UNKNOWN))
     runs = C.collect_page_runs(pid, vmas) if scan_pages else None
     return ckpt, runs, maps

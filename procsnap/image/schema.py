@@ -36,9 +36,10 @@ from ..objects import cgroups, creds, file, fown, ghost, locks, pipe, settings, 
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 2  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
+MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
 #            FOWN, CGRP, Task.root
+#       1.3: Task/Thread.wait_left_ns
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
