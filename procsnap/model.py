@@ -285,6 +285,7 @@ class Task(ThreadState):
     root: str = "/"  # chroot, as the dumper's root shows it (since format 1.2)
     # ns its interrupted wait had left at the freeze, -1: none or unknown (dumper/waits.py; since 1.3)
     wait_left_ns: int = -1
+    stopped_by: int = 0  # the signal that had stopped it (group-stop, state T), restored stopped (since 1.3)
 
 
 @dataclasses.dataclass

@@ -451,22 +451,3 @@ def test_cli_check(procs, tmp_path):
     flip_byte(images / "procsnap.img", 30)
     assert_cli_error(cli("check", "-D", images), images / "procsnap.img")
     assert_pass(t)
-
-
-def test_stopped_process_refused(procs, tmp_path, proc_snapshot, assert_same_snapshot):
-    """A process in state T is refused (continuing it for the dump would be
-    visible to its parent) and left stopped, untraced; it carries on when
-    continued."""
-    t = procs.start_case(SLEEPER, "pie")
-    t.signal(signal.SIGSTOP)
-    wait_until(lambda: proc_status(t.pid)["State"].startswith("T"), "the target to stop")
-    before = proc_snapshot(t.pid)
-    images = tmp_path / "img"
-    names = (f"pid {t.pid}", "stopped", f"kill -CONT {t.pid}")
-    dump_refused(t.pid, images, Unsupported, *names)
-    assert_cli_error(cli("dump", "-t", t.pid, "-D", images), *names)
-    st = proc_status(t.pid)
-    assert st["State"].startswith("T") and st["TracerPid"] == "0", st
-    assert_same_snapshot(before, proc_snapshot(t.pid))
-    t.signal(signal.SIGCONT)
-    assert_pass(t)

@@ -208,7 +208,7 @@ class FrozenTask:
         self.attached = True
         self.since = time.monotonic()
         self.frozen_s = 0.0
-        self.stopped_by = 0  # it was in a group-stop (state T)
+        self.stopped_by = 0  # it was in a group-stop (state T): by this signal; thawed, it is again
         self.wait_left: dict[int, int] = {}  # tid -> ns its interrupted wait had left (dumper/waits.py)
 
     def freeze(self) -> None:
@@ -286,8 +286,6 @@ class FrozenTree:
                     raise
             else:
                 self.tasks.append(task)
-                if task.stopped_by:
-                    raise C.stopped_process(pid, task.stopped_by)
                 return
             st = proc.read_stat(pid)
         self.zombies.append(model.Proc(pid, st.ppid, st.pgrp, st.session, zombie=True,
@@ -309,8 +307,6 @@ def frozen_tree(pid: int):
     try:
         tree.tasks.append(FrozenTask(pid))
         tree.tasks[0].freeze()
-        if tree.tasks[0].stopped_by:  # stopped between the check and the freeze
-            raise C.stopped_process(pid, tree.tasks[0].stopped_by)
         i = 0
         while i < len(tree.tasks):
             parent = tree.tasks[i].pid
@@ -372,5 +368,6 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
         objects.collect_task_state_seized(target, frozen_task.tids, ckpt)
     for tid, state in [(pid, task)] + [(th.tid, th) for th in threads]:
         state.wait_left_ns = W.wait_left(pid, state.regs, frozen_task.wait_left.get(tid, W.UNKNOWN))
+    task.stopped_by = frozen_task.stopped_by
     runs = C.collect_page_runs(pid, vmas) if scan_pages else None
     return ckpt, runs, maps

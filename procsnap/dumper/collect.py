@@ -45,8 +45,6 @@ def check_supported(pid: int, st: proc.Stat, status: dict[str, str]) -> None:
         raise Unsupported(f"pid {pid}: has POSIX timers; not supported", pid)
     if st.state == "Z":
         raise Unsupported(f"pid {pid}: is a zombie", pid)
-    if st.state == "T":
-        raise stopped_process(pid, 0)
     check_namespaces(pid)
     if st.exit_signal != signal.SIGCHLD:
         raise Unsupported(f"pid {pid}: signals its parent with {_signame(st.exit_signal)} when it exits, not "
@@ -58,14 +56,6 @@ def _signame(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}" if sig else "no signal"
-
-
-def stopped_process(pid: int, sig: int) -> Unsupported:
-    """A group-stopped task cannot run injected syscalls without being
-    continued, which its parent would see; refused rather than changed."""
-    by = f" by {signal.Signals(sig).name}" if sig else ""
-    return Unsupported(f"pid {pid}: is stopped (state T{by}); continue it (kill -CONT {pid}) before dumping; "
-                       "stopped processes are not supported", pid)
 
 
 def _read_text(path: str) -> str:

@@ -39,7 +39,7 @@ MAJOR = 1
 MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
 #            FOWN, CGRP, Task.root
-#       1.3: Task/Thread.wait_left_ns
+#       1.3: Task/Thread.wait_left_ns, Task.stopped_by
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 

@@ -184,6 +184,14 @@ def freeze_timed(pid: int, max_signals: int = 64, options: int = 0) -> tuple[int
         if is_event_stop(status):
             sig = os.WSTOPSIG(status)
             if sig != signal.SIGTRAP:
+                # A group-stop, re-reported to us at the seize; the interrupt
+                # is still pending, and only from its trap can the task be
+                # made to run a syscall (else PTRACE_SYSCALL re-traps at once).
+                # The group stays stopped: its parent is told nothing.
+                cont(pid)
+                status = wait_stop(pid)
+                if not is_event_stop(status):
+                    raise OSError(0, f"pid {pid}: stop {status:#x} after its group-stop, expected the interrupt")
                 return sig, timerlist.UNKNOWN
             left = timerlist.left_ns(sleeping)
             regs = get_regs(pid)

@@ -27,7 +27,7 @@ from . import memory as M
 from . import task as T
 from ..objects.cgroups import restore_cgroups
 from .files import SharedFiles, map_key, prepare_files
-from .spawn import Child, Node, spawn, wait_pid_free
+from .spawn import Child, Node, spawn, wait_pid_free, wait_stopped
 from .tree import open_tree
 from .verify import check_restorable
 
@@ -221,6 +221,8 @@ def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
     shm_fds = {int(name[3:]): fd for name, fd in child.helper_fds.items() if name.startswith("shm")}
     # EXITKILL: the half-built process dies with the restorer, until detach
     # TRACECLONE: the threads it is made to create are stopped at birth
+    if ckpt.task.stopped_by:
+        wait_stopped(pid)
     ptrace.freeze(pid, options=ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACECLONE)
     maps = proc.read_smaps(pid)
     busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in ckpt.vmas]

@@ -108,8 +108,7 @@ def _child_setup(node: Node) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     _set_session(node)
     # Children before anything of ours changes: they inherit the restorer's fds.
-    for child in node.children:
-        _clone(child)
+    stopped = [pid for child in node.children if (pid := _clone(child)) and child.task and child.task.stopped_by]
     # Helpers first go above every number in use, so nothing collides.
     for src, want in helpers.values():
         os.dup2(src, want, inheritable=False)
@@ -138,9 +137,28 @@ def _child_setup(node: Node) -> None:
     for r in task.rlimits:
         resource.setrlimit(r.resource, (_rlim(r.soft), _rlim(r.hard)))
     ready_w, sync_r = helpers["ready"][1], helpers["sync"][1]
+    for pid in stopped:  # their stop is ours to be told of: the parent this becomes saw it long ago
+        os.waitpid(pid, os.WUNTRACED)
     os.write(ready_w, b"R")
     os.close(ready_w)
+    if task.stopped_by:  # restored stopped (see wait_stopped)
+        os.kill(os.getpid(), signal.SIGSTOP)
     os.read(sync_r, 1)  # frozen here by the restorer, never returns
+
+
+def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+    """A process restored stopped stops itself once ready (_child_setup), in
+    a group-stop its parent has already been told of, as the dumped one's
+    had. It is rebuilt from that stop (injection works from a group-stop)
+    and its release leaves it there: the kernel puts a task that was in a
+    group-stop back into it at detach, telling no one. SIGSTOP whatever
+    signal had stopped it: SIGTSTP, SIGTTIN and SIGTTOU are discarded in an
+    orphaned process group."""
+    deadline = time.monotonic() + timeout
+    while proc.read_stat(pid).state != "T":
+        if time.monotonic() > deadline:
+            raise RestoreError(f"pid {pid}: did not stop itself within {timeout:.0f} s", pid)
+        time.sleep(0.001)
 
 
 def _reset_signal_actions() -> None:
