@@ -114,3 +114,33 @@ def test_python_time_sleep_keeps_deadline(procs, tmp_path, restored_at):
     assert t.wait_exit(timeout=20)[0] == 0
     took = elapsed(t.output())
     assert 6.0 <= took < max(6.0, slept + down) + slept / 2, f"time.sleep(6) took {took:.2f} s"
+
+
+# --------------------------------------------------------------------------
+# Interval timers (objects/timers.py): their time left is the dump's
+
+
+def test_itimers_kept(procs, tmp_path):
+    """Each interval timer comes back armed with its interval and its time
+    left (the state check compares armed and interval too)."""
+    t = procs.start_case(Case("timers", "itimers"), "pie")
+    dump_kill(t, tmp_path / "img")
+    restore(procs, t, tmp_path / "img")
+    assert_pass(t)
+
+
+def test_itimers_target_sees_a_lost_timer(procs):
+    t = procs.start_case(Case("timers", "itimers"), "pie", sabotage=True)
+    status, out = t.wait_result()
+    assert status == 1 and "FAIL: ITIMER_PROF" in out, out
+
+
+def test_itimer_fires_after_restore(procs, tmp_path):
+    """An ITIMER_REAL dumped before it first fired fires after the restore,
+    then every interval: the target counts four SIGALRMs."""
+    t = procs.start_case(Case("timers", "fires"), "pie")
+    dump_kill(t, tmp_path / "img")
+    assert "ALARMS" not in t.output()
+    restore(procs, t, tmp_path / "img")
+    wait_until(lambda: "ALARMS 4" in t.output(), "four SIGALRMs after the restore")
+    assert_pass(t)

@@ -355,7 +355,6 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
     fds = C.collect_fds(pid, files, shell_job, kinds)
     pending = C.collect_pending(pid)
     with infect.infected(pid, maps) as target:
-        C.check_itimers_seized(target)
         for kind in kinds:
             kind.collect_seized(target, fds)
         mm = C.collect_mm_seized(pid, st, target, files)

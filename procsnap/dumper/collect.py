@@ -41,8 +41,10 @@ def check_supported(pid: int, st: proc.Stat, status: dict[str, str]) -> None:
     """Refuse what this version cannot checkpoint, before freezing."""
     if status.get("Seccomp", "0") != "0":
         raise Unsupported(f"pid {pid}: uses seccomp (mode {status['Seccomp']}); not supported", pid)
-    if _read_text(f"/proc/{pid}/timers").strip():
-        raise Unsupported(f"pid {pid}: has POSIX timers; not supported", pid)
+    timers = [line.split()[1] for line in _read_text(f"/proc/{pid}/timers").splitlines() if line.startswith("ID:")]
+    if timers:
+        raise Unsupported(f"pid {pid}: has POSIX timers (timer_create) with id {', '.join(timers)}; "
+                          "not supported (interval timers, setitimer, are)", pid)
     if st.state == "Z":
         raise Unsupported(f"pid {pid}: is a zombie", pid)
     check_namespaces(pid)
@@ -187,18 +189,6 @@ def collect_sigactions_seized(target: Target, status: dict[str, str]) -> list[mo
         if handler or flags or mask:
             out.append(model.SigAction(sig, handler, model.SaFlag(flags), restorer, mask))
     return out
-
-
-ITIMERS = ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF")
-
-
-def check_itimers_seized(target: Target) -> None:
-    """Interval timers are not restored yet: refuse rather than lose them."""
-    for which, name in enumerate(ITIMERS):
-        target.call(NR.getitimer, which, target.scratch)
-        if any(struct.unpack("<4q", target.read_scratch(32))):
-            raise Unsupported(f"pid {target.pid}: has an active interval timer ({name}); not supported",
-                              target.pid)
 
 
 def collect_pending(pid: int) -> list[model.PendingSignal]:

@@ -32,14 +32,14 @@ import types
 import typing
 
 from .. import model
-from ..objects import cgroups, creds, file, fown, ghost, locks, pipe, settings, shm, unix
+from ..objects import cgroups, creds, file, fown, ghost, locks, pipe, settings, shm, timers, unix
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
 MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
 #            FOWN, CGRP, Task.root
-#       1.3: Task/Thread.wait_left_ns, Task.stopped_by
+#       1.3: Task/Thread.wait_left_ns, Task.stopped_by, ITMR
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -78,6 +78,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"CRED": (creds.Creds, "creds", True),
     b"FOWN": (fown.FdOwner, "owners", True),
     b"CGRP": (cgroups.Cgroup, "cgroups", True),
+    b"ITMR": (timers.ITimer, "itimers", True),
 }
 END = b"END "
 

@@ -15,6 +15,7 @@ import typing
 from .. import model
 from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, settings, shm, \
     signalfd, timerfd, tty, unix
+from . import timers
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -26,8 +27,9 @@ if typing.TYPE_CHECKING:
 # restored in this order: locks and fd owners through the restorer's
 # privileges, then the credentials (which drop them), then the settings
 # (dumpable, which a credential change resets, among them); cgroups are
-# joined earlier, at the spawn.
-TASK_STATE = (locks, fown, creds, settings, cgroups)
+# joined earlier, at the spawn; the interval timers last, so they start
+# counting as late as they can.
+TASK_STATE = (locks, fown, creds, settings, cgroups, timers)
 
 
 def collect_task_state_seized(target, tids: list[int], ckpt: model.Checkpoint) -> None:
