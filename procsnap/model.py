@@ -34,7 +34,7 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.fown import FdOwner
     from .objects.cgroups import Cgroup
     from .objects.settings import Settings
-    from .objects.timers import ITimer
+    from .objects.timers import ITimer, PosixTimer
 
 
 class Prot(enum.IntFlag):
@@ -351,3 +351,4 @@ class Checkpoint:
     owners: list[FdOwner] = dataclasses.field(default_factory=list)  # since format 1.2
     cgroups: list[Cgroup] = dataclasses.field(default_factory=list)  # since format 1.2
     itimers: list[ITimer] = dataclasses.field(default_factory=list)  # armed ones, since format 1.3
+    posix_timers: list[PosixTimer] = dataclasses.field(default_factory=list)  # since format 1.3

@@ -364,7 +364,8 @@ def capture(pid: int, root: bool = False, inject: bool = True) -> dict[str, str]
                                                         "stat.session", "stat.ppid", "stat.exit_code")}
     state.update(_status(f"{base}/status", root))
     for name in ("oom_score_adj", "timerslack_ns", "personality", "loginuid", "sessionid", "cgroup",
-                 "coredump_filter", "comm", "limits", "attr/current", "setgroups", "uid_map", "gid_map"):
+                 "coredump_filter", "comm", "limits", "attr/current", "setgroups", "uid_map", "gid_map",
+                 "timers"):
         state[name] = _read(f"{base}/{name}").strip()
     for name in ("auxv", "environ", "cmdline"):
         state[name] = _read(f"{base}/{name}", binary=True)

@@ -130,7 +130,7 @@ def test_traced_by_another(procs, tmp_path, proc_snapshot, assert_same_snapshot)
     assert_pass(t)
 
 
-@pytest.mark.parametrize("kind", ["pipe", "socket", "listening", "posix-timer", "device-node"])
+@pytest.mark.parametrize("kind", ["pipe", "socket", "listening", "device-node"])
 def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_snapshot):
     images = tmp_path / "img"
     extra = []          # (pid, ) of grandchildren to kill first
@@ -179,14 +179,6 @@ def test_unsupported_resource(kind, procs, tmp_path, proc_snapshot, assert_same_
             finally:
                 os.close(fd)
             names = (f"pid {t.pid}", f"fd {fd}", str(node), "unlinked character device node", "1:11")
-        elif kind == "posix-timer":
-            code = ("import ctypes, os, time\n"
-                    "timer = ctypes.c_void_p()\n"
-                    "assert ctypes.CDLL(None).timer_create(1, None, ctypes.byref(timer)) == 0\n"
-                    "os.write(1, b'READY\\n')\n"
-                    "time.sleep(1000)\n")
-            t = procs.start([sys.executable, "-c", code], name="posix-timer")
-            names = (f"pid {t.pid}", "POSIX timer", "id 0", "timer_create")
 
         before = proc_snapshot(t.pid)
         dump_refused(t.pid, images, Unsupported, *names)

@@ -117,22 +117,28 @@ def test_python_time_sleep_keeps_deadline(procs, tmp_path, restored_at):
 
 
 # --------------------------------------------------------------------------
-# Interval timers (objects/timers.py): their time left is the dump's
+# Timers (objects/timers.py): their time left is the dump's
 
 
-def test_itimers_kept(procs, tmp_path):
-    """Each interval timer comes back armed with its interval and its time
-    left (the state check compares armed and interval too)."""
-    t = procs.start_case(Case("timers", "itimers"), "pie")
+@pytest.mark.parametrize("mode", ["itimers", "posix"])
+def test_timers_kept(procs, mode, tmp_path):
+    """itimers: each interval timer comes back armed with its interval and
+    its time left. posix: POSIX timers on every clock and with each
+    notification come back with their ids, clock, signal, value, notified
+    thread, interval and time left (the target compares /proc/self/timers
+    and timer_gettime), and go on firing. The state check compares
+    /proc/PID/timers, and each interval timer's being armed and interval."""
+    t = procs.start_case(Case("timers", mode), "pie")
     dump_kill(t, tmp_path / "img")
     restore(procs, t, tmp_path / "img")
     assert_pass(t)
 
 
-def test_itimers_target_sees_a_lost_timer(procs):
-    t = procs.start_case(Case("timers", "itimers"), "pie", sabotage=True)
+@pytest.mark.parametrize("mode, lost", [("itimers", "ITIMER_PROF"), ("posix", "/proc/self/timers")])
+def test_timers_target_sees_a_lost_timer(procs, mode, lost):
+    t = procs.start_case(Case("timers", mode), "pie", sabotage=True)
     status, out = t.wait_result()
-    assert status == 1 and "FAIL: ITIMER_PROF" in out, out
+    assert status == 1 and f"FAIL: {lost}" in out, out
 
 
 def test_itimer_fires_after_restore(procs, tmp_path):

@@ -41,10 +41,6 @@ def check_supported(pid: int, st: proc.Stat, status: dict[str, str]) -> None:
     """Refuse what this version cannot checkpoint, before freezing."""
     if status.get("Seccomp", "0") != "0":
         raise Unsupported(f"pid {pid}: uses seccomp (mode {status['Seccomp']}); not supported", pid)
-    timers = [line.split()[1] for line in _read_text(f"/proc/{pid}/timers").splitlines() if line.startswith("ID:")]
-    if timers:
-        raise Unsupported(f"pid {pid}: has POSIX timers (timer_create) with id {', '.join(timers)}; "
-                          "not supported (interval timers, setitimer, are)", pid)
     if st.state == "Z":
         raise Unsupported(f"pid {pid}: is a zombie", pid)
     check_namespaces(pid)
@@ -58,14 +54,6 @@ def _signame(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}" if sig else "no signal"
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
 
 
 def classify_vma(pid: int, m: MapsEntry, files: FileTable, kinds: list[Collect]) -> model.Vma | None:

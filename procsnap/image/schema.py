@@ -39,7 +39,7 @@ MAJOR = 1
 MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
 #            FOWN, CGRP, Task.root
-#       1.3: Task/Thread.wait_left_ns, Task.stopped_by, ITMR
+#       1.3: Task/Thread.wait_left_ns, Task.stopped_by, ITMR, PTMR
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -79,6 +79,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"FOWN": (fown.FdOwner, "owners", True),
     b"CGRP": (cgroups.Cgroup, "cgroups", True),
     b"ITMR": (timers.ITimer, "itimers", True),
+    b"PTMR": (timers.PosixTimer, "posix_timers", True),
 }
 END = b"END "
 
