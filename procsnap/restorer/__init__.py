@@ -159,6 +159,10 @@ def rebuild_all(live: list, rebuild_one, ready=lambda: None) -> None:
         for p, image in reversed(share):  # children first: all are ready
             with translated(p.pid, "restore", RestoreError):
                 T.release(p.pid, image.checkpoint.threads)
+        for p, image in share:  # back in their group-stop before the restore returns
+            if image.checkpoint.task.stopped_by:
+                with translated(p.pid, "restore", RestoreError):
+                    wait_stopped(p.pid, [th.tid for th in image.checkpoint.threads])
 
     if len(shares) == 1:
         work(shares[0])

@@ -146,16 +146,17 @@ def _child_setup(node: Node) -> None:
     os.read(sync_r, 1)  # frozen here by the restorer, never returns
 
 
-def wait_stopped(pid: int, timeout: float = 10.0) -> None:
+def wait_stopped(pid: int, tids: list[int] = (), timeout: float = 10.0) -> None:
     """A process restored stopped stops itself once ready (_child_setup), in
     a group-stop its parent has already been told of, as the dumped one's
     had. It is rebuilt from that stop (injection works from a group-stop)
     and its release leaves it there: the kernel puts a task that was in a
     group-stop back into it at detach, telling no one. SIGSTOP whatever
     signal had stopped it: SIGTSTP, SIGTTIN and SIGTTOU are discarded in an
-    orphaned process group."""
+    orphaned process group. Also once released: until its threads `tids`
+    too are back in the stop (a detached task re-enters it on its own)."""
     deadline = time.monotonic() + timeout
-    while proc.read_stat(pid).state != "T":
+    while any(proc.read_stat(f"{pid}/task/{t}").state != "T" for t in [pid, *tids]):
         if time.monotonic() > deadline:
             raise RestoreError(f"pid {pid}: did not stop itself within {timeout:.0f} s", pid)
         time.sleep(0.001)
