@@ -38,6 +38,7 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.inet import InetSocket
     from .objects.pty import Pty
     from .image.chunks import PageCodec
+    from .objects.timers import ITimer, PosixTimer
 
 
 class Prot(enum.IntFlag):
@@ -311,6 +312,9 @@ class Task(ThreadState):
     root: str = "/"  # chroot, as the dumper's root shows it (since format 1.2)
     cwd_removed: dict[str, int] = dataclasses.field(default_factory=dict)  # 1.3: attrs of a removed cwd
     mlockall: int = 0  # 1.3: MCL_FUTURE | MCL_ONFAULT, as mm->def_flags shows them (objects/memlock.py)
+    # ns its interrupted wait had left at the freeze, -1: none or unknown (dumper/waits.py; since 1.3)
+    wait_left_ns: int = -1
+    stopped_by: int = 0  # the signal that had stopped it (group-stop, state T), restored stopped (since 1.3)
 
 
 @dataclasses.dataclass
@@ -319,6 +323,7 @@ class Thread(ThreadState):
 
     tid: int
     pending: list[bytes] = dataclasses.field(default_factory=list)  # siginfos queued to this thread
+    wait_left_ns: int = -1  # as Task.wait_left_ns (since 1.3)
 
 
 @dataclasses.dataclass
@@ -378,3 +383,5 @@ class Checkpoint:
     inet_sockets: list[InetSocket] = dataclasses.field(default_factory=list)  # since format 1.3
     ptys: list[Pty] = dataclasses.field(default_factory=list)  # the root's, since format 1.3
     codec: list[PageCodec] = dataclasses.field(default_factory=list)  # none or one, since format 1.3
+    itimers: list[ITimer] = dataclasses.field(default_factory=list)  # armed ones, since format 1.3
+    posix_timers: list[PosixTimer] = dataclasses.field(default_factory=list)  # since format 1.3

@@ -402,10 +402,21 @@ def _injected(pid: int) -> dict[str, str]:
                                 if ret == 0 else f"<{os.strerror(-ret)}>")
             regs = target.call(SYS_membarrier, MEMBARRIER_CMD_GET_REGISTRATIONS, 0, check=False)
             out["membarrier"] = str(regs) if not -4096 < regs < 0 else f"<{os.strerror(-regs)}>"
+            out.update(_itimers(target))
             out.update(_fd_owners(target))
             out["mm.def_flags"] = _def_flags(target)
     finally:
         ptrace.detach(pid)
+    return out
+
+
+def _itimers(target) -> dict[str, str]:
+    """Each interval timer: armed or not, and its interval (its time left runs on)."""
+    out = {}
+    for which, name in enumerate(("REAL", "VIRTUAL", "PROF")):
+        target.call(NR.getitimer, which, target.scratch)
+        isec, iusec, vsec, vusec = struct.unpack("<4q", target.read_scratch(32))
+        out[f"itimer.{name}"] = f"armed, interval {isec * 1_000_000 + iusec} us" if vsec or vusec else "disarmed"
     return out
 
 
@@ -466,7 +477,8 @@ def capture(pid: int, root: bool = False, inject: bool = True) -> dict[str, str]
                                                         "stat.session", "stat.ppid", "stat.exit_code")}
     state.update(_status(f"{base}/status", root))
     for name in ("oom_score_adj", "timerslack_ns", "personality", "loginuid", "sessionid", "cgroup",
-                 "coredump_filter", "comm", "limits", "attr/current", "setgroups", "uid_map", "gid_map"):
+                 "coredump_filter", "comm", "limits", "attr/current", "setgroups", "uid_map", "gid_map",
+                 "timers"):
         state[name] = _read(f"{base}/{name}").strip()
     for name in ("auxv", "environ", "cmdline"):
         state[name] = _read(f"{base}/{name}", binary=True)

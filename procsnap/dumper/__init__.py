@@ -28,6 +28,7 @@ from ..objects.file import FileTable
 from ..objects.protocol import Collect
 from . import collect as C
 from . import tree as T
+from . import waits as W
 from .pages import write_pages_seized
 from .snapshot import cow_snapshot, read_while_frozen
 
@@ -237,13 +238,14 @@ class FrozenTask:
         self.attached = True
         self.since = time.monotonic()
         self.frozen_s = 0.0
-        self.stopped_by = 0  # it was in a group-stop (state T)
+        self.stopped_by = 0  # it was in a group-stop (state T): by this signal; thawed, it is again
+        self.wait_left: dict[int, int] = {}  # tid -> ns its interrupted wait had left (dumper/waits.py)
 
     def freeze(self) -> None:
         """Every thread, until no new one appears: a thread not yet frozen
         may still create another."""
         self.tids.append(self.pid)  # before the freeze: a half-done one is undone by thaw too
-        self.stopped_by = ptrace.freeze(self.pid)
+        self.stopped_by = self._freeze(self.pid)
         while True:
             new = [t for t in proc.list_tids(self.pid) if t not in self.tids]
             if not new:
@@ -251,9 +253,13 @@ class FrozenTask:
             for tid in new:
                 self.tids.append(tid)
                 try:
-                    ptrace.freeze(tid)
+                    self._freeze(tid)
                 except ProcessLookupError:
                     self.tids.remove(tid)  # it exited before we got to it
+
+    def _freeze(self, tid: int) -> int:
+        stopped_by, self.wait_left[tid] = ptrace.freeze_timed(tid)
+        return stopped_by
 
     def thaw(self) -> None:
         if self.attached:
@@ -310,8 +316,6 @@ class FrozenTree:
                     raise
             else:
                 self.tasks.append(task)
-                if task.stopped_by:
-                    raise C.stopped_process(pid, task.stopped_by)
                 return
             st = proc.read_stat(pid)
         self.zombies.append(model.Proc(pid, st.ppid, st.pgrp, st.session, zombie=True,
@@ -333,8 +337,6 @@ def frozen_tree(pid: int):
     try:
         tree.tasks.append(FrozenTask(pid))
         tree.tasks[0].freeze()
-        if tree.tasks[0].stopped_by:  # stopped between the check and the freeze
-            raise C.stopped_process(pid, tree.tasks[0].stopped_by)
         i = 0
         while i < len(tree.tasks):
             parent = tree.tasks[i].pid
@@ -385,7 +387,6 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
     fds = C.collect_fds(pid, files, shell_job, kinds)
     pending = C.collect_pending(pid)
     with infect.infected(pid, maps) as target:
-        C.check_itimers_seized(target)
         for kind in kinds:
             kind.collect_seized(target, fds)
         mm = C.collect_mm_seized(pid, st, target, files)
@@ -396,5 +397,8 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
         ckpt = model.Checkpoint(task=task, mm=mm, vmas=vmas, pages=[], sigactions=sigactions, pending=pending,
                                 files=files.refs, fds=fds, ghosts=[], threads=threads)
         objects.collect_task_state_seized(target, frozen_task.tids, ckpt)
+    for tid, state in [(pid, task)] + [(th.tid, th) for th in threads]:
+        state.wait_left_ns = W.wait_left(pid, state.regs, frozen_task.wait_left.get(tid, W.UNKNOWN))
+    task.stopped_by = frozen_task.stopped_by
     runs = C.collect_page_runs(pid, vmas) if scan_pages else None
     return ckpt, runs, maps

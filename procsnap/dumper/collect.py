@@ -43,12 +43,8 @@ SIGKILL, SIGSTOP = 9, 19
 def check_supported(pid: int, st: proc.Stat, status: dict[str, str]) -> None:
     """Refuse what this version cannot checkpoint, before freezing."""
     check_seccomp_dumpable(pid)
-    if _read_text(f"/proc/{pid}/timers").strip():
-        raise Unsupported(f"pid {pid}: has POSIX timers; not supported", pid)
     if st.state == "Z":
         raise Unsupported(f"pid {pid}: is a zombie", pid)
-    if st.state == "T":
-        raise stopped_process(pid, 0)
     check_namespaces(pid)
     if st.exit_signal != signal.SIGCHLD:
         raise Unsupported(f"pid {pid}: signals its parent with {_signame(st.exit_signal)} when it exits, not "
@@ -60,22 +56,6 @@ def _signame(sig: int) -> str:
         return signal.Signals(sig).name
     except ValueError:
         return f"signal {sig}" if sig else "no signal"
-
-
-def stopped_process(pid: int, sig: int) -> Unsupported:
-    """A group-stopped task cannot run injected syscalls without being
-    continued, which its parent would see; refused rather than changed."""
-    by = f" by {signal.Signals(sig).name}" if sig else ""
-    return Unsupported(f"pid {pid}: is stopped (state T{by}); continue it (kill -CONT {pid}) before dumping; "
-                       "stopped processes are not supported", pid)
-
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read()
-    except FileNotFoundError:
-        return ""
 
 
 def classify_vma(pid: int, m: MapsEntry, files: FileTable, kinds: list[Collect]) -> model.Vma | None:
@@ -202,18 +182,6 @@ def collect_sigactions_seized(target: Target, status: dict[str, str]) -> list[mo
         if handler or flags or mask:
             out.append(model.SigAction(sig, handler, model.SaFlag(flags), restorer, mask))
     return out
-
-
-ITIMERS = ("ITIMER_REAL", "ITIMER_VIRTUAL", "ITIMER_PROF")
-
-
-def check_itimers_seized(target: Target) -> None:
-    """Interval timers are not restored yet: refuse rather than lose them."""
-    for which, name in enumerate(ITIMERS):
-        target.call(NR.getitimer, which, target.scratch)
-        if any(struct.unpack("<4q", target.read_scratch(32))):
-            raise Unsupported(f"pid {target.pid}: has an active interval timer ({name}); not supported",
-                              target.pid)
 
 
 def collect_pending(pid: int) -> list[model.PendingSignal]:

@@ -32,7 +32,7 @@ import types
 import typing
 
 from .. import model
-from ..objects import cgroups, creds, file, fown, ghost, inet, locks, pipe, pty, settings, shm, unix
+from ..objects import cgroups, creds, file, fown, ghost, inet, locks, pipe, pty, settings, shm, timers, unix
 from ..objects import seccomp
 from . import chunks
 
@@ -50,7 +50,8 @@ MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #            PTY, FdKind pty-master/pty-slave/dev-tty,
 #            XFRM (pages.img in compressed/encrypted chunks, chunks.py); an encrypted
 #            inventory is CRYP then SEAL, the records sealed inside it (sealing.py);
-#            PREF sources "parent:REL", pages of a parent image (dump --prev-images-dir, series.py)
+#            PREF sources "parent:REL", pages of a parent image (dump --prev-images-dir, series.py),
+#            Task/Thread.wait_left_ns, Task.stopped_by, ITMR, PTMR
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -93,6 +94,8 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"INET": (inet.InetSocket, "inet_sockets", True),
     b"PTY ": (pty.Pty, "ptys", True),
     b"XFRM": (chunks.PageCodec, "codec", True),
+    b"ITMR": (timers.ITimer, "itimers", True),
+    b"PTMR": (timers.PosixTimer, "posix_timers", True),
 }
 END = b"END "
 CRYP = b"CRYP"  # in the clear, first: an encrypted image's cipher, salt and key check

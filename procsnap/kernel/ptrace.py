@@ -28,6 +28,7 @@ import functools
 import os
 import signal
 
+from . import timerlist
 from .arch import x86_64 as arch
 from .libc import libc, oserror
 
@@ -172,21 +173,49 @@ def is_syscall_stop(status: int) -> bool:
 
 
 def freeze(pid: int, max_signals: int = 64, options: int = 0) -> int:
+    """freeze_timed without the time left."""
+    return freeze_timed(pid, max_signals, options)[0]
+
+
+def freeze_timed(pid: int, max_signals: int = 64, options: int = 0) -> tuple[int, int]:
     """Seize and stop a task; signals already on their way are delivered first.
 
     A signal-delivery stop that comes before the interrupt trap is passed
     on (the task runs its handler setup, as if the signal had arrived just
     before the freeze) and the interrupt trap follows. Returns the signal
     that had stopped the task (SIGSTOP, SIGTSTP ...) if it was in a
-    group-stop (state T), else 0.
+    group-stop (state T), else 0; and the ns the wait the freeze
+    interrupted had left, where only the kernel keeps it (timerlist), else
+    -1.
+
+    A wait the kernel ends with EINTR when stopped (epoll_wait) is made to
+    be called again, with that time left as its timeout
+    (arch.reenter_eintr_wait): the program would see EINTR from a freeze it
+    knows nothing of. One a real stop signal ended is left as the kernel
+    leaves it.
     """
+    sleeping = timerlist.probe(pid)
     seize(pid, PTRACE_O_TRACESYSGOOD | options | suspend_seccomp())
     interrupt(pid)
     for _ in range(max_signals):
         status = wait_stop(pid)
         if is_event_stop(status):
             sig = os.WSTOPSIG(status)
-            return 0 if sig == signal.SIGTRAP else sig
+            if sig != signal.SIGTRAP:
+                # A group-stop, re-reported to us at the seize; the interrupt
+                # is still pending, and only from its trap can the task be
+                # made to run a syscall (else PTRACE_SYSCALL re-traps at once).
+                # The group stays stopped: its parent is told nothing.
+                cont(pid)
+                status = wait_stop(pid)
+                if not is_event_stop(status):
+                    raise OSError(0, f"pid {pid}: stop {status:#x} after its group-stop, expected the interrupt")
+                return sig, timerlist.UNKNOWN
+            left = timerlist.left_ns(sleeping)
+            regs = get_regs(pid)
+            if arch.reenter_eintr_wait(regs, left):
+                set_regs(pid, regs)
+            return 0, left
         cont(pid, os.WSTOPSIG(status))
     raise OSError(0, f"pid {pid}: did not stop after {max_signals} signals")
 
@@ -283,13 +312,17 @@ class Injector:
                 return status
             raise OSError(0, f"pid {self.pid}: unexpected stop {status:#x} during an injected syscall")
 
-    def __call__(self, nr: int, *args: int, check: bool = True) -> int:
+    def _enter(self, nr: int, args) -> None:
+        """Into the syscall-entry stop of call `nr`."""
         regs = arch.prepare_injection(self.base, self.gadget, nr, args)
         if not self.blocked:
             set_sigmask(self.pid, ALL_SIGNALS_BLOCKED)
             self.blocked = True
         set_regs(self.pid, regs)
-        self._resume_until(Req.SYSCALL, is_syscall_stop)  # entry
+        self._resume_until(Req.SYSCALL, is_syscall_stop)
+
+    def __call__(self, nr: int, *args: int, check: bool = True) -> int:
+        self._enter(nr, args)
         self._resume_until(Req.SYSCALL, is_syscall_stop)  # exit
         ret = arch.syscall_result(get_regs(self.pid))
         if self.put_back:
@@ -297,6 +330,23 @@ class Injector:
         if check and -4096 < ret < 0:
             name = arch.NR(nr).name if nr in arch.NR.__members__.values() else str(nr)
             raise OSError(-ret, f"injected {name}{tuple(args)}: {os.strerror(-ret)}")
+        return ret
+
+    def call_interrupted(self, nr: int, *args: int) -> int:
+        """Syscall `nr` made as if a signal had come the moment it began: an
+        interrupt is made pending at its entry stop, so a call that would
+        block returns at once what it returns to a signal, its restart code
+        (and the kernel has set the task's restart block, as for a real
+        signal), and a call with nothing to wait for returns its result.
+        The syscall-exit stop takes the place of the interrupt trap (any
+        ptrace stop clears a pending one); the task stays in it with its own
+        registers (self.base) again, so that no restart rule applies to the
+        call's when it leaves."""
+        self._enter(nr, args)
+        interrupt(self.pid)
+        self._resume_until(Req.SYSCALL, is_syscall_stop)  # exit, at once
+        ret = arch.syscall_result(get_regs(self.pid))
+        set_regs(self.pid, self.base)
         return ret
 
     def restore(self) -> None:

@@ -16,6 +16,7 @@ from .. import model
 from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, pipe, protocol, pty, settings, shm, \
     signalfd, timerfd, tty, unix, inet
 from . import fanotify, ghostdir, inotify, memlock, opath, procfd, seccomp
+from . import timers
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -30,8 +31,9 @@ if typing.TYPE_CHECKING:
 # joined earlier, at the spawn. Memory locks and guards come first, through
 # the restorer's CAP_IPC_LOCK. seccomp filters go in before the credentials,
 # with the restorer's privileges (tracees run no filter while seized), and so
-# do the pidfds and /proc files the process opens again (procfd).
-TASK_STATE = (memlock, locks, fown, seccomp, procfd, creds, settings, cgroups)
+# do the pidfds and /proc files the process opens again (procfd); the
+# interval timers last, so they start counting as late as they can.
+TASK_STATE = (memlock, locks, fown, seccomp, procfd, creds, settings, cgroups, timers)
 
 
 def collect_task_state_seized(target, tids: list[int], ckpt: model.Checkpoint) -> None:

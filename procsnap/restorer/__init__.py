@@ -32,7 +32,7 @@ from .files import SharedFiles, map_key, prepare_files
 from .forkbuild import (child_target, finish_seized, fork_built, fork_child_seized, helper_numbers, make_zombie_seized,
                         setup_seized)
 from .inherit import kept_vmas, restore_kept_seized
-from .spawn import Child, Node, spawn, wait_pid_free
+from .spawn import Child, Node, spawn, wait_pid_free, wait_stopped
 from .tree import open_tree
 from .verify import check_restorable
 
@@ -186,6 +186,10 @@ def rebuild_all(live: list, rebuild_one, ready=lambda: None, forked_from: dict[i
         for p, image in reversed(share):  # children first: all are ready
             with translated(p.pid, "restore", RestoreError):
                 T.release(p.pid, image.checkpoint.threads)
+        for p, image in share:  # back in their group-stop before the restore returns
+            if image.checkpoint.task.stopped_by:
+                with translated(p.pid, "restore", RestoreError):
+                    wait_stopped(p.pid, [th.tid for th in image.checkpoint.threads])
 
     if len(shares) == 1:
         work(shares[0])
@@ -281,6 +285,8 @@ def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
     pid = child.pid
     # EXITKILL: the half-built process dies with the restorer, until detach
     # TRACECLONE: the threads it is made to create are stopped at birth
+    if ckpt.task.stopped_by:
+        wait_stopped(pid)
     # TRACEFORK: so are the children forked from it (forkbuild.py)
     ptrace.freeze(pid, options=ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK)
     maps = proc.read_smaps(pid)

@@ -75,6 +75,8 @@ def _may_fork(node: Node, images: dict) -> bool:
     parent = node.parent
     if parent is None or node.proc.zombie or parent.proc.zombie or node.task is None:
         return False
+    if node.task.stopped_by:
+        return False  # restored stopped: spawn.py's path waits for its stop
     if any(images[pid].codec is not None or images[pid].remote for pid in (node.proc.pid, parent.proc.pid)):
         return False  # pages decoded by chunk (image/chunks.py): inherit.py writes from plain mappings only
     mine, theirs = images[node.proc.pid].checkpoint, images[parent.proc.pid].checkpoint

@@ -111,9 +111,8 @@ def _child_setup(node: Node) -> None:
     for in_session in files.in_session:
         in_session()
     # Children before anything of ours changes: they inherit the restorer's fds.
-    for child in node.children:
-        if not child.fork_built:
-            _clone(child)
+    stopped = [pid for child in node.children
+               if not child.fork_built and (pid := _clone(child)) and child.task and child.task.stopped_by]
     # Helpers first go above every number in use, so nothing collides.
     for src, want in helpers.values():
         os.dup2(src, want, inheritable=False)
@@ -152,9 +151,29 @@ def _child_setup(node: Node) -> None:
             raise RestoreError(f"cannot set its resource limit {r.resource} to soft {r.soft} hard {r.hard}: "
                                f"{describe(err)}") from err
     ready_w, sync_r = helpers["ready"][1], helpers["sync"][1]
+    for pid in stopped:  # their stop is ours to be told of: the parent this becomes saw it long ago
+        os.waitpid(pid, os.WUNTRACED)
     os.write(ready_w, b"R")
     os.close(ready_w)
+    if task.stopped_by:  # restored stopped (see wait_stopped)
+        os.kill(os.getpid(), signal.SIGSTOP)
     os.read(sync_r, 1)  # frozen here by the restorer, never returns
+
+
+def wait_stopped(pid: int, tids: list[int] = (), timeout: float = 10.0) -> None:
+    """A process restored stopped stops itself once ready (_child_setup), in
+    a group-stop its parent has already been told of, as the dumped one's
+    had. It is rebuilt from that stop (injection works from a group-stop)
+    and its release leaves it there: the kernel puts a task that was in a
+    group-stop back into it at detach, telling no one. SIGSTOP whatever
+    signal had stopped it: SIGTSTP, SIGTTIN and SIGTTOU are discarded in an
+    orphaned process group. Also once released: until its threads `tids`
+    too are back in the stop (a detached task re-enters it on its own)."""
+    deadline = time.monotonic() + timeout
+    while any(proc.read_stat(f"{pid}/task/{t}").state != "T" for t in [pid, *tids]):
+        if time.monotonic() > deadline:
+            raise RestoreError(f"pid {pid}: did not stop itself within {timeout:.0f} s", pid)
+        time.sleep(0.001)
 
 
 def _reset_signal_actions() -> None:

@@ -16,10 +16,11 @@ import struct
 
 from .. import model
 from ..errors import RestoreError
-from ..kernel import infect, ptrace
+from ..kernel import infect, proc, ptrace
 from ..kernel.arch import x86_64 as arch
 from ..kernel.arch.x86_64 import NR
 from ..kernel.infect import Target
+from . import waits as W
 from ..kernel.structs import (KSIGACTION, ROBUST_LIST_HEAD_SIZE, RSEQ_FLAG_UNREGISTER, SIGSET_SIZE, SS_DISABLE,
                               STACK_T, Prctl)
 
@@ -114,10 +115,17 @@ def unregister_rseq_seized(target: Target) -> None:
 
 
 def load_registers(pid: int, task: model.Task, threads: list[model.Thread] = ()) -> None:
-    """Saved registers (with the syscall-restart rule applied), xstate and
-    mask of every thread; they run once released."""
+    """Saved registers (with the syscall-restart rule applied, an
+    interrupted wait resumed with its time left: restorer/waits.py), xstate
+    and mask of every thread; they run once released."""
+    gadget = 0
     for tid, state in [(pid, task)] + [(th.tid, th) for th in threads]:
         regs = arch.user_regs_struct(**state.regs)
+        call = None
+        if W.needs_injection(regs, state.wait_left_ns):
+            gadget = gadget or infect.find_gadget(pid, proc.read_maps(pid))
+            call = ptrace.Injector(tid, gadget, ptrace.get_regs(tid), state.sigmask, put_back=False)
+        W.resume_wait_seized(tid, call, regs, state.wait_left_ns)
         arch.rewind_to_syscall(regs, reexecute_restartblock=True)
         ptrace.set_regs(tid, regs)
         ptrace.set_xstate(tid, state.xstate)

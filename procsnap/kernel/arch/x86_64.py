@@ -23,6 +23,7 @@ class NR(enum.IntEnum):
     read = 0
     write = 1
     close = 3
+    poll = 7
     lseek = 8
     mmap = 9
     mprotect = 10
@@ -34,7 +35,9 @@ class NR(enum.IntEnum):
     madvise = 28
     shmat = 30
     pause = 34
+    nanosleep = 35
     getitimer = 36
+    setitimer = 38
     getpid = 39
     fcntl = 72
     chdir = 80
@@ -61,17 +64,25 @@ class NR(enum.IntEnum):
     prctl = 157
     arch_prctl = 158
     gettid = 186
+    futex = 202
+    timer_create = 222
+    timer_settime = 223
+    timer_gettime = 224
+    timer_getoverrun = 225
+    timer_delete = 226
     set_tid_address = 218
     exit_group = 231
     restart_syscall = 219
     set_mempolicy = 238
     get_mempolicy = 239
     clock_nanosleep = 230
+    epoll_wait = 232
     openat = 257
     set_robust_list = 273
     get_robust_list = 274
     timerfd_gettime = 287
     dup3 = 292
+    epoll_pwait = 281
     rt_tgsigqueueinfo = 297
     prlimit64 = 302
     process_vm_readv = 310
@@ -168,6 +179,30 @@ def syscall_number_before(code: bytes) -> int | None:
     if len(code) >= 5 and code[-5:-4] == MOV_NR_TO_EAX:
         return int.from_bytes(code[-4:], "little")
     return None
+
+
+# Waits the kernel ends with EINTR (no restart code) when any stop, a
+# ptrace freeze included, interrupts them (signal(7), "interrupted by a stop
+# signal"): a freeze makes them be called again, as if it had come just
+# before the call (ptrace.freeze).
+EINTR_ON_STOP = frozenset((NR.epoll_wait, NR.epoll_pwait, 441))  # 441: epoll_pwait2
+EINTR = 4
+
+
+def reenter_eintr_wait(regs: user_regs_struct, left_ns: int = -1) -> bool:
+    """Registers of a task whose EINTR_ON_STOP wait a stop has just ended
+    made to call it again, with `left_ns` (if >= 0) as a timeout in ms that
+    was positive (r10: epoll_wait's and epoll_pwait's, seen by no code but
+    their wrapper); False (unchanged) for any other state."""
+    if regs.orig_rax not in EINTR_ON_STOP or signed(regs.rax) != -EINTR:
+        return False
+    timeout = regs.r10 & 0xFFFFFFFF
+    if left_ns >= 0 and regs.orig_rax != 441 and 0 < timeout < 1 << 31:
+        regs.r10 = max(1, -(-left_ns // 1_000_000))
+    regs.rax = regs.orig_rax
+    regs.rip -= SYSCALL_INSN_LEN
+    regs.orig_rax = unsigned(-1)
+    return True
 
 
 def rewind_to_syscall(regs: user_regs_struct, *, reexecute_restartblock: bool) -> None:
