@@ -105,21 +105,6 @@ def test_listening_unix_socket(procs, tmp_path):
 # --------------------------------------------------------------------------
 # tmux with vim and top
 
-# vim 9 makes a POSIX timer for its regexp timeouts (timer_create, lazily:
-# only some runs have one), which procsnap refuses until POSIX timers are
-# restored (issue 11, timers). Until then vim runs with timer_create and
-# timer_settime answered here without a kernel timer: its timeouts never
-# fire; nothing else changes.
-NO_TIMER_SHIM = r"""
-#include <signal.h>
-#include <time.h>
-int timer_create(clockid_t c, struct sigevent *e, timer_t *t) { (void)c; (void)e; *t = (timer_t)0; return 0; }
-int timer_settime(timer_t t, int f, const struct itimerspec *n, struct itimerspec *o)
-{ (void)t; (void)f; (void)n; if (o) { struct itimerspec z = {{0, 0}, {0, 0}}; *o = z; } return 0; }
-int timer_delete(timer_t t) { (void)t; return 0; }
-"""
-
-
 class Tmux:
     """A tmux server of our own (-L NAME, no configuration), and commands to it."""
 
@@ -184,10 +169,6 @@ def _gone_or_zombie(pid):
 
 
 def test_tmux_with_vim_and_top(tmp_path):
-    shim = tmp_path / "notimer.so"
-    src = tmp_path / "notimer.c"
-    src.write_text(NO_TIMER_SHIM)
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-o", str(shim), str(src)], check=True)
     text = tmp_path / "notes.txt"
     text.write_text("line one\n")
     tm = Tmux(tmp_path)
@@ -197,7 +178,7 @@ def test_tmux_with_vim_and_top(tmp_path):
         tm.server = int(tm("display-message", "-p", "#{pid}").strip())
         pids.append(tm.server)
         tm.wait_pane("main:0", lambda s: "$" in s or "#" in s, "no bash prompt")
-        tm("send-keys", "-t", "main:0", f"LD_PRELOAD={shim} vim -u NONE -N -n {text}", "Enter")
+        tm("send-keys", "-t", "main:0", f"vim -u NONE -N -n {text}", "Enter")
         tm.wait_pane("main:0", lambda s: "line one" in s and "notes.txt" in s, "vim did not show the file")
         tm("new-window", "-t", "main:1", "top -d 1")
         tm.wait_pane("main:1", lambda s: s.startswith("top - "), "top did not start")
