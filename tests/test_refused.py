@@ -88,20 +88,16 @@ def _tcp_connection():
                                 "live TCP connections")
 
 
-def _udp_queued():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("127.0.0.1", 0))
-    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def _udp_queued(family=socket.AF_INET, host="127.0.0.1", shown="127.0.0.1"):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    sender = socket.socket(family, socket.SOCK_DGRAM)
     sender.sendto(b"queued", s.getsockname())
-    return [s, sender], (f"a UDP socket bound to 127.0.0.1:{s.getsockname()[1]}", "datagrams queued")
+    return [s, sender], (f"a UDP socket bound to {shown}:{s.getsockname()[1]}", "datagrams queued")
 
 
 def _udp6_queued():
-    s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    s.bind(("::1", 0))
-    sender = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-    sender.sendto(b"queued", s.getsockname())
-    return [s, sender], (f"a UDP socket bound to [::1]:{s.getsockname()[1]}", "datagrams queued")
+    return _udp_queued(socket.AF_INET6, "::1", "[::1]")
 
 
 # sockets the inet kind (objects/inet.py) does not restore yet; the rest are restored (tests/test_sockets.py)
