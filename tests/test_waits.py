@@ -150,3 +150,44 @@ def test_itimer_fires_after_restore(procs, tmp_path):
     restore(procs, t, tmp_path / "img")
     wait_until(lambda: "ALARMS 4" in t.output(), "four SIGALRMs after the restore")
     assert_pass(t)
+
+
+REFUSED_TIMERS = {
+    # a thread CPU clock timer of a process with two threads: whose CPU time it counts is not in /proc
+    "thread-cpu-clock": ("""\
+        import ctypes, signal, threading, time
+        threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+        tid = ctypes.c_int(0)
+        assert ctypes.CDLL(None, use_errno=True).timer_create(3, None, ctypes.byref(tid)) == 0  # CLOCK_THREAD_CPUTIME_ID
+        """, ("counts the CPU time of the thread that made it", "of its 2 threads")),
+    # a timer whose last signal merged expirations: its overrun count cannot be set again
+    "overrun": ("""\
+        import ctypes, signal, time
+        libc = ctypes.CDLL(None, use_errno=True)
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGALRM])
+        tid = ctypes.c_int(0)
+        assert libc.timer_create(1, None, ctypes.byref(tid)) == 0  # CLOCK_MONOTONIC, SIGALRM
+        spec = (ctypes.c_long * 4)(0, 1_000_000, 0, 1_000_000)  # every 1 ms
+        assert libc.timer_settime(tid, 0, spec, None) == 0
+        time.sleep(0.05)
+        signal.sigwait([signal.SIGALRM])  # delivered with the expirations merged meanwhile; still blocked after
+        assert libc.timer_getoverrun(tid) > 0
+        """, ("has an overrun count of", "cannot be set again")),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED_TIMERS))
+def test_posix_timer_refused_by_name(kind, procs, tmp_path):
+    """What a restore could not give back of a POSIX timer is refused at
+    dump, naming the pid and the timer; the process runs on untouched."""
+    setup, names = REFUSED_TIMERS[kind]
+    code = textwrap.dedent(setup) + "print('READY', flush=True)\nsignal.pause()\n"
+    t = procs.start([sys.executable, "-c", code], name=f"timer-{kind}")
+    before = proc_snapshot(t.pid)
+    with pytest.raises(procsnap.Unsupported) as exc:
+        procsnap.dump(t.pid, str(tmp_path / "img"))
+    for name in (f"pid {t.pid}", "POSIX timer", *names):
+        assert name in str(exc.value), exc.value
+    assert t.alive()
+    after = proc_snapshot(t.pid)
+    assert (before.maps, before.fds) == (after.maps, after.fds)

@@ -22,8 +22,11 @@ POSIX timers (timer_create), the same rule:
                    timer_settime(id, 0, {interval, time left})
 
 A pending overrun count (timer_getoverrun: the expirations merged into the
-last signal delivered) is saved but cannot be set again: the kernel counts
-it from the next expiry on.
+last signal delivered) cannot be set again (the kernel counts it from the
+next expiry on): a timer with one is refused by name. So is a
+CLOCK_THREAD_CPUTIME_ID timer of a process with several threads: it counts
+the CPU time of the thread that made it, which /proc does not show, and the
+restore makes it from the main thread.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import enum
 import struct
 
 from .. import model
-from ..errors import RestoreError
+from ..errors import RestoreError, Unsupported
 from ..kernel.arch.x86_64 import NR
 from ..kernel.infect import Target
 
@@ -85,7 +88,7 @@ class PosixTimer:
     tid: int  # the thread notified (SIGEV_THREAD_ID), else 0
     value_ns: int  # time left at the dump, 0: disarmed
     interval_ns: int
-    overrun: int = 0  # saved, not restored (see above)
+    overrun: int = 0  # a timer with one is refused (see above)
 
 
 def parse_timers(text: str) -> list[dict[str, str]]:
@@ -155,8 +158,21 @@ def _us(sec: int, usec: int) -> int:
     return sec * 1_000_000 + usec
 
 
+# CLOCK_THREAD_CPUTIME_ID as /proc/PID/timers shows it: MAKE_THREAD_CPUCLOCK(0, CPUCLOCK_SCHED),
+# the calling thread's (include/linux/posix-timers_types.h)
+THREAD_CLOCK = -2
+
+
 def collect_seized(target: Target, tids: list[int], ckpt: model.Checkpoint) -> None:
     ckpt.posix_timers = collect_posix_timers_seized(target)
+    for t in ckpt.posix_timers:
+        if t.overrun > 0:
+            raise Unsupported(f"pid {target.pid}: POSIX timer {t.id} has an overrun count of {t.overrun} (expirations "
+                              "merged into its last signal), which cannot be set again; not supported", target.pid)
+        if t.clock == THREAD_CLOCK and len(tids) > 1:
+            raise Unsupported(f"pid {target.pid}: POSIX timer {t.id} counts the CPU time of the thread that made it "
+                              f"(CLOCK_THREAD_CPUTIME_ID), one of its {len(tids)} threads, which /proc does not say; "
+                              "not supported", target.pid)
     ckpt.itimers = []
     for which in Which:
         target.call(NR.getitimer, which, target.scratch)
