@@ -7,21 +7,25 @@ S3RVER := $(VENV)/s3rver/node_modules/.bin/s3rver
 .PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 clean
 
 $(STAMP): pyproject.toml
-	# programs the tests run (tests/test_tty.py: tmux with vim and top), installed only when missing
-	command -v tmux >/dev/null || apt-get install -y tmux
-	command -v vim >/dev/null || apt-get install -y vim
-	command -v top >/dev/null || apt-get install -y procps
+	# Debian programs the tests run, installed only when missing (one apt-get update, only then):
+	# tmux, vim and top (tests/test_tty.py), gdb (test_views.py opens `procsnap core` files in it),
+	# npm (it installs s3rver, the S3 server of test_objstore.py)
+	@missing=""; \
+	command -v tmux >/dev/null || missing="$$missing tmux"; \
+	command -v vim >/dev/null || missing="$$missing vim"; \
+	command -v top >/dev/null || missing="$$missing procps"; \
+	command -v gdb >/dev/null || missing="$$missing gdb"; \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# compat: a plain path in a .pth file; the default editable finder costs ~13 ms per start
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	# the tests' S3 server (tests/test_objstore.py): s3rver, a real S3 HTTP server on loopback, from npm
-	command -v npm >/dev/null || (apt-get update -qq && apt-get install -y -qq nodejs npm)
 	test -x $(S3RVER) || npm install --no-audit --no-fund --silent --prefix $(VENV)/s3rver s3rver@3.7.1
 	# byte-compile now: where PYTHONDONTWRITEBYTECODE is set, every CLI run would compile from source
 	$(PY) -m compileall -q procsnap
-	# gdb: tests/test_views.py opens the core files of `procsnap core` in it
-	command -v gdb >/dev/null || (apt-get update -q && apt-get install -y -q gdb)
 	touch $(STAMP)
 
 demo: $(STAMP)
