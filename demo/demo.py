@@ -7,7 +7,6 @@ a child process, which appends it to a log file.
 """
 
 import ctypes
-import json
 import os
 import signal
 import subprocess
@@ -49,7 +48,7 @@ def procsnap(*args, check=True):
     out = subprocess.run(cmd, capture_output=True, text=True)
     lines = out.stdout.strip().splitlines()
     if lines:
-        shown = lines if len(lines) <= 12 else lines[:12] + [f"... ({len(lines) - 12} more lines)"]
+        shown = lines if len(lines) <= 20 else lines[:20] + [f"... ({len(lines) - 20} more lines)"]
         print(textwrap.indent("\n".join(shown), "  "))
     if out.returncode and check:
         sys.exit(f"procsnap failed ({out.returncode}): {out.stderr.strip()}")
@@ -90,11 +89,7 @@ def main():
         print(f"  pid {pid} is gone: exit status {prog.returncode}; the log stops at '{last}'")
         time.sleep(0.5)
         assert tail(log, 1)[0] == last, "the log moved while the process was dead"
-        summary = procsnap("show", images, check=True)
-        img = json.loads(summary.stdout) if summary.stdout.startswith("{") else {}
-        print(f"  (that was the image as JSON: {len(img.get('procs', []))} processes, "
-              f"{1 + len(img.get('threads', []))} threads in the first, {len(img.get('pipes', []))} pipe, "
-              f"{len(img.get('vmas', []))} VMAs and {img.get('pages_size', 0) // 1024} KiB of pages in the first)")
+        procsnap("show", images, check=True)  # the image's one-screen summary
         print("\n3. Restore it:")
         t0 = time.monotonic()
         out = procsnap("restore", "-D", images, "-d")
