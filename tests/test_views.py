@@ -214,6 +214,40 @@ def test_diff_of_two_dumps_of_a_counter(procs, tmp_path):
     assert_pass(t)
 
 
+def test_diff_and_views_of_encoded_images(procs, tmp_path):
+    """diff, show and core read the pages of compressed and encrypted images
+    (decoded chunk by chunk, image/chunks.py): the same changed and
+    unchanged pages as of plain ones; the rss view counts what is stored."""
+    t = procs.start_case(DEBUGGEE, "pie")
+    exe = os.readlink(f"/proc/{t.pid}/exe")
+    spins, quiet = symbol_addresses(t.pid, exe, "spins", "quiet")
+    keyfile = tmp_path / "key"
+    keyfile.write_text(bytes(range(32)).hex())
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli("dump", "-t", t.pid, "-D", first, "-R", "--compress", "--encrypt", keyfile).returncode == 0
+    assert cli("dump", "-t", t.pid, "-D", second, "-R", "--encrypt", keyfile).returncode == 0
+
+    r = cli("diff", first, second, "--json", "--encrypt", keyfile)
+    assert r.returncode == 0, r.stderr
+    (c,) = json.loads(r.stdout)["changed"]
+    changed = {start + i * 4096 for start, n, _ in c["pages"]["changed"] for i in range(n)}
+    page = lambda a: a & ~4095  # noqa: E731
+    assert page(spins) in changed, (hex(spins), c["pages"])
+    quiet_pages = set(range(page(quiet + 4095), page(quiet + 65536), 4096))
+    assert len(quiet_pages) >= 15 and not quiet_pages & changed
+    same = cli("diff", first, first, "--encrypt", keyfile)
+    assert same.returncode == 0 and same.stdout == "no differences\n", same.stdout
+    assert cli("show", first, "rss", "--encrypt", keyfile).returncode == 0
+    core = tmp_path / "core"
+    r = cli("core", first, "-o", core, "--encrypt", keyfile)
+    assert r.returncode == 0, r.stderr
+    out, _ = gdb(exe, core, "print/x quiet[1000]", "print/x quiet[60000]")
+    expect = [(i * 193 + 11 + (i >> 9)) & 0xFF for i in (1000, 60000)]  # debuggee.c's quiet_pat
+    assert [int(line.split("=")[1], 16) for line in out.splitlines() if "=" in line] == expect, out
+    assert_cli_error(cli("diff", first, second), "key")  # without the key: refused, naming it
+    assert_pass(t)
+
+
 def test_diff_of_a_tree_across_a_restore(procs, tmp_path):
     """The session tree dumped, restored and dumped again: every process is
     in both, with its ids; the diff names no process only on one side."""

@@ -15,14 +15,15 @@ run is inside its file and its checksum has been checked.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import mmap
 import os
 
 from .. import model
 from ..kernel.arch.x86_64 import PAGE_SIZE
-from ..errors import Unsupported
-from .reader import Image
+from . import objstore
+from .reader import Image, open_pages
 from . import schema
 
 
@@ -45,6 +46,7 @@ class TreePages:
     def __init__(self, tree: list[tuple[model.Proc, Image | None]]):
         self.by_dir = {p.dir: img for p, img in tree if img is not None}
         self._maps: dict[str, mmap.mmap] = {}
+        self._chunked: dict[str, object] = {}  # pages_path -> ChunkedPageSource of an encoded image
 
     def __enter__(self) -> TreePages:
         return self
@@ -64,10 +66,17 @@ class TreePages:
     def data(self, run: StoredRun) -> memoryview:
         """The run's bytes (a view of the mapped file; valid until close)."""
         path = run.source.pages_path
+        length = run.npages * PAGE_SIZE
+        if run.source.codec is not None:  # compressed or encrypted chunks (chunks.py), local or remote
+            chunks = self._chunked.get(path)
+            if chunks is None:
+                chunks = self._chunked[path] = open_pages(run.source)
+            segment = (chunks.base + run.offset, 0, length)
+            chunks.prepare([segment])  # decoded once, kept until close (drop: no-op for these)
+            return memoryview((ctypes.c_char * length).from_address(segment[0])).cast("B")
+        if run.source.remote:  # plain pages.img in object storage: the run's range
+            return memoryview(objstore.read_range(path, run.offset, length))
         m = self._maps.get(path)
-        if m is None and (run.source.codec is not None or not os.path.isfile(path)):
-            raise Unsupported(f"{run.source.directory}: its pages are in compressed or encrypted chunks or in object "
-                              f"storage, which show, diff and core do not read yet; restore it, or dump it plain")
         if m is None:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -90,3 +99,6 @@ class TreePages:
             except BufferError:  # a view still held by a caller: freed with it
                 pass
         self._maps.clear()
+        for chunks in self._chunked.values():
+            chunks.close()
+        self._chunked.clear()
