@@ -17,7 +17,7 @@ processes of a tree are stored whole.
 from __future__ import annotations
 
 import concurrent.futures
-import mmap
+import ctypes
 import os
 
 import xxhash
@@ -64,29 +64,32 @@ def _stored(image) -> list[tuple[str, int, int]]:
 def page_index(parent_dir: str, key: bytes | None = None) -> dict[int, tuple[str, int]]:
     """XXH3-128 of each page the parent's root process has -> (the absolute
     directory of the image that stores it, its offset in that pages.img)."""
-    from .reader import open_image
+    from .reader import open_image, open_pages
 
     parent = open_image(parent_dir, key=key)
-    if parent.codec is not None:
-        raise ImageError(f"{parent_dir}: --prev-images-dir needs a parent image with plain pages "
-                         "(a compressed, encrypted or s3:// parent is not supported yet)")
     index: dict[int, tuple[str, int]] = {}
     by_dir: dict[str, list[tuple[int, int]]] = {}
     for where, offset, npages in _stored(parent):
         by_dir.setdefault(os.path.abspath(where), []).append((offset, npages))
     for where, spans in by_dir.items():
-        path = os.path.join(where, schema.PAGES)
-        size = os.path.getsize(path)
-        if not size:
+        image = parent if os.path.abspath(parent.directory) == where else open_image(where, key=key)
+        if not image.pages_size:
             continue
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
-            view = memoryview(m)
+        pages = open_pages(image)  # plain: pages.img mapped; encoded: chunks decoded as asked (chunks.py)
+        try:
+            view = memoryview((ctypes.c_char * image.pages_size).from_address(pages.base)).cast("B")
             try:
                 for offset, npages in spans:
+                    if pages.transformed:
+                        pages.prepare([(pages.base + offset, 0, npages * PAGE_SIZE)])
                     for i, h in enumerate(_page_hashes(view, offset, npages)):
                         index.setdefault(h, (where, offset + i * PAGE_SIZE))
+                    if pages.transformed:
+                        pages.release([(pages.base + offset, 0, npages * PAGE_SIZE)])
             finally:
                 view.release()
+        finally:
+            pages.close()
     return index
 
 
