@@ -588,7 +588,7 @@ def _sockets(pids: list[int]) -> dict[int, dict[str, str]]:
     import socket
 
     from procsnap.kernel import sockdiag
-    from procsnap.kernel.libc import syscall
+    from procsnap.kernel.libc import copy_fd
     from procsnap.objects.sockopt import read_filter
 
     fds = _socket_fds(pids)
@@ -599,11 +599,7 @@ def _sockets(pids: list[int]) -> dict[int, dict[str, str]]:
         for fd, ino in items:
             key = f"sock.{fd}"
             try:
-                pidfd = os.pidfd_open(pid)
-                try:
-                    local = syscall(NR.pidfd_getfd, pidfd, fd, 0)
-                finally:
-                    os.close(pidfd)
+                local = copy_fd(pid, fd)
             except OSError as err:
                 out[pid][key] = f"<{os.strerror(err.errno)}>"
                 continue

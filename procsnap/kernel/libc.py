@@ -46,3 +46,13 @@ def prctl(option: int, a2: int = 0, a3: int = 0, a4: int = 0, a5: int = 0) -> in
     if ret == -1:
         raise oserror(f"prctl({option})")
     return ret
+
+
+def copy_fd(pid: int, fd: int) -> int:
+    """A copy of fd `fd` of `pid` (pidfd_open + pidfd_getfd): the same open
+    file description, where opening it again would make another."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        return syscall(arch.NR.pidfd_getfd, pidfd, fd, 0)
+    finally:
+        os.close(pidfd)

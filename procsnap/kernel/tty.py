@@ -11,6 +11,8 @@ import os
 import select
 import struct
 
+from .libc import copy_fd  # noqa: F401 - a pty's fds are copied: opening a master again makes a new pty
+
 NCCS = 19
 
 
@@ -62,19 +64,6 @@ def pts_index(rdev: int) -> int:
 
 def is_pts(rdev: int) -> bool:
     return rdev != 0 and os.major(rdev) in PTS_MAJORS
-
-
-def copy_fd(pid: int, fd: int) -> int:
-    """A copy of `fd` of `pid` (pidfd_getfd): the same open file, where
-    opening it again would make another (a new pty, for a master)."""
-    from .arch.x86_64 import NR
-    from .libc import syscall
-
-    pidfd = os.pidfd_open(pid)
-    try:
-        return syscall(NR.pidfd_getfd, pidfd, fd, 0)
-    finally:
-        os.close(pidfd)
 
 
 def _ioctl_int(fd: int, req: Ioctl) -> int:

@@ -33,8 +33,7 @@ import tempfile
 
 from .. import model
 from ..errors import RestoreError, Unsupported
-from ..kernel.arch.x86_64 import NR
-from ..kernel.libc import libc, oserror, syscall
+from ..kernel.libc import copy_fd, libc, oserror
 from . import protocol
 from .protocol import OpenFd, Restoring
 
@@ -70,11 +69,7 @@ def queued_bytes(pid: int, fd: int) -> int:
     """Bytes of events waiting to be read, through a copy of the fd."""
     import fcntl
 
-    pidfd = os.pidfd_open(pid)
-    try:
-        local = syscall(NR.pidfd_getfd, pidfd, fd, 0)
-    finally:
-        os.close(pidfd)
+    local = copy_fd(pid, fd)
     try:
         return struct.unpack("i", fcntl.ioctl(local, FIONREAD, bytes(4)))[0]
     finally:

@@ -116,15 +116,10 @@ SOCK_TYPES = {socket.SOCK_STREAM: "stream", socket.SOCK_DGRAM: "datagram", socke
 def _by_options(pid: int, fd: int) -> str | None:
     """Family, type and protocol of a socket in no table (an unbound netlink
     socket, vsock, ...), asked of a copy of it (pidfd_getfd)."""
-    from ..kernel.arch.x86_64 import NR
-    from ..kernel.libc import syscall
+    from ..kernel.libc import copy_fd
 
     try:
-        pidfd = os.pidfd_open(pid)
-        try:
-            copy = syscall(NR.pidfd_getfd, pidfd, fd, 0)
-        finally:
-            os.close(pidfd)
+        copy = copy_fd(pid, fd)
     except OSError:
         return None
     try:

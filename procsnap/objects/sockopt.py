@@ -17,13 +17,12 @@ so the image holds what the program changed.
 from __future__ import annotations
 
 import ctypes
-import os
 import socket
 import struct
 
 from ..errors import RestoreError
-from ..kernel.arch.x86_64 import NR
-from ..kernel.libc import libc, oserror, syscall
+from ..kernel import libc as kernel_libc
+from ..kernel.libc import libc, oserror
 
 SOL_SOCKET, SOL_IP, SOL_TCP, SOL_UDP, SOL_IPV6, SOL_UDPLITE, SOL_RAW, SOL_PACKET, SOL_NETLINK = \
     1, 0, 6, 17, 41, 136, 255, 263, 270
@@ -110,12 +109,7 @@ SPECIAL = ("SO_SNDBUF", "SO_RCVBUF", "SO_PEEK_OFF", "SO_BUF_LOCK", "SO_PRIORITY"
 def copy_fd(pid: int, fd: int) -> socket.socket:
     """A socket object over a copy of fd `fd` of `pid` (pidfd_getfd: the
     same open file description, so reading its options reads theirs)."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        local = syscall(NR.pidfd_getfd, pidfd, fd, 0)
-    finally:
-        os.close(pidfd)
-    return socket.socket(fileno=local)
+    return socket.socket(fileno=kernel_libc.copy_fd(pid, fd))
 
 
 def levels(family: int, stype: int, proto: int) -> tuple[int, ...]:
