@@ -183,3 +183,31 @@ def test_compressed_without_zstandard(procs, tmp_path):
     assert_cli_error(r, "zstandard")
     assert other.alive()
     other.signal(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("memory", ["enough", "short"])
+def test_each_chunk_decoded_once(procs, tmp_path, monkeypatch, memory):
+    """A restore of a compressed, encrypted tree decodes each chunk once:
+    the check decodes it into the page source the fill writes from. With
+    too little memory to keep them all, the check decodes one at a time and
+    the fill decodes each again; both restore whole."""
+    from procsnap.image import reader
+
+    decoded: dict[tuple[str, int], int] = {}
+    real = chunks.decode_chunk
+
+    def counting(read, index, c, sealer, path):
+        decoded[path, index] = decoded.get((path, index), 0) + 1
+        return real(read, index, c, sealer, path)
+
+    t = procs.start_case(procsnap_case("tree-prefork"), "pie")
+    images = dump_kill(t, tmp_path / "img", compress=True, key=KEY)
+    monkeypatch.setattr(chunks, "decode_chunk", counting)
+    if memory == "short":
+        monkeypatch.setattr(reader, "_mem_available", lambda: 0)
+    restore(procs, t, images, key=KEY)
+    assert_pass(t)
+    files = {path for path, _ in decoded}
+    assert len(files) > 1, decoded  # the root's pages.img and its children's
+    expected = 1 if memory == "enough" else 2
+    assert set(decoded.values()) == {expected}, decoded

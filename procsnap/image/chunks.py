@@ -14,9 +14,12 @@ otherwise it is stored raw, 4 KiB aligned, so that restore maps it from the
 file like a plain image's pages (not when encrypted: then every chunk is
 sealed, see sealing.py). Each chunk carries the XXH3-64 of its decoded
 bytes: the reader decodes and checks every chunk (on HASH_THREADS threads)
-before a restore; the restore decodes each one again when it is first
-needed (on the fill threads, so on both cores) and drops it once every
-page that refers to it has been written.
+before a restore, into the page source the restore then fills from
+(`ChunkedPageSource.load`), so each chunk is fetched and decoded once; the
+fill drops a chunk once every page that refers to it has been written.
+When the decoded chunks would take more than half of MemAvailable, the
+reader checks them one at a time and drops them, and the restore decodes
+each again when it is first needed (on the fill threads, so on both cores).
 """
 
 from __future__ import annotations
@@ -227,6 +230,41 @@ class ChunkedPageSource:
 
     def address(self, run: model.PageRun) -> int:
         return self.base + run.offset
+
+    def decoded_bytes(self) -> int:
+        """What `load` keeps in memory: the chunks that are not mapped from the file."""
+        return sum(c.length for c, raw in zip(self.chunks, self.mapped) if not raw)
+
+    def load(self, threads: int, tell=None) -> list[str]:
+        """Decode and check every chunk into the area (the mapped ones are
+        hashed where they are), once: `prepare` then has nothing to do.
+        One problem per bad chunk; tell(nbytes) after each (from any thread)."""
+        def check(share: list[int]) -> list[str]:
+            bad = []
+            for i in share:
+                c = self.chunks[i]
+                try:
+                    if self.mapped[i]:
+                        view = memoryview(self.area)[c.offset : c.offset + c.length]
+                        try:
+                            if data_hash(view) != c.xxh3:
+                                raise ImageCorrupt(f"{self.path}: chunk {i} at offset {c.file_offset}: "
+                                                   f"bytes do not match their xxh3 {c.xxh3:#x}")
+                        finally:
+                            view.release()
+                    else:
+                        self.area[c.offset : c.offset + c.length] = decode_chunk(self.read, i, c, self.sealer,
+                                                                               self.path)
+                        self.decoded[i] = True
+                except ImageCorrupt as err:
+                    bad.append(str(err))
+                if tell:
+                    tell(c.length)
+            return bad
+
+        indexes = list(range(len(self.chunks)))
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            return [p for bad in pool.map(check, [indexes[i::threads] for i in range(threads)]) for p in bad]
 
     def _span(self, offset: int, length: int) -> range:
         first = bisect.bisect_right(self.starts, offset) - 1

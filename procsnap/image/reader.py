@@ -50,6 +50,7 @@ class Image:
     sealer: Sealer | None = None  # this image's AEAD, if encrypted
     codec: PageCodec | None = None  # pages.img in chunks (chunks.py), if compressed or encrypted
     parents: dict = dataclasses.field(default_factory=dict)  # the root's: parent images by PREF source (series.py)
+    loaded: object | None = None  # the ChunkedPageSource its check decoded the chunks into, for open_pages
 
     @property
     def pages_path(self) -> str:
@@ -92,6 +93,9 @@ def open_pages(image: Image):
     for an encoded pages.img (with prepare/release around each use)."""
     if image.codec is None:
         return PageSource(image)
+    if image.loaded is not None:  # decoded by the check already: handed over once, closed by the caller
+        pages, image.loaded = image.loaded, None
+        return pages
     read = functools.partial(objstore.read_range, image.pages_path) if image.remote else None
     return ChunkedPageSource(image.pages_path, image.pages_size, image.codec, image.sealer, read)
 
@@ -362,7 +366,25 @@ def _check_chunks(image: Image, progress=None) -> list[str]:
                 progress(checked[0], total)
 
     read = functools.partial(objstore.read_range, image.pages_path) if image.remote else None
-    return verify_chunks(image.pages_path, image.codec, image.sealer, HASH_THREADS, tell if progress else None, read)
+    pages = ChunkedPageSource(image.pages_path, image.pages_size, image.codec, image.sealer, read)
+    if pages.decoded_bytes() > _mem_available() // 2:  # checked one chunk at a time; the restore decodes again
+        pages.close()
+        return verify_chunks(image.pages_path, image.codec, image.sealer, HASH_THREADS, tell if progress else None,
+                             read)
+    problems = pages.load(HASH_THREADS, tell if progress else None)
+    if problems:
+        pages.close()
+    else:
+        image.loaded = pages
+    return problems
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
