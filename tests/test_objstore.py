@@ -173,3 +173,94 @@ def test_s3_errors(procs, s3):
     s3.stop()
     r = cli("show", f"s3://{BUCKET}/x", env=s3.env)
     assert_cli_error(r, f"s3://{BUCKET}/x")
+
+
+def _dump_cli(t, url, *args, env):
+    """_dump through the command line."""
+    others = descendants(t.pid)
+    t.dumped = proc_snapshot(t.pid)
+    r = cli("dump", "-t", t.pid, "-D", url, *args, env=env)
+    assert r.returncode == 0, r.stderr
+    assert t.reap() == -signal.SIGKILL
+    reap_gone(others)
+
+
+def _gens(prefix):
+    return {k[len(prefix):].split("/")[0] for k in _objects(prefix) if k[len(prefix):].startswith("gen-")}
+
+
+def _referred(url, key):
+    """Pages the image refers to in its parents, and those it stores itself."""
+    image = procsnap.open_image(url, key=key)
+    referred = sum(n for refs in image.checkpoint.page_refs for _, n, src, _ in procsnap.image.schema.unpack_page_refs(refs)
+                   if refs.sources[src].startswith("parent:"))
+    return referred, sum(r.npages for r in image.checkpoint.pages)
+
+
+def test_s3_series_compressed_encrypted(procs, s3):
+    """A periodic checkpoint into one prefix: the second dump (CLI,
+    --prev-images-dir . : the prefix's current image) stores what changed,
+    compressed and encrypted, refers to the first generation, which stays
+    beside it; the child restores whole. A dump without
+    --prev-images-dir then removes both old generations."""
+    url = f"s3://{BUCKET}/job"
+    keyfile = Path(procs.workdir) / "key"
+    keyfile.write_bytes(KEY)
+    t = procs.start_case(CASES_BY_ID["memory"], "pie")
+    r = cli("dump", "-t", t.pid, "-D", url, "-R", "--compress", "--encrypt", keyfile, env=s3.env)
+    assert r.returncode == 0, r.stderr
+    first = objstore.read(f"{url}/CURRENT").decode().strip()
+    _dump_cli(t, url, "--prev-images-dir", ".", "--compress", "--encrypt", keyfile, env=s3.env)
+    second = objstore.read(f"{url}/CURRENT").decode().strip()
+    assert _gens("job/") == {first, second}
+    image = procsnap.open_image(url, key=KEY)
+    assert image.codec.compress == "zstd" and image.codec.cipher
+    assert f"parent:../{first}" in image.checkpoint.page_refs[0].sources
+    referred, stored = _referred(url, KEY)
+    assert referred > 4 * stored, (referred, stored)
+    assert procsnap.verify(url, key=KEY) == []
+    r = cli("gc", url, env=s3.env)  # both generations are needed: nothing goes
+    assert r.returncode == 0 and _gens("job/") == {first, second}, (r.stdout, r.stderr)
+    restore(procs, t, url, key=KEY)
+    assert_pass(t)
+
+    other = procs.start_case(CASES_BY_ID["sleep-pause"], "pie")
+    _dump(other, url, compress=True, key=KEY)
+    assert _gens("job/") == {objstore.read(f"{url}/CURRENT").decode().strip()}
+    assert not [k for k in _objects("job/") if "/REFS/" in k]
+    restore(procs, other, url, key=KEY)
+    assert_pass(other)
+
+
+def test_s3_series_across_prefixes_and_gc(procs, s3):
+    """-D s3://B/s/2 --prev-images-dir ../1: 2 refers to the generation of 1
+    it read; a new dump into 1 keeps that generation (2 needs it) and 2
+    restores whole from it. gc --keep 2 removes nothing 2 needs; gc --keep
+    1 removes image 2 and then the old generation of 1."""
+    t = procs.start_case(CASES_BY_ID["memory"], "pie")
+    procsnap.dump(t.pid, f"s3://{BUCKET}/s/1", leave_running=True)
+    old = objstore.read(f"s3://{BUCKET}/s/1/CURRENT").decode().strip()
+    _dump(t, f"s3://{BUCKET}/s/2", prev_images_dir="../1")
+    assert f"parent:../../1/{old}" in procsnap.open_image(f"s3://{BUCKET}/s/2").checkpoint.page_refs[0].sources
+    other = procs.start_case(CASES_BY_ID["sleep-pause"], "pie")
+    other_state = proc_snapshot(other.pid)
+    procsnap.dump(other.pid, f"s3://{BUCKET}/s/1", leave_running=True)  # 1 moves on
+    new = objstore.read(f"s3://{BUCKET}/s/1/CURRENT").decode().strip()
+    assert _gens("s/1/") == {old, new}
+    r = cli("gc", f"s3://{BUCKET}/s", "--keep", "2", env=s3.env)
+    assert r.returncode == 0, r.stderr
+    # image 1 (now the other process's) is not kept: it goes; the generation 2 refers to stays
+    assert _gens("s/1/") == {old} and f"s/1/CURRENT" not in _objects("s/1/"), r.stdout
+    assert set(r.stdout.split()) >= {f"s3://{BUCKET}/s/1/{new}", f"s3://{BUCKET}/s/1"}, r.stdout
+    restore(procs, t, f"s3://{BUCKET}/s/2")
+    assert_pass(t)
+    assert_same_snapshot(other_state, proc_snapshot(other.pid))
+    _dump(other, f"s3://{BUCKET}/s/3")
+    r = cli("gc", f"s3://{BUCKET}/s", "--keep", "1", env=s3.env)
+    assert_cli_error(r, "'1'", "2, 3")
+    r = cli("gc", f"s3://{BUCKET}/s", env=s3.env)  # the newest, 3, is kept: 2 goes, and the generation it needed
+    assert r.returncode == 0, r.stderr
+    assert f"s3://{BUCKET}/s/2" in r.stdout.split(), r.stdout
+    assert not _objects("s/2/") and not _objects("s/1/") and _gens("s/3/")
+    restore(procs, other, f"s3://{BUCKET}/s/3")
+    assert_pass(other)

@@ -19,7 +19,7 @@ from .. import faults, model, objects
 from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.chunks import require_compress
 from ..image.series import DedupSink, page_index
-from ..image import objstore
+from ..image import objseries, objstore
 from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
@@ -130,7 +130,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                 writer = stack.enter_context(image_writer(where, create=task.pid != pid, compress=compress, key=key))
                 writers.append(writer)
                 if task.pid == pid and parent_pages is not None:
-                    writer.pages = dedup = DedupSink(writer.pages, parent_pages, images_dir)
+                    writer.pages = dedup = DedupSink(writer.pages, parent_pages, _final_dir(images_dir, staging))
                 for kind in kinds:
                     kind.write_process(task.pid, writer, ckpt)
                 if task.pid == pid:
@@ -168,6 +168,9 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             refs = dedup.merged_refs(root.page_refs[0] if root.page_refs else None)
             root.page_refs = [refs] if refs else []
             log.info("pid %d: %d pages found in %s, referred to", pid, dedup.referred, prev_images_dir)
+            if objstore.is_url(images_dir):  # the parents' generations stay while this one refers to them
+                with translated(pid, f"write {staging.path}"):
+                    objseries.refer(staging.path, dedup.parents())
         with translated(pid, f"write {staging.path}"):
             faults.point("before-commit")
             root_writer.commit(root)
@@ -186,12 +189,22 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
 
 
 def _parent_index(images_dir: str, prev: str, key: bytes | None):
+    if objstore.is_url(prev) and not objstore.is_url(images_dir) or objstore.is_url(images_dir) and os.path.isabs(prev):
+        raise Unsupported(f"--prev-images-dir {prev}: a series is all in object storage or all local, "
+                          f"not both (-D {images_dir})")
+    if objstore.is_url(images_dir):  # relative to -D too; the prefix itself: its current image, kept beside
+        parent = prev if objstore.is_url(prev) else objseries.join(images_dir, prev)
+        objseries.relative(parent, images_dir)  # one bucket
+        return page_index(parent, key)
     parent = os.path.normpath(os.path.join(os.path.abspath(images_dir), prev))  # as CRIU's: relative to -D
-    if objstore.is_url(images_dir) or objstore.is_url(prev):
-        raise Unsupported("--prev-images-dir: not supported with s3:// images yet")
     if os.path.realpath(parent) == os.path.realpath(images_dir):
         raise Unsupported(f"--prev-images-dir {prev}: is the image directory itself; the new image would replace it")
     return page_index(parent, key)
+
+
+def _final_dir(images_dir: str, staging) -> str:
+    """Where the root's image will be once swapped in: DIR, or the new s3:// generation."""
+    return staging.path if objstore.is_url(images_dir) else images_dir
 
 
 def _image_dir(pid: int, root: int) -> str:

@@ -282,11 +282,12 @@ class Staging:
         self.swapped = True
 
     def finish(self) -> None:
-        """Remove every generation but the new one (the old image, and what dumps that died left)."""
+        """Remove every generation but the new one and those a live one refers
+        to (the old image, and what dumps that died left: objseries.py)."""
+        from . import objseries
+
         with contextlib.suppress(Exception):  # the image is committed: leftovers are removed next time
-            base = _key(self.prefix, GEN_PREFIX)
-            _delete(self.bucket, [k for k in _list(self.bucket, base)
-                                  if not k.startswith(_key(self.prefix, self.name) + "/")])
+            objseries.finish(self.url, self.name)
 
     def abandon(self) -> None:
         if not self.swapped:
@@ -296,12 +297,16 @@ class Staging:
 
 @contextlib.contextmanager
 def staged(url: str):
-    """staging.staged for s3://: yield a Staging; on an error CURRENT is left as it was."""
+    """staging.staged for s3://: yield a Staging; on an error CURRENT is left
+    as it was. One dump at a time under the prefix (objlock.py)."""
+    from .objlock import locked
+
     client()
-    staging = Staging(url)
-    try:
-        yield staging
-    except BaseException:
-        staging.abandon()
-        raise
-    staging.finish()
+    with locked(url):
+        staging = Staging(url)
+        try:
+            yield staging
+        except BaseException:
+            staging.abandon()
+            raise
+        staging.finish()

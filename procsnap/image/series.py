@@ -17,6 +17,7 @@ processes of a tree are stored whole.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import ctypes
 import os
 
@@ -24,7 +25,7 @@ import xxhash
 
 from .. import model
 from ..errors import ImageCorrupt, ImageError
-from . import schema
+from . import objseries, objstore, schema, staging
 
 PARENT = "parent:"
 PAGE_SIZE = 4096
@@ -35,8 +36,18 @@ def is_parent_source(name: str) -> bool:
 
 
 def source_dir(image_dir: str, name: str) -> str:
-    """The directory a "parent:REL" source of the image in `image_dir` names."""
+    """The directory (or s3:// generation) a "parent:REL" source of the image in `image_dir` names."""
+    if objstore.is_url(image_dir):
+        return objseries.join(image_dir, name[len(PARENT):])
     return os.path.normpath(os.path.join(image_dir, name[len(PARENT):]))
+
+
+def _absolute(where: str) -> str:
+    return where if objstore.is_url(where) else os.path.abspath(where)
+
+
+def _relative(where: str, image_dir: str) -> str:
+    return objseries.relative(where, image_dir) if objstore.is_url(image_dir) else os.path.relpath(where, image_dir)
 
 
 def bad_source(name: str) -> bool:
@@ -70,9 +81,9 @@ def page_index(parent_dir: str, key: bytes | None = None) -> dict[int, tuple[str
     index: dict[int, tuple[str, int]] = {}
     by_dir: dict[str, list[tuple[int, int]]] = {}
     for where, offset, npages in _stored(parent):
-        by_dir.setdefault(os.path.abspath(where), []).append((offset, npages))
+        by_dir.setdefault(_absolute(where), []).append((offset, npages))
     for where, spans in by_dir.items():
-        image = parent if os.path.abspath(parent.directory) == where else open_image(where, key=key)
+        image = parent if _absolute(parent.directory) == where else open_image(where, key=key)
         if not image.pages_size:
             continue
         pages = open_pages(image)  # plain: pages.img mapped; encoded: chunks decoded as asked (chunks.py)
@@ -98,7 +109,7 @@ class DedupSink:
     become references (`refs`), the rest go on to `inner`."""
 
     def __init__(self, inner, index: dict[int, tuple[str, int]], image_dir: str):
-        self.inner, self.index, self.image_dir = inner, index, os.path.abspath(image_dir)
+        self.inner, self.index, self.image_dir = inner, index, _absolute(image_dir)
         self.refs: list[list] = []  # [vaddr, npages, source name, offset]
         self.referred = 0
 
@@ -129,7 +140,7 @@ class DedupSink:
         return done
 
     def _refer(self, vaddr: int, found: tuple[str, int]) -> None:
-        name = PARENT + os.path.relpath(found[0], self.image_dir)
+        name = PARENT + _relative(found[0], self.image_dir)
         last = self.refs[-1] if self.refs else None
         self.referred += 1
         if last and last[0] + last[1] * PAGE_SIZE == vaddr and last[2] == name and \
@@ -137,6 +148,10 @@ class DedupSink:
             last[1] += 1
         else:
             self.refs.append([vaddr, 1, name, found[1]])
+
+    def parents(self) -> set[str]:
+        """The images (directories or s3:// generations) the references go to."""
+        return {source_dir(self.image_dir, r[2]) for r in self.refs if r is not None}
 
     def merged_refs(self, refs: model.PageRefs | None) -> model.PageRefs | None:
         """The tree's own PageRefs (or None) with the parent references added."""
@@ -175,10 +190,14 @@ def open_parents(images: list, key: bytes | None = None) -> dict[str, object]:
 def gc(directory: str, keep: list[str] | None = None, key: bytes | None = None) -> list[str]:
     """Remove the images in `directory` (its subdirectories that hold one)
     that no kept image refers to, directly or through others; kept: the
-    names in `keep`, or else the newest image. Returns what was removed."""
+    names in `keep`, or else the newest image. Returns what was removed.
+    directory: or s3://BUCKET/PREFIX (objseries.gc)."""
     import shutil
 
     from .reader import open_image
+
+    if objstore.is_url(directory):
+        return objseries.gc(directory, keep)
 
     try:
         names = sorted(n for n in os.listdir(directory) if os.path.isfile(os.path.join(directory, n, schema.INVENTORY)))
@@ -201,7 +220,10 @@ def gc(directory: str, keep: list[str] | None = None, key: bytes | None = None) 
         todo += [source_dir(where, s) for refs in image.checkpoint.page_refs for s in refs.sources
                  if is_parent_source(s)]
     removed = [os.path.join(directory, n) for n in names if os.path.abspath(os.path.join(directory, n)) not in referred]
-    for path in removed:
-        os.unlink(os.path.join(path, schema.INVENTORY))  # first: never half an image that looks whole
-        shutil.rmtree(path)
+    with contextlib.ExitStack() as stack:
+        for path in removed:  # a dump under way into one of them: nothing is removed
+            stack.enter_context(staging.locked(path))
+        for path in removed:
+            os.unlink(os.path.join(path, schema.INVENTORY))  # first: never half an image that looks whole
+            shutil.rmtree(path)
     return removed

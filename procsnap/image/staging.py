@@ -143,6 +143,11 @@ def _locked(directory: str, wait: bool):
         os.close(fd)
 
 
+def locked(directory: str):
+    """Hold the dumps' lock on `directory` for a block, or ImageWriteError (gc's, before it removes an image)."""
+    return _locked(directory, wait=False)
+
+
 def describe_image(directory: str) -> str | None:
     """'the image of pid 1234 taken 2026-12-01 10:00:01' if `directory`
     holds an image (None if not), read from its inventory alone."""
