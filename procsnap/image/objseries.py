@@ -155,9 +155,17 @@ def gc(url: str, keep: list[str] | None = None) -> list[str]:
         if name not in names:
             raise ImageError(f"{url}: no image {name!r} to keep (images: {', '.join(sorted(names))})")
     kept = keep or [max(names, key=lambda n: currents[names[n]]["LastModified"])]
+    busy = set(currents)  # where a dump may be under way: images, and prefixes with generations or a lock
+    for k in listing:
+        what = _parse(k)
+        if what and what[0] == "gen":
+            busy.add(what[1].rpartition("/")[0] + "/" + objstore.CURRENT)
+        elif k.rpartition("/")[2] == LOCK:
+            busy.add(k.rpartition("/")[0] + "/" + objstore.CURRENT)
     with contextlib.ExitStack() as stack:
-        for name in sorted(names):  # a dump under way into one of them: nothing is removed
-            stack.enter_context(locked(url if name == "." else f"{url.rstrip('/')}/{name}"))
+        for key in sorted(busy):  # a dump under way into one of them: nothing is removed
+            where = key.rpartition("/")[0]
+            stack.enter_context(locked(f"{objstore.SCHEME}{bucket}/{where}" if where else f"{objstore.SCHEME}{bucket}"))
         roots = set()
         for name in kept:
             current = objstore.read(f"{objstore.SCHEME}{bucket}/{names[name]}").decode(errors="replace").strip()
