@@ -236,7 +236,11 @@ def _interrupt(signum, frame):
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "show" and len(extra) == 1 and args.view is None and not extra[0].startswith("-"):
+        args.view, extra = extra[0], []  # show DIR --encrypt KEY VIEW: argparse gave VIEW nothing
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "show" and args.view is None and args.images_dir_opt and args.images_dir:
         args.view, args.images_dir = args.images_dir, None  # show -D DIR VIEW
     if args.command == "show" and args.view is not None and args.view not in _views():

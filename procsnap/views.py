@@ -292,12 +292,16 @@ def summary(root: Image, tree: Tree) -> str:
              + (f" ({zombies} zombie{'s' * (zombies != 1)})" if zombies else "")
              + f", {plural(threads, 'thread')}; root pid {t.pid} ({t.comm}), {thread_state(t.regs)}"]
     by_kind: dict[str, int] = collections.Counter()
-    shared = nruns = 0
+    shared = nruns = earlier = 0
+    ours = {id(img) for _, img in live}
     with TreePages(tree) as pages:
         for _, img in live:
             vmas = sorted(img.checkpoint.vmas, key=lambda v: v.start)
             starts = [v.start for v in vmas]
             for run in pages.runs(img):
+                if run.shared and id(run.source) not in ours:  # in a parent image (dump --prev-images-dir)
+                    earlier += run.npages
+                    continue
                 if run.shared:
                     shared += run.npages
                     continue
@@ -308,6 +312,9 @@ def summary(root: Image, tree: Tree) -> str:
     line = f"memory stored: {size(sum(by_kind.values()))} in {plural(nruns, 'run')}" + (f" ({kinds})" if kinds else "")
     if shared:
         line += f"; {size(shared * PAGE_SIZE)} shared copy-on-write, stored once"
+    if earlier:
+        parents = ", ".join(sorted(name[len("parent:"):] for name in root.parents))
+        line += f"; {size(earlier * PAGE_SIZE)} unchanged, stored in the previous image{'s' * (len(root.parents) > 1)} ({parents})"
     if shm:
         line += f"; shared memory objects {size(shm)}"
     lines.append(line)

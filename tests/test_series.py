@@ -53,6 +53,17 @@ def test_series_of_encoded_images(procs, tmp_path, options):
                    for _, n, _, _ in procsnap.image.schema.unpack_page_refs(refs))
     stored = sum(r.npages for r in image.checkpoint.pages)
     assert referred > 4 * stored, (referred, stored)
+    keyargs = []
+    if "key" in options:
+        (tmp_path / "key").write_bytes(KEY)
+        keyargs = ["--encrypt", tmp_path / "key"]
+    # a person looks at the child: the summary, a view (VIEW after the options too), a core file
+    r = cli("show", images, *keyargs)
+    assert r.returncode == 0 and "unchanged, stored in the previous image (../1)" in r.stdout, r.stdout + r.stderr
+    r = cli("show", images, *keyargs, "rss")
+    assert r.returncode == 0 and "../1" in r.stdout, r.stdout + r.stderr
+    r = cli("core", images, "-o", tmp_path / "core", *keyargs)
+    assert r.returncode == 0, r.stderr
     restore(procs, t, images, key=options.get("key"))
     assert_pass(t)
 

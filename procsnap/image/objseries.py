@@ -33,9 +33,14 @@ REFS = "REFS"
 def join(url: str, rel: str) -> str:
     """s3://BUCKET/KEY joined with a relative path (.. allowed, not past the bucket)."""
     bucket, key = objstore.split(url)
+    depth = 0
+    for part in f"{key}/{rel}".split("/"):
+        depth += -1 if part == ".." else part not in ("", ".")
+        if depth < 0:
+            break
+    if rel.startswith("/") or depth < 0:
+        raise ImageError(f"{url}: {rel!r} leads out of the bucket")
     path = posixpath.normpath(posixpath.join("/" + key, rel)).lstrip("/")
-    if rel.startswith("/") or posixpath.normpath("/" + key + "/" + rel).startswith("//"):
-        raise ImageError(f"{url}: {rel!r} is not a path inside the bucket")
     return f"{objstore.SCHEME}{bucket}/{path}" if path and path != "." else f"{objstore.SCHEME}{bucket}"
 
 

@@ -254,14 +254,14 @@ def _delete(bucket: str, keys: list[str]) -> None:
 
 def describe(url: str) -> str | None:
     """'the image of pid 1234 taken ...' if the prefix holds one (None if not)."""
-    from .staging import inventory_pid
+    from .staging import inventory_pid, unreadable
 
     try:
         gen = resolve(url)
     except ImageCorrupt:
         return None
     pid = inventory_pid(gen)
-    return f"an unreadable image ({gen})" if pid is None else f"the image of pid {pid} ({gen.rsplit('/', 1)[-1]})"
+    return f"{unreadable(gen)} ({gen})" if pid is None else f"the image of pid {pid} ({gen.rsplit('/', 1)[-1]})"
 
 
 class Staging:

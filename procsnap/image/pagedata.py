@@ -45,6 +45,7 @@ class TreePages:
 
     def __init__(self, tree: list[tuple[model.Proc, Image | None]]):
         self.by_dir = {p.dir: img for p, img in tree if img is not None}
+        self.by_dir.update(tree[0][1].parents)  # a series' parent images, by their "parent:REL" source
         self._maps: dict[str, mmap.mmap] = {}
         self._chunked: dict[str, object] = {}  # pages_path -> ChunkedPageSource of an encoded image
 

@@ -156,7 +156,24 @@ def describe_image(directory: str) -> str | None:
         return None
     taken = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.stat(path).st_mtime))
     pid = inventory_pid(directory)
-    return f"an unreadable image written {taken}" if pid is None else f"the image of pid {pid} taken {taken}"
+    return f"{unreadable(directory)} written {taken}" if pid is None else f"the image of pid {pid} taken {taken}"
+
+
+def unreadable(location: str) -> str:
+    """'an encrypted image' (its pid is sealed) or 'an unreadable image'."""
+    from . import objstore
+
+    path = os.path.join(location, schema.INVENTORY)
+    n = schema.HEADER.size + len(schema.CRYP)
+    try:
+        if objstore.is_url(location):
+            head = objstore.read_range(path, 0, n)
+        else:
+            with open(path, "rb") as f:
+                head = f.read(n)
+    except (OSError, ImageError):
+        head = b""
+    return "an encrypted image" if head[schema.HEADER.size:] == schema.CRYP else "an unreadable image"
 
 
 def inventory_pid(location: str) -> int | None:
