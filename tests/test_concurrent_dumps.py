@@ -52,10 +52,17 @@ def _second_refused(procs, images, env=None):
 
 def test_two_dumps_into_one_directory(procs, tmp_path):
     images = tmp_path / "img"
+    other = procs.start_case(CASES_BY_ID["sleep-pause"], "pie")  # images there before: img, and one to keep
+    for where in (images, tmp_path / "kept"):
+        r = cli("dump", "-R", "-t", other.pid, "-D", where)
+        assert r.returncode == 0, r.stderr
+    other.signal(signal.SIGKILL)
     first = procs.start_case(CASES_BY_ID["memory"], "pie")
     dump = _held_dump(first, images)
     try:
         _second_refused(procs, images)
+        r = cli("gc", tmp_path, "--keep", "kept")  # it would remove img: not while a dump holds it
+        assert_cli_error(r, str(images), "in progress")
         _go_on(dump, first)
     finally:
         if dump.poll() is None:
