@@ -5,7 +5,9 @@ and restores through the CLI; the restored process checks itself (PASS).
 Encodings are interleaved run by run (plain, compress, encrypt, both, then
 the reverse), as the README asks of memory timings here. Prints median
 [min-max] ms, GiB/s of the process's stored page data, and the ratio of
-pages.img to the plain image's.
+pages.img to the plain image's, and the CPU seconds (user + system) of the
+dump and restore commands (the restored process's own not included): less
+swayed than wall time by what else the machine runs.
 
 Environment: BENCH_RUNS (3), BENCH_RANDOM_MIB (512), BENCH_PYTHON_MIB (about 300).
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -61,10 +64,16 @@ print("PASS" if digest() == first else "FAIL", flush=True)
 """
 
 
+CPU = {}  # CPU seconds (user + system) of the last cli() run of each verb
+
+
 def cli(*args: str) -> tuple[float, str]:
     t = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run([sys.executable, "-m", "procsnap", *args], cwd=ROOT, capture_output=True, text=True)
     took = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU[args[0]] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if p.returncode:
         raise SystemExit(f"procsnap {' '.join(args)} failed: {p.stderr.strip()}")
     return took, p.stdout
@@ -89,6 +98,7 @@ def one_run(argv: list[str], flags: list[str], work: str) -> dict:
     try:
         p = start(argv, out)
         t_dump, _ = cli("dump", "-t", str(p.pid), "-D", images, *flags)
+        dump_cpu = CPU["dump"]
         p.wait()
         gone(p.pid)
         pages = os.path.getsize(os.path.join(images, "pages.img"))
@@ -101,7 +111,8 @@ def one_run(argv: list[str], flags: list[str], work: str) -> dict:
         open(out, "w").close()
         t_restore, text = cli("restore", "-d", "-D", images, *[f for f in flags if f != "--compress"])
         finish(int(text.split()[-1]), out, reap_nohang)
-        return {"dump": t_dump, "restore": t_restore, "pages": pages, "logical": logical}
+        return {"dump": t_dump, "restore": t_restore, "pages": pages, "logical": logical,
+                "dump_cpu": dump_cpu, "restore_cpu": CPU["restore"]}
     finally:
         shutil.rmtree(images, ignore_errors=True)
 
@@ -128,7 +139,7 @@ def main() -> int:
               f"kernel {platform.release()}; {RUNS} runs interleaved; image on tmpfs; whole CLI times, "
               f"median [min-max]; GiB/s of page data (uncompressed)")
         print(f"{'process':>20} {'encoding':>9} | {'dump ms':>18} | {'restore ms':>18} | {'pages MiB':>9} | "
-              f"{'ratio':>5} | {'dump GiB/s':>10} | {'rest GiB/s':>10}")
+              f"{'ratio':>5} | {'dump GiB/s':>10} | {'rest GiB/s':>10} | {'dump CPU s':>10} | {'rest CPU s':>10}")
         for name, argv in loads.items():
             order = list(ENCODINGS)
             runs: dict[str, list[dict]] = {e: [] for e in order}
@@ -144,7 +155,9 @@ def main() -> int:
                 print(f"{name:>20} {enc:>9} | {med([r['dump'] for r in rs])} | {med([r['restore'] for r in rs])} | "
                       f"{pages / 2**20:9.1f} | {pages / plain:5.2f} | "
                       f"{gib / statistics.median(r['dump'] for r in rs):10.2f} | "
-                      f"{gib / statistics.median(r['restore'] for r in rs):10.2f}", flush=True)
+                      f"{gib / statistics.median(r['restore'] for r in rs):10.2f} | "
+                      f"{statistics.median(r['dump_cpu'] for r in rs):10.2f} | "
+                      f"{statistics.median(r['restore_cpu'] for r in rs):10.2f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
