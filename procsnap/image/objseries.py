@@ -131,6 +131,24 @@ def collect(bucket: str, keys: list[str], roots: set[str]) -> list[str]:
     return doomed + stale_refs
 
 
+def _listing(url: str, bucket: str, base: str) -> dict:
+    with objstore._errors(url, "list"):
+        out = {}
+        for page in objstore.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
+            out.update({o["Key"]: o for o in page.get("Contents", [])})
+        return out
+
+
+def _owner_prefix(key: str) -> str | None:
+    """The image prefix an object belongs to: its generation's, its REFS entry's, its CURRENT's or LOCK's."""
+    what = _parse(key)
+    if what and what[0] == "gen":
+        return what[1].rpartition("/")[0]
+    if what:
+        return key.split(f"/{REFS}/")[0] if f"/{REFS}/" in key else ""
+    return key.rpartition("/")[0] if key.rpartition("/")[2] in (objstore.CURRENT, LOCK) else None
+
+
 def finish(url: str, new: str) -> None:
     """After a dump into s3://BUCKET/PREFIX made generation `new` its CURRENT."""
     bucket, prefix = objstore.split(url)
@@ -147,10 +165,7 @@ def gc(url: str, keep: list[str] | None = None) -> list[str]:
     not kept that none needs; returns what went: generations and images (URLs)."""
     bucket, prefix = objstore.split(url.rstrip("/"))
     base = f"{prefix}/" if prefix else ""
-    with objstore._errors(url, "list"):
-        listing = {}
-        for page in objstore.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
-            listing.update({o["Key"]: o for o in page.get("Contents", [])})
+    listing = _listing(url, bucket, base)
     currents = {k: o for k, o in listing.items() if k.rpartition("/")[2] == objstore.CURRENT
                 and _parse(k) is None}
     if not currents:
@@ -160,17 +175,13 @@ def gc(url: str, keep: list[str] | None = None) -> list[str]:
         if name not in names:
             raise ImageError(f"{url}: no image {name!r} to keep (images: {', '.join(sorted(names))})")
     kept = keep or [max(names, key=lambda n: currents[names[n]]["LastModified"])]
-    busy = set(currents)  # where a dump may be under way: images, and prefixes with generations or a lock
-    for k in listing:
-        what = _parse(k)
-        if what and what[0] == "gen":
-            busy.add(what[1].rpartition("/")[0] + "/" + objstore.CURRENT)
-        elif k.rpartition("/")[2] == LOCK:
-            busy.add(k.rpartition("/")[0] + "/" + objstore.CURRENT)
+    # where a dump may be under way: images, and prefixes with generations, REFS or a lock
+    held = {p for p in map(_owner_prefix, listing) if p is not None}
     with contextlib.ExitStack() as stack:
-        for key in sorted(busy):  # a dump under way into one of them: nothing is removed
-            where = key.rpartition("/")[0]
+        for where in sorted(held):  # a dump under way into one of them: nothing is removed
             stack.enter_context(locked(f"{objstore.SCHEME}{bucket}/{where}" if where else f"{objstore.SCHEME}{bucket}"))
+        # again, now that no dump can change them: only what is under the prefixes we hold
+        listing = {k: o for k, o in _listing(url, bucket, base).items() if _owner_prefix(k) in held}
         roots = set()
         for name in kept:
             current = objstore.read(f"{objstore.SCHEME}{bucket}/{names[name]}").decode(errors="replace").strip()
