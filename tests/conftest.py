@@ -86,6 +86,8 @@ CASES = [
     Case("sleep", "pause", sabotage_delay=1.5),
     Case("sleep", "poll", sabotage_delay=1.5),
     Case("sleep", "read", ignore_pos=(10,)),
+    Case("sleep", "sigsuspend", sabotage_delay=1.5),
+    Case("sleep", "ppoll", sabotage_delay=1.5),
     Case("signals"),
     Case("signals", "sigtrap"),
     Case("identity", dir_arg=True),
