@@ -229,6 +229,10 @@ def nginx_conf(tmp_path, www, port):
         daemon off;
         master_process on;
         worker_processes 2;
+        user www-data;
+        worker_rlimit_nofile 777;
+        worker_priority 5;
+        worker_cpu_affinity auto;
         pid {d}/nginx.pid;
         error_log {d}/error.log;
         events {{ worker_connections 64; }}
@@ -240,7 +244,7 @@ def nginx_conf(tmp_path, www, port):
             uwsgi_temp_path {d}/uwsgi;
             scgi_temp_path {d}/scgi;
             server {{
-                listen 127.0.0.1:{port};
+                listen 127.0.0.1:{port} reuseport;
                 root {www};
             }}
         }}
@@ -277,7 +281,7 @@ def test_nginx(procs, tmp_path, www):
     wait_until(serving(lambda: http_get(port, "/index.html").endswith(b"hello from nginx\n")), "nginx serving")
     wait_until(lambda: len(nginx_workers(t.pid)) == 2, "nginx's two workers")
     workers = nginx_workers(t.pid)
-    assert {os.stat(f"/proc/{w}").st_uid for w in workers} == {65534}
+    assert {os.stat(f"/proc/{w}").st_uid for w in workers} == {33}
     images = dump_kill(t, tmp_path / "img")
     restore(procs, t, images)
     assert nginx_workers(t.pid) == workers
