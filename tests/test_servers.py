@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import sys
 import tempfile
 import textwrap
@@ -312,14 +313,26 @@ def memcached(port, request, end):
     return data
 
 
+def memcached_udp(port, request):
+    """One request over UDP (each datagram after an 8-byte frame header:
+    request id, sequence number, datagram count, reserved); the reply's body."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+        u.settimeout(10)
+        u.sendto(struct.pack("!HHHH", 7, 0, 1, 0) + request, ("127.0.0.1", port))
+        reply = u.recv(1 << 16)
+    assert reply[:2] == struct.pack("!H", 7)
+    return reply[8:]
+
+
 def test_memcached(procs, tmp_path):
-    """memcached (worker threads, libevent over epoll, pipes and eventfds
-    between its threads) with items set before the dump, read after."""
+    """memcached (four worker threads, libevent over epoll, the pipes
+    between its threads, a UDP socket per thread on one port) with items
+    set before the dump, read after over TCP and UDP."""
     port = free_port()
-    t = procs.start([need("memcached"), "-u", "root", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64"],
-                    name="memcached", ready=False)
+    t = procs.start([need("memcached"), "-u", "root", "-l", "127.0.0.1", "-p", str(port), "-U", str(port),
+                     "-t", "4", "-m", "64"], name="memcached", ready=False)
     wait_until(serving(lambda: memcached(port, b"version\r\n", b"\r\n").startswith(b"VERSION")), "memcached serving")
-    items = {f"item{i}": os.urandom(1000 + i).hex().encode() for i in range(200)}
+    items = {f"item{i}": os.urandom(300 + i).hex().encode() for i in range(200)}
     for key, value in items.items():
         assert memcached(port, b"set %s 7 0 %d\r\n%s\r\n" % (key.encode(), len(value), value),
                          b"\r\n") == b"STORED\r\n"
@@ -329,6 +342,8 @@ def test_memcached(procs, tmp_path):
         assert memcached(port, b"get %s\r\n" % key.encode(), b"END\r\n") == \
             b"VALUE %s 7 %d\r\n%s\r\nEND\r\n" % (key.encode(), len(value), value)
     assert memcached(port, b"incr missing 1\r\n", b"\r\n") == b"NOT_FOUND\r\n"
+    assert memcached_udp(port, b"get item3\r\n") == b"VALUE item3 7 %d\r\n%s\r\nEND\r\n" % (
+        len(items["item3"]), items["item3"])
 
 
 # --------------------------------------------------------------------------
