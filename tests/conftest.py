@@ -20,6 +20,7 @@ Fixtures and helpers:
     assert_untouched(pid, before, images, ...)   state after a failed dump
 """
 
+import contextlib
 import ctypes
 import dataclasses
 import difflib
@@ -417,6 +418,8 @@ class Procs:
     def cleanup(self):
         for t in reversed(self.started):
             if not t.reaped:    # a tree's other processes first: nothing of a failed test survives it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(t.pid, signal.SIGSTOP)  # no parent makes new children meanwhile (nginx's master)
                 for pid in reversed(descendants(t.pid)):
                     try:
                         os.kill(pid, signal.SIGKILL)

@@ -247,9 +247,17 @@ def nginx_conf(tmp_path, www, port):
             server {{
                 listen 127.0.0.1:{port} reuseport;
                 root {www};
+                location = /status {{ stub_status; }}
             }}
         }}
         """)
+
+
+def nginx_requests(port):
+    """stub_status's request counter, in memory all of nginx's processes share
+    (MAP_SHARED|MAP_ANONYMOUS); this request counts itself."""
+    reply = http_get(port, "/status").decode()
+    return int(reply.split("server accepts handled requests")[1].split()[2])
 
 
 def nginx_workers(pid):
@@ -269,10 +277,12 @@ def www():
 
 
 def test_nginx(procs, tmp_path, www):
-    """nginx's master (root) and two workers (nobody: credentials differ
-    per process; shared anonymous memory, epoll, the channel socket pairs
-    between master and workers); serves a file after the restore, then
-    reloads (SIGHUP): new workers, serving."""
+    """nginx's master (root, in sigsuspend) and two workers (www-data:
+    credentials differ per process; their own rlimit, nice and affinity;
+    a reuseport listener each; shared anonymous memory holding the request
+    counters, epoll, eventfd, the channel socket pairs between master and
+    workers); serves a file after the restore, counting on from where it
+    was, then reloads (SIGHUP): new workers, serving."""
     port = free_port()
     (www / "index.html").write_text("hello from nginx\n")
     conf = tmp_path / "nginx.conf"
@@ -283,12 +293,15 @@ def test_nginx(procs, tmp_path, www):
     wait_until(lambda: len(nginx_workers(t.pid)) == 2, "nginx's two workers")
     workers = nginx_workers(t.pid)
     assert {os.stat(f"/proc/{w}").st_uid for w in workers} == {33}
+    served = nginx_requests(port)
     images = dump_kill(t, tmp_path / "img")
     restore(procs, t, images)
     assert nginx_workers(t.pid) == workers
     assert int((tmp_path / "nginx.pid").read_text()) == t.pid
+    assert nginx_requests(port) == served + 1
     for _ in range(4):
         assert http_get(port, "/index.html").endswith(b"hello from nginx\n")
+    assert nginx_requests(port) == served + 6
     (www / "index.html").write_text("after the reload\n")
     t.signal(signal.SIGHUP)
     wait_until(lambda: len(nginx_workers(t.pid)) == 2 and not set(nginx_workers(t.pid)) & set(workers),
