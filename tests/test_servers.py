@@ -105,7 +105,13 @@ class Resp:
     """A redis client over one TCP connection (RESP2, enough for the tests)."""
 
     def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        """port: a TCP port on loopback, or the path of a unix socket."""
+        if isinstance(port, int):
+            self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.settimeout(30)
+            self.sock.connect(str(port))
         self.buf = b""
 
     def close(self):
@@ -174,6 +180,8 @@ def start_redis(procs, tmp_path):
         appendonly no
         dir {tmp_path}
         logfile ""
+        unixsocket {tmp_path}/redis.sock
+        unixsocketperm 700
         """))
     t = procs.start([need("redis-server"), str(conf)], name="redis", ready=False)
     wait_until(serving(lambda: Resp(port)("PING") == b"PONG"), "redis-server answering PING")
@@ -198,15 +206,19 @@ def check_redis(c):
 
 
 def test_redis(procs, tmp_path):
-    """redis-server (its bio threads, epoll, pipes) with about 5 MiB of
-    keys; a client that connects anew after the restore reads them."""
+    """redis-server (its bio threads, epoll, pipes; a TCP and a unix
+    listener) with about 5 MiB of keys; clients that connect anew after
+    the restore, over TCP and over the unix socket, read them."""
     t, port, c = start_redis(procs, tmp_path)
     c.close()
-    wait_until(lambda: socket_fds(t.pid) == 1, "the loading client's connection to close (the listener left)")
+    wait_until(lambda: socket_fds(t.pid) == 2, "the loading client's connection to close (the listeners left)")
     images = dump_kill(t, tmp_path / "img")
     restore(procs, t, images)
     c = Resp(port)
     check_redis(c)
+    c.close()
+    c = Resp(tmp_path / "redis.sock")
+    assert c("GET", "after") == b"restore" and c("GET", "key:7") == redis_value(7)
     c.close()
 
 
