@@ -276,6 +276,17 @@ def nginx_workers(pid):
     return sorted(int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split())
 
 
+def syscall_of(pid):
+    return open(f"/proc/{pid}/syscall").read().split()[0]
+
+
+def nginx_settled(pid, workers=2):
+    """The master in sigsuspend (130), each worker done with its set-up
+    (its epoll, eventfd) and waiting in epoll_wait (232)."""
+    found = nginx_workers(pid)
+    return len(found) == workers and syscall_of(pid) == "130" and all(syscall_of(w) == "232" for w in found)
+
+
 @pytest.fixture
 def www():
     """A directory the workers (nobody) can read: the test's own is in
@@ -302,10 +313,13 @@ def test_nginx(procs, tmp_path, www):
     t = procs.start([need("nginx"), "-p", str(tmp_path), "-c", str(conf), "-e", str(tmp_path / "error.log")],
                     name="nginx", ready=False)
     wait_until(serving(lambda: http_get(port, "/index.html").endswith(b"hello from nginx\n")), "nginx serving")
-    wait_until(lambda: len(nginx_workers(t.pid)) == 2, "nginx's two workers")
+    wait_until(lambda: nginx_settled(t.pid), "nginx's master and two workers to settle")
     workers = nginx_workers(t.pid)
     assert {os.stat(f"/proc/{w}").st_uid for w in workers} == {33}
+    idle = [socket_fds(w) for w in workers]
     served = nginx_requests(port)
+    wait_until(lambda: nginx_settled(t.pid) and [socket_fds(w) for w in workers] == idle,
+               "the worker that answered to be done with the connection")
     images = dump_kill(t, tmp_path / "img")
     restore(procs, t, images)
     assert nginx_workers(t.pid) == workers
