@@ -4,20 +4,27 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 S3RVER := $(VENV)/s3rver/node_modules/.bin/s3rver
 
-.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 clean
+.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 bench-servers clean
 
 $(STAMP): pyproject.toml
 	# Debian programs the tests run, installed only when missing (one apt-get update, only then):
 	# tmux, vim and top (tests/test_tty.py), gdb (test_views.py opens `procsnap core` files in it),
-	# npm (it installs s3rver, the S3 server of test_objstore.py)
+	# npm (it installs s3rver, the S3 server of test_objstore.py),
+	# redis-server, nginx, memcached (tests/test_servers.py runs its own instances, own config and ports);
+	# their Debian services, if the install started them, are stopped again: the tests never use them
 	@missing=""; \
 	command -v tmux >/dev/null || missing="$$missing tmux"; \
 	command -v vim >/dev/null || missing="$$missing vim"; \
 	command -v top >/dev/null || missing="$$missing procps"; \
 	command -v gdb >/dev/null || missing="$$missing gdb"; \
 	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v nginx >/dev/null || missing="$$missing nginx"; \
+	command -v memcached >/dev/null || missing="$$missing memcached"; \
 	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing || exit 1; \
+	  for s in redis-server nginx memcached; do case "$$missing" in *" $$s"*) \
+	    service $$s stop >/dev/null 2>&1 || true;; esac; done; fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# compat: a plain path in a .pth file; the default editable finder costs ~13 ms per start
@@ -50,6 +57,9 @@ bench-tree: $(STAMP)
 
 bench-cow: $(STAMP)
 	$(PY) bench/cow.py
+
+bench-servers: $(STAMP)
+	$(PY) bench/servers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

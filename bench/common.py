@@ -42,3 +42,16 @@ def gone(pids: list[int]) -> None:
             except ChildProcessError:
                 pass
             time.sleep(0.005)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children of each of its threads), parents first."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        for tid in os.listdir(f"/proc/{p}/task"):
+            with open(f"/proc/{p}/task/{tid}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+            out += kids
+            todo += kids
+    return out

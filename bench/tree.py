@@ -24,7 +24,7 @@ import tempfile
 import textwrap
 import time
 
-from common import cli, gone, wait_for
+from common import cli, descendants, gone, wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -74,18 +74,6 @@ PROGRAM = textwrap.dedent("""\
         ok = ok and st == 0
     os.write(1, b"PASS\\n" if ok else b"FAIL\\n")
     """)
-
-
-def descendants(pid: int) -> list[int]:
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        for tid in os.listdir(f"/proc/{p}/task"):
-            with open(f"/proc/{p}/task/{tid}/children") as f:
-                kids = [int(k) for k in f.read().split()]
-            out += kids
-            todo += kids
-    return out
 
 
 def one_run(procs: int, threads: int, private: int, shared: int, work: str) -> dict:

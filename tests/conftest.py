@@ -20,6 +20,7 @@ Fixtures and helpers:
     assert_untouched(pid, before, images, ...)   state after a failed dump
 """
 
+import contextlib
 import ctypes
 import dataclasses
 import difflib
@@ -86,6 +87,8 @@ CASES = [
     Case("sleep", "pause", sabotage_delay=1.5),
     Case("sleep", "poll", sabotage_delay=1.5),
     Case("sleep", "read", ignore_pos=(10,)),
+    Case("sleep", "sigsuspend", sabotage_delay=1.5),
+    Case("sleep", "ppoll", sabotage_delay=1.5),
     Case("signals"),
     Case("signals", "sigtrap"),
     Case("identity", dir_arg=True),
@@ -415,6 +418,8 @@ class Procs:
     def cleanup(self):
         for t in reversed(self.started):
             if not t.reaped:    # a tree's other processes first: nothing of a failed test survives it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(t.pid, signal.SIGSTOP)  # no parent makes new children meanwhile (nginx's master)
                 for pid in reversed(descendants(t.pid)):
                     try:
                         os.kill(pid, signal.SIGKILL)

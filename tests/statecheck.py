@@ -147,6 +147,31 @@ def _status(path: str, root: bool) -> dict[str, str]:
     return out
 
 
+# Waits that swap in a temporary signal mask (rt_sigsuspend, pselect6, ppoll,
+# epoll_pwait, io_pgetevents, epoll_pwait2; x86_64 numbers). While a task
+# waits in one, status shows the temporary mask as SigBlk, and
+# PTRACE_GETSIGMASK the one it goes back to (saved_sigmask): the mask a
+# restored task has until it makes the call again (nginx's master in
+# sigsuspend). That one is compared.
+MASK_SWAPPING_WAITS = frozenset((130, 270, 271, 281, 333, 441))
+
+
+def _sigblk(pid: int, tid: int, shown: str) -> str:
+    """status.SigBlk of a thread, the mask it goes back to if it waits in
+    a call of MASK_SWAPPING_WAITS (read with it seized, stopped)."""
+    try:
+        nr = _read(f"/proc/{pid}/task/{tid}/syscall").split()[0]
+        if not nr.isdigit() or int(nr) not in MASK_SWAPPING_WAITS:
+            return shown
+        stopped_by = ptrace.freeze(tid)
+    except (OSError, IndexError) as err:
+        return f"<cannot freeze: {err}>"
+    try:
+        return shown if stopped_by else f"{ptrace.get_sigmask(tid):016x}"
+    finally:
+        ptrace.detach(tid)
+
+
 def _state(stat_state: str) -> str:
     return "live" if stat_state in "RSD" else stat_state
 
@@ -476,6 +501,7 @@ def capture(pid: int, root: bool = False, inject: bool = True) -> dict[str, str]
         return {k: v for k, v in state.items() if k in ("stat.state", "stat.exit_signal", "stat.pgrp",
                                                         "stat.session", "stat.ppid", "stat.exit_code")}
     state.update(_status(f"{base}/status", root))
+    state["status.SigBlk"] = _sigblk(pid, pid, state["status.SigBlk"])
     for name in ("oom_score_adj", "timerslack_ns", "personality", "loginuid", "sessionid", "cgroup",
                  "coredump_filter", "comm", "limits", "attr/current", "setgroups", "uid_map", "gid_map",
                  "timers"):
@@ -498,6 +524,7 @@ def capture(pid: int, root: bool = False, inject: bool = True) -> dict[str, str]
         try:
             thread = {**_status(f"{where}/status", root), **_stat(f"{where}/stat", root), **_sched(tid),
                       "comm": _read(f"{where}/comm").strip()}
+            thread["status.SigBlk"] = _sigblk(pid, tid, thread["status.SigBlk"])
         except FileNotFoundError:
             continue
         state.update({f"task.{tid}.{k}": v for k, v in thread.items()})

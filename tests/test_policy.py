@@ -80,6 +80,36 @@ def test_image_of_another_owner_needs_explicit_flag(tmp_path, started):
     assert_sleeping(pid)
 
 
+DROPPING_TREE = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+child = os.fork()
+if child == 0:
+    os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)
+    signal.pause()
+print("READY", flush=True)
+signal.sigwait([signal.SIGUSR1])
+ids = open(f"/proc/{child}/status").read().split("Uid:")[1].split()[:4]
+print("PASS" if ids == ["65534"] * 4 else f"FAIL: child uids {ids}", flush=True)
+os.kill(child, signal.SIGKILL)
+os.waitpid(child, 0)
+"""
+
+
+def test_process_below_a_root_tree_of_another_uid_needs_no_flag(procs, tmp_path):
+    """A root tree whose root made a child nobody (as nginx's master makes
+    its workers): root restores it without --allow-other-owner, the child
+    with its own credentials; a tree whose root is another uid's still
+    needs the flag (test above)."""
+    from conftest import assert_pass, restore
+
+    t = procs.start([sys.executable, "-c", DROPPING_TREE], name="dropping")
+    images = dump_kill(t, tmp_path / "img")
+    assert procsnap.verify(str(images)) == []
+    restore(procs, t, images)
+    assert_pass(t)
+
+
 def test_setuid_executable_needs_explicit_flag(tmp_path, started):
     exe = tmp_path / "sleep-setuid"
     shutil.copy2(shutil.which("sleep"), exe)

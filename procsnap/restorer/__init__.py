@@ -52,9 +52,10 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     """
     root_image = open_image(images_dir, progress=progress and functools.partial(progress, "check pages"), key=key)
     tree = open_tree(root_image, progress)
-    for _, image in tree:
+    for proc_entry, image in tree:
         if image is not None:
-            check_restorable(image, allow_other_owner, allow_setuid)
+            check_restorable(image, allow_other_owner, allow_setuid,
+                             root_image.checkpoint.task if proc_entry.ppid else None)
             objects.check_task_state(image.checkpoint)
     pid = root_image.checkpoint.task.pid
     with contextlib.ExitStack() as stack:

@@ -11,8 +11,11 @@ user's credentials and opens every file with them, so it never reaches a
 file that user could not open. Two things could still grant more than the
 image's owner had, and are refused unless asked for explicitly:
   - an image dumped from a process of other credentials (uid/gid) than the
-    restoring user's: with allow_other_owner, root may restore it, and the
-    process then runs with root's credentials;
+    restoring user's: with allow_other_owner, root may restore it (its
+    credentials are restored, objects/creds.py). Not asked for: a process
+    below a tree root that has root's own credentials, when root restores
+    (nginx's workers, which its master made nobody): the root could give
+    any uid, so restoring theirs gives nothing the image's owner lacked;
   - a set-uid or set-gid executable or mapped file: the restored process
     would show it as its exe without having been exec'd through it
     (allow_setuid).
@@ -49,12 +52,14 @@ def _file_problems(ckpt: model.Checkpoint, allow_setuid: bool) -> list[str]:
     return problems
 
 
-def _owner_problems(task: model.Task, allow_other_owner: bool) -> list[str]:
+def _owner_problems(task: model.Task, allow_other_owner: bool, tree_root: model.Task | None = None) -> list[str]:
     if not task.uids:
         return []
     mine_u, mine_g = list(os.getresuid()), list(os.getresgid())
     if task.uids[:3] == mine_u and task.gids[:3] == mine_g:
         return []
+    if tree_root is not None and mine_u == [0, 0, 0] and not _owner_problems(tree_root, False):
+        return []  # made by a root tree root, restored by root (see the policy above)
     owner = f"uid {task.uids[1]} gid {task.gids[1]}"
     if not allow_other_owner:
         return [f"the image is of a process of {owner}; restoring as uid {mine_u[1]} gid {mine_g[1]} would change "
@@ -64,11 +69,13 @@ def _owner_problems(task: model.Task, allow_other_owner: bool) -> list[str]:
     return []
 
 
-def image_problems(image: Image, allow_other_owner: bool = False, allow_setuid: bool = False) -> list[str]:
+def image_problems(image: Image, allow_other_owner: bool = False, allow_setuid: bool = False,
+                   tree_root: model.Task | None = None) -> list[str]:
+    """tree_root: the task of the tree's root, when `image` is of a process below it."""
     ckpt = image.checkpoint
     root = [] if ckpt.task.root == "/" or os.path.isdir(ckpt.task.root) else \
         [f"its root directory (chroot) {ckpt.task.root} is gone"]
-    return (_owner_problems(ckpt.task, allow_other_owner) + _file_problems(ckpt, allow_setuid) + root
+    return (_owner_problems(ckpt.task, allow_other_owner, tree_root) + _file_problems(ckpt, allow_setuid) + root
             + cgroup_problems(ckpt.cgroups))
 
 
@@ -86,7 +93,8 @@ def verify_image(directory: str, allow_other_owner: bool = False, allow_setuid: 
     problems = []
     for proc, img in tree:
         if img is not None:
-            found = image_problems(img, allow_other_owner, allow_setuid)
+            found = image_problems(img, allow_other_owner, allow_setuid,
+                                   image.checkpoint.task if proc.ppid else None)
             problems += [f"pid {proc.pid}: {p}" for p in found] if proc.ppid else found
     problems += objects.verify(image.checkpoint)
     from ..kernel.probes import run_checks
@@ -95,7 +103,8 @@ def verify_image(directory: str, allow_other_owner: bool = False, allow_setuid: 
     return problems
 
 
-def check_restorable(image: Image, allow_other_owner: bool, allow_setuid: bool) -> None:
-    problems = image_problems(image, allow_other_owner, allow_setuid)
+def check_restorable(image: Image, allow_other_owner: bool, allow_setuid: bool,
+                     tree_root: model.Task | None = None) -> None:
+    problems = image_problems(image, allow_other_owner, allow_setuid, tree_root)
     if problems:
         raise RestoreError(f"{image.directory}: cannot restore: " + "; ".join(problems), image.checkpoint.task.pid)

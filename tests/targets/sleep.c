@@ -6,6 +6,11 @@
  *   ./sleep clock_abs   clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME) 60 s ahead
  *   ./sleep pause       pause()
  *   ./sleep poll        poll(NULL, 0, 30000)
+ *   ./sleep sigsuspend  SIGUSR2 blocked, sigsuspend() with an empty mask in a
+ *                       loop; after it returns, SIGUSR2 must be blocked again
+ *   ./sleep ppoll       the same with ppoll(NULL, 0, NULL, empty mask): the
+ *                       kernel keeps the mask to go back to where ptrace
+ *                       cannot read it (saved_sigmask, TIF_RESTORE_SIGMASK)
  *   ./sleep read        reads sleep-read.dat (created in cwd, kept open at
  *                       fd 10) 16 bytes per 10 ms nanosleep, checking content
  *                       and offset continuity
@@ -129,6 +134,24 @@ int main(int argc, char **argv)
 			if (now_mono() - t0 < 29.9)
 				ps_fail("poll", "expected >= 30 s found %.3f s", now_mono() - t0);
 		}
+	} else if (mode && (!strcmp(mode, "sigsuspend") || !strcmp(mode, "ppoll"))) {
+		int is_ppoll = !strcmp(mode, "ppoll");
+		sigset_t blocked, none, now;
+		sigemptyset(&blocked);
+		sigaddset(&blocked, SIGUSR2);
+		sigemptyset(&none);
+		ps_setup(sigprocmask(SIG_BLOCK, &blocked, NULL) == 0, "block SIGUSR2");
+		ps_ready();
+		if (sab)
+			alarm(1);
+		while (!ps_usr1) {
+			int r = is_ppoll ? ppoll(NULL, 0, NULL, &none) : sigsuspend(&none);
+			if (interrupted(mode, r != 0, errno))
+				break;
+		}
+		ps_setup(sigprocmask(SIG_BLOCK, NULL, &now) == 0, "sigprocmask");
+		PS_CHECK_U64("SIGUSR2 blocked again after the call", 1, sigismember(&now, SIGUSR2));
+		PS_CHECK_U64("SIGUSR1 not blocked after the call", 0, sigismember(&now, SIGUSR1));
 	} else if (is_read) {
 		long pos = CHUNK;
 		unsigned char first[CHUNK];
