@@ -120,7 +120,9 @@ def cmd_receive(args) -> int:
     url = args.listen or args.stream
     got = receive(url, args.images_dir, _tls(args), _key(args), _listening(url))
     print(f"{args.images_dir}: received {got.bytes >> 20} MiB in {got.seconds:.2f} s from {url}"
-          + ("" if got.source is None else f"; the source was {got.source}"))
+          + ("; the sender did not say what became of the source" if got.source is None
+             else "; the sender failed after it (the source runs on)" if got.source == "aborted"
+             else f"; the source was {got.source}"))
     return 0
 
 

@@ -58,7 +58,8 @@ class Peer:
     def wait(self, timeout=120):
         self.proc.wait(timeout)
         out = self.out_path.read_text() if self.out_path.exists() else ""
-        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, self.stderr)
+        err = "".join(l for l in self.stderr.splitlines(True) if not l.startswith("procsnap: listening on "))
+        return subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -202,9 +202,9 @@ def _refuse(channel: Channel, why: str) -> None:
 def _wait_done(reader: FrameReader) -> str | None:
     """What the sender did with the source once the image was acknowledged."""
     try:
-        tag, _, _, payload = reader.read((DONE, ABRT))
+        tag, _, _, payload = reader.read((DONE, ABRT), before="before DONE")
     except (ImageError, OSError) as err:
-        log.warning("%s: no word from the sender after the image: %s", reader.channel.name, err)
+        log.info("%s: no word from the sender after the image: %s", reader.channel.name, err)
         return None
     if tag == ABRT:
         log.warning("%s: the sender failed after the image: %s", reader.channel.name,

@@ -225,12 +225,11 @@ class FrameReader:
     def where(self) -> str:
         return f"{self.channel.name}: frame {self.count} at byte {self.channel.received}"
 
-    def read(self, allowed=TAGS) -> tuple[bytes, int, int, memoryview]:
+    def read(self, allowed=TAGS, before="before the image was complete (no END)") -> tuple[bytes, int, int, memoryview]:
         got = self.channel.recv_into(self.head)
         self.count += 1
         if got < FRAME.size:
-            raise StreamError(f"{self.where()}: the stream ended " +
-                              ("before the image was complete (no END)" if got == 0 else "inside a frame header"))
+            raise StreamError(f"{self.where()}: the stream ended " + (before if got == 0 else "inside a frame header"))
         tag, file, offset, length, xxh3, crc = FRAME.unpack(self.head)
         if zlib.crc32(self.head[:28]) != crc:
             raise ImageCorrupt(f"{self.where()}: frame header crc32 expected {crc:#x}, "
