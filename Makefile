@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 S3RVER := $(VENV)/s3rver/node_modules/.bin/s3rver
 
-.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 clean
+.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 bench-stream clean
 
 $(STAMP): pyproject.toml
 	# Debian programs the tests run, installed only when missing (one apt-get update, only then):
@@ -44,6 +44,9 @@ bench-encoded: $(STAMP)
 
 bench-s3: $(STAMP)
 	$(PY) bench/objstore.py
+
+bench-stream: $(STAMP)
+	$(PY) bench/stream.py
 
 bench-tree: $(STAMP)
 	$(PY) bench/tree.py
