@@ -32,14 +32,15 @@ PROCSNAP = [sys.executable, "-m", "procsnap"]
 class Peer:
     """A procsnap subprocess (receive, restore --stream, dump) with its output in files."""
 
-    def __init__(self, tmp: Path, name: str, *args, env=None, stdin=None, stdout=None):
+    def __init__(self, tmp: Path, name: str, *args, env=None, stdin=None, stdout=None, argv=None):
+        """argv: run this instead of procsnap ARGS."""
         self.err_path = tmp / f"{name}.err"
         self.out_path = tmp / f"{name}.out"
         out = open(self.out_path, "w") if stdout is None else stdout
         if stdout is not None:
             self.out_path.unlink(missing_ok=True)
         with open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([*PROCSNAP, *map(str, args)], cwd=REPO, stdin=stdin or subprocess.DEVNULL,
+            self.proc = subprocess.Popen(argv or [*PROCSNAP, *map(str, args)], cwd=REPO, stdin=stdin or subprocess.DEVNULL,
                                          stdout=out, stderr=err, env={**os.environ, **(env or {})},
                                          start_new_session=True)
         if stdout is None:
@@ -402,3 +403,47 @@ def test_usage_errors():
                          "--tls-cert")):
         r = cli(*args)
         assert r.returncode != 0 and named in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+# --------------------------------------------------------------------------
+# Into another network namespace: a test host's receiver behind a veth pair
+
+
+@pytest.fixture
+def netns_receiver(tmp_path):
+    """start(images) -> (Peer, address): `procsnap receive` in a network
+    namespace of its own (unshare -n), joined to ours by a veth pair on a
+    /30 made here; the namespace and the pair go with the receiver."""
+    made = []
+    n = os.getpid() % 100000
+    host_if, peer_if = f"psst{n}a", f"psst{n}b"
+    net = f"10.213.{os.getpid() % 250}"
+
+    def start(images):
+        script = (f"while ! ip link show {peer_if} >/dev/null 2>&1; do sleep 0.02; done; "
+                  f"ip link set lo up && ip addr add {net}.2/30 dev {peer_if} && ip link set {peer_if} up && "
+                  f"exec {sys.executable} -m procsnap receive --listen {net}.2:0 -D {images}")
+        p = Peer(tmp_path, "receive-netns", argv=["unshare", "-n", "sh", "-c", script])
+        made.append(p)
+        subprocess.run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", peer_if], check=True)
+        subprocess.run(["ip", "link", "set", peer_if, "netns", str(p.proc.pid)], check=True)
+        subprocess.run(["ip", "addr", "add", f"{net}.1/30", "dev", host_if], check=True)
+        subprocess.run(["ip", "link", "set", host_if, "up"], check=True)
+        return p, f"{net}.2:{p.port()}"
+
+    try:
+        yield start
+    finally:
+        for p in made:
+            p.kill()
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)  # gone with the namespace, normally
+
+
+def test_into_network_namespace(procs, tmp_path, netns_receiver):
+    t = procs.start_case(CASES_BY_ID["threads"], "pie")
+    images = tmp_path / "received"
+    recv, where = netns_receiver(images)
+    dump_stream(t, f"tcp://{where}")
+    assert recv.wait().returncode == 0, recv.stderr
+    restore(procs, t, images)
+    assert_pass(t)
