@@ -30,7 +30,8 @@ import sys
 import tempfile
 import time
 
-from common import ROOT, wait_for
+from common import ROOT, gone
+from encoded import start
 from run import finish, reap_nohang
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -38,14 +39,6 @@ RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 MIB = int(os.environ.get("BENCH_MIB", "1024"))
 CRIU = os.environ.get("CRIU")
 PROCSNAP = [sys.executable, "-m", "procsnap"]
-
-
-def start(argv: list[str], out: str) -> subprocess.Popen:
-    with open(out, "w") as f:
-        p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             start_new_session=True, close_fds=True)
-    wait_for(out, "READY", timeout=600)
-    return p
 
 
 def run(*argv: str, env=None) -> str:
@@ -66,7 +59,7 @@ def via_directory(pid: int, work: str, _tls) -> int:
     images = tempfile.mkdtemp(prefix="img-", dir=work)
     try:
         run(*PROCSNAP, "dump", "-t", str(pid), "-D", images)
-        wait_gone(pid)
+        gone([pid])
         return int(run(*PROCSNAP, "restore", "-D", images, "-d").split()[-1])
     finally:
         shutil.rmtree(images, ignore_errors=True)
@@ -112,20 +105,11 @@ def via_criu_page_server(pid: int, work: str, _tls) -> int:
         time.sleep(0.2)
         run(CRIU, "dump", "-t", str(pid), "-D", images, "--page-server", "--address", "127.0.0.1", "--port", "27182")
         server.communicate(timeout=600)
-        wait_gone(pid)
+        gone([pid])
         run(CRIU, "restore", "-D", images, "-d")
         return pid
     finally:
         shutil.rmtree(images, ignore_errors=True)
-
-
-def wait_gone(pid: int) -> None:
-    while os.path.exists(f"/proc/{pid}"):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.002)
 
 
 def make_tls(work: str) -> dict:

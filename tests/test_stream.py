@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import procsnap
-from conftest import (CASES_BY_ID, REPO, assert_cli_error, assert_pass, assert_running_untraced,
+from conftest import (CASES_BY_ID, REPO, assert_cli_error, dump_kill_to, assert_pass, assert_running_untraced,
                       assert_same_snapshot, cli, descendants, image_hashes, proc_snapshot, reap_gone, restore,
                       wait_until)
 from procsnap.image import stream
@@ -90,13 +90,7 @@ def listening(peers, name, *args, **kw):
     return p, p.port()
 
 
-def dump_stream(t, url, **options):
-    """dump_kill for a stream: the tree's state is taken for the restore to compare."""
-    others = descendants(t.pid)
-    t.dumped = proc_snapshot(t.pid)
-    procsnap.dump(t.pid, url, **options)
-    assert t.reap() == -signal.SIGKILL
-    reap_gone(others)
+dump_stream = dump_kill_to
 
 
 def follow_restored(t, result, before):
