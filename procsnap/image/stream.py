@@ -273,9 +273,9 @@ class Sender:
         self.id = f"{os.getpid()}.{id(self):x}"
         self.files: dict[str, int] = {}
         self.lock = threading.Lock()
+        self.opening = threading.Lock()  # FILE frames go out in index order
         self.frames = 0
         self.bytes = 0
-        self.ended = False
 
     def _send(self, tag: bytes, file: int = 0, offset: int = 0, payload=b"") -> None:
         try:
@@ -290,12 +290,11 @@ class Sender:
 
     def file(self, path: str) -> int:
         rel = path[len(PREFIX):].partition("/")[2]
-        with self.lock:
-            if rel in self.files:
-                return self.files[rel]
-            index = self.files[rel] = len(self.files)
-        self._send(FILE, index, 0, rel.encode())
-        return index
+        with self.opening:
+            if rel not in self.files:
+                self._send(FILE, len(self.files), 0, rel.encode())
+                self.files[rel] = len(self.files)
+            return self.files[rel]
 
     def data(self, file: int, offset: int, data) -> None:
         view = memoryview(data).cast("B")
@@ -308,7 +307,6 @@ class Sender:
     def end(self) -> None:
         """The image is complete: END, then (on a connection) the receiver's answer."""
         self._send(END, 0, 0, json_payload({"files": len(self.files), "frames": self.frames, "bytes": self.bytes}))
-        self.ended = True
         if not self.channel.duplex:
             return
         reader = FrameReader(self.channel)
