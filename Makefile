@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 S3RVER := $(VENV)/s3rver/node_modules/.bin/s3rver
 
-.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 bench-servers clean
+.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 bench-servers bench-stream clean
 
 $(STAMP): pyproject.toml
 	# Debian programs the tests run, installed only when missing (one apt-get update, only then):
@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	# npm (it installs s3rver, the S3 server of test_objstore.py),
 	# redis-server, nginx, memcached (tests/test_servers.py runs its own instances, own config and ports);
 	# their Debian services, if the install started them, are stopped again: the tests never use them
+	# openssl (test_stream.py makes a CA and certificates) and ip (its network namespace test)
 	@missing=""; \
 	command -v tmux >/dev/null || missing="$$missing tmux"; \
 	command -v vim >/dev/null || missing="$$missing vim"; \
@@ -21,6 +22,8 @@ $(STAMP): pyproject.toml
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v nginx >/dev/null || missing="$$missing nginx"; \
 	command -v memcached >/dev/null || missing="$$missing memcached"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
 	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing || exit 1; \
 	  for s in redis-server nginx memcached; do case "$$missing" in *" $$s"*) \
@@ -51,6 +54,9 @@ bench-encoded: $(STAMP)
 
 bench-s3: $(STAMP)
 	$(PY) bench/objstore.py
+
+bench-stream: $(STAMP)
+	$(PY) bench/stream.py
 
 bench-tree: $(STAMP)
 	$(PY) bench/tree.py

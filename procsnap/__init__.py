@@ -21,14 +21,16 @@ __version__ = "0.1.0"
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False, progress=None,
          ext_unix_sk: bool = False, compress: bool = False, key: bytes | None = None,
-         prev_images_dir: str | None = None):
+         prev_images_dir: str | None = None, tls=None):
     """Checkpoint `pid` into `images_dir` (made if missing; an image there is
     replaced only by a complete one); kill it unless leave_running.
-    compress: zstd page chunks; key: 32 bytes, the image encrypted with it."""
+    compress: zstd page chunks; key: 32 bytes, the image encrypted with it.
+    images_dir `-` or tcp://HOST:PORT: streamed there (tls: image.stream.Tls)."""
     from .dumper import dump as _dump
 
     return _dump(pid, images_dir, leave_running=leave_running, shell_job=shell_job, progress=progress,
-                 ext_unix_sk=ext_unix_sk, compress=compress, key=key, prev_images_dir=prev_images_dir)
+                 ext_unix_sk=ext_unix_sk, compress=compress, key=key, prev_images_dir=prev_images_dir,
+                 tls=tls)
 
 
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,

@@ -41,12 +41,45 @@ def _key(args) -> bytes | None:
     return read_key_file(args.encrypt)
 
 
+def _tls(args):
+    """--tls-cert/--tls-key/--tls-ca: TLS on the stream (image/stream.py)."""
+    from .image.stream import Tls
+
+    given = [getattr(args, n, None) for n in ("tls_cert", "tls_key", "tls_ca")]
+    return Tls(*given) if any(given) else None
+
+
+def _stream_location(args, parser_error):
+    """dump/restore take -D DIR or --stream URL (restore: both, -D keeping the received image)."""
+    if args.stream is None and args.images_dir is None:
+        parser_error(f"{args.command}: give -D DIR or --stream URL")
+    if args.command == "dump" and args.stream is not None and args.images_dir is not None:
+        parser_error("dump: give -D DIR or --stream URL, not both")
+    if _tls(args) is not None and (args.stream is None or args.stream == "-"):
+        parser_error(f"{args.command}: --tls-* go with --stream tcp://HOST:PORT")
+    if args.stream not in (None, "-"):
+        from .image.stream import StreamError, address
+
+        try:
+            address(args.stream)
+        except StreamError as err:
+            parser_error(f"{args.command}: --stream {err}")
+
+
+def _listening(url: str):
+    """on_listen for a receiving side: where it listens, for a port 0 caller."""
+    def report(bound) -> None:
+        print(f"procsnap: listening on {bound[0]}:{bound[1]}", file=sys.stderr, flush=True)
+
+    return None if url == "-" else report
+
+
 def cmd_dump(args) -> int:
     from . import dump
 
-    stats = dump(args.tree, args.images_dir, leave_running=args.leave_running, shell_job=args.shell_job,
-                 progress=_progress("dump"), ext_unix_sk=args.ext_unix_sk, compress=args.compress,
-                 key=_key(args), prev_images_dir=args.prev_images_dir)
+    stats = dump(args.tree, args.stream or args.images_dir, leave_running=args.leave_running,
+                 shell_job=args.shell_job, progress=_progress("dump"), ext_unix_sk=args.ext_unix_sk,
+                 compress=args.compress, key=_key(args), prev_images_dir=args.prev_images_dir, tls=_tls(args))
     if stats.replaced:
         print(f"procsnap: {args.images_dir}: replaced {stats.replaced}", file=sys.stderr)
     return 0
@@ -55,9 +88,15 @@ def cmd_dump(args) -> int:
 def cmd_restore(args) -> int:
     from . import restore
 
-    pid = restore(args.images_dir, detach=args.restore_detached, shell_job=args.shell_job,
-                  progress=_progress("restore"), allow_other_owner=args.allow_other_owner,
-                  allow_setuid=args.allow_setuid, ext_unix_sk=args.ext_unix_sk, key=_key(args))
+    options = dict(detach=args.restore_detached, shell_job=args.shell_job, progress=_progress("restore"),
+                   allow_other_owner=args.allow_other_owner, allow_setuid=args.allow_setuid,
+                   ext_unix_sk=args.ext_unix_sk, key=_key(args))
+    if args.stream is not None:
+        from .streaming import restore_stream
+
+        pid = restore_stream(args.stream, args.images_dir, _tls(args), _listening(args.stream), **options)
+    else:
+        pid = restore(args.images_dir, **options)
     if args.pidfile:
         with open(args.pidfile, "w") as f:
             f.write(f"{pid}\n")
@@ -73,6 +112,18 @@ def cmd_restore(args) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
+
+
+def cmd_receive(args) -> int:
+    from .streaming import receive
+
+    url = args.listen or args.stream
+    got = receive(url, args.images_dir, _tls(args), _key(args), _listening(url))
+    print(f"{args.images_dir}: received {got.bytes >> 20} MiB in {got.seconds:.2f} s from {url}"
+          + ("; the sender did not say what became of the source" if got.source is None
+             else "; the sender failed after it (the source runs on)" if got.source == "aborted"
+             else f"; the source was {got.source}"))
+    return 0
 
 
 def cmd_show(args) -> int:
@@ -162,7 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("dump", help="checkpoint a process into an image directory")
     d.add_argument("-t", "--tree", type=int, required=True, metavar="PID", help="the process to dump")
-    d.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    d.add_argument("-D", "--images-dir", metavar="DIR")
+    d.add_argument("--stream", metavar="URL", help="send the image to `-` (stdout) or tcp://HOST:PORT "
+                   "(a procsnap receive or restore --stream listening there) instead of writing DIR")
     d.add_argument("-R", "--leave-running", action="store_true", help="let the process run on after the dump")
     d.add_argument("-j", "--shell-job", action="store_true", help="allow fds on the controlling terminal")
     d.add_argument("--ext-unix-sk", action="store_true",
@@ -173,13 +226,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_dump)
 
     r = sub.add_parser("restore", help="restore a process from an image directory")
-    r.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    r.add_argument("-D", "--images-dir", metavar="DIR", help="with --stream: receive into DIR and keep it")
+    r.add_argument("--stream", metavar="URL", help="restore from a stream: `-` (stdin) or tcp://HOST:PORT "
+                   "(listen there); held in -D DIR or a temporary directory until restored")
     r.add_argument("-d", "--restore-detached", action="store_true", help="return once it runs; print its pid")
     r.add_argument("--pidfile", metavar="FILE", help="write the restored pid here")
     r.add_argument("-j", "--shell-job", action="store_true", help="attach terminal fds to this terminal")
     r.add_argument("--ext-unix-sk", action="store_true",
                    help="connect unix sockets dumped with --ext-unix-sk to their outside peer again")
     r.set_defaults(func=cmd_restore)
+
+    rc = []
+    for name, what in (("receive", "write a streamed image (dump --stream) into DIR"),
+                       ("page-server", "the same as receive (CRIU's name)")):
+        sp = sub.add_parser(name, help=what)
+        sp.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+        where = sp.add_mutually_exclusive_group(required=True)
+        where.add_argument("--listen", metavar="HOST:PORT", help="accept one connection there (port 0: any)")
+        where.add_argument("--stream", metavar="URL", help="`-`: read the stream from stdin")
+        sp.set_defaults(func=cmd_receive)
+        rc.append(sp)
+    for sp in [d, r] + rc:
+        sp.add_argument("--tls-cert", metavar="PEM", help="TLS: this side's certificate (the listener's is needed)")
+        sp.add_argument("--tls-key", metavar="PEM", help="TLS: its private key")
+        sp.add_argument("--tls-ca", metavar="PEM", help="TLS: the CA that signs the other side's certificate "
+                        "(on the listener: require one, mutual authentication)")
 
     v = sub.add_parser("verify", help="check an image without restoring it; list every problem")
     v.set_defaults(func=cmd_verify)
@@ -216,10 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--allow-other-owner", action="store_true",
                         help="root: restore an image of another user's process (it runs as root)")
         sp.add_argument("--allow-setuid", action="store_true", help="allow a set-uid/set-gid executable")
-    for sp in (d, r, s, c, v, g, df, co):
+    for sp in (d, r, s, c, v, g, df, co, *rc):
         sp.add_argument("--encrypt", metavar="KEYFILE", help="encrypt (dump) or open (others) the image with "
                         "the 32-byte key in KEYFILE (procsnap[encrypt])")
-    for sp in (d, r, s, c, v, g, df, co):
+    for sp in (d, r, s, c, v, g, df, co, *rc):
         sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
@@ -250,6 +321,8 @@ def main(argv=None) -> int:
         if len(given) != 1:
             parser.error(f"{args.command}: give the image directory once, as DIR or -D DIR")
         args.images_dir = given.pop()
+    if args.command in ("dump", "restore"):
+        _stream_location(args, parser.error)
     # SIGTERM and SIGHUP unwind like Ctrl-C: a dump in progress puts the
     # target back as it was before procsnap exits.
     for sig in (signal.SIGTERM, signal.SIGHUP):

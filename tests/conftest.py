@@ -14,6 +14,7 @@ Fixtures and helpers:
     proc_snapshot(pid) -> Snapshot(maps, fds); assert_same_snapshot(before, after, ignore_pos=())
     image_size(dir), proc_status(pid), status_kib(pid, key), wait_pid_gone(pid)
     dump_kill(t, dir), restore(procs, t, dir), assert_pass(t)    dump/restore one target
+    dump_kill_to(t, location)   dump_kill to s3:// or a stream's URL
     image_hashes(dir), read_inventory(dir), rewrite_records(dir, edit)   image files, raw
     cli(*args, env=None), assert_cli_error(r, *names)   procsnap as a subprocess
     our_children(), wait_until(cond, what), assert_running_untraced(pid),
@@ -749,6 +750,15 @@ def dump_kill(t, images, before=None, **options):
     assert status == -signal.SIGKILL, f"{t}: expected SIGKILL after dump, found {status}"
     reap_gone(others)
     return images
+
+
+def dump_kill_to(t, location, **options):
+    """dump_kill to a location that is not a local directory (s3://, a stream's URL)."""
+    others = descendants(t.pid)
+    t.dumped = proc_snapshot(t.pid)
+    procsnap.dump(t.pid, location, **options)
+    assert t.reap() == -signal.SIGKILL
+    reap_gone(others)
 
 
 def reap_gone(pids, timeout=10.0):

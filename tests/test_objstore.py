@@ -13,7 +13,7 @@ import pytest
 
 import procsnap
 from conftest import (CASES_BY_ID, REPO, assert_cli_error, assert_pass, assert_running_untraced, assert_same_snapshot, cli,
-                      descendants, proc_snapshot, reap_gone, restore, wait_until)
+                      dump_kill_to, proc_snapshot, restore, wait_until)
 from procsnap.image import objstore
 
 S3RVER = Path(REPO) / ".venv" / "s3rver" / "node_modules" / ".bin" / "s3rver"
@@ -69,13 +69,7 @@ def s3(tmp_path, monkeypatch):
         objstore.client.cache_clear()
 
 
-def _dump(t, url, **options):
-    """dump_kill for a URL: the tree's state is taken for restore() to compare."""
-    others = descendants(t.pid)
-    t.dumped = proc_snapshot(t.pid)
-    procsnap.dump(t.pid, url, **options)
-    assert t.reap() == -signal.SIGKILL
-    reap_gone(others)
+_dump = dump_kill_to  # the tree's state is taken for restore() to compare
 
 
 def _objects(prefix):

@@ -19,7 +19,7 @@ from .. import faults, model, objects
 from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.chunks import require_compress
 from ..image.series import DedupSink, page_index
-from ..image import objseries, objstore
+from ..image import objseries, objstore, remote, stream
 from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
@@ -49,7 +49,7 @@ class DumpStats:
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
          progress=None, ext_unix_sk: bool = False, compress: bool = False, key: bytes | None = None,
-         prev_images_dir: str | None = None) -> DumpStats:
+         prev_images_dir: str | None = None, tls: stream.Tls | None = None) -> DumpStats:
     """Checkpoint process `pid` and all its descendants into the directory
     `images_dir`, made if missing (the root's image; each other process's
     image in a subdirectory of it, tree.IMAGE_DIR).
@@ -66,6 +66,9 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     zstd chunks; key: the image encrypted with it (image/chunks.py, sealing.py).
     prev_images_dir (relative to images_dir, as CRIU's): the root's pages
     found in that image are referred to, not stored (image/series.py).
+    images_dir: or `-` / tcp://HOST:PORT, a stream (image/stream.py; tls:
+    its TLS files): without leave_running the tree is killed only once the
+    receiver has acknowledged the whole image.
     On any error every process runs on as before and the directory holds
     what it held before.
     """
@@ -80,8 +83,9 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     with translated(pid, f"read /proc/{pid}/smaps"):
         early_smaps = proc.read_smaps(pid)
     with contextlib.ExitStack() as stack:
-        staging = stack.enter_context(objstore.staged(images_dir) if objstore.is_url(images_dir)
-                                      else staged(images_dir))
+        staging = stack.enter_context(stream.staged(images_dir, tls, leave_running)
+                                      if stream.is_stream_url(images_dir) else objstore.staged(images_dir)
+                                      if objstore.is_url(images_dir) else staged(images_dir))
         if staging.replaces:
             log.info("%s: replacing %s", images_dir, staging.replaces)
         with translated(pid, "freeze"):
@@ -189,6 +193,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
 
 
 def _parent_index(images_dir: str, prev: str, key: bytes | None):
+    if stream.is_stream_url(images_dir):
+        raise Unsupported("--prev-images-dir: not supported with a streamed image yet")
     if objstore.is_url(prev) and not objstore.is_url(images_dir) or objstore.is_url(images_dir) and os.path.isabs(prev):
         raise Unsupported(f"--prev-images-dir {prev}: a series is all in object storage or all local, "
                           f"not both (-D {images_dir})")
@@ -369,8 +375,8 @@ def frozen_tree(pid: int):
 def image_writer(images_dir: str, create: bool = False, compress: bool = False, key: bytes | None = None):
     """create: the directory is made here (a non-root process's image) and
     removed again with the files if the dump fails."""
-    if objstore.is_url(images_dir):
-        pass  # objects need no directory
+    if remote.backend(images_dir) is not None:
+        pass  # objects and streams need no directory
     elif create:
         os.makedirs(images_dir, exist_ok=True)
     elif not os.path.isdir(images_dir):

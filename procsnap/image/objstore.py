@@ -240,6 +240,13 @@ class Output:
                 client().abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
 
 
+def page_sink(url: str, compress: bool, sealer):
+    """pages.img of an image in object storage: always in chunks (raw ones when not compressed)."""
+    from .writer import ChunkedPageSink
+
+    return ChunkedPageSink(url, compress, sealer, Output(url))
+
+
 def _list(bucket: str, prefix: str) -> list[str]:
     keys = []
     for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):

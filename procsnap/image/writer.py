@@ -15,7 +15,7 @@ import typing
 import zlib
 
 from .. import model
-from . import objstore, schema
+from . import objstore, remote, schema
 from .checksum import data_hash
 from .chunks import CHUNK_SIZE, Chunk, ChunkEncoder, Method
 from .sealing import Sealer, blob_ad
@@ -179,7 +179,8 @@ class ImageWriter:
         """compress: zstd page chunks; key: encrypted with it (chunks.py, sealing.py)."""
         self.dir = directory
         self.inventory = os.path.join(directory, schema.INVENTORY)
-        self.remote = objstore.is_url(directory)  # s3://: a generation being written (objstore.py)
+        self.store = remote.backend(directory)  # s3:// or a stream being sent (remote.py); None: local
+        self.remote = self.store is not None
         if not self.remote:
             try:
                 os.unlink(self.inventory)
@@ -188,13 +189,13 @@ class ImageWriter:
         self.sealer = Sealer(key) if key is not None else None
         pages = os.path.join(directory, schema.PAGES)
         if self.remote:
-            self.pages = ChunkedPageSink(pages, compress, self.sealer, objstore.Output(pages))
+            self.pages = self.store.page_sink(pages, compress, self.sealer)
         elif compress or key is not None:
             self.pages = ChunkedPageSink(pages, compress, self.sealer)
         else:
             self.pages = FilePageSink(pages)
         self.ghost_path = os.path.join(directory, schema.GHOSTS)
-        self.ghost_out = objstore.Output(self.ghost_path) if self.remote else None
+        self.ghost_out = self.store.Output(self.ghost_path) if self.remote else None
         self.ghost_fd = -1 if self.remote else \
             os.open(self.ghost_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         self.ghost_offset = 0
@@ -243,7 +244,7 @@ class ImageWriter:
             sealed = self.sealer.seal(b"INV\0", 0, bytes(body), bytes(clear))
             body = clear + schema.RECORD.pack(schema.SEAL, len(sealed), zlib.crc32(sealed)) + sealed
         if self.remote:
-            objstore.put(self.inventory, bytes(body))
+            self.store.put(self.inventory, bytes(body))
             return
         tmp = self.inventory + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
