@@ -21,7 +21,7 @@ about a millisecond to reap it with wait4(__WALL).
 from __future__ import annotations
 
 import contextlib
-import logging
+from .. import log as logging  # the logging API, cheap to import
 import os
 import signal
 
