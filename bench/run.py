@@ -20,7 +20,8 @@ tree), when that script is there. Peak RSS is each tool's own (ru_maxrss).
 Environment: CRIU (unset: CRIU skipped with a note), BENCH_RUNS (3 pairs;
 the small process gets BENCH_SMALL_RUNS, 7), BENCH_SIZES (bulk MiB, 512;
 4096 too with BENCH_SIZES=512,4096), BENCH_DIRS (tmpfs,disk),
-BENCH_DISK_DIR (/var/tmp), BENCH_QUICK=1 (2 small pairs, one 64 MiB pair
+BENCH_DISK_DIR (/var/tmp), BENCH_PATTERNS (random; random,halfzero adds
+images whose every other page is zero), BENCH_QUICK=1 (2 small pairs, one 64 MiB pair
 on tmpfs, no manymaps: a minute).
 """
 
@@ -45,6 +46,7 @@ RUNS = int(os.environ.get("BENCH_RUNS", "1" if QUICK else "3"))
 SMALL_RUNS = int(os.environ.get("BENCH_SMALL_RUNS", "2" if QUICK else "7"))
 SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "64" if QUICK else "512").split(",") if s]
 DIRS = os.environ.get("BENCH_DIRS", "tmpfs" if QUICK else "tmpfs,disk").split(",")
+PATTERNS = os.environ.get("BENCH_PATTERNS", "random").split(",")  # filler.c's: random, halfzero
 DISK_DIR = os.environ.get("BENCH_DISK_DIR", "/var/tmp")
 CRIU = os.environ.get("CRIU", "")
 PR_SET_CHILD_SUBREAPER = 36
@@ -142,9 +144,9 @@ def _proto_fields(buf: bytes) -> dict[int, int | bytes]:
     return out
 
 
-def start_filler(exe: str, mib: int, out: str) -> subprocess.Popen:
+def start_filler(exe: str, mib: int, out: str, pattern: str = "random") -> subprocess.Popen:
     with open(out, "w") as f:
-        p = subprocess.Popen([exe, str(mib)], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        p = subprocess.Popen([exe, str(mib), pattern], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                              start_new_session=True, close_fds=True)
     deadline = time.monotonic() + 300
     while "READY" not in open(out).read():
@@ -183,18 +185,18 @@ def finish(pid: int, out: str) -> None:
         raise SystemExit(f"pid {pid}: failed its memory check after restore: {text[-200:]!r}")
 
 
-def one_run(tool, exe: str, mib: int, where: str) -> dict:
+def one_run(tool, exe: str, mib: int, where: str, pattern: str = "random") -> dict:
     images = tempfile.mkdtemp(prefix="img-", dir=where)
     out = os.path.join(where, f"filler-{tool.name}.out")
     try:
-        p = start_filler(exe, mib, out)
+        p = start_filler(exe, mib, out, pattern)
         frozen = tool.freeze(p.pid, images)
         p.kill()
         p.wait()
         gone(p.pid)
         shutil.rmtree(images)
         os.mkdir(images)
-        p = start_filler(exe, mib, out)
+        p = start_filler(exe, mib, out, pattern)
         t_dump, rss_dump = tool.dump(p.pid, images)
         p.wait()
         gone(p.pid)
@@ -252,12 +254,13 @@ def main() -> int:
               f"the target was stopped); ms, median [min-max]; ratio procsnap/CRIU per pair")
         if skipped:
             print(skipped)
-        cases = [(1, "tmpfs", SMALL_RUNS)] + [(mib, d, RUNS) for mib in SIZES for d in DIRS]
-        for mib, d, n in cases:
+        cases = [(1, "random", "tmpfs", SMALL_RUNS)] + [(mib, pattern, d, RUNS) for mib in SIZES
+                                                        for pattern in PATTERNS for d in DIRS]
+        for mib, pattern, d, n in cases:
             runs = []
             for _ in range(n):
-                runs.append({tool.name: one_run(tool, exe, mib, work[d]) for tool in tools})  # A B A B
-            label = f"{'small ' if mib == 1 else ''}{mib} MiB {d} x{n}"
+                runs.append({tool.name: one_run(tool, exe, mib, work[d], pattern) for tool in tools})  # A B A B
+            label = f"{'small ' if mib == 1 else ''}{mib} MiB {'' if pattern == 'random' else pattern + ' '}{d} x{n}"
             for line in rows(label, runs):
                 print(line, flush=True)
     finally:

@@ -277,7 +277,10 @@ def prime() -> int:
 
     for info in pkgutil.walk_packages(procsnap.__path__, "procsnap."):
         if not info.name.endswith("__main__"):
-            importlib.import_module(info.name)
+            try:
+                importlib.import_module(info.name)
+            except ImportError:  # an optional extra not installed: its records compile when used
+                pass
     global _cache
     _cache = {src: code for src, code in (_cache or {}).items() if src in _used}  # stale ones out
     _save(os.getpid())
