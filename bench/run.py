@@ -1,18 +1,28 @@
-"""make bench: dump and restore real processes, side by side with `cp`.
+"""make bench: procsnap beside CRIU, one table.
 
-For each size (random data, and half zeros) and each image directory
-(tmpfs, and a disk-backed one), RUNS times, interleaved:
-  - start bench/filler.c holding SIZE of memory it checksums itself,
-  - `procsnap -v dump -R` (leave-running: how long the target is frozen),
-  - `procsnap dump` (kill), `procsnap restore -d`, SIGUSR1: the restored
-    process must pass its own memory check,
-  - `cp` of a same-size file in the same directory.
-Times are whole CLI runs (Python start-up included). Peak RSS is the
-procsnap process's own (ru_maxrss). Prints median [min-max]; figures only.
+Each figure is measured for procsnap and, when CRIU=path names a binary
+(../shared/anchors/criu-4.2), for CRIU in the same run, A B A B
+interleaved, so that the machine's drift hits both alike. Printed: the
+median [min-max] of each tool and the median [min-max] of the per-pair
+ratio procsnap/CRIU (below 1: procsnap is faster).
 
-Environment: BENCH_SIZES (MiB, default 1,256,1024,4096), BENCH_RUNS (3),
-BENCH_PATTERNS (random,halfzero), BENCH_DIRS (tmpfs,disk), BENCH_DISK_DIR
-(/var/tmp).
+Per run, on bench/filler.c holding SIZE MiB of pseudo-random data that it
+checks itself after the restore (SIGUSR1 -> PASS, else the bench stops):
+  - freeze: `dump -R` (leave-running), how long the target was stopped:
+    procsnap's own "frozen for" (-v), CRIU's stats-dump (freezing_time +
+    frozen_time);
+  - dump: a kill-mode dump, the whole CLI run (Python start-up included);
+  - restore: `restore -d`, the whole CLI run.
+Rows: the small process (1 MiB) with images on tmpfs; bulk sizes on tmpfs
+and on disk; then bench/manymaps.py's rows (10,000 VMAs, a 64-process
+tree), when that script is there. Peak RSS is each tool's own (ru_maxrss).
+
+Environment: CRIU (unset: CRIU skipped with a note), BENCH_RUNS (3 pairs;
+the small process gets BENCH_SMALL_RUNS, 7), BENCH_SIZES (bulk MiB, 512;
+4096 too with BENCH_SIZES=512,4096), BENCH_DIRS (tmpfs,disk),
+BENCH_DISK_DIR (/var/tmp), BENCH_PATTERNS (random; random,halfzero adds
+images whose every other page is zero), BENCH_QUICK=1 (2 small pairs, one 64 MiB pair
+on tmpfs, no manymaps: a minute).
 """
 
 from __future__ import annotations
@@ -31,149 +41,241 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
-SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "1,256,1024,4096").split(",")]
-PATTERNS = os.environ.get("BENCH_PATTERNS", "random,halfzero").split(",")
-DIRS = os.environ.get("BENCH_DIRS", "tmpfs,disk").split(",")
+QUICK = os.environ.get("BENCH_QUICK") == "1"
+RUNS = int(os.environ.get("BENCH_RUNS", "1" if QUICK else "3"))
+SMALL_RUNS = int(os.environ.get("BENCH_SMALL_RUNS", "2" if QUICK else "7"))
+SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "64" if QUICK else "512").split(",") if s]
+DIRS = os.environ.get("BENCH_DIRS", "tmpfs" if QUICK else "tmpfs,disk").split(",")
+PATTERNS = os.environ.get("BENCH_PATTERNS", "random").split(",")  # filler.c's: random, halfzero
 DISK_DIR = os.environ.get("BENCH_DISK_DIR", "/var/tmp")
+CRIU = os.environ.get("CRIU", "")
+PR_SET_CHILD_SUBREAPER = 36
 
 
-def timed_cli(*args: str) -> tuple[float, int, str]:
-    """Run the CLI through a tiny wrapper that reports the child's own peak RSS."""
-    code = ("import os,subprocess,sys,time,resource\n"
+def timed(argv: list[str]) -> tuple[float, int, str, str]:
+    """Run argv through a tiny wrapper that reports the child's own time and
+    peak RSS: (seconds, KiB, stdout, stderr)."""
+    code = ("import subprocess,sys,time,resource\n"
             "t=time.perf_counter()\n"
             "p=subprocess.run(sys.argv[1:],capture_output=True,text=True)\n"
             "e=time.perf_counter()-t\n"
             "r=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
             "sys.stdout.write(f'{e} {r} {p.returncode}\\n'+p.stdout); sys.stderr.write(p.stderr)\n")
-    p = subprocess.run([sys.executable, "-c", code, sys.executable, "-m", "procsnap", *args], cwd=ROOT,
-                       capture_output=True, text=True)
-    head, _, rest = p.stdout.partition("\n")
+    p = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True)
+    head, _, out = p.stdout.partition("\n")
     elapsed, rss, rc = head.split()
     if int(rc):
-        raise SystemExit(f"procsnap {' '.join(args)} failed: {p.stderr.strip()}")
-    return float(elapsed), int(rss), p.stderr + rest
+        raise SystemExit(f"{' '.join(argv)} failed: {p.stderr.strip()[-2000:]}")
+    return float(elapsed), int(rss), out, p.stderr
 
 
-def start_filler(exe: str, mib: int, pattern: str, out: str) -> subprocess.Popen:
-    f = open(out, "w")
-    p = subprocess.Popen([exe, str(mib), pattern], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                         start_new_session=True, close_fds=True)
+class Procsnap:
+    name = "procsnap"
+
+    def freeze(self, pid: int, images: str) -> float:
+        _, _, _, log = timed([sys.executable, "-m", "procsnap", "-v", "dump", "-R", "-t", str(pid), "-D", images])
+        return float(re.search(r"frozen for ([\d.]+) ms", log).group(1)) / 1000
+
+    def dump(self, pid: int, images: str) -> tuple[float, int]:
+        took, rss, _, _ = timed([sys.executable, "-m", "procsnap", "dump", "-t", str(pid), "-D", images])
+        return took, rss
+
+    def restore(self, images: str) -> tuple[float, int, int]:
+        took, rss, out, _ = timed([sys.executable, "-m", "procsnap", "restore", "-d", "-D", images])
+        return took, rss, int(out.split()[-1])
+
+
+class Criu:
+    name = "CRIU"
+
+    def freeze(self, pid: int, images: str) -> float:
+        timed([CRIU, "dump", "-R", "-t", str(pid), "-D", images])
+        return sum(criu_dump_stats(os.path.join(images, "stats-dump"))[:2]) / 1e6
+
+    def dump(self, pid: int, images: str) -> tuple[float, int]:
+        took, rss, _, _ = timed([CRIU, "dump", "-t", str(pid), "-D", images])
+        return took, rss
+
+    def restore(self, images: str) -> tuple[float, int, int]:
+        pidfile = os.path.join(images, "restored.pid")
+        took, rss, _, _ = timed([CRIU, "restore", "-d", "-D", images, "--pidfile", pidfile])
+        with open(pidfile) as f:
+            return took, rss, int(f.read())
+
+
+def criu_dump_stats(path: str) -> list[int]:
+    """CRIU's stats-dump: two magics, a u32 size, then StatsEntry (images/
+    stats.proto) whose field 1 is DumpStatsEntry: freezing_time (1),
+    frozen_time (2), memdump_time (3), memwrite_time (4), in microseconds."""
+    with open(path, "rb") as f:
+        data = f.read()
+    size = int.from_bytes(data[8:12], "little")
+    outer = _proto_fields(data[12:12 + size])
+    inner = _proto_fields(outer[1])
+    return [inner.get(n, 0) for n in (1, 2, 3, 4)]
+
+
+def _proto_fields(buf: bytes) -> dict[int, int | bytes]:
+    """Varint and length-delimited fields of a protobuf message."""
+    out: dict[int, int | bytes] = {}
+    i = 0
+
+    def varint() -> int:
+        nonlocal i
+        value = shift = 0
+        while True:
+            b = buf[i]
+            i += 1
+            value |= (b & 0x7F) << shift
+            shift += 7
+            if not b & 0x80:
+                return value
+
+    while i < len(buf):
+        key = varint()
+        if key & 7 == 0:
+            out[key >> 3] = varint()
+        elif key & 7 == 2:
+            n = varint()
+            out[key >> 3] = buf[i:i + n]
+            i += n
+        else:
+            raise SystemExit(f"stats-dump: wire type {key & 7} not expected")
+    return out
+
+
+def start_filler(exe: str, mib: int, out: str, pattern: str = "random") -> subprocess.Popen:
+    with open(out, "w") as f:
+        p = subprocess.Popen([exe, str(mib), pattern], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True, close_fds=True)
     deadline = time.monotonic() + 300
     while "READY" not in open(out).read():
         if time.monotonic() > deadline or p.poll() is not None:
             raise SystemExit(f"filler {mib} MiB did not start")
-        time.sleep(0.01)
+        time.sleep(0.005)
     return p
 
 
-def wait_gone(pid: int) -> None:
+def gone(pid: int) -> None:
+    """Until /proc/PID is gone, reaping it if it is ours (we are a subreaper)."""
     while os.path.exists(f"/proc/{pid}"):
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
         time.sleep(0.002)
 
 
-def finish(pid: int, out: str, reap) -> None:
-    """SIGUSR1 until it exits; it must report PASS."""
+def finish(pid: int, out: str) -> None:
+    """SIGUSR1 until it exits; it must have reported PASS. (The output file
+    is not truncated before a restore: CRIU checks its size.)"""
     while True:
-        os.kill(pid, signal.SIGUSR1)
         try:
-            status = reap(pid)
-            if status is not None:
-                break
-        except ChildProcessError:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    break
+            os.kill(pid, signal.SIGUSR1)
+        except (FileNotFoundError, ProcessLookupError):
             break
-        time.sleep(0.05)
-    if "PASS" not in open(out).read():
-        raise SystemExit(f"pid {pid}: failed its memory check after restore: {open(out).read()!r}")
+        time.sleep(0.02)
+    gone(pid)
+    with open(out) as f:
+        text = f.read()
+    if not text.endswith("PASS\n"):
+        raise SystemExit(f"pid {pid}: failed its memory check after restore: {text[-200:]!r}")
 
 
-def reap_nohang(pid: int):
-    got, status = os.waitpid(pid, os.WNOHANG)
-    return status if got else None
-
-
-def one_run(exe: str, mib: int, pattern: str, where: str) -> dict:
+def one_run(tool, exe: str, mib: int, where: str, pattern: str = "random") -> dict:
     images = tempfile.mkdtemp(prefix="img-", dir=where)
-    out = os.path.join(where, "filler.out")
+    out = os.path.join(where, f"filler-{tool.name}.out")
     try:
-        # leave-running: the frozen time
-        p = start_filler(exe, mib, pattern, out)
-        _, _, log = timed_cli("-v", "dump", "-R", "-t", str(p.pid), "-D", images)
-        frozen = float(re.search(r"frozen for ([\d.]+) ms", log).group(1)) / 1000
+        p = start_filler(exe, mib, out, pattern)
+        frozen = tool.freeze(p.pid, images)
         p.kill()
         p.wait()
-        wait_gone(p.pid)
+        gone(p.pid)
         shutil.rmtree(images)
         os.mkdir(images)
-        # kill mode, then restore
-        p = start_filler(exe, mib, pattern, out)
-        t_dump, rss_dump, _ = timed_cli("dump", "-t", str(p.pid), "-D", images)
+        p = start_filler(exe, mib, out, pattern)
+        t_dump, rss_dump = tool.dump(p.pid, images)
         p.wait()
-        wait_gone(p.pid)
-        size = sum(os.path.getsize(os.path.join(images, f)) for f in os.listdir(images))
-        open(out, "w").close()
-        t_restore, rss_restore, text = timed_cli("restore", "-d", "-D", images)
-        pid = int(text.split()[-1])
-        finish(pid, out, reap_nohang)
-        shutil.rmtree(images)
-        # cp of a same-size file, same directory
-        src = os.path.join(where, "cp-src")
-        chunk = os.urandom(1 << 20)
-        with open(src, "wb") as f:
-            for _ in range(mib):
-                f.write(chunk)
-            os.fsync(f.fileno())
-        t0 = time.perf_counter()
-        subprocess.run(["cp", src, src + ".copy"], check=True)
-        t_cp = time.perf_counter() - t0
-        os.unlink(src)
-        os.unlink(src + ".copy")
-        return {"dump": t_dump, "restore": t_restore, "frozen": frozen, "cp": t_cp, "size": size,
-                "rss": max(rss_dump, rss_restore)}
+        gone(p.pid)
+        t_restore, rss_restore, pid = tool.restore(images)
+        finish(pid, out)
+        return {"freeze": frozen, "dump": t_dump, "restore": t_restore, "rss": max(rss_dump, rss_restore)}
     finally:
         shutil.rmtree(images, ignore_errors=True)
 
 
-def med(values: list[float], scale: float = 1000) -> str:
-    return f"{statistics.median(values) * scale:7.1f} [{min(values) * scale:.1f}-{max(values) * scale:.1f}]"
+def med(values: list[float], scale: float = 1000, fmt: str = ".1f") -> str:
+    return f"{statistics.median(values) * scale:{fmt}} [{min(values) * scale:{fmt}}-{max(values) * scale:{fmt}}]"
 
 
-def criu_status() -> str:
-    criu = shutil.which("criu")
-    if not criu:
-        return "CRIU: skipped (no criu on PATH)"
-    check = subprocess.run([criu, "check"], capture_output=True, text=True)
+def criu_status() -> str | None:
+    """Why CRIU is skipped, or None when it runs."""
+    if not CRIU:
+        return "CRIU: skipped (set CRIU=path, e.g. CRIU=../shared/anchors/criu-4.2)"
+    check = subprocess.run([CRIU, "check"], capture_output=True, text=True)
     if check.returncode:
-        return f"CRIU: skipped (`criu check` failed: {check.stderr.strip().splitlines()[-1:]})"
-    return "CRIU: found and `criu check` passes, but this script does not drive it yet"
+        return f"CRIU: skipped (`{CRIU} check` failed: {(check.stderr.strip().splitlines() or [''])[-1]})"
+    return None
+
+
+def rows(label: str, runs: list[dict]) -> list[str]:
+    """One line per figure: procsnap, CRIU, ratio."""
+    out = []
+    for key in ("dump", "restore", "freeze"):
+        ours = [r["procsnap"][key] for r in runs]
+        line = f"{label:>22} {key:>8} | procsnap {med(ours):>24}"
+        if "CRIU" in runs[0]:
+            theirs = [r["CRIU"][key] for r in runs]
+            ratios = [r["procsnap"][key] / r["CRIU"][key] for r in runs if r["CRIU"][key]]
+            line += f" | CRIU {med(theirs):>24} | ratio {med(ratios, 1, '.2f') if ratios else '-':>18}"
+        out.append(line)
+    rss = f"{max(r['procsnap']['rss'] for r in runs) / 1024:.0f} MiB"
+    if "CRIU" in runs[0]:
+        rss += f", CRIU {max(r['CRIU']['rss'] for r in runs) / 1024:.0f} MiB"
+    out.append(f"{label:>22} {'peak RSS':>8} | procsnap {rss}")
+    return out
 
 
 def main() -> int:
-    libc = ctypes.CDLL(None)
-    libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: restored processes come back to us
-    work = {"tmpfs": tempfile.mkdtemp(prefix="procsnap-bench-", dir="/dev/shm"),
-            "disk": tempfile.mkdtemp(prefix="procsnap-bench-", dir=DISK_DIR)}
+    ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # restored processes come back to us
+    skipped = criu_status()
+    tools = [Procsnap()] + ([] if skipped else [Criu()])
+    work = {"tmpfs": tempfile.mkdtemp(prefix="procsnap-bench-", dir="/dev/shm")}
+    if "disk" in DIRS:
+        work["disk"] = tempfile.mkdtemp(prefix="procsnap-bench-", dir=DISK_DIR)
     try:
         exe = os.path.join(work["tmpfs"], "filler")
         subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(HERE, "filler.c")], check=True)
-        print(f"procsnap bench {time.strftime('%Y-%m-%d')} on {platform.node()}: {os.cpu_count()} cores, "
-              f"kernel {platform.release()}; {RUNS} runs; whole CLI times; median [min-max]")
-        print(criu_status())
-        print(f"{'size':>6} {'data':>8} {'dir':>5} | {'dump ms':>21} | {'frozen -R ms':>19} | {'restore ms':>21} | "
-              f"{'cp ms':>21} | {'image MiB':>9} | {'dump GiB/s':>10} | {'rest GiB/s':>10} | {'cp GiB/s':>8} | {'peak RSS':>8}")
-        for mib in SIZES:
-            for pattern in PATTERNS:
-                for d in DIRS:
-                    runs = [one_run(exe, mib, pattern, work[d]) for _ in range(RUNS)]
-                    col = lambda k: [r[k] for r in runs]  # noqa: E731
-                    gib = mib / 1024
-                    print(f"{mib:>4} M {pattern:>8} {d:>5} | {med(col('dump'))} | {med(col('frozen'))} | "
-                          f"{med(col('restore'))} | {med(col('cp'))} | {statistics.median(col('size')) / 2**20:9.1f} | "
-                          f"{gib / statistics.median(col('dump')):10.2f} | {gib / statistics.median(col('restore')):10.2f} | "
-                          f"{gib / statistics.median(col('cp')):8.2f} | {max(col('rss')) / 1024:6.1f} M", flush=True)
+        print(f"procsnap bench {time.strftime('%Y-%m-%d %H:%M')} on {platform.node()}: {os.cpu_count()} cores, "
+              f"kernel {platform.release()}, load {os.getloadavg()[0]:.1f}; whole CLI runs (freeze: the time "
+              f"the target was stopped); ms, median [min-max]; ratio procsnap/CRIU per pair")
+        if skipped:
+            print(skipped)
+        cases = [(1, "random", "tmpfs", SMALL_RUNS)] + [(mib, pattern, d, RUNS) for mib in SIZES
+                                                        for pattern in PATTERNS for d in DIRS]
+        for mib, pattern, d, n in cases:
+            runs = []
+            for _ in range(n):
+                runs.append({tool.name: one_run(tool, exe, mib, work[d], pattern) for tool in tools})  # A B A B
+            label = f"{'small ' if mib == 1 else ''}{mib} MiB {'' if pattern == 'random' else pattern + ' '}{d} x{n}"
+            for line in rows(label, runs):
+                print(line, flush=True)
     finally:
         for w in work.values():
             shutil.rmtree(w, ignore_errors=True)
+    if QUICK:
+        print("many mappings and large trees: skipped (BENCH_QUICK=1)")
+    elif os.path.exists(os.path.join(HERE, "manymaps.py")):
+        sys.path.insert(0, HERE)
+        import manymaps  # the batch restore's figures (issue 12, goal 2), with CRIU beside them
+
+        for line in manymaps.rows():
+            print(line, flush=True)
+    else:
+        print("many mappings and large trees: skipped (no bench/manymaps.py)")
     return 0
 
 

@@ -4,8 +4,6 @@ library function and turns errors into one line and an exit code."""
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
 import signal
 import sys
@@ -134,6 +132,8 @@ def cmd_show(args) -> int:
         table = views.view(args.view, tree)
         sys.stdout.write(views.json_lines(table) if args.json else views.render(table))
     elif args.json:
+        import json
+
         json.dump(views.full_json(root, tree), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
@@ -146,6 +146,8 @@ def cmd_diff(args) -> int:
 
     d = imagediff.diff(args.first, args.second, _key(args))
     if args.json:
+        import json
+
         json.dump(d, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
@@ -206,8 +208,28 @@ def cmd_check(args) -> int:
     return 0
 
 
+class _Formatter(argparse.HelpFormatter):
+    """The terminal's width as shutil.get_terminal_size finds it, without
+    importing shutil (with bz2, lzma, fnmatch) on every run: argparse
+    makes a formatter for each add_argument."""
+
+    def __init__(self, prog, **kwargs):
+        if kwargs.get("width") is None:
+            try:
+                columns = int(os.environ.get("COLUMNS", 0)) or os.get_terminal_size(sys.__stdout__.fileno()).columns
+            except (AttributeError, ValueError, OSError):
+                columns = 80
+            kwargs["width"] = columns - 2
+        super().__init__(prog, **kwargs)
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, formatter_class=_Formatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="procsnap", description="Checkpoint and restore live Linux processes.")
+    p = _Parser(prog="procsnap", description="Checkpoint and restore live Linux processes.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log each stage to stderr")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -327,8 +349,9 @@ def main(argv=None) -> int:
     # target back as it was before procsnap exits.
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="procsnap: %(message)s", stream=sys.stderr)
+    from . import log  # not the logging module: it costs as much as argparse to import (log.py)
+
+    log.configure(log.INFO if args.verbose else log.WARNING)
     try:
         code = args.func(args)
         sys.stdout.flush()  # a reader gone away shows here, not at exit

@@ -25,7 +25,7 @@ process has written to, which the image does not hold):
 from __future__ import annotations
 
 import ctypes
-import dataclasses
+from . import records as dataclasses  # the dataclasses API, cheap to import
 import os
 
 from . import elfcore as E

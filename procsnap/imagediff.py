@@ -15,7 +15,7 @@ for every process and `render` says "no differences".
 from __future__ import annotations
 
 import bisect
-import dataclasses
+from . import records as dataclasses  # the dataclasses API, cheap to import
 
 from . import model
 from .image.checksum import data_hash

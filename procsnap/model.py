@@ -19,7 +19,7 @@ decodes them with the same declaration the dumper used.
 
 from __future__ import annotations
 
-import dataclasses
+from . import records as dataclasses  # the dataclasses API, cheap to import
 import enum
 import typing
 

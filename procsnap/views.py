@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import bisect
 import collections
-import dataclasses
+from . import records as dataclasses  # the dataclasses API, cheap to import
 import datetime
 import json
 import os

@@ -8,9 +8,9 @@ and signal mask are put back, and it is detached and running again.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import functools
-import logging
+from .. import log as logging  # the logging API, cheap to import
 import os
 import signal
 import time

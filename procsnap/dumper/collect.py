@@ -11,7 +11,7 @@ fd, and each mapping of a kind's object, is described by its kind
 from __future__ import annotations
 
 import ctypes
-import logging
+from .. import log as logging  # the logging API, cheap to import
 import os
 import signal
 import stat

@@ -21,7 +21,7 @@ about a millisecond to reap it with wait4(__WALL).
 from __future__ import annotations
 
 import contextlib
-import logging
+from .. import log as logging  # the logging API, cheap to import
 import os
 import signal
 
@@ -83,8 +83,10 @@ def release(task, child: int, maps: list[MapsEntry]) -> None:
         if not task.attached:
             ptrace.freeze(task.pid)
         try:
-            # maps read again: thawed, the target may have changed them (an exec)
-            with infect.infected(task.pid, proc.read_maps(task.pid), scratch_area=False) as target:
+            # maps read again: thawed, the target may have changed them (an exec); with the
+            # VmFlags of the dump's read when the layout is the same: smaps, read while
+            # frozen again, walks every page (about 45 ms more stopped at 4 GiB)
+            with infect.infected(task.pid, proc.read_maps(task.pid, maps), scratch_area=False) as target:
                 target.call(NR.wait4, child, 0, ptrace.WALL, 0, check=False)
         finally:
             if not task.attached:

@@ -25,16 +25,15 @@ each again when it is first needed (on the fill threads, so on both cores).
 from __future__ import annotations
 
 import bisect
-import concurrent.futures
 import ctypes
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import enum
 import mmap
 import os
 import struct
 import threading
 
-from .. import model
+from .. import model, workers
 from ..errors import ImageCorrupt, ImageError, Unsupported
 from ..kernel import mapping
 from .checksum import data_hash
@@ -160,7 +159,7 @@ def verify_chunks(path: str, codec: PageCodec, sealer: Sealer | None, threads: i
             return bad
 
         indexes = list(range(len(chunks)))
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        with workers.ThreadPool(threads) as pool:
             return [p for bad in pool.map(check, [indexes[i::threads] for i in range(threads)]) for p in bad]
     finally:
         if fd >= 0:

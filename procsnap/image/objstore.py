@@ -20,14 +20,14 @@ fetches them chunk by chunk with ranged GETs.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import functools
-import logging
+from .. import log as logging  # the logging API, cheap to import
 import os
 import threading
 import time
 
+from .. import workers
 from ..errors import ImageCorrupt, ImageError, ImageWriteError, ProcsnapError
 
 SCHEME = "s3://"
@@ -160,8 +160,8 @@ class Output:
         self.size = 0
         self.lock = threading.Lock()
         self.slots = threading.Semaphore(UPLOADERS)
-        self.pool = concurrent.futures.ThreadPoolExecutor(UPLOADERS, thread_name_prefix="procsnap-upload")
-        self.futures: list[concurrent.futures.Future] = []
+        self.pool = workers.ThreadPool(UPLOADERS, thread_name_prefix="procsnap-upload")
+        self.futures: list[workers.Job] = []
         self.upload_id = None
 
     def pwrite(self, data, offset: int) -> int:

@@ -16,7 +16,7 @@ run is inside its file and its checksum has been checked.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import mmap
 import os
 

@@ -11,8 +11,7 @@ listed, not just the first.
 from __future__ import annotations
 
 import bisect
-import concurrent.futures
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import functools
 import mmap
 import json
@@ -20,7 +19,7 @@ import os
 import threading
 import zlib
 
-from .. import model, objects
+from .. import model, objects, workers
 from ..errors import ImageCorrupt, ImageError, ImageVersionError, plural
 from ..kernel import mapping
 from ..kernel.arch.x86_64 import PAGE_SIZE, TASK_SIZE
@@ -333,7 +332,7 @@ def _check_data_files(image: Image, verify_pages: bool, progress=None) -> list[s
 
                 # xxhash releases the GIL: both cores hash, each its share of the runs.
                 shares = [ckpt.pages[i::HASH_THREADS] for i in range(HASH_THREADS)]
-                with concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as pool:
+                with workers.ThreadPool(HASH_THREADS) as pool:
                     for bad in pool.map(check, shares):
                         problems += bad
             finally:

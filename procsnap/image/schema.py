@@ -24,7 +24,7 @@ defaults. A different major version is refused.
 
 from __future__ import annotations
 
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import enum
 import functools
 import struct

@@ -20,8 +20,6 @@ so the table that says where each chunk is cannot be altered either.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import struct
 
@@ -74,6 +72,9 @@ def _aead():
 
 def _hkdf(key: bytes, salt: bytes, info: bytes) -> bytes:
     """HKDF-SHA256 (RFC 5869) of one 32-byte block: extract, then expand."""
+    import hashlib  # only for encrypted images
+    import hmac
+
     prk = hmac.new(salt, key, hashlib.sha256).digest()
     return hmac.new(prk, info + b"\x01", hashlib.sha256).digest()
 
@@ -102,6 +103,8 @@ class Sealer:
         except (KeyError, TypeError, ValueError) as err:
             raise ImageCorrupt(f"{where}: CRYP record: salt and check expected as hex") from err
         sealer = cls(master, salt)
+        import hmac
+
         if not hmac.compare_digest(sealer.check, check):
             raise ImageError(f"{where}: wrong key: the key file is not the one this image was encrypted with")
         return sealer

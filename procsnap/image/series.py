@@ -16,14 +16,13 @@ processes of a tree are stored whole.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import ctypes
 import os
 
 import xxhash
 
-from .. import model
+from .. import model, workers
 from ..errors import ImageCorrupt, ImageError
 from . import objseries, objstore, schema, staging
 
@@ -135,9 +134,7 @@ class DedupSink:
             self.refs.append(None)  # a piece is within one VMA: runs never join across pieces
         if fresh:
             return self.inner.submit(fresh)
-        done: concurrent.futures.Future = concurrent.futures.Future()
-        done.set_result(None)
-        return done
+        return workers.Job.completed()
 
     def _refer(self, vaddr: int, found: tuple[str, int]) -> None:
         name = PARENT + _relative(found[0], self.image_dir)

@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import logging
+from .. import log as logging  # the logging API, cheap to import
 import os
 import re
-import shutil
-import tempfile
 import time
 
 from .. import faults
@@ -78,7 +76,7 @@ def finish_swap(directory: str) -> None:
     old = os.path.join(directory, OLD)
     if os.path.isdir(old):
         if os.path.exists(os.path.join(directory, schema.INVENTORY)):
-            shutil.rmtree(old)
+            _rmtree(old)
         else:
             _roll_back(directory)
 
@@ -103,9 +101,34 @@ def _move_in(directory: str) -> None:
         os.rmdir(into)
 
 
+def _mkdtemp(directory: str) -> str:
+    """tempfile.mkdtemp(prefix=NEW_PREFIX, dir=directory), without importing
+    tempfile (and random, hashlib) in every dump."""
+    while True:
+        path = os.path.join(directory, NEW_PREFIX + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _rmtree(path: str, ignore_errors: bool = False) -> None:
+    if ignore_errors and not os.path.lexists(path):
+        return
+    try:
+        os.rmdir(path)  # an empty one, as the old image's directory of a first dump is
+        return
+    except OSError:
+        pass
+    import shutil  # only when there is something to remove: it imports bz2, lzma and more
+
+    shutil.rmtree(path, ignore_errors=ignore_errors)
+
+
 def _roll_back(directory: str) -> None:
     """Put the old image (in .procsnap-old) back in place of the new one."""
-    trash = tempfile.mkdtemp(prefix=NEW_PREFIX, dir=directory)  # what a dump removes if we die here
+    trash = _mkdtemp(directory)  # what a dump removes if we die here
     into = os.path.join(directory, IN)
     if os.path.isdir(into):
         os.rename(into, os.path.join(trash, IN))
@@ -114,7 +137,7 @@ def _roll_back(directory: str) -> None:
     _fsync_dir(directory)
     os.rename(os.path.join(directory, OLD), into)
     _move_in(directory)
-    shutil.rmtree(trash)
+    _rmtree(trash)
 
 
 def settle_for_reading(directory: str) -> None:
@@ -193,7 +216,7 @@ class Staging:
     def __init__(self, directory: str):
         self.directory = directory
         self.replaces = describe_image(directory)
-        self.path = tempfile.mkdtemp(prefix=NEW_PREFIX, dir=directory)
+        self.path = _mkdtemp(directory)
         self.swapped = False
 
     def swap_in(self) -> None:
@@ -211,13 +234,13 @@ class Staging:
     def finish(self) -> None:
         """The dump succeeded: drop the old image."""
         with _write_errors(self.directory):
-            shutil.rmtree(os.path.join(self.directory, OLD), ignore_errors=True)
+            _rmtree(os.path.join(self.directory, OLD), ignore_errors=True)
 
     def abandon(self) -> None:
         """The dump failed: the directory as it was."""
         with _write_errors(self.directory):
             if not self.swapped:
-                shutil.rmtree(self.path, ignore_errors=True)
+                _rmtree(self.path, ignore_errors=True)
                 return
             _move_out(self.directory)
             _roll_back(self.directory)
@@ -256,7 +279,7 @@ def staged(directory: str):
             finish_swap(directory)
             for name in os.listdir(directory):
                 if name.startswith(NEW_PREFIX):
-                    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+                    _rmtree(os.path.join(directory, name), ignore_errors=True)
             staging = Staging(directory)
         try:
             yield staging

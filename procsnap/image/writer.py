@@ -7,14 +7,13 @@ failed dump has no inventory and is never taken for a complete image.
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import threading
 import typing
 import zlib
 
-from .. import model
+from .. import model, workers
 from . import objstore, remote, schema
 from .checksum import data_hash
 from .chunks import CHUNK_SIZE, Chunk, ChunkEncoder, Method
@@ -32,7 +31,7 @@ class PageSink(typing.Protocol):
     everything and returns the PageRun index; `abort` drops it all.
     """
 
-    def submit(self, pieces: list[tuple[int, memoryview]]) -> concurrent.futures.Future: ...
+    def submit(self, pieces: list[tuple[int, memoryview]]) -> workers.Job: ...
 
     def close(self) -> list[model.PageRun]: ...
 
@@ -55,10 +54,10 @@ class FilePageSink:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600) if local else -1
         self.offset = 0
         self.runs: list[model.PageRun] = []
-        self.pool = concurrent.futures.ThreadPoolExecutor(self.WRITERS, thread_name_prefix="procsnap-write")
-        self.pending: list[concurrent.futures.Future] = []
+        self.pool = workers.ThreadPool(self.WRITERS, thread_name_prefix="procsnap-write")
+        self.pending: list[workers.Job] = []
 
-    def submit(self, pieces: list[tuple[int, memoryview]]) -> concurrent.futures.Future:
+    def submit(self, pieces: list[tuple[int, memoryview]]) -> workers.Job:
         jobs = []
         for vaddr, data in pieces:
             assert len(data) % PAGE_SIZE == 0

@@ -13,7 +13,7 @@ the registers are the task's own again. The task stays stopped.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 
 from . import memory, ptrace
 from .arch import x86_64 as arch

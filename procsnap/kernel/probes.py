@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import os
 import socket
 import signal

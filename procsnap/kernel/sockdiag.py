@@ -4,7 +4,7 @@ bound file, and a listener's connections not yet accepted (icons)."""
 
 from __future__ import annotations
 
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import os
 import socket
 import struct

@@ -19,7 +19,7 @@ interrupted sleep cancels it) is that task's deadline:
 
 from __future__ import annotations
 
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import re
 import struct
 

@@ -18,7 +18,7 @@ as the cgroup2 mount, not by the hierarchy id, which is per boot.
 
 from __future__ import annotations
 
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import os
 
 from ..errors import RestoreError, Unsupported

@@ -26,7 +26,7 @@ The order, for a thread whose credentials differ from the restorer's:
 
 from __future__ import annotations
 
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import os
 import struct
 import threading

@@ -7,7 +7,7 @@ executable (Vma.file_id, Mm.exe_file_id), which the memory stages handle.
 
 from __future__ import annotations
 
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import os
 import stat
 

@@ -18,7 +18,7 @@ whoever holds that number then.
 
 from __future__ import annotations
 
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import enum
 import os
 import struct

@@ -21,7 +21,7 @@ is a pipe's (objects/pipe.py).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import os
 import stat
 

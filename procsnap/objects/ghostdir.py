@@ -15,8 +15,8 @@ something else holds the path by then, a name beside it is used
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import logging
+from .. import records as dataclasses  # the dataclasses API, cheap to import
+from .. import log as logging  # the logging API, cheap to import
 import os
 import stat
 

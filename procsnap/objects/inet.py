@@ -20,7 +20,7 @@ connection (TCP_REPAIR) is to be a record of its own that names one.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import fcntl
 import os
 import stat

@@ -27,9 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import shutil
 import struct
-import tempfile
 
 from .. import model
 from ..errors import RestoreError, Unsupported
@@ -168,6 +166,8 @@ def make_inotify(entry: model.FdEntry, what: str) -> int:
                 raise RestoreError(f"{what}: inotify watch {w[0]}: more than {MAX_WD_GAP} watch descriptors to "
                                    "skip to make it again")
             if next_wd < w[0]:
+                import tempfile
+
                 placeholder = placeholder or tempfile.mkdtemp(prefix="procsnap-inotify-")
             while next_wd < w[0]:  # a placeholder for each wd not in use, removed at once
                 got = _add(ifd, placeholder, IN_ALL_EVENTS, what)
@@ -188,6 +188,8 @@ def make_inotify(entry: model.FdEntry, what: str) -> int:
         return ifd
     finally:
         if placeholder:
+            import shutil
+
             shutil.rmtree(placeholder, ignore_errors=True)
         if not ok:
             os.close(ifd)

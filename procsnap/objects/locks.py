@@ -21,7 +21,7 @@ restore, every lock is held before any process of the tree is released.
 
 from __future__ import annotations
 
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import errno
 import os
 import struct

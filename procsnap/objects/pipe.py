@@ -13,7 +13,7 @@ restore  the pipe made once in the restorer (a FIFO opened again at its
 from __future__ import annotations
 
 import ctypes
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import fcntl
 import os
 import stat

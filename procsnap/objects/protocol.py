@@ -29,7 +29,7 @@ has. The pipelines call the kinds in their registered order
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import os
 import typing
 

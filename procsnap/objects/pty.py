@@ -27,7 +27,7 @@ world: tty.py's (--shell-job).
 
 from __future__ import annotations
 
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import os
 import signal
 import stat

@@ -33,7 +33,7 @@ program to give back: EMEDIUMTYPE).
 from __future__ import annotations
 
 import ctypes
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import errno
 import os
 import struct

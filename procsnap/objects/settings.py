@@ -22,7 +22,7 @@ restoring user) fails the restore by name: never silently dropped.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import enum
 import os
 import struct

@@ -38,7 +38,7 @@ outside the process.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import enum
 import fcntl
 import os

@@ -31,7 +31,7 @@ restore makes it from the main thread.
 
 from __future__ import annotations
 
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import enum
 import struct
 

@@ -22,7 +22,7 @@ restore  every unix socket of the tree at once, in the order names need
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import fcntl
 import os
 import stat

@@ -9,17 +9,16 @@ image is only ever read.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import functools
-import logging
+from .. import log as logging  # the logging API, cheap to import
 import os
 import signal
 import threading
 import typing
 
-from .. import faults, model, objects
+from .. import faults, model, objects, workers
 from ..errors import ProcsnapError, RestoreError, plural, translated
 from ..image import schema
 from ..image.reader import Image, PageSource, open_image, open_pages
@@ -195,7 +194,7 @@ def rebuild_all(live: list, rebuild_one, ready=lambda: None, forked_from: dict[i
     if len(shares) == 1:
         work(shares[0])
         return
-    with concurrent.futures.ThreadPoolExecutor(len(shares), thread_name_prefix="procsnap-rebuild") as pool:
+    with workers.ThreadPool(len(shares), thread_name_prefix="procsnap-rebuild") as pool:
         futures = [pool.submit(work, share) for share in shares]
         errors = [f.exception() for f in futures]
     for err in errors:

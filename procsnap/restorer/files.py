@@ -9,7 +9,7 @@ kind of object opens its own fds (objects/); what is here is the order.
 
 from __future__ import annotations
 
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import os
 import typing
 

@@ -13,14 +13,13 @@ The order matters (each step says what is true when it ends):
 from __future__ import annotations
 
 import bisect
-import concurrent.futures
 import ctypes
 import functools
 import itertools
 import threading
 import typing
 
-from .. import faults, model
+from .. import faults, model, workers
 from ..errors import RestoreError
 from ..image.reader import PageSource
 from ..kernel import mapping, memory, sysv
@@ -171,9 +170,9 @@ def fill(pid: int, segments: typing.Iterable[tuple[int, int, int]], filled=None,
 
 
 @functools.cache
-def _fill_pool() -> concurrent.futures.ThreadPoolExecutor:
+def _fill_pool() -> workers.ThreadPool:
     """One pool for every fill of the restore: a tree has thousands of VMAs."""
-    return concurrent.futures.ThreadPoolExecutor(FILL_THREADS, thread_name_prefix="procsnap-fill")
+    return workers.ThreadPool(FILL_THREADS, thread_name_prefix="procsnap-fill")
 
 
 def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.PageRun], pages: PageSource,

@@ -10,7 +10,7 @@ replaces everything else.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import os
 import resource
 import signal

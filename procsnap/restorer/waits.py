@@ -17,7 +17,7 @@ signal without a handler, with the time it had left (dumper/waits.py).
 
 from __future__ import annotations
 
-import logging
+from .. import log as logging  # the logging API, cheap to import
 import math
 
 from ..dumper.waits import TIMESPEC, UNKNOWN
