@@ -15,7 +15,7 @@ import signal
 from .errors import ProcsnapError
 
 DUMP_STAGES = ("after-freeze", "mid-collect", "mid-page-write", "before-commit", "mid-swap", "before-thaw")
-RESTORE_STAGES = ("after-spawn", "mid-memory-load", "before-registers", "before-detach")
+RESTORE_STAGES = ("after-spawn", "mid-batch", "mid-memory-load", "before-registers", "before-detach")
 FORK_STAGES = ("after-fork",)  # a restore of a tree with a process made by a fork (restorer/forkbuild.py)
 __doc__ += f"  dump: {', '.join(DUMP_STAGES)}\n  restore: {', '.join(RESTORE_STAGES)}\n"
 __doc__ += f"  restore, with a fork-built process: {', '.join(FORK_STAGES)}\n"
