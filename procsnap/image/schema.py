@@ -188,11 +188,13 @@ def _decoder(tp) -> typing.Callable[[typing.Any, str], typing.Any]:
             if not isinstance(data, dict):
                 raise SchemaError(f"{where}: expected an object, found {type(data).__name__}")
             if not subs:  # built at the first call: a type may refer to itself
-                subs.extend((name, _decoder(t), required) for name, t, required in fields)
+                subs.extend((name, _decoder(t), required, t if t in (int, str) else None) for name, t, required in fields)
             kwargs = {}
-            for name, sub, required in subs:
+            for name, sub, required, plain in subs:
                 if name in data:
-                    kwargs[name] = sub(data[name], f"{where}.{name}")
+                    value = data[name]
+                    # an int or str field holding just that: no call, no path to format
+                    kwargs[name] = value if type(value) is plain else sub(value, f"{where}.{name}")
                 elif required:
                     raise SchemaError(f"{where}: missing field {name!r}")
             return tp(**kwargs)

@@ -169,8 +169,8 @@ class Target:
     def _run_table(self, calls: list, before: list[int], while_running) -> list[int]:
         table = self.batch_area + PAGE_SIZE
         rec = arch.BATCH_RECORD
-        data = b"".join(rec.pack(nr, *(arch.unsigned(a) for a in args), *(0,) * (7 - len(args)))
-                        for nr, *args in calls)
+        mask, zeros = (1 << 64) - 1, (0,) * 7  # arguments as u64; unused ones and the result 0
+        data = b"".join([rec.pack(*[a & mask for a in (*call, *zeros)[:8]]) for call in calls])
         memory.write_bytes(self.pid, table, data)
         regs = arch.prepare_batch(self.call.base, self.batch_area, table, len(calls), self.pid, self.call.pid)
         done = arch.batch_done(self.call.run_code(regs, while_running), table)

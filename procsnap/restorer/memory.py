@@ -103,6 +103,7 @@ PROT_RW = model.Prot.PROT_READ | model.Prot.PROT_WRITE
 MAP_FIXED_NOREPLACE = model.MapFlag.MAP_FIXED_NOREPLACE
 MAP_TYPES = model.MapFlag.MAP_SHARED | model.MapFlag.MAP_PRIVATE | model.MapFlag.MAP_DROPPABLE
 SHARED_KINDS = (model.VmaKind.FILE_SHARED, model.VmaKind.SHARED_ANON, model.VmaKind.SHARED_MEM)
+INT_PROT_RW, INT_MAP_FIXED_NOREPLACE, INT_MAP_TYPES = int(PROT_RW), int(MAP_FIXED_NOREPLACE), int(MAP_TYPES)
 FILL_THREADS = 2
 FILL_BATCH = 16 << 20
 
@@ -202,8 +203,9 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
     source) of pages stored by another image of the tree, mapped here.
 
     A VMA that gets pages is mapped writable first (process_vm_writev does
-    not force its way through protections) and filled before the next one
-    is mapped.
+    not force its way through protections). The VMAs that need nothing of
+    their own (below) are mapped, filled and protected a run of them at a
+    time (_map_group), the others one by one, in address order.
 
     Neighbouring private anonymous VMAs of the same protection and flags
     were kept apart by the kernel only because each had its own anon_vma
@@ -224,7 +226,7 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
     for seg in segments:
         by_vma.setdefault(starts[bisect.bisect_right(keys, seg[0]) - 1].start, []).append(seg)
     busy = [(v.start, v.end) for v in starts]
-    group: list[tuple[model.Vma, model.Prot, int, int, list]] = []  # mapped and filled together (_map_group)
+    group: list[tuple[model.Vma, int, int, int, list]] = []  # (vma, prot, flags, fd, runs) mapped together
     for i, v in enumerate(starts):
         if v.kind in model.SPECIAL_KINDS:
             continue
@@ -235,19 +237,20 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
             continue
         apart = i > 0 and _kept_apart(starts[i - 1], v)  # built elsewhere, moved in
         own_anon_vma = apart or (i + 1 < len(starts) and _kept_apart(v, starts[i + 1]))
-        prot = v.prot | PROT_RW if vruns or own_anon_vma else v.prot
-        flags = (v.flags & ~MAP_TYPES) | MAP_FIXED_NOREPLACE
+        # plain ints from here: flag arithmetic on enum.IntFlag costs more than the rest of a VMA's mapping
+        prot = int(v.prot) | INT_PROT_RW if vruns or own_anon_vma else int(v.prot)
+        flags = (int(v.flags) & ~INT_MAP_TYPES) | INT_MAP_FIXED_NOREPLACE
         if v.kind in SHARED_KINDS:
-            flags |= model.MapFlag.MAP_SHARED
+            flags |= model.MapFlag.MAP_SHARED.value
         else:
-            flags |= v.flags & model.MapFlag.MAP_DROPPABLE or model.MapFlag.MAP_PRIVATE
+            flags |= int(v.flags) & model.MapFlag.MAP_DROPPABLE.value or model.MapFlag.MAP_PRIVATE.value
         fd = map_fds[vma_map_key(v)] \
             if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) else -1
         if v.kind == model.VmaKind.SHARED_MEM:
             fd = shm_fds[v.shm]
-            flags &= ~model.MapFlag.MAP_ANONYMOUS
+            flags &= ~model.MapFlag.MAP_ANONYMOUS.value
         if not own_anon_vma and v.kind != model.VmaKind.SYSV_SHM:
-            group.append((v, prot, int(flags), fd, vruns))
+            group.append((v, prot, flags, fd, vruns))
             continue
         _map_group(target, group, pages, filled, ref_sources)
         at = free_gap(busy + target.reserved(), v.size) if apart else v.start
