@@ -15,7 +15,7 @@ import signal
 from .errors import ProcsnapError
 
 DUMP_STAGES = ("after-freeze", "mid-collect", "mid-page-write", "before-commit", "mid-swap", "before-thaw")
-RESTORE_STAGES = ("after-spawn", "mid-memory-load", "before-registers", "before-detach")
+RESTORE_STAGES = ("after-spawn", "mid-batch", "mid-memory-load", "before-registers", "before-detach")
 FORK_STAGES = ("after-fork",)  # a restore of a tree with a process made by a fork (restorer/forkbuild.py)
 RECEIVE_STAGES = ("mid-receive", "before-ack")  # the destination of a stream (image/receive.py)
 __doc__ += f"  dump: {', '.join(DUMP_STAGES)}\n  restore: {', '.join(RESTORE_STAGES)}\n"

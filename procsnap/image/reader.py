@@ -232,8 +232,9 @@ def open_image(directory: str, verify_pages: bool = True, progress=None, key: by
             fields[field] = []
     end = {}
     nrecords = len(records)
+    records.reverse()  # popped from the end: O(1) each (an image of 10,000 VMAs has as many records)
     while records:  # consumed as decoded: the raw JSON of a big record is freed early
-        tag, offset, payload = records.pop(0)
+        tag, offset, payload = records.pop()
         if tag == schema.END:
             end = payload
             continue

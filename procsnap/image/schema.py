@@ -133,10 +133,26 @@ def _fields(cls) -> tuple[dataclasses.Field, ...]:
     return dataclasses.fields(cls)
 
 
+_PLAIN = (int, str, bool, float, type(None))
+
+
+@functools.cache
+def _plan(cls) -> tuple[tuple[str, bool], ...] | None:
+    """A dataclass's fields, each with whether its declared type is plain
+    (copied as it is); None for any other type."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    hints = _hints(cls)
+    return tuple((f.name, hints[f.name] in _PLAIN) for f in dataclasses.fields(cls))
+
+
 def encode(obj) -> typing.Any:
     """A model object as JSON-able data."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: encode(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if type(obj) in _PLAIN:  # most fields: no other test needed
+        return obj
+    plan = _plan(type(obj))
+    if plan is not None:
+        return {name: getattr(obj, name) if plain else encode(getattr(obj, name)) for name, plain in plan}
     if isinstance(obj, enum.Enum):
         return obj.value
     if isinstance(obj, bytes):
@@ -154,68 +170,118 @@ class SchemaError(ValueError):
 
 def decode(tp, data, where: str):
     """Build a model object of type `tp` from JSON data, checking types."""
+    return _decoder(tp)(data, where)
+
+
+@functools.cache
+def _decoder(tp) -> typing.Callable[[typing.Any, str], typing.Any]:
+    """decode for one type, its dispatch done once (a tree's image holds
+    tens of thousands of records: a VMA each)."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(data, dict):
-            raise SchemaError(f"{where}: expected an object, found {type(data).__name__}")
         hints = _hints(tp)
-        kwargs = {}
-        for f in _fields(tp):
-            if f.name in data:
-                kwargs[f.name] = decode(hints[f.name], data[f.name], f"{where}.{f.name}")
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise SchemaError(f"{where}: missing field {f.name!r}")
-        return tp(**kwargs)
+        fields = [(f.name, hints[f.name], f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+                  for f in _fields(tp)]
+        subs: list = []
+
+        def of_dataclass(data, where):
+            if not isinstance(data, dict):
+                raise SchemaError(f"{where}: expected an object, found {type(data).__name__}")
+            if not subs:  # built at the first call: a type may refer to itself
+                subs.extend((name, _decoder(t), required, t if t in (int, str) else None) for name, t, required in fields)
+            kwargs = {}
+            for name, sub, required, plain in subs:
+                if name in data:
+                    value = data[name]
+                    # an int or str field holding just that: no call, no path to format
+                    kwargs[name] = value if type(value) is plain else sub(value, f"{where}.{name}")
+                elif required:
+                    raise SchemaError(f"{where}: missing field {name!r}")
+            return tp(**kwargs)
+        return of_dataclass
     if origin is list:
         (item,) = typing.get_args(tp)
-        if not isinstance(data, list):
-            raise SchemaError(f"{where}: expected a list")
-        return [decode(item, x, f"{where}[{i}]") for i, x in enumerate(data)]
+
+        def of_list(data, where):
+            if not isinstance(data, list):
+                raise SchemaError(f"{where}: expected a list")
+            sub = _decoder(item)
+            return [sub(x, f"{where}[{i}]") for i, x in enumerate(data)]
+        return of_list
     if origin is dict:
         _, vt = typing.get_args(tp)
-        if not isinstance(data, dict):
-            raise SchemaError(f"{where}: expected an object")
-        return {str(k): decode(vt, v, f"{where}.{k}") for k, v in data.items()}
+
+        def of_dict(data, where):
+            if not isinstance(data, dict):
+                raise SchemaError(f"{where}: expected an object")
+            sub = _decoder(vt)
+            return {str(k): sub(v, f"{where}.{k}") for k, v in data.items()}
+        return of_dict
     if origin in (typing.Union, types.UnionType):
-        for alt in typing.get_args(tp):
-            try:
-                return decode(alt, data, where)
-            except SchemaError:
-                continue
-        raise SchemaError(f"{where}: {data!r} fits none of {tp}")
+        alts = typing.get_args(tp)
+
+        def of_union(data, where):
+            for alt in alts:
+                try:
+                    return _decoder(alt)(data, where)
+                except SchemaError:
+                    continue
+            raise SchemaError(f"{where}: {data!r} fits none of {tp}")
+        return of_union
     if tp is type(None):
-        if data is not None:
-            raise SchemaError(f"{where}: expected null")
-        return None
+        def of_none(data, where):
+            if data is not None:
+                raise SchemaError(f"{where}: expected null")
+            return None
+        return of_none
     if isinstance(tp, type) and issubclass(tp, enum.Flag):
-        if not isinstance(data, int) or isinstance(data, bool) or data < 0:
-            raise SchemaError(f"{where}: expected flags (a non-negative integer), found {data!r}")
-        return tp(data)
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        try:
+        members = tp._value2member_map_  # values seen before: no Flag arithmetic again
+
+        def of_flag(data, where):
+            if type(data) is int and data in members:
+                return members[data]
+            if not isinstance(data, int) or isinstance(data, bool) or data < 0:
+                raise SchemaError(f"{where}: expected flags (a non-negative integer), found {data!r}")
             return tp(data)
-        except ValueError as err:
-            raise SchemaError(f"{where}: unknown {tp.__name__} {data!r}") from err
+        return of_flag
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        def of_enum(data, where):
+            try:
+                return tp(data)
+            except ValueError as err:
+                raise SchemaError(f"{where}: unknown {tp.__name__} {data!r}") from err
+        return of_enum
     if tp is bytes:
-        if not isinstance(data, str):
-            raise SchemaError(f"{where}: expected hex bytes")
-        try:
-            return bytes.fromhex(data)
-        except ValueError as err:
-            raise SchemaError(f"{where}: bad hex") from err
+        def of_bytes(data, where):
+            if not isinstance(data, str):
+                raise SchemaError(f"{where}: expected hex bytes")
+            try:
+                return bytes.fromhex(data)
+            except ValueError as err:
+                raise SchemaError(f"{where}: bad hex") from err
+        return of_bytes
     if tp is bool:
-        if not isinstance(data, bool):
-            raise SchemaError(f"{where}: expected true/false, found {data!r}")
-        return data
+        def of_bool(data, where):
+            if not isinstance(data, bool):
+                raise SchemaError(f"{where}: expected true/false, found {data!r}")
+            return data
+        return of_bool
     if tp is int:
-        if not isinstance(data, int) or isinstance(data, bool):
-            raise SchemaError(f"{where}: expected an integer, found {data!r}")
-        return data
+        def of_int(data, where):
+            if type(data) is not int:  # (a bool is not an integer here)
+                raise SchemaError(f"{where}: expected an integer, found {data!r}")
+            return data
+        return of_int
     if tp is str:
-        if not isinstance(data, str):
-            raise SchemaError(f"{where}: expected a string, found {data!r}")
-        return data
-    raise SchemaError(f"{where}: no decoder for {tp}")
+        def of_str(data, where):
+            if not isinstance(data, str):
+                raise SchemaError(f"{where}: expected a string, found {data!r}")
+            return data
+        return of_str
+
+    def of_nothing(data, where):
+        raise SchemaError(f"{where}: no decoder for {tp}")
+    return of_nothing
 
 
 # Fields shown in hex by `show`: addresses, masks and registers.

@@ -172,6 +172,11 @@ def is_syscall_stop(status: int) -> bool:
     return os.WSTOPSIG(status) == SYSCALL_STOP and not status >> 16
 
 
+def is_self_stop(status: int) -> bool:
+    """The signal-delivery stop of a SIGSTOP the task sent itself."""
+    return os.WSTOPSIG(status) == signal.SIGSTOP and not status >> 16
+
+
 def freeze(pid: int, max_signals: int = 64, options: int = 0) -> int:
     """freeze_timed without the time left."""
     return freeze_timed(pid, max_signals, options)[0]
@@ -300,8 +305,17 @@ class Injector:
         self.blocked = False
         self.clones: list[int] = []  # pids of tasks created by injected clones and forks
 
-    def _resume_until(self, req: Req, want) -> int:
+    def _resume_until(self, req: Req, want, while_running=None) -> int:
         ptrace(req, self.pid)
+        if while_running is not None:
+            try:
+                while_running()
+            except BaseException:
+                self._wait_for(req, want)  # stopped again, so that the error's clean-up can inject
+                raise
+        return self._wait_for(req, want)
+
+    def _wait_for(self, req: Req, want) -> int:
         while True:
             status = wait_stop(self.pid)
             if (status >> 16) in (PTRACE_EVENT_CLONE, PTRACE_EVENT_FORK):  # PTRACE_O_TRACECLONE/TRACEFORK
@@ -331,6 +345,19 @@ class Injector:
             name = arch.NR(nr).name if nr in arch.NR.__members__.values() else str(nr)
             raise OSError(-ret, f"injected {name}{tuple(args)}: {os.strerror(-ret)}")
         return ret
+
+    def run_code(self, regs: arch.user_regs_struct, while_running=None) -> arch.user_regs_struct:
+        """Let the task run its own code from `regs` (PTRACE_CONT) until it
+        stops itself with SIGSTOP (arch.BATCH_STUB's end); its registers
+        then. The task stays in that signal-delivery stop: the next resume
+        (a call, restore, detach), with no signal, discards the SIGSTOP.
+        while_running(): called once the task runs (tests kill procsnap there)."""
+        if not self.blocked:
+            set_sigmask(self.pid, ALL_SIGNALS_BLOCKED)
+            self.blocked = True
+        set_regs(self.pid, regs)
+        self._resume_until(Req.CONT, is_self_stop, while_running)
+        return get_regs(self.pid)
 
     def call_interrupted(self, nr: int, *args: int) -> int:
         """Syscall `nr` made as if a signal had come the moment it began: an

@@ -58,6 +58,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             objects.check_task_state(image.checkpoint)
     pid = root_image.checkpoint.task.pid
     with contextlib.ExitStack() as stack:
+        stack.callback(M.close_fill_pool)
         shared = SharedFiles(root_image, ext_unix_sk=ext_unix_sk)
         stack.callback(shared.close)
         succeeded = [False]
@@ -354,9 +355,11 @@ def _fork_and_rebuild(parent, node: Node, parent_ckpt: model.Checkpoint, parent_
         restore_cgroups(pid, image.checkpoint.cgroups)
     setup_seized(target, node, helpers)
     maps = proc.read_smaps(pid)
+    target.busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in image.checkpoint.vmas]
     _rebuild_seized(target, child, image, ctx.sources[node.proc.dir], maps, ctx.filled, ctx.sources,
                     ctx.tree_pids, ctx, (parent_ckpt, parent_segments))
     finish_seized(target, node)
+    target.drop_batch_area()
     target.call(infect.NR.munmap, target.scratch, infect.SCRATCH_SIZE)  # the parent's, inherited
 
 

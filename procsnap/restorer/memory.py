@@ -24,7 +24,7 @@ from ..errors import RestoreError
 from ..image.reader import PageSource
 from ..kernel import mapping, memory, sysv
 from ..kernel.arch.x86_64 import NR, PAGE_SIZE, TASK_SIZE
-from ..kernel.infect import SCRATCH_SIZE, Target, free_gap
+from ..kernel.infect import SCRATCH_SIZE, BatchFailed, Target, free_gap
 from ..kernel.proc import MapsEntry
 from ..kernel.structs import MREMAP_FIXED, MREMAP_MAYMOVE, Prctl, prctl_mm_map
 from .files import vma_map_key
@@ -102,6 +102,7 @@ PROT_RW = model.Prot.PROT_READ | model.Prot.PROT_WRITE
 MAP_FIXED_NOREPLACE = model.MapFlag.MAP_FIXED_NOREPLACE
 MAP_TYPES = model.MapFlag.MAP_SHARED | model.MapFlag.MAP_PRIVATE | model.MapFlag.MAP_DROPPABLE
 SHARED_KINDS = (model.VmaKind.FILE_SHARED, model.VmaKind.SHARED_ANON, model.VmaKind.SHARED_MEM)
+INT_PROT_RW, INT_MAP_FIXED_NOREPLACE, INT_MAP_TYPES = int(PROT_RW), int(MAP_FIXED_NOREPLACE), int(MAP_TYPES)
 FILL_THREADS = 2
 FILL_BATCH = 16 << 20
 
@@ -175,6 +176,17 @@ def _fill_pool() -> workers.ThreadPool:
     return workers.ThreadPool(FILL_THREADS, thread_name_prefix="procsnap-fill")
 
 
+def close_fill_pool() -> None:
+    """Join the fill threads, at the end of a restore. The next restore in
+    this process spawns by a raw clone3, which runs no fork handlers: a
+    libc lock another thread holds at that moment stays held in the child,
+    which waits on it forever (seen: malloc's main_arena lock, taken by a
+    fill thread freeing its finished batch)."""
+    if _fill_pool.cache_info().currsize:
+        _fill_pool().shutdown(wait=True)
+        _fill_pool.cache_clear()
+
+
 def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.PageRun], pages: PageSource,
                     map_fds: dict[str, int], filled=None, shm_fds: dict[int, int] | None = None,
                     refs: typing.Sequence[tuple[int, int, int, int]] = (),
@@ -190,8 +202,9 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
     source) of pages stored by another image of the tree, mapped here.
 
     A VMA that gets pages is mapped writable first (process_vm_writev does
-    not force its way through protections) and filled before the next one
-    is mapped.
+    not force its way through protections). The VMAs that need nothing of
+    their own (below) are mapped, filled and protected a run of them at a
+    time (_map_group), the others one by one, in address order.
 
     Neighbouring private anonymous VMAs of the same protection and flags
     were kept apart by the kernel only because each had its own anon_vma
@@ -211,28 +224,35 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
     keys = [v.start for v in starts]
     for seg in segments:
         by_vma.setdefault(starts[bisect.bisect_right(keys, seg[0]) - 1].start, []).append(seg)
-    busy = [(v.start, v.end) for v in starts] + [(target.scratch, target.scratch + SCRATCH_SIZE)]
+    busy = [(v.start, v.end) for v in starts]
+    group: list[tuple[model.Vma, int, int, int, list]] = []  # (vma, prot, flags, fd, runs) mapped together
     for i, v in enumerate(starts):
         if v.kind in model.SPECIAL_KINDS:
             continue
         vruns = by_vma.get(v.start, [])
         if kept and v.start in kept:
+            _map_group(target, group, pages, filled, ref_sources)
             kept[v.start](vruns)
             continue
         apart = i > 0 and _kept_apart(starts[i - 1], v)  # built elsewhere, moved in
         own_anon_vma = apart or (i + 1 < len(starts) and _kept_apart(v, starts[i + 1]))
-        prot = v.prot | PROT_RW if vruns or own_anon_vma else v.prot
-        at = free_gap(busy, v.size) if apart else v.start
-        flags = (v.flags & ~MAP_TYPES) | MAP_FIXED_NOREPLACE
+        # plain ints from here: flag arithmetic on enum.IntFlag costs more than the rest of a VMA's mapping
+        prot = int(v.prot) | INT_PROT_RW if vruns or own_anon_vma else int(v.prot)
+        flags = (int(v.flags) & ~INT_MAP_TYPES) | INT_MAP_FIXED_NOREPLACE
         if v.kind in SHARED_KINDS:
-            flags |= model.MapFlag.MAP_SHARED
+            flags |= model.MapFlag.MAP_SHARED.value
         else:
-            flags |= v.flags & model.MapFlag.MAP_DROPPABLE or model.MapFlag.MAP_PRIVATE
+            flags |= int(v.flags) & model.MapFlag.MAP_DROPPABLE.value or model.MapFlag.MAP_PRIVATE.value
         fd = map_fds[vma_map_key(v)] \
             if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) else -1
         if v.kind == model.VmaKind.SHARED_MEM:
             fd = shm_fds[v.shm]
-            flags &= ~model.MapFlag.MAP_ANONYMOUS
+            flags &= ~model.MapFlag.MAP_ANONYMOUS.value
+        if not own_anon_vma and v.kind != model.VmaKind.SYSV_SHM:
+            group.append((v, prot, flags, fd, vruns))
+            continue
+        _map_group(target, group, pages, filled, ref_sources)
+        at = free_gap(busy + target.reserved(), v.size) if apart else v.start
         try:
             if v.kind == model.VmaKind.SYSV_SHM:  # shmat, so that it is an attachment of the segment
                 target.call(NR.shmat, sysv_ids[v.shm], at, _shmat_flags(v.prot))
@@ -240,18 +260,12 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
             else:
                 target.call(NR.mmap, at, v.size, int(prot), int(flags), fd, v.offset)
         except OSError as err:
-            needs = " (MAP_DROPPABLE needs Linux 6.11)" if flags & model.MapFlag.MAP_DROPPABLE else ""
-            raise RestoreError(f"pid {target.pid}: mmap of VMA {v.start:#x}-{v.end:#x} ({v.name or v.kind.value}): "
-                               f"{err.strerror}{needs}", target.pid) from err
+            raise _map_error(target, v, flags, err) from err
         for bit, (_, advice) in model.ADVICE_TABLE.items():
             if v.advice & bit:
                 target.call(NR.madvise, at, v.size, advice)
         if vruns:
-            for source in sorted({seg[3] for seg in vruns}):  # a batch never spans two sources' mappings
-                of = pages if source == -1 else (ref_sources or {}).get(source)
-                fill(target.pid, ((address, vaddr - v.start + at, npages * PAGE_SIZE)
-                                  for vaddr, npages, address, src in vruns if src == source), filled,
-                     of if getattr(of, "transformed", False) else None)
+            _fill(target, vruns, at - v.start, pages, filled, ref_sources)
             faults.point("mid-memory-load")
         elif own_anon_vma:
             memory.write_bytes(target.pid, at, b"\0")  # the first fault makes its anon_vma
@@ -260,6 +274,54 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
             target.call(NR.mprotect, at, v.size, int(v.prot))
         if apart:
             target.call(NR.mremap, at, v.size, v.size, MREMAP_MAYMOVE | MREMAP_FIXED, v.start)
+    _map_group(target, group, pages, filled, ref_sources)
+
+
+def _map_error(target: Target, v: model.Vma, flags: int, err: OSError) -> RestoreError:
+    needs = " (MAP_DROPPABLE needs Linux 6.11)" if flags & model.MapFlag.MAP_DROPPABLE else ""
+    return RestoreError(f"pid {target.pid}: mmap of VMA {v.start:#x}-{v.end:#x} ({v.name or v.kind.value}): "
+                        f"{err.strerror}{needs}", target.pid)
+
+
+def _fill(target: Target, vruns: list, shift: int, pages: PageSource, filled, ref_sources) -> None:
+    """Write the (vaddr, npages, local, source) runs at vaddr + shift."""
+    for source in sorted({seg[3] for seg in vruns}):  # a batch never spans two sources' mappings
+        of = pages if source == -1 else (ref_sources or {}).get(source)
+        fill(target.pid, ((address, vaddr + shift, npages * PAGE_SIZE)
+                          for vaddr, npages, address, src in vruns if src == source), filled,
+             of if getattr(of, "transformed", False) else None)
+
+
+def _map_group(target: Target, group: list, pages: PageSource, filled, ref_sources) -> None:
+    """Map, advise, fill and protect the VMAs of `group` (each at its own
+    address, none needing an anon_vma of its own), then empty it: the
+    calls in two batches (target.batch: one round trip for thousands of
+    VMAs), the pages of all of them in one fill per page source."""
+    if not group:
+        return
+    calls, owner = [], []
+    for v, prot, flags, fd, _ in group:
+        calls.append((NR.mmap, v.start, v.size, int(prot), flags, fd, v.offset))
+        owner.append(v)
+        for bit, (_, advice) in model.ADVICE_TABLE.items():
+            if v.advice & bit:
+                calls.append((NR.madvise, v.start, v.size, advice))
+                owner.append(v)
+    try:
+        target.batch(calls, lambda: faults.point("mid-batch"))
+    except BatchFailed as err:
+        v = owner[err.index]
+        if calls[err.index][0] == NR.mmap:
+            raise _map_error(target, v, calls[err.index][4], err) from err
+        raise RestoreError(f"pid {target.pid}: madvise of VMA {v.start:#x}-{v.end:#x} ({v.name or v.kind.value}): "
+                           f"{err.strerror}", target.pid) from err
+    runs = [seg for *_, vruns in group for seg in vruns]
+    if runs:
+        _fill(target, runs, 0, pages, filled, ref_sources)
+        faults.point("mid-memory-load")
+    protect = [(NR.mprotect, v.start, v.size, int(v.prot)) for v, prot, *_ in group if prot != v.prot]
+    group.clear()
+    target.batch(protect)
 
 
 def page_segments(runs: list[model.PageRun], pages: PageSource,

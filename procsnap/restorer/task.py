@@ -32,11 +32,12 @@ def restore_signals_seized(target: Target, sigactions: list[model.SigAction],
                            pending: list[model.PendingSignal]) -> None:
     """The saved handlers (every other one is SIG_DFL already: spawn reset
     them all), then the pending signals."""
-    for sa in sigactions:
-        if sa.signo in UNCATCHABLE:
-            continue
-        target.write_scratch(KSIGACTION.pack(sa.handler, int(sa.flags), sa.restorer, sa.mask))
-        target.call(NR.rt_sigaction, sa.signo, target.scratch, 0, SIGSET_SIZE)
+    catchable = [sa for sa in sigactions if sa.signo not in UNCATCHABLE]
+    if catchable:  # all of them side by side in the scratch area, set in one batch
+        target.write_scratch(b"".join(KSIGACTION.pack(sa.handler, int(sa.flags), sa.restorer, sa.mask)
+                                      for sa in catchable))
+    target.batch([(NR.rt_sigaction, sa.signo, target.scratch + i * KSIGACTION.size, 0, SIGSET_SIZE)
+                  for i, sa in enumerate(catchable)])
     for p in pending:
         target.write_scratch(p.siginfo)
         if p.shared:
@@ -53,19 +54,18 @@ def restore_task_seized(target: Target, task: model.Task) -> None:
 def restore_thread_state_seized(target: Target, task: model.ThreadState) -> None:
     """The per-thread fields (model.ThreadState) but registers and mask,
     from inside the thread `target` injects into."""
-    target.call(NR.set_tid_address, task.clear_child_tid)
-    if task.robust_list:
-        target.call(NR.set_robust_list, task.robust_list, task.robust_list_len or ROBUST_LIST_HEAD_SIZE)
     if task.altstack_flags & SS_DISABLE:
         ss = STACK_T.pack(0, SS_DISABLE, 0, 0)
     else:
         ss = STACK_T.pack(task.altstack_sp, task.altstack_flags, 0, task.altstack_size)
-    target.write_scratch(ss)
-    target.call(NR.sigaltstack, target.scratch, 0)
-    target.write_scratch(task.comm.encode()[:15] + b"\0")
-    target.call(NR.prctl, Prctl.PR_SET_NAME, target.scratch)
+    target.write_scratch(ss + task.comm.encode()[:15] + b"\0")
+    calls = [(NR.set_tid_address, task.clear_child_tid)]
+    if task.robust_list:
+        calls.append((NR.set_robust_list, task.robust_list, task.robust_list_len or ROBUST_LIST_HEAD_SIZE))
+    calls += [(NR.sigaltstack, target.scratch, 0), (NR.prctl, Prctl.PR_SET_NAME, target.scratch + STACK_T.size)]
     if task.rseq_ptr:
-        target.call(NR.rseq, task.rseq_ptr, task.rseq_len, 0, task.rseq_sig)
+        calls.append((NR.rseq, task.rseq_ptr, task.rseq_len, 0, task.rseq_sig))
+    target.batch(calls)
 
 
 # clone3 flags of a thread (include/uapi/linux/sched.h): CLONE_VM | CLONE_FS |

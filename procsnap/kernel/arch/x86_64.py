@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import struct
 
 PAGE_SIZE = 4096
 # TASK_SIZE_MAX for 4-level paging: the highest user address + 1.
@@ -71,6 +72,7 @@ class NR(enum.IntEnum):
     timer_getoverrun = 225
     timer_delete = 226
     set_tid_address = 218
+    tgkill = 234
     exit_group = 231
     restart_syscall = 219
     set_mempolicy = 238
@@ -239,3 +241,65 @@ def prepare_injection(regs: user_regs_struct, gadget: int, nr: int, args) -> use
 
 def syscall_result(regs: user_regs_struct) -> int:
     return signed(regs.rax)
+
+
+# A batch of syscalls run by the task itself, one ptrace round trip for all
+# of them (infect.Target.batch). The tracer writes a table of records into
+# the task's batch area, points rip at BATCH_STUB (in the same area) and
+# lets it run with PTRACE_CONT:
+#
+#     record (64 bytes):  nr | arg0 .. arg5 | result      (8 x u64)
+#     rbx  the next record       r12  the end of the table
+#     r13  tgid  r14  tid  r15  SIGSTOP: the tgkill that ends the batch
+#
+# The stub runs each record, stores rax into its result, and stops at the
+# end of the table or at the first result in [-4095, -1] (rbx then points
+# at that record). It ends with tgkill(tgid, tid, SIGSTOP): traced, the
+# task stops in that signal's delivery and the tracer takes over (and
+# discards it); if the tracer has died meanwhile, the task (seized with
+# PTRACE_O_EXITKILL, as every task a batch runs in is) has its SIGKILL,
+# and SIGSTOP stops it at worst: it never runs on into anything. Not int3:
+# its SIGTRAP is forced (force_sig), resetting a blocked SIGTRAP's handler,
+# and untraced it kills with a core dump.
+BATCH_STUB = bytes.fromhex(
+    "4c39e3"        # 00 loop: cmp    %r12,%rbx
+    "732f"          # 03       jae    done                 table done
+    "488b03"        # 05       mov    (%rbx),%rax          nr
+    "488b7b08"      # 08       mov    0x8(%rbx),%rdi
+    "488b7310"      # 0c       mov    0x10(%rbx),%rsi
+    "488b5318"      # 10       mov    0x18(%rbx),%rdx
+    "4c8b5320"      # 14       mov    0x20(%rbx),%r10
+    "4c8b4328"      # 18       mov    0x28(%rbx),%r8
+    "4c8b4b30"      # 1c       mov    0x30(%rbx),%r9
+    "0f05"          # 20       syscall
+    "48894338"      # 22       mov    %rax,0x38(%rbx)      result
+    "483d01f0ffff"  # 26       cmp    $-4095,%rax
+    "7306"          # 2c       jae    done                 failed: rbx at its record
+    "4883c340"      # 2e       add    $0x40,%rbx
+    "ebcc"          # 32       jmp    loop
+    "b8ea000000"    # 34 done: mov    $234,%eax            tgkill
+    "4c89ef"        # 39       mov    %r13,%rdi
+    "4c89f6"        # 3c       mov    %r14,%rsi
+    "4c89fa"        # 3f       mov    %r15,%rdx
+    "0f05"          # 42       syscall
+    "ebee"          # 44       jmp    done                 (never again, traced)
+)
+BATCH_RECORD = struct.Struct("<8Q")
+SIGSTOP = 19
+
+
+def prepare_batch(regs: user_regs_struct, stub: int, table: int, count: int, tgid: int, tid: int) -> user_regs_struct:
+    """Registers that make the task run `count` records at `table` with the stub at `stub`."""
+    new = user_regs_struct.from_buffer_copy(regs)
+    new.rip = stub
+    new.rbx, new.r12 = table, table + count * BATCH_RECORD.size
+    new.r13, new.r14, new.r15 = tgid, tid, SIGSTOP
+    new.orig_rax = unsigned(-1)
+    new.eflags &= ~(EFLAGS_TF | EFLAGS_DF)
+    return new
+
+
+def batch_done(regs: user_regs_struct, table: int) -> int:
+    """How many records of the table a stopped batch ran before its stop
+    (the failed one not counted)."""
+    return (regs.rbx - table) // BATCH_RECORD.size
