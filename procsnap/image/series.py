@@ -61,6 +61,19 @@ def _stored(image) -> list[tuple[str, int, int]]:
     return out
 
 
+def stored_at(image) -> list[tuple[int, int, str, int]]:
+    """(vaddr, npages, absolute image dir, offset) of every page the image's
+    root process has, by address (what dumper/predump.py refers to by
+    address where dirty tracking says a page is unchanged); sorted."""
+    out = [(r.vaddr, r.npages, os.path.abspath(image.directory), r.offset) for r in image.checkpoint.pages]
+    for refs in image.checkpoint.page_refs:
+        for vaddr, npages, src, offset in schema.unpack_page_refs(refs):
+            name = refs.sources[src]
+            if is_parent_source(name):
+                out.append((vaddr, npages, os.path.abspath(source_dir(image.directory, name)), offset))
+    return sorted(out)
+
+
 def page_index(parent_dir: str, key: bytes | None = None) -> dict[int, tuple[str, int]]:
     """XXH3-128 of each page the parent's root process has -> (the absolute
     directory of the image that stores it, its offset in that pages.img)."""
@@ -137,6 +150,12 @@ class DedupSink:
             last[1] += 1
         else:
             self.refs.append([vaddr, 1, name, found[1]])
+
+    def refer_run(self, vaddr: int, npages: int, where: str, offset: int) -> None:
+        """`npages` pages at `vaddr`, known unchanged, referred to where the
+        image in directory `where` stores them (dumper/predump.py)."""
+        self.refs.append([vaddr, npages, PARENT + os.path.relpath(where, self.image_dir), offset])
+        self.referred += npages
 
     def merged_refs(self, refs: model.PageRefs | None) -> model.PageRefs | None:
         """The tree's own PageRefs (or None) with the parent references added."""

@@ -17,6 +17,7 @@ from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, 
     signalfd, timerfd, tty, unix, inet
 from . import fanotify, ghostdir, inotify, memlock, opath, procfd, seccomp
 from . import timers
+from . import tracking
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -33,7 +34,7 @@ if typing.TYPE_CHECKING:
 # with the restorer's privileges (tracees run no filter while seized), and so
 # do the pidfds and /proc files the process opens again (procfd); the
 # interval timers last, so they start counting as late as they can.
-TASK_STATE = (memlock, locks, fown, seccomp, procfd, creds, settings, cgroups, timers)
+TASK_STATE = (memlock, locks, fown, seccomp, procfd, creds, settings, cgroups, timers, tracking)
 
 
 def collect_task_state_seized(target, tids: list[int], ckpt: model.Checkpoint) -> None:
