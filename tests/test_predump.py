@@ -13,8 +13,9 @@ import pytest
 
 import procsnap
 from conftest import (CASES_BY_ID, assert_cli_error, assert_pass, assert_running_untraced, cli, dump_kill,
-                      proc_snapshot, restore, wait_until)
+                      proc_snapshot, restore, status_kib, wait_until)
 from procsnap.dumper.predump import pre_dump
+from procsnap import model
 from procsnap.errors import RestoreError, Unsupported
 from procsnap.image import schema
 
@@ -143,6 +144,26 @@ def test_pages_changing_during_the_passes(procs, tmp_path, method):
     first = pre_dump(t.pid, str(s / "1"), method=method)
     second = pre_dump(t.pid, str(s / "2"), prev_images_dir="../1", method=method)
     assert first.copied >= 16384 and second.referred > 0, (first, second)
+    images = dump_kill(t, s / "final", before=final_snapshot(t, s / "2"), prev_images_dir="../2")
+    restore(procs, t, images)
+    assert_pass(t)
+
+
+def test_never_touched_pages_stay_so(procs, tmp_path):
+    """Tracking protects only the pages that are there: the page tables of
+    a sparse area do not fill (uffdwp.written_ranges), no clean page of a
+    library is taken for a private one, and the memory target (its 64 MiB
+    area with 5 pages touched, checked with mincore) restores whole."""
+    s = tmp_path / "series"
+    t = procs.start_case(CASES_BY_ID["memory"], "pie")
+    pte = status_kib(t.pid, "VmPTE")
+    pre_dump(t.pid, str(s / "1"))
+    pre_dump(t.pid, str(s / "2"), prev_images_dir="../1")
+    assert status_kib(t.pid, "VmPTE") <= pte + 16, f"VmPTE {pte} kB before, {status_kib(t.pid, 'VmPTE')} after"
+    ckpt = procsnap.open_image(str(s / "1")).checkpoint
+    text = [v for v in ckpt.vmas if v.kind == model.VmaKind.FILE_PRIVATE and v.prot & model.Prot.PROT_EXEC]
+    stored = [r for r in ckpt.pages for v in text if v.start <= r.vaddr < v.end]
+    assert text and not stored, f"pages of code stored: {stored}"
     images = dump_kill(t, s / "final", before=final_snapshot(t, s / "2"), prev_images_dir="../2")
     restore(procs, t, images)
     assert_pass(t)

@@ -117,13 +117,21 @@ def register_wp(uffd: int, start: int, end: int) -> None:
 def written_ranges(pagemap_fd: int, start: int, end: int, protect: bool) -> list[tuple[int, int]]:
     """(start, end) of the runs of pages in start..end written since they
     were last write-protected; protect: write-protected again in the same
-    walk. Every VMA in the range must be registered for async WP."""
+    walk. Every VMA in the range must be registered for async WP.
+
+    Only pages that are there (present or swapped) are asked for: with
+    category WRITTEN alone the kernel takes a fast path that counts a
+    never-touched page as written and, protecting it, installs a uffd-wp
+    pte marker there, which fills the page tables of a sparse area and
+    shows in /proc/PID/pagemap as a swapped page. A page faulted in later
+    is not protected, so it is reported written."""
     vec = (page_region * REGIONS)()
     out: list[tuple[int, int]] = []
     flags = ScanFlag.CHECK_WPASYNC | (ScanFlag.WP_MATCHING if protect else 0)
     while start < end:
         arg = pm_scan_arg(size=ctypes.sizeof(pm_scan_arg), flags=flags, start=start, end=end,
                           vec=ctypes.addressof(vec), vec_len=REGIONS, category_mask=PageCategory.WRITTEN,
+                          category_anyof_mask=PageCategory.PRESENT | PageCategory.SWAPPED,
                           return_mask=PageCategory.WRITTEN)
         n = _ioctl(pagemap_fd, PAGEMAP_SCAN, arg, f"ioctl PAGEMAP_SCAN {start:#x}-{end:#x}")
         for r in vec[:n]:
