@@ -8,6 +8,7 @@ final dump (and after any failure)."""
 import dataclasses
 import os
 import signal
+import sys
 
 import pytest
 
@@ -72,13 +73,14 @@ def assert_not_tracked(pid):
 
 
 def without_fd(snap, fd):
-    """`snap` as if fd `fd` of its root (the pre-dump's uffd, procsnap's) were not there."""
-    pid = snap.pid
-    tree = {**snap.tree, pid: dataclasses.replace(snap.tree[pid], fds=tuple(e for e in snap.tree[pid].fds
-                                                                            if e[0] != fd))}
+    """`snap` as if fd `fd` of each process (the pre-dump's uffd, procsnap's;
+    a child forked since has it too) were not there."""
+    tree = {pid: dataclasses.replace(ids, fds=tuple(e for e in ids.fds if e[0] != fd))
+            for pid, ids in snap.tree.items()}
     state = snap.state
     if state is not None:
-        state = {**state, pid: {k: v for k, v in state[pid].items() if not k.startswith(f"fdinfo.{fd}.")}}
+        state = {pid: {k: v for k, v in values.items() if not k.startswith(f"fdinfo.{fd}.")}
+                 for pid, values in state.items()}
     return dataclasses.replace(snap, fds={k: v for k, v in snap.fds.items() if k != fd}, tree=tree, state=state)
 
 
@@ -167,6 +169,40 @@ def test_never_touched_pages_stay_so(procs, tmp_path):
     images = dump_kill(t, s / "final", before=final_snapshot(t, s / "2"), prev_images_dir="../2")
     restore(procs, t, images)
     assert_pass(t)
+
+
+FORKER = """
+import os, signal, sys
+signal.signal(signal.SIGUSR2, lambda *a: None)
+print("READY", flush=True)
+signal.pause()  # pre-dumped here
+child = os.fork()
+if child == 0:
+    signal.pause()
+    os._exit(0)
+print("FORKED", child, flush=True)
+signal.pause()
+"""
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_child_forked_since(procs, tmp_path, method):
+    """A child forked after the pre-dump shares pages copy-on-write with
+    the root, which the root stores itself (the child's image refers to
+    them there, not to the chain); it inherits the uffd fd, which the
+    final dump closes there too: neither restored process has it."""
+    s = tmp_path / "series"
+    t = procs.start([sys.executable, "-c", FORKER], name="forker")
+    pre_dump(t.pid, str(s / "1"), method=method)
+    t.signal(signal.SIGUSR2)
+    wait_until(lambda: "FORKED" in t.output(), "the fork")
+    child = int(t.output().split("FORKED")[1].split()[0])
+    if method == "uffd-wp":
+        assert uffds(child) == [tracking(s / "1").uffd], "the child inherits the uffd"
+    images = dump_kill(t, s / "final", before=final_snapshot(t, s / "1"), prev_images_dir="../1")
+    restore(procs, t, images)
+    for pid in (t.pid, child):
+        assert_not_tracked(pid)
 
 
 def test_restore_of_a_pre_dump_is_refused(procs, tmp_path):

@@ -93,7 +93,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                  plural(sum(len(t.tids) for t in tree.tasks), "thread"), plural(len(tree.zombies), "zombie"))
         faults.point("after-freeze")
         if chain:  # a pre-dump's uffd-wp tracking: what it found, then taken down (predump.py)
-            chain.stop_seized()
+            chain.stop_seized([task.pid for task in tree.tasks])
         snapshot = leave_running and len(tree.tasks) == 1 and not chain
         kinds = objects.collectors(ext_unix_sk=ext_unix_sk)
         collected = []
@@ -160,6 +160,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             writer = writers[index]
             with translated(task.pid, f"write {writer.dir}"):
                 runs, claimed = claims[index]
+                if index == 0 and dedup is not None:
+                    dedup.keep = {owned for _, refs in claims[1:] for _, owner, owned, _ in refs if owner == 0}
                 if index == 0 and chain:
                     runs = chain.refer(runs, dedup)
                 refs = cow.resolve(claimed)

@@ -322,7 +322,9 @@ class FinalChain:
         self.pid, self.parent, self.tracking = pid, parent, tracking
         self.clean: list[tuple[int, int]] = []
 
-    def stop_seized(self) -> None:
+    def stop_seized(self, pids: list[int]) -> None:
+        """`pids`: the frozen tree, root first; a child forked since the
+        pre-dump has the uffd too, and loses it as the root does."""
         t = self.tracking
         with translated(self.pid, f"dirty tracking (uffd fd {t.uffd})"):
             if not alive(self.pid, t.uffd, t.uffd_ino):
@@ -335,6 +337,10 @@ class FinalChain:
                 for start, end in tracked:
                     written += uffdwp.written_ranges(pagemap.fileno(), start, end, protect=False)
             untrack(self.pid, t.uffd, t.uffd_ino, task_frozen=True)
+            for pid in pids[1:]:
+                for fd in proc.list_fds(pid):
+                    if alive(pid, fd, t.uffd_ino):
+                        untrack(pid, fd, t.uffd_ino, task_frozen=True)
             self.clean = subtract(tracked, written)
         faults.point("final-after-untrack")
         log.info("pid %d: dirty tracking taken down; %s unchanged since pass %d", self.pid,
@@ -420,9 +426,9 @@ def subtract(a, b) -> list[tuple[int, int]]:
 def refer_clean(runs, clean, stored, dedup: series.DedupSink):
     """The page runs (vma, addr, length) still to read: the pages of `runs`
     in `clean` ranges that `stored` (series.stored_at) has are referred to
-    through `dedup` instead."""
+    through `dedup` instead, but for those in dedup.keep."""
     stored_ranges = [(v, v + n * PAGE_SIZE) for v, n, _, _ in stored]
-    referable = intersect(clean, stored_ranges)
+    referable = subtract(intersect(clean, stored_ranges), [(p, p + PAGE_SIZE) for p in dedup.keep])
     wanted = [(addr, addr + length) for _, addr, length in runs]
     refer = intersect(wanted, referable)
     i = 0

@@ -114,6 +114,9 @@ class DedupSink:
         self.inner, self.index, self.image_dir = inner, index, os.path.abspath(image_dir)
         self.refs: list[list] = []  # [vaddr, npages, source name, offset]
         self.referred = 0
+        # pages other processes of the tree share copy-on-write with this one: stored here
+        # whatever the parent has, as those processes' images refer to them here (tree.CowIndex)
+        self.keep: set[int] = set()
 
     def __getattr__(self, name):  # runs, offset, close, abort: the inner sink's
         return getattr(self.inner, name)
@@ -125,7 +128,7 @@ class DedupSink:
             start = None  # first page of the current fresh stretch
             for i, h in enumerate(_page_hashes(view, 0, len(view) // PAGE_SIZE)):
                 found = self.index.get(h)
-                if found is None:
+                if found is None or vaddr + i * PAGE_SIZE in self.keep:
                     start = i if start is None else start
                     continue
                 if start is not None:
