@@ -94,6 +94,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         faults.point("after-freeze")
         if chain:  # a pre-dump's uffd-wp tracking: what it found, then taken down (predump.py)
             chain.stop_seized([task.pid for task in tree.tasks])
+            early_smaps = chain.flags_after(early_smaps)
         snapshot = leave_running and len(tree.tasks) == 1 and not chain
         kinds = objects.collectors(ext_unix_sk=ext_unix_sk)
         collected = []

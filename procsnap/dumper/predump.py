@@ -13,9 +13,9 @@ last pass and refers to the rest where the chain stores them.
                  target (frozen), then the dump as usual
 
 Which pages are unchanged since the parent (`clean`): those of ranges the
-parent pass registered and protected that are registered still ("uw" in
-smaps VmFlags; an munmap, a new mmap or an mremap there makes a VMA
-without it) and that PAGEMAP_SCAN does not report written. Everything
+parent pass registered and protected that are registered still (PAGEMAP_SCAN
+category PAGE_IS_WPALLOWED, "uw" in smaps VmFlags; an munmap, a new mmap
+or an mremap there makes a VMA without it) and that PAGEMAP_SCAN does not report written. Everything
 else of the process is copied: new VMAs (tracked from this pass on),
 VMAs that cannot be registered (MAP_DROPPABLE, shared ones).
 
@@ -94,17 +94,20 @@ def pre_dump(pid: int, images_dir: str, prev_images_dir: str | None = None, meth
     elif method == UFFD_WP and (why := uffd_wp_missing()):
         raise Unsupported(f"pid {pid}: --dirty-tracking uffd-wp: {why}", pid)
     tracker = Tracker(pid, before) if method == UFFD_WP else None
-    task = FrozenTask(pid)
+    with translated(pid, f"read /proc/{pid}/smaps"):
+        early_smaps = proc.read_smaps(pid)  # its VmFlags: smaps counts every page, so not while frozen (as dump)
     with contextlib.ExitStack() as stack:
         staging = stack.enter_context(staged(images_dir))
         if tracker:
             stack.enter_context(tracker.taken_down_on_error())
+        task = None
         try:
             with translated(pid, "freeze"):
                 C.check_supported(pid, st, status)
+                task = FrozenTask(pid)
                 task.freeze()
                 faults.point("predump-after-freeze")
-                maps = proc.read_smaps(pid)  # now: the "uw" flags of this moment
+                maps = proc.read_maps(pid, early_smaps)
             if tracker:
                 with translated(pid, "start dirty tracking (userfaultfd)"):
                     tracker.attach_seized(maps)
@@ -112,14 +115,16 @@ def pre_dump(pid: int, images_dir: str, prev_images_dir: str | None = None, meth
                 ckpt, _, _ = collect_seized(task, shell_job, maps, objects.collectors(), scan_pages=False,
                                             skip_fds={tracker.uffd} if tracker else set())
             with translated(pid, "dirty tracking (PAGEMAP_SCAN)"):
-                clean = tracker.rearm_seized(ckpt.vmas) if tracker else []
+                written = tracker.rearm_seized(ckpt.vmas) if tracker else []
                 runs = C.collect_page_runs(pid, ckpt.vmas)
         finally:
-            with translated(pid, "thaw"):
-                task.thaw()
+            if task is not None:
+                with translated(pid, "thaw"):
+                    task.thaw()
         log.info("pid %d: pre-dump pass thawed after %.1f ms", pid, task.frozen_s * 1000)
         faults.point("predump-after-thaw")
         mem = memory_checkpoint(ckpt, pid, st)
+        clean = subtract(tracker.tracked_before, written) if tracker else []
         with translated(pid, f"write {staging.path}"):
             writer = stack.enter_context(image_writer(staging.path, compress=compress, key=key))
             dedup = series.DedupSink(writer.pages, {}, images_dir)
@@ -179,7 +184,8 @@ class Tracker:
         self.ino = 0
         self.made = False  # by this pass
         self.rearmed = False  # by this pass: the parent's record no longer says what was written
-        self.tracked_before: list[tuple[int, int]] = []
+        self.tracked_before: list[tuple[int, int]] = []  # registered and protected by the parent pass
+        self.pagemap = -1
         self.ranges: list[tuple[int, int]] = []
 
     @contextlib.contextmanager
@@ -193,18 +199,20 @@ class Tracker:
                 log.info("pid %d: pre-dump failed; its dirty tracking (uffd fd %d) taken down", self.pid, self.uffd)
             raise
         finally:
-            if self.local >= 0:
-                os.close(self.local)
-                self.local = -1
+            for fd in (self.local, self.pagemap):
+                if fd >= 0:
+                    os.close(fd)
+            self.local = self.pagemap = -1
 
     def attach_seized(self, maps: list[proc.MapsEntry]) -> None:
         """The parent's uffd if the target has it still, else a new one."""
         old = self.before
+        self.pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         if old is not None and alive(self.pid, old.uffd, old.uffd_ino):
             self.uffd, self.ino = old.uffd, old.uffd_ino
             self.local = copy_fd(self.pid, self.uffd)
-            registered = [(m.start, m.end) for m in maps if "uw" in m.vmflags]
-            self.tracked_before = intersect(merge(registered), [tuple(r) for r in old.ranges])
+            registered = uffdwp.wp_ranges(self.pagemap)
+            self.tracked_before = intersect(registered, [tuple(r) for r in old.ranges])
             faults.point("predump-after-uffd")
             return
         if old is not None:
@@ -229,23 +237,23 @@ class Tracker:
 
     def rearm_seized(self, vmas: list[model.Vma]) -> list[tuple[int, int]]:
         """Register the VMAs not tracked yet, then read and re-arm every
-        tracked range; returns the ranges whose pages are unchanged since
-        the parent pass."""
+        tracked range; returns the ranges of pages written since the parent
+        pass (of the ranges tracked since)."""
         self.rearmed = True
-        regs = {(m.start, m.end) for m in proc.read_smaps(self.pid) if "uw" in m.vmflags}
+        regs = uffdwp.wp_ranges(self.pagemap)
         for v in vmas:
-            if v.kind in TRACKED_KINDS and not v.flags & model.MapFlag.MAP_DROPPABLE and (v.start, v.end) not in regs:
+            if v.kind in TRACKED_KINDS and not v.flags & model.MapFlag.MAP_DROPPABLE and \
+                    subtract([(v.start, v.end)], regs):
                 try:
                     uffdwp.register_wp(self.local, v.start, v.end)
                 except OSError as err:  # stays untracked: copied whole at every pass
                     log.info("pid %d: VMA %#x-%#x not tracked (%s)", self.pid, v.start, v.end, err.strerror or err)
-        self.ranges = merge([(m.start, m.end) for m in proc.read_smaps(self.pid) if "uw" in m.vmflags])
+        self.ranges = uffdwp.wp_ranges(self.pagemap)
         written: list[tuple[int, int]] = []
-        with open(f"/proc/{self.pid}/pagemap", "rb", buffering=0) as pagemap:
-            for start, end in self.ranges:
-                written += uffdwp.written_ranges(pagemap.fileno(), start, end, protect=True)
+        for start, end in self.ranges:
+            written += uffdwp.written_ranges(self.pagemap, start, end, protect=True)
         faults.point("predump-after-rearm")
-        return subtract(self.tracked_before, written)
+        return written
 
     def record(self) -> dict:
         return {"uffd": self.uffd, "uffd_ino": self.ino, "ranges": [list(r) for r in self.ranges]}
@@ -330,10 +338,9 @@ class FinalChain:
             if not alive(self.pid, t.uffd, t.uffd_ino):
                 log.info("pid %d: the pre-dump's dirty tracking is gone; pages compared by content", self.pid)
                 return
-            registered = merge([(m.start, m.end) for m in proc.read_smaps(self.pid) if "uw" in m.vmflags])
-            tracked = intersect(registered, [tuple(r) for r in t.ranges])
             written: list[tuple[int, int]] = []
             with open(f"/proc/{self.pid}/pagemap", "rb", buffering=0) as pagemap:
+                tracked = intersect(uffdwp.wp_ranges(pagemap.fileno()), [tuple(r) for r in t.ranges])
                 for start, end in tracked:
                     written += uffdwp.written_ranges(pagemap.fileno(), start, end, protect=False)
             untrack(self.pid, t.uffd, t.uffd_ino, task_frozen=True)
@@ -345,6 +352,21 @@ class FinalChain:
         faults.point("final-after-untrack")
         log.info("pid %d: dirty tracking taken down; %s unchanged since pass %d", self.pid,
                  plural(sum(e - s for s, e in self.clean) // PAGE_SIZE, "tracked page"), t.passes)
+
+    def flags_after(self, early: list[proc.MapsEntry]) -> list[proc.MapsEntry]:
+        """`early` (smaps read before the freeze, for its VmFlags) fitted to
+        the layout once the tracking is gone: closing the uffd merges VMAs
+        that only its registration kept apart, whose flags are the same
+        but for "uw". Spares the dump a read of smaps while frozen."""
+        by_start = {m.start: m for m in early}
+        with open(f"/proc/{self.pid}/maps") as f:
+            now = proc.parse_maps(f.read())
+        for m in now:
+            old = by_start.get(m.start)
+            if old is None:
+                return early  # another change: the dump reads smaps again
+            m.vmflags = tuple(flag for flag in old.vmflags if flag != "uw")
+        return now
 
     def refer(self, runs, dedup: series.DedupSink):
         return refer_clean(runs, self.clean, series.stored_at(self.parent), dedup)
@@ -426,22 +448,33 @@ def subtract(a, b) -> list[tuple[int, int]]:
 def refer_clean(runs, clean, stored, dedup: series.DedupSink):
     """The page runs (vma, addr, length) still to read: the pages of `runs`
     in `clean` ranges that `stored` (series.stored_at) has are referred to
-    through `dedup` instead, but for those in dedup.keep."""
+    through `dedup` instead, but for those in dedup.keep. One sweep: runs,
+    ranges and stored runs are all sorted by address."""
     stored_ranges = [(v, v + n * PAGE_SIZE) for v, n, _, _ in stored]
-    referable = subtract(intersect(clean, stored_ranges), [(p, p + PAGE_SIZE) for p in dedup.keep])
-    wanted = [(addr, addr + length) for _, addr, length in runs]
-    refer = intersect(wanted, referable)
-    i = 0
-    for s, e in refer:
-        while i < len(stored) and stored[i][0] + stored[i][1] * PAGE_SIZE <= s:
-            i += 1
-        k = i
-        while s < e:  # a referred range may span several stored runs
-            vaddr, npages, where, offset = stored[k]
-            end = min(e, vaddr + npages * PAGE_SIZE)
-            dedup.refer_run(s, (end - s) // PAGE_SIZE, where, offset + (s - vaddr))
-            s, k = end, k + 1
+    referable = subtract(intersect(clean, stored_ranges), [(p, p + PAGE_SIZE) for p in sorted(dedup.keep)])
     out = []
+    j = k = 0
     for vma, addr, length in runs:
-        out += [(vma, s, e - s) for s, e in subtract([(addr, addr + length)], refer)]
+        pos, end = addr, addr + length
+        while j < len(referable) and referable[j][1] <= pos:
+            j += 1
+        i = j
+        while i < len(referable) and referable[i][0] < end:
+            s, e = max(pos, referable[i][0]), min(end, referable[i][1])
+            if s > pos:
+                out.append((vma, pos, s - pos))
+            while stored_ranges[k][1] <= s:
+                k += 1
+            at = k
+            while s < e:  # a referred range may span several stored runs
+                vaddr, npages, where, offset = stored[at]
+                stop = min(e, stored_ranges[at][1])
+                dedup.refer_run(s, (stop - s) // PAGE_SIZE, where, offset + (s - vaddr))
+                s, at = stop, at + 1
+            pos = e
+            if referable[i][1] > end:
+                break
+            i += 1
+        if pos < end:
+            out.append((vma, pos, end - pos))
     return out

@@ -117,6 +117,7 @@ class DedupSink:
         # pages other processes of the tree share copy-on-write with this one: stored here
         # whatever the parent has, as those processes' images refer to them here (tree.CowIndex)
         self.keep: set[int] = set()
+        self.names: dict[str, str] = {}  # image dir -> source name (refer_run)
 
     def __getattr__(self, name):  # runs, offset, close, abort: the inner sink's
         return getattr(self.inner, name)
@@ -157,7 +158,10 @@ class DedupSink:
     def refer_run(self, vaddr: int, npages: int, where: str, offset: int) -> None:
         """`npages` pages at `vaddr`, known unchanged, referred to where the
         image in directory `where` stores them (dumper/predump.py)."""
-        self.refs.append([vaddr, npages, PARENT + os.path.relpath(where, self.image_dir), offset])
+        name = self.names.get(where)
+        if name is None:
+            name = self.names[where] = PARENT + os.path.relpath(where, self.image_dir)
+        self.refs.append([vaddr, npages, name, offset])
         self.referred += npages
 
     def merged_refs(self, refs: model.PageRefs | None) -> model.PageRefs | None:

@@ -26,6 +26,7 @@ import ctypes
 import enum
 import os
 
+from .arch import x86_64 as arch
 from .libc import pylibc
 
 UFFD_API = 0xAA
@@ -134,6 +135,28 @@ def written_ranges(pagemap_fd: int, start: int, end: int, protect: bool) -> list
                           category_anyof_mask=PageCategory.PRESENT | PageCategory.SWAPPED,
                           return_mask=PageCategory.WRITTEN)
         n = _ioctl(pagemap_fd, PAGEMAP_SCAN, arg, f"ioctl PAGEMAP_SCAN {start:#x}-{end:#x}")
+        for r in vec[:n]:
+            if out and out[-1][1] == r.start:
+                out[-1] = (out[-1][0], r.end)
+            else:
+                out.append((r.start, r.end))
+        if arg.walk_end <= start:
+            raise OSError(0, f"PAGEMAP_SCAN {start:#x}-{end:#x} made no progress")
+        start = arg.walk_end
+    return out
+
+
+def wp_ranges(pagemap_fd: int, end: int = arch.TASK_SIZE) -> list[tuple[int, int]]:
+    """(start, end) of the areas registered for async write-protection (the
+    "uw" of smaps, without smaps' count of every page). A VMA without it is
+    skipped whole; one with it is walked, holes included."""
+    vec = (page_region * REGIONS)()
+    out: list[tuple[int, int]] = []
+    start = 0
+    while start < end:
+        arg = pm_scan_arg(size=ctypes.sizeof(pm_scan_arg), start=start, end=end, vec=ctypes.addressof(vec),
+                          vec_len=REGIONS, category_mask=PageCategory.WPALLOWED, return_mask=PageCategory.WPALLOWED)
+        n = _ioctl(pagemap_fd, PAGEMAP_SCAN, arg, f"ioctl PAGEMAP_SCAN {start:#x}-{end:#x} (WPALLOWED)")
         for r in vec[:n]:
             if out and out[-1][1] == r.start:
                 out[-1] = (out[-1][0], r.end)
