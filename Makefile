@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 S3RVER := $(VENV)/s3rver/node_modules/.bin/s3rver
 
-.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 clean
+.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 bench-predump clean
 
 $(STAMP): pyproject.toml
 	# Debian programs the tests run, installed only when missing (one apt-get update, only then):
@@ -50,6 +50,9 @@ bench-tree: $(STAMP)
 
 bench-cow: $(STAMP)
 	$(PY) bench/cow.py
+
+bench-predump: $(STAMP)
+	$(PY) bench/predump.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

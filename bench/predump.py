@@ -15,14 +15,16 @@ what pre-dump passes buy the final dump (notes/issue-13-predump.md).
    freeze against a dump of the same process without pre-dump; for both
    dirty trackings (uffd-wp, hashes).
 
-Environment: BENCH_PREDUMP_MIB (256), BENCH_PREDUMP_RATE (50), BENCH_PREDUMP_PASSES (4),
-BENCH_RUNS (5), BENCH_PREDUMP_REARM_MS (100).
+Environment: BENCH_PREDUMP_MIB (1024; the slowdown uses a quarter), BENCH_PREDUMP_RATE (50),
+BENCH_PREDUMP_PASSES (3), BENCH_RUNS (5), BENCH_PREDUMP_REARM_MS (100). Images on /dev/shm,
+each series removed once measured.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import shutil
 import signal
 import statistics
 import struct
@@ -41,9 +43,9 @@ from procsnap.dumper.predump import pre_dump, untrack_image  # noqa: E402
 from procsnap.kernel import uffdwp  # noqa: E402
 from procsnap.kernel.probes import probe_dirty_tracking  # noqa: E402
 
-MIB = int(os.environ.get("BENCH_PREDUMP_MIB", "256"))
+MIB = int(os.environ.get("BENCH_PREDUMP_MIB", "1024"))
 RATE = float(os.environ.get("BENCH_PREDUMP_RATE", "50"))
-PASSES = int(os.environ.get("BENCH_PREDUMP_PASSES", "4"))
+PASSES = int(os.environ.get("BENCH_PREDUMP_PASSES", "3"))
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 REARM_MS = int(os.environ.get("BENCH_PREDUMP_REARM_MS", "100"))
 WINDOW_S = 1.0
@@ -51,13 +53,13 @@ PR_SET_CHILD_SUBREAPER = 36
 
 
 class Dirtier:
-    def __init__(self, exe: str, work: str, rate: float):
+    def __init__(self, exe: str, work: str, rate: float, mib: int = MIB):
         self.counter_path = os.path.join(work, f"counter-{time.monotonic_ns()}")
         with open(self.counter_path, "wb") as f:
             f.write(bytes(4096))
         self.out = self.counter_path + ".out"
         with open(self.out, "w") as out:
-            self.p = subprocess.Popen([exe, str(MIB), self.counter_path, str(rate)], stdout=out,
+            self.p = subprocess.Popen([exe, str(mib), self.counter_path, str(rate)], stdout=out,
                                       stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                                       start_new_session=True)
         wait_for(self.out, "READY")
@@ -110,7 +112,8 @@ def fmt(values, unit="", scale=1.0, digits=1) -> str:
 
 
 def slowdown(exe: str, work: str) -> None:
-    d = Dirtier(exe, work, 0)
+    mib = max(1, MIB // 4)
+    d = Dirtier(exe, work, 0, mib)
     try:
         images = os.path.join(work, "slow")
         rates = {"untracked": [], "tracked": [], f"re-armed/{REARM_MS}ms": []}
@@ -138,7 +141,7 @@ def slowdown(exe: str, work: str) -> None:
                         d.rate(0.2)  # the first pass re-armed every page: let that settle
                     rates[mode].append(d.rate(WINDOW_S))
         base = statistics.median(rates["untracked"])
-        print(f"slowdown, {MIB} MiB written page after page, {RUNS} windows of {WINDOW_S:.0f} s each:")
+        print(f"slowdown, {mib} MiB written page after page, {RUNS} windows of {WINDOW_S:.0f} s each:")
         for mode, values in rates.items():
             print(f"  {mode:>18}: {fmt(values, ' M page writes/s', 1e-6, 2)}  "
                   f"({statistics.median(values) / base * 100:.0f}% of untracked)")
@@ -174,13 +177,16 @@ def passes(exe: str, work: str, method: str) -> None:
               f"(the downtime), took {took:5.2f} s")
     finally:
         d.stop()
+        shutil.rmtree(series, ignore_errors=True)
     d = Dirtier(exe, work, RATE)
+    plain = os.path.join(work, f"plain-{method}")
     try:
         time.sleep(0.5)
-        st = procsnap.dump(d.pid, os.path.join(work, f"plain-{method}"))
+        st = procsnap.dump(d.pid, plain)
         print(f"  without pre-dump: {st.pages_bytes / 2**20:7.1f} MiB stored, frozen {st.frozen_s * 1000:6.1f} ms")
     finally:
         d.stop()
+        shutil.rmtree(plain, ignore_errors=True)
 
 
 def main() -> None:
@@ -191,7 +197,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir=base) as work:
         exe = os.path.join(work, "dirtier")
         subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(HERE, "dirtier.c")], check=True)
-        print(f"dirty tracking here: {probe_dirty_tracking().detail}")
+        print(f"dirty tracking here: {probe_dirty_tracking().detail}; load average {os.getloadavg()[0]:.1f}")
         slowdown(exe, work)
         for method in ("uffd-wp", "hashes"):
             passes(exe, work, method)

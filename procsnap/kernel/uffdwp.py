@@ -115,25 +115,17 @@ def register_wp(uffd: int, start: int, end: int) -> None:
     _ioctl(uffd, UFFDIO_REGISTER, reg, f"ioctl UFFDIO_REGISTER {start:#x}-{end:#x} (MODE_WP)")
 
 
-def written_ranges(pagemap_fd: int, start: int, end: int, protect: bool) -> list[tuple[int, int]]:
-    """(start, end) of the runs of pages in start..end written since they
-    were last write-protected; protect: write-protected again in the same
-    walk. Every VMA in the range must be registered for async WP.
-
-    Only pages that are there (present or swapped) are asked for: with
-    category WRITTEN alone the kernel takes a fast path that counts a
-    never-touched page as written and, protecting it, installs a uffd-wp
-    pte marker there, which fills the page tables of a sparse area and
-    shows in /proc/PID/pagemap as a swapped page. A page faulted in later
-    is not protected, so it is reported written."""
+def scan(pagemap_fd: int, start: int, end: int, flags: int = 0, category_mask: int = 0, anyof_mask: int = 0,
+         return_mask: int = 0) -> list[tuple[int, int]]:
+    """PAGEMAP_SCAN over start..end: (start, end) of the runs of pages of
+    the categories asked for, adjacent runs joined; the walk goes on from
+    walk_end whenever the regions filled up."""
     vec = (page_region * REGIONS)()
     out: list[tuple[int, int]] = []
-    flags = ScanFlag.CHECK_WPASYNC | (ScanFlag.WP_MATCHING if protect else 0)
     while start < end:
         arg = pm_scan_arg(size=ctypes.sizeof(pm_scan_arg), flags=flags, start=start, end=end,
-                          vec=ctypes.addressof(vec), vec_len=REGIONS, category_mask=PageCategory.WRITTEN,
-                          category_anyof_mask=PageCategory.PRESENT | PageCategory.SWAPPED,
-                          return_mask=PageCategory.WRITTEN)
+                          vec=ctypes.addressof(vec), vec_len=REGIONS, category_mask=category_mask,
+                          category_anyof_mask=anyof_mask, return_mask=return_mask)
         n = _ioctl(pagemap_fd, PAGEMAP_SCAN, arg, f"ioctl PAGEMAP_SCAN {start:#x}-{end:#x}")
         for r in vec[:n]:
             if out and out[-1][1] == r.start:
@@ -146,26 +138,28 @@ def written_ranges(pagemap_fd: int, start: int, end: int, protect: bool) -> list
     return out
 
 
+def written_ranges(pagemap_fd: int, start: int, end: int, protect: bool) -> list[tuple[int, int]]:
+    """(start, end) of the runs of pages in start..end written since they
+    were last write-protected; protect: write-protected again in the same
+    walk. Every VMA in the range must be registered for async WP.
+
+    Only pages that are there (present or swapped) are asked for: with
+    category WRITTEN alone the kernel takes a fast path that counts a
+    never-touched page as written and, protecting it, installs a uffd-wp
+    pte marker there, which fills the page tables of a sparse area and
+    shows in /proc/PID/pagemap as a swapped page. A page faulted in later
+    is not protected, so it is reported written."""
+    flags = ScanFlag.CHECK_WPASYNC | (ScanFlag.WP_MATCHING if protect else 0)
+    return scan(pagemap_fd, start, end, flags, PageCategory.WRITTEN, PageCategory.PRESENT | PageCategory.SWAPPED,
+                PageCategory.WRITTEN)
+
+
 def wp_ranges(pagemap_fd: int, end: int = arch.TASK_SIZE) -> list[tuple[int, int]]:
     """(start, end) of the areas registered for async write-protection (the
     "uw" of smaps, without smaps' count of every page). A VMA without it is
-    skipped whole; one with it is walked, holes included."""
-    vec = (page_region * REGIONS)()
-    out: list[tuple[int, int]] = []
-    start = 0
-    while start < end:
-        arg = pm_scan_arg(size=ctypes.sizeof(pm_scan_arg), start=start, end=end, vec=ctypes.addressof(vec),
-                          vec_len=REGIONS, category_mask=PageCategory.WPALLOWED, return_mask=PageCategory.WPALLOWED)
-        n = _ioctl(pagemap_fd, PAGEMAP_SCAN, arg, f"ioctl PAGEMAP_SCAN {start:#x}-{end:#x} (WPALLOWED)")
-        for r in vec[:n]:
-            if out and out[-1][1] == r.start:
-                out[-1] = (out[-1][0], r.end)
-            else:
-                out.append((r.start, r.end))
-        if arg.walk_end <= start:
-            raise OSError(0, f"PAGEMAP_SCAN {start:#x}-{end:#x} made no progress")
-        start = arg.walk_end
-    return out
+    skipped whole; one with it is walked, holes included. (`end` at most
+    TASK_SIZE: beyond, EFAULT.)"""
+    return scan(pagemap_fd, 0, end, 0, PageCategory.WPALLOWED, 0, PageCategory.WPALLOWED)
 
 
 def uffd_features(pid: int, fd: int) -> int:
