@@ -8,7 +8,10 @@ what pre-dump passes buy the final dump (notes/issue-13-predump.md).
    REARM_MS (PAGEMAP_SCAN with write-protect, from outside, as every pass
    does): after a re-arm, the first write to each page is a write-protect
    fault the kernel resolves itself. The modes alternate (A B C, C B A ...);
-   medians and ranges of BENCH_RUNS windows each.
+   medians and ranges of BENCH_RUNS windows each. Then the CPU time the
+   dirtier spends writing RATE MiB/s at random pages (utime + stime per
+   second), untracked and re-armed every REARM_MS: what a process that
+   writes at a steady rate pays.
 2. Passes. The dirtier writes RATE MiB/s at random pages of SIZE MiB;
    PASSES pre-dump passes back to back, then the final dump (kill mode):
    each pass's pages copied, its freeze and its time; the final dump's
@@ -156,6 +159,46 @@ def slowdown(exe: str, work: str) -> None:
         d.stop()
 
 
+def cpu_s(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def steady_cost(exe: str, work: str) -> None:
+    mib = max(1, MIB // 4)
+    d = Dirtier(exe, work, RATE, mib)
+    images = os.path.join(work, "steady")
+    try:
+        cost = {"untracked": [], f"re-armed/{REARM_MS}ms": []}
+        tracked = False
+        for run in range(RUNS):
+            for mode in (cost if run % 2 == 0 else reversed(list(cost))):
+                if mode == "untracked" and tracked:
+                    untrack_image(d.pid, images)
+                    tracked = False
+                elif mode != "untracked" and not tracked:
+                    pre_dump(d.pid, images)
+                    tracked = True
+                rearm = None
+                if tracked:
+                    t = procsnap.open_image(images).checkpoint.tracking[0]
+                    rearm, _, close = rearmer(d.pid, [tuple(r) for r in t.ranges])
+                    rearm()
+                c0, t0 = cpu_s(d.pid), time.perf_counter()
+                d.rate(WINDOW_S * 2, rearm)
+                cost[mode].append((cpu_s(d.pid) - c0) / (time.perf_counter() - t0))
+                if rearm:
+                    close()
+        print(f"steady writer, {RATE:.0f} MiB/s at random pages of {mib} MiB, CPU time per second "
+              f"({RUNS} windows of {WINDOW_S * 2:.0f} s):")
+        for mode, values in cost.items():
+            print(f"  {mode:>18}: {fmt(values, ' ms/s', 1000, 1)}")
+    finally:
+        d.stop()
+        shutil.rmtree(images, ignore_errors=True)
+
+
 def passes(exe: str, work: str, method: str) -> None:
     print(f"passes, {MIB} MiB written at {RATE:.0f} MiB/s (random pages), dirty tracking {method}:")
     d = Dirtier(exe, work, RATE)
@@ -199,6 +242,7 @@ def main() -> None:
         subprocess.run(["gcc", "-O2", "-o", exe, os.path.join(HERE, "dirtier.c")], check=True)
         print(f"dirty tracking here: {probe_dirty_tracking().detail}; load average {os.getloadavg()[0]:.1f}")
         slowdown(exe, work)
+        steady_cost(exe, work)
         for method in ("uffd-wp", "hashes"):
             passes(exe, work, method)
 

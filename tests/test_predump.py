@@ -211,6 +211,8 @@ def test_restore_of_a_pre_dump_is_refused(procs, tmp_path):
     with pytest.raises(RestoreError) as exc:
         procsnap.restore(str(tmp_path / "1"))
     assert "pre-dump" in str(exc.value) and str(t.pid) in str(exc.value)
+    r = cli("verify", tmp_path / "1")
+    assert r.returncode == 1 and "is a pre-dump" in r.stdout, r.stdout + r.stderr
     assert_running_untraced(t.pid)
 
 

@@ -50,7 +50,7 @@ from ..image.reader import open_image
 from ..image.staging import staged
 from ..kernel import infect, proc, uffdwp
 from ..kernel.arch.x86_64 import NR, PAGE_SIZE
-from ..kernel.libc import copy_fd, syscall
+from ..kernel.libc import copy_fd
 from ..objects.tracking import HASHES, UFFD_WP, Tracking
 from . import collect as C
 from .pages import write_pages_seized

@@ -58,7 +58,7 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 # terminal before other character devices, /proc/PID files and namespace
 # fds before regular files; an O_PATH fd before all, whatever it is of.
 KINDS = (opath, shm, ghost, ghostdir, procfd, file, pty, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe,
-         inotify, fanotify, memlock, inet)
+         inotify, fanotify, memlock, inet, tracking)
 
 
 def collectors(**options) -> list[protocol.Collect]:

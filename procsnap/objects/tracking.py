@@ -42,7 +42,16 @@ def restore_seized(target, ckpt: model.Checkpoint, tree_pids: set[int]) -> None:
     """Nothing: a pre-dump image is refused before (check_restore)."""
 
 
+def _problem(t: Tracking) -> str:
+    return (f"pid {t.pid}: the image is a pre-dump (pass {t.passes}, its pages copied while the process ran); "
+            "restore the final image made with procsnap dump --prev-images-dir")
+
+
 def check_restore(ckpt: model.Checkpoint) -> None:
     for t in ckpt.tracking:
-        raise RestoreError(f"pid {t.pid}: the image is a pre-dump (pass {t.passes}, its pages copied while the "
-                           "process ran); restore the final image made with procsnap dump --prev-images-dir", t.pid)
+        raise RestoreError(_problem(t), t.pid)
+
+
+def verify(root: model.Checkpoint) -> list[str]:
+    """What `procsnap verify` says of a pre-dump image (a kind's hook)."""
+    return [_problem(t) for t in root.tracking]
