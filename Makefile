@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 S3RVER := $(VENV)/s3rver/node_modules/.bin/s3rver
 
-.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 bench-servers bench-stream clean
+.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 bench-servers bench-stream bench-predump clean
 
 $(STAMP): pyproject.toml
 	# Debian programs the tests run, installed only when missing (one apt-get update, only then):
@@ -68,6 +68,9 @@ bench-cow: $(STAMP)
 
 bench-servers: $(STAMP)
 	$(PY) bench/servers.py
+
+bench-predump: $(STAMP)
+	$(PY) bench/predump.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

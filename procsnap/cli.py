@@ -83,6 +83,21 @@ def cmd_dump(args) -> int:
     return 0
 
 
+def cmd_pre_dump(args) -> int:
+    from .dumper import predump
+
+    if args.untrack:
+        fd = predump.untrack_image(args.tree, args.images_dir, _key(args))
+        print(f"pid {args.tree}: " + (f"dirty tracking (uffd fd {fd}) taken down" if fd >= 0 else "not tracked"))
+        return 0
+    stats = predump.pre_dump(args.tree, args.images_dir, prev_images_dir=args.prev_images_dir,
+                             method=args.dirty_tracking, shell_job=args.shell_job, key=_key(args),
+                             compress=args.compress)
+    print(f"pre-dump pass {stats.passes} of pid {args.tree} ({stats.method}): {plural(stats.copied, 'page')} "
+          f"copied, {plural(stats.referred, 'page')} referred to, frozen {stats.frozen_s * 1000:.1f} ms")
+    return 0
+
+
 def cmd_restore(args) -> int:
     from . import restore
 
@@ -247,6 +262,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "(relative to -D, as CRIU's)")
     d.set_defaults(func=cmd_dump)
 
+    pd = sub.add_parser("pre-dump", help="copy a process's memory while it runs, for a later dump "
+                        "--prev-images-dir DIR (only the pages written since are copied then)")
+    pd.add_argument("-t", "--tree", type=int, required=True, metavar="PID", help="the process to pre-dump")
+    pd.add_argument("-D", "--images-dir", required=True, metavar="DIR")
+    pd.add_argument("--prev-images-dir", metavar="DIR", help="the previous pass (relative to -D)")
+    pd.add_argument("--dirty-tracking", choices=("auto", "uffd-wp", "hashes"), default="auto",
+                    help="how the pages written since a pass are found (procsnap check says which this kernel has)")
+    pd.add_argument("-j", "--shell-job", action="store_true", help="allow fds on the controlling terminal")
+    pd.add_argument("--compress", action="store_true", help="store pages in zstd chunks (procsnap[compress])")
+    pd.add_argument("--untrack", action="store_true", help="only take down the dirty tracking the pre-dump "
+                    "in DIR left in the process")
+    pd.set_defaults(func=cmd_pre_dump)
+
     r = sub.add_parser("restore", help="restore a process from an image directory")
     r.add_argument("-D", "--images-dir", metavar="DIR", help="with --stream: receive into DIR and keep it")
     r.add_argument("--stream", metavar="URL", help="restore from a stream: `-` (stdin) or tcp://HOST:PORT "
@@ -309,10 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--allow-other-owner", action="store_true",
                         help="root: restore an image of another user's process (it runs as root)")
         sp.add_argument("--allow-setuid", action="store_true", help="allow a set-uid/set-gid executable")
-    for sp in (d, r, s, c, v, g, df, co, *rc):
+    for sp in (d, r, s, c, v, g, df, co, pd, *rc):
         sp.add_argument("--encrypt", metavar="KEYFILE", help="encrypt (dump) or open (others) the image with "
                         "the 32-byte key in KEYFILE (procsnap[encrypt])")
-    for sp in (d, r, s, c, v, g, df, co, *rc):
+    for sp in (d, r, s, c, v, g, df, co, pd, *rc):
         sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 

@@ -18,9 +18,14 @@ DUMP_STAGES = ("after-freeze", "mid-collect", "mid-page-write", "before-commit",
 RESTORE_STAGES = ("after-spawn", "mid-batch", "mid-memory-load", "before-registers", "before-detach")
 FORK_STAGES = ("after-fork",)  # a restore of a tree with a process made by a fork (restorer/forkbuild.py)
 RECEIVE_STAGES = ("mid-receive", "before-ack")  # the destination of a stream (image/receive.py)
+# a pre-dump pass (dumper/predump.py; it passes mid-page-write and before-commit too), and a final
+# dump of a pre-dumped process once its tracking is taken down
+PREDUMP_STAGES = ("predump-after-freeze", "predump-after-uffd", "predump-after-rearm", "predump-after-thaw",
+                  "final-after-untrack")
 __doc__ += f"  dump: {', '.join(DUMP_STAGES)}\n  restore: {', '.join(RESTORE_STAGES)}\n"
 __doc__ += f"  restore, with a fork-built process: {', '.join(FORK_STAGES)}\n"
 __doc__ += f"  receive (and restore --stream): {', '.join(RECEIVE_STAGES)}\n"
+__doc__ += f"  pre-dump: {', '.join(PREDUMP_STAGES)}\n"
 
 
 class InjectedFault(ProcsnapError):

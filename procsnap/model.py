@@ -39,6 +39,7 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.pty import Pty
     from .image.chunks import PageCodec
     from .objects.timers import ITimer, PosixTimer
+    from .objects.tracking import Tracking
 
 
 class Prot(enum.IntFlag):
@@ -385,3 +386,4 @@ class Checkpoint:
     codec: list[PageCodec] = dataclasses.field(default_factory=list)  # none or one, since format 1.3
     itimers: list[ITimer] = dataclasses.field(default_factory=list)  # armed ones, since format 1.3
     posix_timers: list[PosixTimer] = dataclasses.field(default_factory=list)  # since format 1.3
+    tracking: list[Tracking] = dataclasses.field(default_factory=list)  # a pre-dump's (one), since format 1.4

@@ -102,3 +102,16 @@ def test_prev_images_dir_refusals(procs, tmp_path):
     r = cli("dump", "-t", t.pid, "-D", tmp_path / "img", "--prev-images-dir", ".")
     assert_cli_error(r, "--prev-images-dir")
     assert t.alive() and not os.path.exists(tmp_path / "img" / "procsnap.img")
+
+
+def test_tree_whose_shared_pages_the_parent_has(procs, tmp_path):
+    """A tree whose processes share pages copy-on-write: the root stores
+    those itself even where its parent image has them, since the other
+    processes' images refer to them in the root's (tree.CowIndex); a
+    reference to a page the root only referred to would restore as zeros."""
+    series = tmp_path / "series"
+    t = procs.start_case(CASES_BY_ID["tree-prefork"], "pie")
+    procsnap.dump(t.pid, str(series / "1"), leave_running=True)
+    images = dump_kill(t, series / "2", prev_images_dir="../1")
+    restore(procs, t, images)
+    assert_pass(t)

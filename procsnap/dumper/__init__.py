@@ -75,7 +75,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     started = time.monotonic()
     if compress:
         require_compress()
-    parent_pages = _parent_index(images_dir, prev_images_dir, key) if prev_images_dir else None
+    chain = _final_chain(pid, images_dir, prev_images_dir, key) if prev_images_dir else None
+    parent_pages = _parent_index(images_dir, prev_images_dir, key) if prev_images_dir and not chain else None
     dedup = None
     if progress:  # progress(phase, done, total), as restore reports it
         progress = functools.partial(progress, "write pages")
@@ -95,7 +96,10 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         log.info("pid %d: frozen (%s, %s, %s)", pid, plural(len(tree.tasks), "process"),
                  plural(sum(len(t.tids) for t in tree.tasks), "thread"), plural(len(tree.zombies), "zombie"))
         faults.point("after-freeze")
-        snapshot = leave_running and len(tree.tasks) == 1
+        if chain:  # a pre-dump's uffd-wp tracking: what it found, then taken down (predump.py)
+            chain.stop_seized([task.pid for task in tree.tasks])
+            early_smaps = chain.flags_after(early_smaps)
+        snapshot = leave_running and len(tree.tasks) == 1 and not chain
         kinds = objects.collectors(ext_unix_sk=ext_unix_sk)
         collected = []
         for task in tree.tasks:
@@ -135,6 +139,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                 writers.append(writer)
                 if task.pid == pid and parent_pages is not None:
                     writer.pages = dedup = DedupSink(writer.pages, parent_pages, _final_dir(images_dir, staging))
+                elif task.pid == pid and chain:
+                    dedup = DedupSink(writer.pages, {}, images_dir)  # for the references only
                 for kind in kinds:
                     kind.write_process(task.pid, writer, ckpt)
                 if task.pid == pid:
@@ -159,6 +165,10 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             writer = writers[index]
             with translated(task.pid, f"write {writer.dir}"):
                 runs, claimed = claims[index]
+                if index == 0 and dedup is not None:
+                    dedup.keep = {owned for _, refs in claims[1:] for _, owner, owned, _ in refs if owner == 0}
+                if index == 0 and chain:
+                    runs = chain.refer(runs, dedup)
                 refs = cow.resolve(claimed)
                 ckpt.page_refs = [refs] if refs else []
                 write_pages_seized(sources[index], runs, writer.pages, progress, cow_shared=not single)
@@ -211,6 +221,14 @@ def _parent_index(images_dir: str, prev: str, key: bytes | None):
 def _final_dir(images_dir: str, staging) -> str:
     """Where the root's image will be once swapped in: DIR, or the new s3:// generation."""
     return staging.path if objstore.is_url(images_dir) else images_dir
+
+
+def _final_chain(pid: int, images_dir: str, prev: str, key: bytes | None):
+    if objstore.is_url(images_dir) or objstore.is_url(prev):
+        return None
+    from .predump import final_chain
+
+    return final_chain(pid, os.path.normpath(os.path.join(os.path.abspath(images_dir), prev)), key)
 
 
 def _image_dir(pid: int, root: int) -> str:
@@ -393,7 +411,7 @@ def image_writer(images_dir: str, create: bool = False, compress: bool = False, 
 
 
 def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[proc.MapsEntry] | None,
-                   kinds: list[Collect], scan_pages: bool = True):
+                   kinds: list[Collect], scan_pages: bool = True, skip_fds: set[int] = frozenset()):
     """Everything but the page data: (checkpoint, page runs or None, maps)."""
     pid = frozen_task.pid
     files = FileTable()
@@ -403,7 +421,7 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
     vmas = C.collect_vmas(pid, maps, files, kinds)
     regs = ptrace.get_regs(pid)
     sigmask = ptrace.get_sigmask(pid)
-    fds = C.collect_fds(pid, files, shell_job, kinds)
+    fds = C.collect_fds(pid, files, shell_job, kinds, skip_fds)
     pending = C.collect_pending(pid)
     with infect.infected(pid, maps) as target:
         for kind in kinds:

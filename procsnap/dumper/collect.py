@@ -274,12 +274,16 @@ def collect_task_seized(pid: int, st: proc.Stat, status: dict[str, str], target:
 
 PAGEMAP_WINDOW = 1 << 32  # address space per pagemap read: 8 MiB of entries
 
-def collect_fds(pid: int, files: FileTable, shell_job: bool, kinds: list[Collect]) -> list[model.FdEntry]:
+def collect_fds(pid: int, files: FileTable, shell_job: bool, kinds: list[Collect],
+                skip: set[int] = frozenset()) -> list[model.FdEntry]:
     """Every fd with kind, flags and position, each described by the first
-    kind that takes it; shared descriptions linked."""
+    kind that takes it; shared descriptions linked. skip: fds that are
+    procsnap's, not the process's (a pre-dump's userfaultfd, predump.py)."""
     entries: list[model.FdEntry] = []
     identity: dict[tuple[int, int], list[int]] = {}
     for fd in proc.list_fds(pid):
+        if fd in skip:
+            continue
         link = os.readlink(f"/proc/{pid}/fd/{fd}")
         st = os.stat(f"/proc/{pid}/fd/{fd}")
         info = proc.read_fdinfo(pid, fd)

@@ -71,6 +71,19 @@ def _stored(image) -> list[tuple[str, int, int]]:
     return out
 
 
+def stored_at(image) -> list[tuple[int, int, str, int]]:
+    """(vaddr, npages, absolute image dir, offset) of every page the image's
+    root process has, by address (what dumper/predump.py refers to by
+    address where dirty tracking says a page is unchanged); sorted."""
+    out = [(r.vaddr, r.npages, os.path.abspath(image.directory), r.offset) for r in image.checkpoint.pages]
+    for refs in image.checkpoint.page_refs:
+        for vaddr, npages, src, offset in schema.unpack_page_refs(refs):
+            name = refs.sources[src]
+            if is_parent_source(name):
+                out.append((vaddr, npages, os.path.abspath(source_dir(image.directory, name)), offset))
+    return sorted(out)
+
+
 def page_index(parent_dir: str, key: bytes | None = None) -> dict[int, tuple[str, int]]:
     """XXH3-128 of each page the parent's root process has -> (the absolute
     directory of the image that stores it, its offset in that pages.img)."""
@@ -111,6 +124,10 @@ class DedupSink:
         self.inner, self.index, self.image_dir = inner, index, _absolute(image_dir)
         self.refs: list[list] = []  # [vaddr, npages, source name, offset]
         self.referred = 0
+        # pages other processes of the tree share copy-on-write with this one: stored here
+        # whatever the parent has, as those processes' images refer to them here (tree.CowIndex)
+        self.keep: set[int] = set()
+        self.names: dict[str, str] = {}  # image dir -> source name (refer_run)
 
     def __getattr__(self, name):  # runs, offset, close, abort: the inner sink's
         return getattr(self.inner, name)
@@ -122,7 +139,7 @@ class DedupSink:
             start = None  # first page of the current fresh stretch
             for i, h in enumerate(_page_hashes(view, 0, len(view) // PAGE_SIZE)):
                 found = self.index.get(h)
-                if found is None:
+                if found is None or vaddr + i * PAGE_SIZE in self.keep:
                     start = i if start is None else start
                     continue
                 if start is not None:
@@ -149,6 +166,15 @@ class DedupSink:
     def parents(self) -> set[str]:
         """The images (directories or s3:// generations) the references go to."""
         return {source_dir(self.image_dir, r[2]) for r in self.refs if r is not None}
+
+    def refer_run(self, vaddr: int, npages: int, where: str, offset: int) -> None:
+        """`npages` pages at `vaddr`, known unchanged, referred to where the
+        image in directory `where` stores them (dumper/predump.py)."""
+        name = self.names.get(where)
+        if name is None:
+            name = self.names[where] = PARENT + _relative(where, self.image_dir)
+        self.refs.append([vaddr, npages, name, offset])
+        self.referred += npages
 
     def merged_refs(self, refs: model.PageRefs | None) -> model.PageRefs | None:
         """The tree's own PageRefs (or None) with the parent references added."""

@@ -17,6 +17,7 @@ from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, 
     signalfd, timerfd, tty, unix, inet
 from . import fanotify, ghostdir, inotify, memlock, opath, procfd, seccomp
 from . import timers
+from . import tracking
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -33,7 +34,7 @@ if typing.TYPE_CHECKING:
 # with the restorer's privileges (tracees run no filter while seized), and so
 # do the pidfds and /proc files the process opens again (procfd); the
 # interval timers last, so they start counting as late as they can.
-TASK_STATE = (memlock, locks, fown, seccomp, procfd, creds, settings, cgroups, timers)
+TASK_STATE = (memlock, locks, fown, seccomp, procfd, creds, settings, cgroups, timers, tracking)
 
 
 def collect_task_state_seized(target, tids: list[int], ckpt: model.Checkpoint) -> None:
@@ -57,7 +58,7 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 # terminal before other character devices, /proc/PID files and namespace
 # fds before regular files; an O_PATH fd before all, whatever it is of.
 KINDS = (opath, shm, ghost, ghostdir, procfd, file, pty, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe,
-         inotify, fanotify, memlock, inet)
+         inotify, fanotify, memlock, inet, tracking)
 
 
 def collectors(**options) -> list[protocol.Collect]:

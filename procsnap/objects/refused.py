@@ -71,12 +71,24 @@ def refused_kind(fd: OpenFd) -> str:
         name = fd.link[len("anon_inode:"):]
         if name.startswith("kvm-vcpu:"):
             return "a KVM virtual CPU"
+        if name == "[userfaultfd]" and _wp_async(fd):
+            return ("a userfaultfd with asynchronous write-protection (the dirty tracking procsnap pre-dump "
+                    "leaves: dump with --prev-images-dir naming the last pre-dump, or pre-dump --untrack)")
         return ANON_INODES.get(name, f"an anonymous inode {name}")
     if fd.link.startswith(NAMESPACE_LINKS):
         return f"a {fd.link.split(':', 1)[0]} namespace fd"
     if ":" in fd.link and not fd.link.startswith("/"):
         return article(fd.link.split(":", 1)[0])
     return article(stat.filemode(fd.st.st_mode))
+
+
+def _wp_async(fd: OpenFd) -> bool:
+    from ..kernel.uffdwp import UffdFeature, uffd_features
+
+    try:
+        return bool(uffd_features(fd.pid, fd.fd) & UffdFeature.WP_ASYNC)
+    except OSError:
+        return False
 
 
 def vma_name(path: str) -> str | None:
