@@ -10,8 +10,8 @@ is busy (ImageWriteError naming the owner). Otherwise PUT our own, with
 If-None-Match: * (If-Match the stale one's ETag when taking one over), then
 wait SETTLE_S and read it back: another token means another dump took it
 at the same moment, and we back off. A server that honours the condition
-(AWS S3 since 2024, MinIO) refuses the second PUT itself (412) and the lock
-is exact. One that ignores it (s3rver 3.7.1 does: a second conditional PUT
+refuses the second PUT itself and the lock is exact (AWS S3 documents
+412, or 409 for two at once; not tried here). One that ignores it (s3rver 3.7.1 does: a second conditional PUT
 succeeds) leaves a window: two dumps that both GET no lock, and whose PUTs
 are more than SETTLE_S apart, each read back their own token. The first
 PUT's owner reads back after SETTLE_S, so the second dump must have spent
