@@ -147,13 +147,15 @@ def _status(path: str, root: bool) -> dict[str, str]:
     return out
 
 
-# Waits that swap in a temporary signal mask (rt_sigsuspend, pselect6, ppoll,
-# epoll_pwait, io_pgetevents, epoll_pwait2; x86_64 numbers). While a task
-# waits in one, status shows the temporary mask as SigBlk, and
-# PTRACE_GETSIGMASK the one it goes back to (saved_sigmask): the mask a
-# restored task has until it makes the call again (nginx's master in
-# sigsuspend). That one is compared.
-MASK_SWAPPING_WAITS = frozenset((130, 270, 271, 281, 333, 441))
+# Waits that swap in a temporary signal mask (rt_sigtimedwait, rt_sigsuspend,
+# pselect6, ppoll, epoll_pwait, io_pgetevents, epoll_pwait2; x86_64
+# numbers). While a task waits in one, status shows the temporary mask as
+# SigBlk (rt_sigtimedwait: without the signals it waits for), and
+# PTRACE_GETSIGMASK the one it goes back to (saved_sigmask; real_blocked,
+# put back when the interrupt ends the wait): the mask a restored task has
+# until it makes the call again (nginx's master in sigsuspend, sigwait).
+# That one is compared.
+MASK_SWAPPING_WAITS = frozenset((128, 130, 270, 271, 281, 333, 441))
 
 
 def _sigblk(pid: int, tid: int, shown: str) -> str:

@@ -50,6 +50,11 @@ def serving(probe):
     return check
 
 
+def socket_inodes(pid):
+    links = (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    return {link for link in links if link.startswith("socket:")}
+
+
 def socket_fds(pid):
     return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in os.listdir(f"/proc/{pid}/fd"))
 
@@ -375,6 +380,8 @@ def test_memcached(procs, tmp_path):
     for key, value in items.items():
         assert memcached(port, b"set %s 7 0 %d\r\n%s\r\n" % (key.encode(), len(value), value),
                          b"\r\n") == b"STORED\r\n"
+    wait_until(lambda: len(socket_inodes(t.pid)) == 2, "the clients' connections to close (the TCP and UDP "
+               "sockets left)")
     images = dump_kill(t, tmp_path / "img")
     restore(procs, t, images)
     for key, value in items.items():
