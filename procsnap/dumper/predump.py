@@ -64,10 +64,11 @@ F_DUPFD_CLOEXEC = 1030
 # The uffd goes this far below the soft RLIMIT_NOFILE (at most 1024), out of the way of
 # the fds the process opens; not higher: the kernel's fd table grows to the highest fd.
 HIGH_FD_MARGIN = 64
-# A clean stretch shorter than this is read again rather than referred to: each run costs the
-# writer about as much as copying tens of pages (its read, hash and record; ~100 us here, loaded),
-# and scattered writes would cut the memory into runs of a page or two.
-MIN_REFERRED = 8
+# A clean stretch shorter than this is read again rather than referred to. Each run costs the
+# page writer ~75 us here (loaded), so scattered writes make the final copy slow per byte; but
+# 8 made the passes copy 812 MiB of 1 GiB instead of 186 and the final freeze longer (7.4 s
+# against 4.6 s, notes/issue-13-predump.md): every page that is unchanged is referred to.
+MIN_REFERRED = 1
 
 
 @dataclasses.dataclass
