@@ -96,7 +96,18 @@ def with_kill(pid: int) -> None:
     gone([pid])
 
 
-def rearmer(pid: int, ranges):
+def track(pid: int, images: str, want: bool, tracked: bool) -> bool:
+    """Tracking on (a pre-dump pass into `images`) or off (--untrack) as `want` says."""
+    if want and not tracked:
+        pre_dump(pid, images)
+    elif tracked and not want:
+        untrack_image(pid, images)
+    return want
+
+
+def rearmer(pid: int, images: str):
+    """rearm(): what each pass does to the tracking of the pre-dump in `images`, from outside."""
+    ranges = [tuple(r) for r in procsnap.open_image(images).checkpoint.tracking[0].ranges]
     pagemap = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
     counts = []
 
@@ -125,16 +136,11 @@ def slowdown(exe: str, work: str) -> None:
         for run in range(RUNS):
             order = list(rates) if run % 2 == 0 else list(reversed(rates))
             for mode in order:
-                if mode == "untracked" and tracked:
-                    untrack_image(d.pid, images)
-                    tracked = False
-                if mode != "untracked" and not tracked:
-                    pre_dump(d.pid, images)
-                    tracked = True
+                was, tracked = tracked, track(d.pid, images, mode != "untracked", tracked)
+                if tracked and not was:
                     time.sleep(0.2)
                 if mode.startswith("re-armed"):
-                    t = procsnap.open_image(images).checkpoint.tracking[0]
-                    rearm, counts, close = rearmer(d.pid, [tuple(r) for r in t.ranges])
+                    rearm, counts, close = rearmer(d.pid, images)
                     rearm()
                     rates[mode].append(d.rate(WINDOW_S, rearm))
                     close()
@@ -174,16 +180,10 @@ def steady_cost(exe: str, work: str) -> None:
         tracked = False
         for run in range(RUNS):
             for mode in (cost if run % 2 == 0 else reversed(list(cost))):
-                if mode == "untracked" and tracked:
-                    untrack_image(d.pid, images)
-                    tracked = False
-                elif mode != "untracked" and not tracked:
-                    pre_dump(d.pid, images)
-                    tracked = True
+                tracked = track(d.pid, images, mode != "untracked", tracked)
                 rearm = None
                 if tracked:
-                    t = procsnap.open_image(images).checkpoint.tracking[0]
-                    rearm, _, close = rearmer(d.pid, [tuple(r) for r in t.ranges])
+                    rearm, _, close = rearmer(d.pid, images)
                     rearm()
                 c0, t0 = cpu_s(d.pid), time.perf_counter()
                 d.rate(WINDOW_S * 2, rearm)

@@ -64,6 +64,11 @@ F_DUPFD_CLOEXEC = 1030
 # The uffd goes this far below the soft RLIMIT_NOFILE (at most 1024), out of the way of
 # the fds the process opens; not higher: the kernel's fd table grows to the highest fd.
 HIGH_FD_MARGIN = 64
+# A clean stretch shorter than this is read again rather than referred to. Each run costs the
+# page writer ~75 us here (loaded), so scattered writes make the final copy slow per byte; but
+# 8 made the passes copy 812 MiB of 1 GiB instead of 186 and the final freeze longer (7.4 s
+# against 4.6 s, notes/issue-13-predump.md): every page that is unchanged is referred to.
+MIN_REFERRED = 1
 
 
 @dataclasses.dataclass
@@ -451,7 +456,9 @@ def refer_clean(runs, clean, stored, dedup: series.DedupSink):
     through `dedup` instead, but for those in dedup.keep. One sweep: runs,
     ranges and stored runs are all sorted by address."""
     stored_ranges = [(v, v + n * PAGE_SIZE) for v, n, _, _ in stored]
-    referable = subtract(intersect(clean, stored_ranges), [(p, p + PAGE_SIZE) for p in sorted(dedup.keep)])
+    referable = [(s, e) for s, e in subtract(intersect(clean, stored_ranges), [(p, p + PAGE_SIZE)
+                                                                                for p in sorted(dedup.keep)])
+                 if e - s >= MIN_REFERRED * PAGE_SIZE]
     out = []
     j = k = 0
     for vma, addr, length in runs:

@@ -7,10 +7,11 @@
  * An area of AREA pages, page i filled from seed i; prints
  * "AREA <addr> <pages>" and READY. Each SIGUSR2 starts the next step,
  * which ends with "STEP <n> <addr>\n" (addr: a new area, 0 if none):
- *   1: pages 3, 17, 18 and 100 rewritten (seed + 1000)
+ *   1: pages 20, 40, 41 and 100 rewritten (seed + 1000)
  *   2: a new area of NEW pages mapped and filled (seed 5000 + i)
  *   3: page 50 dropped (MADV_DONTNEED: reads as zeros), page 60 rewritten
- *      (seed + 2000), page 3 of the new area rewritten (seed 6000 + 3)
+ *      (seed + 2000), page 16 of the new area rewritten (seed 6000 + 16)
+ * (Unchanged stretches of at least 8 pages: predump.py's MIN_REFERRED.)
  * After SIGUSR1: every page as the steps left it, and no userfaultfd fd
  * and no area registered with one ("uw" in smaps): the tracking of the
  * pre-dump is procsnap's, gone once the final dump is made.
@@ -21,7 +22,7 @@
 
 #define PG 4096ul
 #define AREA 256
-#define NEW 8
+#define NEW 32
 
 static volatile sig_atomic_t usr2;
 static void on_usr2(int sig) { (void)sig; usr2++; }
@@ -91,9 +92,9 @@ int main(int argc, char **argv)
 		if (usr2 > step) {
 			step++;
 			if (step == 1) {
-				fill(a + 3 * PG, 3 + 1000);
-				fill(a + 17 * PG, 17 + 1000);
-				fill(a + 18 * PG, 18 + 1000);
+				fill(a + 20 * PG, 20 + 1000);
+				fill(a + 40 * PG, 40 + 1000);
+				fill(a + 41 * PG, 41 + 1000);
 				fill(a + 100 * PG, 100 + 1000);
 			} else if (step == 2) {
 				n = mmap(NULL, NEW * PG, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -103,7 +104,7 @@ int main(int argc, char **argv)
 			} else if (step == 3) {
 				ps_setup(madvise(a + 50 * PG, PG, MADV_DONTNEED) == 0, "madvise");
 				fill(a + 60 * PG, 60 + 2000);
-				fill(n + 3 * PG, 6000 + 3);
+				fill(n + 16 * PG, 6000 + 16);
 			}
 			dprintf(1, "STEP %d %#lx\n", step, step == 2 ? (unsigned long)n : 0ul);
 			continue;
@@ -112,18 +113,18 @@ int main(int argc, char **argv)
 	}
 	for (unsigned i = 0; i < AREA; i++) {
 		unsigned seed = i;
-		if (step >= 1 && (i == 3 || i == 17 || i == 18 || i == 100))
+		if (step >= 1 && (i == 20 || i == 40 || i == 41 || i == 100))
 			seed = i + 1000;
 		if (step >= 3 && i == 60)
 			seed = i + 2000;
 		int ok = step >= 3 && i == 50 ? zero(a + i * PG) : holds(a + i * PG, seed);
-		if (ps_sabotage() && i == 17)
+		if (ps_sabotage() && i == 40)
 			ok = holds(a + i * PG, i);
 		if (!ok)
 			ps_fail("area", "page %u: expected its step-%d contents, found others", i, step);
 	}
 	for (unsigned i = 0; n && i < NEW; i++)
-		if (!holds(n + i * PG, (step >= 3 && i == 3) ? 6000 + 3 : 5000 + i))
+		if (!holds(n + i * PG, (step >= 3 && i == 16) ? 6000 + 16 : 5000 + i))
 			ps_fail("new area", "page %u: expected its contents, found others", i);
 	check_no_tracking();
 	return ps_finish();
