@@ -13,7 +13,7 @@ import pytest
 
 import procsnap
 from conftest import (CASES_BY_ID, REPO, assert_cli_error, assert_pass, assert_running_untraced, assert_same_snapshot, cli,
-                      dump_kill_to, proc_snapshot, restore, wait_until)
+                      descendants, dump_kill_to, proc_snapshot, reap_gone, restore, wait_until)
 from procsnap.image import objstore
 
 S3RVER = Path(REPO) / ".venv" / "s3rver" / "node_modules" / ".bin" / "s3rver"

@@ -262,7 +262,7 @@ class ChunkedPageSource:
             return bad
 
         indexes = list(range(len(self.chunks)))
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        with workers.ThreadPool(threads) as pool:
             return [p for bad in pool.map(check, [indexes[i::threads] for i in range(threads)]) for p in bad]
 
     def _span(self, offset: int, length: int) -> range:
