@@ -9,13 +9,16 @@ S3RVER := $(VENV)/s3rver/node_modules/.bin/s3rver
 $(STAMP): pyproject.toml
 	# Debian programs the tests run, installed only when missing (one apt-get update, only then):
 	# tmux, vim and top (tests/test_tty.py), gdb (test_views.py opens `procsnap core` files in it),
-	# npm (it installs s3rver, the S3 server of test_objstore.py)
+	# npm (it installs s3rver, the S3 server of test_objstore.py),
+	# nft and iptables (the network lock of live TCP connections, procsnap/objects/netlock.py)
 	@missing=""; \
 	command -v tmux >/dev/null || missing="$$missing tmux"; \
 	command -v vim >/dev/null || missing="$$missing vim"; \
 	command -v top >/dev/null || missing="$$missing procps"; \
 	command -v gdb >/dev/null || missing="$$missing gdb"; \
 	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	command -v nft >/dev/null || missing="$$missing nftables"; \
+	command -v iptables >/dev/null || missing="$$missing iptables"; \
 	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 	test -x $(PY) || python3 -m venv $(VENV)

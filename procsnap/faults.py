@@ -17,8 +17,12 @@ from .errors import ProcsnapError
 DUMP_STAGES = ("after-freeze", "mid-collect", "mid-page-write", "before-commit", "mid-swap", "before-thaw")
 RESTORE_STAGES = ("after-spawn", "mid-memory-load", "before-registers", "before-detach")
 FORK_STAGES = ("after-fork",)  # a restore of a tree with a process made by a fork (restorer/forkbuild.py)
+# with live TCP connections (objects/netlock.py): after the first is locked; before the restore unlocks
+TCP_DUMP_STAGES = ("after-net-lock",)
+TCP_RESTORE_STAGES = ("before-net-unlock",)
 __doc__ += f"  dump: {', '.join(DUMP_STAGES)}\n  restore: {', '.join(RESTORE_STAGES)}\n"
 __doc__ += f"  restore, with a fork-built process: {', '.join(FORK_STAGES)}\n"
+__doc__ += f"  with live TCP connections: dump {', '.join(TCP_DUMP_STAGES)}; restore {', '.join(TCP_RESTORE_STAGES)}\n"
 
 
 class InjectedFault(ProcsnapError):

@@ -39,6 +39,8 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.pty import Pty
     from .image.chunks import PageCodec
     from .objects.timers import ITimer, PosixTimer
+    from .objects.tcp import TcpConnection
+    from .objects.netlock import NetLock
 
 
 class Prot(enum.IntFlag):
@@ -385,3 +387,5 @@ class Checkpoint:
     codec: list[PageCodec] = dataclasses.field(default_factory=list)  # none or one, since format 1.3
     itimers: list[ITimer] = dataclasses.field(default_factory=list)  # armed ones, since format 1.3
     posix_timers: list[PosixTimer] = dataclasses.field(default_factory=list)  # since format 1.3
+    tcp_connections: list[TcpConnection] = dataclasses.field(default_factory=list)  # the root's, since format 1.4
+    net_lock: list[NetLock] = dataclasses.field(default_factory=list)  # the root's, none or one, since format 1.4

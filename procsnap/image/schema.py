@@ -34,11 +34,12 @@ import typing
 from .. import model
 from ..objects import cgroups, creds, file, fown, ghost, inet, locks, pipe, pty, settings, shm, timers, unix
 from ..objects import seccomp
+from ..objects import netlock, tcp
 from . import chunks
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
+MINOR = 4  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
 #            FOWN, CGRP, Task.root; 1.3: Vma.lock, Vma.guards, Task.mlockall,
 #            FdKind.PATH (O_PATH fds), FdKind.GHOST_DIR and Task.cwd_removed (removed directories),
@@ -52,6 +53,8 @@ MINOR = 3  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #            inventory is CRYP then SEAL, the records sealed inside it (sealing.py);
 #            PREF sources "parent:REL", pages of a parent image (dump --prev-images-dir, series.py),
 #            Task/Thread.wait_left_ns, Task.stopped_by, ITMR, PTMR
+#            1.4: TCPC (live TCP connections, objects/tcp.py), NLCK (--tcp-established/--tcp-close and
+#            the network lock of the dump, objects/netlock.py); InetSocket.state/peer of a live connection
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -96,6 +99,8 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"XFRM": (chunks.PageCodec, "codec", True),
     b"ITMR": (timers.ITimer, "itimers", True),
     b"PTMR": (timers.PosixTimer, "posix_timers", True),
+    b"TCPC": (tcp.TcpConnection, "tcp_connections", True),
+    b"NLCK": (netlock.NetLock, "net_lock", True),
 }
 END = b"END "
 CRYP = b"CRYP"  # in the clear, first: an encrypted image's cipher, salt and key check
