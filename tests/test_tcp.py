@@ -6,11 +6,14 @@ by the client; the peer never sees a reset nor an error. The lock's rules
 are looked for after every success and failure."""
 
 import fcntl
+import multiprocessing
 import os
 import signal
 import socket
 import struct
 import subprocess
+import sys
+import textwrap
 import threading
 
 import pytest
@@ -34,60 +37,81 @@ def out_byte(j):
 
 
 class Client:
-    """The peer, outside the tree: sends `send` bytes of the client's
-    pattern (paced, or all at once), then shuts its write side down; reads
-    and checks the server's bytes until EOF, once `reading` is set."""
+    """The peer, outside the tree and outside the test process (a forked
+    child of it: the restorer must not have threads of its own at its
+    clone3): sends `send` bytes of the client's pattern (paced, or all at
+    once), then shuts its write side down; reads and checks the server's
+    bytes until EOF, once `reading` is set."""
 
     def __init__(self, addr, port, send, expect, paced, reading=True):
         self.sk = socket.create_connection((addr, port))
         self.send_total, self.expect, self.paced = send, expect, paced
-        self.sent = self.got = 0
-        self.errors = []
-        self.reading = threading.Event()
+        ctx = multiprocessing.get_context("fork")
+        self._sent, self._got = ctx.Value("q", 0, lock=False), ctx.Value("q", 0, lock=False)
+        self.reading = ctx.Event()
         if reading:
             self.reading.set()
-        self.threads = [threading.Thread(target=self._send, daemon=True),
-                        threading.Thread(target=self._recv, daemon=True)]
-        for t in self.threads:
-            t.start()
+        self._result_r, self._result_w = ctx.Pipe(duplex=False)
+        self.errors = []
+        self.proc = ctx.Process(target=self._run, daemon=True)
+        self.proc.start()
 
-    def _send(self):
+    sent = property(lambda self: self._sent.value)
+    got = property(lambda self: self._got.value)
+
+    def _run(self):
+        errors = []
+        threads = [threading.Thread(target=self._send, args=(errors,)),
+                   threading.Thread(target=self._recv, args=(errors,))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self._result_w.send(errors)
+
+    def _send(self, errors):
         pace = threading.Event()
         try:
-            while self.sent < self.send_total:
-                n = min(4096 if self.paced else 1 << 16, self.send_total - self.sent)
-                self.sk.sendall(bytes(in_byte(self.sent + k) for k in range(n)))
-                self.sent += n
+            while self._sent.value < self.send_total:
+                n = min(4096 if self.paced else 1 << 16, self.send_total - self._sent.value)
+                self.sk.sendall(bytes(in_byte(self._sent.value + k) for k in range(n)))
+                self._sent.value += n
                 if self.paced:
                     pace.wait(0.001)
             self.sk.shutdown(socket.SHUT_WR)
         except OSError as err:
-            self.errors.append(f"send after {self.sent} bytes: {err}")
+            errors.append(f"send after {self._sent.value} bytes: {err}")
 
-    def _recv(self):
+    def _recv(self, errors):
         self.reading.wait()
         try:
             while True:
                 data = self.sk.recv(1 << 16)
                 if not data:
                     return
-                want = bytes(out_byte(self.got + k) for k in range(len(data)))
+                got = self._got.value
+                want = bytes(out_byte(got + k) for k in range(len(data)))
                 if data != want:
                     at = next(k for k in range(len(data)) if data[k] != want[k])
-                    self.errors.append(f"byte {self.got + at} is {data[at]:#x}, expected {want[at]:#x}")
+                    errors.append(f"byte {got + at} is {data[at]:#x}, expected {want[at]:#x}")
                     return
-                self.got += len(data)
+                self._got.value += len(data)
         except OSError as err:
-            self.errors.append(f"recv after {self.got} bytes: {err}")
+            errors.append(f"recv after {self._got.value} bytes: {err}")
 
     def queued(self, request):
         return struct.unpack("<i", fcntl.ioctl(self.sk.fileno(), request, bytes(4)))[0]
 
+    def join(self, timeout=60):
+        """Wait until both directions are done; their errors."""
+        if self._result_r.poll(timeout):
+            self.errors = self._result_r.recv()
+        self.proc.join(5)
+        assert not self.proc.is_alive(), f"client stuck: sent {self.sent}, got {self.got}"
+        return self.errors
+
     def finish(self):
-        for t in self.threads:
-            t.join(60)
-        assert not any(t.is_alive() for t in self.threads), f"client stuck: sent {self.sent}, got {self.got}"
-        assert not self.errors, self.errors
+        assert not self.join(), self.errors
         assert (self.sent, self.got) == (self.send_total, self.expect), \
             f"client sent {self.sent} of {self.send_total}, got {self.got} of {self.expect} bytes"
         self.sk.close()
@@ -103,12 +127,35 @@ def start(procs, targets, addr="127.0.0.1", out=1 << 20, inn=1 << 20, mode="stre
     return t, client
 
 
+def wait_full(client):
+    """Until the client's queues have stopped moving, neither empty: the
+    peer's windows are closed both ways."""
+    last = [-1]
+
+    def settled():
+        now = (client.queued(SIOCINQ), client.queued(SIOCOUTQ), client.sent)
+        same, last[0] = now == last[0], now
+        return same and now[0] > 0 and now[1] > 0
+
+    wait_until(lambda: settled() or (threading.Event().wait(0.05) and False), "both ways full", timeout=30)
+
+
 def moving_queues(t):
     """The queue sizes of a connection with traffic: they move between the
     snapshot and the dump (the state check compares the rest)."""
     fd = next(fd for fd in os.listdir(f"/proc/{t.pid}/fd")
               if os.readlink(f"/proc/{t.pid}/fd/{fd}").startswith("socket:"))
     return tuple(f"sock.{fd}.{name}" for name in ("inq", "outq", "unsent"))
+
+
+def dumped(procs, targets, tmp_path):
+    """A target and its client with traffic, dumped with --tcp-established:
+    (target, client, image, its lock)."""
+    t, client = start(procs, targets)
+    wait_until(lambda: client.got > 4096, "traffic")
+    t.ignore_state = moving_queues(t)
+    images = dump_kill(t, tmp_path / "img", tcp_established=True)
+    return t, client, images, lock_of(images)
 
 
 def nft_tables():
@@ -125,11 +172,13 @@ def our_rules():
 
 
 @pytest.fixture
-def no_locks():
-    """No lock of ours before; none left after, whatever the test did."""
+def no_locks(procs):
+    """No lock of this test's dumps is left after it, whatever it did (the
+    tables are named after the dumped pid: others' dumps are not ours)."""
     before = nft_tables()
     yield before
-    left = nft_tables() - before
+    ours = {t.pid for t in procs.started}
+    left = {name for name in nft_tables() - before if int(name.split("-")[1]) in ours}
     for table in left:
         subprocess.run(["nft", "delete", "table", "inet", table], check=False)
     assert not left, f"network lock tables left: {left}"
@@ -168,14 +217,7 @@ def test_full_queues_and_zero_window(procs, targets, tmp_path, no_locks):
     All of it is in the image (sent, unsent, received) and arrives after."""
     total = 16 << 20
     t, client = start(procs, targets, out=total, inn=total, mode="stuffed", reading=False)
-    last = [-1]
-
-    def settled():
-        now = (client.queued(SIOCINQ), client.queued(SIOCOUTQ), client.sent)
-        same, last[0] = now == last[0], now
-        return same and now[0] > 0 and now[1] > 0
-
-    wait_until(lambda: settled() or (threading.Event().wait(0.05) and False), "both ways full", timeout=30)
+    wait_full(client)
     t.ignore_state = moving_queues(t)  # the server still queues what its growing send buffer takes
     images = dump_kill(t, tmp_path / "img", tcp_established=True)
     conn = connection_of(images)
@@ -197,6 +239,62 @@ def test_refused_without_flag(procs, targets, tmp_path, proc_snapshot, assert_sa
     assert not list(images.iterdir())
     assert_pass(t)
     client.finish()
+
+
+def test_fin_wait1(procs, targets, tmp_path, no_locks):
+    """The server has shut its side down behind data the client does not
+    read (a zero window): FIN_WAIT1, its FIN unsent in the image; after the
+    restore the client reads every byte, then the EOF."""
+    t, client = start(procs, targets, out=200000, inn=16 << 20, mode="shut", reading=False)
+    wait_until(lambda: _state_of(t.pid) == ["FIN_WAIT1"], "FIN_WAIT1", timeout=30)
+    wait_full(client)
+    t.ignore_state = moving_queues(t)  # the client's data still arrives
+    images = dump_kill(t, tmp_path / "img", tcp_established=True)
+    conn = connection_of(images)
+    assert conn.state == 4 and conn.unsent_len > 0 and conn.window[1] == 0, conn
+    restore(procs, t, images, tcp_established=True)
+    client.reading.set()
+    assert_pass(t)
+    client.finish()
+
+
+BOTH_ENDS = textwrap.dedent("""\
+    import fcntl, os, signal, socket, struct, time
+    L = socket.socket(); L.bind(("127.0.0.1", 0)); L.listen(4)
+    c = socket.create_connection(L.getsockname()); s, _ = L.accept()
+    c.sendall(b"hello-before"); s.sendall(b"x" * 100000)   # queued both ways, not read
+    def size(sk, request):  # FIONREAD, SIOCOUTQ
+        return struct.unpack("i", fcntl.ioctl(sk.fileno(), request, bytes(4)))[0]
+    while (size(s, 0x541B), size(c, 0x541B), size(s, 0x5411), size(c, 0x5411)) != (12, 100000, 0, 0):
+        time.sleep(0.01)  # at rest: all arrived and acknowledged, so the state check compares the sizes
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    os.write(1, b"READY\\n")
+    signal.pause()
+    bad = []
+    got = b""
+    while len(got) < 12: got += s.recv(100)
+    if got != b"hello-before": bad.append(f"server got {got!r}")
+    n = 0
+    while n < 100000:
+        d = c.recv(65536); n += len(d)
+        if d.strip(b"x"): bad.append("client data"); break
+    c.sendall(b"after")
+    if s.recv(10) != b"after": bad.append("after")
+    c2 = socket.create_connection(L.getsockname()); s2, _ = L.accept()   # the listener still listens
+    os.write(1, (f"FAIL: {bad}\\n" if bad else "PASS\\n").encode())
+""")
+
+
+def test_both_ends_in_tree(procs, tmp_path, no_locks):
+    """Client, server and listener in one process, data queued both ways
+    and not read: the pair is restored (the accepted socket binds beside
+    its listener: repair forces the reuse), the queues' sizes compared by
+    the state check, and the listener accepts again."""
+    t = procs.start([sys.executable, "-c", BOTH_ENDS])
+    images = dump_kill(t, tmp_path / "img", tcp_established=True)
+    assert len(open_image(str(images)).checkpoint.tcp_connections) == 2
+    restore(procs, t, images, tcp_established=True)
+    assert_pass(t)
 
 
 def test_half_closed_refused_by_name(procs, targets, tmp_path, no_locks):
@@ -247,9 +345,8 @@ def test_restore_needs_flag_and_tcp_close(procs, targets, tmp_path, no_locks):
     assert not netlock.held(lock)
     status, out = t.wait_result()
     assert status != 0 and ("not connected" in out or "Broken pipe" in out), out
-    for th in client.threads:
-        th.join(30)
-    assert any("reset" in e.lower() or "Broken pipe" in e for e in client.errors), client.errors
+    errors = client.join()
+    assert any("reset" in e.lower() or "Broken pipe" in e for e in errors), errors
 
 
 def test_leave_running(procs, targets, tmp_path, no_locks):
@@ -294,7 +391,7 @@ def test_skip_net_lock(procs, targets, tmp_path, no_locks):
             for h in ("input", "output"))))
     try:
         images = dump_kill(t, tmp_path / "img", tcp_established=True, net_lock="skip")
-        assert nft_tables() == no_locks
+        assert not [name for name in nft_tables() - no_locks if name.startswith(f"procsnap-{t.pid}-")]
         assert lock_of(images).method == "skip" and not lock_of(images).table
         restore(procs, t, images, tcp_established=True, skip_net_lock=True)
     finally:
@@ -315,7 +412,7 @@ def test_dump_failure_removes_lock(procs, targets, tmp_path, monkeypatch, no_loc
     with pytest.raises(InjectedFault):
         procsnap.dump(t.pid, str(images), tcp_established=True)
     monkeypatch.delenv("PROCSNAP_FAULT")
-    assert nft_tables() == no_locks
+    assert not [name for name in nft_tables() - no_locks if name.startswith(f"procsnap-{t.pid}-")]
     assert_running_untraced(t.pid)
     assert_pass(t)
     client.finish()
@@ -326,19 +423,15 @@ def test_restore_failure_keeps_lock(procs, targets, tmp_path, monkeypatch, no_lo
     """A restore failing at any stage keeps the lock (the image is intact:
     the peer waits, silent) and leaves the address pair free: a second
     restore brings the connection back and removes the lock."""
-    t, client = start(procs, targets)
-    wait_until(lambda: client.got > 4096, "traffic")
-    t.ignore_state = moving_queues(t)
-    images = dump_kill(t, tmp_path / "img", tcp_established=True)
-    lock = lock_of(images)
+    t, client, images, lock = dumped(procs, targets, tmp_path)
     monkeypatch.setenv("PROCSNAP_FAULT", stage)
-    dumped = t.dumped
+    snapshot = t.dumped
     with pytest.raises(InjectedFault):
         restore(procs, t, images, tcp_established=True)
     monkeypatch.delenv("PROCSNAP_FAULT")
     assert netlock.held(lock)
     wait_until(lambda: not os.path.exists(f"/proc/{t.pid}"), "the half-restored process gone")
-    t.dumped = dumped
+    t.dumped = snapshot
     restore(procs, t, images, tcp_established=True)
     assert not netlock.held(lock)
     assert_pass(t)
@@ -349,11 +442,7 @@ def test_unlock_failure_named(procs, targets, tmp_path, monkeypatch, no_locks):
     """Unlocking fails after the tree runs: the restore fails naming the
     lock that stays (and the pid that runs); removed, the connection goes on."""
     (stage,) = TCP_RESTORE_STAGES
-    t, client = start(procs, targets)
-    wait_until(lambda: client.got > 4096, "traffic")
-    t.ignore_state = moving_queues(t)
-    images = dump_kill(t, tmp_path / "img", tcp_established=True)
-    lock = lock_of(images)
+    t, client, images, lock = dumped(procs, targets, tmp_path)
     monkeypatch.setenv("PROCSNAP_FAULT", stage)
     with pytest.raises(procsnap.RestoreError, match=rf"pid {t.pid}: restored and running, .* {lock.table}"):
         procsnap.restore(str(images), tcp_established=True)

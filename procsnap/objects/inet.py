@@ -170,8 +170,8 @@ def _collect(fd: OpenFd, sk: socket_mod.socket, family: int, sid: int, options: 
             elif sock.state != TCP_CLOSE:
                 if not (options.get("tcp_established") or options.get("tcp_close")):
                     raise Unsupported(f"{where}: a live TCP connection ({TCP_STATES.get(sock.state, sock.state)} "
-                                      f"to {_addr(peer)}); not dumped without --tcp-established or --tcp-close",
-                                      fd.pid)
+                                      f"to {_addr(peer)}); live TCP connections are dumped only with "
+                                      "--tcp-established (or --tcp-close)", fd.pid)
                 sock.peer = peer
         else:
             sock.peer = peer

@@ -64,12 +64,17 @@ REPAIR_OPT = struct.Struct("<II")
 REPAIR_WINDOW = struct.Struct("<IIIII")
 SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B  # linux/sockios.h
 MSG_PEEK, MSG_DONTWAIT = 0x2, 0x40
+SHUT_WR = 1
 
-TCP_ESTABLISHED = 1
+TCP_ESTABLISHED, TCP_FIN_WAIT1 = 1, 4
 # The states restored; every other one but LISTEN and CLOSE is refused by
-# name. After ESTABLISHED they carry a FIN in a queue, which needs a packet
-# made up and sent to the restored socket (soccr's send_fin): not done yet.
-RESTORED = (TCP_ESTABLISHED,)
+# name. FIN_WAIT1 has its FIN in the send queue, not acknowledged: it is
+# not data (the queue's sizes and write_seq count it, MSG_PEEK does not
+# read it) and is put back by shutdown() in repair mode, after the queue.
+# The others need a FIN in the receive queue or an ACK of ours, that is a
+# packet made up and sent to the restored socket (soccr's send_fin): not yet.
+FIN_IN_SEND_QUEUE = (TCP_FIN_WAIT1,)
+RESTORED = (TCP_ESTABLISHED, TCP_FIN_WAIT1)
 
 
 @dataclasses.dataclass
@@ -120,7 +125,7 @@ def check_state(state: int, what: str) -> None:
         from .inet import TCP_STATES
 
         raise Unsupported(f"{what}: a TCP connection in state {TCP_STATES.get(state, state)}; only ESTABLISHED "
-                          "ones are restored (a FIN in a queue is not yet)")
+                          "and FIN_WAIT1 ones are restored (a FIN received, or our FIN acknowledged, is not yet)")
 
 
 def collect_repaired(sk: socket_mod.socket, sid: int, state: int, what: str) -> tuple[TcpConnection, bytes, bytes]:
@@ -130,6 +135,8 @@ def collect_repaired(sk: socket_mod.socket, sid: int, state: int, what: str) -> 
     options, wscale = info[5], info[6]
     conn = TcpConnection(sid, state, 0, 0, _ioctl_int(sk, SIOCOUTQ), _ioctl_int(sk, SIOCOUTQNSD),
                          _ioctl_int(sk, SIOCINQ), sk.getsockopt(SOL_TCP, TCP_MAXSEG), options)
+    if state in FIN_IN_SEND_QUEUE:  # the FIN is counted, not data
+        conn.send_len, conn.unsent_len = max(conn.send_len - 1, 0), max(conn.unsent_len - 1, 0)
     if options & TCPI_OPT_WSCALE:  # tcpi_snd_wscale:4, tcpi_rcv_wscale:4
         conn.snd_wscale, conn.rcv_wscale = wscale & 0xF, wscale >> 4
     if options & TCPI_OPT_TIMESTAMPS:
@@ -193,8 +200,9 @@ def restore_repaired(sk: socket_mod.socket, sock: InetSocket, conn: TcpConnectio
         step = "bind it"
         sk.bind(tuple(sock.local))
         step = "set its sequence numbers"
+        fin = 1 if conn.state in FIN_IN_SEND_QUEUE else 0  # write_seq counts the FIN
         for queue, seq in ((TCP_RECV_QUEUE, conn.recv_seq - conn.recv_len),
-                           (TCP_SEND_QUEUE, conn.send_seq - conn.send_len)):
+                           (TCP_SEND_QUEUE, conn.send_seq - fin - conn.send_len)):
             sk.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
             sk.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("<I", seq & 0xFFFFFFFF))
         step = "connect it"
@@ -230,6 +238,9 @@ def restore_repaired(sk: socket_mod.socket, sock: InetSocket, conn: TcpConnectio
         if conn.window:
             step = "set its window"
             sk.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*conn.window))
+        if fin:
+            step = "put its FIN back (shutdown)"
+            sk.shutdown(SHUT_WR)
     except OSError as err:
         where = f" ({sock.local[0]}:{sock.local[1]} to {sock.peer[0]}:{sock.peer[1]})"
         raise RestoreError(f"{what}: cannot {step}{where}: {err.strerror}") from err

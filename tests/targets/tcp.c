@@ -13,7 +13,7 @@
  *     bytes are queued (FIN_WAIT1/2 at the dump).
  *     After SIGUSR1: sends the rest, reads and checks all IN bytes, then
  *     expects the client's EOF (nothing after the IN bytes), checks that
- *     its addresses are those it had, and closes: PASS.
+ *     its addresses (read at SIGUSR1) are those it had, and closes: PASS.
  */
 #include "target.h"
 
@@ -72,9 +72,14 @@ int main(int argc, char **argv)
 
 	static unsigned char buf[65536];
 	unsigned long long sent = 0, got = 0;
-	int bad = 0, shut_done = 0;
+	int bad = 0, shut_done = 0, named = 0;
 	for (;;) {
 		int after = ps_usr1;
+		if (after && !named) { /* restored, before the stream goes on (and a FIN may end it) */
+			ps_setup(getsockname(c, (struct sockaddr *)&name1, &nl1) == 0, "getsockname");
+			ps_setup(getpeername(c, (struct sockaddr *)&peer1, &pl1) == 0, "getpeername");
+			named = 1;
+		}
 		if (after && sent == out_total && got == in_total)
 			break;
 		int reading = after || stream;
@@ -126,8 +131,6 @@ int main(int argc, char **argv)
 	ssize_t r = recv(c, buf, sizeof(buf), 0);
 	if (r != 0)
 		ps_fail("after the last byte:", "expected EOF found %zd (%s)", r, r < 0 ? strerror(errno) : "data");
-	ps_setup(getsockname(c, (struct sockaddr *)&name1, &nl1) == 0, "getsockname");
-	ps_setup(getpeername(c, (struct sockaddr *)&peer1, &pl1) == 0, "getpeername");
 	if (nl0 != nl1 || memcmp(&name0, &name1, nl0))
 		ps_fail("getsockname", "changed");
 	if (pl0 != pl1 || memcmp(&peer0, &peer1, pl0))
