@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	# redis-server, nginx, memcached (tests/test_servers.py runs its own instances, own config and ports);
 	# their Debian services, if the install started them, are stopped again: the tests never use them
 	# openssl (test_stream.py makes a CA and certificates) and ip (its network namespace test)
+	# nft and iptables (the network lock of live TCP connections, procsnap/objects/netlock.py)
 	@missing=""; \
 	command -v tmux >/dev/null || missing="$$missing tmux"; \
 	command -v vim >/dev/null || missing="$$missing vim"; \
@@ -24,6 +25,8 @@ $(STAMP): pyproject.toml
 	command -v memcached >/dev/null || missing="$$missing memcached"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v nft >/dev/null || missing="$$missing nftables"; \
+	command -v iptables >/dev/null || missing="$$missing iptables"; \
 	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing || exit 1; \
 	  for s in redis-server nginx memcached; do case "$$missing" in *" $$s"*) \

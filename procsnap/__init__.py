@@ -21,27 +21,31 @@ __version__ = "0.1.0"
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False, progress=None,
          ext_unix_sk: bool = False, compress: bool = False, key: bytes | None = None,
-         prev_images_dir: str | None = None, tls=None):
+         prev_images_dir: str | None = None, tls=None, tcp_established: bool = False, tcp_close: bool = False,
+         net_lock: str = ""):
     """Checkpoint `pid` into `images_dir` (made if missing; an image there is
     replaced only by a complete one); kill it unless leave_running.
     compress: zstd page chunks; key: 32 bytes, the image encrypted with it.
-    images_dir `-` or tcp://HOST:PORT: streamed there (tls: image.stream.Tls)."""
+    images_dir `-` or tcp://HOST:PORT: streamed there (tls: image.stream.Tls).
+    tcp_established: live TCP connections too, locked by net_lock
+    ("nftables", "iptables", "skip"); tcp_close: to be restored closed."""
     from .dumper import dump as _dump
 
     return _dump(pid, images_dir, leave_running=leave_running, shell_job=shell_job, progress=progress,
                  ext_unix_sk=ext_unix_sk, compress=compress, key=key, prev_images_dir=prev_images_dir,
-                 tls=tls)
+                 tls=tls, tcp_established=tcp_established, tcp_close=tcp_close, net_lock=net_lock)
 
 
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
             allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
-            key: bytes | None = None) -> int:
+            key: bytes | None = None, tcp_established: bool = False, tcp_close: bool = False,
+            skip_net_lock: bool = False) -> int:
     """Restore the process in `images_dir` as a child of the caller; its pid."""
     from .restorer import restore as _restore
 
     return _restore(images_dir, detach=detach, shell_job=shell_job, progress=progress,
                     allow_other_owner=allow_other_owner, allow_setuid=allow_setuid, ext_unix_sk=ext_unix_sk,
-                    key=key)
+                    key=key, tcp_established=tcp_established, tcp_close=tcp_close, skip_net_lock=skip_net_lock)
 
 
 def verify(images_dir: str, allow_other_owner: bool = False, allow_setuid: bool = False,

@@ -77,7 +77,9 @@ def cmd_dump(args) -> int:
 
     stats = dump(args.tree, args.stream or args.images_dir, leave_running=args.leave_running,
                  shell_job=args.shell_job, progress=_progress("dump"), ext_unix_sk=args.ext_unix_sk,
-                 compress=args.compress, key=_key(args), prev_images_dir=args.prev_images_dir, tls=_tls(args))
+                 compress=args.compress, key=_key(args), prev_images_dir=args.prev_images_dir, tls=_tls(args),
+                 tcp_established=args.tcp_established, tcp_close=args.tcp_close,
+                 net_lock="skip" if args.skip_net_lock else args.network_lock or "")
     if stats.replaced:
         print(f"procsnap: {args.images_dir}: replaced {stats.replaced}", file=sys.stderr)
     return 0
@@ -103,7 +105,8 @@ def cmd_restore(args) -> int:
 
     options = dict(detach=args.restore_detached, shell_job=args.shell_job, progress=_progress("restore"),
                    allow_other_owner=args.allow_other_owner, allow_setuid=args.allow_setuid,
-                   ext_unix_sk=args.ext_unix_sk, key=_key(args))
+                   ext_unix_sk=args.ext_unix_sk, key=_key(args),
+                   tcp_established=args.tcp_established, tcp_close=args.tcp_close, skip_net_lock=args.skip_net_lock)
     if args.stream is not None:
         from .streaming import restore_stream
 
@@ -260,6 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--compress", action="store_true", help="store pages in zstd chunks (procsnap[compress])")
     d.add_argument("--prev-images-dir", metavar="DIR", help="store only the pages not in this image "
                    "(relative to -D, as CRIU's)")
+    d.add_argument("--tcp-established", action="store_true", help="dump live TCP connections (TCP_REPAIR)")
+    d.add_argument("--tcp-close", action="store_true", help="dump live TCP connections to be restored closed")
+    d.add_argument("--skip-net-lock", action="store_true", help="do not lock the network (the caller does)")
+    d.add_argument("--network-lock", choices=("nftables", "iptables", "skip"),
+                   help="how live TCP connections are locked (default: nftables where nft is found)")
     d.set_defaults(func=cmd_dump)
 
     pd = sub.add_parser("pre-dump", help="copy a process's memory while it runs, for a later dump "
@@ -284,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-j", "--shell-job", action="store_true", help="attach terminal fds to this terminal")
     r.add_argument("--ext-unix-sk", action="store_true",
                    help="connect unix sockets dumped with --ext-unix-sk to their outside peer again")
+    r.add_argument("--tcp-established", action="store_true", help="restore live TCP connections")
+    r.add_argument("--tcp-close", action="store_true", help="restore live TCP connections closed")
+    r.add_argument("--skip-net-lock", action="store_true", help="leave the dump's network lock alone (the caller's)")
     r.set_defaults(func=cmd_restore)
 
     rc = []

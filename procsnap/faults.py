@@ -22,10 +22,14 @@ RECEIVE_STAGES = ("mid-receive", "before-ack")  # the destination of a stream (i
 # dump of a pre-dumped process once its tracking is taken down
 PREDUMP_STAGES = ("predump-after-freeze", "predump-after-uffd", "predump-after-rearm", "predump-after-thaw",
                   "final-after-untrack")
+# with live TCP connections (objects/netlock.py): after the first is locked; before the restore unlocks
+TCP_DUMP_STAGES = ("after-net-lock",)
+TCP_RESTORE_STAGES = ("before-net-unlock",)
 __doc__ += f"  dump: {', '.join(DUMP_STAGES)}\n  restore: {', '.join(RESTORE_STAGES)}\n"
 __doc__ += f"  restore, with a fork-built process: {', '.join(FORK_STAGES)}\n"
 __doc__ += f"  receive (and restore --stream): {', '.join(RECEIVE_STAGES)}\n"
 __doc__ += f"  pre-dump: {', '.join(PREDUMP_STAGES)}\n"
+__doc__ += f"  with live TCP connections: dump {', '.join(TCP_DUMP_STAGES)}; restore {', '.join(TCP_RESTORE_STAGES)}\n"
 
 
 class InjectedFault(ProcsnapError):

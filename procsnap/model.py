@@ -40,6 +40,8 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .image.chunks import PageCodec
     from .objects.timers import ITimer, PosixTimer
     from .objects.tracking import Tracking
+    from .objects.tcp import TcpConnection
+    from .objects.netlock import NetLock
 
 
 class Prot(enum.IntFlag):
@@ -387,3 +389,5 @@ class Checkpoint:
     itimers: list[ITimer] = dataclasses.field(default_factory=list)  # armed ones, since format 1.3
     posix_timers: list[PosixTimer] = dataclasses.field(default_factory=list)  # since format 1.3
     tracking: list[Tracking] = dataclasses.field(default_factory=list)  # a pre-dump's (one), since format 1.4
+    tcp_connections: list[TcpConnection] = dataclasses.field(default_factory=list)  # the root's, since format 1.4
+    net_lock: list[NetLock] = dataclasses.field(default_factory=list)  # the root's, none or one, since format 1.4

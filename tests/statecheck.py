@@ -701,6 +701,8 @@ def _socket(sk, key: str) -> dict[str, str]:
         state = info[0]
         out[f"{key}.tcp_state"] = f"{state}" + (f" accept queue {struct.unpack_from('<II', info, 24)}"
                                                  if state == 10 else "")
+        if state not in (7, 10):  # a live connection (TCP_REPAIR, objects/tcp.py)
+            _connection(sk, key, info, out)
     except OSError:
         pass
     try:
@@ -708,6 +710,39 @@ def _socket(sk, key: str) -> dict[str, str]:
     except OSError as err:
         out[f"{key}.inq"] = f"<{os.strerror(err.errno)}>"
     return out
+
+
+# Of a live connection, options that are the connection's moving state, not
+# a setting: compared through what decides them instead (tcp_opts).
+CONNECTION_STATE_SOCKOPTS = {
+    (0, 33): "IP_MULTICAST_TTL of an accepted socket: the TTL of its SYN (not settable on TCP)",
+    (41, 18): "IPV6_MULTICAST_HOPS of an accepted socket: the hop limit of its SYN",
+    (41, 17): "IPV6_MULTICAST_IF of an accepted socket: the interface its SYN came in on",
+    (6, 2): "TCP_MAXSEG: the MSS in use (mss_cache); the negotiated clamp is restored, compared as tcp_opts",
+    (6, 12): "TCP_QUICKACK: whether delayed ACKs are on right now (pingpong), which traffic flips",
+    (6, 10): "TCP_WINDOW_CLAMP: follows the receive buffer's autotuning",
+}
+
+
+def _connection(sk, key: str, info: bytes, out: dict[str, str]) -> None:
+    """What TCP_REPAIR restores of a live connection and the peer could
+    tell: the options negotiated at the handshake (tcpi_options, both
+    window scales), the queues' sizes (SIOCOUTQ, SIOCOUTQNSD beside
+    FIONREAD's inq: comparable only for a connection at rest, which tests
+    with traffic set aside)."""
+    for level, opt in CONNECTION_STATE_SOCKOPTS:
+        out.pop(f"{key}.opt.{level}.{opt}", None)
+    # a buffer size that is not locked (SO_BUF_LOCK: 1 send, 2 receive) is the autotuning's
+    locks = sk.getsockopt(1, 72)
+    for bit, opt in ((1, 7), (2, 8)):
+        if not locks & bit:
+            out.pop(f"{key}.opt.1.{opt}", None)
+    out[f"{key}.tcp_opts"] = f"options {info[5]:#x} wscale {info[6]:#x}"
+    for name, request in (("outq", 0x5411), ("unsent", 0x894B)):  # SIOCOUTQ, SIOCOUTQNSD
+        try:
+            out[f"{key}.{name}"] = str(struct.unpack("<i", fcntl_ioctl(sk.fileno(), request))[0])
+        except OSError as err:
+            out[f"{key}.{name}"] = f"<{os.strerror(err.errno)}>"
 
 
 def fcntl_ioctl(fd: int, request: int) -> bytes:

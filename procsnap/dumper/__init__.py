@@ -25,6 +25,7 @@ from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
 from ..objects.fown import check_owners
 from ..objects.file import FileTable
+from ..objects.netlock import DumpLock, default_method
 from ..objects.protocol import Collect
 from . import collect as C
 from . import tree as T
@@ -49,7 +50,8 @@ class DumpStats:
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
          progress=None, ext_unix_sk: bool = False, compress: bool = False, key: bytes | None = None,
-         prev_images_dir: str | None = None, tls: stream.Tls | None = None) -> DumpStats:
+         prev_images_dir: str | None = None, tls: stream.Tls | None = None, tcp_established: bool = False,
+         tcp_close: bool = False, net_lock: str = "") -> DumpStats:
     """Checkpoint process `pid` and all its descendants into the directory
     `images_dir`, made if missing (the root's image; each other process's
     image in a subdirectory of it, tree.IMAGE_DIR).
@@ -69,6 +71,10 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     images_dir: or `-` / tcp://HOST:PORT, a stream (image/stream.py; tls:
     its TLS files): without leave_running the tree is killed only once the
     receiver has acknowledged the whole image.
+    tcp_established: live TCP connections are dumped (objects/tcp.py),
+    locked from the freeze on by net_lock ("nftables", "iptables", "skip";
+    "": nftables where nft is found, objects/netlock.py); tcp_close: they
+    are dumped to be restored closed.
     On any error every process runs on as before and the directory holds
     what it held before.
     """
@@ -89,6 +95,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                                       if objstore.is_url(images_dir) else staged(images_dir))
         if staging.replaces:
             log.info("%s: replacing %s", images_dir, staging.replaces)
+        lock = stack.enter_context(DumpLock(pid, net_lock or default_method())) if tcp_established else None
         with translated(pid, "freeze"):
             C.check_supported(pid, st, status)
             tree = stack.enter_context(frozen_tree(pid))
@@ -100,7 +107,10 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             chain.stop_seized([task.pid for task in tree.tasks])
             early_smaps = chain.flags_after(early_smaps)
         snapshot = leave_running and len(tree.tasks) == 1 and not chain
-        kinds = objects.collectors(ext_unix_sk=ext_unix_sk)
+        kinds = objects.collectors(ext_unix_sk=ext_unix_sk, tcp_established=tcp_established, tcp_close=tcp_close,
+                                   net_lock=lock, leave_running=leave_running)
+        killed = [False]
+        stack.callback(lambda: [kind.end_dump(killed[0]) for kind in kinds])
         collected = []
         for task in tree.tasks:
             with translated(task.pid, "collect"):
@@ -195,6 +205,9 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         if not leave_running:
             with translated(pid, "kill"):
                 tree.kill()
+            killed[0] = True
+            if lock is not None:
+                lock.keep()
             log.info("pid %d: killed", pid)
     stats.frozen_s = tree.tasks[0].frozen_s
     stats.total_s = time.monotonic() - started

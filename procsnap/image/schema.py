@@ -35,6 +35,7 @@ from .. import model
 from ..objects import cgroups, creds, file, fown, ghost, inet, locks, pipe, pty, settings, shm, timers, unix
 from ..objects import seccomp
 from ..objects import tracking
+from ..objects import netlock, tcp
 from . import chunks
 
 MAGIC = b"PSNAPIMG"
@@ -53,7 +54,9 @@ MINOR = 4  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #            inventory is CRYP then SEAL, the records sealed inside it (sealing.py);
 #            PREF sources "parent:REL", pages of a parent image (dump --prev-images-dir, series.py),
 #            Task/Thread.wait_left_ns, Task.stopped_by, ITMR, PTMR
-# 1.4: TRAK (a pre-dump image: its dirty tracking, objects/tracking.py)
+# 1.4: TRAK (a pre-dump image: its dirty tracking, objects/tracking.py),
+#      TCPC (live TCP connections, objects/tcp.py), NLCK (--tcp-established/--tcp-close and
+#      the network lock of the dump, objects/netlock.py); InetSocket.state/peer of a live connection
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -99,6 +102,8 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"ITMR": (timers.ITimer, "itimers", True),
     b"PTMR": (timers.PosixTimer, "posix_timers", True),
     b"TRAK": (tracking.Tracking, "tracking", True),
+    b"TCPC": (tcp.TcpConnection, "tcp_connections", True),
+    b"NLCK": (netlock.NetLock, "net_lock", True),
 }
 END = b"END "
 CRYP = b"CRYP"  # in the clear, first: an encrypted image's cipher, salt and key check

@@ -28,9 +28,12 @@ import struct
 import typing
 
 from .. import model
-from ..errors import RestoreError, Unsupported
-from . import protocol
+from ..errors import ProcsnapError, RestoreError, Unsupported
+from .. import faults
+from . import netlock, protocol, tcp
+from .netlock import NetLock
 from .protocol import OpenFd, Restoring
+from .tcp import Repaired, TcpConnection
 
 if typing.TYPE_CHECKING:
     import socket as socket_mod
@@ -89,6 +92,8 @@ def _addr(addr: list) -> str:
 class Collect(protocol.Collect):
     def __init__(self):
         self.sockets: dict[int, InetSocket] = {}  # by inode
+        self.connections: list[tuple[TcpConnection, bytes, bytes]] = []  # live ones, with their queues
+        self.repaired = Repaired()
 
     def collect_fd(self, fd: OpenFd) -> model.FdEntry | None:
         if not stat.S_ISSOCK(fd.st.st_mode):
@@ -102,15 +107,34 @@ class Collect(protocol.Collect):
                 family = sk.getsockopt(socket.SOL_SOCKET, SO_DOMAIN)
                 if family not in FAMILIES:
                     return None
-                sock = _collect(fd, sk, family, len(self.sockets))
+                sock = _collect(fd, sk, family, len(self.sockets), self.options)
+                if sock.state not in (0, TCP_CLOSE, TCP_LISTEN) and self.options.get("tcp_established"):
+                    self.connections.append(_collect_connection(fd, sk, sock, self.options, self.repaired))
             self.sockets[fd.st.st_ino] = sock
         return model.FdEntry(fd.fd, model.FdKind.INET, fd.flags, 0, fd.link, self.sockets[fd.st.st_ino].id)
 
     def collect_tree(self, root: model.Checkpoint, tree_pids: set[int]) -> None:
         root.inet_sockets = sorted(self.sockets.values(), key=lambda s: s.id)
+        lock = self.options.get("net_lock")
+        if self.options.get("tcp_established") or self.options.get("tcp_close"):
+            rec = lock.record if lock is not None else NetLock()
+            rec.tcp_established = bool(self.options.get("tcp_established"))
+            rec.tcp_close = bool(self.options.get("tcp_close"))
+            root.net_lock = [rec]
+
+    def write_tree(self, writer, root: model.Checkpoint) -> None:
+        for conn, send, recv in self.connections:
+            if send:
+                conn.send_queue = list(writer.write_ghost(send))
+            if recv:
+                conn.recv_queue = list(writer.write_ghost(recv))
+        root.tcp_connections = [c for c, _, _ in self.connections]
+
+    def end_dump(self, killed: bool) -> None:
+        self.repaired.release(killed)
 
 
-def _collect(fd: OpenFd, sk: socket_mod.socket, family: int, sid: int) -> InetSocket:
+def _collect(fd: OpenFd, sk: socket_mod.socket, family: int, sid: int, options: dict) -> InetSocket:
     import socket
 
     from . import sockopt
@@ -144,7 +168,11 @@ def _collect(fd: OpenFd, sk: socket_mod.socket, family: int, sid: int) -> InetSo
                                       f"{'s' if queued > 1 else ''} in its accept queue; not supported", fd.pid)
                 sock.backlog = backlog
             elif sock.state != TCP_CLOSE:
-                raise Unsupported(f"{where}: live TCP connections are not restored; not supported", fd.pid)
+                if not (options.get("tcp_established") or options.get("tcp_close")):
+                    raise Unsupported(f"{where}: a live TCP connection ({TCP_STATES.get(sock.state, sock.state)} "
+                                      f"to {_addr(peer)}); live TCP connections are dumped only with "
+                                      "--tcp-established (or --tcp-close)", fd.pid)
+                sock.peer = peer
         else:
             sock.peer = peer
     elif family == AF_PACKET:
@@ -244,20 +272,110 @@ def _refuse_memberships(sk, family: int, fd: OpenFd, where: str) -> None:
                               "multicast memberships are not supported", fd.pid)
 
 
+def _collect_connection(fd: OpenFd, sk, sock: InetSocket, options: dict, repaired: Repaired):
+    """Lock the connection, then read it in repair mode (kept on: see tcp.py)."""
+    what = f"{fd.where} is {sock.describe()} connected to {_addr(sock.peer)}"
+    tcp.check_state(sock.state, what)
+    if options.get("net_lock") is not None:
+        options["net_lock"].lock(sock.local, sock.peer, what)
+    # an accepted socket's multicast TTL (IPv6: hops, interface) is its SYN's, which
+    # no one can set on a TCP socket (EINVAL) nor uses; of a connected one,
+    # TCP_MAXSEG reads the MSS in use (restored by TCP_REPAIR_OPTIONS), not a
+    # setting (a program's own TCP_MAXSEG is not told apart from it)
+    for name in ("IP_MULTICAST_TTL", "IPV6_MULTICAST_HOPS", "IPV6_MULTICAST_IF", "TCP_MAXSEG"):
+        sock.options.pop(name, None)
+    if options.get("leave_running"):  # it runs on: repair off before any thaw, whatever happens
+        tcp.set_repair(sk, True)
+        try:
+            return tcp.collect_repaired(sk, sock.id, sock.state, what)
+        finally:
+            with contextlib.suppress(OSError):
+                tcp.set_repair(sk, False)
+    repaired.hold(sk)
+    tcp.set_repair(sk, True)
+    return tcp.collect_repaired(sk, sock.id, sock.state, what)
+
+
 class Prepare(protocol.Prepare):
     fd_kinds = (model.FdKind.INET,)
 
     def __init__(self, root, tree_fds):
         super().__init__(root, tree_fds)
         self.sockets = {s.id: s for s in root.checkpoint.inet_sockets}
+        self.connections = {c.socket: c for c in root.checkpoint.tcp_connections}
+        self.lock = root.checkpoint.net_lock[0] if root.checkpoint.net_lock else None
         self.fds: dict[int, int] = {}
+        self.repaired: list[int] = []  # restorer fds of connections still in repair mode
+
+    def check_options(self) -> None:
+        """Refuse before anything is made: live connections need --tcp-established or --tcp-close."""
+        live = [s for s in self.sockets.values() if s.state not in (0, TCP_CLOSE, TCP_LISTEN)]
+        if not live or self.options.get("tcp_close"):
+            return
+        if self.lock is not None and self.lock.tcp_close:
+            raise RestoreError(f"the image was dumped with --tcp-close ({len(live)} live TCP connection"
+                               f"{'s' if len(live) > 1 else ''}, not read); restore with --tcp-close")
+        if not self.options.get("tcp_established"):
+            raise RestoreError(f"{live[0].describe()} is a live TCP connection to {_addr(live[0].peer)} "
+                               f"(of {len(live)}, dumped with --tcp-established); restore with "
+                               "--tcp-established, or --tcp-close to restore them closed")
 
     def open_fd(self, entry: model.FdEntry, proc: Restoring) -> int:
         if entry.file_id not in self.fds:
-            self.fds[entry.file_id] = self.own(make(self.sockets[entry.file_id]).detach())
+            sock = self.sockets[entry.file_id]
+            conn = self.connections.get(sock.id)
+            if sock.state in (0, TCP_CLOSE, TCP_LISTEN):
+                made = make(sock)
+            elif conn is not None and not self.options.get("tcp_close"):
+                made = make(sock, lambda sk: tcp.restore_repaired(sk, sock, conn, self.root))
+            else:  # --tcp-close: a TCP socket never connected, its options kept
+                made = make(dataclasses.replace(sock, state=TCP_CLOSE, local=[], peer=[]))
+            self.fds[entry.file_id] = self.own(made.detach())
+            if conn is not None and not self.options.get("tcp_close"):
+                self.repaired.append((self.fds[entry.file_id], sock))
         fd = self.fds[entry.file_id]
         fcntl.fcntl(fd, fcntl.F_SETFL, int(entry.flags) & os.O_NONBLOCK)
         return fd
+
+    def prepare_process(self, ckpt: model.Checkpoint) -> None:
+        self.check_options()
+
+    def ready(self) -> None:
+        """Every process is rebuilt, none runs: repair off (it resets
+        SO_REUSEADDR, which is set again)."""
+        import socket
+
+        for fd, sock in self.repaired:
+            sk = socket.socket(fileno=os.dup(fd))
+            try:
+                tcp.set_repair(sk, False)
+                sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, int(sock.options.get("SO_REUSEADDR", 0)))
+            except OSError as err:
+                raise RestoreError(f"{sock.describe()}: cannot turn TCP_REPAIR off: {err.strerror}") from err
+            finally:
+                sk.close()
+        self.done_repair = True
+
+    def finish(self, ok: bool) -> None:
+        """After a success the lock goes; after a failure it stays (the image
+        can still be restored; netlock.py), and sockets that left repair
+        mode enter it again before they are closed, so that they send
+        nothing and leave the address pairs free for the next attempt."""
+        import socket
+
+        if ok:
+            if self.lock is not None and not self.options.get("skip_net_lock"):
+                try:
+                    faults.point("before-net-unlock")
+                    netlock.unlock(self.lock)
+                except ProcsnapError as err:
+                    raise RestoreError(f"pid {self.root.checkpoint.task.pid}: restored and running, but its "
+                                       f"network lock {self.lock.table} ({self.lock.method}) stays: {err}") from err
+            return
+        if getattr(self, "done_repair", False):
+            for fd, _ in self.repaired:
+                with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sk:
+                    tcp.set_repair(sk, True)
 
 
 def _address(sock: InetSocket, addr: list) -> tuple:
@@ -266,7 +384,8 @@ def _address(sock: InetSocket, addr: list) -> tuple:
     return tuple(addr)
 
 
-def make(sock: InetSocket) -> socket_mod.socket:
+def make(sock: InetSocket, connect=None) -> socket_mod.socket:
+    """connect(sk): instead of bind, connect and listen (a live TCP connection, tcp.py)."""
     import socket
 
     from . import sockopt
@@ -283,7 +402,9 @@ def make(sock: InetSocket) -> socket_mod.socket:
                 sockopt.set_option(sk, name, sock.options[name], what)
         step = "bind it"
         try:
-            if sock.local:
+            if connect is not None:
+                connect(sk)
+            elif sock.local:
                 if sock.family in (AF_INET, AF_INET6):
                     sk.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sk.bind(_address(sock, sock.local))
@@ -291,10 +412,10 @@ def make(sock: InetSocket) -> socket_mod.socket:
                 if group > 32 or not sock.local:
                     sk.setsockopt(sockopt.SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
             step = "connect it"
-            if sock.peer:
+            if sock.peer and connect is None:
                 sk.connect(_address(sock, sock.peer))
             step = "listen"
-            if sock.backlog >= 0:
+            if sock.backlog >= 0 and connect is None:
                 sk.listen(sock.backlog)
         except OSError as err:
             addr = _addr(sock.peer) if step == "connect it" else _addr(sock.local)
@@ -313,9 +434,17 @@ def check_tree(ckpt: model.Checkpoint, root: model.Checkpoint) -> list[str]:
     ids = {s.id for s in root.inet_sockets}
     problems = [f"fd {e.fd}: unknown inet socket {e.file_id}" for e in ckpt.fds
                 if e.kind == model.FdKind.INET and e.file_id not in ids]
+    conns = {c.socket: c for c in root.tcp_connections}
+    lock = root.net_lock[0] if root.net_lock else None
+    if lock is not None:
+        problems += netlock.check(lock)
     for s in root.inet_sockets:
+        live = s.state not in (0, TCP_CLOSE, TCP_LISTEN)
+        if live and s.id not in conns and not (lock is not None and lock.tcp_close):
+            problems.append(f"inet socket {s.id}: state {TCP_STATES.get(s.state, s.state)}, "
+                            "but no TCP connection record and not dumped with --tcp-close")
         if s.family not in FAMILIES or s.type not in (SOCK_STREAM, SOCK_DGRAM, SOCK_RAW) \
-                or s.state not in (0, TCP_CLOSE, TCP_LISTEN) or not -1 <= s.backlog < 1 << 31 \
+                or (s.state not in (0, TCP_CLOSE, TCP_LISTEN) and s.state not in TCP_STATES) or not -1 <= s.backlog < 1 << 31 \
                 or len(s.filter) % 8 or len(s.filter) > 8 * 4096 or len(s.local) > 4 or len(s.peer) > 4:
             problems.append(f"inet socket {s.id}: family {s.family}, type {s.type}, state {s.state}, "
                             f"backlog {s.backlog}")
@@ -324,3 +453,12 @@ def check_tree(ckpt: model.Checkpoint, root: model.Checkpoint) -> list[str]:
 
             problems += check_options(s.options, f"inet socket {s.id}")
     return problems
+
+
+def check_image(ckpt: model.Checkpoint, image) -> list[str]:
+    socks = {s.id: s for s in ckpt.inet_sockets}
+    return [p for c in ckpt.tcp_connections for p in tcp.check(c, socks.get(c.socket), image)]
+
+
+def blobs(ckpt: model.Checkpoint) -> list[tuple[str, int, int, int]]:
+    return tcp.blobs(ckpt.tcp_connections)

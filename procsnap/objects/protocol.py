@@ -23,7 +23,7 @@ has. The pipelines call the kinds in their registered order
     check_fds    all fds found                           end_process
     collect_seized  with the task's help                 end_prepare
     write_process   its own data                         ready
-                                                         finish
+                                   end_dump              finish
 """
 
 from __future__ import annotations
@@ -96,6 +96,11 @@ class Collect:
 
     def write_tree(self, writer: ImageWriter, root: model.Checkpoint) -> None:
         """Tree-wide data, into the root's image."""
+
+    def end_dump(self, killed: bool) -> None:
+        """The dump is over (killed: it killed the tree; else it failed or
+        the tree runs on), the tree still frozen unless killed: let go of
+        what was held on the tree's objects (tcp.py's repair mode)."""
 
 
 @dataclasses.dataclass

@@ -40,14 +40,17 @@ log = logging.getLogger("procsnap.restorer")
 
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
             allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
-            key: bytes | None = None) -> int:
+            key: bytes | None = None, tcp_established: bool = False, tcp_close: bool = False,
+            skip_net_lock: bool = False) -> int:
     """Bring the process tree in `images_dir` back; returns the root's pid.
 
     The restored root is a child of the caller, running. `detach` is
     accepted for the API's symmetry with the CLI, where -d decides whether
     the restorer waits; waiting is the caller's business. ext_unix_sk: unix
     sockets dumped connected outside the tree are connected again by name.
-    key: an encrypted image's (image/sealing.py).
+    key: an encrypted image's (image/sealing.py). Live TCP connections
+    are restored with tcp_established, restored closed with tcp_close; the
+    dump's network lock is removed after success, unless skip_net_lock.
     """
     root_image = open_image(images_dir, progress=progress and functools.partial(progress, "check pages"), key=key)
     tree = open_tree(root_image, progress)
@@ -59,7 +62,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     pid = root_image.checkpoint.task.pid
     with contextlib.ExitStack() as stack:
         stack.callback(M.close_fill_pool)
-        shared = SharedFiles(root_image, ext_unix_sk=ext_unix_sk)
+        shared = SharedFiles(root_image, ext_unix_sk=ext_unix_sk, tcp_established=tcp_established,
+                             tcp_close=tcp_close, skip_net_lock=skip_net_lock)
         stack.callback(shared.close)
         succeeded = [False]
         stack.callback(lambda: shared.finish(succeeded[0]))

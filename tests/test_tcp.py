@@ -1,0 +1,466 @@
+"""Live TCP connections (objects/tcp.py) and the network lock
+(objects/netlock.py): a client outside the dumped tree keeps its
+connection to the target (tests/targets/tcp.c) across dump, kill and
+restore, and both byte streams are checked byte by byte, by the target and
+by the client; the peer never sees a reset nor an error. The lock's rules
+are looked for after every success and failure."""
+
+import fcntl
+import multiprocessing
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+import procsnap
+from conftest import (assert_cli_error, assert_pass, assert_running_untraced, cli, dump_kill, restore,
+                      wait_until)
+from procsnap.faults import DUMP_STAGES, RESTORE_STAGES, TCP_DUMP_STAGES, TCP_RESTORE_STAGES, InjectedFault
+from procsnap.image.reader import open_image
+from procsnap.objects import netlock
+
+SIOCINQ, SIOCOUTQ = 0x541B, 0x5411
+
+
+def in_byte(i):
+    return (i * 7 + 3) & 0xFF
+
+
+def out_byte(j):
+    return (j * 13 + 5) & 0xFF
+
+
+class Client:
+    """The peer, outside the tree and outside the test process (a forked
+    child of it: the restorer must not have threads of its own at its
+    clone3): sends `send` bytes of the client's pattern (paced, or all at
+    once), then shuts its write side down; reads and checks the server's
+    bytes until EOF, once `reading` is set."""
+
+    def __init__(self, addr, port, send, expect, paced, reading=True):
+        self.sk = socket.create_connection((addr, port))
+        self.send_total, self.expect, self.paced = send, expect, paced
+        ctx = multiprocessing.get_context("fork")
+        self._sent, self._got = ctx.Value("q", 0, lock=False), ctx.Value("q", 0, lock=False)
+        self.reading = ctx.Event()
+        if reading:
+            self.reading.set()
+        self._result_r, self._result_w = ctx.Pipe(duplex=False)
+        self.errors = []
+        self.proc = ctx.Process(target=self._run, daemon=True)
+        self.proc.start()
+
+    sent = property(lambda self: self._sent.value)
+    got = property(lambda self: self._got.value)
+
+    def _run(self):
+        errors = []
+        threads = [threading.Thread(target=self._send, args=(errors,)),
+                   threading.Thread(target=self._recv, args=(errors,))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        self._result_w.send(errors)
+
+    def _send(self, errors):
+        pace = threading.Event()
+        try:
+            while self._sent.value < self.send_total:
+                n = min(4096 if self.paced else 1 << 16, self.send_total - self._sent.value)
+                self.sk.sendall(bytes(in_byte(self._sent.value + k) for k in range(n)))
+                self._sent.value += n
+                if self.paced:
+                    pace.wait(0.001)
+            self.sk.shutdown(socket.SHUT_WR)
+        except OSError as err:
+            errors.append(f"send after {self._sent.value} bytes: {err}")
+
+    def _recv(self, errors):
+        self.reading.wait()
+        try:
+            while True:
+                data = self.sk.recv(1 << 16)
+                if not data:
+                    return
+                got = self._got.value
+                want = bytes(out_byte(got + k) for k in range(len(data)))
+                if data != want:
+                    at = next(k for k in range(len(data)) if data[k] != want[k])
+                    errors.append(f"byte {got + at} is {data[at]:#x}, expected {want[at]:#x}")
+                    return
+                self._got.value += len(data)
+        except OSError as err:
+            errors.append(f"recv after {self._got.value} bytes: {err}")
+
+    def queued(self, request):
+        return struct.unpack("<i", fcntl.ioctl(self.sk.fileno(), request, bytes(4)))[0]
+
+    def join(self, timeout=60):
+        """Wait until both directions are done; their errors."""
+        if self._result_r.poll(timeout):
+            self.errors = self._result_r.recv()
+        self.proc.join(5)
+        assert not self.proc.is_alive(), f"client stuck: sent {self.sent}, got {self.got}"
+        return self.errors
+
+    def finish(self):
+        assert not self.join(), self.errors
+        assert (self.sent, self.got) == (self.send_total, self.expect), \
+            f"client sent {self.sent} of {self.send_total}, got {self.got} of {self.expect} bytes"
+        self.sk.close()
+
+
+def start(procs, targets, addr="127.0.0.1", out=1 << 20, inn=1 << 20, mode="stream", reading=True):
+    binary = targets.path("tcp", "static")
+    t = procs.start([binary, addr, str(out), str(inn), mode], ready=False)
+    wait_until(lambda: "PORT " in t.output(), "the target's port")
+    port = int(t.output().split("PORT ")[1].split()[0])
+    client = Client(addr, port, inn, out, paced=mode == "stream", reading=reading)
+    t.wait_ready()
+    return t, client
+
+
+def wait_full(client):
+    """Until the client's queues have stopped moving, neither empty: the
+    peer's windows are closed both ways."""
+    last = [-1]
+
+    def settled():
+        now = (client.queued(SIOCINQ), client.queued(SIOCOUTQ), client.sent)
+        same, last[0] = now == last[0], now
+        return same and now[0] > 0 and now[1] > 0
+
+    wait_until(lambda: settled() or (threading.Event().wait(0.05) and False), "both ways full", timeout=30)
+
+
+def moving_queues(t):
+    """The queue sizes of a connection with traffic: they move between the
+    snapshot and the dump (the state check compares the rest)."""
+    fd = next(fd for fd in os.listdir(f"/proc/{t.pid}/fd")
+              if os.readlink(f"/proc/{t.pid}/fd/{fd}").startswith("socket:"))
+    return tuple(f"sock.{fd}.{name}" for name in ("inq", "outq", "unsent"))
+
+
+def dumped(procs, targets, tmp_path):
+    """A target and its client with traffic, dumped with --tcp-established:
+    (target, client, image, its lock)."""
+    t, client = start(procs, targets)
+    wait_until(lambda: client.got > 4096, "traffic")
+    t.ignore_state = moving_queues(t)
+    images = dump_kill(t, tmp_path / "img", tcp_established=True)
+    return t, client, images, lock_of(images)
+
+
+def nft_tables():
+    r = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True)
+    return {line.split()[2] for line in r.stdout.splitlines() if "procsnap-" in line}
+
+
+def our_rules():
+    out = []
+    for tool in ("iptables", "ip6tables"):
+        r = subprocess.run([tool, "-w", "-S"], capture_output=True, text=True, check=True)
+        out += [line for line in r.stdout.splitlines() if "procsnap-" in line]
+    return out
+
+
+@pytest.fixture
+def no_locks(procs):
+    """No lock of this test's dumps is left after it, whatever it did (the
+    tables are named after the dumped pid: others' dumps are not ours)."""
+    before = nft_tables()
+    yield before
+    ours = {t.pid for t in procs.started}
+    left = {name for name in nft_tables() - before if int(name.split("-")[1]) in ours}
+    for table in left:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+    assert not left, f"network lock tables left: {left}"
+
+
+def lock_of(images):
+    return open_image(str(images)).checkpoint.net_lock[0]
+
+
+def connection_of(images):
+    (conn,) = open_image(str(images)).checkpoint.tcp_connections
+    return conn
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", "::1", "::ffff:127.0.0.1"])
+def test_stream_survives(procs, targets, tmp_path, no_locks, addr):
+    """Bytes flowing both ways through the dump, the kill and the restore:
+    every byte arrives once, in order, at both ends; the lock is held
+    between the dump and the restore, and gone after."""
+    t, client = start(procs, targets, addr)
+    wait_until(lambda: client.got > 4096 and client.sent > 4096, "traffic both ways")
+    t.ignore_state = moving_queues(t)
+    images = dump_kill(t, tmp_path / "img", tcp_established=True)
+    lock = lock_of(images)
+    assert lock.tcp_established and lock.method == "nftables" and netlock.held(lock)
+    assert lock.connections and lock.connections[0][0] == (4 if "." in addr else 6)
+    restore(procs, t, images, tcp_established=True)
+    assert not netlock.held(lock)
+    assert_pass(t)
+    client.finish()
+
+
+def test_full_queues_and_zero_window(procs, targets, tmp_path, no_locks):
+    """Neither end reads: the client's send queue and the server's receive
+    queue fill, and the server's send queue too, against a zero window.
+    All of it is in the image (sent, unsent, received) and arrives after."""
+    total = 16 << 20
+    t, client = start(procs, targets, out=total, inn=total, mode="stuffed", reading=False)
+    wait_full(client)
+    t.ignore_state = moving_queues(t)  # the server still queues what its growing send buffer takes
+    images = dump_kill(t, tmp_path / "img", tcp_established=True)
+    conn = connection_of(images)
+    assert conn.window[1] == 0, f"the peer's window at the dump: {conn.window[1]}, expected 0"
+    assert conn.unsent_len > 0 and conn.recv_len > 0, conn
+    restore(procs, t, images, tcp_established=True)
+    client.reading.set()
+    assert_pass(t)
+    client.finish()
+
+
+def test_refused_without_flag(procs, targets, tmp_path, proc_snapshot, assert_same_snapshot, no_locks):
+    t, client = start(procs, targets)
+    images = tmp_path / "img"
+    images.mkdir()
+    r = cli("dump", "-t", t.pid, "-D", images)
+    assert_cli_error(r, f"pid {t.pid}", "live TCP connection", "ESTABLISHED", "--tcp-established")
+    assert_running_untraced(t.pid)
+    assert not list(images.iterdir())
+    assert_pass(t)
+    client.finish()
+
+
+def test_fin_wait1(procs, targets, tmp_path, no_locks):
+    """The server has shut its side down behind data the client does not
+    read (a zero window): FIN_WAIT1, its FIN unsent in the image; after the
+    restore the client reads every byte, then the EOF."""
+    t, client = start(procs, targets, out=200000, inn=16 << 20, mode="shut", reading=False)
+    wait_until(lambda: _state_of(t.pid) == ["FIN_WAIT1"], "FIN_WAIT1", timeout=30)
+    wait_full(client)
+    t.ignore_state = moving_queues(t)  # the client's data still arrives
+    images = dump_kill(t, tmp_path / "img", tcp_established=True)
+    conn = connection_of(images)
+    assert conn.state == 4 and conn.unsent_len > 0 and conn.window[1] == 0, conn
+    restore(procs, t, images, tcp_established=True)
+    client.reading.set()
+    assert_pass(t)
+    client.finish()
+
+
+BOTH_ENDS = textwrap.dedent("""\
+    import fcntl, os, signal, socket, struct, time
+    L = socket.socket(); L.bind(("127.0.0.1", 0)); L.listen(4)
+    c = socket.create_connection(L.getsockname()); s, _ = L.accept()
+    c.sendall(b"hello-before"); s.sendall(b"x" * 100000)   # queued both ways, not read
+    def size(sk, request):  # FIONREAD, SIOCOUTQ
+        return struct.unpack("i", fcntl.ioctl(sk.fileno(), request, bytes(4)))[0]
+    while (size(s, 0x541B), size(c, 0x541B), size(s, 0x5411), size(c, 0x5411)) != (12, 100000, 0, 0):
+        time.sleep(0.01)  # at rest: all arrived and acknowledged, so the state check compares the sizes
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    os.write(1, b"READY\\n")
+    signal.pause()
+    bad = []
+    got = b""
+    while len(got) < 12: got += s.recv(100)
+    if got != b"hello-before": bad.append(f"server got {got!r}")
+    n = 0
+    while n < 100000:
+        d = c.recv(65536); n += len(d)
+        if d.strip(b"x"): bad.append("client data"); break
+    c.sendall(b"after")
+    if s.recv(10) != b"after": bad.append("after")
+    c2 = socket.create_connection(L.getsockname()); s2, _ = L.accept()   # the listener still listens
+    os.write(1, (f"FAIL: {bad}\\n" if bad else "PASS\\n").encode())
+""")
+
+
+def test_both_ends_in_tree(procs, tmp_path, no_locks):
+    """Client, server and listener in one process, data queued both ways
+    and not read: the pair is restored (the accepted socket binds beside
+    its listener: repair forces the reuse), the queues' sizes compared by
+    the state check, and the listener accepts again."""
+    t = procs.start([sys.executable, "-c", BOTH_ENDS])
+    images = dump_kill(t, tmp_path / "img", tcp_established=True)
+    assert len(open_image(str(images)).checkpoint.tcp_connections) == 2
+    restore(procs, t, images, tcp_established=True)
+    assert_pass(t)
+
+
+def test_half_closed_refused_by_name(procs, targets, tmp_path, no_locks):
+    """CLOSE_WAIT (the client has shut its side down, the server has not
+    read to the FIN): refused by name, the lock removed, the tree running
+    on and the connection whole."""
+    t, client = start(procs, targets, out=1 << 16, inn=1 << 16, mode="stuffed")
+    wait_until(lambda: client.sent == 1 << 16 and client.got == 1 << 16, "the client's FIN sent")
+    wait_until(lambda: "CLOSE_WAIT" in _state_of(t.pid), "CLOSE_WAIT")
+    images = tmp_path / "img"
+    images.mkdir()
+    with pytest.raises(procsnap.Unsupported, match=rf"pid {t.pid}: fd \d+ .* state CLOSE_WAIT"):
+        procsnap.dump(t.pid, str(images), tcp_established=True)
+    assert_running_untraced(t.pid)
+    assert_pass(t)
+    client.finish()
+
+
+def _state_of(pid):
+    from procsnap.kernel.libc import copy_fd
+    from procsnap.objects.inet import TCP_STATES
+
+    states = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+            with socket.socket(fileno=copy_fd(pid, int(fd))) as sk:
+                states.append(TCP_STATES[sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)[0]])
+    return states
+
+
+def test_restore_needs_flag_and_tcp_close(procs, targets, tmp_path, no_locks):
+    """Restore refuses the image without --tcp-established or --tcp-close,
+    keeping the lock; --tcp-close restores the socket unconnected (the
+    program sees ENOTCONN), removes the lock, and the peer gets a reset,
+    not silence."""
+    t, client = start(procs, targets, out=1 << 30, inn=1 << 30)
+    wait_until(lambda: client.got > 4096, "traffic")
+    images = tmp_path / "img"
+    images.mkdir()
+    # no state check: the restored target fails at once, by design (its socket is another one)
+    procsnap.dump(t.pid, str(images), tcp_established=True)
+    t.reap()
+    lock = lock_of(images)
+    r = cli("restore", "-D", images, "-d")
+    assert_cli_error(r, "live TCP connection", "--tcp-established", "--tcp-close")
+    assert netlock.held(lock)
+    t.adopt(procsnap.restore(str(images), tcp_close=True))
+    assert not netlock.held(lock)
+    status, out = t.wait_result()
+    assert status != 0 and ("not connected" in out or "Broken pipe" in out), out
+    errors = client.join()
+    assert any("reset" in e.lower() or "Broken pipe" in e for e in errors), errors
+
+
+def test_leave_running(procs, targets, tmp_path, no_locks):
+    """--leave-running: repair mode off and the lock gone once the tree runs on."""
+    t, client = start(procs, targets)
+    wait_until(lambda: client.got > 4096, "traffic")
+    images = tmp_path / "img"
+    images.mkdir()
+    procsnap.dump(t.pid, str(images), leave_running=True, tcp_established=True)
+    assert not netlock.held(lock_of(images))
+    assert_pass(t)
+    client.finish()
+
+
+def test_iptables_lock(procs, targets, tmp_path, no_locks):
+    t, client = start(procs, targets, addr="::1")
+    wait_until(lambda: client.got > 4096, "traffic")
+    t.ignore_state = moving_queues(t)
+    images = dump_kill(t, tmp_path / "img", tcp_established=True, net_lock="iptables")
+    lock = lock_of(images)
+    assert lock.method == "iptables" and netlock.held(lock)
+    assert len([r for r in our_rules() if lock.table in r]) == 2
+    restore(procs, t, images, tcp_established=True)
+    assert not netlock.held(lock) and not [r for r in our_rules() if lock.table in r]
+    assert_pass(t)
+    client.finish()
+
+
+def test_skip_net_lock(procs, targets, tmp_path, no_locks):
+    """--skip-net-lock: the caller locks (here: the test, with a table of
+    its own on the client's port); the dump adds no rule, the image says
+    so, the restore removes nothing."""
+    t, client = start(procs, targets)
+    wait_until(lambda: client.got > 4096, "traffic")
+    t.ignore_state = moving_queues(t)
+    port = client.sk.getsockname()[1]
+    table = f"psnaptest-{os.getpid()}"
+    subprocess.run(["nft", "-f", "-"], check=True, text=True, input=(
+        f"add table inet {table}\n" + "".join(
+            f"add chain inet {table} {h} {{ type filter hook {h} priority -150; policy accept; }}\n"
+            f"add rule inet {table} {h} tcp sport {port} drop\nadd rule inet {table} {h} tcp dport {port} drop\n"
+            for h in ("input", "output"))))
+    try:
+        images = dump_kill(t, tmp_path / "img", tcp_established=True, net_lock="skip")
+        assert not [name for name in nft_tables() - no_locks if name.startswith(f"procsnap-{t.pid}-")]
+        assert lock_of(images).method == "skip" and not lock_of(images).table
+        restore(procs, t, images, tcp_established=True, skip_net_lock=True)
+    finally:
+        subprocess.run(["nft", "delete", "table", "inet", table], check=True)
+    assert_pass(t)
+    client.finish()
+
+
+@pytest.mark.parametrize("stage", DUMP_STAGES + TCP_DUMP_STAGES)
+def test_dump_failure_removes_lock(procs, targets, tmp_path, monkeypatch, no_locks, stage):
+    """A dump failing at any stage: no rule left, repair mode off, the
+    connection goes on whole."""
+    t, client = start(procs, targets)
+    wait_until(lambda: client.got > 4096, "traffic")
+    images = tmp_path / "img"
+    images.mkdir()
+    monkeypatch.setenv("PROCSNAP_FAULT", stage)
+    with pytest.raises(InjectedFault):
+        procsnap.dump(t.pid, str(images), tcp_established=True)
+    monkeypatch.delenv("PROCSNAP_FAULT")
+    assert not [name for name in nft_tables() - no_locks if name.startswith(f"procsnap-{t.pid}-")]
+    assert_running_untraced(t.pid)
+    assert_pass(t)
+    client.finish()
+
+
+@pytest.mark.parametrize("stage", RESTORE_STAGES)
+def test_restore_failure_keeps_lock(procs, targets, tmp_path, monkeypatch, no_locks, stage):
+    """A restore failing at any stage keeps the lock (the image is intact:
+    the peer waits, silent) and leaves the address pair free: a second
+    restore brings the connection back and removes the lock."""
+    t, client, images, lock = dumped(procs, targets, tmp_path)
+    monkeypatch.setenv("PROCSNAP_FAULT", stage)
+    snapshot = t.dumped
+    with pytest.raises(InjectedFault):
+        restore(procs, t, images, tcp_established=True)
+    monkeypatch.delenv("PROCSNAP_FAULT")
+    assert netlock.held(lock)
+    wait_until(lambda: not os.path.exists(f"/proc/{t.pid}"), "the half-restored process gone")
+    t.dumped = snapshot
+    restore(procs, t, images, tcp_established=True)
+    assert not netlock.held(lock)
+    assert_pass(t)
+    client.finish()
+
+
+def test_unlock_failure_named(procs, targets, tmp_path, monkeypatch, no_locks):
+    """Unlocking fails after the tree runs: the restore fails naming the
+    lock that stays (and the pid that runs); removed, the connection goes on."""
+    (stage,) = TCP_RESTORE_STAGES
+    t, client, images, lock = dumped(procs, targets, tmp_path)
+    monkeypatch.setenv("PROCSNAP_FAULT", stage)
+    with pytest.raises(procsnap.RestoreError, match=rf"pid {t.pid}: restored and running, .* {lock.table}"):
+        procsnap.restore(str(images), tcp_established=True)
+    monkeypatch.delenv("PROCSNAP_FAULT")
+    t.adopt(t.pid)
+    assert netlock.held(lock)
+    netlock.unlock(lock)
+    assert_pass(t)
+    client.finish()
+
+
+def test_sabotage_fails(procs, targets, tmp_path, no_locks):
+    """The target's own check can fail."""
+    binary = targets.path("tcp", "static")
+    t = procs.start([binary, "127.0.0.1", "1000", "1000", "stream"], ready=False, env={"PS_TARGET_SABOTAGE": "1"})
+    wait_until(lambda: "PORT " in t.output(), "the target's port")
+    client = Client("127.0.0.1", int(t.output().split("PORT ")[1].split()[0]), 1000, 1000, paced=True)
+    t.wait_ready()
+    status, out = t.wait_result()
+    assert status != 0 and "FAIL: bytes sent" in out, out
+    client.finish()
