@@ -19,7 +19,7 @@ from .. import faults, model, objects
 from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.chunks import require_compress
 from ..image.series import DedupSink, page_index
-from ..image import objstore, remote, stream
+from ..image import objstore, remote
 from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
@@ -49,7 +49,7 @@ class DumpStats:
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
          progress=None, ext_unix_sk: bool = False, compress: bool = False, key: bytes | None = None,
-         prev_images_dir: str | None = None, tls: stream.Tls | None = None) -> DumpStats:
+         prev_images_dir: str | None = None, tls=None) -> DumpStats:
     """Checkpoint process `pid` and all its descendants into the directory
     `images_dir`, made if missing (the root's image; each other process's
     image in a subdirectory of it, tree.IMAGE_DIR).
@@ -67,7 +67,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     prev_images_dir (relative to images_dir, as CRIU's): the root's pages
     found in that image are referred to, not stored (image/series.py).
     images_dir: or `-` / tcp://HOST:PORT, a stream (image/stream.py; tls:
-    its TLS files): without leave_running the tree is killed only once the
+    its stream.Tls files): without leave_running the tree is killed only once the
     receiver has acknowledged the whole image.
     On any error every process runs on as before and the directory holds
     what it held before.
@@ -83,8 +83,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     with translated(pid, f"read /proc/{pid}/smaps"):
         early_smaps = proc.read_smaps(pid)
     with contextlib.ExitStack() as stack:
-        staging = stack.enter_context(stream.staged(images_dir, tls, leave_running)
-                                      if stream.is_stream_url(images_dir) else objstore.staged(images_dir)
+        staging = stack.enter_context(_stream_staged(images_dir, tls, leave_running)
+                                      if remote.is_stream_url(images_dir) else objstore.staged(images_dir)
                                       if objstore.is_url(images_dir) else staged(images_dir))
         if staging.replaces:
             log.info("%s: replacing %s", images_dir, staging.replaces)
@@ -191,11 +191,17 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
 
 def _parent_index(images_dir: str, prev: str, key: bytes | None):
     parent = os.path.normpath(os.path.join(os.path.abspath(images_dir), prev))  # as CRIU's: relative to -D
-    if objstore.is_url(images_dir) or objstore.is_url(prev) or stream.is_stream_url(images_dir):
+    if objstore.is_url(images_dir) or objstore.is_url(prev) or remote.is_stream_url(images_dir):
         raise Unsupported("--prev-images-dir: not supported with s3:// or streamed images yet")
     if os.path.realpath(parent) == os.path.realpath(images_dir):
         raise Unsupported(f"--prev-images-dir {prev}: is the image directory itself; the new image would replace it")
     return page_index(parent, key)
+
+
+def _stream_staged(url: str, tls, leave_running: bool):
+    from ..image import stream  # ssl and sockets: imported only for a streamed dump
+
+    return stream.staged(url, tls, leave_running)
 
 
 def _image_dir(pid: int, root: int) -> str:
