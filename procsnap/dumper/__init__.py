@@ -19,7 +19,7 @@ from .. import faults, model, objects
 from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.chunks import require_compress
 from ..image.series import DedupSink, page_index
-from ..image import objseries, objstore, remote, stream
+from ..image import objseries, objstore, remote
 from ..image.staging import staged
 from ..image.writer import ImageWriter
 from ..kernel import infect, proc, ptrace
@@ -50,7 +50,7 @@ class DumpStats:
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
          progress=None, ext_unix_sk: bool = False, compress: bool = False, key: bytes | None = None,
-         prev_images_dir: str | None = None, tls: stream.Tls | None = None, tcp_established: bool = False,
+         prev_images_dir: str | None = None, tls=None, tcp_established: bool = False,
          tcp_close: bool = False, net_lock: str = "") -> DumpStats:
     """Checkpoint process `pid` and all its descendants into the directory
     `images_dir`, made if missing (the root's image; each other process's
@@ -69,7 +69,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     prev_images_dir (relative to images_dir, as CRIU's): the root's pages
     found in that image are referred to, not stored (image/series.py).
     images_dir: or `-` / tcp://HOST:PORT, a stream (image/stream.py; tls:
-    its TLS files): without leave_running the tree is killed only once the
+    its stream.Tls files): without leave_running the tree is killed only once the
     receiver has acknowledged the whole image.
     tcp_established: live TCP connections are dumped (objects/tcp.py),
     locked from the freeze on by net_lock ("nftables", "iptables", "skip";
@@ -90,8 +90,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     with translated(pid, f"read /proc/{pid}/smaps"):
         early_smaps = proc.read_smaps(pid)
     with contextlib.ExitStack() as stack:
-        staging = stack.enter_context(stream.staged(images_dir, tls, leave_running)
-                                      if stream.is_stream_url(images_dir) else objstore.staged(images_dir)
+        staging = stack.enter_context(_stream_staged(images_dir, tls, leave_running)
+                                      if remote.is_stream_url(images_dir) else objstore.staged(images_dir)
                                       if objstore.is_url(images_dir) else staged(images_dir))
         if staging.replaces:
             log.info("%s: replacing %s", images_dir, staging.replaces)
@@ -216,7 +216,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
 
 
 def _parent_index(images_dir: str, prev: str, key: bytes | None):
-    if stream.is_stream_url(images_dir):
+    if remote.is_stream_url(images_dir):
         raise Unsupported("--prev-images-dir: not supported with a streamed image yet")
     if objstore.is_url(prev) and not objstore.is_url(images_dir) or objstore.is_url(images_dir) and os.path.isabs(prev):
         raise Unsupported(f"--prev-images-dir {prev}: a series is all in object storage or all local, "
@@ -237,11 +237,17 @@ def _final_dir(images_dir: str, staging) -> str:
 
 
 def _final_chain(pid: int, images_dir: str, prev: str, key: bytes | None):
-    if objstore.is_url(images_dir) or objstore.is_url(prev):
+    if objstore.is_url(images_dir) or objstore.is_url(prev) or remote.is_stream_url(images_dir):
         return None
     from .predump import final_chain
 
     return final_chain(pid, os.path.normpath(os.path.join(os.path.abspath(images_dir), prev)), key)
+
+
+def _stream_staged(url: str, tls, leave_running: bool):
+    from ..image import stream  # ssl and sockets: imported only for a streamed dump
+
+    return stream.staged(url, tls, leave_running)
 
 
 def _image_dir(pid: int, root: int) -> str:

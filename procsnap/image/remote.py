@@ -16,6 +16,11 @@ from . import objstore
 STREAM = "stream://"
 
 
+def is_stream_url(location: str) -> bool:
+    """Where a dump streams its image (stream.py): `-` or tcp://HOST:PORT."""
+    return location == "-" or str(location).startswith("tcp://")
+
+
 def backend(location: str):
     """The module that writes `location`, or None for a local directory."""
     if objstore.is_url(location):

@@ -69,10 +69,6 @@ class StreamError(ImageError):
     """A stream broke off, was refused by the other side, or could not be opened."""
 
 
-def is_stream_url(location: str) -> bool:
-    return location == "-" or str(location).startswith("tcp://")
-
-
 def is_path(location: str) -> bool:
     """A path inside a dump being sent (see PREFIX)."""
     return str(location).startswith(PREFIX)
