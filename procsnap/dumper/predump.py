@@ -38,8 +38,8 @@ write-protection.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import logging
+from .. import records as dataclasses  # the dataclasses API, cheap to import
+from .. import log as logging  # the logging API, cheap to import
 import os
 import time
 

@@ -23,16 +23,26 @@ kept          after a dump that killed the tree: its     after a failure: the im
 
 from __future__ import annotations
 
-import dataclasses
-import logging
+from .. import records as dataclasses  # the dataclasses API, cheap to import
+from .. import log as logging  # the logging API, cheap to import
 import os
-import shutil
-import subprocess
 
 from .. import faults
 from ..errors import ProcsnapError, Unsupported
 
 log = logging.getLogger("procsnap.netlock")
+
+
+def _subprocess():
+    import subprocess  # only with live TCP connections: 10 ms of imports otherwise
+
+    return subprocess
+
+
+def _which(tool: str) -> str | None:
+    import shutil
+
+    return shutil.which(tool)
 
 METHODS = ("nftables", "iptables", "skip")
 PRIORITY = -150  # before conntrack and the filter chains of others: "mangle"
@@ -56,7 +66,7 @@ class LockError(ProcsnapError):
 
 def _run(argv: list[str], stdin: str = "") -> None:
     try:
-        result = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+        result = _subprocess().run(argv, input=stdin, capture_output=True, text=True, check=False)
     except OSError as err:
         raise LockError(f"network lock: cannot run {argv[0]}: {err.strerror}") from err
     if result.returncode:
@@ -66,7 +76,7 @@ def _run(argv: list[str], stdin: str = "") -> None:
 
 
 def default_method() -> str:
-    return "nftables" if shutil.which("nft") or not shutil.which("iptables") else "iptables"
+    return "nftables" if _which("nft") or not _which("iptables") else "iptables"
 
 
 def _family(addr: str) -> tuple[int, str]:
@@ -116,7 +126,7 @@ class DumpLock:
             return
         conn = connection(local, peer)
         tool = "nft" if rec.method == "nftables" else "iptables" if conn[0] == 4 else "ip6tables"
-        if not shutil.which(tool):
+        if not _which(tool):
             raise Unsupported(f"{what}: no {tool} to lock the network with (--network-lock, or --skip-net-lock "
                               "when the caller locks it)", self.pid)
         if not rec.table:
@@ -151,7 +161,7 @@ def unlock(rec: NetLock) -> None:
     if rec.method == "skip" or not rec.table:
         return
     if rec.method == "nftables":
-        if shutil.which("nft"):
+        if _which("nft"):
             try:
                 _run(["nft", "delete", "table", "inet", rec.table])
             except LockError:
@@ -166,13 +176,13 @@ def unlock(rec: NetLock) -> None:
 
 
 def _nft_has(table: str) -> bool:
-    result = subprocess.run(["nft", "list", "table", "inet", table], capture_output=True, check=False)
+    result = _subprocess().run(["nft", "list", "table", "inet", table], capture_output=True, check=False)
     return result.returncode == 0
 
 
 def _exists(argv: list[str]) -> bool:
     check = [a if a != "-D" else "-C" for a in argv]
-    return subprocess.run(check, capture_output=True, check=False).returncode == 0
+    return _subprocess().run(check, capture_output=True, check=False).returncode == 0
 
 
 def held(rec: NetLock) -> bool:

@@ -36,7 +36,7 @@ of each queue, and writing a queue back moves it on by what is written.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 import fcntl
 import os
 import struct

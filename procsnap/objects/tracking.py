@@ -10,7 +10,7 @@ restore of one is refused here, before anything is made.
 
 from __future__ import annotations
 
-import dataclasses
+from .. import records as dataclasses  # the dataclasses API, cheap to import
 
 from .. import model
 from ..errors import RestoreError
