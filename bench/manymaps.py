@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from common import ROOT, cli, gone, wait_for
+from common import ROOT, cli, gone, kill_pids, wait_for
 from tree import PROGRAM, descendants
 
 RUNS = int(os.environ.get("BENCH_RUNS", "5"))
@@ -62,12 +62,16 @@ def one_run(argv: list[str], work: str, tool) -> tuple[float, float]:
     if "READY" not in wait_for(out, "READY"):
         raise SystemExit(f"{argv[0]} did not start: {open(out).read()!r}")
     pids = [p.pid] + descendants(p.pid)
-    dump = tool("dump", "-t", str(p.pid), "-D", images)
-    p.wait()
-    gone(pids)
-    restore = tool("restore", "-D", images, "-d")
-    text = check(p.pid, out)
-    gone(pids)
+    try:  # the same pids before the dump and after the restore: none is left behind on a failure
+        dump = tool("dump", "-t", str(p.pid), "-D", images)
+        p.wait()
+        gone(pids)
+        restore = tool("restore", "-D", images, "-d")
+        text = check(p.pid, out)
+        gone(pids)
+    except BaseException:
+        kill_pids(pids)
+        raise
     if "FAIL" in text or "PASS" not in text:
         raise SystemExit(f"{argv[0]} restored by {tool.__name__} failed its check: {text!r}")
     shutil.rmtree(images)

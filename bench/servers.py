@@ -12,6 +12,13 @@ start-up) and "serving": from the start of the restore until a new
 client's first request is answered, the downtime a client that connects
 anew sees after the restore begins.
 Figures only, median [min-max] of BENCH_RUNS (3); image on tmpfs.
+
+    redis+client  redis as above, with a client connected across the dump
+                  (dump and restore --tcp-established, whole CLI runs): the
+                  client sends INCR one at a time and checks each reply is
+                  the one before plus one (a lost, doubled or reordered
+                  command or reply would show); "peer gap" is the longest
+                  time it waited for a reply, the downtime it sees.
 """
 
 from __future__ import annotations
@@ -173,6 +180,78 @@ def one_run(name: str, work: str) -> dict:
             "serving": serving}
 
 
+def live_run(work: str) -> dict:
+    """redis with a client that keeps its connection across dump and restore."""
+    import threading
+
+    port = free_port()
+    argv, load, probe = server("redis", work, port)
+    images = os.path.join(work, "img")
+    os.mkdir(images)
+    p = subprocess.Popen([shutil.which(argv[0], path="/usr/sbin:/usr/bin:/bin") or argv[0], *argv[1:]],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, cwd=work)
+    pids = [p.pid]
+    gaps, errors, stop = [0.0], [], threading.Event()
+
+    def client(c: socket.socket) -> None:
+        want, last = 1, time.perf_counter()
+        try:
+            while not stop.is_set():
+                c.sendall(redis_cmd(b"INCR", b"live"))
+                got = b""
+                while not got.endswith(b"\r\n"):
+                    piece = c.recv(64)
+                    if not piece:
+                        raise OSError("the connection was closed")
+                    got += piece
+                if got != b":%d\r\n" % want:
+                    raise OSError(f"reply {got!r} to INCR number {want}")
+                now = time.perf_counter()
+                gaps[0], last, want = max(gaps[0], now - last), now, want + 1
+        except OSError as err:
+            errors.append(str(err))
+
+    try:
+        until(probe)
+        load()
+        time.sleep(0.5)
+        pids = [p.pid] + descendants(p.pid)
+        threads = sum(len(os.listdir(f"/proc/{q}/task")) for q in pids)
+        c = socket.create_connection(("127.0.0.1", port), timeout=120)
+        worker = threading.Thread(target=client, args=(c,))
+        worker.start()
+        time.sleep(0.5)
+        size = 0
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "procsnap", "dump", "-t", str(p.pid), "-D", images,
+                            "--tcp-established"], capture_output=True, text=True, cwd=ROOT)
+        dump = time.perf_counter() - t
+        if r.returncode:
+            raise SystemExit(f"dump: {r.stderr.strip()}")
+        p.wait()
+        gone(pids)
+        size = sum(os.path.getsize(os.path.join(d, n)) for d, _, ns in os.walk(images) for n in ns)
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "procsnap", "restore", "-D", images, "-d", "--tcp-established"],
+                           capture_output=True, text=True, cwd=ROOT)
+        restore = time.perf_counter() - t
+        if r.returncode:
+            raise SystemExit(f"restore: {r.stderr.strip()}")
+        time.sleep(1.0)  # replies flow again
+        stop.set()
+        worker.join(60)
+        c.close()
+        if errors or worker.is_alive():
+            raise SystemExit(f"the connected client saw: {errors or ['no reply']}")
+        pids = [p.pid] + descendants(p.pid)
+    finally:
+        stop.set()
+        kill_tree(pids)
+    return {"procs": len(pids), "threads": threads, "image": size / (1 << 20), "dump": dump, "restore": restore,
+            "serving": gaps[0]}
+
+
 def med(values: list[float], scale: float = 1000) -> str:
     v = sorted(x * scale for x in values)
     return f"{statistics.median(v):.0f} [{v[0]:.0f}-{v[-1]:.0f}]"
@@ -180,7 +259,7 @@ def med(values: list[float], scale: float = 1000) -> str:
 
 def main() -> int:
     ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: the restored servers come back to us
-    names = sys.argv[1:] or ["http.server", "redis", "nginx", "memcached"]
+    names = sys.argv[1:] or ["http.server", "redis", "nginx", "memcached", "redis+client"]
     print(f"procsnap servers bench {time.strftime('%Y-%m-%d')}: {os.cpu_count()} cores, kernel "
           f"{os.uname().release}; {RUNS} runs; median [min-max] ms; image on tmpfs; redis {REDIS_MIB} MiB, "
           f"memcached {MEMCACHED_MIB} MiB of {VALUE}-byte values")
@@ -190,11 +269,12 @@ def main() -> int:
         runs = []
         for _ in range(RUNS):
             with tempfile.TemporaryDirectory(dir="/dev/shm") as work:
-                runs.append(one_run(name, work))
+                runs.append(live_run(work) if name == "redis+client" else one_run(name, work))
         r = runs[0]
         print(f"{name:>11} | {r['procs']:>5} {r['threads']:>4} | {r['image']:>9.1f} | "
               f"{med([x['dump'] for x in runs]):>14} | {med([x['restore'] for x in runs]):>14} | "
-              f"{med([x['serving'] for x in runs]):>14}", flush=True)
+              f"{med([x['serving'] for x in runs]):>14}" + ("  (peer gap)" if name == "redis+client" else ""),
+              flush=True)
     return 0
 
 

@@ -15,7 +15,6 @@ loopback port picked free at test time; never the system's service. The
 programs are installed by the Makefile (apt-get, when missing).
 """
 
-import inspect
 import os
 import shutil
 import signal
@@ -57,26 +56,6 @@ def socket_inodes(pid):
 
 def socket_fds(pid):
     return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in os.listdir(f"/proc/{pid}/fd"))
-
-
-def tcp_established_supported():
-    """Part 3 of issue 10 (TCP_REPAIR) adds dump(tcp_established=...)."""
-    return "tcp_established" in inspect.signature(procsnap.dump).parameters
-
-
-def dump_live_connection(t, images, **options):
-    """dump_kill with --tcp-established once procsnap has it; until then
-    the dump must refuse the live connection by name (checked), leaving the
-    tree running, and the test is skipped with that refusal as its reason."""
-    if tcp_established_supported():
-        return dump_kill(t, images, tcp_established=True, **options)
-    with pytest.raises(procsnap.Unsupported) as exc:
-        procsnap.dump(t.pid, str(images), **options)
-    message = str(exc.value)
-    assert "live TCP connections are not restored" in message and "ESTABLISHED" in message \
-        and "127.0.0.1" in message, message
-    assert t.alive()
-    pytest.skip(f"live TCP connections need issue 10 part 3 (--tcp-established); refused: {message}")
 
 
 # --------------------------------------------------------------------------
@@ -229,10 +208,10 @@ def test_redis(procs, tmp_path):
 
 def test_redis_connected_client(procs, tmp_path):
     """A client that keeps its connection across dump, kill and restore:
-    a live TCP connection, which needs part 3 of issue 10."""
+    a live TCP connection (--tcp-established, objects/tcp.py)."""
     t, port, c = start_redis(procs, tmp_path)
-    images = dump_live_connection(t, tmp_path / "img")
-    restore(procs, t, images)
+    images = dump_kill(t, tmp_path / "img", tcp_established=True)
+    restore(procs, t, images, tcp_established=True)
     check_redis(c)
     c.close()
 
@@ -466,15 +445,16 @@ def test_asyncio_unix_server_and_client(procs, tmp_path):
 
 def test_asyncio_tcp_server_and_client(procs, tmp_path, proc_snapshot, assert_same_snapshot):
     """The same over TCP on loopback: both ends of the connection are in
-    the tree. Refused by name until part 3 (live TCP connections)."""
+    the tree (--tcp-established); without the flag the live connection is
+    refused by name and the program runs on untouched."""
     t = procs.start([need("python3"), "-c", ASYNCIO_PROGRAM, "tcp", "-"], name="asyncio-tcp")
     before = proc_snapshot(t.pid)
     images = tmp_path / "img"
-    try:
-        dump_live_connection(t, images)
-    except pytest.skip.Exception:
-        assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
-        assert_pass(t)
-        raise
-    restore(procs, t, images)
+    with pytest.raises(procsnap.Unsupported) as exc:
+        procsnap.dump(t.pid, str(images))
+    assert "ESTABLISHED" in str(exc.value) and "127.0.0.1" in str(exc.value) and "--tcp-established" in str(exc.value), \
+        str(exc.value)
+    assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
+    images = dump_kill(t, images, tcp_established=True)
+    restore(procs, t, images, tcp_established=True)
     assert_pass(t)
