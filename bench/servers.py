@@ -35,7 +35,7 @@ import tempfile
 import textwrap
 import time
 
-from common import ROOT, descendants, gone
+from common import ROOT, descendants, gone, kill_pids
 
 sys.path.insert(0, ROOT)
 import procsnap  # noqa: E402
@@ -137,14 +137,13 @@ def until(probe, timeout: float = 60.0) -> float:
         time.sleep(0.001)
 
 
-def kill_tree(pids: list[int]) -> None:
-    """Root first: nginx's master makes a new worker for one that dies."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    gone(pids)
+kill_tree = kill_pids  # root first: nginx's master makes a new worker for one that dies
+
+
+def start(argv: list[str], work: str) -> subprocess.Popen:
+    return subprocess.Popen([shutil.which(argv[0], path="/usr/sbin:/usr/bin:/bin") or argv[0], *argv[1:]],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, cwd=work)
 
 
 def one_run(name: str, work: str) -> dict:
@@ -152,9 +151,7 @@ def one_run(name: str, work: str) -> dict:
     argv, load, probe = server(name, work, port)
     images = os.path.join(work, "img")
     os.mkdir(images)
-    p = subprocess.Popen([shutil.which(argv[0], path="/usr/sbin:/usr/bin:/bin") or argv[0], *argv[1:]],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True, cwd=work)
+    p = start(argv, work)
     pids = [p.pid]
     try:
         until(probe)
@@ -188,9 +185,7 @@ def live_run(work: str) -> dict:
     argv, load, probe = server("redis", work, port)
     images = os.path.join(work, "img")
     os.mkdir(images)
-    p = subprocess.Popen([shutil.which(argv[0], path="/usr/sbin:/usr/bin:/bin") or argv[0], *argv[1:]],
-                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True, cwd=work)
+    p = start(argv, work)
     pids = [p.pid]
     gaps, errors, stop = [0.0], [], threading.Event()
 
