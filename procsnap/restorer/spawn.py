@@ -195,7 +195,17 @@ def _clone(node: Node) -> int:
     its children) or, for a zombie, exits."""
     tid = (ctypes.c_int * 1)(node.proc.pid)
     args = clone_args(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
+    # As os.fork does around fork(): the import lock and the at-fork hooks
+    # before, and in the child the interpreter's locks (the GIL's mutex, which
+    # another thread of a program using procsnap as a library may hold at
+    # this instant: the child would hang in its first drop_gil) made anew
+    # and the other threads forgotten. pylibc keeps the GIL across clone3.
+    ctypes.pythonapi.PyOS_BeforeFork()
     pid = pylibc.syscall(NR.clone3, ctypes.byref(args), ctypes.sizeof(args))
+    if pid == 0:
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+    else:
+        ctypes.pythonapi.PyOS_AfterFork_Parent()
     if pid == 0:  # the child
         code = 1
         try:
