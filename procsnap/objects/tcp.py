@@ -39,10 +39,12 @@ import contextlib
 from .. import records as dataclasses  # the dataclasses API, cheap to import
 import fcntl
 import os
+import select
 import struct
 import typing
 
 from ..errors import RestoreError, Unsupported
+from . import tcpfin
 
 if typing.TYPE_CHECKING:
     import socket as socket_mod
@@ -66,15 +68,22 @@ SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B  # linux/sockios.h
 MSG_PEEK, MSG_DONTWAIT = 0x2, 0x40
 SHUT_WR = 1
 
-TCP_ESTABLISHED, TCP_FIN_WAIT1 = 1, 4
-# The states restored; every other one but LISTEN and CLOSE is refused by
-# name. FIN_WAIT1 has its FIN in the send queue, not acknowledged: it is
-# not data (the queue's sizes and write_seq count it, MSG_PEEK does not
-# read it) and is put back by shutdown() in repair mode, after the queue.
-# The others need a FIN in the receive queue or an ACK of ours, that is a
-# packet made up and sent to the restored socket (soccr's send_fin): not yet.
-FIN_IN_SEND_QUEUE = (TCP_FIN_WAIT1,)
-RESTORED = (TCP_ESTABLISHED, TCP_FIN_WAIT1)
+TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING = 1, 4, 5, 8, 9, 11
+# The states restored (soccr's picture of the half-closed ones); every
+# other one but LISTEN and CLOSE is refused by name. A FIN is not data: the
+# queues' sizes and write_seq / rcv_nxt count it, MSG_PEEK does not read it.
+#   our FIN in the send queue: put back by shutdown() in repair mode, after
+#     the queue; before the peer's FIN (FIN_WAIT1/2, CLOSING) or after it
+#     (LAST_ACK); FIN_WAIT2's is acknowledged: shut down with the send queue
+#     chosen (queued as sent), then an ACK of it from the peer (tcpfin.py)
+#   the peer's FIN in the receive queue (CLOSE_WAIT, LAST_ACK, CLOSING):
+#     a FIN from the peer, made up (tcpfin.py), after the queue
+FIN_FIRST_IN_SEND_QUEUE = (TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSING)
+FIN_SECOND_IN_SEND_QUEUE = (TCP_LAST_ACK,)
+FIN_IN_SEND_QUEUE = FIN_FIRST_IN_SEND_QUEUE + FIN_SECOND_IN_SEND_QUEUE
+FIN_ACKED = (TCP_FIN_WAIT2,)
+FIN_IN_RECV_QUEUE = (TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING)
+RESTORED = (TCP_ESTABLISHED, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING)
 
 
 @dataclasses.dataclass
@@ -124,8 +133,8 @@ def check_state(state: int, what: str) -> None:
     if state not in RESTORED:
         from .inet import TCP_STATES
 
-        raise Unsupported(f"{what}: a TCP connection in state {TCP_STATES.get(state, state)}; only ESTABLISHED "
-                          "and FIN_WAIT1 ones are restored (a FIN received, or our FIN acknowledged, is not yet)")
+        raise Unsupported(f"{what}: a TCP connection in state {TCP_STATES.get(state, state)}; only ESTABLISHED, "
+                          "FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK and CLOSING ones are restored")
 
 
 def collect_repaired(sk: socket_mod.socket, sid: int, state: int, what: str) -> tuple[TcpConnection, bytes, bytes]:
@@ -201,7 +210,8 @@ def restore_repaired(sk: socket_mod.socket, sock: InetSocket, conn: TcpConnectio
         sk.bind(tuple(sock.local))
         step = "set its sequence numbers"
         fin = 1 if conn.state in FIN_IN_SEND_QUEUE else 0  # write_seq counts the FIN
-        for queue, seq in ((TCP_RECV_QUEUE, conn.recv_seq - conn.recv_len),
+        peer_fin = 1 if conn.state in FIN_IN_RECV_QUEUE else 0  # rcv_nxt counts the peer's
+        for queue, seq in ((TCP_RECV_QUEUE, conn.recv_seq - peer_fin - conn.recv_len),
                            (TCP_SEND_QUEUE, conn.send_seq - fin - conn.send_len)):
             sk.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
             sk.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("<I", seq & 0xFFFFFFFF))
@@ -237,13 +247,60 @@ def restore_repaired(sk: socket_mod.socket, sock: InetSocket, conn: TcpConnectio
         _put_back_room(sk, had)
         if conn.window:
             step = "set its window"
-            sk.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*conn.window))
-        if fin:
+            window = list(conn.window)
+            if peer_fin:  # rcv_wup counts the FIN: one back, and room for it (soccr)
+                window[4], window[3] = (window[4] - 1) & 0xFFFFFFFF, window[3] + 1
+            sk.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*window))
+        if conn.state in FIN_FIRST_IN_SEND_QUEUE:
             step = "put its FIN back (shutdown)"
-            sk.shutdown(SHUT_WR)
+            _shutdown(sk, conn.state in FIN_ACKED)
+        if peer_fin:
+            step = "receive the peer's FIN again"
+            _from_peer(sk, sock, conn, conn.recv_seq - 1, conn.send_seq - fin - conn.send_len,
+                       tcpfin.TH_FIN | tcpfin.TH_ACK, what)
+        if conn.state in FIN_SECOND_IN_SEND_QUEUE:
+            step = "put its FIN back (shutdown)"
+            _shutdown(sk, False)
+        if conn.state in FIN_ACKED:
+            step = "receive the ACK of its FIN again"
+            _from_peer(sk, sock, conn, conn.recv_seq, conn.send_seq, tcpfin.TH_ACK, what)
+        step = "check its state"
+        state = sk.getsockopt(SOL_TCP, TCP_INFO, 1)[0]
+        if state != conn.state:
+            from .inet import TCP_STATES
+
+            raise RestoreError(f"{what}: restored in state {TCP_STATES.get(state, state)}, not "
+                               f"{TCP_STATES.get(conn.state, conn.state)}")
     except OSError as err:
         where = f" ({sock.local[0]}:{sock.local[1]} to {sock.peer[0]}:{sock.peer[1]})"
         raise RestoreError(f"{what}: cannot {step}{where}: {err.strerror}") from err
+
+
+def _shutdown(sk: socket_mod.socket, acked: bool) -> None:
+    """Our FIN into the send queue; acknowledged: queued as sent, not sent
+    (the send queue chosen in repair mode), as soccr's restore_fin_in_snd_queue."""
+    if acked:
+        sk.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+    sk.shutdown(SHUT_WR)
+    if acked:
+        sk.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+
+
+def _from_peer(sk: socket_mod.socket, sock: InetSocket, conn: TcpConnection, seq: int, ack: int, flags: int,
+               what: str) -> None:
+    """A segment from the peer (tcpfin.py), received before this returns:
+    the socket's state must change (loopback delivers at once; a remote
+    address's goes through lo too). Its window is the peer's, as we had it."""
+    before = sk.getsockopt(SOL_TCP, TCP_INFO, 1)[0]
+    window = conn.window[1] >> conn.snd_wscale if conn.window else 0xFFFF
+    tcpfin.send(tuple(sock.peer), tuple(sock.local), seq, ack, flags, window)
+    for _ in range(200):
+        if sk.getsockopt(SOL_TCP, TCP_INFO, 1)[0] != before:
+            return
+        os.sched_yield()
+        select.select([], [], [], 0.005)
+    raise RestoreError(f"{what}: the segment made up from the peer ({'FIN' if flags & tcpfin.TH_FIN else 'ACK'}, "
+                       f"mark {tcpfin.MARK:#x}) did not arrive (a firewall, or a lock of the caller's, drops it?)")
 
 
 def check(conn: TcpConnection, sock: InetSocket | None, image: Image) -> list[str]:
