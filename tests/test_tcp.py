@@ -301,15 +301,18 @@ def test_both_ends_in_tree(procs, tmp_path, no_locks):
     assert_pass(t)
 
 
-def test_close_wait(procs, targets, tmp_path, no_locks):
+@pytest.mark.parametrize("addr,lock", [("127.0.0.1", "nftables"), ("::1", "nftables"),
+                                       ("::ffff:127.0.0.1", "nftables"), ("::1", "iptables")])
+def test_close_wait(procs, targets, tmp_path, no_locks, addr, lock):
     """CLOSE_WAIT: the client has sent its bytes and its FIN, the server has
-    read none of them. Restored, the FIN made up from the peer and let
-    through the lock by its mark: the server reads every byte, then the
-    EOF; the client sees no reset and the server's EOF at its close."""
-    t, client = start(procs, targets, out=1 << 16, inn=1 << 16, mode="stuffed")
+    read none of them. Restored, the FIN made up from the peer (IPv4, IPv6)
+    and let through the lock by its mark: the server reads every byte, then
+    the EOF; the client sees no reset and the server's EOF at its close."""
+    t, client = start(procs, targets, addr, out=1 << 16, inn=1 << 16, mode="stuffed")
     wait_until(lambda: client.sent == 1 << 16 and client.got == 1 << 16, "the client's FIN sent")
     wait_until(lambda: _state_of(t.pid) == ["CLOSE_WAIT"], "CLOSE_WAIT")
-    images = dump_kill(t, tmp_path / "img", tcp_established=True)
+    images = dump_kill(t, tmp_path / "img", tcp_established=True, net_lock=lock)
+    assert lock_of(images).method == lock and netlock.held(lock_of(images))
     conn = connection_of(images)
     assert conn.state == 8 and conn.recv_len == 1 << 16, conn
     restore(procs, t, images, tcp_established=True)
