@@ -333,6 +333,8 @@ def test_fin_wait2(procs, targets, tmp_path, no_locks):
     conn = connection_of(images)
     assert conn.state == 5 and conn.send_len == 0 and conn.recv_len == 1 << 16, conn
     restore(procs, t, images, tcp_established=True)
+    os.kill(t.pid, signal.SIGUSR1)  # it reads its names, then its bytes: then the client's FIN may come
+    wait_until(lambda: _queued(t.pid) == 0, "the server's reading")  # (before: it ends in CLOSE, ENOTCONN)
     client.fin.set()
     assert_pass(t)
     client.finish()
@@ -371,6 +373,79 @@ def test_closing(procs, targets, tmp_path, no_locks):
     client.reading.set()
     assert_pass(t)
     client.finish()
+
+
+CONNECTING = textwrap.dedent("""\
+    import os, select, signal, socket, sys
+    c = socket.socket(socket.AF_INET6 if ":" in sys.argv[2] else socket.AF_INET); c.setblocking(False)
+    err = c.connect_ex((sys.argv[2], int(sys.argv[1])))
+    name = c.getsockname()
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    os.write(1, f"CONNECTING {err}\\n".encode())
+    os.write(1, b"READY\\n")
+    signal.pause()
+    bad = []
+    if not select.select([], [c], [], 60)[1]: bad.append("not connected in 60 s")
+    e = c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if e: bad.append(f"SO_ERROR {os.strerror(e)}")
+    if c.getsockname() != name: bad.append(f"name {c.getsockname()} != {name}")
+    c.setblocking(True); c.sendall(b"hello")
+    got = b""
+    while True:
+        d = c.recv(100)
+        if not d: break
+        got += d
+    if got != b"world": bad.append(f"got {got!r}")
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # resent by the test: not at the interpreter's exit
+    os.write(1, (f"FAIL: {bad}\\n" if bad else "PASS\\n").encode())
+""")
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", "::1"])
+def test_syn_sent(procs, tmp_path, no_locks, addr):
+    """SYN_SENT: a non-blocking connect whose SYN the test's own table
+    drops. Restored: connect() again with repair off, the SYN with the ISN
+    it had; once the test's table is gone the kernel's retransmission
+    connects, the listener accepts, and both ends exchange their bytes."""
+    listener = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+    listener.bind((addr, 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    table = f"psnaptest-syn-{os.getpid()}"
+    subprocess.run(["nft", "-f", "-"], check=True, text=True, input=(
+        f"add table inet {table}\nadd chain inet {table} input {{ type filter hook input priority -150; "
+        f"policy accept; }}\nadd rule inet {table} input tcp dport {port} drop\n"))
+    dropping = True
+    try:
+        t = procs.start([sys.executable, "-c", CONNECTING, str(port), addr])
+        assert _state_of(t.pid) == ["SYN_SENT"]
+        images = dump_kill(t, tmp_path / "img", tcp_established=True)
+        conn = connection_of(images)
+        assert conn.state == 2, conn
+        restore(procs, t, images, tcp_established=True)  # its state check sees SYN_SENT: the SYN still dropped
+        subprocess.run(["nft", "delete", "table", "inet", table], check=True)
+        dropping = False
+        os.kill(t.pid, signal.SIGUSR1)  # it sends once connected (assert_pass sends it again: no matter)
+        listener.settimeout(60)
+        s, _ = listener.accept()
+        with s:
+            s.settimeout(60)
+            assert s.recv(5) == b"hello"
+            s.sendall(b"world")
+        assert_pass(t)
+    finally:
+        listener.close()
+        if dropping:
+            subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+
+
+def _queued(pid):
+    """SIOCINQ of the target's one socket."""
+    from procsnap.kernel.libc import copy_fd
+
+    (fd,) = [fd for fd in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")]
+    with socket.socket(fileno=copy_fd(pid, int(fd))) as sk:
+        return struct.unpack("<i", fcntl.ioctl(sk.fileno(), SIOCINQ, bytes(4)))[0]
 
 
 def _state_of(pid):
