@@ -4,12 +4,10 @@ which getpeername() does not tell (ENOTCONN in SYN_SENT)."""
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 
-from .sockdiag import NETLINK_SOCK_DIAG, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSGHDR, \
-    SOCK_DIAG_BY_FAMILY
+from .sockdiag import NETLINK_SOCK_DIAG, dump
 
 # struct inet_diag_req_v2: family, protocol, ext, pad, states, struct inet_diag_sockid
 # (sport, dport big-endian, src[4], dst[4], if, cookie[2])
@@ -23,24 +21,10 @@ def tcp_peer(family: int, inode: int, states: int) -> tuple[str, int] | None:
     namespace, among those in `states` (a mask of 1 << state); None if none."""
     sk = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
     try:
-        req = INET_DIAG_REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0, states)
-        sk.send(NLMSGHDR.pack(NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-                + req)
-        found = None
-        while True:
-            data = sk.recv(1 << 16)
-            off = 0
-            while off + NLMSGHDR.size <= len(data):
-                length, kind, _, _, _ = NLMSGHDR.unpack_from(data, off)
-                if kind == NLMSG_DONE:
-                    return found
-                if kind == NLMSG_ERROR:
-                    (err,) = struct.unpack_from("=i", data, off + NLMSGHDR.size)
-                    raise OSError(-err, f"inet_diag: {os.strerror(-err)}")
-                fam, _, _, _, _, dport, _, dst, _, _, _, _, ino = INET_DIAG_MSG.unpack_from(data, off + NLMSGHDR.size)
-                if ino == inode:
-                    addr = dst[:4] if fam == socket.AF_INET else dst
-                    found = (socket.inet_ntop(fam, addr), struct.unpack("!H", dport)[0])
-                off += (length + 3) & ~3
+        for msg in dump(sk, INET_DIAG_REQ_V2.pack(family, socket.IPPROTO_TCP, 0, 0, states)):
+            fam, _, _, _, _, dport, _, dst, _, _, _, _, ino = INET_DIAG_MSG.unpack_from(msg)
+            if ino == inode:
+                return socket.inet_ntop(fam, dst[:4] if fam == socket.AF_INET else dst), struct.unpack("!H", dport)[0]
+        return None
     finally:
         sk.close()
