@@ -232,7 +232,7 @@ def test_redis_connected_client(procs, tmp_path):
     a live TCP connection, which needs part 3 of issue 10."""
     t, port, c = start_redis(procs, tmp_path)
     images = dump_live_connection(t, tmp_path / "img")
-    restore(procs, t, images)
+    restore(procs, t, images, tcp_established=True)
     check_redis(c)
     c.close()
 
@@ -476,5 +476,5 @@ def test_asyncio_tcp_server_and_client(procs, tmp_path, proc_snapshot, assert_sa
         assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
         assert_pass(t)
         raise
-    restore(procs, t, images)
+    restore(procs, t, images, tcp_established=True)
     assert_pass(t)
