@@ -64,11 +64,30 @@ def tcp_established_supported():
     return "tcp_established" in inspect.signature(procsnap.dump).parameters
 
 
+def sent_acknowledged(pid):
+    """Every byte the TCP sockets of `pid` sent is acknowledged (SIOCOUTQ 0):
+    the state check compares the queues' sizes, and a reply just sent gets
+    its (delayed) ACK between the snapshot and the freeze, or after the restore."""
+    import fcntl
+
+    from procsnap.kernel.libc import copy_fd
+
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+            with socket.socket(fileno=copy_fd(pid, int(fd))) as sk:
+                if sk.family in (socket.AF_INET, socket.AF_INET6) and sk.type == socket.SOCK_STREAM \
+                        and sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] not in (7, 10) \
+                        and struct.unpack("<i", fcntl.ioctl(sk.fileno(), 0x5411, bytes(4)))[0]:  # SIOCOUTQ
+                    return False
+    return True
+
+
 def dump_live_connection(t, images, **options):
     """dump_kill with --tcp-established once procsnap has it; until then
     the dump must refuse the live connection by name (checked), leaving the
     tree running, and the test is skipped with that refusal as its reason."""
     if tcp_established_supported():
+        wait_until(lambda: sent_acknowledged(t.pid), "its replies acknowledged")
         return dump_kill(t, images, tcp_established=True, **options)
     with pytest.raises(procsnap.Unsupported) as exc:
         procsnap.dump(t.pid, str(images), **options)
