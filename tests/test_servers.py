@@ -58,6 +58,24 @@ def socket_fds(pid):
     return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in os.listdir(f"/proc/{pid}/fd"))
 
 
+def sent_acknowledged(pid):
+    """Every byte the TCP sockets of `pid` sent is acknowledged (SIOCOUTQ 0):
+    the state check compares the queues' sizes, and a reply just sent gets
+    its (delayed) ACK between the snapshot and the freeze, or after the restore."""
+    import fcntl
+
+    from procsnap.kernel.libc import copy_fd
+
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+            with socket.socket(fileno=copy_fd(pid, int(fd))) as sk:
+                if sk.family in (socket.AF_INET, socket.AF_INET6) and sk.type == socket.SOCK_STREAM \
+                        and sk.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] not in (7, 10) \
+                        and struct.unpack("<i", fcntl.ioctl(sk.fileno(), 0x5411, bytes(4)))[0]:  # SIOCOUTQ
+                    return False
+    return True
+
+
 # --------------------------------------------------------------------------
 # python3 -m http.server
 
@@ -210,6 +228,7 @@ def test_redis_connected_client(procs, tmp_path):
     """A client that keeps its connection across dump, kill and restore:
     a live TCP connection (--tcp-established, objects/tcp.py)."""
     t, port, c = start_redis(procs, tmp_path)
+    wait_until(lambda: sent_acknowledged(t.pid), "its replies acknowledged")
     images = dump_kill(t, tmp_path / "img", tcp_established=True)
     restore(procs, t, images, tcp_established=True)
     check_redis(c)
@@ -455,6 +474,7 @@ def test_asyncio_tcp_server_and_client(procs, tmp_path, proc_snapshot, assert_sa
     assert "ESTABLISHED" in str(exc.value) and "127.0.0.1" in str(exc.value) and "--tcp-established" in str(exc.value), \
         str(exc.value)
     assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
+    wait_until(lambda: sent_acknowledged(t.pid), "its replies acknowledged")
     images = dump_kill(t, images, tcp_established=True)
     restore(procs, t, images, tcp_established=True)
     assert_pass(t)

@@ -40,10 +40,10 @@ class Client:
     """The peer, outside the tree and outside the test process (a forked
     child of it: the restorer must not have threads of its own at its
     clone3): sends `send` bytes of the client's pattern (paced, or all at
-    once), then shuts its write side down; reads and checks the server's
-    bytes until EOF, once `reading` is set."""
+    once), then shuts its write side down once `fin` is set; reads and
+    checks the server's bytes until EOF, once `reading` is set."""
 
-    def __init__(self, addr, port, send, expect, paced, reading=True):
+    def __init__(self, addr, port, send, expect, paced, reading=True, fin=True):
         self.sk = socket.create_connection((addr, port))
         self.send_total, self.expect, self.paced = send, expect, paced
         ctx = multiprocessing.get_context("fork")
@@ -51,6 +51,9 @@ class Client:
         self.reading = ctx.Event()
         if reading:
             self.reading.set()
+        self.fin = ctx.Event()
+        if fin:
+            self.fin.set()
         self._result_r, self._result_w = ctx.Pipe(duplex=False)
         self.errors = []
         self.proc = ctx.Process(target=self._run, daemon=True)
@@ -78,6 +81,7 @@ class Client:
                 self._sent.value += n
                 if self.paced:
                     pace.wait(0.001)
+            self.fin.wait()
             self.sk.shutdown(socket.SHUT_WR)
         except OSError as err:
             errors.append(f"send after {self._sent.value} bytes: {err}")
@@ -117,12 +121,12 @@ class Client:
         self.sk.close()
 
 
-def start(procs, targets, addr="127.0.0.1", out=1 << 20, inn=1 << 20, mode="stream", reading=True):
+def start(procs, targets, addr="127.0.0.1", out=1 << 20, inn=1 << 20, mode="stream", reading=True, fin=True):
     binary = targets.path("tcp", "static")
     t = procs.start([binary, addr, str(out), str(inn), mode], ready=False)
     wait_until(lambda: "PORT " in t.output(), "the target's port")
     port = int(t.output().split("PORT ")[1].split()[0])
-    client = Client(addr, port, inn, out, paced=mode == "stream", reading=reading)
+    client = Client(addr, port, inn, out, paced=mode == "stream", reading=reading, fin=fin)
     t.wait_ready()
     return t, client
 
@@ -297,20 +301,150 @@ def test_both_ends_in_tree(procs, tmp_path, no_locks):
     assert_pass(t)
 
 
-def test_half_closed_refused_by_name(procs, targets, tmp_path, no_locks):
-    """CLOSE_WAIT (the client has shut its side down, the server has not
-    read to the FIN): refused by name, the lock removed, the tree running
-    on and the connection whole."""
-    t, client = start(procs, targets, out=1 << 16, inn=1 << 16, mode="stuffed")
+@pytest.mark.parametrize("addr,lock", [("127.0.0.1", "nftables"), ("::1", "nftables"),
+                                       ("::ffff:127.0.0.1", "nftables"), ("::1", "iptables")])
+def test_close_wait(procs, targets, tmp_path, no_locks, addr, lock):
+    """CLOSE_WAIT: the client has sent its bytes and its FIN, the server has
+    read none of them. Restored, the FIN made up from the peer (IPv4, IPv6)
+    and let through the lock by its mark: the server reads every byte, then
+    the EOF; the client sees no reset and the server's EOF at its close."""
+    t, client = start(procs, targets, addr, out=1 << 16, inn=1 << 16, mode="stuffed")
     wait_until(lambda: client.sent == 1 << 16 and client.got == 1 << 16, "the client's FIN sent")
-    wait_until(lambda: "CLOSE_WAIT" in _state_of(t.pid), "CLOSE_WAIT")
-    images = tmp_path / "img"
-    images.mkdir()
-    with pytest.raises(procsnap.Unsupported, match=rf"pid {t.pid}: fd \d+ .* state CLOSE_WAIT"):
-        procsnap.dump(t.pid, str(images), tcp_established=True)
-    assert_running_untraced(t.pid)
+    wait_until(lambda: _state_of(t.pid) == ["CLOSE_WAIT"], "CLOSE_WAIT")
+    images = dump_kill(t, tmp_path / "img", tcp_established=True, net_lock=lock)
+    assert lock_of(images).method == lock and netlock.held(lock_of(images))
+    conn = connection_of(images)
+    assert conn.state == 8 and conn.recv_len == 1 << 16, conn
+    restore(procs, t, images, tcp_established=True)
     assert_pass(t)
     client.finish()
+
+
+def test_fin_wait2(procs, targets, tmp_path, no_locks):
+    """FIN_WAIT2: the server has sent its bytes and its FIN, the client has
+    read them and acknowledged the FIN but not sent its own. Restored, our
+    FIN queued as sent and its ACK made up from the peer: after the
+    restore the client sends its FIN, the server reads every byte, then
+    the EOF."""
+    t, client = start(procs, targets, out=1 << 16, inn=1 << 16, mode="shut", fin=False)
+    wait_until(lambda: client.sent == 1 << 16 and client.got == 1 << 16, "the server's bytes read")
+    wait_until(lambda: _state_of(t.pid) == ["FIN_WAIT2"], "FIN_WAIT2")
+    images = dump_kill(t, tmp_path / "img", tcp_established=True)
+    conn = connection_of(images)
+    assert conn.state == 5 and conn.send_len == 0 and conn.recv_len == 1 << 16, conn
+    restore(procs, t, images, tcp_established=True)
+    os.kill(t.pid, signal.SIGUSR1)  # it reads its names, then its bytes: then the client's FIN may come
+    wait_until(lambda: _queued(t.pid) == 0, "the server's reading")  # (before: it ends in CLOSE, ENOTCONN)
+    client.fin.set()
+    assert_pass(t)
+    client.finish()
+
+
+def test_last_ack(procs, targets, tmp_path, no_locks):
+    """LAST_ACK: the client's bytes and FIN received, not read; then the
+    server's FIN, behind data the client does not read (a zero window).
+    Restored: the peer's FIN made up, then ours after it; the client reads
+    every byte, then the EOF; the server reads its bytes, then the EOF."""
+    t, client = start(procs, targets, out=200000, inn=1 << 16, mode="lastack", reading=False)
+    wait_until(lambda: _state_of(t.pid) == ["LAST_ACK"], "LAST_ACK", timeout=30)
+    _both_fins_survive(procs, t, client, tmp_path, 9)
+
+
+def test_closing(procs, targets, tmp_path, no_locks):
+    """CLOSING: the server's FIN behind data the client does not read (a
+    zero window), then the client's bytes and FIN arrive. Restored: our
+    FIN, then the peer's made up; both ends read every byte, then the EOF."""
+    t, client = start(procs, targets, out=200000, inn=1 << 16, mode="shut", reading=False, fin=False)
+    wait_until(lambda: _state_of(t.pid) == ["FIN_WAIT1"] and client.sent == 1 << 16, "FIN_WAIT1", timeout=30)
+    client.fin.set()
+    wait_until(lambda: _state_of(t.pid) == ["CLOSING"], "CLOSING", timeout=30)
+    _both_fins_survive(procs, t, client, tmp_path, 11)
+
+
+def _both_fins_survive(procs, t, client, tmp_path, state):
+    """Dump, kill, restore a connection with a FIN each way, ours behind
+    data the client has not read; then the client reads."""
+    t.ignore_state = moving_queues(t)  # the client's window may still move
+    images = dump_kill(t, tmp_path / "img", tcp_established=True)
+    conn = connection_of(images)
+    assert conn.state == state and conn.send_len > 0 and conn.recv_len == 1 << 16, conn
+    restore(procs, t, images, tcp_established=True)
+    client.reading.set()
+    assert_pass(t)
+    client.finish()
+
+
+CONNECTING = textwrap.dedent("""\
+    import os, select, signal, socket, sys
+    c = socket.socket(socket.AF_INET6 if ":" in sys.argv[2] else socket.AF_INET); c.setblocking(False)
+    err = c.connect_ex((sys.argv[2], int(sys.argv[1])))
+    name = c.getsockname()
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    os.write(1, f"CONNECTING {err}\\n".encode())
+    os.write(1, b"READY\\n")
+    signal.pause()
+    bad = []
+    if not select.select([], [c], [], 60)[1]: bad.append("not connected in 60 s")
+    e = c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if e: bad.append(f"SO_ERROR {os.strerror(e)}")
+    if c.getsockname() != name: bad.append(f"name {c.getsockname()} != {name}")
+    c.setblocking(True); c.sendall(b"hello")
+    got = b""
+    while True:
+        d = c.recv(100)
+        if not d: break
+        got += d
+    if got != b"world": bad.append(f"got {got!r}")
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # resent by the test: not at the interpreter's exit
+    os.write(1, (f"FAIL: {bad}\\n" if bad else "PASS\\n").encode())
+""")
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", "::1"])
+def test_syn_sent(procs, tmp_path, no_locks, addr):
+    """SYN_SENT: a non-blocking connect whose SYN the test's own table
+    drops. Restored: connect() again with repair off, the SYN with the ISN
+    it had; once the test's table is gone the kernel's retransmission
+    connects, the listener accepts, and both ends exchange their bytes."""
+    listener = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET)
+    listener.bind((addr, 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    table = f"psnaptest-syn-{os.getpid()}"
+    subprocess.run(["nft", "-f", "-"], check=True, text=True, input=(
+        f"add table inet {table}\nadd chain inet {table} input {{ type filter hook input priority -150; "
+        f"policy accept; }}\nadd rule inet {table} input tcp dport {port} drop\n"))
+    dropping = True
+    try:
+        t = procs.start([sys.executable, "-c", CONNECTING, str(port), addr])
+        assert _state_of(t.pid) == ["SYN_SENT"]
+        images = dump_kill(t, tmp_path / "img", tcp_established=True)
+        conn = connection_of(images)
+        assert conn.state == 2, conn
+        restore(procs, t, images, tcp_established=True)  # its state check sees SYN_SENT: the SYN still dropped
+        subprocess.run(["nft", "delete", "table", "inet", table], check=True)
+        dropping = False
+        os.kill(t.pid, signal.SIGUSR1)  # it sends once connected (assert_pass sends it again: no matter)
+        listener.settimeout(60)
+        s, _ = listener.accept()
+        with s:
+            s.settimeout(60)
+            assert s.recv(5) == b"hello"
+            s.sendall(b"world")
+        assert_pass(t)
+    finally:
+        listener.close()
+        if dropping:
+            subprocess.run(["nft", "delete", "table", "inet", table], check=False)
+
+
+def _queued(pid):
+    """SIOCINQ of the target's one socket."""
+    from procsnap.kernel.libc import copy_fd
+
+    (fd,) = [fd for fd in os.listdir(f"/proc/{pid}/fd") if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")]
+    with socket.socket(fileno=copy_fd(pid, int(fd))) as sk:
+        return struct.unpack("<i", fcntl.ioctl(sk.fileno(), SIOCINQ, bytes(4)))[0]
 
 
 def _state_of(pid):
@@ -368,7 +502,7 @@ def test_iptables_lock(procs, targets, tmp_path, no_locks):
     images = dump_kill(t, tmp_path / "img", tcp_established=True, net_lock="iptables")
     lock = lock_of(images)
     assert lock.method == "iptables" and netlock.held(lock)
-    assert len([r for r in our_rules() if lock.table in r]) == 2
+    assert len([r for r in our_rules() if lock.table in r]) == 4  # a drop and a mark's accept each way
     restore(procs, t, images, tcp_established=True)
     assert not netlock.held(lock) and not [r for r in our_rules() if lock.table in r]
     assert_pass(t)

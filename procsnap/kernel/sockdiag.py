@@ -43,23 +43,29 @@ def unix_sockets() -> dict[int, UnixSocket]:
                                  UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS
                                  | UDIAG_SHOW_RQLEN | 0x40, 0xFFFFFFFF,
                                  0xFFFFFFFF)
-        sk.send(NLMSGHDR.pack(NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
-                + req)
         out: dict[int, UnixSocket] = {}
-        while True:
-            data = sk.recv(1 << 16)
-            off = 0
-            while off + NLMSGHDR.size <= len(data):
-                length, kind, _, _, _ = NLMSGHDR.unpack_from(data, off)
-                if kind == NLMSG_DONE:
-                    return out
-                if kind == NLMSG_ERROR:
-                    (err,) = struct.unpack_from("=i", data, off + NLMSGHDR.size)
-                    raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
-                _parse(data[off + NLMSGHDR.size : off + length], out)
-                off += (length + 3) & ~3
+        for msg in dump(sk, req):
+            _parse(msg, out)
+        return out
     finally:
         sk.close()
+
+
+def dump(sk: socket.socket, req: bytes):
+    """The messages that a SOCK_DIAG_BY_FAMILY dump request `req` gets on `sk`."""
+    sk.send(NLMSGHDR.pack(NLMSGHDR.size + len(req), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + req)
+    while True:
+        data = sk.recv(1 << 16)
+        off = 0
+        while off + NLMSGHDR.size <= len(data):
+            length, kind, _, _, _ = NLMSGHDR.unpack_from(data, off)
+            if kind == NLMSG_DONE:
+                return
+            if kind == NLMSG_ERROR:
+                (err,) = struct.unpack_from("=i", data, off + NLMSGHDR.size)
+                raise OSError(-err, f"sock_diag: {os.strerror(-err)}")
+            yield data[off + NLMSGHDR.size : off + length]
+            off += (length + 3) & ~3
 
 
 def _parse(msg: bytes, out: dict[int, UnixSocket]) -> None:

@@ -172,7 +172,7 @@ def _collect(fd: OpenFd, sk: socket_mod.socket, family: int, sid: int, options: 
                     raise Unsupported(f"{where}: a live TCP connection ({TCP_STATES.get(sock.state, sock.state)} "
                                       f"to {_addr(peer)}); live TCP connections are dumped only with "
                                       "--tcp-established (or --tcp-close)", fd.pid)
-                sock.peer = peer
+                sock.peer = peer or _connecting_peer(family, fd, where, sock.state)
         else:
             sock.peer = peer
     elif family == AF_PACKET:
@@ -270,6 +270,17 @@ def _refuse_memberships(sk, family: int, fd: OpenFd, where: str) -> None:
             name = socket.inet_ntop(family, group)
             raise Unsupported(f"{where} joined the multicast group {name} (interface {index}); "
                               "multicast memberships are not supported", fd.pid)
+
+
+def _connecting_peer(family: int, fd: OpenFd, where: str, state: int) -> list:
+    """The peer of a socket still connecting (SYN_SENT: getpeername fails), from inet_diag."""
+    from ..kernel.inetdiag import tcp_peer
+
+    found = tcp_peer(family, fd.st.st_ino, 1 << state)
+    if found is None:
+        raise Unsupported(f"{where}: a TCP connection in state {TCP_STATES.get(state, state)} whose peer "
+                          "inet_diag does not show (another network namespace?)", fd.pid)
+    return list(found) + ([0, 0] if family == AF_INET6 else [])
 
 
 def _collect_connection(fd: OpenFd, sk, sock: InetSocket, options: dict, repaired: Repaired):

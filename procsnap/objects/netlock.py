@@ -5,11 +5,15 @@ retransmits) and never a reset, and the dumped socket never answers.
 
     nftables  a table of its own, `inet procsnap-<pid>-<tag>` (CRIU's is
               `inet CRIU-<pid>`), two chains hooked at input and output,
-              one rule per connection and direction; unlocking deletes the
-              table.
+              one rule per connection and direction, after one that lets
+              packets marked MARK through; unlocking deletes the table.
     iptables  where nft is missing: one INPUT and one OUTPUT rule per
-              connection (ip6tables for IPv6), each with the table's name as
-              its comment; unlocking deletes those rules.
+              connection (ip6tables for IPv6), each after (below) one that
+              lets packets marked MARK through, all with the table's name as
+              their comment; unlocking deletes those rules.
+
+MARK (CRIU's SOCCR_MARK 0xC114) is the SO_MARK of the segments the restore
+makes up as the peer's (tcpfin.py: a FIN received, our FIN acknowledged).
 
 When          dump                                       restore
 taken         per connection, before TCP_REPAIR reads it
@@ -45,6 +49,7 @@ def _which(tool: str) -> str | None:
     return shutil.which(tool)
 
 METHODS = ("nftables", "iptables", "skip")
+MARK = 0xC114  # tcpfin.MARK: the made-up segments of the restore pass the lock
 PRIORITY = -150  # before conntrack and the filter chains of others: "mangle"
 
 
@@ -104,11 +109,14 @@ def _nft_rules(table: str, conn: list) -> str:
 def _iptables(action: str, table: str, conn: list) -> list[list[str]]:
     fam, laddr, lport, paddr, pport = conn
     tool = "iptables" if fam == 4 else "ip6tables"
-    tail = ["-m", "comment", "--comment", table, "-j", "DROP"]
-    return [[tool, "-w", action, "OUTPUT", "-p", "tcp", "-s", laddr, "--sport", str(lport),
-             "-d", paddr, "--dport", str(pport)] + tail,
-            [tool, "-w", action, "INPUT", "-p", "tcp", "-s", paddr, "--sport", str(pport),
-             "-d", laddr, "--dport", str(lport)] + tail]
+    rules = []
+    for verdict in (["-j", "DROP"], ["-m", "mark", "--mark", hex(MARK), "-j", "ACCEPT"]):  # -I: accept on top
+        tail = ["-m", "comment", "--comment", table] + verdict
+        rules += [[tool, "-w", action, "OUTPUT", "-p", "tcp", "-s", laddr, "--sport", str(lport),
+                   "-d", paddr, "--dport", str(pport)] + tail,
+                  [tool, "-w", action, "INPUT", "-p", "tcp", "-s", paddr, "--sport", str(pport),
+                   "-d", laddr, "--dport", str(lport)] + tail]
+    return rules
 
 
 class DumpLock:
@@ -134,7 +142,8 @@ class DumpLock:
             if rec.method == "nftables":
                 _run(["nft", "-f", "-"], f"add table inet {rec.table}\n" + "".join(
                     f"add chain inet {rec.table} {hook} {{ type filter hook {hook} priority {PRIORITY}; "
-                    "policy accept; }\n" for hook in ("input", "output")))
+                    f"policy accept; }}\nadd rule inet {rec.table} {hook} meta mark {MARK:#x} accept\n"
+                    for hook in ("input", "output")))
             log.info("network lock %s (%s) taken", rec.table, rec.method)
         rec.connections.append(conn)
         if rec.method == "nftables":

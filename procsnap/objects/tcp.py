@@ -36,13 +36,16 @@ of each queue, and writing a queue back moves it on by what is written.
 from __future__ import annotations
 
 import contextlib
+import errno
 from .. import records as dataclasses  # the dataclasses API, cheap to import
 import fcntl
 import os
+import select
 import struct
 import typing
 
 from ..errors import RestoreError, Unsupported
+from . import tcpfin
 
 if typing.TYPE_CHECKING:
     import socket as socket_mod
@@ -51,6 +54,7 @@ if typing.TYPE_CHECKING:
     from .inet import InetSocket
 
 SOL_TCP = 6
+SOL_IP, IP_LOCAL_PORT_RANGE = 0, 51  # linux/in.h (6.3): u32, low port | high port << 16
 TCP_MAXSEG, TCP_INFO = 2, 11
 TCP_REPAIR, TCP_REPAIR_QUEUE, TCP_QUEUE_SEQ, TCP_REPAIR_OPTIONS, TCP_TIMESTAMP, TCP_REPAIR_WINDOW = 19, 20, 21, 22, 24, 29
 TCP_REPAIR_ON, TCP_REPAIR_OFF = 1, 0
@@ -66,15 +70,27 @@ SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B  # linux/sockios.h
 MSG_PEEK, MSG_DONTWAIT = 0x2, 0x40
 SHUT_WR = 1
 
-TCP_ESTABLISHED, TCP_FIN_WAIT1 = 1, 4
-# The states restored; every other one but LISTEN and CLOSE is refused by
-# name. FIN_WAIT1 has its FIN in the send queue, not acknowledged: it is
-# not data (the queue's sizes and write_seq count it, MSG_PEEK does not
-# read it) and is put back by shutdown() in repair mode, after the queue.
-# The others need a FIN in the receive queue or an ACK of ours, that is a
-# packet made up and sent to the restored socket (soccr's send_fin): not yet.
-FIN_IN_SEND_QUEUE = (TCP_FIN_WAIT1,)
-RESTORED = (TCP_ESTABLISHED, TCP_FIN_WAIT1)
+TCP_ESTABLISHED, TCP_SYN_SENT, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING = \
+    1, 2, 4, 5, 8, 9, 11
+# The states restored (soccr's picture of the half-closed ones); every
+# other one but LISTEN and CLOSE is refused by name. A FIN is not data: the
+# queues' sizes and write_seq / rcv_nxt count it, MSG_PEEK does not read it.
+#   our FIN in the send queue: put back by shutdown() in repair mode, after
+#     the queue; before the peer's FIN (FIN_WAIT1/2, CLOSING) or after it
+#     (LAST_ACK); FIN_WAIT2's is acknowledged: shut down with the send queue
+#     chosen (queued as sent), then an ACK of it from the peer (tcpfin.py)
+#   the peer's FIN in the receive queue (CLOSE_WAIT, LAST_ACK, CLOSING):
+#     a FIN from the peer, made up (tcpfin.py), after the queue
+# SYN_SENT (connecting): the send queue's sequence number set one before
+# write_seq (the SYN counts one), then connect() with repair off: the SYN
+# goes out again with the ISN it had (the lock drops it until the end of
+# the restore; the kernel retransmits it); nothing else to restore.
+FIN_FIRST_IN_SEND_QUEUE = (TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSING)
+FIN_SECOND_IN_SEND_QUEUE = (TCP_LAST_ACK,)
+FIN_IN_SEND_QUEUE = FIN_FIRST_IN_SEND_QUEUE + FIN_SECOND_IN_SEND_QUEUE
+FIN_ACKED = (TCP_FIN_WAIT2,)
+FIN_IN_RECV_QUEUE = (TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING)
+RESTORED = (TCP_ESTABLISHED, TCP_SYN_SENT, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING)
 
 
 @dataclasses.dataclass
@@ -124,8 +140,8 @@ def check_state(state: int, what: str) -> None:
     if state not in RESTORED:
         from .inet import TCP_STATES
 
-        raise Unsupported(f"{what}: a TCP connection in state {TCP_STATES.get(state, state)}; only ESTABLISHED "
-                          "and FIN_WAIT1 ones are restored (a FIN received, or our FIN acknowledged, is not yet)")
+        raise Unsupported(f"{what}: a TCP connection in state {TCP_STATES.get(state, state)}; only ESTABLISHED, "
+                          "SYN_SENT, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK and CLOSING ones are restored")
 
 
 def collect_repaired(sk: socket_mod.socket, sid: int, state: int, what: str) -> tuple[TcpConnection, bytes, bytes]:
@@ -198,13 +214,37 @@ def restore_repaired(sk: socket_mod.socket, sock: InetSocket, conn: TcpConnectio
     try:
         set_repair(sk, True)
         step = "bind it"
-        sk.bind(tuple(sock.local))
+        autobound = conn.state == TCP_SYN_SENT and _autobound(sock)
+        if autobound:  # bound at connect, to its port: a bind would set IPV6_V6ONLY
+            sk.setsockopt(SOL_IP, IP_LOCAL_PORT_RANGE, struct.pack("<I", sock.local[1] * 0x10001))
+        else:
+            sk.bind(tuple(sock.local))
         step = "set its sequence numbers"
         fin = 1 if conn.state in FIN_IN_SEND_QUEUE else 0  # write_seq counts the FIN
-        for queue, seq in ((TCP_RECV_QUEUE, conn.recv_seq - conn.recv_len),
+        peer_fin = 1 if conn.state in FIN_IN_RECV_QUEUE else 0  # rcv_nxt counts the peer's
+        for queue, seq in ((TCP_RECV_QUEUE, conn.recv_seq - peer_fin - conn.recv_len),
                            (TCP_SEND_QUEUE, conn.send_seq - fin - conn.send_len)):
             sk.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, queue)
             sk.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("<I", seq & 0xFFFFFFFF))
+        if conn.state == TCP_SYN_SENT:
+            step = "connect it again (SYN_SENT)"
+            sk.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+            sk.setsockopt(SOL_TCP, TCP_QUEUE_SEQ, struct.pack("<I", (conn.send_seq - 1) & 0xFFFFFFFF))
+            sk.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+            set_repair(sk, False)
+            sk.setblocking(False)  # the program's flags are set after
+            err = sk.connect_ex(tuple(sock.peer))
+            set_repair(sk, True)
+            if err not in (0, errno.EINPROGRESS):
+                raise OSError(err, os.strerror(err))
+            if autobound:
+                step = "put its IP_LOCAL_PORT_RANGE back"
+                had = int(sock.options.get("IP_LOCAL_PORT_RANGE", 0))
+                sk.setsockopt(SOL_IP, IP_LOCAL_PORT_RANGE, struct.pack("<I", had))
+                if list(sk.getsockname()[:2]) != list(sock.local[:2]):
+                    raise RestoreError(f"{what}: connected from {sk.getsockname()[:2]}, not {sock.local[:2]}")
+            _check_restored(sk, conn, what)
+            return
         step = "connect it"
         sk.connect(tuple(sock.peer))  # in repair mode: no SYN, the state is ESTABLISHED at once
         step = "set its TCP options"
@@ -237,13 +277,76 @@ def restore_repaired(sk: socket_mod.socket, sock: InetSocket, conn: TcpConnectio
         _put_back_room(sk, had)
         if conn.window:
             step = "set its window"
-            sk.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*conn.window))
-        if fin:
+            window = list(conn.window)
+            if peer_fin:  # rcv_wup counts the FIN: one back, and room for it (soccr)
+                window[4], window[3] = (window[4] - 1) & 0xFFFFFFFF, window[3] + 1
+            sk.setsockopt(SOL_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*window))
+        if conn.state in FIN_FIRST_IN_SEND_QUEUE:
             step = "put its FIN back (shutdown)"
-            sk.shutdown(SHUT_WR)
+            _shutdown(sk, conn.state in FIN_ACKED)
+        if peer_fin:
+            step = "receive the peer's FIN again"
+            _from_peer(sk, sock, conn, conn.recv_seq - 1, conn.send_seq - fin - conn.send_len,
+                       tcpfin.TH_FIN | tcpfin.TH_ACK, what)
+        if conn.state in FIN_SECOND_IN_SEND_QUEUE:
+            step = "put its FIN back (shutdown)"
+            _shutdown(sk, False)
+        if conn.state in FIN_ACKED:
+            step = "receive the ACK of its FIN again"
+            _from_peer(sk, sock, conn, conn.recv_seq, conn.send_seq, tcpfin.TH_ACK, what)
+        step = "check its state"
+        _check_restored(sk, conn, what)
     except OSError as err:
         where = f" ({sock.local[0]}:{sock.local[1]} to {sock.peer[0]}:{sock.peer[1]})"
         raise RestoreError(f"{what}: cannot {step}{where}: {err.strerror}") from err
+
+
+def _autobound(sock: InetSocket) -> bool:
+    """An IPv6 socket with a specific, not v4-mapped, address and
+    IPV6_V6ONLY off was never bound by its program (bind() to such an
+    address sets IPV6_V6ONLY, __inet6_bind): it got its address and port at
+    connect; so it does again, its port range narrowed to its port."""
+    import socket
+
+    addr = str(sock.local[0])
+    return sock.family == socket.AF_INET6 and addr not in ("::", "") and not addr.startswith("::ffff:") \
+        and not sock.options.get("IPV6_V6ONLY")
+
+
+def _check_restored(sk: socket_mod.socket, conn: TcpConnection, what: str) -> None:
+    state = sk.getsockopt(SOL_TCP, TCP_INFO, 1)[0]
+    if state != conn.state:
+        from .inet import TCP_STATES
+
+        raise RestoreError(f"{what}: restored in state {TCP_STATES.get(state, state)}, not "
+                           f"{TCP_STATES.get(conn.state, conn.state)}")
+
+
+def _shutdown(sk: socket_mod.socket, acked: bool) -> None:
+    """Our FIN into the send queue; acknowledged: queued as sent, not sent
+    (the send queue chosen in repair mode), as soccr's restore_fin_in_snd_queue."""
+    if acked:
+        sk.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+    sk.shutdown(SHUT_WR)
+    if acked:
+        sk.setsockopt(SOL_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+
+
+def _from_peer(sk: socket_mod.socket, sock: InetSocket, conn: TcpConnection, seq: int, ack: int, flags: int,
+               what: str) -> None:
+    """A segment from the peer (tcpfin.py), received before this returns:
+    the socket's state must change (loopback delivers at once; a remote
+    address's goes through lo too). Its window is the peer's, as we had it."""
+    before = sk.getsockopt(SOL_TCP, TCP_INFO, 1)[0]
+    window = conn.window[1] >> conn.snd_wscale if conn.window else 0xFFFF
+    tcpfin.send(tuple(sock.peer), tuple(sock.local), seq, ack, flags, window)
+    for _ in range(200):
+        if sk.getsockopt(SOL_TCP, TCP_INFO, 1)[0] != before:
+            return
+        os.sched_yield()
+        select.select([], [], [], 0.005)
+    raise RestoreError(f"{what}: the segment made up from the peer ({'FIN' if flags & tcpfin.TH_FIN else 'ACK'}, "
+                       f"mark {tcpfin.MARK:#x}) did not arrive (a firewall, or a lock of the caller's, drops it?)")
 
 
 def check(conn: TcpConnection, sock: InetSocket | None, image: Image) -> list[str]:

@@ -10,7 +10,9 @@
  *     in MODE "stream", reads and checks what arrives; in MODE "stuffed"
  *     it reads nothing (the client's send queue and its own receive queue
  *     fill), in MODE "shut" it also shuts its write side down once all OUT
- *     bytes are queued (FIN_WAIT1/2 at the dump).
+ *     bytes are queued (FIN_WAIT1/2 at the dump); in MODE "lastack" it
+ *     shuts down only once the client's FIN has come (CLOSE_WAIT, then
+ *     LAST_ACK behind a zero window).
  *     After SIGUSR1: sends the rest, reads and checks all IN bytes, then
  *     expects the client's EOF (nothing after the IN bytes), checks that
  *     its addresses (read at SIGUSR1) are those it had, and closes: PASS.
@@ -33,7 +35,8 @@ int main(int argc, char **argv)
 		ps_bad_mode(argc > 1 ? argv[1] : NULL);
 	const char *addr = argv[1], *mode = argv[4];
 	unsigned long long out_total = strtoull(argv[2], NULL, 0), in_total = strtoull(argv[3], NULL, 0);
-	int stream = strcmp(mode, "stream") == 0, shut = strcmp(mode, "shut") == 0;
+	int stream = strcmp(mode, "stream") == 0, lastack = strcmp(mode, "lastack") == 0;
+	int shut = strcmp(mode, "shut") == 0 || lastack;
 	if (!stream && !shut && strcmp(mode, "stuffed") != 0)
 		ps_bad_mode(mode);
 	ps_install_usr1();
@@ -98,6 +101,13 @@ int main(int argc, char **argv)
 			if (w > 0)
 				sent += (unsigned long long)w;
 		}
+		if (shut && sent == out_total && !shut_done && lastack) {
+			struct tcp_info ti;
+			socklen_t tl = sizeof(ti);
+			ps_setup(getsockopt(c, IPPROTO_TCP, TCP_INFO, &ti, &tl) == 0, "TCP_INFO");
+			if (ti.tcpi_state != TCP_CLOSE_WAIT)
+				continue;
+		}
 		if (shut && sent == out_total && !shut_done) {
 			ps_setup(shutdown(c, SHUT_WR) == 0, "shutdown");
 			shut_done = 1;
@@ -127,7 +137,11 @@ int main(int argc, char **argv)
 		return 1;
 	/* the client shuts down its write side after its IN bytes: nothing more comes */
 	struct pollfd p = { c, POLLIN, 0 };
-	ps_setup(poll(&p, 1, 10000) >= 0 || errno == EINTR, "poll");
+	int pr;
+	do /* SIGUSR1 comes again while the client's FIN is still to come */
+		pr = poll(&p, 1, 10000);
+	while (pr < 0 && errno == EINTR);
+	ps_setup(pr >= 0, "poll");
 	ssize_t r = recv(c, buf, sizeof(buf), 0);
 	if (r != 0)
 		ps_fail("after the last byte:", "expected EOF found %zd (%s)", r, r < 0 ? strerror(errno) : "data");
