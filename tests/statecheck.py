@@ -648,6 +648,8 @@ def _sockets(pids: list[int]) -> dict[int, dict[str, str]]:
                     f"state {d.state} peer {where.get(d.peer, 'outside the tree' if d.peer else 'none')} "
                     f"rqueue {d.rqueue} backlog {d.wqueue if d.state == 10 else '-'} shutdown {d.shutdown} "
                     f"waiting {[where.get(i, 'outside the tree') for i in d.icons]}")
+                if d.rqueue and d.state != 10:
+                    out[pid][f"{key}.in_flight"] = _in_flight(pid, fd, pids)
                 if name[:1] == b"/":
                     try:
                         st = os.lstat(name)
@@ -657,6 +659,47 @@ def _sockets(pids: list[int]) -> dict[int, dict[str, str]]:
                     except FileNotFoundError:
                         out[pid][f"{key}.file"] = "unlinked"
     return out
+
+
+def _in_flight(pid: int, fd: int, pids: list[int]) -> str:
+    """The files in flight (SCM_RIGHTS) of the first message queued to a
+    unix socket, each as the lowest fd of the tree holding the same open
+    file description (kcmp), else its kind. Peeked only when SO_PEEK_OFF is
+    off (-1): a peek then moves nothing."""
+    import socket
+
+    from procsnap.dumper.tree import same_description
+    from procsnap.kernel.libc import copy_fd
+
+    with socket.socket(fileno=copy_fd(pid, fd)) as sk:
+        if sk.getsockopt(socket.SOL_SOCKET, 42) != -1:  # SO_PEEK_OFF
+            return "<SO_PEEK_OFF set: not peeked>"
+        try:
+            _, anc, _, _ = sk.recvmsg(1, socket.CMSG_SPACE(4 * 253), socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except OSError as err:
+            return f"<{os.strerror(err.errno)}>"
+    got = [int.from_bytes(data[i:i + 4], "little") for level, kind, data in anc
+           if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS for i in range(0, len(data) // 4 * 4, 4)]
+    holders = []
+    try:
+        for g in got:
+            st = os.fstat(g)
+            holder = f"a file of mode {st.st_mode:o} no process of the tree holds"
+            for p in sorted(pids):
+                for n in sorted(int(x) for x in os.listdir(f"/proc/{p}/fd")):
+                    with contextlib.suppress(OSError):
+                        o = os.stat(f"/proc/{p}/fd/{n}")
+                        if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino) and same_description(os.getpid(), g, p, n):
+                            holder = f"pid {p} fd {n}"
+                            break
+                else:
+                    continue
+                break
+            holders.append(holder)
+    finally:
+        for g in got:
+            os.close(g)
+    return str(holders)
 
 
 def _socket(sk, key: str) -> dict[str, str]:

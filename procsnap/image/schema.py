@@ -56,7 +56,8 @@ MINOR = 4  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #            Task/Thread.wait_left_ns, Task.stopped_by, ITMR, PTMR
 # 1.4: TRAK (a pre-dump image: its dirty tracking, objects/tracking.py),
 #      TCPC (live TCP connections, objects/tcp.py), NLCK (--tcp-established/--tcp-close and
-#      the network lock of the dump, objects/netlock.py); InetSocket.state/peer of a live connection
+#      the network lock of the dump, objects/netlock.py); InetSocket.state/peer of a live connection;
+#      Socket.rights (SCM_RIGHTS in flight: [pid, fd] of a tree process holding each file)
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 

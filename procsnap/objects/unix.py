@@ -8,8 +8,13 @@ names each socket's peer, its bound file and a listener's waiting clients.
 
 dump     queues read without consuming them: through a copy of the fd
          (pidfd_getfd), peeking message after message (SO_PEEK_OFF).
-         Refused by name: a peer outside the tree, fds or credentials in
-         flight, data sent on a connection not yet accepted.
+         Files in flight (SCM_RIGHTS; the peek installs them here) are
+         recorded as the fd of a process of the tree holding the same open
+         file description (kcmp), sent again from it at restore (pidfd_getfd
+         in Prepare.ready), so they stay one description with it.
+         Refused by name: a peer outside the tree, a file in flight no
+         process of the tree holds, credentials from outside, data sent on
+         a connection not yet accepted.
 restore  every unix socket of the tree at once, in the order names need
          (see build): named ones bound with their files in place, listeners
          listening, pairs made (socketpair, or connect + accept through
@@ -74,6 +79,9 @@ class Socket:
     filter: bytes = b""  # an attached classic BPF program
     ext_peer: bytes = b""  # --ext-unix-sk: the name of the datagram peer outside the tree it is connected to
     creds: list[list[int]] = dataclasses.field(default_factory=list)  # SCM_CREDENTIALS [pid, uid, gid] per message
+    # SCM_RIGHTS per message: the files in flight, each as [pid, fd] of a process of the
+    # tree holding the same open file description (sent again from there at restore)
+    rights: list[list[list[int]]] = dataclasses.field(default_factory=list)
 
     @property
     def path(self) -> str:
@@ -144,7 +152,8 @@ class Collect(protocol.Collect):
                     sock.ext_peer = self._outside_peer(where, pid, unix, self.unix.get(unix.peer))
                 else:
                     sock.peer = peer.id
-            sock.queued, sock.senders, sock.creds, sock.options, sock.filter = _read_socket(pid, fd, unix, sock)
+            sock.queued, sock.senders, sock.creds, sock.options, sock.filter, sock.rights = \
+                _read_socket(pid, fd, unix, sock, tree_pids)
             for cred in sock.creds:
                 if cred and cred[0] not in tree_pids:
                     raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with credentials in flight from pid "
@@ -208,8 +217,9 @@ def _outq(pid: int, fd: int) -> int:
         return int.from_bytes(fcntl.ioctl(sk.fileno(), SIOCOUTQ, bytes(4)), "little", signed=True)
 
 
-def _read_socket(pid: int, fd: int, unix: UnixSocket, sock: Socket):
-    """(queued messages, their senders, options, filter) through a copy of the fd."""
+def _read_socket(pid: int, fd: int, unix: UnixSocket, sock: Socket, tree_pids: set[int]):
+    """(queued messages, their senders, credentials, options, filter, files
+    in flight) through a copy of the fd."""
     import socket
 
     from . import sockopt
@@ -220,22 +230,55 @@ def _read_socket(pid: int, fd: int, unix: UnixSocket, sock: Socket):
         options["SO_RCVBUF"] = sk.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         program = sockopt.read_filter(sk)
         if unix.state == TCP_LISTEN:
-            return [], [], [], options, program
-        queued, senders, creds = _peek_queue(pid, fd, unix, sk, options["SO_RCVBUF"])
-        return queued, senders, creds, options, program
+            return [], [], [], options, program, []
+        queued, senders, creds, rights = _peek_queue(pid, fd, unix, sk, options["SO_RCVBUF"], tree_pids)
+        return queued, senders, creds, options, program, rights
 
 
-def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvbuf: int):
+def _holder(pid: int, fd: int, unix: UnixSocket, got: int, tree_pids: set[int]) -> list[int]:
+    """[pid, fd] of the lowest fd of a process of the tree that holds the
+    open file description `got` (a file in flight, installed here by the
+    peek) refers to (kcmp KCMP_FILE), else refused by name."""
+    from ..dumper.tree import same_description
+
+    st = os.fstat(got)
+    me = os.getpid()
+    for p in sorted(tree_pids):
+        try:
+            fds = sorted(int(n) for n in os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            continue
+        for n in fds:
+            try:
+                other = os.stat(f"/proc/{p}/fd/{n}")
+            except OSError:
+                continue
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino) and same_description(me, got, p, n):
+                return [p, n]
+    try:
+        link = os.readlink(f"/proc/self/fd/{got}")
+    except OSError:
+        link = "?"
+    kind = next((k for test, k in ((stat.S_ISREG, "regular file"), (stat.S_ISFIFO, "pipe"),
+                                   (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory"),
+                                   (stat.S_ISCHR, "character device")) if test(st.st_mode)), "file")
+    raise Unsupported(f"pid {pid}: fd {fd} is a unix socket (socket:[{unix.inode}]) with a file descriptor in "
+                      f"flight (SCM_RIGHTS: {link}, a {kind}) that no process of the dumped tree holds; "
+                      "not supported", pid)
+
+
+def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvbuf: int, tree_pids: set[int]):
     import socket
 
     queued: list[bytes] = []
+    rights: list[list[list[int]]] = []
     senders: list[bytes] = []
     creds: list[list[int]] = []
     # sock_diag's rqueue is every byte of a stream's queue, but only the
     # first message's length for datagrams: those are peeked until none
     # is left, each whole (a truncated peek is refused, never stored cut).
     if unix.type == socket.SOCK_STREAM and not unix.rqueue:
-        return queued, senders, creds
+        return queued, senders, creds, rights
     size = max(unix.rqueue, rcvbuf, 1 << 16)
     peek_off = sk.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
     sk.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
@@ -247,17 +290,30 @@ def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvb
             except BlockingIOError:
                 break
             cred = []
-            rights = False
+            got: list[int] = []  # the files in flight, installed in this process by the peek
+            other = False
             for level, kind, payload in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    rights = True
-                    for i in range(0, len(payload) - len(payload) % 4, 4):
-                        os.close(int.from_bytes(payload[i:i + 4], "little"))
+                    got += [int.from_bytes(payload[i:i + 4], "little")
+                            for i in range(0, len(payload) - len(payload) % 4, 4)]
                 elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= 12:
                     cred = list(struct.unpack_from("<iII", payload))  # struct ucred: pid, uid, gid
-            if rights or (anc and not cred):
-                raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with file descriptors in flight "
-                                  "(SCM_RIGHTS); not supported", pid)
+                else:
+                    other = True
+            try:
+                if other or msg_flags & socket.MSG_CTRUNC:
+                    raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with ancillary data in flight that "
+                                      "is neither SCM_RIGHTS nor SCM_CREDENTIALS, or cut short; not supported", pid)
+                if got and unix.type == socket.SOCK_STREAM:
+                    # a peek (and a recv) runs on across the bytes sent before the files,
+                    # so where they were attached is not readable
+                    raise Unsupported(f"pid {pid}: fd {fd} is a unix stream socket (socket:[{unix.inode}]) with "
+                                      "file descriptors in flight (SCM_RIGHTS); not supported (datagram and "
+                                      "seqpacket sockets are)", pid)
+                held = [_holder(pid, fd, unix, g, tree_pids) for g in got]
+            finally:
+                for g in got:
+                    os.close(g)
             if msg_flags & socket.MSG_TRUNC:
                 raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with a message of more than "
                                   f"{size} bytes queued; not supported", pid)
@@ -266,6 +322,7 @@ def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvb
                 break  # the end of a stream, or of a seqpacket connection shut down by its peer
             queued.append(data)
             creds.append(cred)
+            rights.append(held)
             if unix.type == socket.SOCK_DGRAM:
                 senders.append(addr if isinstance(addr, bytes) else os.fsencode(addr or ""))
             if unix.type == socket.SOCK_STREAM and sum(map(len, queued)) >= unix.rqueue:
@@ -274,11 +331,13 @@ def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvb
                 raise Unsupported(f"pid {pid}: fd {fd} is a unix socket whose queue does not end", pid)
     finally:
         sk.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, peek_off)
+    if not any(rights):
+        rights = []
     if not any(creds):
         creds = []
-        if unix.type == socket.SOCK_STREAM:
+        if unix.type == socket.SOCK_STREAM and not rights:
             queued = [b"".join(queued)]
-    return queued, senders, creds
+    return queued, senders, creds, rights
 
 
 class Prepare(protocol.Prepare):
@@ -305,7 +364,7 @@ class Prepare(protocol.Prepare):
         process of the tree exists now, none runs)."""
         import socket
 
-        waiting = [s for s in self.sockets.values() if s.creds]
+        waiting = [s for s in self.sockets.values() if s.creds or s.rights]
         if not waiting or self.fds is None:
             return
         from . import sockopt
@@ -313,7 +372,7 @@ class Prepare(protocol.Prepare):
         made = {sid: socket.socket(fileno=os.dup(fd)) for sid, fd in self.fds.items()}
         try:
             for s in waiting:
-                _refill(made, self.sockets, s, None)
+                _refill(made, self.sockets, s, None, _files_in_flight(s))
             for s in self.sockets.values():  # the refill forced buffer sizes: theirs again
                 buffers = {k: v for k, v in _options(s).items() if k in ("SO_SNDBUF", "SO_RCVBUF", "SO_BUF_LOCK")}
                 sockopt.apply_options(made[s.id], buffers, s.describe())
@@ -456,8 +515,8 @@ def build(sockets: dict[int, Socket]) -> dict[int, socket_mod.socket]:
                 _connect(made[s.id], peer.name, s.describe())
             elif s.ext_peer:
                 _connect(made[s.id], s.ext_peer, s.describe())
-        for s in sockets.values():  # 7 (with credentials: once their processes exist, Prepare.ready)
-            if not s.creds:
+        for s in sockets.values():  # 7 (with credentials or files: once their processes exist, Prepare.ready)
+            if not s.creds and not s.rights:
                 _refill(made, sockets, s, stand_ins.get(s.id))
         for sk in temps:
             sk.close()
@@ -531,7 +590,27 @@ def _named_pair(sockets: dict[int, Socket], a: int, b: int) -> bool:
     return bool(sockets[b].name) and sockets[b].type != SOCK_DGRAM
 
 
-def _refill(made, sockets: dict[int, Socket], sock: Socket, stand_in) -> None:
+def _files_in_flight(sock: Socket):
+    """Per message, a function giving the fds of its files in flight:
+    copies (pidfd_getfd) of the fds of the restored processes holding them,
+    the same open file descriptions."""
+    from ..kernel import libc as kernel_libc
+
+    def files(i: int) -> list[int]:
+        fds: list[int] = []
+        try:
+            for pid, fd in sock.rights[i] if i < len(sock.rights) else []:
+                fds.append(kernel_libc.copy_fd(pid, fd))
+        except OSError as err:
+            for f in fds:
+                os.close(f)
+            raise RestoreError(f"{sock.describe()}: cannot take fd {fd} of pid {pid} to send it again "
+                               f"in flight: {err.strerror}") from err
+        return fds
+    return files
+
+
+def _refill(made, sockets: dict[int, Socket], sock: Socket, stand_in, files=None) -> None:
     """The messages queued to `sock`, sent again: from its peer (or the
     stand-in of its closed peer), or (a
     datagram socket receiving from many) from the socket of the tree that
@@ -560,12 +639,16 @@ def _refill(made, sockets: dict[int, Socket], sock: Socket, stand_in) -> None:
             own = True
         cred = sock.creds[i] if i < len(sock.creds) else []
         anc = [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, struct.pack("<iII", *cred))] if cred else []
+        passed = files(i) if files is not None else []
+        if passed:
+            anc.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"<{len(passed)}i", *passed)))
         try:
             sender.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 2 * total + (1 << 16))
             if sock.type == SOCK_STREAM:
                 view = memoryview(msg)
                 while view:
                     view = view[sender.sendmsg([view], anc, socket.MSG_DONTWAIT):]
+                    anc = []  # with the first piece only
             elif stand_in is not None or (src is not None and src.peer == sock.id):
                 sender.sendmsg([msg], anc, socket.MSG_DONTWAIT)
             else:
@@ -574,6 +657,8 @@ def _refill(made, sockets: dict[int, Socket], sock: Socket, stand_in) -> None:
             raise RestoreError(f"{sock.describe()}: cannot refill it with its {len(sock.queued)} messages: "
                                f"{err.strerror}") from err
         finally:
+            for f in passed:
+                os.close(f)
             if own:
                 sender.close()
 
@@ -622,7 +707,9 @@ def check_tree(ckpt: model.Checkpoint, root: model.Checkpoint) -> list[str]:
         if (sk.waiting >= 0 and sk.waiting not in listeners) or any(i not in sockets for i in sk.icons):
             problems.append(f"unix socket {sk.id}: waits in the backlog of {sk.waiting}, which is not listening")
         if not -1 <= sk.backlog < 1 << 31 or (sk.senders and len(sk.senders) != len(sk.queued)) \
-                or (sk.creds and (len(sk.creds) != len(sk.queued) or any(len(c) not in (0, 3) for c in sk.creds))):
+                or (sk.creds and (len(sk.creds) != len(sk.queued) or any(len(c) not in (0, 3) for c in sk.creds))) \
+                or (sk.rights and (len(sk.rights) != len(sk.queued) or any(len(m) > 253 for m in sk.rights)
+                                   or any(len(f) != 2 for m in sk.rights for f in m))):
             problems.append(f"unix socket {sk.id}: backlog {sk.backlog}, {len(sk.senders)} senders")
         if len(sk.filter) % 8 or len(sk.filter) > 8 * 4096:
             problems.append(f"unix socket {sk.id}: a filter of {len(sk.filter)} bytes")
