@@ -16,8 +16,9 @@ import signal
 
 from . import memory, ptrace
 from .arch.x86_64 import NR, PAGE_SIZE
-from .libc import pylibc, syscall
-from .structs import Prctl, clone_args
+from .clone import clone_with_pid
+from .libc import syscall
+from .structs import Prctl
 
 
 @dataclasses.dataclass
@@ -91,13 +92,8 @@ def probe_clone3_set_tid() -> str:
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)
-    tid = (ctypes.c_int * 1)(pid)
-    args = clone_args(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
-    got = pylibc.syscall(NR.clone3, ctypes.byref(args), ctypes.sizeof(args))
-    if got == 0:
-        os._exit(0)
+    got, err = clone_with_pid(pid, lambda: 0)
     if got < 0:
-        err = ctypes.get_errno()
         raise OSError(err, f"clone3 set_tid: {os.strerror(err)}")
     os.waitpid(got, 0)
     if got != pid:

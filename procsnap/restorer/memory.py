@@ -178,10 +178,10 @@ def _fill_pool() -> workers.ThreadPool:
 
 def close_fill_pool() -> None:
     """Join the fill threads, at the end of a restore. The next restore in
-    this process spawns by a raw clone3, which runs no fork handlers: a
-    libc lock another thread holds at that moment stays held in the child,
-    which waits on it forever (seen: malloc's main_arena lock, taken by a
-    fill thread freeing its finished batch)."""
+    this process spawns by clone3, which is safe from a single-threaded
+    process only: with these threads still there it would have to go
+    through a forked helper (kernel/clone.py; seen before that: a child
+    waiting forever for malloc's main_arena lock, which a fill thread held)."""
     if _fill_pool.cache_info().currsize:
         _fill_pool().shutdown(wait=True)
         _fill_pool.cache_clear()

@@ -20,8 +20,9 @@ from .. import model
 from ..errors import RestoreError, describe
 from ..kernel.arch.x86_64 import NR
 from ..kernel import proc
-from ..kernel.libc import prctl, pylibc, syscall
-from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE, clone_args
+from ..kernel.clone import clone_with_pid
+from ..kernel.libc import prctl, syscall
+from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE
 from .files import PreparedFiles
 
 PR_SET_PDEATHSIG = 1
@@ -193,36 +194,23 @@ def _rlim(value: int) -> int:
 def _clone(node: Node) -> int:
     """clone3 with set_tid = the node's pid; the child sets itself up (and
     its children) or, for a zombie, exits."""
-    tid = (ctypes.c_int * 1)(node.proc.pid)
-    args = clone_args(exit_signal=signal.SIGCHLD, set_tid=ctypes.addressof(tid), set_tid_size=1)
-    # As os.fork does around fork(): the import lock and the at-fork hooks
-    # before, and in the child the interpreter's locks (the GIL's mutex, which
-    # another thread of a program using procsnap as a library may hold at
-    # this instant: the child would hang in its first drop_gil) made anew
-    # and the other threads forgotten. pylibc keeps the GIL across clone3.
-    ctypes.pythonapi.PyOS_BeforeFork()
-    pid = pylibc.syscall(NR.clone3, ctypes.byref(args), ctypes.sizeof(args))
-    if pid == 0:
-        ctypes.pythonapi.PyOS_AfterFork_Child()
-    else:
-        ctypes.pythonapi.PyOS_AfterFork_Parent()
-    if pid == 0:  # the child
-        code = 1
+    def child() -> int:
         try:
             if node.proc.zombie:
                 _set_session(node)
                 _become_zombie(node.proc.exit_status)
             _child_setup(node)
         except BaseException as err:  # noqa: BLE001 - reported to the restorer
-            code = 2
             for fd in (node.helpers.get("ready", (-1, -1))[::-1]):
                 try:
                     os.write(fd, f"E{describe(err)}".encode()[:4000])
                     break
                 except BaseException:  # noqa: BLE001
                     continue
-        os._exit(code)
-    err = ctypes.get_errno()
+            return 2
+        return 1
+
+    pid, err = clone_with_pid(node.proc.pid, child)
     if pid < 0:
         if err == 17:
             raise RestoreError(f"pid {node.proc.pid} is taken (clone3: EEXIST)", node.proc.pid)
