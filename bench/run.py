@@ -215,6 +215,8 @@ def criu_status() -> str | None:
     """Why CRIU is skipped, or None when it runs."""
     if not CRIU:
         return "CRIU: skipped (set CRIU=path, e.g. CRIU=../shared/anchors/criu-4.2)"
+    if not (os.path.isfile(CRIU) and os.access(CRIU, os.X_OK)):
+        return f"CRIU: skipped ({CRIU} is not an executable file)"
     check = subprocess.run([CRIU, "check"], capture_output=True, text=True)
     if check.returncode:
         return f"CRIU: skipped (`{CRIU} check` failed: {(check.stderr.strip().splitlines() or [''])[-1]})"
