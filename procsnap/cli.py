@@ -40,11 +40,14 @@ def _key(args) -> bytes | None:
 
 
 def _tls(args):
-    """--tls-cert/--tls-key/--tls-ca: TLS on the stream (image/stream.py)."""
+    """--tls-cert/--tls-key/--tls-ca: TLS on the stream (image/stream.py,
+    imported only then: it brings ssl, socket, logging and json)."""
+    given = [getattr(args, n, None) for n in ("tls_cert", "tls_key", "tls_ca")]
+    if not any(given):
+        return None
     from .image.stream import Tls
 
-    given = [getattr(args, n, None) for n in ("tls_cert", "tls_key", "tls_ca")]
-    return Tls(*given) if any(given) else None
+    return Tls(*given)
 
 
 def _stream_location(args, parser_error):
