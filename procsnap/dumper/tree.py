@@ -22,6 +22,7 @@ import contextlib
 import enum
 import functools
 import os
+import typing
 
 from .. import model
 from ..errors import Unsupported
@@ -114,7 +115,8 @@ class CowIndex:
 
     def __init__(self):
         self.owner: dict[int, tuple[int, int]] = {}  # pfn -> (process index, vaddr)
-        self.written: dict[int, tuple[str, list[int], list[model.PageRun]]] = {}  # index -> (source, vaddrs, runs)
+        self.written: dict[int, tuple[str, typing.Sequence[model.PageRun]]] = {}  # index -> (source, runs)
+        self.ordered: dict[int, tuple[list[int], list[model.PageRun]]] = {}  # index -> (vaddrs, runs by vaddr)
 
     def claim(self, index: int, pid: int, runs: list) -> tuple[list, list[tuple[int, int, int, int]]]:
         """`runs` (vma, address, length) less the pages an earlier process
@@ -140,9 +142,17 @@ class CowIndex:
             os.close(fd)
         return keep, refs
 
-    def wrote(self, index: int, source: str, runs: list[model.PageRun]) -> None:
-        ordered = sorted(runs, key=lambda r: r.vaddr)
-        self.written[index] = (source, [r.vaddr for r in ordered], ordered)
+    def wrote(self, index: int, source: str, runs: typing.Sequence[model.PageRun]) -> None:
+        self.written[index] = (source, runs)
+
+    def _by_vaddr(self, index: int) -> tuple[list[int], list[model.PageRun]]:
+        """An owner's runs sorted, made when first referred to (a process
+        no other shares pages with never is: a run per page of half-zero
+        memory would cost 100 MiB at 4 GiB as objects)."""
+        if index not in self.ordered:
+            ordered = sorted(self.written[index][1], key=lambda r: r.vaddr)
+            self.ordered[index] = ([r.vaddr for r in ordered], ordered)
+        return self.ordered[index]
 
     def resolve(self, refs: list[tuple[int, int, int, int]]) -> model.PageRefs | None:
         """PageRefs for claimed pages, now that their owners are written. A
@@ -151,7 +161,8 @@ class CowIndex:
         packed: list[list[int]] = []
         vma_of_last = -1
         for page, owner, owner_page, vma_start in refs:
-            source, vaddrs, runs = self.written[owner]
+            source = self.written[owner][0]
+            vaddrs, runs = self._by_vaddr(owner)
             i = bisect.bisect_right(vaddrs, owner_page) - 1
             if i < 0 or owner_page >= runs[i].vaddr + runs[i].npages * PAGE_SIZE:
                 continue  # a zero page, not stored

@@ -111,14 +111,78 @@ CRYP = b"CRYP"  # in the clear, first: an encrypted image's cipher, salt and key
 SEAL = b"SEAL"  # then the sealed records (sealing.py)
 
 
-def pack_page_runs(runs: list[model.PageRun]) -> model.PageMap:
+# The PMAP record's JSON, which is all one hex string: written and read by
+# slices (writer.py, reader.py) rather than through json, which would hold
+# the whole record several times over (32 MiB of hex at 4 GiB of half-zero
+# memory).
+PMAP_PREFIX = b'{"runs":"'
+PMAP_SUFFIX = b'"}'
+
+
+class Unhexed(typing.NamedTuple):
+    """A hex string of a record that the reader decoded itself."""
+
+    data: bytes
+
+
+class PageRuns:
+    """The PageRuns of an image, held packed as the PMAP record stores them
+    (PAGE_RUN, 32 bytes each): a dump of half-zero memory has a run per
+    page, 131,072 per GiB, which as objects cost ~160 bytes each (the
+    bulk of procsnap's own memory at 4 GiB). A sequence of model.PageRun
+    made on access; appended to by a page sink, whose writer threads fill
+    in each run's hash once its bytes are hashed."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray = b""):
+        self.data = data  # bytes as read (not copied), a bytearray once appended to
+
+    def append(self, vaddr: int, npages: int, offset: int, xxh3: int = 0) -> int:
+        """Adds a run; returns its index."""
+        if not isinstance(self.data, bytearray):
+            self.data = bytearray(self.data)
+        self.data += PAGE_RUN.pack(vaddr, npages, offset, xxh3)
+        return len(self.data) // PAGE_RUN.size - 1
+
+    def set_hash(self, index: int, xxh3: int) -> None:
+        if not isinstance(self.data, bytearray):
+            self.data = bytearray(self.data)
+        struct.pack_into("<Q", self.data, index * PAGE_RUN.size + 24, xxh3)
+
+    def __len__(self) -> int:
+        return len(self.data) // PAGE_RUN.size
+
+    def __iter__(self):
+        for fields in PAGE_RUN.iter_unpack(self.data):
+            yield model.PageRun(*fields)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("page run index out of range")
+        return model.PageRun(*PAGE_RUN.unpack_from(self.data, index * PAGE_RUN.size))
+
+    def __eq__(self, other):
+        return list(self) == list(other) if isinstance(other, (PageRuns, list)) else NotImplemented
+
+    def __repr__(self) -> str:
+        return f"PageRuns({len(self)} runs)"
+
+
+def pack_page_runs(runs: PageRuns | list[model.PageRun]) -> model.PageMap:
+    if isinstance(runs, PageRuns):
+        return model.PageMap(bytes(runs.data))
     return model.PageMap(b"".join(PAGE_RUN.pack(r.vaddr, r.npages, r.offset, r.xxh3) for r in runs))
 
 
-def unpack_page_runs(pmap: model.PageMap) -> list[model.PageRun]:
+def unpack_page_runs(pmap: model.PageMap) -> PageRuns:
     if len(pmap.runs) % PAGE_RUN.size:
         raise SchemaError(f"PageMap: {len(pmap.runs)} bytes is not a whole number of {PAGE_RUN.size}-byte runs")
-    return [model.PageRun(*fields) for fields in PAGE_RUN.iter_unpack(pmap.runs)]
+    return PageRuns(pmap.runs)
 
 
 def unpack_page_refs(refs: model.PageRefs) -> list[tuple[int, int, int, int]]:
@@ -166,7 +230,7 @@ def encode(obj) -> typing.Any:
         return obj.value
     if isinstance(obj, bytes):
         return obj.hex()
-    if isinstance(obj, list):
+    if isinstance(obj, (list, PageRuns)):
         return [encode(x) for x in obj]
     if isinstance(obj, dict):
         return {k: encode(v) for k, v in obj.items()}
@@ -262,6 +326,8 @@ def _decoder(tp) -> typing.Callable[[typing.Any, str], typing.Any]:
         return of_enum
     if tp is bytes:
         def of_bytes(data, where):
+            if isinstance(data, Unhexed):  # decoded by the reader already (a PMAP record)
+                return data.data
             if not isinstance(data, str):
                 raise SchemaError(f"{where}: expected hex bytes")
             try:
@@ -316,7 +382,7 @@ def describe(obj, hexed: bool = False) -> typing.Any:
         return obj.value
     if isinstance(obj, bytes):
         return obj.hex()
-    if isinstance(obj, list):
+    if isinstance(obj, (list, PageRuns)):
         return [describe(x, hexed) for x in obj]
     if isinstance(obj, dict):
         return {k: describe(v, hexed) for k, v in obj.items()}

@@ -380,9 +380,9 @@ class StreamPageSink(FilePageSink):
         self.out = Output(path)
 
     def _write(self, jobs) -> None:
-        for run, data in jobs:
-            self.out.pwrite(data, run.offset)
-            run.xxh3 = data_hash(data)
+        for _, offset, data in jobs:
+            self.out.pwrite(data, offset)
+        self._hash(jobs)
 
     def close(self):
         runs = super().close()

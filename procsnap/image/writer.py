@@ -7,6 +7,7 @@ failed dump has no inventory and is never taken for a complete image.
 
 from __future__ import annotations
 
+import binascii
 import json
 import os
 import threading
@@ -33,7 +34,7 @@ class PageSink(typing.Protocol):
 
     def submit(self, pieces: list[tuple[int, memoryview]]) -> workers.Job: ...
 
-    def close(self) -> list[model.PageRun]: ...
+    def close(self) -> schema.PageRuns: ...
 
     def abort(self) -> None: ...
 
@@ -53,7 +54,7 @@ class FilePageSink:
         self.path = path
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600) if local else -1
         self.offset = 0
-        self.runs: list[model.PageRun] = []
+        self.runs = schema.PageRuns()
         self.pool = workers.ThreadPool(self.WRITERS, thread_name_prefix="procsnap-write")
         self.pending: list[workers.Job] = []
 
@@ -61,19 +62,22 @@ class FilePageSink:
         jobs = []
         for vaddr, data in pieces:
             assert len(data) % PAGE_SIZE == 0
-            run = model.PageRun(vaddr, len(data) // PAGE_SIZE, self.offset, 0)
-            self.runs.append(run)
-            jobs.append((run, data))
+            jobs.append((self.runs.append(vaddr, len(data) // PAGE_SIZE, self.offset), self.offset, data))
             self.offset += len(data)
         fut = self.pool.submit(self._write, jobs)
         self.pending = [f for f in self.pending if not f.done()] + [fut]
         return fut
 
+    def _hash(self, jobs) -> None:
+        """Each run's hash, filled in (under the GIL: pack_into and the
+        main thread's appends never overlap)."""
+        for index, _, data in jobs:
+            self.runs.set_hash(index, data_hash(data))
+
     def _write(self, jobs) -> None:
-        for run, data in jobs:
-            run.xxh3 = data_hash(data)
-        views = [memoryview(data).cast("B") for _, data in jobs]
-        offset = jobs[0][0].offset
+        self._hash(jobs)
+        views = [memoryview(data).cast("B") for _, _, data in jobs]
+        offset = jobs[0][1]
         while views:
             try:
                 n = os.pwritev(self.fd, views[:IOV_MAX], offset)
@@ -88,7 +92,7 @@ class FilePageSink:
                     views[0] = views[0][n:]
                     n = 0
 
-    def close(self) -> list[model.PageRun]:
+    def close(self) -> schema.PageRuns:
         for fut in self.pending:
             fut.result()
         self.pool.shutdown()
@@ -119,10 +123,9 @@ class ChunkedPageSink(FilePageSink):
         self.lock = threading.Lock()
 
     def _write(self, jobs) -> None:
-        for run, data in jobs:
-            run.xxh3 = data_hash(data)
-        start = jobs[0][0].offset
-        whole = memoryview(b"".join(memoryview(data).cast("B") for _, data in jobs))  # this submit's bytes
+        self._hash(jobs)
+        start = jobs[0][1]
+        whole = memoryview(b"".join(memoryview(data).cast("B") for _, _, data in jobs))  # this submit's bytes
         for at in range(0, len(whole), CHUNK_SIZE):
             self._write_chunk(start + at, whole[at : at + CHUNK_SIZE])
 
@@ -143,7 +146,7 @@ class ChunkedPageSink(FilePageSink):
                 raise OSError(err.errno, f"write {self.path} at offset {where}: {err.strerror}") from err
             view, where = view[n:], where + n
 
-    def close(self) -> list[model.PageRun]:
+    def close(self) -> schema.PageRuns:
         for fut in self.pending:
             fut.result()
         if self.fd >= 0:
@@ -232,7 +235,10 @@ class ImageWriter:
             if field in schema.PACKED:
                 value = schema.PACKED[field][0](value)
             for obj in value if many else [value]:
-                body += _record(tag, schema.encode(obj))
+                if tag == b"PMAP":
+                    _append_hex_record(body, tag, obj.runs)
+                else:
+                    body += _record(tag, schema.encode(obj))
                 count += 1
         body += _record(schema.END, {
             "records": count,
@@ -273,6 +279,24 @@ class ImageWriter:
                 os.unlink(os.path.join(self.dir, name))
             except FileNotFoundError:
                 pass
+
+
+def _append_hex_record(body: bytearray, tag: bytes, data: bytes, piece: int = 1 << 20) -> None:
+    """A PMAP record, {"runs":"<hex>"}, appended to body a slice at a time
+    (what json.dumps would write, without its copies of the whole)."""
+    at = len(body)
+    body += bytes(schema.RECORD.size)
+    body += schema.PMAP_PREFIX
+    view = memoryview(data)
+    for i in range(0, len(data), piece):
+        body += binascii.hexlify(view[i : i + piece])
+    body += schema.PMAP_SUFFIX
+    start = at + schema.RECORD.size
+    payload = memoryview(body)[start:]
+    try:
+        schema.RECORD.pack_into(body, at, tag, len(payload), zlib.crc32(payload))
+    finally:
+        payload.release()
 
 
 def _record(tag: bytes, payload) -> bytes:

@@ -310,7 +310,6 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
     shm_fds = {int(name[3:]): fd for name, fd in helper.items() if name.startswith("shm")}
     map_fds = {name[3:]: fd for name, fd in helper.items() if name.startswith("map")}
     refs = _page_refs(ckpt, sources)
-    segments = M.page_segments(ckpt.pages, pages, refs)
     inherited = kept_vmas(ckpt, parent[0], parent[1]) if parent is not None else {}
     mine = {v.start: v for v in ckpt.vmas}
     kept = {start: functools.partial(_restore_kept, target, mine[start], v, parent[1], filled)
@@ -322,10 +321,13 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
     M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, filled, shm_fds, refs, child.sysv_ids, kept,
                       _ref_sources(ckpt, sources))
     if ctx is not None:
+        segments = None  # made only for a fork-built child: a tuple per run, 20 MiB per GiB of half-zero memory
         for node in ctx.nodes[child.pid].children:
             if node.fork_built and node.proc.zombie:
                 make_zombie_seized(target, node, lambda made: ctx.children.setdefault(made, Child(made, -1, {})))
             elif node.fork_built:
+                if segments is None:
+                    segments = M.page_segments(ckpt.pages, pages, refs)
                 _fork_and_rebuild(target, node, ckpt, segments, ctx)
     T.restore_signals_seized(target, ckpt.sigactions, ckpt.pending)
     T.restore_task_seized(target, ckpt.task)
