@@ -23,6 +23,7 @@ import ctypes
 import os
 import re
 import struct
+import subprocess
 import zlib
 
 from procsnap.kernel import infect, proc, ptrace
@@ -368,6 +369,30 @@ def _namespaces(pid: int) -> dict[str, str]:
     return out
 
 
+# What a UTS and an IPC namespace hold that no /proc/PID file shows (read by nsenter, from inside)
+OWN_NAMESPACE_FILES = {
+    "uts": ["/proc/sys/kernel/hostname", "/proc/sys/kernel/domainname"],
+    "ipc": [f"/proc/sys/kernel/{n}" for n in ("shmmax", "shmall", "shmmni", "shm_rmid_forced", "msgmax", "msgmni",
+                                              "msgmnb", "sem")] + ["/proc/sys/fs/mqueue", "/proc/sysvipc"],
+}
+
+
+def _own_namespaces(pid: int) -> dict[str, str]:
+    """The state of the UTS, IPC and time namespaces the root has of its
+    own (not the checker's): hostname and domainname, ipc sysctls and
+    objects, clock offsets."""
+    out = {}
+    for kind, files in OWN_NAMESPACE_FILES.items():
+        if _readlink(f"/proc/{pid}/ns/{kind}") == _readlink(f"/proc/self/ns/{kind}"):
+            continue
+        r = subprocess.run(["nsenter", "-t", str(pid), f"--{kind}", "grep", "-rH", "", *files],
+                           capture_output=True, text=True)
+        out[f"ns.{kind}.state"] = r.stdout + r.stderr
+    if _readlink(f"/proc/{pid}/ns/time") != _readlink("/proc/self/ns/time"):
+        out["ns.time.offsets"] = _read(f"/proc/{pid}/timens_offsets")
+    return out
+
+
 def _autogroup(pid: int) -> str:
     # "/autogroup-123 nice 0": the group is made again by setsid, with a new
     # number; its nice value is state
@@ -588,6 +613,8 @@ def capture_tree(pids: list[int], inject: bool = True) -> dict[int, dict[str, st
             out[pid] = {"gone": "exited while read"}
     if pids:
         out[pids[0]].update(_locks(set(pids)))
+        if out[pids[0]].get("stat.state") not in ("Z", None):
+            out[pids[0]].update(_own_namespaces(pids[0]))
     live = [p for p in pids if out[p].get("stat.state") not in ("Z", None)]  # a zombie has neither
     for pid, shares in _sharing(live).items():
         out[pid].update(shares)

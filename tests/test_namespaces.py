@@ -1,0 +1,162 @@
+"""Containers (issue 15): a tree whose root is the init of a pid namespace
+of its own, made by `unshare --fork --pid --uts --ipc [--time]` around the
+container target (tests/targets/container.c) or a shell with children, is
+dumped with the namespace's pids, killed and restored into new namespaces:
+inside, every process has its old pid, the hostname, domainname, ipc
+sysctls and clock offsets are the namespace's. The state check runs on both
+sides from inside the namespace (nsworker.run_inside), so that it compares
+the namespace's pids, and it compares the namespace's own state too
+(statecheck._own_namespaces). Namespaces not restored are refused by name,
+the tree left running.
+"""
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import procsnap
+from procsnap import nsworker
+from procsnap.errors import Unsupported
+
+from conftest import assert_pass, assert_same_snapshot, descendants, proc_snapshot, reap_gone, wait_until
+
+UNSHARE = ["unshare", "--fork", "--pid", "--uts", "--ipc"]
+TIME = ["--time", "--monotonic", "86400000", "--boottime", "172800000"]  # 1000 and 2000 days
+
+
+def init_of(t):
+    """The host pid of the namespace's init: unshare's child."""
+    wait_until(lambda: Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split(), "unshare's child")
+    return int(Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split()[0])
+
+
+def inside_snapshot(host_pid):
+    """proc_snapshot of the tree from inside its pid namespace: its pids."""
+    return nsworker.run_inside(host_pid, lambda: proc_snapshot(1))
+
+
+def start_container(procs, extra=(), env=None):
+    binary = procs._targets.path("container", "pie")
+    t = procs.start([*UNSHARE, *extra, binary, "init"], name="container", env=env)
+    return t, init_of(t)
+
+
+def dump_container(t, init, images):
+    """Dump the container (its init, by its host pid) in kill mode; returns
+    the snapshot taken from inside before."""
+    others = descendants(init)
+    before = inside_snapshot(init)
+    procsnap.dump(init, str(images))
+    t.wait_exit()  # unshare, its child killed
+    reap_gone([init, *others])
+    return before
+
+
+def restore_container(t, images, before):
+    """Restore; t follows the new init (our child); the state check from inside."""
+    pid = procsnap.restore(str(images))
+    t.adopt(pid)
+    assert nsworker.ns_pids(pid)[-1] == 1, f"restored init {pid}: NSpid {nsworker.ns_pids(pid)}"
+    assert int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1]) == os.getpid()
+    assert_same_snapshot(before, inside_snapshot(pid))
+    return pid
+
+
+@pytest.mark.parametrize("extra", [(), TIME], ids=["pid-uts-ipc", "pid-uts-ipc-time"])
+def test_container_restored(extra, procs, tmp_path):
+    """The container target: pids 1, its children and grandchild, the
+    hostname, domainname, kernel.msgmax and (time) the clock offsets,
+    checked by the target itself after the restore."""
+    t, init = start_container(procs, extra)
+    before = dump_container(t, init, tmp_path / "img")
+    assert sorted(before.tree) == [1, 2, 3, 4], sorted(before.tree)  # the init, C1, C2 and G
+    pid = restore_container(t, tmp_path / "img", before)
+    assert pid != 1
+    assert_pass(t)
+
+
+def test_container_sabotaged_fails(procs, tmp_path):
+    """The target's own check can fail: a hostname changed after READY is seen."""
+    t, init = start_container(procs, env={"PS_TARGET_SABOTAGE": "1"})
+    os.kill(init, signal.SIGUSR1)
+    status, out = t.wait_exit()
+    assert status != 0 and "FAIL: hostname" in out, out
+
+
+def test_state_check_sees_a_lost_hostname(procs, tmp_path):
+    """The state check compares the namespace's own hostname: changed
+    behind the tree's back between two snapshots, it is a difference."""
+    t, init = start_container(procs)
+    before = inside_snapshot(init)
+    subprocess.run(["nsenter", "-t", str(init), "-u", "hostname", "elsewhere"], check=True)
+    with pytest.raises(AssertionError, match="hostname"):
+        assert_same_snapshot(before, inside_snapshot(init))
+
+
+def test_shell_with_children(procs, tmp_path):
+    """A shell as the init, with a pipeline and a python3 child, in its own
+    pid, UTS and IPC namespaces: every pid the same inside after restore."""
+    script = ("hostname shellbox; sleep 1000 | cat & python3 -c 'import time; print(\"READY\", flush=True); "
+              "time.sleep(1000)' & wait")
+    t = procs.start([*UNSHARE, "sh", "-c", script], name="shell")
+    init = init_of(t)
+    def settled():  # every process past its exec, waiting
+        procs_in = [init, *descendants(init)]
+        return len(procs_in) == 4 and all(Path(f"/proc/{p}/syscall").read_text().split()[0] in ("61", "130", "230", "0")
+                                          for p in procs_in)
+    wait_until(settled, "the shell's children waiting")
+    before = dump_container(t, init, tmp_path / "img")
+    pid = restore_container(t, tmp_path / "img", before)
+    host = subprocess.run(["nsenter", "-t", str(pid), "-u", "hostname"], capture_output=True, text=True).stdout
+    assert host.strip() == "shellbox"
+    kids = sorted(nsworker.ns_pids(k)[-1] for k in descendants(pid))
+    assert kids == sorted(p for p in before.tree if p != 1)
+    t.kill_and_reap()
+
+
+@pytest.mark.parametrize("unshare, names", [
+    (["--fork", "--pid", "--mount-proc"], ["mnt:["]),
+    (["--fork", "--pid", "--net"], ["net:["]),
+    (["--fork", "--pid", "--user", "--map-root-user"], ["user:["]),
+    (["--fork", "--pid", "--cgroup"], ["cgroup:["]),
+], ids=["mount", "net", "user", "cgroup"])
+def test_not_restored_refused_by_name(unshare, names, procs, tmp_path):
+    """A container's namespaces procsnap does not make again are refused,
+    naming them, and the tree runs on (the target checks itself)."""
+    binary = procs._targets.path("container", "pie")
+    t = procs.start(["unshare", *unshare, "--uts", "--ipc", binary, "init"], name="container")
+    init = init_of(t)
+    with pytest.raises(Unsupported) as exc:
+        procsnap.dump(init, str(tmp_path / "img"))
+    for name in names:
+        assert name in str(exc.value), (name, str(exc.value))
+    assert "refused" in str(exc.value)
+    assert not (tmp_path / "img" / "procsnap.img").exists()
+    os.kill(init, signal.SIGUSR1)
+    status, out = t.wait_exit()
+    assert status == 0 and "PASS\n" in out, out
+
+
+def test_nested_and_non_init_refused(procs, tmp_path):
+    """A process of a pid namespace that is not its init, and a tree with a
+    nested pid namespace, are refused by name; both run on."""
+    t = procs.start(["unshare", "--fork", "--pid", "sh", "-c",
+                     "unshare --fork --pid sleep 1000 & sleep 1000 & echo READY; wait"], name="nested")
+    init = init_of(t)
+    wait_until(lambda: len(descendants(init)) == 3, "the nested namespace's sleep")
+    sleeper = next(p for p in descendants(init) if Path(f"/proc/{p}/comm").read_text().strip() == "sleep"
+                   and len(nsworker.ns_pids(p)) == 2)
+    with pytest.raises(Unsupported, match=rf"pid {sleeper}: is pid \d+ of pid namespace pid:\[\d+\], not its init"):
+        procsnap.dump(sleeper, str(tmp_path / "img"))
+    with pytest.raises(Unsupported, match=r"pid \d+: lives in namespaces other than procsnap's: pid:\[\d+\]") as exc:
+        procsnap.dump(init, str(tmp_path / "img"))
+    assert "nested pid namespaces" in str(exc.value)
+    deep = next(p for p in descendants(init) if len(nsworker.ns_pids(p)) == 3)
+    with pytest.raises(Unsupported, match=rf"pid {deep}: the init of pid namespace .* nested 2 levels"):
+        procsnap.dump(deep, str(tmp_path / "img"))
+    assert all(Path(f"/proc/{p}/stat").read_text().split()[2] == "S" for p in [init, *descendants(init)])
+    t.kill_and_reap()
