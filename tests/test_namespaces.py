@@ -10,6 +10,7 @@ the namespace's pids, and it compares the namespace's own state too
 the tree left running.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ import procsnap
 from procsnap import nsworker
 from procsnap.errors import Unsupported
 
-from conftest import assert_pass, assert_same_snapshot, descendants, proc_snapshot, reap_gone, wait_until
+from conftest import CASES_BY_ID, assert_pass, assert_same_snapshot, descendants, proc_snapshot, reap_gone, wait_until
 
 UNSHARE = ["unshare", "--fork", "--pid", "--uts", "--ipc"]
 TIME = ["--time", "--monotonic", "86400000", "--boottime", "172800000"]  # 1000 and 2000 days
@@ -160,3 +161,71 @@ def test_nested_and_non_init_refused(procs, tmp_path):
         procsnap.dump(deep, str(tmp_path / "img"))
     assert all(Path(f"/proc/{p}/stat").read_text().split()[2] == "S" for p in [init, *descendants(init)])
     t.kill_and_reap()
+
+
+def run_to_exit(pid, timeout=30.0):
+    """SIGUSR1 to our child `pid` until it exits (re-sent: the flag test races pause()); its status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got, status = os.waitpid(pid, os.WNOHANG)
+        if got == pid:
+            return status
+        assert time.monotonic() < deadline, f"copy {pid}: no exit {timeout} s after SIGUSR1"
+        os.kill(pid, signal.SIGUSR1)
+        time.sleep(0.05)
+
+
+def test_ten_copies(procs, tmp_path):
+    """One image restored ten times at once, each copy in namespaces of its
+    own with the same pids inside: all ten run side by side, and each one's
+    self-check passes (its exit status; they share one output file)."""
+    t, init = start_container(procs)
+    before = dump_container(t, init, tmp_path / "img")
+    pids = procsnap.restore_copies(str(tmp_path / "img"), 10)
+    try:
+        assert len(set(pids)) == 10
+        assert len({os.readlink(f"/proc/{p}/ns/pid") for p in pids}) == 10
+        assert len({os.readlink(f"/proc/{p}/ns/uts") for p in pids}) == 10
+        for p in pids:  # all at once: every copy's tree is there, with the image's pids inside
+            assert sorted(nsworker.ns_pids(k)[-1] for k in [p, *descendants(p)]) == sorted(before.tree)
+        assert_same_snapshot(before, inside_snapshot(pids[-1]))
+        statuses = [run_to_exit(p) for p in pids]
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p, 0)
+    assert statuses == [0] * 10, statuses
+    assert "PASS\n" in t.output() and "FAIL" not in t.output(), t.output()
+
+
+def test_copies_of_a_host_tree_refused(procs, tmp_path):
+    """--copies of a tree in the host's pid namespace: refused (its pids can
+    be taken once), nothing restored."""
+    from conftest import cli, dump_kill
+
+    t = procs.start_case(CASES_BY_ID["memory"], "pie")
+    dump_kill(t, tmp_path / "img")
+    r = cli("restore", "-D", str(tmp_path / "img"), "--copies", "2", "-d")
+    assert r.returncode != 0 and "--copies 2" in r.stderr and "pid namespace" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert not os.path.exists(f"/proc/{t.pid}")
+
+
+def test_copies_cli(procs, tmp_path):
+    """`procsnap restore -D DIR --copies 3 -d` prints the three roots' pids."""
+    from conftest import cli
+
+    t, init = start_container(procs)
+    dump_container(t, init, tmp_path / "img")
+    r = cli("restore", "-D", str(tmp_path / "img"), "--copies", "3", "-d")
+    assert r.returncode == 0, r.stderr
+    pids = [int(x) for x in r.stdout.split()]
+    try:
+        assert len(pids) == 3 and all(nsworker.ns_pids(p)[-1] == 1 for p in pids), r.stdout
+    finally:
+        for p in pids:  # the CLI's children, orphaned to us (the subreaper)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        reap_gone(pids)
