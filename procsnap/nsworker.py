@@ -17,7 +17,9 @@ first: nothing of it reaches the host's mount table). Its own pid is taken
 with set_tid from the top of the namespace's range, outside `avoid` (the
 pids and thread ids the tree has or will be given): the worker never takes
 a pid of the tree. Its result, or the exception it raised, comes back
-pickled on a pipe.
+pickled on a pipe. The worker's threads take pids of the namespace as well,
+from its last pid on (ns_last_pid): that is put above every pid of the tree
+while the worker runs, and back after.
 
 SIGKILL sent from inside a pid namespace to its init, which has no handler
 for it, is dropped (kernel/signal.c forces it only from an ancestor
@@ -73,6 +75,10 @@ def setns_to(pid: int | str, kind: str) -> None:
         os.close(fd)
 
 
+def setns_fd(fd: int, kind: str) -> None:
+    _check(libc.setns(fd, NS_FLAGS[kind]), f"setns to an {kind} namespace")
+
+
 def unshare(flags: int) -> None:
     _check(libc.unshare(flags), f"unshare {flags:#x}")
 
@@ -119,6 +125,24 @@ def _send(fd: int, msg) -> None:
         view = view[os.write(fd, view):]
 
 
+LAST_PID = "/proc/sys/kernel/ns_last_pid"  # of the reader's pid namespace
+
+
+def _last_pid() -> int:
+    with open(LAST_PID) as f:
+        return int(f.read())
+
+
+def _set_last_pid(pid: int) -> None:
+    with open(LAST_PID, "w") as f:
+        f.write(str(pid))
+
+
+def saved_last_pid() -> int:
+    """In a worker: its namespace's last pid as the worker found it."""
+    return _inside["last_pid"]
+
+
 def _free_pid(avoid: set[int]) -> typing.Iterator[int]:
     with open("/proc/sys/kernel/pid_max") as f:
         top = int(f.read()) - 1
@@ -128,10 +152,12 @@ def _free_pid(avoid: set[int]) -> typing.Iterator[int]:
 
 
 def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing.Iterable[int] = (),
-               enter: typing.Iterable[str] = ()) -> typing.Any:
+               enter: typing.Iterable[str] = (), last_pid: int | None = None) -> typing.Any:
     """fn() in a worker inside the pid namespace of `host_pid` (and its
     namespaces `enter`: "uts", "ipc"); returns its result or raises its
-    exception (see the module docstring)."""
+    exception (see the module docstring). The namespace's last pid
+    (ns_last_pid, where its next pid is sought) is put above `avoid` while
+    the worker runs, and then back, or to `last_pid`."""
     from .kernel.clone import _clone3
 
     avoid = set(avoid)
@@ -152,7 +178,13 @@ def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing
                 _inside.update(result=result_w, kill=kill_w, host_pid=host_pid, host_ns=host_ns)
                 try:
                     own_proc()
-                    msg = ("ok", fn())
+                    # the worker's threads take pids of the namespace too: above the tree's
+                    _inside["last_pid"] = _last_pid()
+                    _set_last_pid(max([_inside["last_pid"], *avoid]))
+                    try:
+                        msg = ("ok", fn())
+                    finally:
+                        _set_last_pid(_inside["last_pid"] if last_pid is None else last_pid)
                 except BaseException as err:  # noqa: BLE001 - sent to the caller
                     msg = ("err", err)
                 _send(result_w, msg)

@@ -377,6 +377,28 @@ OWN_NAMESPACE_FILES = {
 }
 
 
+# Of /proc/sysvipc/*: what an object is, not when it was made or last used, nor by which pid (the
+# restorer makes it again; the times and cpid/lpid are the new object's)
+SYSVIPC_FIELDS = ("key", "shmid", "msqid", "semid", "perms", "size", "nattch", "cbytes", "qnum", "nsems",
+                  "uid", "gid", "cuid", "cgid")
+
+
+def _sysvipc_ids(text: str) -> str:
+    out, names = [], {}
+    for line in text.splitlines():
+        path, _, rest = line.partition(":")
+        if not path.startswith("/proc/sysvipc/"):
+            out.append(line)
+            continue
+        fields = rest.split()
+        if path not in names:  # its first line: the header
+            names[path] = fields
+            continue
+        row = dict(zip(names[path], fields))
+        out.append(path + ": " + " ".join(f"{k}={row[k]}" for k in SYSVIPC_FIELDS if k in row))
+    return "\n".join(out)
+
+
 def _own_namespaces(pid: int) -> dict[str, str]:
     """The state of the UTS, IPC and time namespaces the root has of its
     own (not the checker's): hostname and domainname, ipc sysctls and
@@ -387,7 +409,7 @@ def _own_namespaces(pid: int) -> dict[str, str]:
             continue
         r = subprocess.run(["nsenter", "-t", str(pid), f"--{kind}", "grep", "-rH", "", *files],
                            capture_output=True, text=True)
-        out[f"ns.{kind}.state"] = r.stdout + r.stderr
+        out[f"ns.{kind}.state"] = _sysvipc_ids(r.stdout) + r.stderr
     if _readlink(f"/proc/{pid}/ns/time") != _readlink("/proc/self/ns/time"):
         out["ns.time.offsets"] = _read(f"/proc/{pid}/timens_offsets")
     return out

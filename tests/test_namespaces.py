@@ -229,3 +229,26 @@ def test_copies_cli(procs, tmp_path):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(p, signal.SIGKILL)
         reap_gone(pids)
+
+
+MQ_OPEN = "python3 -c \"import ctypes; ctypes.CDLL(None).mq_open(b'/psq', 0o102, 0o600, None)\""
+
+
+@pytest.mark.parametrize("make, name", [
+    ("ipcmk -Q", "SysV message queue id"),
+    ("ipcmk -S 2", "SysV semaphore set id"),
+    ("ipcmk -M 4096", "SysV shared memory segment id"),
+    (MQ_OPEN, "POSIX message queue /psq"),
+], ids=["msg", "sem", "shm-unattached", "mqueue"])
+def test_ipc_objects_refused_by_name(make, name, procs, tmp_path):
+    """IPC objects of the container's IPC namespace that procsnap does not
+    make again are refused by name, and the container runs on."""
+    t = procs.start([*UNSHARE, "sh", "-c", f"{make} >/dev/null && echo READY && exec sleep 1000"], name="ipc")
+    init = init_of(t)
+    wait_until(lambda: Path(f"/proc/{init}/comm").read_text().strip() == "sleep", "the init's sleep")
+    with pytest.raises(Unsupported, match=r"ipc namespace ipc:\[\d+\]: " + name) as exc:
+        procsnap.dump(init, str(tmp_path / "img"))
+    assert "Traceback" not in str(exc.value)
+    assert not (tmp_path / "img" / "procsnap.img").exists()
+    assert Path(f"/proc/{init}/stat").read_text().rpartition(")")[2].split()[0] == "S"
+    t.kill_and_reap()

@@ -11,8 +11,9 @@ that is not procsnap's is refused at dump, by name.
                the kernel's to give, as in CRIU
     uts        hostname and domainname             refused
     ipc        made again with its sysctls         refused
-               (kernel.shm*, msg*, sem, fs.mqueue.*); SysV objects and
-               POSIX message queues in it are refused by name
+               (kernel.shm*, msg*, sem, fs.mqueue.*) and the SysV segments
+               the tree attaches; other SysV objects and POSIX message
+               queues in it are refused by name
     time       made again with its clock offsets   refused
     mnt, net, user, cgroup                         refused, by name
 
@@ -22,11 +23,14 @@ namespaces the tree shares with procsnap are compared with the caller's
 (nsworker.host_namespaces), not the worker's: the worker has a mount
 namespace of its own for its procfs.
 
-At restore, a single-threaded copy of the restorer unshares the UTS, IPC
-and time namespaces, sets the hostname, the ipc sysctls and the clock
-offsets (a time namespace takes offsets only before any process is in
-it), and clones the root with CLONE_NEWPID and set_tid [1]; the root's
-children are made from inside, with set_tid of their namespace pids.
+At restore, the restorer's thread makes the IPC namespace first, with its
+sysctls, and stays in it until the restore is over: the SysV segments the
+tree attaches are made there, before any process (objects/shm.py). A
+single-threaded copy of the restorer then unshares the UTS and time
+namespaces, sets the hostname and the clock offsets (a time namespace
+takes offsets only before any process is in it), and clones the root with
+CLONE_NEWPID and set_tid [1]; the root's children are made from inside,
+with set_tid of their namespace pids.
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ class Namespaces:
     domainname: str = ""
     ipc_sysctls: dict[str, str] = dataclasses.field(default_factory=dict)  # IPC_SYSCTLS path -> value
     time_offsets: list[list[int | str]] = dataclasses.field(default_factory=list)  # [clock, seconds, nanoseconds]
+    last_pid: int = 0  # the pid namespace's ns_last_pid: its next process is given the first free pid above it
 
 
 def _link(pid: int | str, kind: str) -> str | None:
@@ -115,16 +120,19 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
-def _check_ipc_empty() -> None:
-    """SysV objects and POSIX message queues of the tree's IPC namespace
-    (this worker has entered it) are refused by name: not made again yet."""
+def _check_ipc_objects(attached: set[int]) -> None:
+    """The objects of the tree's IPC namespace (this worker has entered
+    it): SysV segments the tree has attached (`attached`, objects/shm.py)
+    are made again in the new one; any other SysV object and every POSIX
+    message queue is refused by name."""
     link = _link("self", "ipc")
     for name, what in SYSV.items():
-        lines = _read(f"/proc/sysvipc/{name}").splitlines()[1:]
-        if lines:
-            key, ident = lines[0].split()[:2]
-            raise Unsupported(f"ipc namespace {link}: {what} id {ident} key {int(key):#x} (of {len(lines)}); "
-                              "SysV objects inside an IPC namespace are not restored yet")
+        lines = [line.split() for line in _read(f"/proc/sysvipc/{name}").splitlines()[1:]]
+        left = [(key, ident) for key, ident, *_ in lines if not (name == "shm" and int(ident) in attached)]
+        if left:
+            key, ident = left[0]
+            raise Unsupported(f"ipc namespace {link}: {what} id {ident} key {int(key):#x} (of {len(left)}); "
+                              "only SysV segments a process of the tree attaches are restored")
     import tempfile
 
     where = tempfile.mkdtemp(prefix="procsnap-mqueue-")
@@ -141,18 +149,18 @@ def _check_ipc_empty() -> None:
                           "message queues are not restored")
 
 
-def collect_namespaces() -> Namespaces | None:
+def collect_namespaces(root: model.Checkpoint) -> Namespaces | None:
     """Inside a container's worker (which has entered the root's UTS and
     IPC namespaces): what the root's own namespaces hold."""
     host = nsworker.host_namespaces()
-    ns = Namespaces()
+    ns = Namespaces(last_pid=nsworker.saved_last_pid())
     for kind in ("pid", "uts", "ipc", "time"):
         if _link(1, kind) != host.get(kind):
             ns.own.append(kind)
     if "uts" in ns.own:
         ns.hostname, ns.domainname = os.uname().nodename, _read("/proc/sys/kernel/domainname")
     if "ipc" in ns.own:
-        _check_ipc_empty()
+        _check_ipc_objects({m.sysv_id for m in root.shms if m.sysv_id >= 0})
         ns.ipc_sysctls = {name: _read(f"/proc/sys/{name}") for name in IPC_SYSCTLS
                           if os.path.exists(f"/proc/sys/{name}")}
     if "time" in ns.own:
@@ -162,9 +170,10 @@ def collect_namespaces() -> Namespaces | None:
 
 
 class Collect(protocol.Collect):
-    def collect_tree(self, root: model.Checkpoint, tree_pids: set[int]) -> None:
-        if nsworker.inside() and 1 in tree_pids:
-            ns = collect_namespaces()
+    def write_tree(self, writer, root: model.Checkpoint) -> None:
+        """Once the other kinds have written theirs: root.shms, the SysV segments the tree attaches."""
+        if nsworker.inside() and root.task.pid == 1:
+            ns = collect_namespaces(root)
             root.namespaces = [ns] if ns else []
 
 
@@ -186,16 +195,35 @@ def make_namespaces(ns: Namespaces) -> None:
     """In the single-threaded copy of the restorer that clones the root
     (kernel/clone.py): its UTS, IPC and time namespaces, unshared and set,
     for the root to be cloned into (the time namespace is its children's)."""
-    flags = sum(nsworker.NS_FLAGS[kind] for kind in ("uts", "ipc", "time") if kind in ns.own)
+    flags = sum(nsworker.NS_FLAGS[kind] for kind in ("uts", "time") if kind in ns.own)
     if flags:
         nsworker.unshare(flags)
     if "uts" in ns.own:
         _write("/proc/sys/kernel/hostname", ns.hostname)
         _write("/proc/sys/kernel/domainname", ns.domainname)
-    for name, value in ns.ipc_sysctls.items():
-        _write(f"/proc/sys/{name}", value)
     if ns.time_offsets:
         _write("/proc/self/timens_offsets", "".join(f"{c} {s} {n}\n" for c, s, n in ns.time_offsets))
+
+
+def enter_ipc(ckpt: model.Checkpoint, stack) -> None:
+    """The restorer's thread in a new IPC namespace with the saved sysctls
+    for the whole restore, if the image has one: the SysV segments are made
+    in it (objects/shm.py), the root is cloned into it, the kinds' finish
+    removes what it must there; back in its own as `stack` closes."""
+    if not ckpt.namespaces or "ipc" not in ckpt.namespaces[0].own:
+        return
+    own = os.open("/proc/thread-self/ns/ipc", os.O_RDONLY | os.O_CLOEXEC)
+    stack.callback(_back_to, own, "ipc")
+    nsworker.unshare(nsworker.CLONE_NEWIPC)
+    for name, value in ckpt.namespaces[0].ipc_sysctls.items():
+        _write(f"/proc/sys/{name}", value)
+
+
+def _back_to(fd: int, kind: str) -> None:
+    try:
+        nsworker.setns_fd(fd, kind)
+    finally:
+        os.close(fd)
 
 
 def _write(path: str, value: str) -> None:

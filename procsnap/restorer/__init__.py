@@ -63,6 +63,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     pid = root_image.checkpoint.task.pid
     with contextlib.ExitStack() as stack:
         stack.callback(M.close_fill_pool)
+        NS.enter_ipc(root_image.checkpoint, stack)  # a container's: its SysV segments are made in it
         shared = SharedFiles(root_image, ext_unix_sk=ext_unix_sk, tcp_established=tcp_established,
                              tcp_close=tcp_close, skip_net_lock=skip_net_lock)
         stack.callback(shared.close)
@@ -102,7 +103,9 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             host = children[pid].host_pid
             log.info("pid %d: the init of a new pid namespace, pid %d here", pid, host)
             try:
-                nsworker.run_inside(host, rebuild_tree, avoid=NS.tree_ids(tree))
+                ids = NS.tree_ids(tree)
+                nsworker.run_inside(host, rebuild_tree, avoid=ids,
+                                    last_pid=root_image.checkpoint.namespaces[0].last_pid or max(ids))
             except BaseException:
                 kill_children({pid: dataclasses.replace(children[pid], pid=host)}, host)
                 raise
@@ -140,7 +143,8 @@ def _rebuild_tree(tree, root_image: Image, nodes: dict[int, Node], images: dict[
                                                                       filled.add, sources, ctx.tree_pids, ctx),
                     shared.ready, {p.pid: nodes[p.pid].parent.proc.pid for p, _ in live if p.pid in forked})
     except BaseException:
-        kill_children(children, pid)
+        if not nsworker.inside():  # else: killed from outside with the namespace's init (SIGKILL from inside
+            kill_children(children, pid)  # does not reach it), its tracees with this worker (EXITKILL)
         raise
 
 

@@ -4,13 +4,15 @@
  *
  *   ./container init   the root records getpid (1) and getppid (0), sets
  *                      the hostname and domainname (UTS namespace) and
- *                      kernel.msgmax (IPC namespace), reads
+ *                      kernel.msgmax and attaches a 64 KiB SysV segment
+ *                      filled with a pattern (IPC namespace), reads
  *                      CLOCK_MONOTONIC and CLOCK_BOOTTIME; forks C1 and
  *                      C2, C2 forks G; each records its getpid/getppid,
  *                      tells its pid on a pipe, and waits for SIGUSR2.
  *                      After SIGUSR1 the root checks its own pid, ppid, the
- *                      pids it was told, the hostname, domainname and
- *                      msgmax, that neither clock went back nor jumped
+ *                      pids it was told, the hostname, domainname,
+ *                      msgmax, the segment's id (by its key) and bytes,
+ *                      the namespace's ns_last_pid, that neither clock went back nor jumped
  *                      more than a day (a time namespace's offsets lost
  *                      would move them by the offset), then SIGUSR2s its
  *                      children, which check their own ids (G: also C2's
@@ -20,6 +22,7 @@
  */
 #include "target.h"
 #include <sys/prctl.h>
+#include <sys/shm.h>
 #include <sys/utsname.h>
 #include <sys/wait.h>
 #include <fcntl.h>
@@ -28,6 +31,8 @@
 #define HOST "procsnap-box"
 #define DOMAIN "procsnap.test"
 #define MSGMAX "12345"
+#define SHM_KEY 0x15c0de15
+#define SHM_LEN (64 << 10)
 
 static volatile sig_atomic_t got_usr2;
 static void on_usr2(int sig) { (void)sig; got_usr2 = 1; }
@@ -111,6 +116,13 @@ int main(int argc, char **argv)
 	int fd = open("/proc/sys/kernel/msgmax", O_WRONLY);
 	ps_setup(fd >= 0 && write(fd, MSGMAX, strlen(MSGMAX)) > 0, "write kernel.msgmax");
 	close(fd);
+	int shmid = shmget(SHM_KEY, SHM_LEN, IPC_CREAT | IPC_EXCL | 0600);
+	ps_setup(shmid >= 0, "shmget");
+	unsigned char *seg = shmat(shmid, NULL, 0);
+	ps_setup(seg != (void *)-1, "shmat");
+	for (int i = 0; i < SHM_LEN; i++)
+		seg[i] = (unsigned char)(i * 7 + 3);
+	uint64_t seg_hash = ps_hash(seg, SHM_LEN);
 	int pipefd[2];
 	ps_setup(pipe(pipefd) == 0, "pipe");
 	pid_t c1 = spawn("C1", pipefd[1], 0), c2 = spawn("C2", pipefd[1], 1);
@@ -118,6 +130,8 @@ int main(int argc, char **argv)
 	for (int i = 0; i < 3; i++)
 		ps_setup(read(pipefd[0], &told[i], sizeof(told[i])) == sizeof(told[i]), "read a pid");
 	double mono = now(CLOCK_MONOTONIC), boot = now(CLOCK_BOOTTIME);
+	char last_pid[32];  /* where the namespace's next pid is sought from */
+	read_file("/proc/sys/kernel/ns_last_pid", last_pid, sizeof(last_pid));
 	ps_ready();
 	if (ps_sabotage())
 		sethostname("sabotaged", 9);
@@ -140,6 +154,10 @@ int main(int argc, char **argv)
 	char buf[64];
 	read_file("/proc/sys/kernel/msgmax", buf, sizeof(buf));
 	PS_CHECK_STR("kernel.msgmax", MSGMAX, buf);
+	read_file("/proc/sys/kernel/ns_last_pid", buf, sizeof(buf));
+	PS_CHECK_STR("ns_last_pid", last_pid, buf);
+	PS_CHECK_U64("SysV segment id by its key", shmid, shmget(SHM_KEY, 0, 0));
+	PS_CHECK_U64("SysV segment bytes", seg_hash, ps_hash(seg, SHM_LEN));
 	double mono2 = now(CLOCK_MONOTONIC), boot2 = now(CLOCK_BOOTTIME);
 	if (mono2 < mono || mono2 - mono > 86400)
 		ps_fail("CLOCK_MONOTONIC", "was %.3f at READY, %.3f now", mono, mono2);
