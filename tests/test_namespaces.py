@@ -23,7 +23,8 @@ import procsnap
 from procsnap import nsworker
 from procsnap.errors import Unsupported
 
-from conftest import CASES_BY_ID, assert_pass, assert_same_snapshot, descendants, proc_snapshot, reap_gone, wait_until
+from conftest import (CASES_BY_ID, assert_pass, assert_same_snapshot, descendants, our_children, proc_snapshot,
+                      reap_gone, wait_until)
 
 UNSHARE = ["unshare", "--fork", "--pid", "--uts", "--ipc"]
 TIME = ["--time", "--monotonic", "86400000", "--boottime", "172800000"]  # 1000 and 2000 days
@@ -252,3 +253,41 @@ def test_ipc_objects_refused_by_name(make, name, procs, tmp_path):
     assert not (tmp_path / "img" / "procsnap.img").exists()
     assert Path(f"/proc/{init}/stat").read_text().rpartition(")")[2].split()[0] == "S"
     t.kill_and_reap()
+
+
+@pytest.mark.parametrize("stage", ["after-spawn", "before-registers", "before-detach"])
+def test_failed_restore_leaves_nothing(stage, procs, tmp_path, monkeypatch):
+    """A restore that fails inside the namespace's worker raises the error
+    (no hang: the init cannot be killed from inside, it is killed from
+    outside) and leaves no process; the image restores afterwards."""
+    from procsnap.faults import InjectedFault
+
+    t, init = start_container(procs)
+    before = dump_container(t, init, tmp_path / "img")
+    mine = set(our_children())
+    monkeypatch.setenv("PROCSNAP_FAULT", stage)
+    with pytest.raises(InjectedFault):
+        procsnap.restore(str(tmp_path / "img"))
+    monkeypatch.delenv("PROCSNAP_FAULT")
+    assert set(our_children()) <= mine
+    restore_container(t, tmp_path / "img", before)
+    assert_pass(t)
+
+
+@pytest.mark.parametrize("stage", ["after-freeze", "before-commit"])
+def test_failed_dump_leaves_it_running(stage, procs, tmp_path, monkeypatch):
+    """A dump that fails inside the namespace's worker leaves the container
+    running untouched (state check from inside) and passing its check."""
+    from procsnap.faults import InjectedFault
+
+    t, init = start_container(procs)
+    before = inside_snapshot(init)
+    monkeypatch.setenv("PROCSNAP_FAULT", stage)
+    with pytest.raises(InjectedFault):
+        procsnap.dump(init, str(tmp_path / "img"))
+    monkeypatch.delenv("PROCSNAP_FAULT")
+    assert not (tmp_path / "img" / "procsnap.img").exists()
+    assert_same_snapshot(before, inside_snapshot(init))
+    os.kill(init, signal.SIGUSR1)
+    status, out = t.wait_exit()
+    assert status == 0 and "PASS\n" in out, out
