@@ -291,3 +291,26 @@ def test_failed_dump_leaves_it_running(stage, procs, tmp_path, monkeypatch):
     os.kill(init, signal.SIGUSR1)
     status, out = t.wait_exit()
     assert status == 0 and "PASS\n" in out, out
+
+
+def test_leave_running_then_a_copy_beside_it(procs, tmp_path):
+    """dump -R of a running container, then a restore while it runs: the
+    copy, in namespaces of its own, has the same pids inside as the
+    original, which runs on; both pass their checks."""
+    t, init = start_container(procs)
+    before = inside_snapshot(init)
+    procsnap.dump(init, str(tmp_path / "img"), leave_running=True)
+    assert_same_snapshot(before, inside_snapshot(init))
+    copy = procsnap.restore(str(tmp_path / "img"))
+    try:
+        assert_same_snapshot(before, inside_snapshot(copy))
+        status = run_to_exit(copy)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(copy, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(copy, 0)
+    assert status == 0, status
+    os.kill(init, signal.SIGUSR1)
+    code, out = t.wait_exit()
+    assert code == 0 and "PASS\n" in out and "FAIL" not in out, out  # (the copy wrote to the same file)
