@@ -314,3 +314,24 @@ def test_leave_running_then_a_copy_beside_it(procs, tmp_path):
     os.kill(init, signal.SIGUSR1)
     code, out = t.wait_exit()
     assert code == 0 and "PASS\n" in out and "FAIL" not in out, out  # (the copy wrote to the same file)
+
+
+@pytest.mark.parametrize("edit, found", [
+    (lambda ns: ns.update(own=["uts"]), "only pid, uts, ipc and time"),
+    (lambda ns: ns.update(own=["pid", "net"]), "only pid, uts, ipc and time"),
+    (lambda ns: ns.update(ipc_sysctls={"kernel/core_pattern": "|/bin/sh"}), "ipc sysctls"),
+    (lambda ns: ns.update(time_offsets=[["realtime", 5, 0]]), "time offsets"),
+], ids=["no-pid", "net", "sysctl", "clock"])
+def test_corrupt_namespaces_record(edit, found, procs, tmp_path):
+    """An NSPC record restore cannot trust is ImageCorrupt, naming it (a
+    sysctl outside the ipc ones is never written), before any process is made."""
+    from conftest import rewrite_records
+    from procsnap.errors import ImageCorrupt
+
+    t, init = start_container(procs)
+    dump_container(t, init, tmp_path / "img")
+    rewrite_records(tmp_path / "img", lambda records: [edit(p) for tag, p in records if tag == b"NSPC"])
+    mine = set(our_children())
+    with pytest.raises(ImageCorrupt, match=found):
+        procsnap.restore(str(tmp_path / "img"))
+    assert set(our_children()) <= mine

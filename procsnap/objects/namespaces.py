@@ -182,7 +182,7 @@ def check_image(ckpt: model.Checkpoint, image) -> list[str]:
     for ns in ckpt.namespaces:
         if "pid" not in ns.own or set(ns.own) - {"pid", "uts", "ipc", "time"}:
             problems.append(f"namespaces {ns.own}: only pid, uts, ipc and time, with pid, are made again")
-        if ckpt.task.pid != 1 and ckpt.procs and ckpt.procs[0].pid == ckpt.task.pid:
+        if ckpt.task.pid != 1:
             problems.append(f"namespaces: the root is pid {ckpt.task.pid}, not its pid namespace's init")
         if any(name not in IPC_SYSCTLS for name in ns.ipc_sysctls):
             problems.append(f"namespaces: ipc sysctls {sorted(ns.ipc_sysctls)} beyond {IPC_SYSCTLS}")
