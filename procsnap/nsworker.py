@@ -198,9 +198,12 @@ def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing
                 raise OSError(err, f"clone3 of a worker in the pid namespace of {host_pid}: {os.strerror(err)}")
             os.close(kill_w)
             os.close(result_w)
-            if os.read(kill_r, 1) == b"K":
+            killed = os.read(kill_r, 1) == b"K"
+            if killed:
                 os.kill(host_pid, signal.SIGKILL)
             os.waitpid(got, 0)
+            while killed and _alive(host_pid):  # dead (a zombie for its parent) before the caller goes on
+                time.sleep(0.001)
         except BaseException as err:  # noqa: BLE001 - sent to the caller
             with contextlib.suppress(BaseException):
                 _send(result_w, ("err", err))
@@ -225,6 +228,14 @@ def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing
             raise value
         raise RestoreError(f"in the pid namespace of pid {host_pid}: {describe(value)}", host_pid) from value
     return value
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
 
 
 def _reap(pid: int) -> None:

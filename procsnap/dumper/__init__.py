@@ -210,7 +210,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         log.info("pid %d: image written to %s", pid, images_dir)
         if not leave_running:
             if nsworker.inside() and pid == 1:  # SIGKILL from inside does not reach the init: from outside
-                stats.frozen_s = stats.total_s = time.monotonic() - tree.tasks[0].since
+                stats.frozen_s, stats.total_s = time.monotonic() - tree.tasks[0].since, time.monotonic() - started
                 nsworker.from_outside_kill(stats)
             with translated(pid, "kill"):
                 tree.kill()

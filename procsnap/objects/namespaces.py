@@ -81,9 +81,13 @@ def pid_namespace_init(pid: int) -> bool:
     """Whether `pid` is the init of a pid namespace one level below ours,
     a tree procsnap dumps from inside that namespace. A process deeper
     down, or not the init of its namespace, is refused by name."""
-    if _link(pid, "pid") == _link("self", "pid"):
+    theirs = _link(pid, "pid")
+    if theirs is None or theirs == _link("self", "pid"):
+        return False  # gone (the dump says so, by name), or in ours
+    try:
+        levels, mine = nsworker.ns_pids(pid), nsworker.ns_pids("self")
+    except FileNotFoundError:
         return False
-    levels, mine = nsworker.ns_pids(pid), nsworker.ns_pids("self")
     if levels[-1] != 1:
         raise Unsupported(f"pid {pid}: is pid {levels[-1]} of pid namespace {_link(pid, 'pid')}, not its init; "
                           "a tree in a pid namespace is dumped from its init (a container's root)", pid)

@@ -106,8 +106,11 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
                 ids = NS.tree_ids(tree)
                 nsworker.run_inside(host, rebuild_tree, avoid=ids,
                                     last_pid=root_image.checkpoint.namespaces[0].last_pid or max(ids))
-            except BaseException:
+            except BaseException:  # the init from outside, and the namespace with it (never its pids here)
                 kill_children({pid: dataclasses.replace(children[pid], pid=host)}, host)
+                for other, child in children.items():
+                    if other != pid and child.sync_w >= 0:
+                        os.close(child.sync_w)
                 raise
             pid = host
         for child in children.values():
