@@ -48,6 +48,14 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
                     key=key, tcp_established=tcp_established, tcp_close=tcp_close, skip_net_lock=skip_net_lock)
 
 
+def restore_copies(images_dir: str, copies: int, **options) -> list[int]:
+    """`copies` independent restores of a container's image (each in new
+    namespaces: restore()'s options); the pid of each copy's root."""
+    from .restorer.copies import restore_copies as _copies
+
+    return _copies(images_dir, copies, **options)
+
+
 def verify(images_dir: str, allow_other_owner: bool = False, allow_setuid: bool = False,
            key: bytes | None = None) -> list[str]:
     """Every problem that would stop a restore of `images_dir` ([] if none)."""

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from .errors import ProcsnapError, plural
+from .errors import ProcsnapError, RestoreError, plural
 
 
 def _progress(label: str):
@@ -110,10 +110,14 @@ def cmd_restore(args) -> int:
                    allow_other_owner=args.allow_other_owner, allow_setuid=args.allow_setuid,
                    ext_unix_sk=args.ext_unix_sk, key=_key(args),
                    tcp_established=args.tcp_established, tcp_close=args.tcp_close, skip_net_lock=args.skip_net_lock)
+    if args.copies != 1 and args.stream is not None:
+        raise RestoreError("--copies: not with --stream (receive the image with -D DIR, then restore copies of DIR)")
     if args.stream is not None:
         from .streaming import restore_stream
 
         pid = restore_stream(args.stream, args.images_dir, _tls(args), _listening(args.stream), **options)
+    elif args.copies != 1:
+        return _restore_copies(args, options)
     else:
         pid = restore(args.images_dir, **options)
     if args.pidfile:
@@ -131,6 +135,25 @@ def cmd_restore(args) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
+
+
+def _restore_copies(args, options) -> int:
+    """--copies N: every root's pid printed (and in --pidfile), one a line; without -d, waits for all of
+    them and exits with the first non-zero status."""
+    from . import restore_copies
+
+    pids = restore_copies(args.images_dir, args.copies, **options)
+    if args.pidfile:
+        with open(args.pidfile, "w") as f:
+            f.write("".join(f"{pid}\n" for pid in pids))
+    print("\n".join(map(str, pids)), flush=True)
+    if args.restore_detached:
+        return 0
+    codes = []
+    for pid in pids:
+        _, status = os.waitpid(pid, 0)
+        codes.append(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
+    return next((c for c in codes if c), 0)
 
 
 def cmd_receive(args) -> int:
@@ -292,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(listen there); held in -D DIR or a temporary directory until restored")
     r.add_argument("-d", "--restore-detached", action="store_true", help="return once it runs; print its pid")
     r.add_argument("--pidfile", metavar="FILE", help="write the restored pid here")
+    r.add_argument("--copies", type=int, default=1, metavar="N",
+                   help="N independent copies of a container's image, each in new namespaces; prints their pids")
     r.add_argument("-j", "--shell-job", action="store_true", help="attach terminal fds to this terminal")
     r.add_argument("--ext-unix-sk", action="store_true",
                    help="connect unix sockets dumped with --ext-unix-sk to their outside peer again")

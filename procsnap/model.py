@@ -42,6 +42,7 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.tracking import Tracking
     from .objects.tcp import TcpConnection
     from .objects.netlock import NetLock
+    from .objects.namespaces import Namespaces
 
 
 class Prot(enum.IntFlag):
@@ -391,3 +392,4 @@ class Checkpoint:
     tracking: list[Tracking] = dataclasses.field(default_factory=list)  # a pre-dump's (one), since format 1.4
     tcp_connections: list[TcpConnection] = dataclasses.field(default_factory=list)  # the root's, since format 1.4
     net_lock: list[NetLock] = dataclasses.field(default_factory=list)  # the root's, none or one, since format 1.4
+    namespaces: list[Namespaces] = dataclasses.field(default_factory=list)  # the root's, none or one, since 1.5

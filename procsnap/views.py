@@ -291,6 +291,9 @@ def summary(root: Image, tree: Tree) -> str:
     lines = [f"image {root.directory}: format {root.major}.{root.minor}, {plural(len(tree), 'process')}"
              + (f" ({zombies} zombie{'s' * (zombies != 1)})" if zombies else "")
              + f", {plural(threads, 'thread')}; root pid {t.pid} ({t.comm}), {thread_state(t.regs)}"]
+    for ns in root.checkpoint.namespaces:  # a container's (objects/namespaces.py)
+        lines.append(f"namespaces of its own: {' '.join(ns.own)}; pids are its pid namespace's"
+                     + (f"; hostname {ns.hostname}" if "uts" in ns.own else ""))
     by_kind: dict[str, int] = collections.Counter()
     shared = nruns = earlier = 0
     ours = {id(img) for _, img in live}

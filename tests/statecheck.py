@@ -23,6 +23,7 @@ import ctypes
 import os
 import re
 import struct
+import subprocess
 import zlib
 
 from procsnap.kernel import infect, proc, ptrace
@@ -368,6 +369,52 @@ def _namespaces(pid: int) -> dict[str, str]:
     return out
 
 
+# What a UTS and an IPC namespace hold that no /proc/PID file shows (read by nsenter, from inside)
+OWN_NAMESPACE_FILES = {
+    "uts": ["/proc/sys/kernel/hostname", "/proc/sys/kernel/domainname"],
+    "ipc": [f"/proc/sys/kernel/{n}" for n in ("shmmax", "shmall", "shmmni", "shm_rmid_forced", "msgmax", "msgmni",
+                                              "msgmnb", "sem")] + ["/proc/sys/fs/mqueue", "/proc/sysvipc"],
+}
+
+
+# Of /proc/sysvipc/*: what an object is, not when it was made or last used, nor by which pid (the
+# restorer makes it again; the times and cpid/lpid are the new object's)
+SYSVIPC_FIELDS = ("key", "shmid", "msqid", "semid", "perms", "size", "nattch", "cbytes", "qnum", "nsems",
+                  "uid", "gid", "cuid", "cgid")
+
+
+def _sysvipc_ids(text: str) -> str:
+    out, names = [], {}
+    for line in text.splitlines():
+        path, _, rest = line.partition(":")
+        if not path.startswith("/proc/sysvipc/"):
+            out.append(line)
+            continue
+        fields = rest.split()
+        if path not in names:  # its first line: the header
+            names[path] = fields
+            continue
+        row = dict(zip(names[path], fields))
+        out.append(path + ": " + " ".join(f"{k}={row[k]}" for k in SYSVIPC_FIELDS if k in row))
+    return "\n".join(out)
+
+
+def _own_namespaces(pid: int) -> dict[str, str]:
+    """The state of the UTS, IPC and time namespaces the root has of its
+    own (not the checker's): hostname and domainname, ipc sysctls and
+    objects, clock offsets."""
+    out = {}
+    for kind, files in OWN_NAMESPACE_FILES.items():
+        if _readlink(f"/proc/{pid}/ns/{kind}") == _readlink(f"/proc/self/ns/{kind}"):
+            continue
+        r = subprocess.run(["nsenter", "-t", str(pid), f"--{kind}", "grep", "-rH", "", *files],
+                           capture_output=True, text=True)
+        out[f"ns.{kind}.state"] = _sysvipc_ids(r.stdout) + r.stderr
+    if _readlink(f"/proc/{pid}/ns/time") != _readlink("/proc/self/ns/time"):
+        out["ns.time.offsets"] = _read(f"/proc/{pid}/timens_offsets")
+    return out
+
+
 def _autogroup(pid: int) -> str:
     # "/autogroup-123 nice 0": the group is made again by setsid, with a new
     # number; its nice value is state
@@ -588,6 +635,8 @@ def capture_tree(pids: list[int], inject: bool = True) -> dict[int, dict[str, st
             out[pid] = {"gone": "exited while read"}
     if pids:
         out[pids[0]].update(_locks(set(pids)))
+        if out[pids[0]].get("stat.state") not in ("Z", None):
+            out[pids[0]].update(_own_namespaces(pids[0]))
     live = [p for p in pids if out[p].get("stat.state") not in ("Z", None)]  # a zombie has neither
     for pid, shares in _sharing(live).items():
         out[pid].update(shares)

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 
-from .. import faults, model, objects
+from .. import faults, model, nsworker, objects
 from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.chunks import require_compress
 from ..image.series import DedupSink, page_index
@@ -26,6 +26,7 @@ from ..kernel import infect, proc, ptrace
 from ..objects.fown import check_owners
 from ..objects.file import FileTable
 from ..objects.netlock import DumpLock, default_method
+from ..objects.namespaces import pid_namespace_init
 from ..objects.protocol import Collect
 from . import collect as C
 from . import tree as T
@@ -79,6 +80,11 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     what it held before.
     """
     started = time.monotonic()
+    if pid_namespace_init(pid):  # a container's init: dumped from inside its pid namespace (objects/namespaces.py)
+        with translated(pid, "enter its pid namespace"):
+            return nsworker.run_inside(pid, functools.partial(
+                dump, 1, images_dir, leave_running, shell_job, progress, ext_unix_sk, compress, key, prev_images_dir,
+                tls, tcp_established, tcp_close, net_lock), enter=("uts", "ipc"))
     if compress:
         require_compress()
     chain = _final_chain(pid, images_dir, prev_images_dir, key) if prev_images_dir else None
@@ -203,6 +209,9 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         faults.point("before-thaw")
         log.info("pid %d: image written to %s", pid, images_dir)
         if not leave_running:
+            if nsworker.inside() and pid == 1:  # SIGKILL from inside does not reach the init: from outside
+                stats.frozen_s, stats.total_s = time.monotonic() - tree.tasks[0].since, time.monotonic() - started
+                nsworker.from_outside_kill(stats)
             with translated(pid, "kill"):
                 tree.kill()
             killed[0] = True

@@ -24,7 +24,7 @@ import functools
 import os
 import typing
 
-from .. import model
+from .. import model, nsworker
 from ..errors import Unsupported
 from ..image import schema
 from ..kernel import proc
@@ -190,8 +190,11 @@ def check_sessions(procs: list[model.Proc], shell_job: bool = False) -> None:
     restored into the restorer's: refused unless shell_job says so (CRIU)."""
     by_pid = {p.pid: p for p in procs}
     root = procs[0]
+    # 0 in a container's worker: led from outside the init's pid namespace; restored, it is in the
+    # restorer's, outside the new namespace too: 0 again
     outside = [f"{what} {leader} (leader: pid {leader})" for what, leader in
-               (("session", root.sid), ("process group", root.pgid)) if leader != root.pid]
+               (("session", root.sid), ("process group", root.pgid))
+               if leader != root.pid and not (leader == 0 and nsworker.inside())]
     if outside and not shell_job:
         verb = "are" if len(outside) > 1 else "is"
         raise Unsupported(f"pid {root.pid}: {' and '.join(outside)} {verb} led from outside the dumped tree; "

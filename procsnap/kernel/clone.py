@@ -57,11 +57,16 @@ def _clone3(pid: int, child: typing.Callable[[], int], flags: int) -> tuple[int,
     return got, err
 
 
-def clone_with_pid(pid: int, child: typing.Callable[[], int]) -> tuple[int, int]:
+def clone_with_pid(pid: int, child: typing.Callable[[], int], flags: int = 0,
+                   before: typing.Callable[[], None] | None = None) -> tuple[int, int]:
     """A child of this process with pid `pid`, running child() and exiting
     with its result (it never returns there). Returns (pid, 0), or (-1,
-    errno) when clone3 failed (EEXIST: the pid is taken)."""
-    if not other_threads():
+    errno) when clone3 failed (EEXIST: the pid is taken). flags: clone3's
+    too (CLONE_NEWPID: `pid` is the child's in its new pid namespace, and
+    the one returned the kernel's in ours); before(): run in the forked
+    copy just before the clone (namespaces unshared for the child there
+    leave this process's alone; an exception in it is the clone's error)."""
+    if not other_threads() and not flags and before is None:
         return _clone3(pid, child, 0)
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
@@ -73,7 +78,13 @@ def clone_with_pid(pid: int, child: typing.Callable[[], int]) -> tuple[int, int]
     if helper == 0:  # the single-threaded copy
         try:
             os.close(r)
-            got, err = _clone3(pid, lambda: (os.close(w), child())[1], CLONE_PARENT)
+            try:
+                if before is not None:
+                    before()
+            except OSError as e:
+                got, err = -1, e.errno or 22
+            else:
+                got, err = _clone3(pid, lambda: (os.close(w), child())[1], CLONE_PARENT | flags)
             os.write(w, f"{got} {err}\n".encode())
         finally:
             os._exit(0)

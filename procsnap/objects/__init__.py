@@ -18,6 +18,7 @@ from . import cgroups, creds, device, epoll, eventfd, file, fown, ghost, locks, 
 from . import fanotify, ghostdir, inotify, memlock, opath, procfd, seccomp
 from . import timers
 from . import tracking
+from . import namespaces
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -58,7 +59,7 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 # terminal before other character devices, /proc/PID files and namespace
 # fds before regular files; an O_PATH fd before all, whatever it is of.
 KINDS = (opath, shm, ghost, ghostdir, procfd, file, pty, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe,
-         inotify, fanotify, memlock, inet, tracking)
+         inotify, fanotify, memlock, inet, tracking, namespaces)
 
 
 def collectors(**options) -> list[protocol.Collect]:

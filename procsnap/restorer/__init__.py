@@ -18,7 +18,7 @@ import signal
 import threading
 import typing
 
-from .. import faults, model, objects, workers
+from .. import faults, model, nsworker, objects, workers
 from ..errors import ProcsnapError, RestoreError, plural, translated
 from ..image import schema
 from ..image.reader import Image, PageSource, open_image, open_pages
@@ -27,6 +27,7 @@ from ..kernel.arch.x86_64 import PAGE_SIZE
 from . import memory as M
 from . import task as T
 from ..objects.cgroups import restore_cgroups
+from ..objects import namespaces as NS
 from .files import SharedFiles, map_key, prepare_files
 from .forkbuild import (child_target, finish_seized, fork_built, fork_child_seized, helper_numbers, make_zombie_seized,
                         setup_seized)
@@ -62,6 +63,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     pid = root_image.checkpoint.task.pid
     with contextlib.ExitStack() as stack:
         stack.callback(M.close_fill_pool)
+        NS.enter_ipc(root_image.checkpoint, stack)  # a container's: its SysV segments are made in it
         shared = SharedFiles(root_image, ext_unix_sk=ext_unix_sk, tcp_established=tcp_established,
                              tcp_close=tcp_close, skip_net_lock=skip_net_lock)
         stack.callback(shared.close)
@@ -86,40 +88,67 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
         if forked:
             log.info("pid %d: %s forked from their parents: %s", pid, plural(len(forked), "process"),
                      " ".join(map(str, sorted(forked))))
+        container = NS.prepare_root(nodes[pid], root_image.checkpoint)
         with translated(pid, "spawn", RestoreError):
-            for image in images.values():
+            for image in images.values() if not container else ():  # in a new pid namespace, every pid is free
                 for th in image.checkpoint.threads:
                     wait_pid_free(th.tid)
             children = spawn(nodes[pid])
         log.info("pid %d: spawned %s", pid, plural(len(children), "process"))
-        try:
-            faults.point("after-spawn")
-            for p, image in tree:  # before any memory is mapped: it is charged where it is made
-                if image is not None and p.pid not in forked:  # (those: once forked)
-                    with translated(p.pid, "restore cgroups", RestoreError):
-                        restore_cgroups(p.pid, image.checkpoint.cgroups)
-            sources = {}  # every image's pages: a process may map pages another one stored
-            for proc_entry, image in tree:
-                if image is not None:
-                    sources[proc_entry.dir] = stack.enter_context(page_source(image))
-            for name, parent in root_image.parents.items():  # a series' parents (image/series.py)
-                sources[name] = stack.enter_context(page_source(parent))
-            expect_pages(tree, sources)
-            live = [(p, image) for p, image in tree if image is not None]
-            filled = Progress(progress, "fill memory", sum(_fill_bytes(image.checkpoint) for _, image in live))
-            ctx = Rebuild(sources, filled.add, {p.pid for p, _ in live}, nodes, images, children)
-            rebuild_all(live, lambda p, image: p.pid in forked or rebuild(children[p.pid], image, sources[p.dir],
-                                                                          filled.add, sources, ctx.tree_pids, ctx),
-                        shared.ready, {p.pid: nodes[p.pid].parent.proc.pid for p, _ in live if p.pid in forked})
-        except BaseException:
-            kill_children(children, pid)
-            raise
+        rebuild_tree = functools.partial(_rebuild_tree, tree, root_image, nodes, images, children, forked, shared,
+                                         stack, progress)
+        if not container:
+            rebuild_tree()
+        else:  # from inside its pid namespace, where the image's pids are the pids (nsworker.py)
+            host = children[pid].host_pid
+            log.info("pid %d: the init of a new pid namespace, pid %d here", pid, host)
+            try:
+                ids = NS.tree_ids(tree)
+                nsworker.run_inside(host, rebuild_tree, avoid=ids,
+                                    last_pid=root_image.checkpoint.namespaces[0].last_pid or max(ids))
+            except BaseException:  # the init from outside, and the namespace with it (never its pids here)
+                kill_children({pid: dataclasses.replace(children[pid], pid=host)}, host)
+                for other, child in children.items():
+                    if other != pid and child.sync_w >= 0:
+                        os.close(child.sync_w)
+                raise
+            pid = host
         for child in children.values():
             if child.sync_w >= 0:
                 os.close(child.sync_w)
         succeeded[0] = True
     log.info("pid %d: running", pid)
     return pid
+
+
+def _rebuild_tree(tree, root_image: Image, nodes: dict[int, Node], images: dict[int, Image],
+                  children: dict[int, Child], forked: set[int], shared: SharedFiles, stack: contextlib.ExitStack,
+                  progress) -> None:
+    """Every spawned process rebuilt and released, or all of them killed."""
+    pid = root_image.checkpoint.task.pid
+    try:
+        faults.point("after-spawn")
+        for p, image in tree:  # before any memory is mapped: it is charged where it is made
+            if image is not None and p.pid not in forked:  # (those: once forked)
+                with translated(p.pid, "restore cgroups", RestoreError):
+                    restore_cgroups(p.pid, image.checkpoint.cgroups)
+        sources = {}  # every image's pages: a process may map pages another one stored
+        for proc_entry, image in tree:
+            if image is not None:
+                sources[proc_entry.dir] = stack.enter_context(page_source(image))
+        for name, parent in root_image.parents.items():  # a series' parents (image/series.py)
+            sources[name] = stack.enter_context(page_source(parent))
+        expect_pages(tree, sources)
+        live = [(p, image) for p, image in tree if image is not None]
+        filled = Progress(progress, "fill memory", sum(_fill_bytes(image.checkpoint) for _, image in live))
+        ctx = Rebuild(sources, filled.add, {p.pid for p, _ in live}, nodes, images, children)
+        rebuild_all(live, lambda p, image: p.pid in forked or rebuild(children[p.pid], image, sources[p.dir],
+                                                                      filled.add, sources, ctx.tree_pids, ctx),
+                    shared.ready, {p.pid: nodes[p.pid].parent.proc.pid for p, _ in live if p.pid in forked})
+    except BaseException:
+        if not nsworker.inside():  # else: killed from outside with the namespace's init (SIGKILL from inside
+            kill_children(children, pid)  # does not reach it), its tracees with this worker (EXITKILL)
+        raise
 
 
 class Progress:

@@ -15,6 +15,7 @@ import os
 import resource
 import signal
 import time
+import typing
 
 from .. import model
 from ..errors import RestoreError, describe
@@ -26,6 +27,7 @@ from ..kernel.structs import KSIGACTION, NSIG, SIGSET_SIZE
 from .files import PreparedFiles
 
 PR_SET_PDEATHSIG = 1
+CLONE_NEWPID = 0x20000000  # include/uapi/linux/sched.h
 
 
 @dataclasses.dataclass
@@ -34,6 +36,7 @@ class Child:
     sync_w: int  # restorer's end; closing it would wake the child
     helper_fds: dict[str, int]  # name -> fd number in the child
     sysv_ids: dict[int, int] = dataclasses.field(default_factory=dict)  # SharedMem id -> shmid to attach
+    host_pid: int = 0  # the root of a new pid namespace: its pid in ours (pid is the namespace's, 1)
 
 
 def wait_pid_free(pid: int, timeout: float = 3.0) -> None:
@@ -66,6 +69,8 @@ class Node:
     sync_w: int = -1
     parent: "Node | None" = None
     fork_built: bool = False  # made by a fork in its rebuilt parent (forkbuild.py), not by the spawn
+    clone_flags: int = 0  # the root of a container: CLONE_NEWPID (objects/namespaces.py)
+    before_clone: typing.Callable[[], None] | None = None  # and its namespaces, made just before (clone.py)
 
     def walk(self):
         yield self
@@ -210,7 +215,7 @@ def _clone(node: Node) -> int:
             return 2
         return 1
 
-    pid, err = clone_with_pid(node.proc.pid, child)
+    pid, err = clone_with_pid(node.proc.pid, child, node.clone_flags, node.before_clone)
     if pid < 0:
         if err == 17:
             raise RestoreError(f"pid {node.proc.pid} is taken (clone3: EEXIST)", node.proc.pid)
@@ -229,7 +234,7 @@ def spawn(root: Node) -> dict[int, Child]:
     """Every process of the tree, each with its saved pid, children made by
     their parents; returns once all are READY (a Child per live process)."""
     nodes = list(root.walk())
-    for node in nodes:
+    for node in nodes if not root.clone_flags & CLONE_NEWPID else ():  # in a new one, every pid is free
         wait_pid_free(node.proc.pid)
     live = [n for n in nodes if not n.proc.zombie and not n.fork_built]
     try:
@@ -271,11 +276,12 @@ def spawn(root: Node) -> dict[int, Child]:
     if problems:
         for node in live:
             os.close(node.sync_w)
-        _kill_spawned(pid, [n.proc.pid for n in nodes])
+        _kill_spawned(pid, [n.proc.pid for n in nodes] if not root.clone_flags & CLONE_NEWPID else [pid])  # its init: all
         who, why = problems[0]
         raise RestoreError(f"pid {who}: preparing the new process failed: {why}", who)
     return {n.proc.pid: Child(n.proc.pid, n.sync_w, {name: want for name, (_, want) in n.helpers.items()},
-                              n.files.sysv_ids) for n in live}
+                              n.files.sysv_ids, pid if n is root and root.clone_flags & CLONE_NEWPID else 0)
+            for n in live}
 
 
 def _kill_spawned(root_pid: int, pids: list[int]) -> None:
