@@ -41,7 +41,8 @@ log = logging.getLogger("procsnap.restorer")
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
             allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
             key: bytes | None = None, tcp_established: bool = False, tcp_close: bool = False,
-            skip_net_lock: bool = False) -> int:
+            skip_net_lock: bool = False, lazy_pages: bool = False, lazy_log: str | None = None,
+            lazy_server=None) -> int:
     """Bring the process tree in `images_dir` back; returns the root's pid.
 
     The restored root is a child of the caller, running. `detach` is
@@ -51,6 +52,9 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     key: an encrypted image's (image/sealing.py). Live TCP connections
     are restored with tcp_established, restored closed with tcp_close; the
     dump's network lock is removed after success, unless skip_net_lock.
+    lazy_pages: private anonymous memory is left to a lazy-pages server
+    (restorer/lazy.py) that outlives the restore, logging to lazy_log;
+    lazy_server(pid) is told its pid.
     """
     root_image = open_image(images_dir, progress=progress and functools.partial(progress, "check pages"), key=key)
     tree = open_tree(root_image, progress)
@@ -60,12 +64,22 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
                              root_image.checkpoint.task if proc_entry.ppid else None)
             objects.check_task_state(image.checkpoint)
     pid = root_image.checkpoint.task.pid
+    if lazy_pages:
+        from . import lazy as L
+
+        L.check_lazy(tree, lambda image: image.codec is not None)
     with contextlib.ExitStack() as stack:
         stack.callback(M.close_fill_pool)
+        lazy = None
+        succeeded = [False]
+        if lazy_pages:
+            lazy = L.Client(root_image, lazy_log)
+            stack.callback(lambda: lazy.end(succeeded[0]))
+            if lazy_server:
+                lazy_server(lazy.pid)
         shared = SharedFiles(root_image, ext_unix_sk=ext_unix_sk, tcp_established=tcp_established,
                              tcp_close=tcp_close, skip_net_lock=skip_net_lock)
         stack.callback(shared.close)
-        succeeded = [False]
         stack.callback(lambda: shared.finish(succeeded[0]))
         nodes: dict[int, Node] = {}
         images: dict[int, Image] = {}
@@ -109,7 +123,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             filled = Progress(progress, "fill memory", sum(_fill_bytes(image.checkpoint) for _, image in live))
             ctx = Rebuild(sources, filled.add, {p.pid for p, _ in live}, nodes, images, children)
             rebuild_all(live, lambda p, image: p.pid in forked or rebuild(children[p.pid], image, sources[p.dir],
-                                                                          filled.add, sources, ctx.tree_pids, ctx),
+                                                                          filled.add, sources, ctx.tree_pids, ctx,
+                                                                          lazy),
                         shared.ready, {p.pid: nodes[p.pid].parent.proc.pid for p, _ in live if p.pid in forked})
         except BaseException:
             kill_children(children, pid)
@@ -284,8 +299,9 @@ def _ref_sources(ckpt, sources: dict[str, PageSource]) -> dict[int, PageSource]:
 
 def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
             sources: dict[str, PageSource] | None = None, tree_pids: set[int] = frozenset(),
-            ctx: Rebuild | None = None) -> None:
-    """filled(nbytes): told of every batch of pages written."""
+            ctx: Rebuild | None = None, lazy=None) -> None:
+    """filled(nbytes): told of every batch of pages written; lazy: the
+    lazy-pages Client that gets the private anonymous memory."""
     ckpt = image.checkpoint
     pid = child.pid
     # EXITKILL: the half-built process dies with the restorer, until detach
@@ -297,12 +313,12 @@ def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
     maps = proc.read_smaps(pid)
     busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in ckpt.vmas]
     with infect.infected(pid, maps, busy, put_back=False) as target:
-        _rebuild_seized(target, child, image, pages, maps, filled, sources or {}, tree_pids, ctx)
+        _rebuild_seized(target, child, image, pages, maps, filled, sources or {}, tree_pids, ctx, lazy=lazy)
 
 
 def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps, filled,
                     sources: dict[str, PageSource], tree_pids: set[int], ctx: Rebuild | None,
-                    parent: tuple[model.Checkpoint, list] | None = None) -> None:
+                    parent: tuple[model.Checkpoint, list] | None = None, lazy=None) -> None:
     """`parent`: (checkpoint, page segments) of the process a fork-built
     one was forked from, whose memory it holds."""
     ckpt = image.checkpoint
@@ -310,7 +326,11 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
     shm_fds = {int(name[3:]): fd for name, fd in helper.items() if name.startswith("shm")}
     map_fds = {name[3:]: fd for name, fd in helper.items() if name.startswith("map")}
     refs = _page_refs(ckpt, sources)
-    segments = M.page_segments(ckpt.pages, pages, refs)
+    runs, lazy_ranges = ckpt.pages, []
+    if lazy is not None:
+        from .lazy import split_runs
+        runs, _, lazy_ranges = split_runs(ckpt)
+    segments = M.page_segments(runs, pages, refs)
     inherited = kept_vmas(ckpt, parent[0], parent[1]) if parent is not None else {}
     mine = {v.start: v for v in ckpt.vmas}
     kept = {start: functools.partial(_restore_kept, target, mine[start], v, parent[1], filled)
@@ -319,8 +339,10 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
     M.unmap_seized(target, maps, [(start, mine[start].end) for start in inherited])
     M.restore_mm_seized(target, ckpt.mm, map_fds[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)])
     M.move_vdso_seized(target, maps, ckpt.vmas)
-    M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, filled, shm_fds, refs, child.sysv_ids, kept,
+    M.map_vmas_seized(target, ckpt.vmas, runs, pages, map_fds, filled, shm_fds, refs, child.sysv_ids, kept,
                       _ref_sources(ckpt, sources))
+    if lazy is not None:  # before anything touches the memory left to it
+        lazy.register_seized(target, lazy_ranges)
     if ctx is not None:
         for node in ctx.nodes[child.pid].children:
             if node.fork_built and node.proc.zombie:
