@@ -75,5 +75,9 @@ bench-servers: $(STAMP)
 bench-predump: $(STAMP)
 	$(PY) bench/predump.py
 
+.PHONY: bench-lazy
+bench-lazy: $(STAMP)
+	$(PY) bench/lazy.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -196,3 +196,37 @@ def test_cli_detached(procs, tmp_path):
     wait_until(lambda: not os.path.exists(f"/proc/{server}") or state(server) == "Z", "the server to finish",
                timeout=60)
     assert "done in" in log.read_text(), log.read_text()
+
+
+def test_check_reports_lazy_pages():
+    """procsnap check says whether restore --lazy-pages can work here (it can on this kernel)."""
+    r = cli("check")
+    line = next((l for l in r.stdout.splitlines() if " lazy_pages:" in l), None)
+    assert line is not None and line.startswith("ok") and "MISSING" in line and "UFFDIO_COPY" in line, r.stdout
+
+
+def test_dump_while_lazy_refused(procs, tmp_path, monkeypatch):
+    """A dump of a process whose lazy restore is not done would miss the
+    pages still on their way (pagemap shows them absent): refused by
+    name, the process runs on; once the server is done it dumps again."""
+    import procsnap
+    from procsnap.errors import Unsupported
+
+    t = start_lazy(procs, "default", 16)
+    images = dump_kill(t, tmp_path / "img")
+    servers = []
+    monkeypatch.setenv("PROCSNAP_FAULT", "lazy-mid-push:stop")
+    lazy_restore(procs, t, images, tmp_path / "lazy.log", servers)
+    monkeypatch.delenv("PROCSNAP_FAULT")
+    server = servers[0]
+    try:
+        wait_until(lambda: state(server) == "T", "the server to stop at its first push")
+        start = registered(t.pid)[0]
+        with pytest.raises(Unsupported, match=rf"pid {t.pid}: VMA {start:#x}-0x[0-9a-f]+ .*registered with a "
+                                              "userfaultfd for missing pages"):
+            procsnap.dump(t.pid, str(tmp_path / "again"), leave_running=True)
+    finally:
+        os.kill(server, signal.SIGCONT)
+    assert wait_server(server) == 0
+    procsnap.dump(t.pid, str(tmp_path / "after"), leave_running=True)
+    assert_pass(t)

@@ -73,21 +73,45 @@ def lazy_vma(v: model.Vma) -> bool:
 
 
 def split_runs(ckpt: model.Checkpoint) -> tuple[list[model.PageRun], list[model.PageRun], list[tuple[int, int]]]:
-    """(runs written at restore, runs left to the server, lazy VMA ranges)."""
+    """(runs written at restore, runs left to the server, lazy VMA ranges).
+
+    The pages of the command line and environment (on the stack) are
+    written at restore all the same: /proc/PID/cmdline and environ (ps,
+    the state check) read them with a remote access that cannot wait for
+    a fault to be served (no FAULT_FLAG_ALLOW_RETRY) and read nothing."""
     ranges = sorted((v.start, v.end) for v in ckpt.vmas if lazy_vma(v))
     starts = [a for a, _ in ranges]
+    mm = ckpt.mm
+    keep = (mm.arg_start & ~(PAGE_SIZE - 1), -(-max(mm.env_end, mm.arg_end) // PAGE_SIZE) * PAGE_SIZE)
     eager, lazy = [], []
     for r in ckpt.pages:
         i = bisect.bisect_right(starts, r.vaddr) - 1
-        inside = i >= 0 and r.vaddr + r.npages * PAGE_SIZE <= ranges[i][1]
-        (lazy if inside else eager).append(r)
-    used = {bisect.bisect_right(starts, r.vaddr) - 1 for r in lazy}
-    return eager, lazy, [ranges[i] for i in sorted(used)]
+        end = r.vaddr + r.npages * PAGE_SIZE
+        if not (i >= 0 and end <= ranges[i][1]):
+            eager.append(r)
+            continue
+        a, b = max(r.vaddr, keep[0]), min(end, keep[1])
+        if a >= b:
+            lazy.append(r)
+            continue
+        for lo, hi, to in ((r.vaddr, a, lazy), (a, b, eager), (b, end, lazy)):
+            if lo < hi:
+                to.append(model.PageRun(lo, (hi - lo) // PAGE_SIZE, r.offset + lo - r.vaddr, 0))
+    used = sorted({bisect.bisect_right(starts, r.vaddr) - 1 for r in lazy})
+    return eager, lazy, [ranges[i] for i in used]
 
 
 def check_lazy(tree, pages_transformed) -> None:
-    """Refuse, by name, what is not restored lazily yet."""
+    """Refuse, by name, what is not restored lazily yet, and a kernel
+    without what it needs (kernel/probes.py probe_lazy_pages)."""
+    from ..kernel.probes import probe_lazy_pages
+
     live = [(p, image) for p, image in tree if image is not None]
+    try:
+        probe_lazy_pages()
+    except OSError as err:
+        raise RestoreError(f"pid {live[0][0].pid}: --lazy-pages: this kernel's userfaultfd cannot serve it: "
+                           f"{err.strerror or err}", live[0][0].pid) from err
     if len(live) > 1:
         raise RestoreError(f"pid {live[0][0].pid}: --lazy-pages: the image is a tree of {len(live)} processes "
                            f"({' '.join(str(p.pid) for p, _ in live)}); only a single process is restored lazily",
@@ -250,7 +274,9 @@ class Server:
 
     def run(self) -> int:
         while not self.ended or self.mms:
-            busy = any(mm.pending.runs and not mm.stalled for mm in self.mms.values())
+            # the push starts once the restore is over: until then it would only slow the restorer
+            # down, and the faults of the restore itself are served in any case
+            busy = self.ended and any(mm.pending.runs and not mm.stalled for mm in self.mms.values())
             stalled = any(mm.stalled for mm in self.mms.values())
             fds = [self.sock.fileno()] if not self.ended else []
             fds += [mm.uffd for mm in self.mms.values()]
@@ -266,8 +292,7 @@ class Server:
                 if mm.key in self.mms and mm.uffd in ready:
                     self.events(mm)
             if busy:
-                if self.ended:
-                    faults.point("lazy-mid-push")
+                faults.point("lazy-mid-push")
                 self.push_one()
             for mm in list(self.mms.values()):
                 if mm.key in self.mms and not mm.pending.runs:
