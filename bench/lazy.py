@@ -21,43 +21,19 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
-import signal
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 from common import ROOT, wait_for
+from run import finish, gone, med
 
 sys.path.insert(0, ROOT)
 import procsnap  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 SIZES = [int(s) for s in os.environ.get("BENCH_SIZES", "256,1024").split(",")]
-
-
-def gone(pid: int) -> None:
-    while os.path.exists(f"/proc/{pid}"):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.002)
-
-
-def check(pid: int, out: str) -> None:
-    """SIGUSR1 until it exits; it must say PASS."""
-    while True:
-        os.kill(pid, signal.SIGUSR1)
-        got, status = os.waitpid(pid, os.WNOHANG)
-        if got:
-            break
-        time.sleep(0.05)
-    with open(out) as f:
-        text = f.read()
-    if status != 0 or "PASS" not in text:
-        raise SystemExit(f"restored process failed its check (status {status:#x}): {text}")
 
 
 def one(images: str, pid: int, out: str, lazy: bool, log: str) -> tuple[float, float]:
@@ -71,13 +47,8 @@ def one(images: str, pid: int, out: str, lazy: bool, log: str) -> tuple[float, f
     if lazy:
         os.waitpid(servers[0], 0)
         total = time.perf_counter() - t0
-    check(pid, out)
-    gone(pid)
+    finish(pid, out)
     return first, total
-
-
-def med(values: list[float]) -> str:
-    return f"{statistics.median(values) * 1000:7.0f} [{min(values) * 1000:.0f}-{max(values) * 1000:.0f}]"
 
 
 def main() -> int:
@@ -105,9 +76,9 @@ def main() -> int:
                 first, total = one(images, p.pid, out, lazy, os.path.join(work, "lazy.log"))
                 times[lazy][0].append(first)
                 times[lazy][1].append(total)
-            print(f"{mib:5d} MiB  restore         first instruction {med(times[False][0])}")
-            print(f"{mib:5d} MiB  --lazy-pages    first instruction {med(times[True][0])}   "
-                  f"all pages in {med(times[True][1])}")
+            print(f"{mib:5d} MiB  restore         first instruction {med(times[False][0], fmt='.0f')}")
+            print(f"{mib:5d} MiB  --lazy-pages    first instruction {med(times[True][0], fmt='.0f')}   "
+                  f"all pages in {med(times[True][1], fmt='.0f')}")
             with open(os.path.join(work, "lazy.log")) as f:
                 last = [line for line in f if "done in" in line][-1:]
             print("           last server: " + "".join(last).split(": ", 1)[-1].strip())

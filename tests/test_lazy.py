@@ -230,3 +230,22 @@ def test_dump_while_lazy_refused(procs, tmp_path, monkeypatch):
     assert wait_server(server) == 0
     procsnap.dump(t.pid, str(tmp_path / "after"), leave_running=True)
     assert_pass(t)
+
+
+CASES_LAZILY = ["memory", "cpu-regs", "signals", "threads", "settings", "settings-mdwe", "files", "sleep-read",
+                "writer", "creds", "memlock-mlock", "memlock-mlockall", "memlock-guard", "seccomp-filter",
+                "seccomp-strict", "ipc-anonfd", "epollclosed"]
+
+
+@pytest.mark.parametrize("case_id", CASES_LAZILY)
+def test_cases_lazily(procs, tmp_path, case_id):
+    """The ordinary targets restored with --lazy-pages: each checks itself
+    (its memory among the rest) and the state check runs."""
+    from conftest import CASES_BY_ID
+
+    t = procs.start_case(CASES_BY_ID[case_id], "pie")
+    images = dump_kill(t, tmp_path / "img")
+    servers, log = [], tmp_path / "lazy.log"
+    lazy_restore(procs, t, images, log, servers)
+    assert_pass(t)
+    assert wait_server(servers[0]) == 0, log.read_text()

@@ -26,19 +26,11 @@ import errno
 import os
 
 from .libc import pylibc
-from .uffdwp import UFFD_API, UFFDIO_API, UFFDIO_REGISTER, RegisterMode, _ioctl, _iowr, uffdio_api, uffdio_range, uffdio_register
+from .uffdwp import (UFFD_API, UFFDIO_API, UFFDIO_REGISTER, RegisterMode, UffdFeature, _ioctl, _iowr, uffdio_api,
+                     uffdio_range, uffdio_register)
 
 
-class Feature(enum.IntFlag):  # struct uffdio_api.features
-    EVENT_FORK = 1 << 1
-    EVENT_REMAP = 1 << 2
-    EVENT_REMOVE = 1 << 3
-    EVENT_UNMAP = 1 << 6
-    SIGBUS = 1 << 7
-    THREAD_ID = 1 << 8
-
-
-LAZY_FEATURES = Feature.EVENT_FORK | Feature.EVENT_REMAP | Feature.EVENT_REMOVE | Feature.EVENT_UNMAP
+LAZY_FEATURES = UffdFeature.EVENT_FORK | UffdFeature.EVENT_REMAP | UffdFeature.EVENT_REMOVE | UffdFeature.EVENT_UNMAP
 
 
 class Event(enum.IntEnum):  # struct uffd_msg.event
@@ -96,27 +88,24 @@ def copy(uffd: int, dst: int, src: int, length: int) -> int:
     -ENOENT (no registered VMA at dst: looked up before the EAGAIN check, so
     also while an mremap's REMAP is still to be queued), -ESRCH (the mm is gone)."""
     arg = uffdio_copy(dst=dst, src=src, len=length)
-    if pylibc.ioctl(uffd, ctypes.c_ulong(UFFDIO_COPY), ctypes.byref(arg)) == 0:
-        return length
-    err = ctypes.get_errno()
-    if arg.copy > 0:
-        return arg.copy
-    if err in (errno.EEXIST, errno.EAGAIN, errno.ESRCH, errno.ENOENT):
-        return -err
-    raise OSError(err, f"ioctl UFFDIO_COPY {dst:#x} +{length:#x}: {os.strerror(err)}")
+    return _fill(uffd, UFFDIO_COPY, arg, "copy", length, f"UFFDIO_COPY {dst:#x} +{length:#x}")
 
 
 def zeropage(uffd: int, start: int, length: int) -> int:
     """UFFDIO_ZEROPAGE: as copy(), with the zero page."""
     arg = uffdio_zeropage(range=uffdio_range(start, length))
-    if pylibc.ioctl(uffd, ctypes.c_ulong(UFFDIO_ZEROPAGE), ctypes.byref(arg)) == 0:
+    return _fill(uffd, UFFDIO_ZEROPAGE, arg, "zeropage", length, f"UFFDIO_ZEROPAGE {start:#x} +{length:#x}")
+
+
+def _fill(uffd: int, request: int, arg, done_field: str, length: int, what: str) -> int:
+    if pylibc.ioctl(uffd, ctypes.c_ulong(request), ctypes.byref(arg)) == 0:
         return length
     err = ctypes.get_errno()
-    if arg.zeropage > 0:
-        return arg.zeropage
+    if getattr(arg, done_field) > 0:
+        return getattr(arg, done_field)
     if err in (errno.EEXIST, errno.EAGAIN, errno.ESRCH, errno.ENOENT):
         return -err
-    raise OSError(err, f"ioctl UFFDIO_ZEROPAGE {start:#x} +{length:#x}: {os.strerror(err)}")
+    raise OSError(err, f"ioctl {what}: {os.strerror(err)}")
 
 
 def wake(uffd: int, start: int, length: int) -> None:
