@@ -167,11 +167,13 @@ def test_fault_after_register(procs, tmp_path, monkeypatch):
     assert wait_server(servers[0]) == 0
 
 
-def test_tree_refused(procs, tmp_path, case_by_id=None):
-    """A tree is not restored lazily yet: refused by name before anything is made."""
+@pytest.mark.parametrize("case_id", ["tree-prefork", "tree-zombie"])
+def test_tree_refused(procs, tmp_path, case_id):
+    """A tree (zombies count: the root forks them at restore) is not
+    restored lazily yet: refused by name before anything is made."""
     from conftest import CASES_BY_ID
 
-    t = procs.start_case(CASES_BY_ID["tree-prefork"], "pie")
+    t = procs.start_case(CASES_BY_ID[case_id], "pie")
     images = dump_kill(t, tmp_path / "img")
     with pytest.raises(RestoreError, match=rf"pid {t.pid}: --lazy-pages: the image is a tree of \d+ processes"):
         restore(procs, t, images, lazy_pages=True)
@@ -249,3 +251,36 @@ def test_cases_lazily(procs, tmp_path, case_id):
     lazy_restore(procs, t, images, log, servers)
     assert_pass(t)
     assert wait_server(servers[0]) == 0, log.read_text()
+
+
+def test_stream_lazily(procs, tmp_path):
+    """dump --stream - | restore --stream - --lazy-pages -d: the temporary
+    image directory is removed once the process runs, while the server,
+    which mapped pages.img before, still serves from it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    t = start_lazy(procs, "dontneed", 64)
+    log = tmp_path / "lazy.log"
+    py = [sys.executable, "-m", "procsnap"]
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    dump = subprocess.Popen([*py, "dump", "-t", str(t.pid), "--stream", "-"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    rest = subprocess.Popen([*py, "restore", "--stream", "-", "--lazy-pages", "--lazy-pages-log", str(log), "-d"],
+                            cwd=REPO, stdin=dump.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    dump.stdout.close()
+    assert t.reap() == -signal.SIGKILL  # the dump kills the source once the image is written
+    out, err = rest.communicate(timeout=120)
+    assert dump.wait(timeout=60) == 0, dump.stderr.read()
+    assert rest.returncode == 0, err
+    assert int(out.split()[-1]) == t.pid
+    server = int(re.search(r"lazy pages served by pid (\d+)", err).group(1))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("procsnap-stream-")]
+    t.adopt(t.pid)  # the restore's child, reparented to us (the subreaper)
+    assert_pass(t)
+    wait_until(lambda: not os.path.exists(f"/proc/{server}") or state(server) == "Z", "the server to finish",
+               timeout=60)
+    assert "done in" in log.read_text(), log.read_text()

@@ -106,15 +106,16 @@ def check_lazy(tree, pages_transformed) -> None:
     without what it needs (kernel/probes.py probe_lazy_pages)."""
     from ..kernel.probes import probe_lazy_pages
 
-    live = [(p, image) for p, image in tree if image is not None]
+    entries = list(tree)  # a zombie has no image but is made by a fork of the root all the same
+    live = [(p, image) for p, image in entries if image is not None]
     try:
         probe_lazy_pages()
     except OSError as err:
         raise RestoreError(f"pid {live[0][0].pid}: --lazy-pages: this kernel's userfaultfd cannot serve it: "
                            f"{err.strerror or err}", live[0][0].pid) from err
-    if len(live) > 1:
-        raise RestoreError(f"pid {live[0][0].pid}: --lazy-pages: the image is a tree of {len(live)} processes "
-                           f"({' '.join(str(p.pid) for p, _ in live)}); only a single process is restored lazily",
+    if len(entries) > 1:
+        raise RestoreError(f"pid {live[0][0].pid}: --lazy-pages: the image is a tree of {len(entries)} processes "
+                           f"({' '.join(str(p.pid) for p, _ in entries)}); only a single process is restored lazily",
                            live[0][0].pid)
     p, image = live[0]
     if pages_transformed(image):
