@@ -284,3 +284,36 @@ def test_stream_lazily(procs, tmp_path):
     wait_until(lambda: not os.path.exists(f"/proc/{server}") or state(server) == "Z", "the server to finish",
                timeout=60)
     assert "done in" in log.read_text(), log.read_text()
+
+
+def test_closed_uffd_reads_zeros():
+    """The kernel fact the guard is for: once the last fd of a uffd is
+    closed its ranges are unregistered and a missing page fills as an
+    ordinary fault, with zeros, no signal. A page here of our own, with
+    nothing to wait for it: registered, the uffd closed, then read."""
+    import ctypes
+
+    from procsnap.kernel import mapping, uffd
+    from procsnap.kernel.arch.x86_64 import NR
+    from procsnap.kernel.libc import syscall
+
+    start = mapping.libc.mmap(None, PG, mapping.PROT_RW, mapping.MAP_PRIVATE | mapping.MAP_ANONYMOUS, -1, 0)
+    assert start != mapping.MAP_FAILED
+    try:
+        fd = syscall(NR.userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK)
+        uffd.enable(fd)
+        uffd.register_missing(fd, start, start + PG)
+        assert any(l.startswith(f"{start:x}-") for l in open("/proc/self/maps"))
+        with open("/proc/self/smaps") as f:
+            text = f.read()
+        flags = text[text.index(f"{start:x}-"):].split("VmFlags:", 1)[1].split("\n", 1)[0]
+        assert " um" in flags, flags
+        os.close(fd)
+        import threading
+        got = []  # read in a thread: a page still registered would make it wait forever
+        reader = threading.Thread(target=lambda: got.append(ctypes.string_at(start, PG)), daemon=True)
+        reader.start()
+        reader.join(20)
+        assert got == [bytes(PG)], "the page of a closed uffd did not read as zeros"
+    finally:
+        mapping.unmap(start, PG)
