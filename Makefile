@@ -85,5 +85,9 @@ bench-predump: $(STAMP)
 	@$(BYTECODE)
 	$(PY) bench/predump.py
 
+.PHONY: bench-lazy
+bench-lazy: $(STAMP)
+	$(PY) bench/lazy.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info

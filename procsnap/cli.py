@@ -112,6 +112,9 @@ def cmd_restore(args) -> int:
                    tcp_established=args.tcp_established, tcp_close=args.tcp_close, skip_net_lock=args.skip_net_lock)
     if args.copies != 1 and args.stream is not None:
         raise RestoreError("--copies: not with --stream (receive the image with -D DIR, then restore copies of DIR)")
+    if args.lazy_pages:
+        options.update(lazy_pages=True, lazy_log=args.lazy_pages_log, lazy_server=lambda server: print(
+            f"procsnap: lazy pages served by pid {server}", file=sys.stderr, flush=True))
     if args.stream is not None:
         from .streaming import restore_stream
 
@@ -323,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tcp-established", action="store_true", help="restore live TCP connections")
     r.add_argument("--tcp-close", action="store_true", help="restore live TCP connections closed")
     r.add_argument("--skip-net-lock", action="store_true", help="leave the dump's network lock alone (the caller's)")
+    r.add_argument("--lazy-pages", action="store_true", help="run before the private anonymous memory is in: "
+                   "a lazy-pages server (it outlives the restore) copies each page in when first touched and "
+                   "pushes the rest")
+    r.add_argument("--lazy-pages-log", metavar="FILE", help="with --lazy-pages: where the server says what it did")
     r.set_defaults(func=cmd_restore)
 
     rc = []

@@ -25,10 +25,13 @@ PREDUMP_STAGES = ("predump-after-freeze", "predump-after-uffd", "predump-after-r
 # with live TCP connections (objects/netlock.py): after the first is locked; before the restore unlocks
 TCP_DUMP_STAGES = ("after-net-lock",)
 TCP_RESTORE_STAGES = ("before-net-unlock",)
+# restore --lazy-pages (restorer/lazy.py): the restore once the uffd is registered; the server, pushing
+LAZY_STAGES = ("lazy-after-register", "lazy-mid-push")
 __doc__ += f"  dump: {', '.join(DUMP_STAGES)}\n  restore: {', '.join(RESTORE_STAGES)}\n"
 __doc__ += f"  restore, with a fork-built process: {', '.join(FORK_STAGES)}\n"
 __doc__ += f"  receive (and restore --stream): {', '.join(RECEIVE_STAGES)}\n"
 __doc__ += f"  pre-dump: {', '.join(PREDUMP_STAGES)}\n"
+__doc__ += f"  restore --lazy-pages: {', '.join(LAZY_STAGES)}\n"
 __doc__ += f"  with live TCP connections: dump {', '.join(TCP_DUMP_STAGES)}; restore {', '.join(TCP_RESTORE_STAGES)}\n"
 
 

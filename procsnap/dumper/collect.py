@@ -81,7 +81,9 @@ def classify_vma(pid: int, m: MapsEntry, files: FileTable, kinds: list[Collect])
     if what := vma_name(m.path):
         raise Unsupported(f"{where} is {what} ({m.path}); not supported", pid)
     for vf, what in (("ht", "hugetlb"), ("io", "an I/O mapping"), ("pf", "a PFN mapping"),
-                     ("ss", "a shadow stack")):
+                     ("ss", "a shadow stack"),
+                     ("um", "registered with a userfaultfd for missing pages (a lazy restore not done yet: dump "
+                            "once its lazy-pages server has exited)")):
         if vf in m.vmflags:
             raise Unsupported(f"{where} ({m.path or 'anonymous'}) is {what}; not supported", pid)
     vma = next((v for k in kinds if (v := k.collect_vma(pid, m, prot, flags)) is not None), None)

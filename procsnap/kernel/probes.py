@@ -159,6 +159,42 @@ def probe_dirty_tracking() -> Result:
     return Result("dirty_tracking", True, f"uffd-wp ({how}); {soft}")
 
 
+def probe_lazy_pages() -> str:
+    """userfaultfd as restore --lazy-pages uses it (uffd.py): MISSING mode
+    with the fork, remap, remove and unmap events, made without
+    UFFD_USER_MODE_ONLY (the kernel's own accesses to a missing page, of
+    the restorer's injected calls and process_vm_writev, must wait for the
+    server too), one private anonymous page of ours filled by UFFDIO_COPY."""
+    from . import mapping, uffd
+
+    fd = syscall(NR.userfaultfd, os.O_CLOEXEC | os.O_NONBLOCK)
+    start = mapping.libc.mmap(None, PAGE_SIZE, mapping.PROT_RW, mapping.MAP_PRIVATE | mapping.MAP_ANONYMOUS, -1, 0)
+    src = ctypes.create_string_buffer(b"\7" * PAGE_SIZE)
+    try:
+        if start == mapping.MAP_FAILED:
+            raise OSError(ctypes.get_errno(), "mmap")
+        uffd.enable(fd)
+        uffd.register_missing(fd, start, start + PAGE_SIZE)
+        got = uffd.copy(fd, start, ctypes.addressof(src), PAGE_SIZE)
+        if got != PAGE_SIZE:  # never touch the page then: the fault would wait for us
+            raise OSError(-got, f"UFFDIO_COPY into a registered page: {os.strerror(-got) if got < 0 else got}")
+        if ctypes.string_at(start, 1) != b"\7":
+            raise OSError(0, "UFFDIO_COPY did not fill the registered page")
+    finally:
+        os.close(fd)
+        if start != mapping.MAP_FAILED:
+            mapping.unmap(start, PAGE_SIZE)
+    return "userfaultfd MISSING + EVENT_FORK/REMAP/REMOVE/UNMAP, UFFDIO_COPY"
+
+
+def probe_lazy_pages_result() -> Result:
+    """restore --lazy-pages is optional: ok either way, saying which."""
+    try:
+        return Result("lazy_pages", True, probe_lazy_pages())
+    except OSError as err:
+        return Result("lazy_pages", True, f"not available (restore --lazy-pages refused): {err.strerror or err}")
+
+
 def probe_sock_diag() -> str:
     from . import sockdiag
 
@@ -202,4 +238,5 @@ def run_checks() -> list[Result]:
             _probe("sock_diag", probe_sock_diag),
             _probe("checkpoint_restore_knobs", probe_checkpoint_restore_knobs),
             probe_dirty_tracking(),
+            probe_lazy_pages_result(),
         ]

@@ -34,6 +34,10 @@ UFFD_USER_MODE_ONLY = 1  # flag of userfaultfd(2): faults of user mode only (no 
 
 
 class UffdFeature(enum.IntFlag):  # struct uffdio_api.features
+    EVENT_FORK = 1 << 1  # the events of lazy restore (kernel/uffd.py)
+    EVENT_REMAP = 1 << 2
+    EVENT_REMOVE = 1 << 3
+    EVENT_UNMAP = 1 << 6
     WP_HUGETLBFS_SHMEM = 1 << 12
     WP_UNPOPULATED = 1 << 13
     WP_ASYNC = 1 << 15

@@ -42,7 +42,8 @@ log = logging.getLogger("procsnap.restorer")
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
             allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
             key: bytes | None = None, tcp_established: bool = False, tcp_close: bool = False,
-            skip_net_lock: bool = False) -> int:
+            skip_net_lock: bool = False, lazy_pages: bool = False, lazy_log: str | None = None,
+            lazy_server=None) -> int:
     """Bring the process tree in `images_dir` back; returns the root's pid.
 
     The restored root is a child of the caller, running. `detach` is
@@ -52,6 +53,9 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     key: an encrypted image's (image/sealing.py). Live TCP connections
     are restored with tcp_established, restored closed with tcp_close; the
     dump's network lock is removed after success, unless skip_net_lock.
+    lazy_pages: private anonymous memory is left to a lazy-pages server
+    (restorer/lazy.py) that outlives the restore, logging to lazy_log;
+    lazy_server(pid) is told its pid.
     """
     root_image = open_image(images_dir, progress=progress and functools.partial(progress, "check pages"), key=key)
     tree = open_tree(root_image, progress)
@@ -61,13 +65,25 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
                              root_image.checkpoint.task if proc_entry.ppid else None)
             objects.check_task_state(image.checkpoint)
     pid = root_image.checkpoint.task.pid
+    if lazy_pages:
+        from . import lazy as L
+
+        L.check_lazy(tree, lambda image: image.codec is not None)
+        if root_image.checkpoint.namespaces:
+            raise RestoreError(f"{images_dir}: --lazy-pages: not supported for a container's image (pid {pid} "
+                               "is the init of its own pid namespace)", pid)
     with contextlib.ExitStack() as stack:
         stack.callback(M.close_fill_pool)
         NS.enter_ipc(root_image.checkpoint, stack)  # a container's: its SysV segments are made in it
+        lazy = None
+        if lazy_pages:
+            lazy = L.Client(root_image, lazy_log)
+            stack.callback(lambda: lazy.end(succeeded[0]))
+            if lazy_server:
+                lazy_server(lazy.pid)
         shared = SharedFiles(root_image, ext_unix_sk=ext_unix_sk, tcp_established=tcp_established,
                              tcp_close=tcp_close, skip_net_lock=skip_net_lock)
         stack.callback(shared.close)
-        succeeded = [False]
         stack.callback(lambda: shared.finish(succeeded[0]))
         nodes: dict[int, Node] = {}
         images: dict[int, Image] = {}
@@ -96,7 +112,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             children = spawn(nodes[pid])
         log.info("pid %d: spawned %s", pid, plural(len(children), "process"))
         rebuild_tree = functools.partial(_rebuild_tree, tree, root_image, nodes, images, children, forked, shared,
-                                         stack, progress)
+                                         stack, progress, lazy)
         if not container:
             rebuild_tree()
         else:  # from inside its pid namespace, where the image's pids are the pids (nsworker.py)
@@ -123,7 +139,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
 
 def _rebuild_tree(tree, root_image: Image, nodes: dict[int, Node], images: dict[int, Image],
                   children: dict[int, Child], forked: set[int], shared: SharedFiles, stack: contextlib.ExitStack,
-                  progress) -> None:
+                  progress, lazy=None) -> None:
     """Every spawned process rebuilt and released, or all of them killed."""
     pid = root_image.checkpoint.task.pid
     try:
@@ -143,7 +159,8 @@ def _rebuild_tree(tree, root_image: Image, nodes: dict[int, Node], images: dict[
         filled = Progress(progress, "fill memory", sum(_fill_bytes(image.checkpoint) for _, image in live))
         ctx = Rebuild(sources, filled.add, {p.pid for p, _ in live}, nodes, images, children)
         rebuild_all(live, lambda p, image: p.pid in forked or rebuild(children[p.pid], image, sources[p.dir],
-                                                                      filled.add, sources, ctx.tree_pids, ctx),
+                                                                      filled.add, sources, ctx.tree_pids, ctx,
+                                                                      lazy),
                     shared.ready, {p.pid: nodes[p.pid].parent.proc.pid for p, _ in live if p.pid in forked})
     except BaseException:
         if not nsworker.inside():  # else: killed from outside with the namespace's init (SIGKILL from inside
@@ -313,8 +330,9 @@ def _ref_sources(ckpt, sources: dict[str, PageSource]) -> dict[int, PageSource]:
 
 def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
             sources: dict[str, PageSource] | None = None, tree_pids: set[int] = frozenset(),
-            ctx: Rebuild | None = None) -> None:
-    """filled(nbytes): told of every batch of pages written."""
+            ctx: Rebuild | None = None, lazy=None) -> None:
+    """filled(nbytes): told of every batch of pages written; lazy: the
+    lazy-pages Client that gets the private anonymous memory."""
     ckpt = image.checkpoint
     pid = child.pid
     # EXITKILL: the half-built process dies with the restorer, until detach
@@ -326,12 +344,12 @@ def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
     maps = proc.read_smaps(pid)
     busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in ckpt.vmas]
     with infect.infected(pid, maps, busy, put_back=False) as target:
-        _rebuild_seized(target, child, image, pages, maps, filled, sources or {}, tree_pids, ctx)
+        _rebuild_seized(target, child, image, pages, maps, filled, sources or {}, tree_pids, ctx, lazy=lazy)
 
 
 def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps, filled,
                     sources: dict[str, PageSource], tree_pids: set[int], ctx: Rebuild | None,
-                    parent: tuple[model.Checkpoint, list] | None = None) -> None:
+                    parent: tuple[model.Checkpoint, list] | None = None, lazy=None) -> None:
     """`parent`: (checkpoint, page segments) of the process a fork-built
     one was forked from, whose memory it holds."""
     ckpt = image.checkpoint
@@ -339,6 +357,10 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
     shm_fds = {int(name[3:]): fd for name, fd in helper.items() if name.startswith("shm")}
     map_fds = {name[3:]: fd for name, fd in helper.items() if name.startswith("map")}
     refs = _page_refs(ckpt, sources)
+    runs, lazy_ranges = ckpt.pages, []
+    if lazy is not None:
+        from .lazy import split_runs
+        runs, _, lazy_ranges = split_runs(ckpt)
     inherited = kept_vmas(ckpt, parent[0], parent[1]) if parent is not None else {}
     mine = {v.start: v for v in ckpt.vmas}
     kept = {start: functools.partial(_restore_kept, target, mine[start], v, parent[1], filled)
@@ -347,8 +369,10 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
     M.unmap_seized(target, maps, [(start, mine[start].end) for start in inherited])
     M.restore_mm_seized(target, ckpt.mm, map_fds[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)])
     M.move_vdso_seized(target, maps, ckpt.vmas)
-    M.map_vmas_seized(target, ckpt.vmas, ckpt.pages, pages, map_fds, filled, shm_fds, refs, child.sysv_ids, kept,
+    M.map_vmas_seized(target, ckpt.vmas, runs, pages, map_fds, filled, shm_fds, refs, child.sysv_ids, kept,
                       _ref_sources(ckpt, sources))
+    if lazy is not None:  # before anything touches the memory left to it
+        lazy.register_seized(target, lazy_ranges)
     if ctx is not None:
         segments = None  # made only for a fork-built child: a tuple per run, 20 MiB per GiB of half-zero memory
         for node in ctx.nodes[child.pid].children:
@@ -356,7 +380,7 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
                 make_zombie_seized(target, node, lambda made: ctx.children.setdefault(made, Child(made, -1, {})))
             elif node.fork_built:
                 if segments is None:
-                    segments = M.page_segments(ckpt.pages, pages, refs)
+                    segments = M.page_segments(runs, pages, refs)
                 _fork_and_rebuild(target, node, ckpt, segments, ctx)
     T.restore_signals_seized(target, ckpt.sigactions, ckpt.pending)
     T.restore_task_seized(target, ckpt.task)
