@@ -41,7 +41,7 @@ log = logging.getLogger("procsnap.restorer")
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
             allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
             key: bytes | None = None, tcp_established: bool = False, tcp_close: bool = False,
-            skip_net_lock: bool = False) -> int:
+            skip_net_lock: bool = False, before_release=None) -> int:
     """Bring the process tree in `images_dir` back; returns the root's pid.
 
     The restored root is a child of the caller, running. `detach` is
@@ -51,6 +51,9 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     key: an encrypted image's (image/sealing.py). Live TCP connections
     are restored with tcp_established, restored closed with tcp_close; the
     dump's network lock is removed after success, unless skip_net_lock.
+    before_release(): called once every process is rebuilt and ready, before
+    any runs (a migration's last word with its source); raising, it fails
+    the restore as any stage does.
     """
     root_image = open_image(images_dir, progress=progress and functools.partial(progress, "check pages"), key=key)
     tree = open_tree(root_image, progress)
@@ -110,7 +113,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             ctx = Rebuild(sources, filled.add, {p.pid for p, _ in live}, nodes, images, children)
             rebuild_all(live, lambda p, image: p.pid in forked or rebuild(children[p.pid], image, sources[p.dir],
                                                                           filled.add, sources, ctx.tree_pids, ctx),
-                        shared.ready, {p.pid: nodes[p.pid].parent.proc.pid for p, _ in live if p.pid in forked})
+                        shared.ready if before_release is None else lambda: (shared.ready(), before_release()),
+                        {p.pid: nodes[p.pid].parent.proc.pid for p, _ in live if p.pid in forked})
         except BaseException:
             kill_children(children, pid)
             raise

@@ -21,10 +21,11 @@ from ..kernel.arch.x86_64 import PAGE_SIZE
 IMAGE_DIR = "proc.{pid}"  # as the dumper names them
 
 
-def open_tree(root: Image, progress=None) -> list[tuple[model.Proc, Image | None]]:
+def open_tree(root: Image, progress=None, home: str | None = None) -> list[tuple[model.Proc, Image | None]]:
     """(Proc, its image or None for a zombie) of every process, root first,
     each parent before its children. progress(phase, done, total) hears of
-    each image's page check."""
+    each image's page check. home: where the image will be once swapped in
+    (a staged one checked before that: its parents are relative to home)."""
     ckpt = root.checkpoint
     procs = ckpt.procs or [model.Proc(ckpt.task.pid, 0, 0, 0)]
     where = os.path.join(root.directory, "procsnap.img")
@@ -61,7 +62,7 @@ def open_tree(root: Image, progress=None) -> list[tuple[model.Proc, Image | None
         out.append((p, image))
     _check_refs(root, root.checkpoint)
     by_dir = {p.dir: img for p, img in out if img is not None}  # the root's dir is "" (checked above)
-    root.parents = open_parents([img for _, img in out if img is not None], root.key)
+    root.parents = open_parents([img for _, img in out if img is not None], root.key, home)
     by_dir.update(root.parents)
     for p, img in out:
         if img is not None:
