@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml
 	command -v memcached >/dev/null || missing="$$missing memcached"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v nsenter >/dev/null || missing="$$missing util-linux"; \
 	command -v nft >/dev/null || missing="$$missing nftables"; \
 	command -v iptables >/dev/null || missing="$$missing iptables"; \
 	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \

@@ -42,6 +42,7 @@ import shutil
 import tempfile
 import time
 
+from . import faults
 from .errors import ImageError, ProcsnapError, RestoreError, describe
 from .image import schema
 from .image.receive import receive_into, wait_done
@@ -101,12 +102,14 @@ def migrate(pid: int, to: str, max_rounds: int = MAX_ROUNDS, tls: Tls | None = N
     local = tempfile.mkdtemp(prefix="procsnap-migrate-", dir=workdir)
     channel = connect(to, tls)
     killed = False
+    passes = 0  # pre-dump images written: the last one's dirty tracking is in the target
     try:
         for k in range(1, max_rounds + 1):
             t0 = time.monotonic()
             where = os.path.join(local, str(k))
             p = pre_dump(pid, where, prev_images_dir=f"../{k - 1}" if k > 1 else None, method=dirty_tracking,
                          shell_job=shell_job)
+            passes = k
             send_image(channel, where)
             stats.rounds.append(Round(p.copied, p.referred, p.frozen_s, time.monotonic() - t0))
             log.info("pid %d: pre-copy round %d: %d pages copied, %d referred to", pid, k, p.copied, p.referred)
@@ -123,9 +126,9 @@ def migrate(pid: int, to: str, max_rounds: int = MAX_ROUNDS, tls: Tls | None = N
         stats.downtime_s = time.monotonic() - d.frozen_at
         stats.frozen_s, stats.final_bytes, stats.pid = d.frozen_s, d.pages_bytes, pid_there
     except BaseException:
-        if stats.rounds and not killed:  # the source runs on: without the pre-copy's tracking
+        if passes and not killed:  # the source runs on: without the pre-copy's tracking
             with contextlib.suppress(ProcsnapError, OSError):
-                untrack_image(pid, os.path.join(local, str(len(stats.rounds))))
+                untrack_image(pid, os.path.join(local, str(passes)))
         raise
     finally:
         channel.close()
@@ -189,6 +192,7 @@ class Final:
 
     def _held(self) -> None:
         self._answer(READY, "while it restored")
+        faults.point("migrate-after-ready")
 
     def running(self) -> int:
         payload = self._answer(RUNNING, "after the source was killed")
@@ -237,6 +241,7 @@ def receive_series(channel: Channel, header: bytes, directory: str, keep: bool, 
                               f"({source or 'no DONE'})")
 
     def held() -> None:
+        faults.point("migrate-held")
         try:
             send_frame(channel, READY)
         except OSError as err:

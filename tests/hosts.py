@@ -218,16 +218,24 @@ class Host:
     def del_addr(self, addr: str, dev: str) -> None:
         self.run(["ip", "addr", "del", addr, "dev", dev], check=True)
 
-    def remove(self) -> None:
-        for p in self.started:
-            p.kill()
+    def kill(self) -> None:
+        """The host, as a machine goes down: its init killed, and with it every process in it."""
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.init, signal.SIGKILL)  # the pid namespace's init: every process in it goes too
+            os.kill(self.init, signal.SIGKILL)
+        for p in self.started:  # nsenter stops itself when its child stops: it must go on to reap it
+            with contextlib.suppress(ProcessLookupError):
+                if p.popen.poll() is None:
+                    os.kill(p.popen.pid, signal.SIGCONT)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.unshare.wait(30)
+            self.unshare.wait(30)  # the pid namespace is gone once its processes are reaped
         for p in self.started:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.popen.wait(30)
+
+    def remove(self) -> None:
+        for p in self.started:
+            p.kill()
+        self.kill()
 
 
 class Hosts(list):
