@@ -223,10 +223,11 @@ def receive_series(channel: Channel, header: bytes, directory: str, keep: bool, 
         def check(staged: str) -> None:
             image = open_image(staged, key=key)
             if image.checkpoint.tracking:  # a pre-copy pass: memory only
-                open_tree(image, home=where)
+                open_tree(image, home=where, verify_parents=False)
                 return
             problems = verify_image(staged, allow_other_owner=options.get("allow_other_owner", False),
-                                    allow_setuid=options.get("allow_setuid", False), key=key, home=where)
+                                    allow_setuid=options.get("allow_setuid", False), key=key, home=where,
+                                    verify_parents=False)  # each checked whole as it came (the pre-copy)
             if problems:
                 raise ImageError(f"the image cannot be restored here: {'; '.join(problems)}")
             final.append(True)
@@ -252,7 +253,7 @@ def receive_series(channel: Channel, header: bytes, directory: str, keep: bool, 
                                f"the restored tree is removed" + (f", the image kept in {where}" if keep else ""))
 
     try:
-        pid = restore(where, before_release=held, **options)
+        pid = restore(where, before_release=held, checked=True, **options)  # checked as it came
     except ProcsnapError as err:
         with contextlib.suppress(OSError):
             send_frame(channel, FAIL, 0, 0, str(err).encode())

@@ -41,7 +41,7 @@ log = logging.getLogger("procsnap.restorer")
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
             allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
             key: bytes | None = None, tcp_established: bool = False, tcp_close: bool = False,
-            skip_net_lock: bool = False, before_release=None) -> int:
+            skip_net_lock: bool = False, before_release=None, checked: bool = False) -> int:
     """Bring the process tree in `images_dir` back; returns the root's pid.
 
     The restored root is a child of the caller, running. `detach` is
@@ -53,10 +53,12 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     dump's network lock is removed after success, unless skip_net_lock.
     before_release(): called once every process is rebuilt and ready, before
     any runs (a migration's last word with its source); raising, it fails
-    the restore as any stage does.
+    the restore as any stage does. checked: the page data was checked whole
+    moments ago (a migration's receiver did): not read again here.
     """
-    root_image = open_image(images_dir, progress=progress and functools.partial(progress, "check pages"), key=key)
-    tree = open_tree(root_image, progress)
+    root_image = open_image(images_dir, not checked, progress=progress and functools.partial(progress, "check pages"),
+                            key=key)
+    tree = open_tree(root_image, progress, verify_pages=not checked)
     for proc_entry, image in tree:
         if image is not None:
             check_restorable(image, allow_other_owner, allow_setuid,
