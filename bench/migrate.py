@@ -13,11 +13,12 @@ alternate (A B B A ...), BENCH_RUNS each; medians and ranges of the
 downtime migrate prints (from the final freeze until the destination runs
 the process), of the final image's pages and of the whole migration.
 
-The model: downtime = FIXED + final pages / B, where B (the freeze-to-run
-rate of the final image: dump, stream, check, restore) and FIXED come from
-the two sizes without pre-copy (a line through two points); with pre-copy
-the final image holds what was written during the last round, about
-RATE x (that round's time), so the model's downtime is FIXED + that / B.
+The model: downtime = FIXED + final MiB x PER_MIB + final runs x PER_RUN
+(a run: pages stored together, or referred to together in a parent; the
+final image of a process written at random pages is mostly runs of one
+page), fitted by least squares to every migration measured; printed with
+each configuration's median beside what the model gives for it. With
+pre-copy the final image holds what was written during the last round.
 
 Environment: BENCH_MIGRATE_MIB ("256,1024"), BENCH_MIGRATE_RATE (50), BENCH_RUNS (3).
 Images (the source's passes, the destination's series) on /dev/shm.
@@ -37,8 +38,11 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))
 
 from hosts import Hosts  # noqa: E402
+from procsnap.image import schema  # noqa: E402
+from procsnap.image.reader import open_image  # noqa: E402
 
 SIZES = [int(x) for x in os.environ.get("BENCH_MIGRATE_MIB", "256,1024").split(",")]
 RATE = float(os.environ.get("BENCH_MIGRATE_RATE", "50"))
@@ -61,7 +65,8 @@ def migrate_once(src, dst, exe: str, work: Path, mib: int, rounds: int) -> dict:
     src.set_last_pid(300)
     t = src.popen(["setsid", "sh", "-c", f"exec {exe} default {mib} {RATE} < /dev/null > {out} 2>&1"], "migrator")
     wait(lambda: out.exists() and "READY" in out.read_text(), "the target's READY")
-    r = dst.popen([*PROCSNAP, "restore", "--stream", f"tcp://{dst.addr}:0", "-d"], "restore", env=ENV)
+    kept = work / f"received-{time.monotonic_ns()}"  # the series, kept to count the final image's runs
+    r = dst.popen([*PROCSNAP, "restore", "--stream", f"tcp://{dst.addr}:0", "-D", kept, "-d"], "restore", env=ENV)
     to = wait(lambda: re.search(r"listening on (\S+)", r.stderr()) or (not r.alive() and "x"), "the listener")
     if to == "x":
         raise SystemExit(f"bench: restore --stream: {r.stderr()}")
@@ -81,8 +86,11 @@ def migrate_once(src, dst, exe: str, work: Path, mib: int, rounds: int) -> dict:
     text = out.read_text()
     if "PASS" not in text:
         raise SystemExit(f"bench: the migrated target did not pass: {text}")
+    final = open_image(str(kept / str(max(int(n) for n in os.listdir(kept) if n.isdigit()))), verify_pages=False)
+    runs = len(final.checkpoint.pages) + sum(len(schema.unpack_page_refs(refs)) for refs in final.checkpoint.page_refs)
+    subprocess.run(["rm", "-rf", str(kept)])
     return {"downtime_ms": float(found.group(1)), "final_mib": int(found.group(3)), "total_s": float(found.group(4)),
-            "rounds": len(copied), "last_round_s": times[-1] if times else 0.0,
+            "rounds": len(copied), "final_runs": runs, "last_round_s": times[-1] if times else 0.0,
             "last_round_mib": copied[-1] / 256 if copied else 0.0}
 
 
@@ -108,27 +116,37 @@ def main() -> None:
         hosts.remove()
         subprocess.run(["rm", "-rf", str(work)])
     print(f"\nmigrate, {RATE:.0f} MiB/s written at random pages, {RUNS} runs each, median [min-max]\n")
-    print("| size | pre-copy | rounds | final image MiB | downtime ms | whole migration s | model downtime ms |")
-    print("|---|---|---|---|---|---|---|")
-    plain = {mib: statistics.median(r["downtime_ms"] for r in results[(mib, 0)]) for mib in SIZES}
-    if len(SIZES) >= 2:
-        a, b = SIZES[0], SIZES[-1]
-        per_mib = (plain[b] - plain[a]) / (b - a)  # ms per MiB of the final image
-        fixed = plain[a] - per_mib * a
-    else:
-        per_mib, fixed = plain[SIZES[0]] / SIZES[0], 0.0
+    print("| size | pre-copy | rounds | final image MiB | final runs | downtime ms | whole migration s | model ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    fixed, per_mib, per_run = fit([r for rs in results.values() for r in rs])
     for mib in SIZES:
         for rounds in (0, 8):
             rs = results[(mib, rounds)]
-            final = [r["final_mib"] for r in rs]
-            model = fixed + per_mib * statistics.median(
-                (RATE * r["last_round_s"] if rounds else mib) for r in rs)
-            print(f"| {mib} MiB | {'yes' if rounds else 'no'} | {med([r['rounds'] for r in rs])} | {med(final)} | "
+            model = statistics.median(fixed + per_mib * r["final_mib"] + per_run * r["final_runs"] for r in rs)
+            print(f"| {mib} MiB | {'yes' if rounds else 'no'} | {med([r['rounds'] for r in rs])} | "
+                  f"{med([r['final_mib'] for r in rs])} | {med([r['final_runs'] for r in rs])} | "
                   f"{med([r['downtime_ms'] for r in rs])} | {statistics.median(r['total_s'] for r in rs):.1f} | "
                   f"{model:.0f} |")
-    print(f"\nmodel: downtime = {fixed:.0f} ms + {per_mib:.2f} ms/MiB x final image "
-          f"({1000 / per_mib:.0f} MiB/s from freeze to running); with pre-copy the final image ~ "
-          f"RATE x the last round's time")
+    print(f"\nmodel: downtime = {fixed:.0f} ms + {per_mib:.2f} ms/MiB ({1000 / per_mib if per_mib > 0 else 0:.0f} "
+          f"MiB/s) + {per_run * 1000:.1f} us/run of the final image")
+
+
+def fit(rs: list[dict]) -> tuple[float, float, float]:
+    """Least squares of downtime_ms = a + b * final_mib + c * final_runs (normal equations, 3x3)."""
+    rows = [(1.0, float(r["final_mib"]), float(r["final_runs"]), r["downtime_ms"]) for r in rs]
+    m = [[sum(x[i] * x[j] for x in rows) for j in range(3)] for i in range(3)]
+    v = [sum(x[i] * x[3] for x in rows) for i in range(3)]
+    for col in range(3):  # Gauss-Jordan
+        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot], v[col], v[pivot] = m[pivot], m[col], v[pivot], v[col]
+        if abs(m[col][col]) < 1e-12:
+            return v[0] / max(len(rows), 1), 0.0, 0.0
+        for r in range(3):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                m[r] = [a - f * b for a, b in zip(m[r], m[col])]
+                v[r] -= f * v[col]
+    return tuple(v[i] / m[i][i] for i in range(3))
 
 
 if __name__ == "__main__":

@@ -156,6 +156,11 @@ def cmd_migrate(args) -> int:
     print(f"pid {args.tree} migrated to {args.to} (pid {stats.pid} there): downtime {stats.downtime_s * 1000:.1f} ms "
           f"(frozen here {stats.frozen_s * 1000:.1f} ms, final image {stats.final_bytes >> 20} MiB of pages), "
           f"{plural(len(stats.rounds), 'pre-copy round')}, {stats.total_s:.2f} s in all")
+    if stats.net_lock:
+        print(f"the source's network lock {stats.net_lock} kept: remove it once the addresses have moved "
+              f"(nft delete table {stats.net_lock})" if stats.net_lock.startswith("inet ") else
+              f"the source's network lock (iptables rules with the comment {stats.net_lock}) kept: remove them once "
+              f"the addresses have moved")
     return 0
 
 

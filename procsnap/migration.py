@@ -72,6 +72,7 @@ class MigrateStats:
     final_bytes: int = 0  # page data in the final image
     total_s: float = 0.0
     pid: int = 0  # the root's on the destination
+    net_lock: str = ""  # --tcp-established: the source's lock, kept ("inet TABLE", or the iptables rules' comment)
 
 
 def converged(rounds: list[Round]) -> bool:
@@ -108,7 +109,7 @@ def migrate(pid: int, to: str, max_rounds: int = MAX_ROUNDS, tls: Tls | None = N
             t0 = time.monotonic()
             where = os.path.join(local, str(k))
             p = pre_dump(pid, where, prev_images_dir=f"../{k - 1}" if k > 1 else None, method=dirty_tracking,
-                         shell_job=shell_job)
+                         shell_job=shell_job, tcp_established=tcp_established)
             passes = k
             send_image(channel, where)
             stats.rounds.append(Round(p.copied, p.referred, p.frozen_s, time.monotonic() - t0))
@@ -125,6 +126,9 @@ def migrate(pid: int, to: str, max_rounds: int = MAX_ROUNDS, tls: Tls | None = N
         pid_there = final.running()
         stats.downtime_s = time.monotonic() - d.frozen_at
         stats.frozen_s, stats.final_bytes, stats.pid = d.frozen_s, d.pages_bytes, pid_there
+        for lock in d.checkpoint.net_lock:  # dropped at the source once the addresses have moved: the caller's
+            if lock.table:
+                stats.net_lock = f"inet {lock.table}" if lock.method == "nftables" else lock.table
     except BaseException:
         if passes and not killed:  # the source runs on: without the pre-copy's tracking
             with contextlib.suppress(ProcsnapError, OSError):

@@ -220,3 +220,117 @@ def test_migrate_bad_input(pair):
     r = src.run([*PROCSNAP, "migrate", "-t", "4000000", "--to", to])
     assert r.returncode != 0 and r.stderr.count("\n") == 1 and "4000000" in r.stderr, r.stderr
     assert restore.wait() != 0
+
+
+# --------------------------------------------------------------------------
+# A python3 server with a live TCP client, its address moved with it
+
+SERVER = r"""
+import socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 7000))
+s.listen(1)
+print("READY", flush=True)
+c, _ = s.accept()
+f = c.makefile("rwb", buffering=0)
+n = 0
+for line in f:
+    if line == b"quit\n":
+        f.write(b"bye %d\n" % n)
+        sys.exit(0)
+    n += 1
+    f.write(b"%d:" % n + line)
+sys.exit(3)
+"""
+
+CLIENT = r"""
+import os, socket, sys, time
+stop, count = sys.argv[2], sys.argv[3]
+pause = stop + ".pause"  # while it exists: no request (the connection quiet, for the state check)
+c = socket.create_connection((sys.argv[1], 7000), timeout=60)
+f = c.makefile("rwb", buffering=0)
+i = 0
+try:
+    while not os.path.exists(stop):
+        if os.path.exists(pause):
+            time.sleep(0.01)
+            continue
+        i += 1
+        f.write(b"%d\n" % i)
+        got = f.readline()
+        if got != b"%d:%d\n" % (i, i):
+            print(f"FAIL: reply {i}: expected {i}:{i}, found {got!r}", flush=True)
+            sys.exit(1)
+        with open(count + ".tmp", "w") as out:
+            out.write(str(i))
+        os.rename(count + ".tmp", count)
+        time.sleep(0.02)
+    f.write(b"quit\n")
+    got = f.readline()
+    if got != b"bye %d\n" % i:
+        print(f"FAIL: bye: expected {i}, found {got!r}", flush=True)
+        sys.exit(1)
+except OSError as err:
+    print(f"FAIL: {err}", flush=True)
+    sys.exit(1)
+print(f"PASS {i}", flush=True)
+"""
+
+
+def test_migrate_python_server_with_a_client(hosts, tmp_path):
+    """A python3 server migrates from host 1 to host 2 with --tcp-established
+    while a client in host 0 keeps talking to it; the server's address is
+    on both hosts, and host 0's route to it is moved to host 2 once the
+    destination runs it (the source's network lock drops the client's
+    packets meanwhile: it retransmits). The client sees every reply once,
+    in order, and no error; the state check runs inside both hosts."""
+    made = hosts(3)
+    made.route_between()
+    hub, src, dst = made
+    vip = f"10.{made.net}.99.1"
+    for h in (src, dst):
+        h.add_addr(f"{vip}/32", "lo")
+    hub.run(["ip", "route", "add", vip, "via", src.addr], check=True)
+    src.set_last_pid(SOURCE_PID)
+    (tmp_path / "server.py").write_text(SERVER)
+    (tmp_path / "client.py").write_text(CLIENT)
+    out = tmp_path / "server.out"
+    server = src.popen(["setsid", "sh", "-c", f"exec python3 {tmp_path}/server.py {vip} < /dev/null > {out} 2>&1"],
+                       "server")
+    wait_until(lambda: out.exists() and "READY" in out.read_text(), "the server's READY")
+    stop, count = tmp_path / "stop", tmp_path / "count"
+    client = hub.popen(["python3", tmp_path / "client.py", vip, stop, count], "client")
+    progress = lambda: int(count.read_text()) if count.exists() else 0  # noqa: E731
+
+    def quiet_snapshot(host):
+        """The server's state with the connection quiet (nothing in flight either way: its queues are state)."""
+        pause = tmp_path / "stop.pause"
+        pause.write_text("")
+        last = [-1]
+        wait_until(lambda: (last[0] == progress(), last.__setitem__(0, progress()), time.sleep(0.5))[0],
+                   "the client paused")
+        snap = host.snapshot(server.inner)
+        pause.unlink()
+        return snap
+
+    wait_until(lambda: progress() > 5, "the client talking")
+    before = quiet_snapshot(src)
+    restore, to = listen(dst, "--tcp-established")
+    r = migrate(src, server, to, "--tcp-established")
+    assert r.returncode == 0, r.stderr
+    assert restore.wait() == 0, restore.stderr()
+    hub.run(["ip", "route", "replace", vip, "via", dst.addr], check=True)
+    table = re.search(r"network lock (inet \S+) kept", r.stdout)
+    assert table, r.stdout
+    src.run(["nft", "delete", "table", *table.group(1).split()], check=True)
+    at = progress()
+    wait_until(lambda: progress() > at + 10, "the client talking to the destination", timeout=60)
+    after = quiet_snapshot(dst)
+    assert_same_snapshot(before, after)
+    assert copies(src, dst, server.inner) == ["host2"]
+    stop.write_text("")
+    assert client.wait(60) == 0, client.output() + client.stderr()
+    assert "PASS" in client.output()
+    wait_until(lambda: server.inner in dst.exits(), "the server's exit in the destination")
+    assert dst.exits()[server.inner] == 0, out.read_text()
