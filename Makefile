@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 S3RVER := $(VENV)/s3rver/node_modules/.bin/s3rver
 
-.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 bench-servers bench-stream bench-predump clean
+.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 bench-servers bench-stream bench-predump bench-migrate clean
 
 $(STAMP): pyproject.toml
 	# Debian programs the tests run, installed only when missing (one apt-get update, only then):
@@ -75,6 +75,9 @@ bench-servers: $(STAMP)
 
 bench-predump: $(STAMP)
 	$(PY) bench/predump.py
+
+bench-migrate: $(STAMP)
+	$(PY) bench/migrate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

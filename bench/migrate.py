@@ -16,9 +16,11 @@ the process), of the final image's pages and of the whole migration.
 The model: downtime = FIXED + final MiB x PER_MIB + final runs x PER_RUN
 (a run: pages stored together, or referred to together in a parent; the
 final image of a process written at random pages is mostly runs of one
-page), fitted by least squares to every migration measured; printed with
-each configuration's median beside what the model gives for it. With
-pre-copy the final image holds what was written during the last round.
+page). FIXED and PER_MIB from the migrations without pre-copy (a few big
+runs), PER_RUN from what is left of the pre-copy ones (fit below);
+printed with each configuration's median beside what the model gives
+for it. With pre-copy the final image holds what was written during the
+last round.
 
 Environment: BENCH_MIGRATE_MIB ("256,1024"), BENCH_MIGRATE_RATE (50), BENCH_RUNS (3).
 Images (the source's passes, the destination's series) on /dev/shm.
@@ -118,7 +120,7 @@ def main() -> None:
     print(f"\nmigrate, {RATE:.0f} MiB/s written at random pages, {RUNS} runs each, median [min-max]\n")
     print("| size | pre-copy | rounds | final image MiB | final runs | downtime ms | whole migration s | model ms |")
     print("|---|---|---|---|---|---|---|---|")
-    fixed, per_mib, per_run = fit([r for rs in results.values() for r in rs])
+    fixed, per_mib, per_run = fit(results)
     for mib in SIZES:
         for rounds in (0, 8):
             rs = results[(mib, rounds)]
@@ -131,22 +133,19 @@ def main() -> None:
           f"MiB/s) + {per_run * 1000:.1f} us/run of the final image")
 
 
-def fit(rs: list[dict]) -> tuple[float, float, float]:
-    """Least squares of downtime_ms = a + b * final_mib + c * final_runs (normal equations, 3x3)."""
-    rows = [(1.0, float(r["final_mib"]), float(r["final_runs"]), r["downtime_ms"]) for r in rs]
-    m = [[sum(x[i] * x[j] for x in rows) for j in range(3)] for i in range(3)]
-    v = [sum(x[i] * x[3] for x in rows) for i in range(3)]
-    for col in range(3):  # Gauss-Jordan
-        pivot = max(range(col, 3), key=lambda r: abs(m[r][col]))
-        m[col], m[pivot], v[col], v[pivot] = m[pivot], m[col], v[pivot], v[col]
-        if abs(m[col][col]) < 1e-12:
-            return v[0] / max(len(rows), 1), 0.0, 0.0
-        for r in range(3):
-            if r != col:
-                f = m[r][col] / m[col][col]
-                m[r] = [a - f * b for a, b in zip(m[r], m[col])]
-                v[r] -= f * v[col]
-    return tuple(v[i] / m[i][i] for i in range(3))
+def fit(results: dict) -> tuple[float, float, float]:
+    """FIXED and PER_MIB: the line through the medians without pre-copy (two sizes at least; a final image
+    of a few big runs); PER_RUN: the median of what the model leaves of each pre-copy downtime, per run."""
+    sizes = sorted({mib for mib, _ in results})
+    plain = {mib: statistics.median(r["downtime_ms"] for r in results[(mib, 0)]) for mib in sizes}
+    if len(sizes) > 1:
+        per_mib = (plain[sizes[-1]] - plain[sizes[0]]) / (sizes[-1] - sizes[0])
+        fixed = plain[sizes[0]] - per_mib * sizes[0]
+    else:
+        per_mib, fixed = plain[sizes[0]] / sizes[0], 0.0
+    left = [(r["downtime_ms"] - fixed - per_mib * r["final_mib"]) / r["final_runs"]
+            for (mib, rounds), rs in results.items() if rounds for r in rs if r["final_runs"]]
+    return fixed, per_mib, statistics.median(left) if left else 0.0
 
 
 if __name__ == "__main__":
