@@ -100,8 +100,8 @@ def migrate(pid: int, to: str, max_rounds: int = MAX_ROUNDS, tls: Tls | None = N
 
     started = time.monotonic()
     stats = MigrateStats()
-    local = tempfile.mkdtemp(prefix="procsnap-migrate-", dir=workdir)
     channel = connect(to, tls)
+    local = tempfile.mkdtemp(prefix="procsnap-migrate-", dir=workdir)
     killed = False
     passes = 0  # pre-dump images written: the last one's dirty tracking is in the target
     try:
@@ -136,7 +136,7 @@ def migrate(pid: int, to: str, max_rounds: int = MAX_ROUNDS, tls: Tls | None = N
         raise
     finally:
         channel.close()
-        shutil.rmtree(local, ignore_errors=True)
+        shutil.rmtree(local, ignore_errors=True)  # the series is the destination's now (or no one's)
     stats.total_s = time.monotonic() - started
     return stats
 
