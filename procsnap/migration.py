@@ -46,7 +46,7 @@ from . import faults
 from .errors import ImageError, ProcsnapError, RestoreError, describe
 from .image import schema
 from .image.receive import receive_into, wait_done
-from .image.stream import (DONE, FAIL, MAX_FRAME, PREFIX, READY, RUNNING, SERIES, Channel, FrameReader, Sender,
+from .image.stream import (FAIL, MAX_FRAME, PREFIX, READY, RUNNING, SERIES, Channel, FrameReader, Sender,
                            StreamError, Tls, connect, encode_header, json_payload, read_json, send_frame, staged)
 
 log = logging.getLogger("procsnap.migrate")
