@@ -15,6 +15,7 @@ whole source host is killed (then zero: nothing was acknowledged).
 import os
 import re
 import signal
+import subprocess
 import sys
 import time
 
@@ -41,8 +42,8 @@ def pair(hosts, targets, tmp_path):
         binary = targets.path("migrator", "pie")
         env = "PS_TARGET_SABOTAGE=1 " if sabotage else ""
         # its fds opened inside the host (by sh), on the host's mounts, as a process of that machine's would be
-        t = src.popen(["setsid", "sh", "-c", f"exec env {env}{binary} default {SIZE_MIB} {RATE_MIB} < /dev/null > {out} 2>&1"],
-                      "migrator")
+        command = f"exec env {env}{binary} default {SIZE_MIB} {RATE_MIB} < /dev/null > {out} 2>&1"
+        t = src.popen(["setsid", "sh", "-c", command], "migrator")
         t.out_path = out
         wait_until(lambda: out.exists() and "READY\n" in out.read_text(), "the target's READY")
         return t
@@ -334,3 +335,25 @@ def test_migrate_python_server_with_a_client(hosts, tmp_path):
     assert "PASS" in client.output()
     wait_until(lambda: server.inner in dst.exits(), "the server's exit in the destination")
     assert dst.exits()[server.inner] == 0, out.read_text()
+
+
+def test_migrate_over_tls(pair, tmp_path):
+    """The migration's stream in TLS: the destination's certificate (its
+    host address as SAN) checked by the source against the CA made here."""
+    src, dst, start_target = pair
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    openssl = lambda *a: subprocess.run(["openssl", *a], cwd=pki, check=True, capture_output=True)  # noqa: E731
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-days", "2", "-subj", "/CN=procsnap test ca", "-keyout", "ca.key", "-out", "ca.pem")
+    openssl("req", *ec, "-subj", "/CN=destination", "-keyout", "dst.key", "-out", "dst.csr")
+    (pki / "dst.ext").write_text(f"subjectAltName=IP:{dst.addr}\n")
+    openssl("x509", "-req", "-in", "dst.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+            "-extfile", "dst.ext", "-out", "dst.pem")
+    t = start_target()
+    restore, to = listen(dst, "--tls-cert", pki / "dst.pem", "--tls-key", pki / "dst.key")
+    r = migrate(src, t, to, "--max-rounds", "2", "--tls-ca", pki / "ca.pem")
+    assert r.returncode == 0, r.stderr
+    assert restore.wait() == 0, restore.stderr()
+    wait_until(lambda: copies(src, dst, t.inner) == ["host1"], "one copy, in the destination")
+    check_in(dst, t, t.inner)
