@@ -9,7 +9,7 @@ S3RVER := $(VENV)/s3rver/node_modules/.bin/s3rver
 # methods, which procsnap/records.py otherwise compiles on every run. Only what changed is redone.
 BYTECODE = $(PY) -m compileall -q procsnap && $(PY) -m procsnap.records >/dev/null
 
-.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 bench-servers bench-stream bench-predump clean
+.PHONY: demo test bench bench-tree bench-cow bench-encoded bench-s3 bench-servers bench-stream bench-predump bench-migrate clean
 
 $(STAMP): pyproject.toml
 	# Debian programs the tests run, installed only when missing (one apt-get update, only then):
@@ -30,6 +30,7 @@ $(STAMP): pyproject.toml
 	command -v memcached >/dev/null || missing="$$missing memcached"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v nsenter >/dev/null || missing="$$missing util-linux"; \
 	command -v nft >/dev/null || missing="$$missing nftables"; \
 	command -v iptables >/dev/null || missing="$$missing iptables"; \
 	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
@@ -87,7 +88,12 @@ bench-predump: $(STAMP)
 
 .PHONY: bench-lazy
 bench-lazy: $(STAMP)
+	@$(BYTECODE)
 	$(PY) bench/lazy.py
+
+bench-migrate: $(STAMP)
+	@$(BYTECODE)
+	$(PY) bench/migrate.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

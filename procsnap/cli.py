@@ -67,6 +67,19 @@ def _stream_location(args, parser_error):
             parser_error(f"{args.command}: --stream {err}")
 
 
+def _migrate_location(args, parser_error):
+    from .image.stream import StreamError, address
+
+    try:
+        address(args.to)
+    except StreamError as err:
+        parser_error(f"migrate: --to {err}")
+    if args.max_rounds < 0:
+        parser_error(f"migrate: --max-rounds {args.max_rounds}: expected 0 or more")
+    if not args.to.startswith("tcp://"):
+        args.to = f"tcp://{args.to}"
+
+
 def _listening(url: str):
     """on_listen for a receiving side: where it listens, for a port 0 caller."""
     def report(bound) -> None:
@@ -157,6 +170,27 @@ def _restore_copies(args, options) -> int:
         _, status = os.waitpid(pid, 0)
         codes.append(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
     return next((c for c in codes if c), 0)
+
+
+def cmd_migrate(args) -> int:
+    from .migration import migrate
+
+    def round_done(k, r) -> None:
+        print(f"pre-copy round {k}: {plural(r.copied, 'page')} copied, {plural(r.referred, 'page')} referred to, "
+              f"frozen {r.frozen_s * 1000:.1f} ms, {r.seconds:.2f} s", flush=True)
+
+    stats = migrate(args.tree, args.to, max_rounds=args.max_rounds, tls=_tls(args), shell_job=args.shell_job,
+                    dirty_tracking=args.dirty_tracking, tcp_established=args.tcp_established,
+                    net_lock="skip" if args.skip_net_lock else args.network_lock or "", on_round=round_done)
+    print(f"pid {args.tree} migrated to {args.to} (pid {stats.pid} there): downtime {stats.downtime_s * 1000:.1f} ms "
+          f"(frozen here {stats.frozen_s * 1000:.1f} ms, final image {stats.final_bytes >> 20} MiB of pages), "
+          f"{plural(len(stats.rounds), 'pre-copy round')}, {stats.total_s:.2f} s in all")
+    if stats.net_lock:
+        print(f"the source's network lock {stats.net_lock} kept: remove it once the addresses have moved "
+              f"(nft delete table {stats.net_lock})" if stats.net_lock.startswith("inet ") else
+              f"the source's network lock (iptables rules with the comment {stats.net_lock}) kept: remove them once "
+              f"the addresses have moved")
+    return 0
 
 
 def cmd_receive(args) -> int:
@@ -332,6 +366,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--lazy-pages-log", metavar="FILE", help="with --lazy-pages: where the server says what it did")
     r.set_defaults(func=cmd_restore)
 
+    m = sub.add_parser("migrate", help="move a running process to another host, where `procsnap restore --stream "
+                       "tcp://HOST:PORT` listens: pre-copy rounds, then the final freeze and stream")
+    m.add_argument("-t", "--tree", type=int, required=True, metavar="PID", help="the process to migrate")
+    m.add_argument("--to", required=True, metavar="HOST:PORT", help="the destination's restore --stream listener")
+    m.add_argument("--max-rounds", type=int, default=8, metavar="N",
+                   help="pre-copy rounds at most (default 8; 0: none, the whole memory copied while frozen)")
+    m.add_argument("--dirty-tracking", choices=("auto", "uffd-wp", "hashes"), default="auto",
+                   help="how the pre-copy rounds find the pages written since the one before")
+    m.add_argument("-j", "--shell-job", action="store_true", help="allow fds on the controlling terminal")
+    m.add_argument("--tcp-established", action="store_true", help="carry live TCP connections (the destination "
+                   "restores with --tcp-established; their addresses must exist there)")
+    m.add_argument("--skip-net-lock", action="store_true", help="do not lock the network (the caller does)")
+    m.add_argument("--network-lock", choices=("nftables", "iptables", "skip"),
+                   help="how live TCP connections are locked (default: nftables where nft is found)")
+    m.set_defaults(func=cmd_migrate)
+
     rc = []
     for name, what in (("receive", "write a streamed image (dump --stream) into DIR"),
                        ("page-server", "the same as receive (CRIU's name)")):
@@ -342,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
         where.add_argument("--stream", metavar="URL", help="`-`: read the stream from stdin")
         sp.set_defaults(func=cmd_receive)
         rc.append(sp)
-    for sp in [d, r] + rc:
+    for sp in [d, r, m] + rc:
         sp.add_argument("--tls-cert", metavar="PEM", help="TLS: this side's certificate (the listener's is needed)")
         sp.add_argument("--tls-key", metavar="PEM", help="TLS: its private key")
         sp.add_argument("--tls-ca", metavar="PEM", help="TLS: the CA that signs the other side's certificate "
@@ -386,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     for sp in (d, r, s, c, v, g, df, co, pd, *rc):
         sp.add_argument("--encrypt", metavar="KEYFILE", help="encrypt (dump) or open (others) the image with "
                         "the 32-byte key in KEYFILE (procsnap[encrypt])")
-    for sp in (d, r, s, c, v, g, df, co, pd, *rc):
+    for sp in (d, r, s, c, v, g, df, co, pd, m, *rc):
         sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
@@ -419,6 +469,8 @@ def main(argv=None) -> int:
         args.images_dir = given.pop()
     if args.command in ("dump", "restore"):
         _stream_location(args, parser.error)
+    if args.command == "migrate":
+        _migrate_location(args, parser.error)
     # SIGTERM and SIGHUP unwind like Ctrl-C: a dump in progress puts the
     # target back as it was before procsnap exits.
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -27,11 +27,15 @@ TCP_DUMP_STAGES = ("after-net-lock",)
 TCP_RESTORE_STAGES = ("before-net-unlock",)
 # restore --lazy-pages (restorer/lazy.py): the restore once the uffd is registered; the server, pushing
 LAZY_STAGES = ("lazy-after-register", "lazy-mid-push")
+# a migration (migration.py): the source once the destination holds the tree, before it kills the
+# source; the destination once it holds the tree, before it says so
+MIGRATE_STAGES = ("migrate-after-ready", "migrate-held")
 __doc__ += f"  dump: {', '.join(DUMP_STAGES)}\n  restore: {', '.join(RESTORE_STAGES)}\n"
 __doc__ += f"  restore, with a fork-built process: {', '.join(FORK_STAGES)}\n"
 __doc__ += f"  receive (and restore --stream): {', '.join(RECEIVE_STAGES)}\n"
 __doc__ += f"  pre-dump: {', '.join(PREDUMP_STAGES)}\n"
 __doc__ += f"  restore --lazy-pages: {', '.join(LAZY_STAGES)}\n"
+__doc__ += f"  migrate: {', '.join(MIGRATE_STAGES)}\n"
 __doc__ += f"  with live TCP connections: dump {', '.join(TCP_DUMP_STAGES)}; restore {', '.join(TCP_RESTORE_STAGES)}\n"
 
 

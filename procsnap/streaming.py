@@ -20,8 +20,8 @@ import tempfile
 
 from .errors import ImageError, ProcsnapError, RestoreError
 from .image import schema
-from .image.receive import Received, listen, receive_into
-from .image.stream import StreamError, Tls
+from .image.receive import Received, listen, read_header, receive_into
+from .image.stream import HEADER, SERIES, StreamError, Tls
 
 log = logging.getLogger("procsnap.streaming")
 
@@ -76,7 +76,15 @@ def restore_stream(url: str, directory: str | None = None, tls: Tls | None = Non
     channel = None
     try:
         channel = listen(url, tls, on_listen)
-        got = receive_into(channel, directory, check, durable=keep)
+        header = read_header(channel)
+        if len(header) == HEADER.size and HEADER.unpack(header)[4] & SERIES:  # a migration (migration.py)
+            from .migration import receive_series
+
+            pid = receive_series(channel, header, directory, keep, **options)
+            if not keep:
+                shutil.rmtree(directory, ignore_errors=True)
+            return pid
+        got = receive_into(channel, directory, check, durable=keep, header=header)
     except BaseException:
         if not keep:
             shutil.rmtree(directory, ignore_errors=True)

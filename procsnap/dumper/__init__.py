@@ -47,12 +47,13 @@ class DumpStats:
     pages_bytes: int = 0
     snapshot: bool = False  # pages were read from a copy-on-write snapshot
     replaced: str | None = None  # what was in the directory before, e.g. "the image of pid 1234 taken ..."
+    frozen_at: float = 0.0  # time.monotonic() of the freeze
 
 
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
          progress=None, ext_unix_sk: bool = False, compress: bool = False, key: bytes | None = None,
          prev_images_dir: str | None = None, tls=None, tcp_established: bool = False,
-         tcp_close: bool = False, net_lock: str = "") -> DumpStats:
+         tcp_close: bool = False, net_lock: str = "", migration=None) -> DumpStats:
     """Checkpoint process `pid` and all its descendants into the directory
     `images_dir`, made if missing (the root's image; each other process's
     image in a subdirectory of it, tree.IMAGE_DIR).
@@ -76,6 +77,10 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     locked from the freeze on by net_lock ("nftables", "iptables", "skip";
     "": nftables where nft is found, objects/netlock.py); tcp_close: they
     are dumped to be restored closed.
+    migration: the final image of a migration (migration.py): its
+    staged(leave_running) on the migration's connection, and its `home`,
+    the local directory the streamed image stands for in its series
+    (prev_images_dir is relative to it; the series is on both sides).
     On any error every process runs on as before and the directory holds
     what it held before.
     """
@@ -87,8 +92,9 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                 tls, tcp_established, tcp_close, net_lock), enter=("uts", "ipc"))
     if compress:
         require_compress()
-    chain = _final_chain(pid, images_dir, prev_images_dir, key) if prev_images_dir else None
-    parent_pages = _parent_index(images_dir, prev_images_dir, key) if prev_images_dir and not chain else None
+    home = migration.home if migration is not None else images_dir  # where prev_images_dir is relative to
+    chain = _final_chain(pid, home, prev_images_dir, key) if prev_images_dir else None
+    parent_pages = _parent_index(home, prev_images_dir, key) if prev_images_dir and not chain else None
     dedup = None
     if progress:  # progress(phase, done, total), as restore reports it
         progress = functools.partial(progress, "write pages")
@@ -96,7 +102,8 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     with translated(pid, f"read /proc/{pid}/smaps"):
         early_smaps = proc.read_smaps(pid)
     with contextlib.ExitStack() as stack:
-        staging = stack.enter_context(_stream_staged(images_dir, tls, leave_running)
+        staging = stack.enter_context(migration.staged(leave_running) if migration is not None else
+                                      _stream_staged(images_dir, tls, leave_running)
                                       if remote.is_stream_url(images_dir) else objstore.staged(images_dir)
                                       if objstore.is_url(images_dir) else staged(images_dir))
         if staging.replaces:
@@ -154,9 +161,9 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                 writer = stack.enter_context(image_writer(where, create=task.pid != pid, compress=compress, key=key))
                 writers.append(writer)
                 if task.pid == pid and parent_pages is not None:
-                    writer.pages = dedup = DedupSink(writer.pages, parent_pages, _final_dir(images_dir, staging))
+                    writer.pages = dedup = DedupSink(writer.pages, parent_pages, _final_dir(home, staging))
                 elif task.pid == pid and chain:
-                    dedup = DedupSink(writer.pages, {}, images_dir)  # for the references only
+                    dedup = DedupSink(writer.pages, {}, home)  # for the references only
                 for kind in kinds:
                     kind.write_process(task.pid, writer, ckpt)
                 if task.pid == pid:
@@ -219,6 +226,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                 lock.keep()
             log.info("pid %d: killed", pid)
     stats.frozen_s = tree.tasks[0].frozen_s
+    stats.frozen_at = tree.tasks[0].since
     stats.total_s = time.monotonic() - started
     log.info("pid %d: frozen for %.1f ms of %.1f ms", pid, stats.frozen_s * 1000, stats.total_s * 1000)
     return stats

@@ -82,11 +82,14 @@ class PreDumpStats:
 
 
 def pre_dump(pid: int, images_dir: str, prev_images_dir: str | None = None, method: str = "auto",
-             shell_job: bool = False, key: bytes | None = None, compress: bool = False) -> PreDumpStats:
+             shell_job: bool = False, key: bytes | None = None, compress: bool = False,
+             tcp_established: bool = False) -> PreDumpStats:
     """One pass: an image in `images_dir` (swapped in once complete) of the
     memory of process `pid`, which runs on; its parent (prev_images_dir,
     relative to images_dir as for dump) is an earlier pass. method: "uffd-wp",
-    "hashes" or "auto" (uffd-wp where the kernel has it)."""
+    "hashes" or "auto" (uffd-wp where the kernel has it). tcp_established:
+    live TCP connections are let through (the final dump reads them; a pass
+    keeps no fds)."""
     from . import FrozenTask, collect_seized, image_writer, read_target
 
     started = time.monotonic()
@@ -117,7 +120,8 @@ def pre_dump(pid: int, images_dir: str, prev_images_dir: str | None = None, meth
                 with translated(pid, "start dirty tracking (userfaultfd)"):
                     tracker.attach_seized(maps)
             with translated(pid, "collect"):
-                ckpt, _, _ = collect_seized(task, shell_job, maps, objects.collectors(), scan_pages=False,
+                ckpt, _, _ = collect_seized(task, shell_job, maps, objects.collectors(tcp_close=tcp_established),
+                                            scan_pages=False,
                                             skip_fds={tracker.uffd} if tracker else set())
             with translated(pid, "dirty tracking (PAGEMAP_SCAN)"):
                 written = tracker.rearm_seized(ckpt.vmas) if tracker else []

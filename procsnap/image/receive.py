@@ -137,21 +137,30 @@ class _Files:
             raise ImageCorrupt(f"{where}: END without {schema.INVENTORY}")
 
 
-def receive_into(channel: Channel, directory: str, validate, durable: bool = True) -> Received:
+def read_header(channel: Channel) -> bytes:
+    """The stream's header, as it came (check_header says what is wrong with it)."""
+    head = memoryview(bytearray(HEADER.size))
+    got = channel.recv_into(head)
+    return bytes(head[:got])
+
+
+def receive_into(channel: Channel, directory: str, validate, durable: bool = True, header: bytes | None = None,
+                 wait_done: bool = True) -> Received:
     """Write the stream on `channel` into `directory` as its image (staged:
     swapped in once validate(staging path) has passed, then acknowledged);
-    then wait for the sender's DONE. validate raises an ImageError (or any
-    ProcsnapError) to refuse the image. durable: fsync every file."""
+    then wait for the sender's DONE (unless not wait_done: the caller
+    reads what comes next). validate raises an ImageError (or any
+    ProcsnapError) to refuse the image. durable: fsync every file.
+    header: the stream's header if the caller has read it (read_header)."""
     received = Received(directory)
     reader = FrameReader(channel)
     started = None
     with staging.staged(directory) as stage:
         files = _Files(stage.path, durable)
         try:
-            head = memoryview(bytearray(HEADER.size))
-            got = channel.recv_into(head)
+            head = read_header(channel) if header is None else header
             started = time.monotonic()
-            check_header(bytes(head[:got]), channel.name)
+            check_header(head, channel.name)
             while True:
                 tag, index, offset, payload = reader.read()
                 where = reader.where()
@@ -187,8 +196,14 @@ def receive_into(channel: Channel, directory: str, validate, durable: bool = Tru
                 raise StreamError(f"{channel.name}: cannot acknowledge the image: {describe(err)}") from err
     received.bytes, received.frames = files.bytes, reader.count
     received.seconds = time.monotonic() - (started or time.monotonic())
-    received.source = _wait_done(reader)
+    if wait_done:
+        received.source = _wait_done(reader)
     return received
+
+
+def wait_done(channel: Channel) -> str | None:
+    """The sender's DONE after an image (receive_into without wait_done)."""
+    return _wait_done(FrameReader(channel))
 
 
 def _refuse(channel: Channel, why: str) -> None:

@@ -191,19 +191,23 @@ class DedupSink:
         return model.PageRefs(sources, b"".join(packed))
 
 
-def open_parents(images: list, key: bytes | None = None) -> dict[str, object]:
+def open_parents(images: list, key: bytes | None = None, home: str | None = None,
+                 verify_pages: bool = True) -> dict[str, object]:
     """Every parent image the images refer to, opened and validated, by source name
-    (relative to the image dir). A parent that is gone or damaged is an ImageCorrupt naming it."""
+    (relative to the image dir; home: the root's, if its image is not there yet).
+    A parent that is gone or damaged is an ImageCorrupt naming it."""
     from .reader import open_image
 
     out = {}
     for image in images:
+        base = image.directory if home is None else os.path.join(home, os.path.relpath(image.directory,
+                                                                                       images[0].directory))
         for refs in image.checkpoint.page_refs:
             for name in refs.sources:
                 if is_parent_source(name) and name not in out:
-                    where = source_dir(image.directory, name)
+                    where = source_dir(base, name)
                     try:
-                        out[name] = open_image(where, key=key)
+                        out[name] = open_image(where, verify_pages, key=key)
                     except ImageError as err:
                         raise ImageCorrupt(f"{image.directory}: its parent image {where} (dumped with "
                                            f"--prev-images-dir) cannot be used: {err}") from err

@@ -30,6 +30,14 @@ The receiver answers END, on a connection (not on a pipe), with one frame:
     ACK_  payload JSON {"image": DIR}: every check passed, the image is in place
     FAIL  payload: why not (the image was not kept)
 
+A migration (migration.py; header flag SERIES) sends several images on one
+connection, each from its own header to its DONE: the pre-copy passes, then
+the final image, which the destination answers twice more:
+
+    RDY_  the tree is restored and held, not yet running; the sender kills
+          the source and says so (DONE {"source": "killed"})
+    RUN_  payload JSON {"pid": ROOT}: released, it runs on the destination
+
 A dump without -R kills the source only after ACK_ (on a pipe, which has
 no way back, once END has been written), so a stream cut anywhere leaves
 the source running; the receiver keeps nothing of a stream without END.
@@ -61,7 +69,9 @@ MAX_FRAME = 8 << 20
 PREFIX = remote.STREAM  # the staging path of a dump being sent: stream://ID/proc.PID/pages.img
 FILE, DATA, SIZE, END, ABRT, DONE, ACK, FAIL = (b"FILE", b"DATA", b"SIZE", b"END ", b"ABRT", b"DONE", b"ACK_",
                                                 b"FAIL")
-TAGS = (FILE, DATA, SIZE, END, ABRT, DONE, ACK, FAIL)
+READY, RUNNING = b"RDY_", b"RUN_"  # a migration's final image (migration.py)
+TAGS = (FILE, DATA, SIZE, END, ABRT, DONE, ACK, FAIL, READY, RUNNING)
+SERIES = 1  # header flag: a migration, images one after another on this connection
 log = logging.getLogger("procsnap.stream")
 
 
@@ -175,15 +185,16 @@ def connect(url: str, tls: Tls | None) -> Channel:
     return Channel(url, sock)
 
 
-def encode_header() -> bytes:
-    head = HEADER.pack(MAGIC, VERSION, schema.MAJOR, schema.MINOR, 0, 0)
+def encode_header(flags: int = 0) -> bytes:
+    head = HEADER.pack(MAGIC, VERSION, schema.MAJOR, schema.MINOR, flags, 0)
     return head[:16] + zlib.crc32(head[:16]).to_bytes(4, "little")
 
 
-def check_header(data: bytes, name: str) -> None:
+def check_header(data: bytes, name: str) -> int:
+    """The header's flags (SERIES), once it is checked."""
     if len(data) < HEADER.size:
         raise StreamError(f"{name}: the stream ended after {len(data)} bytes, before its {HEADER.size}-byte header")
-    magic, version, major, minor, _, crc = HEADER.unpack(data)
+    magic, version, major, minor, flags, crc = HEADER.unpack(data)
     if magic != MAGIC:
         raise ImageCorrupt(f"{name}: not a procsnap stream: magic expected {MAGIC!r}, found {magic!r}")
     if zlib.crc32(data[:16]) != crc:
@@ -193,6 +204,7 @@ def check_header(data: bytes, name: str) -> None:
     if major != schema.MAJOR:
         raise ImageVersionError(f"{name}: an image of format version {major}.{minor}; "
                                 f"this procsnap reads version {schema.MAJOR}.x")
+    return flags
 
 
 def frame_header(tag: bytes, file: int, offset: int, payload) -> bytes:
@@ -392,32 +404,38 @@ class StreamPageSink(FilePageSink):
 
 class SendStaging:
     """What dump() writes into (`path`); `swap_in` is the end of the stream
-    and waits for the receiver's acknowledgement."""
+    and waits for the receiver's acknowledgement (and then for after_ack)."""
 
     replaces = None
 
-    def __init__(self, stream: Sender):
+    def __init__(self, stream: Sender, after_ack=None):
         self.stream = stream
         self.path = PREFIX + stream.id
+        self.after_ack = after_ack
 
     def swap_in(self) -> None:
         self.stream.end()
+        if self.after_ack is not None:
+            self.after_ack()
 
 
 @contextlib.contextmanager
-def staged(url: str, tls: Tls | None = None, leave_running: bool = False):
+def staged(url: str, tls: Tls | None = None, leave_running: bool = False, channel: Channel | None = None,
+           flags: int = 0, after_ack=None):
     """A dump into a stream: yields a SendStaging. On an error the receiver
     is told (ABRT) and keeps nothing; after success it hears whether the
-    source was killed or runs on (DONE)."""
-    channel = connect(url, tls)
+    source was killed or runs on (DONE). channel: one already open (a
+    migration's, which stays open), else a connection to `url`."""
+    own = channel is None
+    channel = connect(url, tls) if own else channel
     stream = Sender(channel)
     _SENDERS[stream.id] = stream
     try:
         try:
-            channel.send(encode_header())
+            channel.send(encode_header(flags))
         except OSError as err:
             raise StreamError(f"{url}: cannot write the stream: {describe(err)}") from err
-        staging = SendStaging(stream)
+        staging = SendStaging(stream, after_ack)
         try:
             yield staging
         except BaseException as err:
@@ -427,4 +445,5 @@ def staged(url: str, tls: Tls | None = None, leave_running: bool = False):
         stream.finish("running" if leave_running else "killed")
     finally:
         del _SENDERS[stream.id]
-        channel.close()
+        if own:
+            channel.close()

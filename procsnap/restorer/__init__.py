@@ -43,7 +43,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
             key: bytes | None = None, tcp_established: bool = False, tcp_close: bool = False,
             skip_net_lock: bool = False, lazy_pages: bool = False, lazy_log: str | None = None,
-            lazy_server=None) -> int:
+            lazy_server=None, before_release=None, checked: bool = False) -> int:
     """Bring the process tree in `images_dir` back; returns the root's pid.
 
     The restored root is a child of the caller, running. `detach` is
@@ -56,9 +56,14 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     lazy_pages: private anonymous memory is left to a lazy-pages server
     (restorer/lazy.py) that outlives the restore, logging to lazy_log;
     lazy_server(pid) is told its pid.
+    before_release(): called once every process is rebuilt and ready, before
+    any runs (a migration's last word with its source); raising, it fails
+    the restore as any stage does. checked: the page data was checked whole
+    moments ago (a migration's receiver did): not read again here.
     """
-    root_image = open_image(images_dir, progress=progress and functools.partial(progress, "check pages"), key=key)
-    tree = open_tree(root_image, progress)
+    root_image = open_image(images_dir, not checked, progress=progress and functools.partial(progress, "check pages"),
+                            key=key)
+    tree = open_tree(root_image, progress, verify_pages=not checked)
     for proc_entry, image in tree:
         if image is not None:
             check_restorable(image, allow_other_owner, allow_setuid,
@@ -112,7 +117,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             children = spawn(nodes[pid])
         log.info("pid %d: spawned %s", pid, plural(len(children), "process"))
         rebuild_tree = functools.partial(_rebuild_tree, tree, root_image, nodes, images, children, forked, shared,
-                                         stack, progress, lazy)
+                                         stack, progress, lazy, before_release)
         if not container:
             rebuild_tree()
         else:  # from inside its pid namespace, where the image's pids are the pids (nsworker.py)
@@ -139,7 +144,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
 
 def _rebuild_tree(tree, root_image: Image, nodes: dict[int, Node], images: dict[int, Image],
                   children: dict[int, Child], forked: set[int], shared: SharedFiles, stack: contextlib.ExitStack,
-                  progress, lazy=None) -> None:
+                  progress, lazy=None, before_release=None) -> None:
     """Every spawned process rebuilt and released, or all of them killed."""
     pid = root_image.checkpoint.task.pid
     try:
@@ -161,7 +166,8 @@ def _rebuild_tree(tree, root_image: Image, nodes: dict[int, Node], images: dict[
         rebuild_all(live, lambda p, image: p.pid in forked or rebuild(children[p.pid], image, sources[p.dir],
                                                                       filled.add, sources, ctx.tree_pids, ctx,
                                                                       lazy),
-                    shared.ready, {p.pid: nodes[p.pid].parent.proc.pid for p, _ in live if p.pid in forked})
+                    shared.ready if before_release is None else lambda: (shared.ready(), before_release()),
+                    {p.pid: nodes[p.pid].parent.proc.pid for p, _ in live if p.pid in forked})
     except BaseException:
         if not nsworker.inside():  # else: killed from outside with the namespace's init (SIGKILL from inside
             kill_children(children, pid)  # does not reach it), its tracees with this worker (EXITKILL)

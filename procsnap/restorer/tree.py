@@ -21,10 +21,15 @@ from ..kernel.arch.x86_64 import PAGE_SIZE
 IMAGE_DIR = "proc.{pid}"  # as the dumper names them
 
 
-def open_tree(root: Image, progress=None) -> list[tuple[model.Proc, Image | None]]:
+def open_tree(root: Image, progress=None, home: str | None = None, verify_pages: bool = True,
+              verify_parents: bool | None = None) -> list[tuple[model.Proc, Image | None]]:
     """(Proc, its image or None for a zombie) of every process, root first,
     each parent before its children. progress(phase, done, total) hears of
-    each image's page check."""
+    each image's page check. home: where the image will be once swapped in
+    (a staged one checked before that: its parents are relative to home).
+    verify_pages=False: the other processes' and the parents' page data are
+    not read again (checked whole moments ago by a migration's receiver);
+    verify_parents: the parents' alone (default: as verify_pages)."""
     ckpt = root.checkpoint
     procs = ckpt.procs or [model.Proc(ckpt.task.pid, 0, 0, 0)]
     where = os.path.join(root.directory, "procsnap.img")
@@ -54,14 +59,15 @@ def open_tree(root: Image, progress=None) -> list[tuple[model.Proc, Image | None
         image = None
         if not p.zombie:
             check = progress and functools.partial(progress, f"check pages of pid {p.pid}")
-            image = open_image(os.path.join(root.directory, p.dir), progress=check, key=root.key)
+            image = open_image(os.path.join(root.directory, p.dir), verify_pages, progress=check, key=root.key)
             if image.checkpoint.task.pid != p.pid:
                 raise ImageCorrupt(f"{image.directory}: holds pid {image.checkpoint.task.pid}, expected {p.pid}")
             _check_refs(image, root.checkpoint)
         out.append((p, image))
     _check_refs(root, root.checkpoint)
     by_dir = {p.dir: img for p, img in out if img is not None}  # the root's dir is "" (checked above)
-    root.parents = open_parents([img for _, img in out if img is not None], root.key)
+    root.parents = open_parents([img for _, img in out if img is not None], root.key, home,
+                                verify_pages if verify_parents is None else verify_parents)
     by_dir.update(root.parents)
     for p, img in out:
         if img is not None:

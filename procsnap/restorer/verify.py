@@ -80,14 +80,14 @@ def image_problems(image: Image, allow_other_owner: bool = False, allow_setuid: 
 
 
 def verify_image(directory: str, allow_other_owner: bool = False, allow_setuid: bool = False,
-                 key: bytes | None = None) -> list[str]:
+                 key: bytes | None = None, home: str | None = None, verify_parents: bool = True) -> list[str]:
     """Every problem that would stop a restore of `directory` (and of every
-    process of its tree); [] if none."""
+    process of its tree); [] if none. home, verify_parents: see open_tree."""
     from .tree import open_tree
 
     try:
         image = open_image(directory, key=key)
-        tree = open_tree(image)
+        tree = open_tree(image, home=home, verify_parents=verify_parents)
     except ImageCorrupt as err:
         return [str(err)]
     problems = []
