@@ -684,7 +684,11 @@ def _in_flight(pid: int, fd: int, pids: list[int]) -> str:
     try:
         for g in got:
             st = os.fstat(g)
-            holder = f"a file of mode {st.st_mode:o} no process of the tree holds"
+            with open(f"/proc/self/fdinfo/{g}") as info:
+                pos = info.readline().split()[1]
+            link = os.readlink(f"/proc/self/fd/{g}")
+            name = link if link.startswith("/") else link.split(":", 1)[0]  # a pipe's, a socket's inode is new
+            holder = f"a file of mode {st.st_mode:o} ({name}, at {pos}) no process of the tree holds"
             for p in sorted(pids):
                 for n in sorted(int(x) for x in os.listdir(f"/proc/{p}/fd")):
                     with contextlib.suppress(OSError):

@@ -46,3 +46,70 @@ def test_file_held_by_another_process(procs, tmp_path):
     images = dump_kill(t, tmp_path / "img")
     restore(procs, t, images)
     assert_pass(t)
+
+
+UNHELD_PROGRAM = textwrap.dedent("""\
+    import os, signal, socket, sys
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    f = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(f, b"0123456789"); os.lseek(f, 3, os.SEEK_SET)
+    r, w = os.pipe(); os.write(w, b"queued")
+    p, q = socket.socketpair()
+    m = os.memfd_create("in-flight"); os.write(m, b"memfd data"); os.lseek(m, 2, os.SEEK_SET)
+    e = os.eventfd(7)
+    c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)  # d in flight, with a file in flight itself
+    r2, w2 = os.pipe()
+    socket.send_fds(c, [b"inner"], [r2])
+    socket.send_fds(b, [b"one"], [f, w, p.fileno(), m, e, d.fileno()])
+    socket.send_fds(b, [b"two"], [f, f])  # one description in flight three times
+    for x in (f, w, m, e, r2):
+        os.close(x)
+    p.close(); d.close()
+    signal.signal(signal.SIGUSR1, lambda *x: None)
+    os.write(1, b"READY\\n")
+    signal.pause()
+    bad = []
+    def check(what, want, got):
+        if want != got:
+            bad.append(f"{what}: {want!r} != {got!r}")
+    msg, fds, _, _ = socket.recv_fds(a, 100, 16, socket.MSG_DONTWAIT)
+    check("first message", (b"one", 6), (msg, len(fds)))
+    msg2, fds2, _, _ = socket.recv_fds(a, 100, 16, socket.MSG_DONTWAIT)
+    check("second message", (b"two", 2), (msg2, len(fds2)))
+    if len(fds) == 6 and len(fds2) == 2:
+        f1, w1, p1, m1, e1, d1 = fds
+        check("offset of the file", 3, os.lseek(f1, 0, os.SEEK_CUR))
+        check("read of the file", b"34", os.read(f1, 2))
+        check("offset of the file sent again (one description)", [5, 5],
+              [os.lseek(x, 0, os.SEEK_CUR) for x in fds2])
+        os.read(fds2[1], 1)
+        check("offset after reading the third copy", 6, os.lseek(f1, 0, os.SEEK_CUR))
+        os.write(w1, b"+")
+        check("the pipe through the end in flight", b"queued+", os.read(r, 100))
+        p1 = socket.socket(fileno=p1); p1.send(b"ping")
+        check("the socket pair end in flight", b"ping", q.recv(10))
+        q.send(b"pong")
+        check("its peer to it", b"pong", p1.recv(10))
+        check("offset of the memfd", 2, os.lseek(m1, 0, os.SEEK_CUR))
+        check("the memfd's data", b"memfd data", os.pread(m1, 100, 0))
+        check("the eventfd's count", 7, os.eventfd_read(e1))
+        inner, ifds, _, _ = socket.recv_fds(socket.socket(fileno=d1), 100, 4, socket.MSG_DONTWAIT)
+        check("message on the socket in flight", (b"inner", 1), (inner, len(ifds)))
+        if ifds:
+            os.write(w2, b"deep")
+            check("the pipe end in flight on the socket in flight", b"deep", os.read(ifds[0], 10))
+    os.write(1, b"PASS\\n" if not bad else ("FAIL " + "; ".join(bad) + "\\n").encode())
+    """)
+
+
+def test_files_no_process_holds(procs, tmp_path):
+    """Files in flight whose sender closed them: a regular file (offset
+    kept; in flight three times, one description), a pipe end with data
+    whose other end the process holds, a socket pair end whose peer it
+    holds, a memfd, an eventfd, and a datagram socket end with a file in
+    flight of its own; dumped from procsnap's copies and received after
+    the restore."""
+    t = procs.start([sys.executable, "-c", UNHELD_PROGRAM, str(tmp_path / "data")], name="scm-unheld")
+    images = dump_kill(t, tmp_path / "img")
+    restore(procs, t, images)
+    assert_pass(t)

@@ -40,7 +40,7 @@ from . import chunks
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 4  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
+MINOR = 5  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
 #            FOWN, CGRP, Task.root; 1.3: Vma.lock, Vma.guards, Task.mlockall,
 #            FdKind.PATH (O_PATH fds), FdKind.GHOST_DIR and Task.cwd_removed (removed directories),
@@ -58,6 +58,8 @@ MINOR = 4  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #      TCPC (live TCP connections, objects/tcp.py), NLCK (--tcp-established/--tcp-close and
 #      the network lock of the dump, objects/netlock.py); InetSocket.state/peer of a live connection;
 #      Socket.rights (SCM_RIGHTS in flight: [pid, fd] of a tree process holding each file)
+# 1.5: FLIT (files in flight no process of the tree holds, objects/unixrights.py), named in
+#      Socket.rights as [-1, index]
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -105,6 +107,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"TRAK": (tracking.Tracking, "tracking", True),
     b"TCPC": (tcp.TcpConnection, "tcp_connections", True),
     b"NLCK": (netlock.NetLock, "net_lock", True),
+    b"FLIT": (model.FdEntry, "in_flight", True),
 }
 END = b"END "
 CRYP = b"CRYP"  # in the clear, first: an encrypted image's cipher, salt and key check
