@@ -113,3 +113,48 @@ def test_files_no_process_holds(procs, tmp_path):
     images = dump_kill(t, tmp_path / "img")
     restore(procs, t, images)
     assert_pass(t)
+
+
+STREAM_PROGRAM = textwrap.dedent("""\
+    import os, signal, socket, sys
+    a, b = socket.socketpair()
+    f = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.write(f, b"0123456789"); os.lseek(f, 4, os.SEEK_SET)
+    r, w = os.pipe()
+    socket.send_fds(b, [b"one"], [f])
+    socket.send_fds(b, [b"two"], [w, f])
+    socket.send_fds(b, [b"three"], [r])  # held by the process too
+    b.send(b"tail")
+    os.close(f); os.close(w)
+    signal.signal(signal.SIGUSR1, lambda *x: None)
+    os.write(1, b"READY\\n")
+    signal.pause()
+    got = []
+    for size in (2, 100, 100, 100):  # the files come with the first byte of their piece, a read stops after it
+        msg, fds, _, _ = socket.recv_fds(a, size, 4, socket.MSG_DONTWAIT)
+        got.append((msg, len(fds), fds))
+    bad = []
+    shape = [(m, n) for m, n, _ in got]
+    if shape != [(b"on", 1), (b"etwo", 2), (b"three", 1), (b"tail", 0)]:
+        bad.append(f"pieces {shape}")
+    else:
+        f1, (w1, f2), (r1,) = got[0][2][0], got[1][2], got[2][2]
+        if os.lseek(f1, 0, os.SEEK_CUR) != 4 or os.read(f2, 2) != b"45" or os.lseek(f1, 0, os.SEEK_CUR) != 6:
+            bad.append("the file in flight twice is not one description at offset 4")
+        os.write(w1, b"!")
+        if os.read(r, 10) != b"!" or os.write(w1, b"?") != 1 or os.read(r1, 10) != b"?":
+            bad.append("the pipe ends in flight do not reach their pipe")
+    os.write(1, b"PASS\\n" if not bad else ("FAIL " + "; ".join(bad) + "\\n").encode())
+    """)
+
+
+def test_files_on_a_stream(procs, tmp_path):
+    """Files in flight on a stream socket pair, each piece sent as one
+    skb: after the restore the files arrive with the same bytes (a read
+    of 2 bytes gets the first piece's files, the next read runs on to the
+    end of the second piece and gets its two), the file sent twice is one
+    description, the pipe ends (one held by no process) reach their pipe."""
+    t = procs.start([sys.executable, "-c", STREAM_PROGRAM, str(tmp_path / "data")], name="scm-stream")
+    images = dump_kill(t, tmp_path / "img")
+    restore(procs, t, images)
+    assert_pass(t)

@@ -177,8 +177,10 @@ REFUSED = {
                     "e = select.epoll(); socket.send_fds(b, [b'x'], [e.fileno()]); e.close(); fd = a.fileno()",
                     ("socket:[", "file descriptor in flight", "SCM_RIGHTS", "anon_inode:[eventpoll]",
                      "an epoll instance", "no process of the dumped tree holds")),
-    "unix-rights-stream": ("a, b = socket.socketpair(); socket.send_fds(b, [b'x'], [0]); fd = a.fileno()",
-                           ("stream socket", "file descriptors in flight", "SCM_RIGHTS")),
+    "unix-rights-stream": ("a, b = socket.socketpair(); b.send(b'plain'); socket.send_fds(b, [b'x'], [0]); "
+                           "fd = a.fileno()",
+                           ("stream socket", "file descriptors in flight", "SCM_RIGHTS", "place in the byte stream",
+                            "glued")),
 }
 
 

@@ -136,6 +136,13 @@ class Collect(protocol.Collect):
                 pid, fd, unix = self.ends[sock.id]
                 sock.queued, sock.senders, sock.creds, sock.options, sock.filter, sock.rights = \
                     _read_socket(pid, fd, unix, self.flight)
+        for sock in self.sockets.values():
+            if sock.type == SOCK_STREAM and sock.rights:
+                pid, fd, unix = self.ends[sock.id]
+                peer = self.sockets.get(unix.peer)
+                sender = _outq(*self.ends[peer.id][:2]) if peer is not None else None
+                unixrights.check_stream_pieces(f"pid {pid}: fd {fd} is a unix stream socket (socket:[{unix.inode}])",
+                                               sock.queued, sender)
 
     def end_dump(self, killed: bool) -> None:
         if self.flight is not None:
@@ -290,12 +297,6 @@ def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvb
                 if other or msg_flags & socket.MSG_CTRUNC:
                     raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with ancillary data in flight that "
                                       "is neither SCM_RIGHTS nor SCM_CREDENTIALS, or cut short; not supported", pid)
-                if got and unix.type == socket.SOCK_STREAM:
-                    # a peek (and a recv) runs on across the bytes sent before the files,
-                    # so where they were attached is not readable
-                    raise Unsupported(f"pid {pid}: fd {fd} is a unix stream socket (socket:[{unix.inode}]) with "
-                                      "file descriptors in flight (SCM_RIGHTS); not supported (datagram and "
-                                      "seqpacket sockets are)", pid)
                 held = [flight.record(f"pid {pid}: fd {fd} is a unix socket (socket:[{unix.inode}])", g)
                         for g in got]
             finally:

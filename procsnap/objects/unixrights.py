@@ -38,6 +38,7 @@ K = model.FdKind
 # the kinds a file in flight is dumped as (what their collect_fd and open_fd
 # do needs no process of the tree)
 KINDS = frozenset({K.REG, K.DIR, K.PIPE, K.UNIX, K.SHM, K.EVENTFD, K.SIGNALFD, K.TIMERFD})
+SIOCOUTQ = 0x5411  # of a unix socket: the truesize of the skbs it sent that are still queued
 ANON_LINKS = ("anon_inode:[eventfd]", "anon_inode:[signalfd]", "anon_inode:[timerfd]")
 
 
@@ -101,6 +102,57 @@ class Flight:
         kept, self.kept = self.kept, []
         for fd in kept:
             os.close(fd)
+
+
+def check_stream_pieces(where: str, pieces: list[bytes], sender_outq: int | None) -> None:
+    """Refuse files in flight on a stream socket unless each piece its
+    peeks found is one skb: then sent again one sendmsg each, the files
+    are attached where they were.
+
+    A peek of a unix stream runs on across skbs and stops after the first
+    that carries files, returning them: a piece ends where such an skb
+    ends. Where it begins is not readable: a peek that runs out of bytes
+    in an skb without files walks on (zero-length chunks) to the next skb
+    that has some and returns its files too, so even a 1-byte peek of a
+    byte sent before the files returns them. What tells the skbs apart is
+    what they cost their sender: its SIOCOUTQ is the sum of their
+    truesize. Every skb costs at least t = truesize(1 byte); if every
+    piece costs less than 2t sent alone, a piece of two skbs or more costs
+    more than it, and a partly read one no less, so only when the sum of
+    the pieces sent alone is the sender's SIOCOUTQ is each piece one skb.
+    """
+    why = ""
+    if sender_outq is None:
+        why = "its peer is closed, so what its skbs cost cannot be read"
+    else:
+        t = truesize(1)
+        costs = [truesize(len(p)) for p in pieces]
+        if any(c >= 2 * t for c in costs):
+            why = f"a piece of {max(map(len, pieces))} bytes is too long to tell whether it is one skb"
+        elif sum(costs) != sender_outq:
+            why = (f"its {len(pieces)} pieces would cost their sender {sum(costs)} bytes sent alone, it has "
+                   f"{sender_outq} in flight: bytes sent before the files are glued to them")
+    if why:
+        raise Unsupported(f"{where} with file descriptors in flight (SCM_RIGHTS) whose place in the byte stream "
+                          f"is not readable ({why}); not supported")
+
+
+_truesize: dict[int, int] = {}
+
+
+def truesize(n: int) -> int:
+    """What one skb of n bytes on a unix stream socket costs its sender
+    (SIOCOUTQ after one send), measured on a socket pair of our own."""
+    import fcntl
+    import socket
+
+    if n not in _truesize:
+        a, b = socket.socketpair()
+        with a, b:
+            b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+            b.send(bytes(n))
+            _truesize[n] = int.from_bytes(fcntl.ioctl(b.fileno(), SIOCOUTQ, bytes(4)), "little", signed=True)
+    return _truesize[n]
 
 
 def _link(fd: int) -> str:
