@@ -5,7 +5,11 @@ again after the restore."""
 import sys
 import textwrap
 
-from conftest import assert_pass, dump_kill, restore
+import pytest
+
+import procsnap
+from conftest import assert_pass, dump_kill, restore, rewrite_records
+from procsnap.errors import ImageCorrupt
 
 
 def test_files_in_flight(procs, tmp_path):
@@ -68,10 +72,8 @@ UNHELD_PROGRAM = textwrap.dedent("""\
     signal.signal(signal.SIGUSR1, lambda *x: None)
     os.write(1, b"READY\\n")
     signal.pause()
-    bad = []
-    def check(what, want, got):
-        if want != got:
-            bad.append(f"{what}: {want!r} != {got!r}")
+    checks = []  # (what, expected, found)
+    check = lambda *c: checks.append(c)
     msg, fds, _, _ = socket.recv_fds(a, 100, 16, socket.MSG_DONTWAIT)
     check("first message", (b"one", 6), (msg, len(fds)))
     msg2, fds2, _, _ = socket.recv_fds(a, 100, 16, socket.MSG_DONTWAIT)
@@ -98,6 +100,7 @@ UNHELD_PROGRAM = textwrap.dedent("""\
         if ifds:
             os.write(w2, b"deep")
             check("the pipe end in flight on the socket in flight", b"deep", os.read(ifds[0], 10))
+    bad = [f"{what}: {want!r} != {got!r}" for what, want, got in checks if want != got]
     os.write(1, b"PASS\\n" if not bad else ("FAIL " + "; ".join(bad) + "\\n").encode())
     """)
 
@@ -158,3 +161,22 @@ def test_files_on_a_stream(procs, tmp_path):
     images = dump_kill(t, tmp_path / "img")
     restore(procs, t, images)
     assert_pass(t)
+
+
+def test_crafted_files_in_flight_refused(procs, tmp_path):
+    """An image whose file in flight names a pipe it does not hold, or a
+    message naming a file in flight it does not have, is refused at
+    restore as corrupt, naming both, before anything is made."""
+    t = procs.start([sys.executable, "-c", UNHELD_PROGRAM, str(tmp_path / "data")], name="scm-crafted")
+    images = dump_kill(t, tmp_path / "img")
+
+    def craft(records):
+        flight = [obj for tag, obj in records if tag == b"FLIT"]
+        next(obj for obj in flight if obj["kind"] == "pipe")["file_id"] = 999
+        sock = next(obj for tag, obj in records if tag == b"SOCK" and obj.get("rights"))
+        sock["rights"][0].append([-1, 77])
+
+    rewrite_records(images, craft)
+    with pytest.raises(ImageCorrupt) as exc:
+        procsnap.restore(str(images))
+    assert "unknown pipe 999" in str(exc.value) and "file in flight 77 is not in the image" in str(exc.value)
