@@ -8,13 +8,14 @@ names each socket's peer, its bound file and a listener's waiting clients.
 
 dump     queues read without consuming them: through a copy of the fd
          (pidfd_getfd), peeking message after message (SO_PEEK_OFF).
-         Files in flight (SCM_RIGHTS; the peek installs them here) are
-         recorded as the fd of a process of the tree holding the same open
-         file description (kcmp), sent again from it at restore (pidfd_getfd
-         in Prepare.ready), so they stay one description with it.
-         Refused by name: a peer outside the tree, a file in flight no
-         process of the tree holds, credentials from outside, data sent on
-         a connection not yet accepted.
+         Files in flight (SCM_RIGHTS; the peek installs them here): the fd
+         of a process of the tree holding the same open file description,
+         or dumped from procsnap's copy as the file it is (unixrights.py);
+         sent again at restore in Prepare.ready, one description each.
+         Refused by name: a peer outside the tree, a file in flight of a
+         kind not dumped that way, files in flight on a stream whose place
+         is not readable, credentials from outside, data sent on a
+         connection not yet accepted.
 restore  every unix socket of the tree at once, in the order names need
          (see build): named ones bound with their files in place, listeners
          listening, pairs made (socketpair, or connect + accept through
@@ -142,7 +143,7 @@ class Collect(protocol.Collect):
                 peer = self.sockets.get(unix.peer)
                 sender = _outq(*self.ends[peer.id][:2]) if peer is not None else None
                 unixrights.check_stream_pieces(f"pid {pid}: fd {fd} is a unix stream socket (socket:[{unix.inode}])",
-                                               sock.queued, sender)
+                                               pid, sock.queued, sender)
 
     def end_dump(self, killed: bool) -> None:
         if self.flight is not None:
@@ -297,7 +298,7 @@ def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvb
                 if other or msg_flags & socket.MSG_CTRUNC:
                     raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with ancillary data in flight that "
                                       "is neither SCM_RIGHTS nor SCM_CREDENTIALS, or cut short; not supported", pid)
-                held = [flight.record(f"pid {pid}: fd {fd} is a unix socket (socket:[{unix.inode}])", g)
+                held = [flight.record(f"pid {pid}: fd {fd} is a unix socket (socket:[{unix.inode}])", pid, g)
                         for g in got]
             finally:
                 for g in got:

@@ -53,7 +53,7 @@ class Flight:
         self.is_unix = is_unix
         self.kept: list[int] = []  # procsnap's copies, by index in root.in_flight
 
-    def record(self, where: str, got: int) -> list[int]:
+    def record(self, where: str, pid: int, got: int) -> list[int]:
         """[pid, fd] of a process of the tree holding the file `got` (a
         copy the peek installed here), else [-1, index in root.in_flight]."""
         from ..dumper.tree import same_description
@@ -72,15 +72,15 @@ class Flight:
                "process of the dumped tree holds"
         if self.offer is None or not self._dumpable(link, st):
             raise Unsupported(f"{what}; not supported (files in flight are dumped when they are regular files, "
-                              "directories, pipes, unix sockets, memfds, eventfds, signalfds or timerfds)")
+                              "directories, pipes, unix sockets, memfds, eventfds, signalfds or timerfds)", pid)
         kept = os.dup(got)  # close-on-exec, closed by close() when the dump ends
         self.kept.append(kept)
         try:
             entry = self.offer(kept)
         except Unsupported as err:
-            raise Unsupported(f"{what}, which cannot be dumped: {err}") from err
+            raise Unsupported(f"{what}, which cannot be dumped: {err}", pid) from err
         if entry.kind not in KINDS:
-            raise Unsupported(f"{what}: {entry.kind.value} files in flight are not supported")
+            raise Unsupported(f"{what}: {entry.kind.value} files in flight are not supported", pid)
         entry.fd = len(self.root.in_flight)
         self.root.in_flight.append(entry)
         return [-1, entry.fd]
@@ -104,7 +104,7 @@ class Flight:
             os.close(fd)
 
 
-def check_stream_pieces(where: str, pieces: list[bytes], sender_outq: int | None) -> None:
+def check_stream_pieces(where: str, pid: int, pieces: list[bytes], sender_outq: int | None) -> None:
     """Refuse files in flight on a stream socket unless each piece its
     peeks found is one skb: then sent again one sendmsg each, the files
     are attached where they were.
@@ -134,7 +134,7 @@ def check_stream_pieces(where: str, pieces: list[bytes], sender_outq: int | None
                    f"{sender_outq} in flight: bytes sent before the files are glued to them")
     if why:
         raise Unsupported(f"{where} with file descriptors in flight (SCM_RIGHTS) whose place in the byte stream "
-                          f"is not readable ({why}); not supported")
+                          f"is not readable ({why}); not supported", pid)
 
 
 _truesize: dict[int, int] = {}
