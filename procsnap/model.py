@@ -393,3 +393,6 @@ class Checkpoint:
     tcp_connections: list[TcpConnection] = dataclasses.field(default_factory=list)  # the root's, since format 1.4
     net_lock: list[NetLock] = dataclasses.field(default_factory=list)  # the root's, none or one, since format 1.4
     namespaces: list[Namespaces] = dataclasses.field(default_factory=list)  # the root's, none or one, since 1.5
+    # the root's: files in flight (SCM_RIGHTS) no process of the tree holds, as their kinds
+    # describe them (FdEntry.fd: the index Socket.rights names them by), since format 1.5
+    in_flight: list[FdEntry] = dataclasses.field(default_factory=list)

@@ -699,6 +699,9 @@ def _sockets(pids: list[int]) -> dict[int, dict[str, str]]:
                     f"waiting {[where.get(i, 'outside the tree') for i in d.icons]}")
                 if d.rqueue and d.state != 10:
                     out[pid][f"{key}.in_flight"] = _in_flight(pid, fd, pids)
+                if d.rqueue and d.type == socket.SOCK_STREAM and d.state != 10:
+                    sender = next(((p, n) for p, items in fds.items() for n, i in items if i == d.peer), None)
+                    out[pid][f"{key}.stream_pieces"] = _stream_pieces(pid, fd, sender)
                 if name[:1] == b"/":
                     try:
                         st = os.lstat(name)
@@ -708,6 +711,47 @@ def _sockets(pids: list[int]) -> dict[int, dict[str, str]]:
                     except FileNotFoundError:
                         out[pid][f"{key}.file"] = "unlinked"
     return out
+
+
+def _stream_pieces(pid: int, fd: int, sender: tuple[int, int] | None) -> str:
+    """The queue of a unix stream socket with files in flight as its peeks
+    cut it (each piece ends with an skb carrying files), the number of
+    files of each, and what its skbs cost their sender (its SIOCOUTQ: more
+    skbs cost more, so a piece glued to bytes sent before it shows).
+    Peeked only when SO_PEEK_OFF is off (-1), and put back."""
+    import fcntl
+    import socket
+
+    from procsnap.kernel.libc import copy_fd
+
+    pieces = []
+    with socket.socket(fileno=copy_fd(pid, fd)) as sk:
+        if sk.getsockopt(socket.SOL_SOCKET, 42) != -1:  # SO_PEEK_OFF
+            return "<SO_PEEK_OFF set: not peeked>"
+        sk.setsockopt(socket.SOL_SOCKET, 42, 0)
+        try:
+            while len(pieces) < 1000:
+                try:
+                    data, anc, _, _ = sk.recvmsg(1 << 24, socket.CMSG_SPACE(4 * 253),
+                                                 socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    break
+                got = [int.from_bytes(x[i:i + 4], "little") for level, kind, x in anc
+                       if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS for i in range(0, len(x) // 4 * 4, 4)]
+                for g in got:
+                    os.close(g)
+                if not data:
+                    break
+                pieces.append((len(data), len(got)))
+        finally:
+            sk.setsockopt(socket.SOL_SOCKET, 42, -1)
+    if not any(n for _, n in pieces):
+        return "no files in flight"
+    outq = "?"
+    if sender is not None:
+        with socket.socket(fileno=copy_fd(*sender)) as sk:
+            outq = int.from_bytes(fcntl.ioctl(sk.fileno(), 0x5411, bytes(4)), "little")  # SIOCOUTQ
+    return f"pieces {pieces}, sender's SIOCOUTQ {outq}"
 
 
 def _in_flight(pid: int, fd: int, pids: list[int]) -> str:
@@ -733,7 +777,11 @@ def _in_flight(pid: int, fd: int, pids: list[int]) -> str:
     try:
         for g in got:
             st = os.fstat(g)
-            holder = f"a file of mode {st.st_mode:o} no process of the tree holds"
+            with open(f"/proc/self/fdinfo/{g}") as info:
+                pos = info.readline().split()[1]
+            link = os.readlink(f"/proc/self/fd/{g}")
+            name = link if link.startswith("/") else link.split(":", 1)[0]  # a pipe's, a socket's inode is new
+            holder = f"a file of mode {st.st_mode:o} ({name}, at {pos}) no process of the tree holds"
             for p in sorted(pids):
                 for n in sorted(int(x) for x in os.listdir(f"/proc/{p}/fd")):
                     with contextlib.suppress(OSError):

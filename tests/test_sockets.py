@@ -173,12 +173,14 @@ REFUSED = {
                          "if kid == 0: b.send(b'from a process gone since'); os._exit(0)\n"
                          "os.waitpid(kid, 0); fd = a.fileno()",
                          ("credentials in flight from pid", "outside the dumped tree")),
-    "unix-rights": ("a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM); r, w = os.pipe(); "
-                    "socket.send_fds(b, [b'x'], [w]); os.close(w); fd = a.fileno()",
-                    ("socket:[", "file descriptor in flight", "SCM_RIGHTS", "pipe:[", "a pipe",
-                     "no process of the dumped tree holds")),
-    "unix-rights-stream": ("a, b = socket.socketpair(); socket.send_fds(b, [b'x'], [0]); fd = a.fileno()",
-                           ("stream socket", "file descriptors in flight", "SCM_RIGHTS")),
+    "unix-rights": ("import select; a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM); "
+                    "e = select.epoll(); socket.send_fds(b, [b'x'], [e.fileno()]); e.close(); fd = a.fileno()",
+                    ("socket:[", "file descriptor in flight", "SCM_RIGHTS", "anon_inode:[eventpoll]",
+                     "an epoll instance", "no process of the dumped tree holds")),
+    "unix-rights-stream": ("a, b = socket.socketpair(); b.send(b'plain'); socket.send_fds(b, [b'x'], [0]); "
+                           "fd = a.fileno()",
+                           ("stream socket", "file descriptors in flight", "SCM_RIGHTS", "place in the byte stream",
+                            "glued")),
 }
 
 

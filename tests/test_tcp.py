@@ -263,9 +263,13 @@ def test_fin_wait1(procs, targets, tmp_path, no_locks):
 
 
 BOTH_ENDS = textwrap.dedent("""\
-    import fcntl, os, signal, socket, struct, time
-    L = socket.socket(); L.bind(("127.0.0.1", 0)); L.listen(4)
-    c = socket.create_connection(L.getsockname()); s, _ = L.accept()
+    import fcntl, os, signal, socket, struct, sys, time
+    # argv: the listener's address, the one the client connects to
+    L = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET); L.bind((sys.argv[1], 0)); L.listen(4)
+    c = socket.create_connection((sys.argv[2], L.getsockname()[1])); s, _ = L.accept()
+    def v6only(sk):  # bind() to a specific IPv6 address sets it, a connect() does not; the accepted one inherits it
+        return sk.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) if sk.family == socket.AF_INET6 else None
+    v6 = [v6only(x) for x in (L, c, s)]
     c.sendall(b"hello-before"); s.sendall(b"x" * 100000)   # queued both ways, not read
     def size(sk, request):  # FIONREAD, SIOCOUTQ
         return struct.unpack("i", fcntl.ioctl(sk.fileno(), request, bytes(4)))[0]
@@ -284,21 +288,70 @@ BOTH_ENDS = textwrap.dedent("""\
         if d.strip(b"x"): bad.append("client data"); break
     c.sendall(b"after")
     if s.recv(10) != b"after": bad.append("after")
-    c2 = socket.create_connection(L.getsockname()); s2, _ = L.accept()   # the listener still listens
+    if [v6only(x) for x in (L, c, s)] != v6: bad.append(f"IPV6_V6ONLY {[v6only(x) for x in (L, c, s)]}, was {v6}")
+    c2 = socket.create_connection((sys.argv[2], L.getsockname()[1])); s2, _ = L.accept()   # the listener still listens
     os.write(1, (f"FAIL: {bad}\\n" if bad else "PASS\\n").encode())
 """)
 
 
-def test_both_ends_in_tree(procs, tmp_path, no_locks):
+@pytest.mark.parametrize("listen,to", [("127.0.0.1", "127.0.0.1"), ("::1", "::1"), ("::", "::1")])
+def test_both_ends_in_tree(procs, tmp_path, no_locks, listen, to):
     """Client, server and listener in one process, data queued both ways
     and not read: the pair is restored (the accepted socket binds beside
     its listener: repair forces the reuse), the queues' sizes compared by
-    the state check, and the listener accepts again."""
-    t = procs.start([sys.executable, "-c", BOTH_ENDS])
+    the state check, and the listener accepts again. IPv6: the client,
+    bound by its connect, and the socket accepted by a listener on ::
+    keep IPV6_V6ONLY off (a bind() to their address would set it)."""
+    t = procs.start([sys.executable, "-c", BOTH_ENDS, listen, to])
     images = dump_kill(t, tmp_path / "img", tcp_established=True)
     assert len(open_image(str(images)).checkpoint.tcp_connections) == 2
     restore(procs, t, images, tcp_established=True)
     assert_pass(t)
+
+
+ACCEPTED_OUTSIDE = textwrap.dedent("""\
+    import os, signal, socket, sys
+    s = socket.socket(fileno=int(sys.argv[1]))
+    v6 = s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    s.sendall(b"before")
+    signal.signal(signal.SIGUSR1, lambda *a: None)
+    os.write(1, b"READY\\n")
+    signal.pause()
+    s.sendall(b"after")
+    got = b""
+    while len(got) < 4: got += s.recv(10)
+    after = s.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    ok = (v6, after, got) == (0, 0, b"back")
+    os.write(1, b"PASS\\n" if ok else f"FAIL IPV6_V6ONLY {v6} then {after}, got {got!r}\\n".encode())
+""")
+
+
+def test_accepted_by_listener_outside(procs, tmp_path, no_locks):
+    """A connection accepted by a listener on :: outside the tree (the
+    test's) keeps IPV6_V6ONLY off: restored bound to :: and its port
+    beside that listener, then connected in repair mode; both ends talk."""
+    listener = socket.socket(socket.AF_INET6)
+    listener.bind(("::", 0))
+    listener.listen(1)
+    with listener, socket.create_connection(("::1", listener.getsockname()[1])) as c:
+        s, _ = listener.accept()
+        with s:
+            t = procs.start([sys.executable, "-c", ACCEPTED_OUTSIDE, str(s.fileno())], pass_fds=[s.fileno()])
+        got = b""
+        while len(got) < 6 and (piece := c.recv(10)):
+            got += piece
+        images = dump_kill(t, tmp_path / "img", tcp_established=True)
+        restore(procs, t, images, tcp_established=True)
+        assert got == b"before", got
+        t.signal(signal.SIGUSR1)  # in pause() since before the dump
+        c.settimeout(60)
+        got = b""
+        while len(got) < 5 and (piece := c.recv(20)):
+            got += piece
+        assert got == b"after", got
+        c.sendall(b"back")
+        status, out = t.wait_exit()  # signalled already: a SIGUSR1 more could land in its exit
+        assert status == 0 and "PASS\n" in out and "FAIL" not in out, out
 
 
 @pytest.mark.parametrize("addr,lock", [("127.0.0.1", "nftables"), ("::1", "nftables"),

@@ -137,6 +137,9 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
             T.check_sessions(root.procs, shell_job)
             T.link_descriptions(ckpts)
             check_owners(ckpts, {task.pid: task.tids for task in tree.tasks}, root.procs)
+            offer = in_flight_offer(root, shell_job, kinds)
+            for kind in kinds:
+                kind.collect_in_flight(root, {task.pid for task in tree.tasks}, offer)
             for kind in kinds:
                 kind.collect_tree(root, {task.pid for task in tree.tasks})
         log.info("pid %d: collected %s, %s", pid, plural(sum(len(c.vmas) for c in ckpts), "VMA"),
@@ -444,6 +447,14 @@ def image_writer(images_dir: str, create: bool = False, compress: bool = False, 
             with contextlib.suppress(OSError):
                 os.rmdir(images_dir)
         raise
+
+
+def in_flight_offer(root: model.Checkpoint, shell_job: bool, kinds: list[Collect]):
+    """offer(fd) -> the record of an fd of procsnap's own holding a file in
+    flight (protocol.Collect.collect_in_flight), its file in the root's FileRefs."""
+    files = FileTable()
+    files.refs = root.files
+    return lambda fd: C.collect_fd(os.getpid(), fd, files, shell_job, kinds, in_flight=True)[0]
 
 
 def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[proc.MapsEntry] | None,

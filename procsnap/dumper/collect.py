@@ -286,13 +286,7 @@ def collect_fds(pid: int, files: FileTable, shell_job: bool, kinds: list[Collect
     for fd in proc.list_fds(pid):
         if fd in skip:
             continue
-        link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        st = os.stat(f"/proc/{pid}/fd/{fd}")
-        info = proc.read_fdinfo(pid, fd)
-        found = OpenFd(pid, fd, link, st, model.OpenFlag(info.flags), info.pos, files, shell_job)
-        entry = next((e for k in kinds if (e := k.collect_fd(found)) is not None), None)
-        if entry is None:
-            raise Unsupported(f"{found.where} is {refused_kind(found)} ({link}); not supported", pid)
+        entry, st = collect_fd(pid, fd, files, shell_job, kinds)
         identity.setdefault((st.st_dev, st.st_ino), []).append(len(entries))
         entries.append(entry)
     for k in kinds:
@@ -305,3 +299,18 @@ def collect_fds(pid: int, files: FileTable, shell_job: bool, kinds: list[Collect
                     b.shares_with = a.fd
                     break
     return entries
+
+
+def collect_fd(pid: int, fd: int, files: FileTable, shell_job: bool, kinds: list[Collect],
+               in_flight: bool = False) -> tuple[model.FdEntry, os.stat_result]:
+    """One fd, described by the first kind that takes it, and its stat.
+    in_flight: an fd of procsnap's own, its copy of a file in flight
+    (objects/unixrights.py)."""
+    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+    st = os.stat(f"/proc/{pid}/fd/{fd}")
+    info = proc.read_fdinfo(pid, fd)
+    found = OpenFd(pid, fd, link, st, model.OpenFlag(info.flags), info.pos, files, shell_job, in_flight)
+    entry = next((e for k in kinds if (e := k.collect_fd(found)) is not None), None)
+    if entry is None:
+        raise Unsupported(f"{found.where} is {refused_kind(found)} ({link}); not supported", pid)
+    return entry, st

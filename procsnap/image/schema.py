@@ -59,7 +59,9 @@ MINOR = 5  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #      TCPC (live TCP connections, objects/tcp.py), NLCK (--tcp-established/--tcp-close and
 #      the network lock of the dump, objects/netlock.py); InetSocket.state/peer of a live connection;
 #      Socket.rights (SCM_RIGHTS in flight: [pid, fd] of a tree process holding each file)
-# 1.5: NSPC (the namespaces of a container's init made again: pid, uts, ipc, time; objects/namespaces.py)
+# 1.5: NSPC (the namespaces of a container's init made again: pid, uts, ipc, time; objects/namespaces.py),
+#      FLIT (files in flight no process of the tree holds, objects/unixrights.py), named in
+#      Socket.rights as [-1, index]
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -108,6 +110,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"TCPC": (tcp.TcpConnection, "tcp_connections", True),
     b"NLCK": (netlock.NetLock, "net_lock", True),
     b"NSPC": (namespaces.Namespaces, "namespaces", True),
+    b"FLIT": (model.FdEntry, "in_flight", True),
 }
 END = b"END "
 CRYP = b"CRYP"  # in the clear, first: an encrypted image's cipher, salt and key check

@@ -44,10 +44,13 @@ class Collect(protocol.Collect):
     def __init__(self):
         self.pipes: dict[tuple[int, int], Pipe] = {}  # by (st_dev, st_ino)
         self.ends: dict[int, tuple[int, int]] = {}  # pipe id -> (pid, fd) to read it through
+        self.ours: set[tuple[int, int]] = set()  # (pid, fd) of procsnap's copies of ends in flight
 
     def collect_fd(self, fd: OpenFd) -> model.FdEntry | None:
         if not stat.S_ISFIFO(fd.st.st_mode):
             return None
+        if fd.in_flight:
+            self.ours.add((fd.pid, fd.fd))
         path = "" if fd.link.startswith("pipe:[") else fd.link
         unlinked = path.endswith(DELETED) and fd.st.st_nlink == 0
         if unlinked:
@@ -64,7 +67,7 @@ class Collect(protocol.Collect):
         """Every pipe's bytes; a pipe another process outside the tree holds
         an end of is refused (restored, it would be a new pipe that process
         knows nothing of: a writer would get EPIPE, a reader EOF)."""
-        outside = _held_outside({key for key, p in self.pipes.items() if not p.path}, tree_pids)
+        outside = _held_outside({key for key, p in self.pipes.items() if not p.path}, tree_pids, self.ours)
         for key, (other, fd) in outside.items():
             pid, tfd = self.ends[self.pipes[key].id]
             raise Unsupported(f"pid {pid}: fd {tfd} is a pipe (pipe:[{key[1]}]) that pid {other} (fd {fd}), outside "
@@ -109,9 +112,10 @@ def read_pipe(pid: int, fd: int) -> tuple[int, bytes]:
         os.close(src)
 
 
-def _held_outside(keys: set[tuple[int, int]], tree_pids: set[int]) -> dict[tuple[int, int], tuple[int, int]]:
+def _held_outside(keys: set[tuple[int, int]], tree_pids: set[int],
+                  ours: set[tuple[int, int]] = frozenset()) -> dict[tuple[int, int], tuple[int, int]]:
     """(dev, inode) of those pipes some process outside the tree has open ->
-    (that pid, its fd)."""
+    (that pid, its fd); but for the (pid, fd) in `ours`."""
     if not keys:
         return {}
     links = {f"pipe:[{ino}]": (dev, ino) for dev, ino in keys}
@@ -128,7 +132,7 @@ def _held_outside(keys: set[tuple[int, int]], tree_pids: set[int]) -> dict[tuple
                 link = os.readlink(f"/proc/{name}/fd/{fd}")
             except OSError:
                 continue
-            if link in links:
+            if link in links and (int(name), int(fd)) not in ours:
                 found.setdefault(links[link], (int(name), int(fd)))
     return found
 

@@ -19,10 +19,10 @@ has. The pipelines call the kinds in their registered order
     dump, per process              dump, per tree        restore
     -----------------              --------------        -------
     collect_vma  a shared mapping  collect_tree          prepare_vmas
-    collect_fd   an fd, or None    write_tree            open_fd
+    collect_fd   an fd, or None    collect_in_flight     open_fd
     check_fds    all fds found                           end_process
     collect_seized  with the task's help                 end_prepare
-    write_process   its own data                         ready
+    write_process   its own data   write_tree            ready
                                    end_dump              finish
 """
 
@@ -57,6 +57,7 @@ class OpenFd:
     pos: int
     files: FileTable  # the process's FileRefs
     shell_job: bool
+    in_flight: bool = False  # procsnap's own copy of a file in flight (SCM_RIGHTS), no process's fd
 
     @property
     def where(self) -> str:
@@ -89,6 +90,14 @@ class Collect:
 
     def write_process(self, pid: int, writer: ImageWriter, ckpt: model.Checkpoint) -> None:
         """This kind's data and records of one process, into its image."""
+
+    def collect_in_flight(self, root: model.Checkpoint, tree_pids: set[int],
+                          offer: typing.Callable[[int], model.FdEntry]) -> None:
+        """Once every process is collected, before any collect_tree: files
+        the tree passes around that no process holds (SCM_RIGHTS in
+        flight), each kept open here and offered to the kinds as an fd of
+        procsnap's own (offer(fd) -> its record, from the kind that takes
+        it, or Unsupported), into root.in_flight."""
 
     def collect_tree(self, root: model.Checkpoint, tree_pids: set[int]) -> None:
         """Once every process is collected, still frozen: the tree-wide
@@ -141,6 +150,9 @@ class Prepare:
     fd_kinds: tuple[model.FdKind, ...] = ()  # the FD records it opens
     options: dict[str, typing.Any] = {}  # the restore's options a kind may heed (ext_unix_sk), set by preparers()
     always_seek: tuple[model.FdKind, ...] = ()  # these get their position back even when it is 0
+    # an FdEntry of any kind opened in the restorer, held until the restore ends (a file in
+    # flight, root.in_flight), set by restorer.files.SharedFiles
+    open_other: typing.Callable[[model.FdEntry], int] | None = None
 
     def __init__(self, root: Image, tree_fds: TreeFds):
         self.root = root

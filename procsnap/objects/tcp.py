@@ -214,8 +214,10 @@ def restore_repaired(sk: socket_mod.socket, sock: InetSocket, conn: TcpConnectio
     try:
         set_repair(sk, True)
         step = "bind it"
-        autobound = conn.state == TCP_SYN_SENT and _autobound(sock)
-        if autobound:  # bound at connect, to its port: a bind would set IPV6_V6ONLY
+        autobound = _autobound(sock)  # a bind() to its address would set IPV6_V6ONLY
+        if autobound and _listened_on(sock, image):  # accepted: beside its listener (repair forces the reuse)
+            sk.bind(("::", sock.local[1]))
+        elif autobound:  # a client bound at connect: connects from its port again
             sk.setsockopt(SOL_IP, IP_LOCAL_PORT_RANGE, struct.pack("<I", sock.local[1] * 0x10001))
         else:
             sk.bind(tuple(sock.local))
@@ -239,14 +241,14 @@ def restore_repaired(sk: socket_mod.socket, sock: InetSocket, conn: TcpConnectio
                 raise OSError(err, os.strerror(err))
             if autobound:
                 step = "put its IP_LOCAL_PORT_RANGE back"
-                had = int(sock.options.get("IP_LOCAL_PORT_RANGE", 0))
-                sk.setsockopt(SOL_IP, IP_LOCAL_PORT_RANGE, struct.pack("<I", had))
-                if list(sk.getsockname()[:2]) != list(sock.local[:2]):
-                    raise RestoreError(f"{what}: connected from {sk.getsockname()[:2]}, not {sock.local[:2]}")
+                _connected_from(sk, sock, what)
             _check_restored(sk, conn, what)
             return
         step = "connect it"
         sk.connect(tuple(sock.peer))  # in repair mode: no SYN, the state is ESTABLISHED at once
+        if autobound:
+            step = "put its IP_LOCAL_PORT_RANGE back"
+            _connected_from(sk, sock, what)
         step = "set its TCP options"
         opts = []
         if conn.options & TCPI_OPT_SACK:
@@ -303,14 +305,46 @@ def restore_repaired(sk: socket_mod.socket, sock: InetSocket, conn: TcpConnectio
 
 def _autobound(sock: InetSocket) -> bool:
     """An IPv6 socket with a specific, not v4-mapped, address and
-    IPV6_V6ONLY off was never bound by its program (bind() to such an
-    address sets IPV6_V6ONLY, __inet6_bind): it got its address and port at
-    connect; so it does again, its port range narrowed to its port."""
+    IPV6_V6ONLY off was never bound to that address by its program (bind()
+    to such an address sets IPV6_V6ONLY, __inet6_bind): a client got its
+    address and port at connect, and does again, its port range narrowed
+    to its port; a connection accepted by a listener on :: (whose
+    IPV6_V6ONLY it inherits) is bound to :: and its port, and connected."""
     import socket
 
     addr = str(sock.local[0])
     return sock.family == socket.AF_INET6 and addr not in ("::", "") and not addr.startswith("::ffff:") \
         and not sock.options.get("IPV6_V6ONLY")
+
+
+def _listened_on(sock: InetSocket, image: Image) -> bool:
+    """Whether a listener of the tree, or one listening here now (outside
+    the tree), has the port of `sock`, which is then a connection it
+    accepted: a connect() cannot take a port a bind() holds
+    (__inet_hash_connect skips it), a bind() to :: in repair mode can."""
+    import socket
+
+    port = sock.local[1]
+    if any(s.family == socket.AF_INET6 and s.type == socket.SOCK_STREAM and s.backlog >= 0 and s.local
+           and s.local[1] == port for s in image.checkpoint.inet_sockets):
+        return True
+    try:
+        with open("/proc/net/tcp6") as f:
+            rows = [line.split() for line in f.readlines()[1:]]
+    except OSError:
+        return False
+    return any(len(r) > 3 and r[3] == "0A" and int(r[1].rsplit(":", 1)[1], 16) == port for r in rows)  # LISTEN
+
+
+def _connected_from(sk: socket_mod.socket, sock: InetSocket, what: str) -> None:
+    """After the connect of an IPv6 socket not bound to its address: its
+    IP_LOCAL_PORT_RANGE as it was, and the address the route gave it must
+    be its own (else the restore fails, naming both)."""
+    had = int(sock.options.get("IP_LOCAL_PORT_RANGE", 0))
+    sk.setsockopt(SOL_IP, IP_LOCAL_PORT_RANGE, struct.pack("<I", had))
+    if list(sk.getsockname()[:2]) != list(sock.local[:2]):
+        raise RestoreError(f"{what}: connected from {sk.getsockname()[:2]}, not {sock.local[:2]} (not bound to "
+                           "its address, which would set IPV6_V6ONLY, it gets the one the route to its peer gives)")
 
 
 def _check_restored(sk: socket_mod.socket, conn: TcpConnection, what: str) -> None:

@@ -8,13 +8,14 @@ names each socket's peer, its bound file and a listener's waiting clients.
 
 dump     queues read without consuming them: through a copy of the fd
          (pidfd_getfd), peeking message after message (SO_PEEK_OFF).
-         Files in flight (SCM_RIGHTS; the peek installs them here) are
-         recorded as the fd of a process of the tree holding the same open
-         file description (kcmp), sent again from it at restore (pidfd_getfd
-         in Prepare.ready), so they stay one description with it.
-         Refused by name: a peer outside the tree, a file in flight no
-         process of the tree holds, credentials from outside, data sent on
-         a connection not yet accepted.
+         Files in flight (SCM_RIGHTS; the peek installs them here): the fd
+         of a process of the tree holding the same open file description,
+         or dumped from procsnap's copy as the file it is (unixrights.py);
+         sent again at restore in Prepare.ready, one description each.
+         Refused by name: a peer outside the tree, a file in flight of a
+         kind not dumped that way, files in flight on a stream whose place
+         is not readable, credentials from outside, data sent on a
+         connection not yet accepted.
 restore  every unix socket of the tree at once, in the order names need
          (see build): named ones bound with their files in place, listeners
          listening, pairs made (socketpair, or connect + accept through
@@ -36,7 +37,7 @@ import typing
 
 from .. import model
 from ..errors import RestoreError, Unsupported
-from . import protocol
+from . import protocol, unixrights
 from .protocol import FileAttrs, OpenFd, Restoring
 
 if typing.TYPE_CHECKING:
@@ -102,6 +103,7 @@ class Collect(protocol.Collect):
         self.unix: dict[int, UnixSocket] | None = None  # every unix socket, asked once
         self.sockets: dict[int, Socket] = {}  # by inode
         self.ends: dict[int, tuple[int, int, UnixSocket]] = {}  # Socket id -> (pid, fd, diag)
+        self.flight: unixrights.Flight | None = None  # the files in flight, once read
 
     def collect_fd(self, fd: OpenFd) -> model.FdEntry | None:
         if not stat.S_ISSOCK(fd.st.st_mode):
@@ -123,8 +125,34 @@ class Collect(protocol.Collect):
             self.ends[sock.id] = (fd.pid, fd.fd, unix)
         return model.FdEntry(fd.fd, model.FdKind.UNIX, fd.flags, 0, fd.link, self.sockets[unix.inode].id)
 
+    def collect_in_flight(self, root: model.Checkpoint, tree_pids: set[int], offer) -> None:
+        """Every socket's queue read, its files in flight found in the tree
+        or offered to the kinds (unixrights.py); a socket in flight is one
+        more socket, whose queue is read in turn."""
+        self.flight = unixrights.Flight(root, tree_pids, offer, lambda ino: ino in (self.unix or {}))
+        read: set[int] = set()
+        while todo := [s for s in self.sockets.values() if s.id not in read]:
+            for sock in todo:
+                read.add(sock.id)
+                pid, fd, unix = self.ends[sock.id]
+                sock.queued, sock.senders, sock.creds, sock.options, sock.filter, sock.rights = \
+                    _read_socket(pid, fd, unix, self.flight)
+        for sock in self.sockets.values():
+            if sock.type == SOCK_STREAM and sock.rights:
+                pid, fd, unix = self.ends[sock.id]
+                peer = self.sockets.get(unix.peer)
+                sender = _outq(*self.ends[peer.id][:2]) if peer is not None else None
+                unixrights.check_stream_pieces(f"pid {pid}: fd {fd} is a unix stream socket (socket:[{unix.inode}])",
+                                               pid, sock.queued, sender)
+
+    def end_dump(self, killed: bool) -> None:
+        if self.flight is not None:
+            self.flight.close()
+
     def collect_tree(self, root: model.Checkpoint, tree_pids: set[int]) -> None:
-        """Peers linked and every socket's queue read."""
+        """Peers linked (queues read by collect_in_flight)."""
+        if self.flight is None:
+            self.collect_in_flight(root, tree_pids, None)
         waiting = {client: self.sockets[ino] for ino, (_, _, unix) in
                    ((ino, self.ends[s.id]) for ino, s in self.sockets.items()) for client in unix.icons}
         # a connection waiting in the backlog of a listener outside the tree
@@ -152,8 +180,6 @@ class Collect(protocol.Collect):
                     sock.ext_peer = self._outside_peer(where, pid, unix, self.unix.get(unix.peer))
                 else:
                     sock.peer = peer.id
-            sock.queued, sock.senders, sock.creds, sock.options, sock.filter, sock.rights = \
-                _read_socket(pid, fd, unix, sock, tree_pids)
             for cred in sock.creds:
                 if cred and cred[0] not in tree_pids:
                     raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with credentials in flight from pid "
@@ -217,7 +243,7 @@ def _outq(pid: int, fd: int) -> int:
         return int.from_bytes(fcntl.ioctl(sk.fileno(), SIOCOUTQ, bytes(4)), "little", signed=True)
 
 
-def _read_socket(pid: int, fd: int, unix: UnixSocket, sock: Socket, tree_pids: set[int]):
+def _read_socket(pid: int, fd: int, unix: UnixSocket, flight: unixrights.Flight):
     """(queued messages, their senders, credentials, options, filter, files
     in flight) through a copy of the fd."""
     import socket
@@ -231,43 +257,11 @@ def _read_socket(pid: int, fd: int, unix: UnixSocket, sock: Socket, tree_pids: s
         program = sockopt.read_filter(sk)
         if unix.state == TCP_LISTEN:
             return [], [], [], options, program, []
-        queued, senders, creds, rights = _peek_queue(pid, fd, unix, sk, options["SO_RCVBUF"], tree_pids)
+        queued, senders, creds, rights = _peek_queue(pid, fd, unix, sk, options["SO_RCVBUF"], flight)
         return queued, senders, creds, options, program, rights
 
 
-def _holder(pid: int, fd: int, unix: UnixSocket, got: int, tree_pids: set[int]) -> list[int]:
-    """[pid, fd] of the lowest fd of a process of the tree that holds the
-    open file description `got` (a file in flight, installed here by the
-    peek) refers to (kcmp KCMP_FILE), else refused by name."""
-    from ..dumper.tree import same_description
-
-    st = os.fstat(got)
-    me = os.getpid()
-    for p in sorted(tree_pids):
-        try:
-            fds = sorted(int(n) for n in os.listdir(f"/proc/{p}/fd"))
-        except OSError:
-            continue
-        for n in fds:
-            try:
-                other = os.stat(f"/proc/{p}/fd/{n}")
-            except OSError:
-                continue
-            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino) and same_description(me, got, p, n):
-                return [p, n]
-    try:
-        link = os.readlink(f"/proc/self/fd/{got}")
-    except OSError:
-        link = "?"
-    kind = next((k for test, k in ((stat.S_ISREG, "regular file"), (stat.S_ISFIFO, "pipe"),
-                                   (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "directory"),
-                                   (stat.S_ISCHR, "character device")) if test(st.st_mode)), "file")
-    raise Unsupported(f"pid {pid}: fd {fd} is a unix socket (socket:[{unix.inode}]) with a file descriptor in "
-                      f"flight (SCM_RIGHTS: {link}, a {kind}) that no process of the dumped tree holds; "
-                      "not supported", pid)
-
-
-def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvbuf: int, tree_pids: set[int]):
+def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvbuf: int, flight: unixrights.Flight):
     import socket
 
     queued: list[bytes] = []
@@ -304,13 +298,8 @@ def _peek_queue(pid: int, fd: int, unix: UnixSocket, sk: socket_mod.socket, rcvb
                 if other or msg_flags & socket.MSG_CTRUNC:
                     raise Unsupported(f"pid {pid}: fd {fd} is a unix socket with ancillary data in flight that "
                                       "is neither SCM_RIGHTS nor SCM_CREDENTIALS, or cut short; not supported", pid)
-                if got and unix.type == socket.SOCK_STREAM:
-                    # a peek (and a recv) runs on across the bytes sent before the files,
-                    # so where they were attached is not readable
-                    raise Unsupported(f"pid {pid}: fd {fd} is a unix stream socket (socket:[{unix.inode}]) with "
-                                      "file descriptors in flight (SCM_RIGHTS); not supported (datagram and "
-                                      "seqpacket sockets are)", pid)
-                held = [_holder(pid, fd, unix, g, tree_pids) for g in got]
+                held = [flight.record(f"pid {pid}: fd {fd} is a unix socket (socket:[{unix.inode}])", pid, g)
+                        for g in got]
             finally:
                 for g in got:
                     os.close(g)
@@ -347,6 +336,7 @@ class Prepare(protocol.Prepare):
         super().__init__(root, tree_fds)
         self.sockets = {sk.id: sk for sk in root.checkpoint.sockets}
         self.fds: dict[int, int] | None = None  # Socket id -> restorer fd, once built
+        self.held: dict[int, int] = {}  # root.in_flight index -> restorer fd, opened by its kind
 
     def open_fd(self, entry: model.FdEntry, proc: Restoring) -> int:
         if self.fds is None:
@@ -372,13 +362,21 @@ class Prepare(protocol.Prepare):
         made = {sid: socket.socket(fileno=os.dup(fd)) for sid, fd in self.fds.items()}
         try:
             for s in waiting:
-                _refill(made, self.sockets, s, None, _files_in_flight(s))
+                _refill(made, self.sockets, s, None, _files_in_flight(s, self.in_flight))
             for s in self.sockets.values():  # the refill forced buffer sizes: theirs again
                 buffers = {k: v for k, v in _options(s).items() if k in ("SO_SNDBUF", "SO_RCVBUF", "SO_BUF_LOCK")}
                 sockopt.apply_options(made[s.id], buffers, s.describe())
         finally:
             for sk in made.values():
                 sk.close()
+
+
+    def in_flight(self, index: int) -> int:
+        """The restorer's fd of file in flight `index`, opened once by its
+        kind: one open file description however often it is in flight."""
+        if index not in self.held:
+            self.held[index] = self.open_other(self.root.checkpoint.in_flight[index])
+        return self.held[index]
 
 
 class _Names:
@@ -590,17 +588,18 @@ def _named_pair(sockets: dict[int, Socket], a: int, b: int) -> bool:
     return bool(sockets[b].name) and sockets[b].type != SOCK_DGRAM
 
 
-def _files_in_flight(sock: Socket):
+def _files_in_flight(sock: Socket, held: typing.Callable[[int], int]):
     """Per message, a function giving the fds of its files in flight:
     copies (pidfd_getfd) of the fds of the restored processes holding them,
-    the same open file descriptions."""
+    the same open file descriptions; or for one no process holds, a dup of
+    the restorer's fd `held(index)`."""
     from ..kernel import libc as kernel_libc
 
     def files(i: int) -> list[int]:
         fds: list[int] = []
         try:
             for pid, fd in sock.rights[i] if i < len(sock.rights) else []:
-                fds.append(kernel_libc.copy_fd(pid, fd))
+                fds.append(os.dup(held(fd)) if pid == -1 else kernel_libc.copy_fd(pid, fd))
         except OSError as err:
             for f in fds:
                 os.close(f)
@@ -701,7 +700,10 @@ def check_tree(ckpt: model.Checkpoint, root: model.Checkpoint) -> list[str]:
                  "queued" for sk in root.sockets if not (0 <= sk.sndbuf < 1 << 31 and 0 <= sk.rcvbuf < 1 << 31)
                  or sum(map(len, sk.queued)) > 1 << 30 or not 0 <= sk.shutdown <= 3]
     listeners = {sk.id for sk in root.sockets if sk.backlog >= 0}
+    if ckpt is root:
+        problems += unixrights.check_image(root)
     for sk in root.sockets:
+        problems += unixrights.check_tree(root, sk.rights, f"unix socket {sk.id}")
         if len(sk.name) > UNIX_PATH_MAX or len(sk.ext_peer) > UNIX_PATH_MAX or (sk.path and protocol.bad_path(sk.path)) or (sk.linked and not sk.path):
             problems.append(f"unix socket {sk.id}: name {sk.name!r} is not an absolute path or abstract name")
         if (sk.waiting >= 0 and sk.waiting not in listeners) or any(i not in sockets for i in sk.icons):

@@ -61,6 +61,17 @@ class SharedFiles:
         self.descs: dict[int, int] = {}  # FdEntry.desc -> restorer fd
         self.kinds = objects.preparers(root_image, self.tree_fds, **options)
         self.by_fd_kind = {fd_kind: k for k in self.kinds for fd_kind in k.fd_kinds}
+        self.root_image = root_image
+        for kind in self.kinds:
+            kind.open_other = self.open_in_flight
+
+    def open_in_flight(self, entry: model.FdEntry) -> int:
+        """A file in flight (root.in_flight) opened by its kind in the
+        restorer, held by the tree's fds until the restore ends."""
+        kind = self.by_fd_kind.get(entry.kind)
+        if kind is None:
+            raise RestoreError(f"file in flight {entry.fd}: kind {entry.kind.value} cannot be restored")
+        return self.tree_fds.own(_open_entry(kind, entry, Restoring(self.root_image, False, [])))
 
     def end_prepare(self) -> None:
         for kind in self.kinds:
@@ -144,15 +155,23 @@ def _prepare_fds(image: Image, prepared: PreparedFiles, shell_job: bool, shared:
             kind = shared.by_fd_kind.get(entry.kind)
             if kind is None:
                 raise RestoreError(f"fd {entry.fd}: kind {entry.kind.value} cannot be restored")
-            fd = kind.open_fd(entry, proc)
+            fd = _open_entry(kind, entry, proc)
             prepared.fd_sources[entry.fd] = fd
             if entry.desc >= 0:
                 shared.descs[entry.desc] = shared.tree_fds.own(fd)
-            if entry.kind in kind.always_seek or entry.pos:
-                try:
-                    os.lseek(fd, entry.pos, os.SEEK_SET)
-                except OSError as err:
-                    raise RestoreError(f"fd {entry.fd}: cannot seek to {entry.pos}: {err.strerror}") from err
     finally:
         for kind in shared.kinds:
             kind.end_process()
+
+
+def _open_entry(kind, entry: model.FdEntry, proc: Restoring) -> int:
+    """The restorer fd of `entry`, opened by its kind, at its position."""
+    fd = kind.open_fd(entry, proc)
+    if entry.kind in kind.always_seek or entry.pos:
+        try:
+            os.lseek(fd, entry.pos, os.SEEK_SET)
+        except OSError as err:
+            if fd not in kind.tree_fds.fds:
+                os.close(fd)
+            raise RestoreError(f"fd {entry.fd}: cannot seek to {entry.pos}: {err.strerror}") from err
+    return fd
