@@ -80,6 +80,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     with contextlib.ExitStack() as stack:
         stack.callback(M.close_fill_pool)
         NS.enter_ipc(root_image.checkpoint, stack)  # a container's: its SysV segments are made in it
+        succeeded = [False]
         lazy = None
         if lazy_pages:
             lazy = L.Client(root_image, lazy_log)
