@@ -26,7 +26,7 @@ import tempfile
 import time
 
 from common import ROOT, wait_for
-from run import finish, reap_nohang
+from run import finish
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -110,7 +110,7 @@ def one_run(argv: list[str], flags: list[str], work: str) -> dict:
                                      cwd=ROOT, capture_output=True, text=True, check=True).stdout)
         open(out, "w").close()
         t_restore, text = cli("restore", "-d", "-D", images, *[f for f in flags if f != "--compress"])
-        finish(int(text.split()[-1]), out, reap_nohang)
+        finish(int(text.split()[-1]), out)
         return {"dump": t_dump, "restore": t_restore, "pages": pages, "logical": logical,
                 "dump_cpu": dump_cpu, "restore_cpu": CPU["restore"]}
     finally:

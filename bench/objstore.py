@@ -20,7 +20,7 @@ import tempfile
 import time
 
 from common import ROOT, wait_for
-from run import finish, reap_nohang, start_filler, wait_gone
+from run import finish, gone, start_filler
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
@@ -67,13 +67,13 @@ def main() -> int:
         for i in range(RUNS):
             for where in (["tmpfs", "s3"] if i % 2 == 0 else ["s3", "tmpfs"]):
                 images = os.path.join(work, f"img{i}") if where == "tmpfs" else f"s3://bench/run{i}"
-                p = start_filler(exe, MIB, "random", out)
+                p = start_filler(exe, MIB, out)
                 t_dump, _ = timed(["dump", "-t", str(p.pid), "-D", images], env)
                 p.wait()
-                wait_gone(p.pid)
+                gone(p.pid)
                 open(out, "w").close()
                 t_rest, text = timed(["restore", "-d", "-D", images], env)
-                finish(int(text.split()[-1]), out, reap_nohang)
+                finish(int(text.split()[-1]), out)
                 results[where].append((t_dump, t_rest))
                 if where == "tmpfs":
                     shutil.rmtree(images)

@@ -166,6 +166,12 @@ def gone(pid: int) -> None:
         time.sleep(0.002)
 
 
+def reap_nohang(pid: int):
+    """The exit status of our child pid if it has ended (reaped), else None."""
+    got, status = os.waitpid(pid, os.WNOHANG)
+    return status if got else None
+
+
 def finish(pid: int, out: str) -> None:
     """SIGUSR1 until it exits; it must have reported PASS. (The output file
     is not truncated before a restore: CRIU checks its size.)"""

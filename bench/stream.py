@@ -155,7 +155,7 @@ def main() -> int:
                 pid = fn(p.pid, work, arg)
                 times[way].append(time.perf_counter() - t)
                 p.returncode = 0  # reaped by us already (or restored and ours again)
-                finish(pid, out, reap_nohang)
+                finish(pid, out)
         for way, ts in times.items():
             print(f"{way:>10} | {med(ts)} | {MIB / 1024 / statistics.median(ts):6.2f}", flush=True)
     finally:
