@@ -831,7 +831,10 @@ def our_children():
     """Pids of the test process's children (all its threads'), zombies included."""
     kids = set()
     for task in os.listdir("/proc/self/task"):
-        kids.update(int(p) for p in Path(f"/proc/self/task/{task}/children").read_text().split())
+        try:
+            kids.update(int(p) for p in Path(f"/proc/self/task/{task}/children").read_text().split())
+        except FileNotFoundError:  # a thread that ended meanwhile (its children went to another thread)
+            pass
     return kids
 
 
