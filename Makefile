@@ -55,9 +55,13 @@ test: $(STAMP)
 
 # one table, procsnap beside CRIU when CRIU=path names its binary (bench/run.py says the knobs);
 # the encodings and S3 have no CRIU counterpart: bench-encoded, bench-s3
+# then migration (issue 13): the downtime at 1 and 4 GiB with and without pre-copy, and a lazy
+# restore's time to first instruction (BENCH_MIGRATE_MIB, BENCH_LAZY_MIB override the sizes)
 bench: $(STAMP)
 	@$(BYTECODE)
 	$(PY) bench/run.py
+	BENCH_MIGRATE_MIB=$${BENCH_MIGRATE_MIB:-1024,4096} $(PY) bench/migrate.py
+	BENCH_SIZES=$${BENCH_LAZY_MIB:-256,1024} $(PY) bench/lazy.py
 
 bench-encoded: $(STAMP)
 	@$(BYTECODE)
