@@ -417,8 +417,14 @@ def _own_namespaces(pid: int) -> dict[str, str]:
 
 def _autogroup(pid: int) -> str:
     # "/autogroup-123 nice 0": the group is made again by setsid, with a new
-    # number; its nice value is state
+    # number; its nice value is state. The kernel prints nothing for the
+    # default group (of processes that never called setsid, and of a restored
+    # root whose session was outside the tree, when the restorer is in it):
+    # its nice is 0 and cannot be changed (sched_group_set_shares refuses the
+    # root task group), so "" is nice 0.
     text = _read(f"/proc/{pid}/autogroup")
+    if text == "":
+        return "0"
     return text.split("nice")[-1].strip() if "nice" in text else text.strip()
 
 
