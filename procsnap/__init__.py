@@ -22,33 +22,36 @@ __version__ = "0.1.0"
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False, progress=None,
          ext_unix_sk: bool = False, compress: bool = False, key: bytes | None = None,
          prev_images_dir: str | None = None, tls=None, tcp_established: bool = False, tcp_close: bool = False,
-         net_lock: str = ""):
+         net_lock: str = "", external: dict | None = None):
     """Checkpoint `pid` into `images_dir` (made if missing; an image there is
     replaced only by a complete one); kill it unless leave_running.
     compress: zstd page chunks; key: 32 bytes, the image encrypted with it.
     images_dir `-` or tcp://HOST:PORT: streamed there (tls: image.stream.Tls).
     tcp_established: live TCP connections too, locked by net_lock
-    ("nftables", "iptables", "skip"); tcp_close: to be restored closed."""
+    ("nftables", "iptables", "skip"); tcp_close: to be restored closed.
+    external: externals.parse() of CRIU's --external specs."""
     from .dumper import dump as _dump
 
     return _dump(pid, images_dir, leave_running=leave_running, shell_job=shell_job, progress=progress,
                  ext_unix_sk=ext_unix_sk, compress=compress, key=key, prev_images_dir=prev_images_dir,
-                 tls=tls, tcp_established=tcp_established, tcp_close=tcp_close, net_lock=net_lock)
+                 tls=tls, tcp_established=tcp_established, tcp_close=tcp_close, net_lock=net_lock,
+                 external=external)
 
 
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
             allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
             key: bytes | None = None, tcp_established: bool = False, tcp_close: bool = False,
             skip_net_lock: bool = False, lazy_pages: bool = False, lazy_log: str | None = None,
-            lazy_server=None) -> int:
+            lazy_server=None, external: dict | None = None) -> int:
     """Restore the process in `images_dir` as a child of the caller; its pid.
-    lazy_pages: see restorer.restore."""
+    lazy_pages: see restorer.restore; external: externals.parse() of CRIU's
+    --external specs."""
     from .restorer import restore as _restore
 
     return _restore(images_dir, detach=detach, shell_job=shell_job, progress=progress,
                     allow_other_owner=allow_other_owner, allow_setuid=allow_setuid, ext_unix_sk=ext_unix_sk,
                     key=key, tcp_established=tcp_established, tcp_close=tcp_close, skip_net_lock=skip_net_lock,
-                    lazy_pages=lazy_pages, lazy_log=lazy_log, lazy_server=lazy_server)
+                    lazy_pages=lazy_pages, lazy_log=lazy_log, lazy_server=lazy_server, external=external)
 
 
 def restore_copies(images_dir: str, copies: int, **options) -> list[int]:

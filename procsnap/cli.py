@@ -88,6 +88,12 @@ def _listening(url: str):
     return None if url == "-" else report
 
 
+def _external(args) -> dict:
+    from . import externals
+
+    return externals.parse(args.external)
+
+
 def cmd_dump(args) -> int:
     from . import dump
 
@@ -95,7 +101,7 @@ def cmd_dump(args) -> int:
                  shell_job=args.shell_job, progress=_progress("dump"), ext_unix_sk=args.ext_unix_sk,
                  compress=args.compress, key=_key(args), prev_images_dir=args.prev_images_dir, tls=_tls(args),
                  tcp_established=args.tcp_established, tcp_close=args.tcp_close,
-                 net_lock="skip" if args.skip_net_lock else args.network_lock or "")
+                 net_lock="skip" if args.skip_net_lock else args.network_lock or "", external=_external(args))
     if stats.replaced:
         print(f"procsnap: {args.images_dir}: replaced {stats.replaced}", file=sys.stderr)
     return 0
@@ -122,7 +128,8 @@ def cmd_restore(args) -> int:
     options = dict(detach=args.restore_detached, shell_job=args.shell_job, progress=_progress("restore"),
                    allow_other_owner=args.allow_other_owner, allow_setuid=args.allow_setuid,
                    ext_unix_sk=args.ext_unix_sk, key=_key(args),
-                   tcp_established=args.tcp_established, tcp_close=args.tcp_close, skip_net_lock=args.skip_net_lock)
+                   tcp_established=args.tcp_established, tcp_close=args.tcp_close, skip_net_lock=args.skip_net_lock,
+                   external=_external(args))
     if args.copies != 1 and args.stream is not None:
         raise RestoreError("--copies: not with --stream (receive the image with -D DIR, then restore copies of DIR)")
     if args.lazy_pages:
@@ -323,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-j", "--shell-job", action="store_true", help="allow fds on the controlling terminal")
     d.add_argument("--ext-unix-sk", action="store_true",
                    help="allow unix datagram sockets connected to a named socket outside the tree")
+    d.add_argument("--external", action="append", metavar="KIND[KEY]:VALUE",
+                   help="what the container shares with the host: mnt[MOUNTPOINT]:NAME, veth[IF]:OUTSIDE")
     d.add_argument("--compress", action="store_true", help="store pages in zstd chunks (procsnap[compress])")
     d.add_argument("--prev-images-dir", metavar="DIR", help="store only the pages not in this image "
                    "(relative to -D, as CRIU's)")
@@ -357,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-j", "--shell-job", action="store_true", help="attach terminal fds to this terminal")
     r.add_argument("--ext-unix-sk", action="store_true",
                    help="connect unix sockets dumped with --ext-unix-sk to their outside peer again")
+    r.add_argument("--external", action="append", metavar="KIND[KEY]:VALUE",
+                   help="what the container shares with the host: mnt[NAME]:PATH, veth[IF]:OUTSIDE")
     r.add_argument("--tcp-established", action="store_true", help="restore live TCP connections")
     r.add_argument("--tcp-close", action="store_true", help="restore live TCP connections closed")
     r.add_argument("--skip-net-lock", action="store_true", help="leave the dump's network lock alone (the caller's)")

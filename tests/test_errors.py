@@ -445,3 +445,24 @@ def test_cli_check(procs, tmp_path):
     flip_byte(images / "procsnap.img", 30)
     assert_cli_error(cli("check", "-D", images), images / "procsnap.img")
     assert_pass(t)
+
+
+@pytest.mark.parametrize("spec, names", [("eth0:veth0", ["'eth0:veth0'", "KIND[KEY]:VALUE"]),
+                                         ("tun[tun0]:x", ["'tun'", "mnt, veth"]),
+                                         ("mnt[/a]:", ["'mnt[/a]:'"])])
+def test_bad_external_refused(spec, names, procs, tmp_path, proc_snapshot, assert_same_snapshot):
+    """A malformed --external or one of a kind procsnap does not know: one
+    line naming it, exit 2, the process left as it was, nothing written;
+    restore refuses it the same way."""
+    t = procs.start_case(SLEEPER, "pie")
+    before = proc_snapshot(t.pid)
+    images = tmp_path / "img"
+    images.mkdir()
+    r = cli("dump", "-t", t.pid, "-D", images, "--external", spec)
+    assert_cli_error(r, *names)
+    assert r.returncode == 2
+    assert_untouched(t.pid, before, images, proc_snapshot, assert_same_snapshot)
+    r = cli("restore", "-D", images, "--external", spec)
+    assert_cli_error(r, *names)
+    assert r.returncode == 2
+    assert_pass(t)

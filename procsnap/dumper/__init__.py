@@ -15,7 +15,7 @@ import os
 import signal
 import time
 
-from .. import faults, model, nsworker, objects
+from .. import externals, faults, model, nsworker, objects
 from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.chunks import require_compress
 from ..image.series import DedupSink, page_index
@@ -53,7 +53,8 @@ class DumpStats:
 def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool = False,
          progress=None, ext_unix_sk: bool = False, compress: bool = False, key: bytes | None = None,
          prev_images_dir: str | None = None, tls=None, tcp_established: bool = False,
-         tcp_close: bool = False, net_lock: str = "", migration=None) -> DumpStats:
+         tcp_close: bool = False, net_lock: str = "", migration=None,
+         external: dict | None = None) -> DumpStats:
     """Checkpoint process `pid` and all its descendants into the directory
     `images_dir`, made if missing (the root's image; each other process's
     image in a subdirectory of it, tree.IMAGE_DIR).
@@ -85,6 +86,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     what it held before.
     """
     started = time.monotonic()
+    externals.check_used(external, ())  # the kinds the dump reads (externals.py)
     if pid_namespace_init(pid):  # a container's init: dumped from inside its pid namespace (objects/namespaces.py)
         with translated(pid, "enter its pid namespace"):
             return nsworker.run_inside(pid, functools.partial(

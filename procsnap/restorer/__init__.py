@@ -18,7 +18,7 @@ import signal
 import threading
 import typing
 
-from .. import faults, model, nsworker, objects, workers
+from .. import externals, faults, model, nsworker, objects, workers
 from ..errors import ProcsnapError, RestoreError, plural, translated
 from ..image import schema
 from ..image.reader import Image, PageSource, open_image, open_pages
@@ -43,7 +43,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
             key: bytes | None = None, tcp_established: bool = False, tcp_close: bool = False,
             skip_net_lock: bool = False, lazy_pages: bool = False, lazy_log: str | None = None,
-            lazy_server=None, before_release=None, checked: bool = False) -> int:
+            lazy_server=None, before_release=None, checked: bool = False, external: dict | None = None) -> int:
     """Bring the process tree in `images_dir` back; returns the root's pid.
 
     The restored root is a child of the caller, running. `detach` is
@@ -61,6 +61,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     the restore as any stage does. checked: the page data was checked whole
     moments ago (a migration's receiver did): not read again here.
     """
+    externals.check_used(external, ())  # the kinds the restore reads (externals.py)
     root_image = open_image(images_dir, not checked, progress=progress and functools.partial(progress, "check pages"),
                             key=key)
     tree = open_tree(root_image, progress, verify_pages=not checked)
