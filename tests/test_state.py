@@ -215,3 +215,42 @@ def test_numa_policy_restored(procs, tmp_path):
     images = dump_kill(t, tmp_path / "img")
     restore(procs, t, images)
     assert_pass(t)
+
+
+# A session leader (procs.start makes one) whose autogroup the test renices:
+# the target reads its own autogroup's nice after the restore.
+AUTOGROUP = textwrap.dedent("""\
+    import signal
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    print("READY", flush=True)
+    signal.sigwait({signal.SIGUSR1})
+    text = open("/proc/self/autogroup").read()
+    print("PASS" if text.split()[-1] == "7" else f"FAIL: autogroup {text.strip()!r}, expected nice 7", flush=True)
+""")
+
+
+def test_autogroup_nice_restored(procs, tmp_path):
+    """setsid makes the restored leader a new autogroup (nice 0): its nice is
+    written back; the state check compares it too."""
+    t = procs.start([PYTHON, "-c", AUTOGROUP], name="autogroup")
+    Path(f"/proc/{t.pid}/autogroup").write_text("7")
+    images = dump_kill(t, tmp_path / "img")
+    restore(procs, t, images)
+    assert_pass(t)
+
+
+def test_autogroup_of_an_outside_session_checked(procs, tmp_path):
+    """A root that leads no session (--shell-job) comes back in the restorer's: if that
+    session's autogroup has another nice, the restore fails by name (it will
+    not renice the caller's own session) and leaves nothing behind."""
+    t = procs.start([PYTHON, "-c", "import subprocess, sys; "
+                     "p = subprocess.Popen([sys.executable, '-c', sys.argv[1]]); p.wait()", AUTOGROUP],
+                    name="leader")
+    wait_until(lambda: len(descendants(t.pid)) == 1, "the child")
+    child = descendants(t.pid)[0]
+    Path(f"/proc/{child}/autogroup").write_text("7")
+    images = tmp_path / "img"
+    procsnap.dump(child, str(images), shell_job=True)  # its session led from outside: as a shell's job
+    with pytest.raises(RestoreError, match=f"pid {child}: its session's autogroup had nice 7"):
+        procsnap.restore(str(images), shell_job=True)
+    assert not Path(f"/proc/{child}").exists()

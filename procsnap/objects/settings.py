@@ -11,6 +11,9 @@ its own).
     PR_GET_* injected into the leader  -->  PR_SET_* injected, where it differs
     /proc/PID/oom_score_adj,           -->  written back
       coredump_filter
+    /proc/PID/autogroup nice           -->  written back by a session leader (its
+                                            group is made by the restore's setsid);
+                                            any other process's must be its leader's
     membarrier(GET_REGISTRATIONS)      -->  each registration made again
     PR_FUTEX_HASH GET_SLOTS/IMMUTABLE  -->  SET_SLOTS, if the rebuilt process has
                                             other than the saved slots
@@ -27,6 +30,7 @@ import enum
 import os
 import struct
 
+from ..errors import RestoreError
 from ..kernel.arch.x86_64 import NR
 from ..kernel.infect import Target
 from ..kernel.libc import syscall
@@ -110,6 +114,7 @@ class Settings:
     futex_immutable: int = 0
     mempolicy: int = 0  # the leader's NUMA policy: MPOL_* | MPOL_F_* (0: MPOL_DEFAULT)
     mempolicy_nodes: bytes = b""  # its nodemask, MEMPOLICY_MAXNODE bits
+    autogroup_nice: int | None = None  # of its session's scheduling autogroup (None: not read, before 1.6)
 
 
 # name -> (get option, get args, set option, how the value is passed to set)
@@ -192,8 +197,32 @@ def collect_settings_seized(target: Target, tids: list[int]) -> Settings:
         threads=[collect_thread(pid, tid) for tid in tids], prctl=values,
         oom_score_adj=_read_int(f"/proc/{pid}/oom_score_adj"),
         coredump_filter=_read_int(f"/proc/{pid}/coredump_filter", 16),
+        autogroup_nice=_autogroup_nice(pid),
         membarrier=0 if _failed(registrations) else registrations,
         futex_slots=0 if _failed(slots) else slots, futex_immutable=0 if _failed(immutable) else immutable)
+
+
+def _autogroup_nice(pid: int) -> int:
+    """The nice value of the process's autogroup: "/autogroup-N nice V"; the
+    kernel prints nothing for the default group, whose nice is 0 for good."""
+    with open(f"/proc/{pid}/autogroup") as f:
+        text = f.read()
+    return int(text.rsplit("nice", 1)[1]) if "nice" in text else 0
+
+
+def restore_autogroup(pid: int, s: Settings, leader_in_tree: bool) -> None:
+    """A session leader's autogroup is its own (made by its setsid): its nice
+    written back. Another process shares its leader's: one in the tree sets
+    it; one outside (the restorer's session, for a root that led none) must
+    already have it, else the restore fails by name (writing it would change
+    the caller's own session)."""
+    if s.autogroup_nice is None or _autogroup_nice(pid) == s.autogroup_nice:
+        return
+    if os.getsid(pid) == pid:
+        _write(f"/proc/{pid}/autogroup", str(s.autogroup_nice), f"pid {pid}: autogroup nice")
+    elif not leader_in_tree:
+        raise RestoreError(f"pid {pid}: its session's autogroup had nice {s.autogroup_nice}; the session "
+                         f"it is restored into (the restorer's, {os.getsid(pid)}) has {_autogroup_nice(pid)}", pid)
 
 
 def _write(path: str, text: str, what: str) -> None:
@@ -268,5 +297,6 @@ def collect_seized(target: Target, tids: list[int], ckpt) -> None:
 
 def restore_seized(target: Target, ckpt, tree_pids: set[int]) -> None:
     for s in ckpt.settings:
+        restore_autogroup(target.pid, s, os.getsid(target.pid) in tree_pids)
         restore_settings_seized(target, s)
         restore_dumpable_seized(target, s)  # after the credentials, whose change resets it
