@@ -1,4 +1,4 @@
-"""The --leave-running freeze window, in process (issue 12, goal 4).
+"""make bench-freeze: the --leave-running freeze window, in process (issue 12, goal 4).
 
 bench/filler.c holding SIZE MiB of pseudo-random data is dumped with
 procsnap.dump(leave_running=True) into a directory on /dev/shm; the figure
