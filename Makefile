@@ -99,5 +99,16 @@ bench-migrate: $(STAMP)
 	@$(BYTECODE)
 	$(PY) bench/migrate.py
 
+# issue 12, goals 4 and 5: the --leave-running freeze window (in process, BENCH_PROFILE=1 for its
+# profile) and procsnap's own peak memory (BENCH_MEMORY=SIZE:PATTERN,...; CRIU=path beside it)
+.PHONY: bench-freeze bench-memory
+bench-freeze: $(STAMP)
+	@$(BYTECODE)
+	$(PY) bench/freeze.py
+
+bench-memory: $(STAMP)
+	@$(BYTECODE)
+	$(PY) bench/memory.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -32,7 +32,7 @@ from . import collect as C
 from . import tree as T
 from . import waits as W
 from .pages import write_pages_seized
-from .snapshot import cow_snapshot, read_while_frozen
+from .plan import PagePlan
 
 log = logging.getLogger("procsnap.dumper")
 
@@ -59,10 +59,13 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     `images_dir`, made if missing (the root's image; each other process's
     image in a subdirectory of it, tree.IMAGE_DIR).
 
-    The tree is killed once the image is complete, unless leave_running:
-    then it is frozen only while its small state is collected and a
-    copy-on-write snapshot of each process's memory is taken (see
-    snapshot.py); the pages are read from the snapshots after the thaw.
+    One flow for one process and for a tree: freeze, collect, scan the
+    pages (plan.py), write the records, snapshot (leave_running), write the
+    pages, commit, kill or thaw. The tree is killed once the image is
+    complete, unless leave_running: then it is frozen only while its small
+    state is collected and a copy-on-write snapshot of each process's
+    memory is taken (snapshot.py); the pages are read from the snapshots
+    after the thaw.
     The image is written beside the one already in `images_dir` and
     swapped in only once complete (image/staging.py).
     ext_unix_sk: a unix datagram socket connected to a named one outside
@@ -121,7 +124,6 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         if chain:  # a pre-dump's uffd-wp tracking: what it found, then taken down (predump.py)
             chain.stop_seized([task.pid for task in tree.tasks])
             early_smaps = chain.flags_after(early_smaps)
-        snapshot = leave_running and len(tree.tasks) == 1 and not chain
         kinds = objects.collectors(ext_unix_sk=ext_unix_sk, tcp_established=tcp_established, tcp_close=tcp_close,
                                    net_lock=lock, leave_running=leave_running)
         killed = [False]
@@ -130,7 +132,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         for task in tree.tasks:
             with translated(task.pid, "collect"):
                 collected.append(collect_seized(task, shell_job, early_smaps if task.pid == pid else None,
-                                                kinds, scan_pages=not snapshot))
+                                                kinds))
         ckpts = [c[0] for c in collected]
         root = ckpts[0]
         stats = DumpStats(root)
@@ -146,21 +148,13 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                 kind.collect_tree(root, {task.pid for task in tree.tasks})
         log.info("pid %d: collected %s, %s", pid, plural(sum(len(c.vmas) for c in ckpts), "VMA"),
                  plural(sum(len(c.fds) for c in ckpts), "fd"))
+        plan = PagePlan(tree, collected, leave_running)
+        with translated(pid, "collect"):
+            plan.scan_frozen()
         # In tree order, so that pages shared copy-on-write are stored by the
         # first process; the root's inventory, written last, commits the whole.
-        single = len(tree.tasks) == 1
-        early: list[list] = [[] for _ in collected]  # pages read while frozen: a fork would not keep them
-        if leave_running and not single:
-            for index, (ckpt, runs, maps) in enumerate(collected):
-                early[index] = [r for r in runs if read_while_frozen(r[0])]
-                collected[index] = (ckpt, [r for r in runs if not read_while_frozen(r[0])], maps)
-        cow = T.CowIndex()
-        claims = [(c[1], []) for c in collected]
-        if not single:
-            with translated(pid, "collect"):  # before any page is read (see CowIndex)
-                claims = [cow.claim(i, task.pid, c[1]) for i, (task, c) in enumerate(zip(tree.tasks, collected))]
         writers = []
-        for index, (task, (ckpt, runs, maps)) in enumerate(zip(tree.tasks, collected)):
+        for task, ckpt, now in zip(tree.tasks, ckpts, plan.now):
             where = os.path.join(staging.path, _image_dir(task.pid, pid))
             with translated(task.pid, f"write {where}"):
                 writer = stack.enter_context(image_writer(where, create=task.pid != pid, compress=compress, key=key))
@@ -174,33 +168,22 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                 if task.pid == pid:
                     for kind in kinds:
                         kind.write_tree(writer, root)
-                if snapshot:
-                    stats.snapshot = write_pages_from_snapshot(task, ckpt, maps, writer, stack, progress)
-                elif early[index]:
-                    write_pages_seized(task.pid, early[index], writer.pages, cow_shared=True)
-        sources = [task.pid for task in tree.tasks]
-        if leave_running and not single:
-            # every process's copy-on-write snapshot, then all of them run on
-            snaps = [stack.enter_context(cow_snapshot(task, c[2])) for task, c in zip(tree.tasks, collected)]
-            if all(snap is not None for snap in snaps):
-                for task in tree.tasks:
-                    task.thaw()
-                log.info("pid %d: thawed; reading pages from %s", pid, plural(len(snaps), "snapshot"))
-                sources, stats.snapshot = snaps, True
-        for index, (task, (ckpt, _, _)) in enumerate(zip(tree.tasks, collected)):
-            if snapshot:
-                break
-            writer = writers[index]
+                if now:
+                    write_pages_seized(task.pid, now, writer.pages, cow_shared=not plan.single)
+        if leave_running:
+            stats.snapshot = plan.snapshot(stack)
+        for index, (task, ckpt, writer) in enumerate(zip(tree.tasks, ckpts, writers)):
             with translated(task.pid, f"write {writer.dir}"):
-                runs, claimed = claims[index]
+                runs, claimed = plan.runs(index)
                 if index == 0 and dedup is not None:
-                    dedup.keep = {owned for _, refs in claims[1:] for _, owner, owned, _ in refs if owner == 0}
+                    dedup.keep = {owned for _, refs in plan.claims[1:] for _, owner, owned, _ in refs if owner == 0}
                 if index == 0 and chain:
                     runs = chain.refer(runs, dedup)
-                refs = cow.resolve(claimed)
+                refs = plan.cow.resolve(claimed)
                 ckpt.page_refs = [refs] if refs else []
-                write_pages_seized(sources[index], runs, writer.pages, progress, cow_shared=not single)
-                cow.wrote(index, _image_dir(task.pid, pid), writer.pages.runs)
+                write_pages_seized(plan.sources[index], runs, writer.pages, progress,
+                                   cow_shared=not plan.single or stats.snapshot)
+                plan.cow.wrote(index, _image_dir(task.pid, pid), writer.pages.runs)
                 if task.pid != pid:
                     writer.commit(ckpt)
         for writer in writers:
@@ -275,25 +258,6 @@ def _stream_staged(url: str, tls, leave_running: bool):
 def _image_dir(pid: int, root: int) -> str:
     """Where a process's image is, relative to the root's."""
     return "" if pid == root else T.IMAGE_DIR.format(pid=pid)
-
-
-def write_pages_from_snapshot(task: "FrozenTask", ckpt: model.Checkpoint, maps, writer: ImageWriter,
-                              stack: contextlib.ExitStack, progress=None) -> bool:
-    """--leave-running: pages a fork does not copy are read while frozen;
-    once the copy-on-write snapshot exists the target is thawed and the rest
-    is read from the snapshot (which `stack` releases). Returns whether a
-    snapshot could be used; without one the target stays frozen."""
-    pid = task.pid
-    now = [v for v in ckpt.vmas if read_while_frozen(v)]
-    write_pages_seized(pid, C.collect_page_runs(pid, now), writer.pages)
-    snap = stack.enter_context(cow_snapshot(task, maps))
-    if snap is not None:
-        task.thaw()
-        log.info("pid %d: thawed; reading pages from snapshot %d", pid, snap)
-    source = pid if snap is None else snap
-    later = [v for v in ckpt.vmas if not read_while_frozen(v)]
-    write_pages_seized(source, C.collect_page_runs(source, later), writer.pages, progress, cow_shared=snap is not None)
-    return snap is not None
 
 
 def read_target(pid: int) -> tuple[proc.Stat, dict[str, str]]:
@@ -460,8 +424,8 @@ def in_flight_offer(root: model.Checkpoint, shell_job: bool, kinds: list[Collect
 
 
 def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[proc.MapsEntry] | None,
-                   kinds: list[Collect], scan_pages: bool = True, skip_fds: set[int] = frozenset()):
-    """Everything but the page data: (checkpoint, page runs or None, maps)."""
+                   kinds: list[Collect], skip_fds: set[int] = frozenset()):
+    """Everything but the page data (dumper/plan.py scans that): (checkpoint, maps)."""
     pid = frozen_task.pid
     files = FileTable()
     maps = proc.read_maps(pid, early_smaps)
@@ -486,5 +450,4 @@ def collect_seized(frozen_task: FrozenTask, shell_job: bool, early_smaps: list[p
     for tid, state in [(pid, task)] + [(th.tid, th) for th in threads]:
         state.wait_left_ns = W.wait_left(pid, state.regs, frozen_task.wait_left.get(tid, W.UNKNOWN))
     task.stopped_by = frozen_task.stopped_by
-    runs = C.collect_page_runs(pid, vmas) if scan_pages else None
-    return ckpt, runs, maps
+    return ckpt, maps

@@ -120,9 +120,8 @@ def pre_dump(pid: int, images_dir: str, prev_images_dir: str | None = None, meth
                 with translated(pid, "start dirty tracking (userfaultfd)"):
                     tracker.attach_seized(maps)
             with translated(pid, "collect"):
-                ckpt, _, _ = collect_seized(task, shell_job, maps, objects.collectors(tcp_close=tcp_established),
-                                            scan_pages=False,
-                                            skip_fds={tracker.uffd} if tracker else set())
+                ckpt, _ = collect_seized(task, shell_job, maps, objects.collectors(tcp_close=tcp_established),
+                                         skip_fds={tracker.uffd} if tracker else set())
             with translated(pid, "dirty tracking (PAGEMAP_SCAN)"):
                 written = tracker.rearm_seized(ckpt.vmas) if tracker else []
                 runs = C.collect_page_runs(pid, ckpt.vmas)

@@ -12,7 +12,6 @@ The order matters (each step says what is true when it ends):
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import functools
 import itertools
@@ -28,6 +27,7 @@ from ..kernel.infect import SCRATCH_SIZE, BatchFailed, Target, free_gap
 from ..kernel.proc import MapsEntry
 from ..kernel.structs import MREMAP_FIXED, MREMAP_MAYMOVE, Prctl, prctl_mm_map
 from .files import vma_map_key
+from .pagecursor import OWN, PagesByVma, VmaPages
 
 MMAP_MIN_ADDR = 0x10000
 
@@ -218,21 +218,17 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
     `kept`: VMA start -> what makes a VMA the fork left in place hold its
     pages, given its segments (inherit.restore_kept_seized).
     """
-    segments = page_segments(runs, pages, refs)
-    by_vma: dict[int, list[tuple[int, int, int, int]]] = {}
     starts = sorted(vmas, key=lambda v: v.start)
-    keys = [v.start for v in starts]
-    for seg in segments:
-        by_vma.setdefault(starts[bisect.bisect_right(keys, seg[0]) - 1].start, []).append(seg)
+    by_vma = PagesByVma(starts, runs, pages.base, refs)
     busy = [(v.start, v.end) for v in starts]
-    group: list[tuple[model.Vma, int, int, int, list]] = []  # (vma, prot, flags, fd, runs) mapped together
+    group: list[tuple[model.Vma, int, int, int, VmaPages]] = []  # (vma, prot, flags, fd, pages) mapped together
     for i, v in enumerate(starts):
         if v.kind in model.SPECIAL_KINDS:
             continue
-        vruns = by_vma.get(v.start, [])
+        vruns = by_vma.of(v)
         if kept and v.start in kept:
             _map_group(target, group, pages, filled, ref_sources)
-            kept[v.start](vruns)
+            kept[v.start](vruns.segments())
             continue
         apart = i > 0 and _kept_apart(starts[i - 1], v)  # built elsewhere, moved in
         own_anon_vma = apart or (i + 1 < len(starts) and _kept_apart(v, starts[i + 1]))
@@ -265,7 +261,7 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
             if v.advice & bit:
                 target.call(NR.madvise, at, v.size, advice)
         if vruns:
-            _fill(target, vruns, at - v.start, pages, filled, ref_sources)
+            _fill(target, [vruns], at - v.start, pages, filled, ref_sources)
             faults.point("mid-memory-load")
         elif own_anon_vma:
             memory.write_bytes(target.pid, at, b"\0")  # the first fault makes its anon_vma
@@ -283,12 +279,11 @@ def _map_error(target: Target, v: model.Vma, flags: int, err: OSError) -> Restor
                         f"{err.strerror}{needs}", target.pid)
 
 
-def _fill(target: Target, vruns: list, shift: int, pages: PageSource, filled, ref_sources) -> None:
-    """Write the (vaddr, npages, local, source) runs at vaddr + shift."""
-    for source in sorted({seg[3] for seg in vruns}):  # a batch never spans two sources' mappings
-        of = pages if source == -1 else (ref_sources or {}).get(source)
-        fill(target.pid, ((address, vaddr + shift, npages * PAGE_SIZE)
-                          for vaddr, npages, address, src in vruns if src == source), filled,
+def _fill(target: Target, parts: list[VmaPages], shift: int, pages: PageSource, filled, ref_sources) -> None:
+    """Write the pages of `parts` at their vaddr + shift."""
+    for source in sorted(set().union(*(p.sources() for p in parts))):  # a batch never spans two sources' mappings
+        of = pages if source == OWN else (ref_sources or {}).get(source)
+        fill(target.pid, (w for p in parts for w in p.writes(source, shift)), filled,
              of if getattr(of, "transformed", False) else None)
 
 
@@ -315,9 +310,9 @@ def _map_group(target: Target, group: list, pages: PageSource, filled, ref_sourc
             raise _map_error(target, v, calls[err.index][4], err) from err
         raise RestoreError(f"pid {target.pid}: madvise of VMA {v.start:#x}-{v.end:#x} ({v.name or v.kind.value}): "
                            f"{err.strerror}", target.pid) from err
-    runs = [seg for *_, vruns in group for seg in vruns]
-    if runs:
-        _fill(target, runs, 0, pages, filled, ref_sources)
+    parts = [vruns for *_, vruns in group if vruns]
+    if parts:
+        _fill(target, parts, 0, pages, filled, ref_sources)
         faults.point("mid-memory-load")
     protect = [(NR.mprotect, v.start, v.size, int(v.prot)) for v, prot, *_ in group if prot != v.prot]
     group.clear()
