@@ -121,11 +121,10 @@ def test_shell_with_children(procs, tmp_path):
 
 
 @pytest.mark.parametrize("unshare, names", [
-    (["--fork", "--pid", "--mount-proc"], ["mnt:["]),
     (["--fork", "--pid", "--net"], ["net:["]),
     (["--fork", "--pid", "--user", "--map-root-user"], ["user:["]),
     (["--fork", "--pid", "--cgroup"], ["cgroup:["]),
-], ids=["mount", "net", "user", "cgroup"])
+], ids=["net", "user", "cgroup"])  # mount namespaces: test_mountns.py
 def test_not_restored_refused_by_name(unshare, names, procs, tmp_path):
     """A container's namespaces procsnap does not make again are refused,
     naming them, and the tree runs on (the target checks itself)."""
