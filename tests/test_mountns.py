@@ -12,16 +12,18 @@ the tree left running.
 import contextlib
 import os
 import signal
+import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 import procsnap
 from procsnap import nsworker
-from procsnap.errors import ProcsnapError, RestoreError, Unsupported
+from procsnap.errors import ProcsnapError, RestoreError
 
-from conftest import assert_pass, assert_same_snapshot
-from test_namespaces import dump_container, init_of, inside_snapshot, restore_container
+from conftest import assert_pass, assert_same_snapshot, wait_until
+from test_namespaces import dump_container, init_of, inside_snapshot, restore_container, run_to_exit
 
 UNSHARE = ["unshare", "--fork", "--pid", "--mount", "--mount-proc", "--uts", "--ipc"]
 
@@ -87,3 +89,138 @@ def test_state_check_sees_lost_mount_state(change, word, procs, box):
     with pytest.raises(AssertionError, match=word):
         assert_same_snapshot(before, inside_snapshot(init))
     t.kill_and_reap()
+
+
+def test_ten_copies_each_with_its_own_tmpfs(procs, box, tmp_path):
+    """One image restored ten times at once: each copy has a mount
+    namespace and a tmpfs of its own (a file written into one copy's is
+    not in another's), and each copy's self-check passes."""
+    t, init = start_box(procs, box)
+    before = dump_container(t, init, tmp_path / "img")
+    pids = procsnap.restore_copies(str(tmp_path / "img"), 10)
+    point = f"{box[0]}/t"
+    try:
+        assert len({os.readlink(f"/proc/{p}/ns/mnt") for p in pids}) == 10
+        devs = {line.split()[2] for p in pids for line in open(f"/proc/{p}/mountinfo") if line.split()[4] == point}
+        assert len(devs) == 10, devs
+        subprocess.run(["nsenter", "-t", str(pids[0]), "-m", "sh", "-c", f"echo one > {point}/only-in-0"], check=True)
+        assert os.path.exists(f"/proc/{pids[0]}/root{point}/only-in-0")
+        assert not any(os.path.exists(f"/proc/{p}/root{point}/only-in-0") for p in pids[1:])
+        subprocess.run(["nsenter", "-t", str(pids[0]), "-m", "rm", f"{point}/only-in-0"], check=True)
+        assert_same_snapshot(before, inside_snapshot(pids[-1]))
+        statuses = [run_to_exit(p) for p in pids]
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(p, 0)
+    assert statuses == [0] * 10, statuses
+    assert "PASS\n" in t.output() and "FAIL" not in t.output(), t.output()
+
+
+def start_shell(procs, script):
+    """A shell as the container's init: `script` sets up its mounts, then it
+    sleeps (its mount table as the script left it)."""
+    head, sep, sleeper = script.rpartition(" && exec /")  # its own sleeper (a static one, in a root of its own)
+    script = f"{head} && echo READY && exec /{sleeper}" if sep else f"{script} && echo READY && exec sleep 1000"
+    t = procs.start([*UNSHARE, "sh", "-c", script], name="mntsh")
+    init = init_of(t)
+    wait_until(lambda: Path(f"/proc/{init}/comm").read_text().startswith("sleep"), "the init's sleep")
+    return t, init
+
+
+def assert_refused(t, init, images, match, **options):
+    """dump refused with `match` in its words; nothing written, the tree running on, not traced."""
+    with pytest.raises(ProcsnapError, match=match) as exc:
+        procsnap.dump(init, str(images), **options)
+    assert "Traceback" not in str(exc.value)
+    assert not (images / "procsnap.img").exists()
+    status = Path(f"/proc/{init}/status").read_text()
+    assert "\nState:\tS" in status and "\nTracerPid:\t0\n" in status, status
+    t.kill_and_reap()
+
+
+@pytest.mark.parametrize("script, match", [
+    ("mount -t ramfs rammed {d}/t", r"ramfs mount at {d}/t .*file system type ramfs made inside"),
+    ("mount -t tmpfs one {d}/t && mount -t tmpfs two {d}/t", r"tmpfs mount at {d}/t: overmounts the tmpfs"),
+    ("mount -t tmpfs one {d}/t && mkdir {d}/t/x && mount --bind {d}/t/x {d}/b",
+     r"at {d}/b: a bind mount of /x of a tmpfs made inside"),
+    ("mount -t tmpfs one {d}/t && echo a > {d}/t/a && ln {d}/t/a {d}/t/b", r"{d}/t/a: a file with 2 hard links"),
+    ("mount -t tmpfs one {d}/t && mknod {d}/t/null c 1 3", r"{d}/t/null: a device node"),
+    ("mount -t tmpfs one {d}/t && mkfifo {d}/t/fifo", r"{d}/t/fifo: a fifo"),
+    ("exec 3</proc/1/status", r"fd 3: /proc/1/status is a file of the container's own procfs"),
+    ("mount -t tmpfs root {d}/t && mkdir {d}/t/old && cd {d}/t && pivot_root . old && cd / && "
+     "exec /old{sleep} pause", r"tmpfs mount at / .*is the container's root and not the host's"),
+    ("mount --bind {d} {d} && cd {d} && mkdir old && pivot_root . old && cd / && exec /old{sleep} pause",
+     r"mount at /old: a host mount kept under the container's own root"),
+], ids=["ramfs", "overmount", "bind-of-tmpfs", "hard-link", "device-node", "fifo", "own-proc-file", "pivot-root-tmpfs",
+    "pivot-root-old-kept"])
+def test_refused_by_name(script, match, procs, box, tmp_path):
+    """What the mount namespace restore does not make again is refused at
+    dump, named (type, mount point, path), the container left running."""
+    d = box[0]
+    t, init = start_shell(procs, script.format(d=d, sleep=procs._targets.path("sleep", "static")))
+    assert_refused(t, init, tmp_path / "img", match.format(d=d))
+
+
+def test_external_mnt_without_mount_namespace_refused(procs, tmp_path):
+    """--external mnt[] for a container that shares the host's mount namespace: refused by name."""
+    t = procs.start(["unshare", "--fork", "--pid", "--uts", "--ipc", "sh", "-c", "echo READY && exec sleep 1000"],
+                    name="nomnt")
+    init = init_of(t)
+    wait_until(lambda: Path(f"/proc/{init}/comm").read_text().strip() == "sleep", "the init's sleep")
+    assert_refused(t, init, tmp_path / "img", r"--external mnt\[/data\]: .*no mount namespace of its own",
+                   external={"mnt": {"/data": "data"}})
+
+
+def test_root_given_again(procs, tmp_path):
+    """A container that pivot_root(2)ed into a directory tree the test made
+    (its static binary in it, a host directory bound read-only inside, a
+    tmpfs and a procfs of its own): dumped, restored with --root DIR (the
+    API's root=), checked by the target and the state check. Without
+    --root the restore is refused by name, before any process is made."""
+    rootfs, src = tmp_path / "rootfs", tmp_path / "src"
+    for sub in ("t", "b", "proc"):
+        (rootfs / sub).mkdir(parents=True)
+    src.mkdir()
+    (src / "hostfile").write_text("from the host\n")
+    shutil.copy(procs._targets.path("mntns", "static"), rootfs / "mntns")
+    t = procs.start([*UNSHARE, str(rootfs / "mntns"), "root", str(rootfs), str(src)], name="mntroot")
+    init = init_of(t)
+    before = dump_container(t, init, tmp_path / "img")
+    assert "- ext4 " in before.state[1]["ns.mnt.mount / [0]"] and str(rootfs) in before.state[1]["ns.mnt.mount / [0]"]
+    with pytest.raises(RestoreError, match=r"root was the host directory .*rootfs .*--root DIR"):
+        procsnap.restore(str(tmp_path / "img"))
+    pid = procsnap.restore(str(tmp_path / "img"), root=str(rootfs))
+    t.adopt(pid)
+    assert_same_snapshot(before, inside_snapshot(pid))
+    assert_pass(t)
+
+
+def test_external_bind_mount(procs, box, tmp_path):
+    """dump --external mnt[DIR/b]:data (the CLI), restore with
+    mnt[data]:PATH: the read-only bind mount is bound again from PATH,
+    another directory than the one it was bound from (the one mount line
+    the state check sees differ: its root); the target's checks pass on
+    it. Restoring without it is refused by name."""
+    from conftest import cli
+
+    d, src = box
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "hostfile").write_text("from the host\n")
+    t, init = start_box(procs, box)
+    before = inside_snapshot(init)
+    r = cli("dump", "-t", str(init), "-D", str(tmp_path / "img"), "--external", f"mnt[{d}/b]:data")
+    assert r.returncode == 0, r.stderr
+    t.wait_exit()
+    r = cli("restore", "-D", str(tmp_path / "img"), "-d")
+    assert r.returncode != 0 and "--external mnt[data]:PATH" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    pid = procsnap.restore(str(tmp_path / "img"), external={"mnt": {"data": str(other)}})
+    t.adopt(pid)
+    key = f"ns.mnt.mount {d}/b [0]"
+    after = inside_snapshot(pid)
+    assert f" {other} " in after.state[1][key] and f" {src} " in before.state[1][key], after.state[1][key]
+    assert_same_snapshot(before, after, ignore_state=(key,))
+    assert_pass(t)

@@ -61,6 +61,7 @@ MS_RELATIME, MS_STRICTATIME = 1 << 21, 1 << 24
 MNT_DETACH = 2
 OPEN_TREE_CLONE = 1  # include/uapi/linux/mount.h; open_tree(2) is syscall 428 on x86_64
 NR_OPEN_TREE = 428
+NR_PIVOT_ROOT = 155
 AT_FDCWD = -100
 O_NOATIME = 0o1000000
 MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
@@ -140,7 +141,13 @@ def classify(mounts: list[Mount], origin: list[Mount], external: dict[str, str] 
     external = dict(external or {})
     unclaimed = list(origin)
     by_id = {m.id: m for m in mounts}
-    for m in mounts:
+    top = [m for m in mounts if m.parent not in by_id] + [m for m in mounts if m.parent in by_id]
+    for m in top:  # the root first: whether the container pivoted decides the rest
+        pivoted = top[0].how == "root"
+        if pivoted and m is not top[0] and any(_key(h)[1:] == _key(m)[1:] for h in origin):
+            raise Unsupported(f"mount namespace: {m.fstype} mount at {m.point}: a host mount kept under the "
+                              f"container's own root (pivot_root into {top[0].bind_from}); not restored "
+                              "(unmount it)")
         match = next((h for h in unclaimed if _key(h) == _key(m)), None)
         if match is not None and m.point not in external:
             unclaimed.remove(match)
@@ -148,9 +155,13 @@ def classify(mounts: list[Mount], origin: list[Mount], external: dict[str, str] 
             continue
         where = f"mount namespace: {m.fstype} mount at {m.point}"
         parent = by_id.get(m.parent)
+        host = next((h for h in origin if h.dev == m.dev and _under(m.root, h.root)), None)
+        if m.point == "/" and parent is None and host is not None:  # pivot_root into a host directory
+            m.how, m.bind_from = "root", os.path.join(host.point, os.path.relpath(m.root, host.root))
+            continue
         if m.point == "/" or parent is None:
             raise Unsupported(f"{where} (root {m.root}, device {m.dev}) is the container's root and not the host's "
-                              "(pivot_root or chroot into a directory); a container's own root is not restored")
+                              "nor a directory of the host's (pivot_root into it); not restored")
         if parent.how == "proc":
             raise Unsupported(f"{where}: under the container's procfs at {parent.point}; not restored")
         if parent.how != "copied" and parent.point == m.point:
@@ -166,7 +177,7 @@ def classify(mounts: list[Mount], origin: list[Mount], external: dict[str, str] 
             m.how = "tmpfs"
         elif m.fstype == "proc":
             m.how = "proc"
-        elif (host := next((h for h in origin if h.dev == m.dev and _under(m.root, h.root)), None)) is not None:
+        elif host is not None:
             m.how, m.bind_from = "bind", os.path.join(host.point, os.path.relpath(m.root, host.root))
         elif any(o.dev == m.dev and o.how == "tmpfs" for o in mounts):
             raise Unsupported(f"{where}: a bind mount of {m.root} of a tmpfs made inside; not restored")
@@ -211,30 +222,34 @@ def dump_external() -> dict[str, str]:
 
 def no_namespace(external: dict[str, str], whose: str) -> Unsupported:
     names = ", ".join(f"mnt[{key}]" for key in external)
-    return Unsupported(f"--external {names}: {whose} no mount namespace of its own")
+    return Unsupported(f"{'--external ' + names + ': ' if names else ''}{whose} no mount namespace of its own")
 
 
 def check_fds(pid: int, entries) -> None:
     """Files of the container's own procfs are the new pid namespace's after
-    a restore, not reopened by path: refused by name. A file on a mount that
-    is not the container's (opened before its unshare: mnt_id not in its
-    table) is noted, to be opened again in the restorer's namespace."""
+    a restore, not reopened by path: refused by name."""
     if not nsworker.inside() or nsworker.in_root("/") == "/":
         return
-    table = read_table()
-    ids = {m.id for m in table}
-    procs = [m for m in table if m.fstype == "proc" and m.dev not in _host_devs()]
+    procs = [m for m in read_table() if m.fstype == "proc" and m.dev not in _host_devs()]
     for fd in entries:
-        if not fd.path.startswith("/"):
-            continue
-        if any(_under(fd.path, m.point) for m in procs):
+        if fd.path.startswith("/") and any(_under(fd.path, m.point) for m in procs):
             raise Unsupported(f"pid {pid}: fd {fd.fd}: {fd.path} is a file of the container's own procfs; "
                               "not restored", pid)
+
+
+def note_outside(pid: int) -> None:
+    """Before the freeze: the files `pid` holds open on mounts that are not
+    the container's (opened before its unshare: their mnt_id is not in its
+    table) are looked up, at dump and at restore, in the caller's namespace."""
+    ids = {m.id for m in read_table()}
+    for name in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(FileNotFoundError):
-            with open(f"/proc/{pid}/fdinfo/{fd.fd}") as f:
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
                 mnt = next((int(line.split()[1]) for line in f if line.startswith("mnt_id:")), None)
-            if mnt is not None and mnt not in ids:
-                _dump["outside"].add(fd.path)
+            if link.startswith("/") and mnt is not None and mnt not in ids:
+                _dump["outside"].add(link)
+    nsworker.set_root("/proc/1/root", _dump["outside"])
 
 
 def outside() -> list[str]:
@@ -248,7 +263,7 @@ def _host_devs() -> set[str]:
 def check_image(mounts: list[Mount], own: bool) -> list[str]:
     problems = [] if own or not mounts else ["namespaces: a mount table without a mount namespace"]
     for m in mounts:
-        if m.how not in ("copied", "tmpfs", "bind", "proc"):
+        if m.how not in ("copied", "tmpfs", "bind", "proc", "root"):
             problems.append(f"mount at {m.point}: unknown kind {m.how!r}")
         if not m.point.startswith("/") or any(p == ".." for p in m.point.split("/")):
             problems.append(f"mount at {m.point!r}: not a plain absolute path")
@@ -469,12 +484,20 @@ def _data(super_options: str) -> str:
 
 
 def make_namespace(mounts: list[Mount], image, external: dict[str, str] | None = None,
-                   outside: list[str] = ()) -> MadeNamespace:
+                   outside: list[str] = (), root: str | None = None) -> MadeNamespace:
     """A new mount namespace with the container's table (but its procfs,
     see MadeNamespace.mount_proc), made by a forked copy of this process;
     files are looked up in it from here on (nsworker.set_root), but those
     in `outside`, which the tree had open on the host's mounts."""
     external = external or {}
+    pivoted = next((m for m in mounts if m.how == "root"), None)
+    if pivoted is not None and not root:
+        raise RestoreError(f"mount namespace: the container's root was the host directory {pivoted.bind_from} "
+                           "(pivot_root into it): give it again with --root DIR")
+    if root and pivoted is None:
+        raise RestoreError(f"--root {root}: the container's root was the host's, not a directory of its own")
+    if root and not os.path.isdir(root):
+        raise RestoreError(f"--root {root}: no such directory")
     for m in mounts:
         if m.external and m.external not in external:
             raise RestoreError(f"mount namespace: the bind mount at {m.point} was dumped as external "
@@ -487,7 +510,7 @@ def make_namespace(mounts: list[Mount], image, external: dict[str, str] | None =
         try:
             os.close(r)
             os.close(go_w)
-            _build(mounts, image, external)
+            _build(mounts, image, external, root)
             os.write(w, b"R")
             os.read(go_r, 1)
         except BaseException as err:  # noqa: BLE001 - reported to the restorer
@@ -514,8 +537,10 @@ def make_namespace(mounts: list[Mount], image, external: dict[str, str] | None =
     return MadeNamespace(ns, root, mounts)
 
 
-def _build(mounts: list[Mount], image, external: dict[str, str]) -> None:
-    """In the forked copy: unshare, then make the copy the container's table."""
+def _build(mounts: list[Mount], image, external: dict[str, str], root: str | None) -> None:
+    """In the forked copy: unshare, then make the copy the container's table
+    (on `root`, bound on itself, with every mount made under it, and then
+    pivoted into, if the container had pivoted)."""
     nsworker.unshare(nsworker.CLONE_NEWNS)
     with open("/proc/self/mountinfo") as f:
         here = parse_mountinfo(f.read())
@@ -529,6 +554,8 @@ def _build(mounts: list[Mount], image, external: dict[str, str]) -> None:
                                "had from the host is not in the restorer's mount namespace")
         unclaimed.remove(match)
         copies.append((m, match))
+    if root:  # nothing of the host's table stays: none of it is reached
+        _mount(None, "/", None, MS_REC | MS_PRIVATE, None, "make / private")
     # the propagation of the copies first: nothing made below may reach the host's table
     for m, copy in copies:
         if _propagation(m) != _propagation(copy):
@@ -544,37 +571,55 @@ def _build(mounts: list[Mount], image, external: dict[str, str]) -> None:
             except OSError as err:
                 raise RestoreError(f"mount namespace: the bind mount at {m.point}: its source {path} is missing: "
                                    f"{err.strerror}") from err
-    for h in reversed(unclaimed):  # unmounted inside: children (listed later) first
+    for h in reversed(unclaimed if not root else ()):  # unmounted inside: children (listed later) first
         with contextlib.suppress(OSError):  # gone with its parent already
             _check(libc.umount2(h.point.encode(), MNT_DETACH), f"umount {h.point}")
-    for m in mounts:
-        with _named(m):
-            if m.how == "tmpfs":
-                _mount(m.source or "tmpfs", m.point, "tmpfs", 0, _data(m.super_options) or None, "mount a tmpfs")
-                _fill(m, image)
-                if "ro" in m.super_options.split(","):
-                    _mount(None, m.point, None, MS_REMOUNT | MS_RDONLY, _data(m.super_options) or None,
-                           "remount read-only")
-            elif m.how == "bind":
-                _mount(f"/proc/self/fd/{sources[m.id]}", m.point, None, MS_BIND, None, "bind mount")
-            else:
-                continue
-            _mount(None, m.point, None, MS_REMOUNT | MS_BIND | _mount_flags(m), None, "set the mount flags")
-            for flag in _propagation(m):
-                _mount(None, m.point, None, flag, None, f"set the propagation of {m.point}")
+    base = os.path.realpath(root).rstrip("/") if root else ""
+    with image.open_ghosts() as blobs:
+        for m in mounts:
+            at = base + m.point if m.point != "/" else base or "/"
+            with _named(m):
+                if m.how == "root":
+                    _mount(root, at, None, MS_BIND, None, f"bind {root} on itself")
+                elif m.how == "tmpfs":
+                    _mount(m.source or "tmpfs", at, "tmpfs", 0, _data(m.super_options) or None, "mount a tmpfs")
+                    _fill(m, at, image, blobs)
+                    if "ro" in m.super_options.split(","):
+                        _mount(None, at, None, MS_REMOUNT | MS_RDONLY, _data(m.super_options) or None,
+                               "remount read-only")
+                elif m.how == "bind":
+                    _mount(f"/proc/self/fd/{sources[m.id]}", at, None, MS_BIND, None, "bind mount")
+                else:
+                    continue
+                _mount(None, at, None, MS_REMOUNT | MS_BIND | _mount_flags(m), None, "set the mount flags")
+                for flag in _propagation(m):
+                    _mount(None, at, None, flag, None, f"set the propagation of {m.point}")
     for m, copy in copies:  # flags changed inside on copies (a ro remount)
         if _mount_flags(m) != _mount_flags(copy):
             with _named(m):
                 _mount(None, m.point, None, MS_REMOUNT | MS_BIND | _mount_flags(m), None, "set the mount flags")
     for fd in sources.values():
         os.close(fd)
+    if root:
+        _pivot_into(base)
 
 
-def _fill(m: Mount, image) -> None:
+def _pivot_into(root: str) -> None:
+    """`root` (a mount) made this namespace's root; the old one unmounted
+    (pivot_root(".", ".") stacks the old root on the new one)."""
+    os.chdir(root)
+    _check(libc.syscall(NR_PIVOT_ROOT, b".", b"."), f"pivot_root into {root}")
+    _check(libc.umount2(b".", MNT_DETACH), "unmount the old root")
+    os.chdir("/")
+
+
+def _fill(m: Mount, at: str, image, blobs) -> None:
     """The tmpfs's files, from the image; each directory's times once its entries are in."""
+    from ..image.checksum import data_hash
+
     dirs = []
     for e in m.files:
-        path = os.path.join(m.point, e.path) if e.path else m.point
+        path = os.path.join(at, e.path) if e.path else at
         if e.kind == "dir":
             if e.path:
                 os.mkdir(path, 0o700)
@@ -586,7 +631,11 @@ def _fill(m: Mount, image) -> None:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
                 for offset, length, blob, xxh3 in e.extents:
-                    os.pwrite(fd, image.read_blob(blob, length, xxh3), offset)
+                    data = image.load_blob(blobs, blob, length)
+                    if len(data) != length or data_hash(data) != xxh3:
+                        raise RestoreError(f"{image.ghosts_path}: {length} bytes at offset {blob} changed since "
+                                           "validation")
+                    os.pwrite(fd, data, offset)
                 os.ftruncate(fd, e.size)
             finally:
                 os.close(fd)

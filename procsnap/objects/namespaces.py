@@ -114,9 +114,11 @@ def check_namespaces(pid: int) -> None:
         if container and kind in MADE and theirs == _link(1, kind.replace("_for_children", "")):
             continue
         foreign.append(theirs)
-    if container and pid == 1 and _link(1, "mnt") != nsworker.host_namespaces().get("mnt"):
-        mountns.classify(mountns.read_table(), mountns.parse_mountinfo(nsworker.host_mountinfo()),
-                         mountns.dump_external())  # refused by name before the freeze
+    if container and _link(1, "mnt") != nsworker.host_namespaces().get("mnt"):
+        if pid == 1:  # refused by name before the freeze
+            mountns.classify(mountns.read_table(), mountns.parse_mountinfo(nsworker.host_mountinfo()),
+                             mountns.dump_external())
+        mountns.note_outside(pid)
     if foreign:
         why = ("network, user and cgroup namespaces are not restored, nor nested pid namespaces, nor "
                "namespaces of a process that is not the root" if container else
@@ -213,9 +215,8 @@ def make_namespaces(ns: Namespaces, mounts: mountns.MadeNamespace | None = None)
     """In the single-threaded copy of the restorer that clones the root
     (kernel/clone.py): its UTS, IPC and time namespaces, unshared and set,
     for the root to be cloned into (the time namespace is its children's);
-    into its mount namespace first, made already."""
-    if mounts is not None:
-        mounts.enter()
+    into its mount namespace last, made already (there, /proc may be no
+    procfs yet: the restore worker mounts the container's)."""
     flags = sum(nsworker.NS_FLAGS[kind] for kind in ("uts", "time") if kind in ns.own)
     if flags:
         nsworker.unshare(flags)
@@ -224,6 +225,8 @@ def make_namespaces(ns: Namespaces, mounts: mountns.MadeNamespace | None = None)
         _write("/proc/sys/kernel/domainname", ns.domainname)
     if ns.time_offsets:
         _write("/proc/self/timens_offsets", "".join(f"{c} {s} {n}\n" for c, s, n in ns.time_offsets))
+    if mounts is not None:
+        mounts.enter()
 
 
 def enter_ipc(ckpt: model.Checkpoint, stack) -> None:
@@ -263,13 +266,16 @@ def prepare_root(node, ckpt: model.Checkpoint, mounts: mountns.MadeNamespace | N
     return True
 
 
-def make_mounts(ckpt: model.Checkpoint, image, external: dict[str, str]) -> mountns.MadeNamespace | None:
+def make_mounts(ckpt: model.Checkpoint, image, external: dict[str, str],
+                root: str | None = None) -> mountns.MadeNamespace | None:
     """The mount namespace of a container's image, made (mountns.py), or None."""
     if not ckpt.namespaces or "mnt" not in ckpt.namespaces[0].own:
         if external:
             raise mountns.no_namespace(external, "the image's tree has")
+        if root:
+            raise mountns.no_namespace({}, f"--root {root}: the image's tree has")
         return None
-    return mountns.make_namespace(ckpt.namespaces[0].mounts, image, external, ckpt.namespaces[0].outside)
+    return mountns.make_namespace(ckpt.namespaces[0].mounts, image, external, ckpt.namespaces[0].outside, root)
 
 
 def tree_ids(tree) -> set[int]:

@@ -43,7 +43,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
             key: bytes | None = None, tcp_established: bool = False, tcp_close: bool = False,
             skip_net_lock: bool = False, lazy_pages: bool = False, lazy_log: str | None = None,
-            lazy_server=None, before_release=None, checked: bool = False, external: dict | None = None) -> int:
+            lazy_server=None, before_release=None, checked: bool = False, external: dict | None = None,
+            root: str | None = None) -> int:
     """Bring the process tree in `images_dir` back; returns the root's pid.
 
     The restored root is a child of the caller, running. `detach` is
@@ -60,6 +61,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     any runs (a migration's last word with its source); raising, it fails
     the restore as any stage does. checked: the page data was checked whole
     moments ago (a migration's receiver did): not read again here.
+    root: a container's root directory, given again (it had pivoted into
+    it; objects/mountns.py).
     """
     externals.check_used(external, ("mnt",))  # the kinds the restore reads (externals.py)
     root_image = open_image(images_dir, not checked, progress=progress and functools.partial(progress, "check pages"),
@@ -70,7 +73,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
         raise RestoreError(f"{images_dir}: --lazy-pages: not supported for a container's image (pid {pid} "
                            "is the init of its own pid namespace)", pid)
     # a container's mount namespace, made first: the tree's files are looked up in it (objects/mountns.py)
-    mounts = NS.make_mounts(root_image.checkpoint, root_image, (external or {}).get("mnt", {}))
+    mounts = NS.make_mounts(root_image.checkpoint, root_image, (external or {}).get("mnt", {}), root)
     try:
         for proc_entry, image in tree:
             if image is not None:

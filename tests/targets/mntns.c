@@ -16,12 +16,19 @@
  *                         positions and mounts, its mount table (t, b, u,
  *                         /proc of its own pid namespace) and that DIR/b
  *                         refuses a write.
+ *   ./mntns root DIR SRC  the same in a root of its own: binds DIR on itself
+ *                         and SRC read-only on DIR/b, pivot_root(2)s into DIR
+ *                         (unmounting the old root), mounts a procfs on
+ *                         /proc and execs /mntns (DIR/mntns, a static copy)
+ *                         in mode `rootbox`: the tmpfs on /t as above; the
+ *                         checks as above, but for u/.
  * Sabotage, right after READY: one byte of `data` changes.
  */
 #include "target.h"
 #include <fcntl.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 
 #define DATA_LEN 5000
 #define SPARSE_AT (1 << 20)
@@ -29,6 +36,7 @@
 #define DATA_MTIME 1700000000
 
 static char dir_t[512], dir_b[512], dir_u[512];
+static int in_own_root;
 
 static void fill(char *buf, size_t n, unsigned seed)
 {
@@ -74,12 +82,32 @@ static void setup(const char *dir, const char *src, int *data_fd, int *host_fd)
 	close(fd);
 	path(p, sizeof(p), dir_t, "link");
 	ps_setup(symlink("data", p) == 0, "symlink");
-	ps_setup(mount(src, dir_b, NULL, MS_BIND, NULL) == 0, "bind mount");
-	ps_setup(mount(NULL, dir_b, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) == 0, "remount ro");
+	if (!in_own_root) {
+		ps_setup(mount(src, dir_b, NULL, MS_BIND, NULL) == 0, "bind mount");
+		ps_setup(mount(NULL, dir_b, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) == 0, "remount ro");
+		ps_setup(umount2(dir_u, MNT_DETACH) == 0, "umount u");
+	}
 	path(p, sizeof(p), dir_b, "hostfile");
 	*host_fd = open(p, O_RDONLY);
 	ps_setup(*host_fd >= 0 && lseek(*host_fd, 3, SEEK_SET) == 3, "open hostfile");
-	ps_setup(umount2(dir_u, MNT_DETACH) == 0, "umount u");
+}
+
+/* Into a root of its own, DIR, with SRC bound read-only on DIR/b; then exec /mntns rootbox. */
+static void pivot(const char *dir, const char *src)
+{
+	char b[600];
+	snprintf(b, sizeof(b), "%s/b", dir);
+	ps_setup(mount(dir, dir, NULL, MS_BIND, NULL) == 0, "bind the root on itself");
+	ps_setup(mount(src, b, NULL, MS_BIND, NULL) == 0, "bind mount");
+	ps_setup(mount(NULL, b, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY, NULL) == 0, "remount ro");
+	ps_setup(chdir(dir) == 0, "chdir to the new root");
+	ps_setup(syscall(SYS_pivot_root, ".", ".") == 0, "pivot_root");
+	ps_setup(umount2(".", MNT_DETACH) == 0, "unmount the old root");
+	ps_setup(chdir("/") == 0, "chdir /");
+	ps_setup(mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) == 0, "mount /proc");
+	char *args[] = {"/mntns", "rootbox", "", "", NULL};
+	execv("/mntns", args);
+	ps_setup(0, "exec /mntns");
 }
 
 /* The mountinfo line of the mount at `point` (the last one there), or "". */
@@ -107,7 +135,7 @@ static void check_mounts(void)
 	if (!strstr(line, " ro,"))
 		ps_fail("mount b", "expected a read-only bind mount found '%s'", line);
 	mount_line(dir_u, line, sizeof(line));
-	if (line[0])
+	if (line[0] && !in_own_root)
 		ps_fail("mount u", "expected none (unmounted inside) found '%s'", line);
 	mount_line("/proc", line, sizeof(line));
 	if (!strstr(line, " rw,nosuid,nodev,noexec") || !strstr(line, "- proc "))
@@ -173,8 +201,11 @@ static void check_files(int data_fd, int host_fd)
 
 int main(int argc, char **argv)
 {
-	if (argc < 4 || strcmp(argv[1], "box"))
+	if (argc < 4 || (strcmp(argv[1], "box") && strcmp(argv[1], "root") && strcmp(argv[1], "rootbox")))
 		ps_bad_mode(argc > 1 ? argv[1] : NULL);
+	if (!strcmp(argv[1], "root"))
+		pivot(argv[2], argv[3]);
+	in_own_root = !strcmp(argv[1], "rootbox");
 	int data_fd, host_fd;
 	ps_install_usr1();
 	setup(argv[2], argv[3], &data_fd, &host_fd);
