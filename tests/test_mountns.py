@@ -23,7 +23,7 @@ from procsnap import nsworker
 from procsnap.errors import ProcsnapError, RestoreError
 
 from conftest import assert_pass, assert_same_snapshot, wait_until
-from test_namespaces import dump_container, init_of, inside_snapshot, restore_container, run_to_exit
+from test_namespaces import assert_copies_pass, copies_killed, dump_container, init_of, inside_snapshot, restore_container
 
 UNSHARE = ["unshare", "--fork", "--pid", "--mount", "--mount-proc", "--uts", "--ipc"]
 
@@ -99,7 +99,7 @@ def test_ten_copies_each_with_its_own_tmpfs(procs, box, tmp_path):
     before = dump_container(t, init, tmp_path / "img")
     pids = procsnap.restore_copies(str(tmp_path / "img"), 10)
     point = f"{box[0]}/t"
-    try:
+    with copies_killed(pids):
         assert len({os.readlink(f"/proc/{p}/ns/mnt") for p in pids}) == 10
         devs = {line.split()[2] for p in pids for line in open(f"/proc/{p}/mountinfo") if line.split()[4] == point}
         assert len(devs) == 10, devs
@@ -107,16 +107,7 @@ def test_ten_copies_each_with_its_own_tmpfs(procs, box, tmp_path):
         assert os.path.exists(f"/proc/{pids[0]}/root{point}/only-in-0")
         assert not any(os.path.exists(f"/proc/{p}/root{point}/only-in-0") for p in pids[1:])
         subprocess.run(["nsenter", "-t", str(pids[0]), "-m", "rm", f"{point}/only-in-0"], check=True)
-        assert_same_snapshot(before, inside_snapshot(pids[-1]))
-        statuses = [run_to_exit(p) for p in pids]
-    finally:
-        for p in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(p, 0)
-    assert statuses == [0] * 10, statuses
-    assert "PASS\n" in t.output() and "FAIL" not in t.output(), t.output()
+        assert_copies_pass(t, before, pids)
 
 
 def start_shell(procs, script):

@@ -193,12 +193,6 @@ def _under(path: str, top: str) -> bool:
     return top == "/" or path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def hidden_file(mounts: list[Mount], path: str) -> Mount | None:
-    """The procfs made inside that holds `path`, if any (its files are the
-    new pid namespace's, not reopened by path)."""
-    return next((m for m in mounts if m.how == "proc" and _under(path, m.point)), None)
-
-
 # --- dump -------------------------------------------------------------------------------------------------
 
 _dump = {"external": {}, "outside": set()}  # in a container's dump worker: its --external mnt[POINT]:NAME,
