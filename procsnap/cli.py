@@ -129,7 +129,7 @@ def cmd_restore(args) -> int:
                    allow_other_owner=args.allow_other_owner, allow_setuid=args.allow_setuid,
                    ext_unix_sk=args.ext_unix_sk, key=_key(args),
                    tcp_established=args.tcp_established, tcp_close=args.tcp_close, skip_net_lock=args.skip_net_lock,
-                   external=_external(args))
+                   external=_external(args), root=args.root)
     if args.copies != 1 and args.stream is not None:
         raise RestoreError("--copies: not with --stream (receive the image with -D DIR, then restore copies of DIR)")
     if args.lazy_pages:
@@ -368,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connect unix sockets dumped with --ext-unix-sk to their outside peer again")
     r.add_argument("--external", action="append", metavar="KIND[KEY]:VALUE",
                    help="what the container shares with the host: mnt[NAME]:PATH, veth[IF]:OUTSIDE")
+    r.add_argument("--root", metavar="DIR", help="the container's root file system (it had pivoted into it)")
     r.add_argument("--tcp-established", action="store_true", help="restore live TCP connections")
     r.add_argument("--tcp-close", action="store_true", help="restore live TCP connections closed")
     r.add_argument("--skip-net-lock", action="store_true", help="leave the dump's network lock alone (the caller's)")

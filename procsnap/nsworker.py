@@ -152,16 +152,20 @@ def _free_pid(avoid: set[int]) -> typing.Iterator[int]:
 
 
 def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing.Iterable[int] = (),
-               enter: typing.Iterable[str] = (), last_pid: int | None = None) -> typing.Any:
+               enter: typing.Iterable[str] = (), last_pid: int | None = None,
+               setup: typing.Callable[[], None] | None = None) -> typing.Any:
     """fn() in a worker inside the pid namespace of `host_pid` (and its
     namespaces `enter`: "uts", "ipc"); returns its result or raises its
     exception (see the module docstring). The namespace's last pid
     (ns_last_pid, where its next pid is sought) is put above `avoid` while
-    the worker runs, and then back, or to `last_pid`."""
+    the worker runs, and then back, or to `last_pid`. setup(): run first
+    in the worker, once its /proc is mounted (objects/mountns.py)."""
     from .kernel.clone import _clone3
 
     avoid = set(avoid)
     host_ns = host_namespaces()
+    with open("/proc/self/mountinfo") as f:
+        host_mounts = f.read()
     result_r, result_w = os.pipe2(os.O_CLOEXEC)
     kill_r, kill_w = os.pipe2(os.O_CLOEXEC)
     helper = os.fork()
@@ -175,9 +179,12 @@ def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing
 
             def worker() -> int:
                 os.close(kill_r)
-                _inside.update(result=result_w, kill=kill_w, host_pid=host_pid, host_ns=host_ns)
+                _inside.update(result=result_w, kill=kill_w, host_pid=host_pid, host_ns=host_ns,
+                               host_mounts=host_mounts)
                 try:
                     own_proc()
+                    if setup is not None:
+                        setup()
                     # the worker's threads take pids of the namespace too: above the tree's
                     _inside["last_pid"] = _last_pid()
                     _set_last_pid(max([_inside["last_pid"], *avoid]))
@@ -260,6 +267,31 @@ def host_namespaces() -> dict[str, str]:
         with contextlib.suppress(OSError):
             out[kind] = os.readlink(f"/proc/self/ns/{kind}")
     return out
+
+
+def host_mountinfo() -> str:
+    """In a worker: the mount table of the process that made it (the
+    namespace a container's was copied from)."""
+    return _inside["host_mounts"]
+
+
+_root = {"prefix": "", "outside": frozenset()}  # where the tree's paths are looked up (objects/mountns.py)
+
+
+def set_root(prefix: str, outside: typing.Iterable[str] = ()) -> None:
+    """Look the tree's paths up under `prefix` from now on ("" for /), but
+    those in `outside`: a container's own mount namespace, through
+    /proc/1/root in the dump's worker, through an fd of the made
+    namespace's root at restore."""
+    _root["prefix"], _root["outside"] = prefix, frozenset(outside)
+
+
+def in_root(path: str) -> str:
+    """`path` of the tree (absolute, as its /proc links show it) where this
+    process can open it."""
+    if _root["prefix"] and path.startswith("/") and path not in _root["outside"]:
+        return _root["prefix"] + path
+    return path
 
 
 def mount(source: bytes, target: bytes, fstype: bytes, flags: int = 0) -> None:

@@ -26,6 +26,7 @@ import struct
 import subprocess
 import zlib
 
+from procsnap import nsworker
 from procsnap.kernel import infect, proc, ptrace
 from procsnap.kernel.arch.x86_64 import NR
 from procsnap.objects.settings import sched_attr  # struct sched_attr, declared once
@@ -412,7 +413,91 @@ def _own_namespaces(pid: int) -> dict[str, str]:
         out[f"ns.{kind}.state"] = _sysvipc_ids(r.stdout) + r.stderr
     if _readlink(f"/proc/{pid}/ns/time") != _readlink("/proc/self/ns/time"):
         out["ns.time.offsets"] = _read(f"/proc/{pid}/timens_offsets")
+    if _readlink(f"/proc/{pid}/ns/mnt") != nsworker.host_namespaces().get("mnt"):
+        out.update(_own_mounts(pid))
     return out
+
+
+def _own_mounts(pid: int) -> dict[str, str]:
+    """A mount namespace of the tree's own: its mountinfo with mount ids
+    (a mount's parent by its point), peer group numbers and the devices of
+    mounts that are not the host's renumbered in order; and the contents
+    of each tmpfs that is not the host's (names, kinds, modes, owners,
+    sizes, allocated bytes, times, a checksum or a symlink's target), read
+    from inside without touching access times."""
+    host = nsworker.host_mountinfo() if nsworker.inside() else _read("/proc/self/mountinfo")
+    host_devs = {line.split()[2] for line in host.splitlines()}
+    mounts = {}
+    for line in _read(f"/proc/{pid}/mountinfo").splitlines():
+        left, _, right = line.partition(" - ")
+        f = left.split()
+        mounts[f[0]] = (f[1], f[2], f[3], f[4], f[5], f[6:], right)
+    def stacked(mid):  # how many mounts under it are at the same point
+        parent = mounts.get(mounts[mid][0])
+        return 0 if parent is None or parent[3] != mounts[mid][3] else 1 + stacked(mounts[mid][0])
+    order = sorted(mounts, key=lambda mid: (mounts[mid][3], stacked(mid)))
+    numbers: dict[str, str] = {}
+    def renumber(word):
+        return numbers.setdefault(word, f"{word.split(':')[0]}-{len(numbers)}")
+    out, tmpfs = {}, {}
+    for mid in order:
+        parent, dev, root, point, opts, optional, right = mounts[mid]
+        fstype = right.split()[0]
+        if dev not in host_devs:
+            if fstype == "tmpfs" and root == "/":
+                tmpfs.setdefault(dev, point)
+            dev = renumber(f"dev:{dev}")
+        groups = " ".join(renumber(o) if ":" in o else o for o in optional)
+        on = mounts[parent][3] if parent in mounts else "-"
+        out[f"ns.mnt.mount {point} [{stacked(mid)}]"] = f"on {on} {dev} {root} {opts} {groups or 'private'} - {right}"
+    if tmpfs:
+        r = subprocess.run(["nsenter", "-t", str(pid), "-m", "python3", "-c", TMPFS_LISTING, *tmpfs.values()],
+                           capture_output=True, text=True)
+        for line in r.stdout.splitlines():
+            key, _, value = line.partition("\t")
+            out[f"ns.mnt.tmpfs {key}"] = value
+        if r.returncode or r.stderr:
+            out["ns.mnt.tmpfs"] = f"exit {r.returncode}: {r.stderr}"
+    return out
+
+
+# Run inside the mount namespace: every entry of each tmpfs (not below its submounts), with O_NOATIME
+TMPFS_LISTING = r"""
+import hashlib, os, stat, sys
+NOATIME = 0o1000000
+def walk(top, rel, dev):
+    fd = os.open(os.path.join(top, rel), os.O_RDONLY | os.O_DIRECTORY | NOATIME)
+    try:
+        for name in sorted(os.listdir(fd)):
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            atime = st.st_atime_ns
+            if stat.S_ISLNK(st.st_mode):  # readlink sets a link's atime (relatime: while atime <= ctime, and a
+                atime = "-"               # restored link's ctime is the restore's): the dump's and ours
+                target = os.readlink(name, dir_fd=fd)
+            path = os.path.join(rel, name)
+            what = ""
+            if st.st_dev != dev:
+                print(f"{top}/{path}\ta mount point"); continue
+            if stat.S_ISREG(st.st_mode):
+                f = os.open(name, os.O_RDONLY | NOATIME, dir_fd=fd)
+                h = hashlib.sha256()
+                while chunk := os.read(f, 1 << 20):
+                    h.update(chunk)
+                os.close(f)
+                what = h.hexdigest()[:16]
+            elif stat.S_ISLNK(st.st_mode):
+                what = "-> " + target
+            print(f"{top}/{path}\tmode {st.st_mode:o} uid {st.st_uid} gid {st.st_gid} size {st.st_size} "
+                  f"allocated {st.st_blocks * 512} mtime {st.st_mtime_ns} atime {atime} {what}")
+            if stat.S_ISDIR(st.st_mode):
+                walk(top, path, dev)
+    finally:
+        os.close(fd)
+for top in sys.argv[1:]:
+    st = os.stat(top)
+    print(f"{top}\tmode {st.st_mode:o} uid {st.st_uid} gid {st.st_gid} mtime {st.st_mtime_ns} atime {st.st_atime_ns}")
+    walk(top, "", st.st_dev)
+"""
 
 
 def _autogroup(pid: int) -> str:

@@ -27,6 +27,7 @@ from ..objects.fown import check_owners
 from ..objects.file import FileTable
 from ..objects.netlock import DumpLock, default_method
 from ..objects.namespaces import pid_namespace_init
+from ..objects import mountns
 from ..objects.protocol import Collect
 from . import collect as C
 from . import tree as T
@@ -89,12 +90,15 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     what it held before.
     """
     started = time.monotonic()
-    externals.check_used(external, ())  # the kinds the dump reads (externals.py)
+    externals.check_used(external, ("mnt",))  # the kinds the dump reads (externals.py)
     if pid_namespace_init(pid):  # a container's init: dumped from inside its pid namespace (objects/namespaces.py)
         with translated(pid, "enter its pid namespace"):
             return nsworker.run_inside(pid, functools.partial(
                 dump, 1, images_dir, leave_running, shell_job, progress, ext_unix_sk, compress, key, prev_images_dir,
-                tls, tcp_established, tcp_close, net_lock), enter=("uts", "ipc"))
+                tls, tcp_established, tcp_close, net_lock, external=external), enter=("uts", "ipc"),
+                setup=functools.partial(mountns.dump_setup, (external or {}).get("mnt", {})))
+    if (external or {}).get("mnt") and not nsworker.inside():
+        raise mountns.no_namespace(external["mnt"], f"pid {pid} is not a container's init: it has")
     if compress:
         require_compress()
     home = migration.home if migration is not None else images_dir  # where prev_images_dir is relative to

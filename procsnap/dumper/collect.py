@@ -17,7 +17,7 @@ import signal
 import stat
 import struct
 
-from .. import model
+from .. import model, nsworker
 from ..errors import Unsupported
 from ..kernel import infect, memory, ptrace, proc
 from ..kernel.arch import x86_64 as arch
@@ -104,7 +104,7 @@ def _classify(pid: int, m: MapsEntry, files: FileTable, where: str, prot: model.
         raise Unsupported(f"{where} maps {m.path or 'an unnamed object'}; not supported", pid)
     try:
         st = os.stat(f"/proc/{pid}/map_files/{m.start:x}-{m.end:x}")
-        now = os.stat(m.path)
+        now = os.stat(nsworker.in_root(m.path))
     except OSError as err:
         raise Unsupported(f"{where}: mapped file {m.path}: {err.strerror}", pid) from err
     if not same_file(st, now):
@@ -157,7 +157,7 @@ def collect_mm_seized(pid: int, st: proc.Stat, target: Target, files: FileTable)
     if exe.endswith(" (deleted)"):
         raise Unsupported(f"pid {pid}: its executable {exe} was deleted; not supported", pid)
     exe_st = os.stat(f"/proc/{pid}/exe")
-    if not same_file(exe_st, os.stat(exe)):
+    if not same_file(exe_st, os.stat(nsworker.in_root(exe))):
         raise Unsupported(f"pid {pid}: {exe} now names another file than its executable", pid)
     with open(f"/proc/{pid}/auxv", "rb") as f:
         auxv = f.read()

@@ -63,6 +63,8 @@ MINOR = 6  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #      FLIT (files in flight no process of the tree holds, objects/unixrights.py), named in
 #      Socket.rights as [-1, index]
 # 1.6: Settings.autogroup_nice (objects/settings.py)
+#      Namespaces.mounts (a container's mount namespace: its mount table, classed, with the files of
+#      each tmpfs made inside, their data in ghosts.img; objects/mountns.py)
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 

@@ -11,7 +11,7 @@ from .. import records as dataclasses  # the dataclasses API, cheap to import
 import os
 import stat
 
-from .. import model
+from .. import model, nsworker
 from ..errors import Unsupported
 from . import protocol
 from .protocol import OpenFd, Restoring
@@ -58,7 +58,7 @@ class Collect(protocol.Collect):
             return None
         kind = model.FdKind.REG if stat.S_ISREG(fd.st.st_mode) else model.FdKind.DIR
         try:
-            now = os.stat(fd.link)
+            now = os.stat(nsworker.in_root(fd.link))
         except OSError as err:
             raise Unsupported(f"{fd.where}: {fd.link}: {err.strerror}", fd.pid) from err
         if not protocol.same_file(fd.st, now):

@@ -15,7 +15,9 @@ that is not procsnap's is refused at dump, by name.
                the tree attaches; other SysV objects and POSIX message
                queues in it are refused by name
     time       made again with its clock offsets   refused
-    mnt, net, user, cgroup                         refused, by name
+    mnt        made again with its mount table     refused
+               and its tmpfs files (mountns.py)
+    net, user, cgroup                              refused, by name
 
 The dump and the rebuild run in a worker inside the pid namespace
 (nsworker.py), so the image and every call see the namespace's pids. The
@@ -41,10 +43,10 @@ import os
 
 from .. import model, nsworker
 from ..errors import Unsupported
-from . import protocol
+from . import mountns, protocol
 
 KINDS = ("cgroup", "ipc", "mnt", "net", "pid", "pid_for_children", "time", "time_for_children", "user", "uts")
-MADE = ("pid", "pid_for_children", "uts", "ipc", "time", "time_for_children")  # made again for a container's init
+MADE = ("pid", "pid_for_children", "uts", "ipc", "time", "time_for_children", "mnt")  # made again for a container's init
 IPC_SYSCTLS = ("kernel/shmmax", "kernel/shmall", "kernel/shmmni", "kernel/shm_rmid_forced", "kernel/msgmax",
                "kernel/msgmni", "kernel/msgmnb", "kernel/sem", "fs/mqueue/msg_max", "fs/mqueue/msgsize_max",
                "fs/mqueue/queues_max", "fs/mqueue/msg_default", "fs/mqueue/msgsize_default")
@@ -62,6 +64,8 @@ class Namespaces:
     ipc_sysctls: dict[str, str] = dataclasses.field(default_factory=dict)  # IPC_SYSCTLS path -> value
     time_offsets: list[list[int | str]] = dataclasses.field(default_factory=list)  # [clock, seconds, nanoseconds]
     last_pid: int = 0  # the pid namespace's ns_last_pid: its next process is given the first free pid above it
+    mounts: list[mountns.Mount] = dataclasses.field(default_factory=list)  # "mnt": its mount table (1.6)
+    outside: list[str] = dataclasses.field(default_factory=list)  # "mnt": files open on host mounts (1.6)
 
 
 def _link(pid: int | str, kind: str) -> str | None:
@@ -110,8 +114,13 @@ def check_namespaces(pid: int) -> None:
         if container and kind in MADE and theirs == _link(1, kind.replace("_for_children", "")):
             continue
         foreign.append(theirs)
+    if container and _link(1, "mnt") != nsworker.host_namespaces().get("mnt"):
+        if pid == 1:  # refused by name before the freeze
+            mountns.classify(mountns.read_table(), mountns.parse_mountinfo(nsworker.host_mountinfo()),
+                             mountns.dump_external())
+        mountns.note_outside(pid)
     if foreign:
-        why = ("mount, network, user and cgroup namespaces are not restored, nor nested pid namespaces, nor "
+        why = ("network, user and cgroup namespaces are not restored, nor nested pid namespaces, nor "
                "namespaces of a process that is not the root" if container else
                "only the UTS, IPC and time namespaces of a pid namespace's init are restored, with its pid "
                "namespace (dump the init of the container)")
@@ -153,12 +162,12 @@ def _check_ipc_objects(attached: set[int]) -> None:
                           "message queues are not restored")
 
 
-def collect_namespaces(root: model.Checkpoint) -> Namespaces | None:
+def collect_namespaces(root: model.Checkpoint, writer=None) -> Namespaces | None:
     """Inside a container's worker (which has entered the root's UTS and
     IPC namespaces): what the root's own namespaces hold."""
     host = nsworker.host_namespaces()
     ns = Namespaces(last_pid=nsworker.saved_last_pid())
-    for kind in ("pid", "uts", "ipc", "time"):
+    for kind in ("pid", "uts", "ipc", "time", "mnt"):
         if _link(1, kind) != host.get(kind):
             ns.own.append(kind)
     if "uts" in ns.own:
@@ -167,6 +176,9 @@ def collect_namespaces(root: model.Checkpoint) -> Namespaces | None:
         _check_ipc_objects({m.sysv_id for m in root.shms if m.sysv_id >= 0})
         ns.ipc_sysctls = {name: _read(f"/proc/sys/{name}") for name in IPC_SYSCTLS
                           if os.path.exists(f"/proc/sys/{name}")}
+    if "mnt" in ns.own:
+        ns.mounts = mountns.collect_mounts(writer, mountns.dump_external())
+        ns.outside = mountns.outside()
     if "time" in ns.own:
         ns.time_offsets = [[clock, int(sec), int(nsec)] for clock, sec, nsec in
                            (line.split() for line in _read("/proc/1/timens_offsets").splitlines())]
@@ -177,15 +189,19 @@ class Collect(protocol.Collect):
     def write_tree(self, writer, root: model.Checkpoint) -> None:
         """Once the other kinds have written theirs: root.shms, the SysV segments the tree attaches."""
         if nsworker.inside() and root.task.pid == 1:
-            ns = collect_namespaces(root)
+            ns = collect_namespaces(root, writer)
             root.namespaces = [ns] if ns else []
+
+    def check_fds(self, pid: int, entries: list[model.FdEntry]) -> None:
+        mountns.check_fds(pid, entries)
 
 
 def check_image(ckpt: model.Checkpoint, image) -> list[str]:
     problems = []
     for ns in ckpt.namespaces:
-        if "pid" not in ns.own or set(ns.own) - {"pid", "uts", "ipc", "time"}:
-            problems.append(f"namespaces {ns.own}: only pid, uts, ipc and time, with pid, are made again")
+        if "pid" not in ns.own or set(ns.own) - {"pid", "uts", "ipc", "time", "mnt"}:
+            problems.append(f"namespaces {ns.own}: only pid, uts, ipc and time, with pid, are made again (and mnt)")
+        problems += mountns.check_image(ns.mounts, "mnt" in ns.own)
         if ckpt.task.pid != 1:
             problems.append(f"namespaces: the root is pid {ckpt.task.pid}, not its pid namespace's init")
         if any(name not in IPC_SYSCTLS for name in ns.ipc_sysctls):
@@ -195,10 +211,12 @@ def check_image(ckpt: model.Checkpoint, image) -> list[str]:
     return problems
 
 
-def make_namespaces(ns: Namespaces) -> None:
+def make_namespaces(ns: Namespaces, mounts: mountns.MadeNamespace | None = None) -> None:
     """In the single-threaded copy of the restorer that clones the root
     (kernel/clone.py): its UTS, IPC and time namespaces, unshared and set,
-    for the root to be cloned into (the time namespace is its children's)."""
+    for the root to be cloned into (the time namespace is its children's);
+    into its mount namespace last, made already (there, /proc may be no
+    procfs yet: the restore worker mounts the container's)."""
     flags = sum(nsworker.NS_FLAGS[kind] for kind in ("uts", "time") if kind in ns.own)
     if flags:
         nsworker.unshare(flags)
@@ -207,6 +225,8 @@ def make_namespaces(ns: Namespaces) -> None:
         _write("/proc/sys/kernel/domainname", ns.domainname)
     if ns.time_offsets:
         _write("/proc/self/timens_offsets", "".join(f"{c} {s} {n}\n" for c, s, n in ns.time_offsets))
+    if mounts is not None:
+        mounts.enter()
 
 
 def enter_ipc(ckpt: model.Checkpoint, stack) -> None:
@@ -235,14 +255,27 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
-def prepare_root(node, ckpt: model.Checkpoint) -> bool:
+def prepare_root(node, ckpt: model.Checkpoint, mounts: mountns.MadeNamespace | None = None) -> bool:
     """The root's spawn.Node made the init of new namespaces, if the image
-    says so; returns whether it does."""
+    says so (and of the mount namespace `mounts`, made already); returns
+    whether it does."""
     if not ckpt.namespaces:
         return False
     node.clone_flags = nsworker.CLONE_NEWPID
-    node.before_clone = functools.partial(make_namespaces, ckpt.namespaces[0])
+    node.before_clone = functools.partial(make_namespaces, ckpt.namespaces[0], mounts)
     return True
+
+
+def make_mounts(ckpt: model.Checkpoint, image, external: dict[str, str],
+                root: str | None = None) -> mountns.MadeNamespace | None:
+    """The mount namespace of a container's image, made (mountns.py), or None."""
+    if not ckpt.namespaces or "mnt" not in ckpt.namespaces[0].own:
+        if external:
+            raise mountns.no_namespace(external, "the image's tree has")
+        if root:
+            raise mountns.no_namespace({}, f"--root {root}: the image's tree has")
+        return None
+    return mountns.make_namespace(ckpt.namespaces[0].mounts, image, external, ckpt.namespaces[0].outside, root)
 
 
 def tree_ids(tree) -> set[int]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .. import model
+from .. import model, nsworker
 from ..errors import Unsupported
 from . import protocol
 from .protocol import OpenFd, Restoring
@@ -31,7 +31,8 @@ class Collect(protocol.Collect):
         if fd.link.endswith(DELETED):
             raise Unsupported(f"{what} is of {fd.link}, which was removed; not supported", fd.pid)
         try:
-            now = os.lstat(fd.link) if stat.S_ISLNK(fd.st.st_mode) else os.stat(fd.link)
+            here = nsworker.in_root(fd.link)
+            now = os.lstat(here) if stat.S_ISLNK(fd.st.st_mode) else os.stat(here)
         except OSError as err:
             raise Unsupported(f"{what}: {fd.link}: {err.strerror}", fd.pid) from err
         if not protocol.same_file(fd.st, now):

@@ -33,7 +33,7 @@ from .. import records as dataclasses  # the dataclasses API, cheap to import
 import os
 import typing
 
-from .. import model
+from .. import model, nsworker
 from ..errors import RestoreError
 
 if typing.TYPE_CHECKING:
@@ -228,7 +228,7 @@ def open_flags(entry: model.FdEntry) -> int:
 
 def open_path(path: str, flags: int, what: str) -> int:
     try:
-        return os.open(path, flags)
+        return os.open(nsworker.in_root(path), flags)  # a container's own mounts: in its namespace
     except OSError as err:
         raise RestoreError(f"{what}: cannot open {path}: {err.strerror}") from err
 

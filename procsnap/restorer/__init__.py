@@ -43,7 +43,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
             key: bytes | None = None, tcp_established: bool = False, tcp_close: bool = False,
             skip_net_lock: bool = False, lazy_pages: bool = False, lazy_log: str | None = None,
-            lazy_server=None, before_release=None, checked: bool = False, external: dict | None = None) -> int:
+            lazy_server=None, before_release=None, checked: bool = False, external: dict | None = None,
+            root: str | None = None) -> int:
     """Bring the process tree in `images_dir` back; returns the root's pid.
 
     The restored root is a child of the caller, running. `detach` is
@@ -60,25 +61,36 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     any runs (a migration's last word with its source); raising, it fails
     the restore as any stage does. checked: the page data was checked whole
     moments ago (a migration's receiver did): not read again here.
+    root: a container's root directory, given again (it had pivoted into
+    it; objects/mountns.py).
     """
-    externals.check_used(external, ())  # the kinds the restore reads (externals.py)
+    externals.check_used(external, ("mnt",))  # the kinds the restore reads (externals.py)
     root_image = open_image(images_dir, not checked, progress=progress and functools.partial(progress, "check pages"),
                             key=key)
     tree = open_tree(root_image, progress, verify_pages=not checked)
-    for proc_entry, image in tree:
-        if image is not None:
-            check_restorable(image, allow_other_owner, allow_setuid,
-                             root_image.checkpoint.task if proc_entry.ppid else None)
-            objects.check_task_state(image.checkpoint)
     pid = root_image.checkpoint.task.pid
+    if lazy_pages and root_image.checkpoint.namespaces:
+        raise RestoreError(f"{images_dir}: --lazy-pages: not supported for a container's image (pid {pid} "
+                           "is the init of its own pid namespace)", pid)
+    # a container's mount namespace, made first: the tree's files are looked up in it (objects/mountns.py)
+    mounts = NS.make_mounts(root_image.checkpoint, root_image, (external or {}).get("mnt", {}), root)
+    try:
+        for proc_entry, image in tree:
+            if image is not None:
+                check_restorable(image, allow_other_owner, allow_setuid,
+                                 root_image.checkpoint.task if proc_entry.ppid else None)
+                objects.check_task_state(image.checkpoint)
+    except BaseException:
+        if mounts is not None:
+            mounts.close()
+        raise
     if lazy_pages:
         from . import lazy as L
 
         L.check_lazy(tree, lambda image: image.codec is not None)
-        if root_image.checkpoint.namespaces:
-            raise RestoreError(f"{images_dir}: --lazy-pages: not supported for a container's image (pid {pid} "
-                               "is the init of its own pid namespace)", pid)
     with contextlib.ExitStack() as stack:
+        if mounts is not None:
+            stack.callback(mounts.close)
         stack.callback(M.close_fill_pool)
         NS.enter_ipc(root_image.checkpoint, stack)  # a container's: its SysV segments are made in it
         succeeded = [False]
@@ -111,7 +123,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
         if forked:
             log.info("pid %d: %s forked from their parents: %s", pid, plural(len(forked), "process"),
                      " ".join(map(str, sorted(forked))))
-        container = NS.prepare_root(nodes[pid], root_image.checkpoint)
+        container = NS.prepare_root(nodes[pid], root_image.checkpoint, mounts)
         with translated(pid, "spawn", RestoreError):
             for image in images.values() if not container else ():  # in a new pid namespace, every pid is free
                 for th in image.checkpoint.threads:
@@ -128,7 +140,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             try:
                 ids = NS.tree_ids(tree)
                 nsworker.run_inside(host, rebuild_tree, avoid=ids,
-                                    last_pid=root_image.checkpoint.namespaces[0].last_pid or max(ids))
+                                    last_pid=root_image.checkpoint.namespaces[0].last_pid or max(ids),
+                                    setup=mounts.mount_proc if mounts is not None else None)
             except BaseException:  # the init from outside, and the namespace with it (never its pids here)
                 kill_children({pid: dataclasses.replace(children[pid], pid=host)}, host)
                 for other, child in children.items():

@@ -26,7 +26,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .. import model, objects
+from .. import model, nsworker, objects
 from ..errors import ImageCorrupt, RestoreError
 from ..image.reader import Image, open_image
 from ..objects.cgroups import cgroup_problems
@@ -39,7 +39,7 @@ def _file_problems(ckpt: model.Checkpoint, allow_setuid: bool) -> list[str]:
     mapped.add(ckpt.mm.exe_file_id)
     for ref in ckpt.files:
         try:
-            st = os.stat(ref.path)
+            st = os.stat(nsworker.in_root(ref.path))
         except OSError as err:
             problems.append(f"file {ref.path}: {err.strerror}")
             continue
