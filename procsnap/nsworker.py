@@ -46,7 +46,9 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWTIME = 0x00000080
-NS_FLAGS = {"pid": CLONE_NEWPID, "uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC, "mnt": CLONE_NEWNS, "time": CLONE_NEWTIME}
+CLONE_NEWNET = 0x40000000
+NS_FLAGS = {"pid": CLONE_NEWPID, "uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC, "mnt": CLONE_NEWNS, "time": CLONE_NEWTIME,
+            "net": CLONE_NEWNET}
 MS_REC = 1 << 14  # include/uapi/linux/mount.h
 MS_PRIVATE = 1 << 18
 EEXIST = 17
@@ -138,6 +140,11 @@ def _set_last_pid(pid: int) -> None:
         f.write(str(pid))
 
 
+def host_net_fd() -> int:
+    """In a worker: an fd of the caller's network namespace (the worker may have entered another)."""
+    return _inside["host_net"]
+
+
 def saved_last_pid() -> int:
     """In a worker: its namespace's last pid as the worker found it."""
     return _inside["last_pid"]
@@ -154,7 +161,7 @@ def _free_pid(avoid: set[int]) -> typing.Iterator[int]:
 def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing.Iterable[int] = (),
                enter: typing.Iterable[str] = (), last_pid: int | None = None) -> typing.Any:
     """fn() in a worker inside the pid namespace of `host_pid` (and its
-    namespaces `enter`: "uts", "ipc"); returns its result or raises its
+    namespaces `enter`: "uts", "ipc", "net"); returns its result or raises its
     exception (see the module docstring). The namespace's last pid
     (ns_last_pid, where its next pid is sought) is put above `avoid` while
     the worker runs, and then back, or to `last_pid`."""
@@ -164,7 +171,12 @@ def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing
     host_ns = host_namespaces()
     result_r, result_w = os.pipe2(os.O_CLOEXEC)
     kill_r, kill_w = os.pipe2(os.O_CLOEXEC)
-    helper = os.fork()
+    host_net = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)  # held by the worker
+    try:
+        helper = os.fork()
+    except BaseException:
+        os.close(host_net)
+        raise
     if helper == 0:
         code = 0
         try:
@@ -175,7 +187,7 @@ def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing
 
             def worker() -> int:
                 os.close(kill_r)
-                _inside.update(result=result_w, kill=kill_w, host_pid=host_pid, host_ns=host_ns)
+                _inside.update(result=result_w, kill=kill_w, host_pid=host_pid, host_ns=host_ns, host_net=host_net)
                 try:
                     own_proc()
                     # the worker's threads take pids of the namespace too: above the tree's
@@ -210,6 +222,7 @@ def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing
             code = 1
         finally:
             os._exit(code)
+    os.close(host_net)
     os.close(result_w)
     os.close(kill_r)
     os.close(kill_w)

@@ -91,7 +91,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         with translated(pid, "enter its pid namespace"):
             return nsworker.run_inside(pid, functools.partial(
                 dump, 1, images_dir, leave_running, shell_job, progress, ext_unix_sk, compress, key, prev_images_dir,
-                tls, tcp_established, tcp_close, net_lock), enter=("uts", "ipc"))
+                tls, tcp_established, tcp_close, net_lock), enter=("uts", "ipc", "net"))
     if compress:
         require_compress()
     home = migration.home if migration is not None else images_dir  # where prev_images_dir is relative to

@@ -37,11 +37,12 @@ from ..objects import seccomp
 from ..objects import tracking
 from ..objects import netlock, tcp
 from ..objects import namespaces
+from ..objects import netns
 from . import chunks
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 5  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
+MINOR = 6  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
 #            FOWN, CGRP, Task.root; 1.3: Vma.lock, Vma.guards, Task.mlockall,
 #            FdKind.PATH (O_PATH fds), FdKind.GHOST_DIR and Task.cwd_removed (removed directories),
@@ -62,6 +63,8 @@ MINOR = 5  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 # 1.5: NSPC (the namespaces of a container's init made again: pid, uts, ipc, time; objects/namespaces.py),
 #      FLIT (files in flight no process of the tree holds, objects/unixrights.py), named in
 #      Socket.rights as [-1, index]
+# 1.6: NETN (a container's own network namespace: devices, addresses, routes, rules, neighbours,
+#      nftables, net sysctls; objects/netns.py), "net" in Namespaces.own
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -111,6 +114,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"NLCK": (netlock.NetLock, "net_lock", True),
     b"NSPC": (namespaces.Namespaces, "namespaces", True),
     b"FLIT": (model.FdEntry, "in_flight", True),
+    b"NETN": (netns.NetNamespace, "net_namespaces", True),
 }
 END = b"END "
 CRYP = b"CRYP"  # in the clear, first: an encrypted image's cipher, salt and key check
