@@ -113,13 +113,16 @@ def link_local_ready(init):
     return any(a["local"].startswith("fe80:") and not a.get("tentative") for a in info[0].get("addr_info", []))
 
 
-def start_server(procs, n, extra=""):
-    """The container, configured from outside: veth, addresses, a route, a
-    rule with its table, a neighbour, an nft table, sysctls; READY once it serves."""
+def start_server(procs, n, extra="", shell=False):
+    """The container, configured from outside: veth, addresses, routes, a
+    rule with its table, a neighbour, an nft table, sysctls; READY once it
+    serves. shell: its init is a shell, the server its child."""
     Path(procs.workdir / "page.txt").write_text(PAGE)
     script = procs.workdir / "server.py"
     script.write_text(SERVER)
-    t = procs.start([*UNSHARE, "python3", str(script), n.inner], name="netns", ready=False)
+    server = ["python3", str(script), n.inner]
+    t = procs.start([*UNSHARE, *(["sh", "-c", f"{' '.join(server)} & wait"] if shell else server)], name="netns",
+                    ready=False)
     wait_until(lambda: Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split(), "unshare's child")
     init = int(Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split()[0])
     sh(f"ip link add {n.outside} type veth peer name eth0 netns {init}")
@@ -131,6 +134,7 @@ def start_server(procs, n, extra=""):
         ip addr add {n.inner}/24 dev eth0
         ip -6 addr add fd00:{n.prefix.split('.')[1]}::2/64 dev eth0 nodad
         ip route add 10.250.0.0/16 via {n.host}
+        ip -6 route add fd99:{n.prefix.split('.')[1]}::/64 via fd00:{n.prefix.split('.')[1]}::1 metric 77
         ip route add default via {n.host} table 100
         ip rule add from {n.inner} to 10.251.0.0/16 table 100 priority 100
         ip neigh add {n.prefix}.9 lladdr 02:00:00:00:00:09 dev eth0 nud permanent
@@ -172,12 +176,14 @@ def restore_server(t, n, images):
     return pid
 
 
-def test_server_restored_and_serving(procs, net, tmp_path):
+@pytest.mark.parametrize("shell", [False, True], ids=["python-init", "shell-init"])
+def test_server_restored_and_serving(shell, procs, net, tmp_path):
     """The server answers on its own address again, its namespace compared
     equal (devices, addresses, routes, rules, neighbours, nft, sysctls),
-    its UDP and unix sockets checked by itself."""
+    its UDP and unix sockets checked by itself (as the init, or the child
+    of a shell that is)."""
     n = net()
-    t, init = start_server(procs, n)
+    t, init = start_server(procs, n, shell=shell)
     assert get_page(n) == PAGE
     before = dump_server(t, init, tmp_path / "img")
     pid = restore_server(t, n, tmp_path / "img")
@@ -185,7 +191,7 @@ def test_server_restored_and_serving(procs, net, tmp_path):
     assert_same_snapshot(before, after)
     assert after.state[1]["ns.net.nft"].count("10.252.0.2") == 1, after.state[1]["ns.net.nft"]
     assert get_page(n) == PAGE
-    os.kill(pid, signal.SIGUSR1)
+    os.kill(descendants(pid)[0] if shell else pid, signal.SIGUSR1)
     assert_pass(t)
 
 
@@ -279,3 +285,27 @@ def test_tcp_established_refused(procs, net, tmp_path):
     os.kill(init, signal.SIGUSR1)
     status, out = t.wait_exit()
     assert status == 0 and "PASS\n" in out, out
+
+
+@pytest.mark.parametrize("edit, found", [
+    (lambda net: net["routes"].append(["-4", "link", "del", "eth0"]), "ip arguments"),
+    (lambda net: net["routes"].append(["-4", "route", "add", "10.0.0.0/8\nlink del eth0"]), "ip arguments"),
+    (lambda net: net["devices"][1].update(kind="macvlan"), "device eth0 of kind macvlan"),
+    (lambda net: net["sysctls"].update({"../kernel/core_pattern": "|/bin/sh"}), "sysctl"),
+], ids=["verb", "newline", "kind", "sysctl"])
+def test_corrupt_net_record(edit, found, procs, net, tmp_path):
+    """A NETN record restore cannot trust is ImageCorrupt, naming it, before
+    anything is made (no ip command beyond the verbs it needs, no sysctl
+    outside /proc/sys/net)."""
+    from conftest import our_children, rewrite_records
+    from procsnap.errors import ImageCorrupt
+
+    n = net()
+    t, init = start_server(procs, n)
+    dump_server(t, init, tmp_path / "img")
+    rewrite_records(tmp_path / "img", lambda records: [edit(p) for tag, p in records if tag == b"NETN"])
+    mine = set(our_children())
+    with pytest.raises(ImageCorrupt, match=found):
+        procsnap.restore(str(tmp_path / "img"), external={"veth": {"eth0": n.outside}})
+    assert set(our_children()) <= mine
+    assert subprocess.run(["ip", "link", "show", n.outside], capture_output=True).returncode != 0
