@@ -226,20 +226,48 @@ def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing
     os.close(result_w)
     os.close(kill_r)
     os.close(kill_w)
-    data = b""
-    try:
-        while chunk := os.read(result_r, 1 << 16):
-            data += chunk
-    finally:
-        os.close(result_r)
-        _reap(helper)
-    if not data:
-        raise RestoreError(f"the worker in the pid namespace of pid {host_pid} died without a word", host_pid)
-    what, value = pickle.loads(data)
+    what, value = _result(result_r, helper, RestoreError(f"the worker in the pid namespace of pid {host_pid} "
+                                                         "died without a word", host_pid))
     if what == "err":
         if isinstance(value, (ProcsnapError, OSError, KeyboardInterrupt)):
             raise value
         raise RestoreError(f"in the pid namespace of pid {host_pid}: {describe(value)}", host_pid) from value
+    return value
+
+
+def _result(fd: int, child: int, silent: Exception) -> tuple[str, typing.Any]:
+    """What `child` sent on `fd` (_send), once it is reaped; `silent` raised if nothing."""
+    data = b""
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            data += chunk
+    finally:
+        os.close(fd)
+        _reap(child)
+    if not data:
+        raise silent
+    return pickle.loads(data)
+
+
+def run_forked(fn: typing.Callable[[], typing.Any]) -> typing.Any:
+    """fn() in a forked child (for what this process must not do itself, such
+    as unsharing a namespace to look at a new one); its result or its exception."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(r)
+            try:
+                msg = ("ok", fn())
+            except BaseException as err:  # noqa: BLE001 - sent to the caller
+                msg = ("err", err)
+            _send(w, msg)
+        finally:
+            os._exit(0)
+    os.close(w)
+    what, value = _result(r, child, RestoreError("a forked helper died without a word"))
+    if what == "err":
+        raise value
     return value
 
 

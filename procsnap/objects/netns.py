@@ -48,7 +48,7 @@ import os
 
 from .. import model, nsworker
 from ..errors import RestoreError, Unsupported
-from . import protocol
+from . import netlock, protocol
 
 CLONE_NEWNET = 0x40000000  # include/uapi/linux/sched.h
 FOREVER = 4294967295  # an address lifetime of INFINITY_LIFE_TIME (include/net/addrconf.h)
@@ -92,25 +92,24 @@ class NetNamespace:
     sysctls: dict[str, str] = dataclasses.field(default_factory=dict)  # under /proc/sys/net -> value
 
 
-def _subprocess():
-    import subprocess  # only for a container with a network namespace of its own
-
-    return subprocess
-
-
-def _run(argv: list[str], stdin: str | None = None, pass_fds=(), error=Unsupported) -> str:
-    try:
-        r = _subprocess().run(argv, input=stdin, capture_output=True, text=True, pass_fds=pass_fds)
-    except OSError as err:
-        raise error(f"network namespace: cannot run {argv[0]}: {err.strerror}") from err
-    if r.returncode:
-        why = (r.stderr or r.stdout).strip().splitlines()
-        raise error(f"network namespace: {' '.join(argv)}: exit {r.returncode}: {why[0] if why else 'no message'}")
-    return r.stdout
+def _run(argv: list[str], stdin: str = "", pass_fds=(), error=Unsupported) -> str:
+    return netlock._run(argv, stdin, "network namespace", error, pass_fds)
 
 
 def _ip_json(*args: str, pass_fds=(), prefix=()) -> list[dict]:
     return json.loads(_run([*prefix, "ip", "-j", *args], pass_fds=pass_fds) or "[]")
+
+
+def _ip_batch(options: list[str], *commands: str) -> list[list[dict]]:
+    """The JSON of each of `commands`, from one `ip -j OPTIONS -batch -`."""
+    text, docs, at = _run(["ip", "-j", *options, "-batch", "-"], "".join(c + "\n" for c in commands)), [], 0
+    decoder = json.JSONDecoder()
+    while (at := len(text) - len(text[at:].lstrip())) < len(text):
+        doc, at = decoder.raw_decode(text, at)
+        docs.append(doc)
+    if len(docs) != len(commands):
+        raise Unsupported(f"network namespace: ip -batch of {commands}: {len(docs)} answers")
+    return docs
 
 
 def read_sysctls() -> dict[str, str]:
@@ -129,36 +128,18 @@ def read_sysctls() -> dict[str, str]:
     return out
 
 
+def _read_fresh() -> tuple[dict[str, str], list[str], dict[str, list[list[str]]]]:
+    nsworker.unshare(CLONE_NEWNET)
+    (links, rules4), (rules6,) = _ip_batch(["-4"], "link show", "rule show"), _ip_batch(["-6"], "rule show")
+    return (read_sysctls(), [d["ifname"] for d in links],
+            {fam: [_rule_args(x) for x in rules] for fam, rules in (("-4", rules4), ("-6", rules6))})
+
+
 def _fresh() -> tuple[dict[str, str], list[str], dict[str, list[list[str]]]]:
     """A new network namespace's sysctls, device names and rules, read in a
     forked child that unshares one (the comparison CRIU makes against the
     kernel's defaults)."""
-    r, w = os.pipe2(os.O_CLOEXEC)
-    child = os.fork()
-    if child == 0:
-        code = 1
-        try:
-            os.close(r)
-            nsworker.unshare(CLONE_NEWNET)
-            data = json.dumps([read_sysctls(), [d["ifname"] for d in _ip_json("link", "show")],
-                               {fam: [_rule_args(x) for x in _ip_json(fam, "rule", "show")] for fam in ("-4", "-6")}])
-            view = memoryview(data.encode())
-            while view:
-                view = view[os.write(w, view):]
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(w)
-    data = b""
-    try:
-        while chunk := os.read(r, 1 << 16):
-            data += chunk
-    finally:
-        os.close(r)
-        os.waitpid(child, 0)
-    if not data:
-        raise Unsupported("network namespace: a new namespace to compare with could not be made")
-    return tuple(json.loads(data))
+    return nsworker.run_forked(_read_fresh)
 
 
 def _eui64(mac: str) -> str:
@@ -238,8 +219,10 @@ def collect_net() -> NetNamespace:
     """In the container's worker, which has entered its network namespace."""
     link = os.readlink("/proc/thread-self/ns/net")
     fresh_sysctls, fresh_devices, fresh_rules = _fresh()
-    links = _ip_json("-d", "link", "show")
-    addrs = {d["ifname"]: d.get("addr_info", []) for d in _ip_json("addr", "show")}
+    links, addr_info = _ip_batch(["-d"], "link show", "addr show")
+    addrs = {d["ifname"]: d.get("addr_info", []) for d in addr_info}
+    tables = {fam: _ip_batch([fam], "route show table all", "rule show", "neigh show nud permanent")
+              for fam in ("-4", "-6")}
     peers = _peer_names(links) if any(d.get("linkinfo", {}).get("info_kind") == "veth" for d in links) else {}
     net = NetNamespace()
     for d in links:
@@ -259,19 +242,19 @@ def collect_net() -> NetNamespace:
             dev.peer_ifindex, dev.peer_name = d["link_index"], peers[d["link_index"]]
         dev.addrs = [_addr_args(d, a, what) for a in addrs.get(name, []) if not _automatic(d, a)]
         net.devices.append(dev)
-    for fam in ("-4", "-6"):
-        for r in _ip_json(fam, "route", "show", "table", "all"):
+    for fam, (routes, rules, neighbours) in tables.items():
+        for r in routes:
             if r.get("protocol") != "kernel":
                 net.routes.append(_route_args(fam, r, f"net namespace {link}"))
         try:
-            rules = [_rule_args(r) for r in _ip_json(fam, "rule", "show")]
+            rules = [_rule_args(r) for r in rules]
         except Unsupported as err:
             raise Unsupported(f"net namespace {link}: {fam} {err}") from err
         if rules != fresh_rules[fam]:
             net.rules += [[fam, *r] for r in rules]
             net.default_rules += [[fam, *r] for r in fresh_rules[fam]]
-    for fam in ("-4", "-6"):
-        for n in _ip_json(fam, "neigh", "show", "nud", "permanent"):
+    for fam, (_, _, neighbours) in tables.items():
+        for n in neighbours:
             if set(n) - NEIGH_KEYS:
                 raise Unsupported(f"net namespace {link}: neighbour {n.get('dst')} has {sorted(set(n) - NEIGH_KEYS)}, "
                                   "not restored")
