@@ -129,7 +129,7 @@ def start_server(procs, n, extra="", shell=False):
     sh(f"""set -e
         ip link set lo up
         sysctl -qw net.ipv6.conf.eth0.accept_dad=0 net.ipv6.conf.eth0.hop_limit=33 net.core.somaxconn=1234 \
-            net.ipv4.conf.eth0.rp_filter=2 net.ipv4.ip_forward=1
+            net.ipv4.conf.eth0.rp_filter=2 net.ipv4.ip_forward=1 net.ipv4.conf.default.arp_announce=2
         ip link set eth0 mtu 1400 up
         ip addr add {n.inner}/24 dev eth0
         ip -6 addr add fd00:{n.prefix.split('.')[1]}::2/64 dev eth0 nodad

@@ -23,7 +23,8 @@ again around the restored tree before any socket of it is made.
     net sysctls                the writable ones of            written, devices' after
                                /proc/sys/net that differ       the devices are made
                                from a new namespace's
-                               (made by the dump to compare)
+                               (made by the dump to compare),
+                               and every one of a device
 
 Refused at dump, by name, the tree left running: any other device kind
 (tun, tap, macvlan, vlan, bridge, dummy, ...), a veth whose peer is not in
@@ -128,15 +129,13 @@ def read_sysctls() -> dict[str, str]:
     return out
 
 
-def _read_fresh() -> tuple[dict[str, str], list[str], dict[str, list[list[str]]]]:
+def _read_fresh() -> tuple[dict[str, str], dict[str, list[list[str]]]]:
     nsworker.unshare(CLONE_NEWNET)
-    (links, rules4), (rules6,) = _ip_batch(["-4"], "link show", "rule show"), _ip_batch(["-6"], "rule show")
-    return (read_sysctls(), [d["ifname"] for d in links],
-            {fam: [_rule_args(x) for x in rules] for fam, rules in (("-4", rules4), ("-6", rules6))})
+    return read_sysctls(), {fam: [_rule_args(x) for x in _ip_batch([fam], "rule show")[0]] for fam in ("-4", "-6")}
 
 
-def _fresh() -> tuple[dict[str, str], list[str], dict[str, list[list[str]]]]:
-    """A new network namespace's sysctls, device names and rules, read in a
+def _fresh() -> tuple[dict[str, str], dict[str, list[list[str]]]]:
+    """A new network namespace's sysctls and rules, read in a
     forked child that unshares one (the comparison CRIU makes against the
     kernel's defaults)."""
     return nsworker.run_forked(_read_fresh)
@@ -218,7 +217,7 @@ def _peer_names(links: list[dict]) -> dict[int, str]:
 def collect_net() -> NetNamespace:
     """In the container's worker, which has entered its network namespace."""
     link = os.readlink("/proc/thread-self/ns/net")
-    fresh_sysctls, fresh_devices, fresh_rules = _fresh()
+    fresh_sysctls, fresh_rules = _fresh()
     links, addr_info = _ip_batch(["-d"], "link show", "addr show")
     addrs = {d["ifname"]: d.get("addr_info", []) for d in addr_info}
     tables = {fam: _ip_batch([fam], "route show table all", "rule show", "neigh show nud permanent")
@@ -263,11 +262,12 @@ def collect_net() -> NetNamespace:
     ruleset = json.loads(_run(["nft", "-j", "list", "ruleset"]) or '{"nftables": []}')
     if any("metainfo" not in item for item in ruleset.get("nftables", [])):
         net.nft = json.dumps(ruleset)
-    own = {dev.name for dev in net.devices if dev.name not in fresh_devices}
+    # a device's conf/ and neigh/ values, every one: a device made again takes the "default" ones,
+    # and writing a "default" one changes it in every device (lo too) that has not set its own
+    devices = {dev.name for dev in net.devices}
     for key, value in read_sysctls().items():
         parts = key.split("/")
-        default = key if len(parts) < 3 or parts[2] not in own else "/".join([*parts[:2], "default", *parts[3:]])
-        if fresh_sysctls.get(default) != value:
+        if len(parts) > 3 and parts[2] in devices or fresh_sysctls.get(key) != value:
             net.sysctls[key] = value
     return net
 
@@ -341,7 +341,7 @@ def make_net(net: NetNamespace, outside: dict[str, str], host_net: int) -> None:
     (namespace-wide sysctls, devices, their sysctls and addresses, routes,
     rules, neighbours, nftables)."""
     devices = {dev.name for dev in net.devices}
-    device_keys = {k for k in net.sysctls if len(k.split("/")) > 3 and k.split("/")[2] in devices - {"lo"}}
+    device_keys = {k for k in net.sysctls if len(k.split("/")) > 3 and k.split("/")[2] in devices}
     for key, value in net.sysctls.items():
         if key not in device_keys:
             _write(key, value)
