@@ -43,6 +43,7 @@ if typing.TYPE_CHECKING:  # the records of kinds of objects are declared with th
     from .objects.tcp import TcpConnection
     from .objects.netlock import NetLock
     from .objects.namespaces import Namespaces
+    from .objects.netns import NetNamespace
 
 
 class Prot(enum.IntFlag):
@@ -396,3 +397,4 @@ class Checkpoint:
     # the root's: files in flight (SCM_RIGHTS) no process of the tree holds, as their kinds
     # describe them (FdEntry.fd: the index Socket.rights names them by), since format 1.5
     in_flight: list[FdEntry] = dataclasses.field(default_factory=list)
+    net_namespaces: list[NetNamespace] = dataclasses.field(default_factory=list)  # the root's, none or one, since 1.6

@@ -46,7 +46,9 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWTIME = 0x00000080
-NS_FLAGS = {"pid": CLONE_NEWPID, "uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC, "mnt": CLONE_NEWNS, "time": CLONE_NEWTIME}
+CLONE_NEWNET = 0x40000000
+NS_FLAGS = {"pid": CLONE_NEWPID, "uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC, "mnt": CLONE_NEWNS, "time": CLONE_NEWTIME,
+            "net": CLONE_NEWNET}
 MS_REC = 1 << 14  # include/uapi/linux/mount.h
 MS_PRIVATE = 1 << 18
 EEXIST = 17
@@ -138,6 +140,11 @@ def _set_last_pid(pid: int) -> None:
         f.write(str(pid))
 
 
+def host_net_fd() -> int:
+    """In a worker: an fd of the caller's network namespace (the worker may have entered another)."""
+    return _inside["host_net"]
+
+
 def saved_last_pid() -> int:
     """In a worker: its namespace's last pid as the worker found it."""
     return _inside["last_pid"]
@@ -155,7 +162,7 @@ def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing
                enter: typing.Iterable[str] = (), last_pid: int | None = None,
                setup: typing.Callable[[], None] | None = None) -> typing.Any:
     """fn() in a worker inside the pid namespace of `host_pid` (and its
-    namespaces `enter`: "uts", "ipc"); returns its result or raises its
+    namespaces `enter`: "uts", "ipc", "net"); returns its result or raises its
     exception (see the module docstring). The namespace's last pid
     (ns_last_pid, where its next pid is sought) is put above `avoid` while
     the worker runs, and then back, or to `last_pid`. setup(): run first
@@ -168,7 +175,12 @@ def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing
         host_mounts = f.read()
     result_r, result_w = os.pipe2(os.O_CLOEXEC)
     kill_r, kill_w = os.pipe2(os.O_CLOEXEC)
-    helper = os.fork()
+    host_net = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)  # held by the worker
+    try:
+        helper = os.fork()
+    except BaseException:
+        os.close(host_net)
+        raise
     if helper == 0:
         code = 0
         try:
@@ -180,7 +192,7 @@ def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing
             def worker() -> int:
                 os.close(kill_r)
                 _inside.update(result=result_w, kill=kill_w, host_pid=host_pid, host_ns=host_ns,
-                               host_mounts=host_mounts)
+                               host_mounts=host_mounts, host_net=host_net)
                 try:
                     own_proc()
                     if setup is not None:
@@ -217,23 +229,52 @@ def run_inside(host_pid: int, fn: typing.Callable[[], typing.Any], avoid: typing
             code = 1
         finally:
             os._exit(code)
+    os.close(host_net)
     os.close(result_w)
     os.close(kill_r)
     os.close(kill_w)
-    data = b""
-    try:
-        while chunk := os.read(result_r, 1 << 16):
-            data += chunk
-    finally:
-        os.close(result_r)
-        _reap(helper)
-    if not data:
-        raise RestoreError(f"the worker in the pid namespace of pid {host_pid} died without a word", host_pid)
-    what, value = pickle.loads(data)
+    what, value = _result(result_r, helper, RestoreError(f"the worker in the pid namespace of pid {host_pid} "
+                                                         "died without a word", host_pid))
     if what == "err":
         if isinstance(value, (ProcsnapError, OSError, KeyboardInterrupt)):
             raise value
         raise RestoreError(f"in the pid namespace of pid {host_pid}: {describe(value)}", host_pid) from value
+    return value
+
+
+def _result(fd: int, child: int, silent: Exception) -> tuple[str, typing.Any]:
+    """What `child` sent on `fd` (_send), once it is reaped; `silent` raised if nothing."""
+    data = b""
+    try:
+        while chunk := os.read(fd, 1 << 16):
+            data += chunk
+    finally:
+        os.close(fd)
+        _reap(child)
+    if not data:
+        raise silent
+    return pickle.loads(data)
+
+
+def run_forked(fn: typing.Callable[[], typing.Any]) -> typing.Any:
+    """fn() in a forked child (for what this process must not do itself, such
+    as unsharing a namespace to look at a new one); its result or its exception."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(r)
+            try:
+                msg = ("ok", fn())
+            except BaseException as err:  # noqa: BLE001 - sent to the caller
+                msg = ("err", err)
+            _send(w, msg)
+        finally:
+            os._exit(0)
+    os.close(w)
+    what, value = _result(r, child, RestoreError("a forked helper died without a word"))
+    if what == "err":
+        raise value
     return value
 
 

@@ -415,6 +415,56 @@ def _own_namespaces(pid: int) -> dict[str, str]:
         out["ns.time.offsets"] = _read(f"/proc/{pid}/timens_offsets")
     if _readlink(f"/proc/{pid}/ns/mnt") != nsworker.host_namespaces().get("mnt"):
         out.update(_own_mounts(pid))
+    # the caller's network namespace also in a worker that entered the tree's
+    if _readlink(f"/proc/{pid}/ns/net") != nsworker.host_namespaces().get("net"):
+        out.update(_own_net(pid))
+    return out
+
+
+# Of `ip -j` output, what the kernel makes up anew for a device made again the same way: the
+# peer's ifindex and namespace id (the veth's end outside is the restorer's new one), the
+# address lifetimes that count down, and the tentative state of an address in DAD
+IGNORED_NET_KEYS = ("link_index", "link_netnsid", "tentative")
+IGNORED_NFT_KEYS = ("handle", "metainfo")  # nftables' handles: the kernel's numbering of what a table holds
+NET_COMMANDS = {  # ns.net.KEY: the command whose output, normalized, is compared
+    "links": ["ip", "-j", "-d", "link", "show"],
+    "addrs": ["ip", "-j", "addr", "show"],
+    "routes4": ["ip", "-j", "-4", "route", "show", "table", "all"],
+    "routes6": ["ip", "-j", "-6", "route", "show", "table", "all"],
+    "rules4": ["ip", "-j", "-4", "rule", "show"],
+    "rules6": ["ip", "-j", "-6", "rule", "show"],
+    "neighbours": ["ip", "-j", "neigh", "show", "nud", "permanent"],
+    "nft": ["nft", "-j", "list", "ruleset"],
+    "sysctls": ["sh", "-c", "find /proc/sys/net -type f -perm -u+w -exec grep -H '' {} + 2>/dev/null | sort"],
+}
+
+
+def _net_normalized(data, ignored=IGNORED_NET_KEYS):
+    import json
+
+    if isinstance(data, dict):
+        return {k: ("forever" if v == 4294967295 else "finite") if k.endswith("_life_time") else
+                _net_normalized(v, ignored) for k, v in data.items() if k not in ignored}
+    if isinstance(data, list):
+        items = [_net_normalized(x, ignored) for x in data]
+        return sorted(items, key=lambda x: json.dumps(x, sort_keys=True))
+    return data
+
+
+def _own_net(pid: int) -> dict[str, str]:
+    """The network namespace the root has of its own, read from inside
+    (nsenter --net): devices, addresses, routes of every table, rules,
+    permanent neighbours, the nftables ruleset and every writable sysctl."""
+    import json
+
+    out = {}
+    for key, argv in NET_COMMANDS.items():
+        r = subprocess.run(["nsenter", "-t", str(pid), "--net", *argv], capture_output=True, text=True)
+        text = r.stdout
+        if argv[0] != "sh" and r.returncode == 0:
+            ignored = IGNORED_NFT_KEYS if key == "nft" else IGNORED_NET_KEYS
+            text = json.dumps(_net_normalized(json.loads(text or "[]"), ignored), sort_keys=True, indent=0)
+        out[f"ns.net.{key}"] = text + r.stderr
     return out
 
 

@@ -121,10 +121,9 @@ def test_shell_with_children(procs, tmp_path):
 
 
 @pytest.mark.parametrize("unshare, names", [
-    (["--fork", "--pid", "--net"], ["net:["]),
     (["--fork", "--pid", "--user", "--map-root-user"], ["user:["]),
     (["--fork", "--pid", "--cgroup"], ["cgroup:["]),
-], ids=["net", "user", "cgroup"])  # mount namespaces: test_mountns.py
+], ids=["user", "cgroup"])  # mount namespaces: test_mountns.py; network: test_netns.py
 def test_not_restored_refused_by_name(unshare, names, procs, tmp_path):
     """A container's namespaces procsnap does not make again are refused,
     naming them, and the tree runs on (the target checks itself)."""
@@ -329,11 +328,12 @@ def test_leave_running_then_a_copy_beside_it(procs, tmp_path):
 
 
 @pytest.mark.parametrize("edit, found", [
-    (lambda ns: ns.update(own=["uts"]), "only pid, uts, ipc and time"),
-    (lambda ns: ns.update(own=["pid", "net"]), "only pid, uts, ipc and time"),
+    (lambda ns: ns.update(own=["uts"]), "only pid, uts, ipc, time and net"),
+    (lambda ns: ns.update(own=["pid", "mnt"]), "only pid, uts, ipc, time and net"),
+    (lambda ns: ns.update(own=["pid", "net"]), "a network namespace without its NETN record"),
     (lambda ns: ns.update(ipc_sysctls={"kernel/core_pattern": "|/bin/sh"}), "ipc sysctls"),
     (lambda ns: ns.update(time_offsets=[["realtime", 5, 0]]), "time offsets"),
-], ids=["no-pid", "net", "sysctl", "clock"])
+], ids=["no-pid", "mnt", "net", "sysctl", "clock"])
 def test_corrupt_namespaces_record(edit, found, procs, tmp_path):
     """An NSPC record restore cannot trust is ImageCorrupt, naming it (a
     sysctl outside the ipc ones is never written), before any process is made."""

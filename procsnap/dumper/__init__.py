@@ -95,7 +95,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         with translated(pid, "enter its pid namespace"):
             return nsworker.run_inside(pid, functools.partial(
                 dump, 1, images_dir, leave_running, shell_job, progress, ext_unix_sk, compress, key, prev_images_dir,
-                tls, tcp_established, tcp_close, net_lock, external=external), enter=("uts", "ipc"),
+                tls, tcp_established, tcp_close, net_lock, external=external), enter=("uts", "ipc", "net"),
                 setup=functools.partial(mountns.dump_setup, (external or {}).get("mnt", {})))
     if (external or {}).get("mnt") and not nsworker.inside():
         raise mountns.no_namespace(external["mnt"], f"pid {pid} is not a container's init: it has")

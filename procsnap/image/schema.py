@@ -37,6 +37,7 @@ from ..objects import seccomp
 from ..objects import tracking
 from ..objects import netlock, tcp
 from ..objects import namespaces
+from ..objects import netns
 from . import chunks
 
 MAGIC = b"PSNAPIMG"
@@ -65,6 +66,8 @@ MINOR = 6  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 # 1.6: Settings.autogroup_nice (objects/settings.py)
 #      Namespaces.mounts (a container's mount namespace: its mount table, classed, with the files of
 #      each tmpfs made inside, their data in ghosts.img; objects/mountns.py)
+#      NETN (a container's own network namespace: devices, addresses, routes, rules, neighbours,
+#      nftables, net sysctls; objects/netns.py), "net" in Namespaces.own
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -114,6 +117,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"NLCK": (netlock.NetLock, "net_lock", True),
     b"NSPC": (namespaces.Namespaces, "namespaces", True),
     b"FLIT": (model.FdEntry, "in_flight", True),
+    b"NETN": (netns.NetNamespace, "net_namespaces", True),
 }
 END = b"END "
 CRYP = b"CRYP"  # in the clear, first: an encrypted image's cipher, salt and key check

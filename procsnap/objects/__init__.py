@@ -19,6 +19,7 @@ from . import fanotify, ghostdir, inotify, memlock, opath, procfd, seccomp
 from . import timers
 from . import tracking
 from . import namespaces
+from . import netns
 
 if typing.TYPE_CHECKING:
     from ..image.reader import Image
@@ -59,7 +60,7 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 # terminal before other character devices, /proc/PID files and namespace
 # fds before regular files; an O_PATH fd before all, whatever it is of.
 KINDS = (opath, shm, ghost, ghostdir, procfd, file, pty, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe,
-         inotify, fanotify, memlock, inet, tracking, namespaces)
+         inotify, fanotify, memlock, inet, tracking, namespaces, netns)
 
 
 def collectors(**options) -> list[protocol.Collect]:

@@ -17,7 +17,8 @@ that is not procsnap's is refused at dump, by name.
     time       made again with its clock offsets   refused
     mnt        made again with its mount table     refused
                and its tmpfs files (mountns.py)
-    net, user, cgroup                              refused, by name
+    net        made again (objects/netns.py)       refused
+    user, cgroup                                   refused, by name
 
 The dump and the rebuild run in a worker inside the pid namespace
 (nsworker.py), so the image and every call see the namespace's pids. The
@@ -46,7 +47,7 @@ from ..errors import Unsupported
 from . import mountns, protocol
 
 KINDS = ("cgroup", "ipc", "mnt", "net", "pid", "pid_for_children", "time", "time_for_children", "user", "uts")
-MADE = ("pid", "pid_for_children", "uts", "ipc", "time", "time_for_children", "mnt")  # made again for a container's init
+MADE = ("pid", "pid_for_children", "uts", "ipc", "time", "time_for_children", "mnt", "net")  # made again for a container's init
 IPC_SYSCTLS = ("kernel/shmmax", "kernel/shmall", "kernel/shmmni", "kernel/shm_rmid_forced", "kernel/msgmax",
                "kernel/msgmni", "kernel/msgmnb", "kernel/sem", "fs/mqueue/msg_max", "fs/mqueue/msgsize_max",
                "fs/mqueue/queues_max", "fs/mqueue/msg_default", "fs/mqueue/msgsize_default")
@@ -120,7 +121,7 @@ def check_namespaces(pid: int) -> None:
                              mountns.dump_external())
         mountns.note_outside(pid)
     if foreign:
-        why = ("network, user and cgroup namespaces are not restored, nor nested pid namespaces, nor "
+        why = ("user and cgroup namespaces are not restored, nor nested pid namespaces, nor "
                "namespaces of a process that is not the root" if container else
                "only the UTS, IPC and time namespaces of a pid namespace's init are restored, with its pid "
                "namespace (dump the init of the container)")
@@ -167,7 +168,7 @@ def collect_namespaces(root: model.Checkpoint, writer=None) -> Namespaces | None
     IPC namespaces): what the root's own namespaces hold."""
     host = nsworker.host_namespaces()
     ns = Namespaces(last_pid=nsworker.saved_last_pid())
-    for kind in ("pid", "uts", "ipc", "time", "mnt"):
+    for kind in ("pid", "uts", "ipc", "time", "mnt", "net"):  # net: its content in objects/netns.py
         if _link(1, kind) != host.get(kind):
             ns.own.append(kind)
     if "uts" in ns.own:
@@ -199,9 +200,12 @@ class Collect(protocol.Collect):
 def check_image(ckpt: model.Checkpoint, image) -> list[str]:
     problems = []
     for ns in ckpt.namespaces:
-        if "pid" not in ns.own or set(ns.own) - {"pid", "uts", "ipc", "time", "mnt"}:
-            problems.append(f"namespaces {ns.own}: only pid, uts, ipc and time, with pid, are made again (and mnt)")
+        if "pid" not in ns.own or set(ns.own) - {"pid", "uts", "ipc", "time", "mnt", "net"}:
+            problems.append(f"namespaces {ns.own}: only pid, uts, ipc, time, mnt and net, with pid, are made again")
         problems += mountns.check_image(ns.mounts, "mnt" in ns.own)
+        if ("net" in ns.own) != bool(ckpt.net_namespaces):
+            problems.append(f"namespaces {ns.own}: a network namespace {'without' if 'net' in ns.own else 'with'} "
+                            "its NETN record")
         if ckpt.task.pid != 1:
             problems.append(f"namespaces: the root is pid {ckpt.task.pid}, not its pid namespace's init")
         if any(name not in IPC_SYSCTLS for name in ns.ipc_sysctls):

@@ -69,15 +69,18 @@ class LockError(ProcsnapError):
     """A rule could not be added or removed."""
 
 
-def _run(argv: list[str], stdin: str = "") -> None:
+def _run(argv: list[str], stdin: str = "", what: str = "network lock", error: type | None = None,
+         pass_fds=()) -> str:
+    """argv's output; its failure an `error` (LockError) naming `what` and its first line of complaint."""
     try:
-        result = _subprocess().run(argv, input=stdin, capture_output=True, text=True, check=False)
+        result = _subprocess().run(argv, input=stdin, capture_output=True, text=True, check=False, pass_fds=pass_fds)
     except OSError as err:
-        raise LockError(f"network lock: cannot run {argv[0]}: {err.strerror}") from err
+        raise (error or LockError)(f"{what}: cannot run {argv[0]}: {err.strerror}") from err
     if result.returncode:
         msg = (result.stderr or result.stdout).strip().splitlines()
-        raise LockError(f"network lock: {' '.join(argv)} failed (exit {result.returncode}): "
-                        f"{msg[0] if msg else 'no message'}")
+        raise (error or LockError)(f"{what}: {' '.join(argv)} failed (exit {result.returncode}): "
+                                   f"{msg[0] if msg else 'no message'}")
+    return result.stdout
 
 
 def default_method() -> str:

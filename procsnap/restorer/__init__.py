@@ -28,6 +28,7 @@ from . import memory as M
 from . import task as T
 from ..objects.cgroups import restore_cgroups
 from ..objects import namespaces as NS
+from ..objects import netns
 from .files import SharedFiles, map_key, prepare_files
 from .forkbuild import (child_target, finish_seized, fork_built, fork_child_seized, helper_numbers, make_zombie_seized,
                         setup_seized)
@@ -64,7 +65,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     root: a container's root directory, given again (it had pivoted into
     it; objects/mountns.py).
     """
-    externals.check_used(external, ("mnt",))  # the kinds the restore reads (externals.py)
+    externals.check_used(external, ("mnt", "veth"))  # the kinds the restore reads (externals.py)
     root_image = open_image(images_dir, not checked, progress=progress and functools.partial(progress, "check pages"),
                             key=key)
     tree = open_tree(root_image, progress, verify_pages=not checked)
@@ -93,6 +94,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             stack.callback(mounts.close)
         stack.callback(M.close_fill_pool)
         NS.enter_ipc(root_image.checkpoint, stack)  # a container's: its SysV segments are made in it
+        netns.enter_net(root_image.checkpoint, stack, (external or {}).get("veth", {}))  # and its sockets in this
         succeeded = [False]
         lazy = None
         if lazy_pages:
