@@ -41,7 +41,7 @@ from . import chunks
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 5  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
+MINOR = 6  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
 #            FOWN, CGRP, Task.root; 1.3: Vma.lock, Vma.guards, Task.mlockall,
 #            FdKind.PATH (O_PATH fds), FdKind.GHOST_DIR and Task.cwd_removed (removed directories),
@@ -62,6 +62,8 @@ MINOR = 5  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 # 1.5: NSPC (the namespaces of a container's init made again: pid, uts, ipc, time; objects/namespaces.py),
 #      FLIT (files in flight no process of the tree holds, objects/unixrights.py), named in
 #      Socket.rights as [-1, index]
+# 1.6: Namespaces.msg_queues/sem_sets/segments/mqueues (the objects of a container's IPC namespace,
+#      objects/ipcns.py), FdKind.MQUEUE (an fd of a POSIX message queue)
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 

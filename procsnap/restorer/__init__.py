@@ -80,7 +80,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
                                "is the init of its own pid namespace)", pid)
     with contextlib.ExitStack() as stack:
         stack.callback(M.close_fill_pool)
-        NS.enter_ipc(root_image.checkpoint, stack)  # a container's: its SysV segments are made in it
+        NS.enter_ipc(root_image.checkpoint, stack, root_image)  # a container's: its IPC objects are made in it
         succeeded = [False]
         lazy = None
         if lazy_pages:
