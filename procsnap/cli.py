@@ -285,6 +285,8 @@ def cmd_check(args) -> int:
 
     if args.images_dir:
         return cmd_verify(args)
+    if args.feature:
+        return _check_feature(args.feature)
     results = check.check()
     missing = [r for r in results if not r.ok]
     for r in results:
@@ -293,6 +295,22 @@ def cmd_check(args) -> int:
         print(f"procsnap: {plural(len(missing), 'required kernel feature')} missing", file=sys.stderr)
         return 1
     print("Looks good.")
+    return 0
+
+
+def _check_feature(name: str) -> int:
+    """check --feature NAME: 0 if this kernel allows it, 1 with its reason if not; `list`: the names."""
+    from . import features
+
+    if name == "list":
+        print("\n".join(features.names()))
+        return 0
+    try:
+        found = features.check_feature(name)
+    except OSError as err:
+        print(f"procsnap: {name}: not available: {err.strerror or err}", file=sys.stderr)
+        return 1
+    print(f"{name}: {found}")
     return 0
 
 
@@ -439,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="probe the kernel features procsnap needs; -D also validates an image")
     c.add_argument("-D", "--images-dir", metavar="DIR")
+    c.add_argument("--feature", metavar="NAME", help="whether this kernel allows one feature (exit 0, else 1 and "
+                   "why), by CRIU's name where it has one; `--feature list` names them")
     c.set_defaults(func=cmd_check)
     for sp in (r, v, c):
         sp.add_argument("--allow-other-owner", action="store_true",
