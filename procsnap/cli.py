@@ -129,7 +129,7 @@ def cmd_restore(args) -> int:
                    allow_other_owner=args.allow_other_owner, allow_setuid=args.allow_setuid,
                    ext_unix_sk=args.ext_unix_sk, key=_key(args),
                    tcp_established=args.tcp_established, tcp_close=args.tcp_close, skip_net_lock=args.skip_net_lock,
-                   external=_external(args))
+                   external=_external(args), inherit_fd=_inherit_fd(args))
     if args.copies != 1 and args.stream is not None:
         raise RestoreError("--copies: not with --stream (receive the image with -D DIR, then restore copies of DIR)")
     if args.lazy_pages:
@@ -177,6 +177,12 @@ def _restore_copies(args, options) -> int:
         _, status = os.waitpid(pid, 0)
         codes.append(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
     return next((c for c in codes if c), 0)
+
+
+def _inherit_fd(args) -> dict[str, int] | None:
+    from . import inheritfd
+
+    return inheritfd.parse(args.inherit_fd) or None
 
 
 def cmd_migrate(args) -> int:
@@ -382,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--copies", type=int, default=1, metavar="N",
                    help="N independent copies of a container's image, each in new namespaces; prints their pids")
     r.add_argument("-j", "--shell-job", action="store_true", help="attach terminal fds to this terminal")
+    r.add_argument("--inherit-fd", action="append", metavar="fd[N]:RESOURCE",
+                   help="use our fd N for what the tree held as RESOURCE (pipe:[INO] or a file's path, as "
+                   "`procsnap show DIR` lists them), as CRIU's")
     r.add_argument("--ext-unix-sk", action="store_true",
                    help="connect unix sockets dumped with --ext-unix-sk to their outside peer again")
     r.add_argument("--external", action="append", metavar="KIND[KEY]:VALUE",
