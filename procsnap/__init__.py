@@ -42,17 +42,19 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             allow_other_owner: bool = False, allow_setuid: bool = False, ext_unix_sk: bool = False,
             key: bytes | None = None, tcp_established: bool = False, tcp_close: bool = False,
             skip_net_lock: bool = False, lazy_pages: bool = False, lazy_log: str | None = None,
-            lazy_server=None, external: dict | None = None, root: str | None = None) -> int:
+            lazy_server=None, external: dict | None = None, root: str | None = None,
+            inherit_fd: dict[str, int] | None = None) -> int:
     """Restore the process in `images_dir` as a child of the caller; its pid.
     lazy_pages: see restorer.restore; external: externals.parse() of CRIU's
-    --external specs; root: a container's root directory (CRIU's --root)."""
+    --external specs; root: a container's root directory (CRIU's --root);
+    inherit_fd: RESOURCE -> an fd of ours (inheritfd.py)."""
     from .restorer import restore as _restore
 
     return _restore(images_dir, detach=detach, shell_job=shell_job, progress=progress,
                     allow_other_owner=allow_other_owner, allow_setuid=allow_setuid, ext_unix_sk=ext_unix_sk,
                     key=key, tcp_established=tcp_established, tcp_close=tcp_close, skip_net_lock=skip_net_lock,
                     lazy_pages=lazy_pages, lazy_log=lazy_log, lazy_server=lazy_server, external=external,
-                    root=root)
+                    root=root, inherit_fd=inherit_fd)
 
 
 def restore_copies(images_dir: str, copies: int, **options) -> list[int]:

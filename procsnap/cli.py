@@ -129,7 +129,8 @@ def cmd_restore(args) -> int:
                    allow_other_owner=args.allow_other_owner, allow_setuid=args.allow_setuid,
                    ext_unix_sk=args.ext_unix_sk, key=_key(args),
                    tcp_established=args.tcp_established, tcp_close=args.tcp_close, skip_net_lock=args.skip_net_lock,
-                   external=_external(args), root=args.root)
+                   external=_external(args), root=args.root,
+                   inherit_fd=_inherit_fd(args))
     if args.copies != 1 and args.stream is not None:
         raise RestoreError("--copies: not with --stream (receive the image with -D DIR, then restore copies of DIR)")
     if args.lazy_pages:
@@ -177,6 +178,12 @@ def _restore_copies(args, options) -> int:
         _, status = os.waitpid(pid, 0)
         codes.append(128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status))
     return next((c for c in codes if c), 0)
+
+
+def _inherit_fd(args) -> dict[str, int] | None:
+    from . import inheritfd
+
+    return inheritfd.parse(args.inherit_fd) or None
 
 
 def cmd_migrate(args) -> int:
@@ -285,6 +292,8 @@ def cmd_check(args) -> int:
 
     if args.images_dir:
         return cmd_verify(args)
+    if args.feature:
+        return _check_feature(args.feature)
     results = check.check()
     missing = [r for r in results if not r.ok]
     for r in results:
@@ -293,6 +302,22 @@ def cmd_check(args) -> int:
         print(f"procsnap: {plural(len(missing), 'required kernel feature')} missing", file=sys.stderr)
         return 1
     print("Looks good.")
+    return 0
+
+
+def _check_feature(name: str) -> int:
+    """check --feature NAME: 0 if this kernel allows it, 1 with its reason if not; `list`: the names."""
+    from . import features
+
+    if name == "list":
+        print("\n".join(features.names()))
+        return 0
+    try:
+        found = features.check_feature(name)
+    except OSError as err:
+        print(f"procsnap: {name}: not available: {err.strerror or err}", file=sys.stderr)
+        return 1
+    print(f"{name}: {found}")
     return 0
 
 
@@ -364,6 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--copies", type=int, default=1, metavar="N",
                    help="N independent copies of a container's image, each in new namespaces; prints their pids")
     r.add_argument("-j", "--shell-job", action="store_true", help="attach terminal fds to this terminal")
+    r.add_argument("--inherit-fd", action="append", metavar="fd[N]:RESOURCE",
+                   help="use our fd N for what the tree held as RESOURCE (pipe:[INO] or a file's path, as "
+                   "`procsnap show DIR` lists them), as CRIU's")
     r.add_argument("--ext-unix-sk", action="store_true",
                    help="connect unix sockets dumped with --ext-unix-sk to their outside peer again")
     r.add_argument("--external", action="append", metavar="KIND[KEY]:VALUE",
@@ -440,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="probe the kernel features procsnap needs; -D also validates an image")
     c.add_argument("-D", "--images-dir", metavar="DIR")
+    c.add_argument("--feature", metavar="NAME", help="whether this kernel allows one feature (exit 0, else 1 and "
+                   "why), by CRIU's name where it has one; `--feature list` names them")
     c.set_defaults(func=cmd_check)
     for sp in (r, v, c):
         sp.add_argument("--allow-other-owner", action="store_true",

@@ -30,12 +30,15 @@ LAZY_STAGES = ("lazy-after-register", "lazy-mid-push")
 # a migration (migration.py): the source once the destination holds the tree, before it kills the
 # source; the destination once it holds the tree, before it says so
 MIGRATE_STAGES = ("migrate-after-ready", "migrate-held")
+# a container's dump, while a POSIX message queue's messages are out of it (objects/ipcns.py)
+IPC_DUMP_STAGES = ("mid-mqueue-copy",)
 __doc__ += f"  dump: {', '.join(DUMP_STAGES)}\n  restore: {', '.join(RESTORE_STAGES)}\n"
 __doc__ += f"  restore, with a fork-built process: {', '.join(FORK_STAGES)}\n"
 __doc__ += f"  receive (and restore --stream): {', '.join(RECEIVE_STAGES)}\n"
 __doc__ += f"  pre-dump: {', '.join(PREDUMP_STAGES)}\n"
 __doc__ += f"  restore --lazy-pages: {', '.join(LAZY_STAGES)}\n"
 __doc__ += f"  migrate: {', '.join(MIGRATE_STAGES)}\n"
+__doc__ += f"  a container's dump, its POSIX message queues: {', '.join(IPC_DUMP_STAGES)}\n"
 __doc__ += f"  with live TCP connections: dump {', '.join(TCP_DUMP_STAGES)}; restore {', '.join(TCP_RESTORE_STAGES)}\n"
 
 

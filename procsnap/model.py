@@ -180,6 +180,7 @@ class FdKind(enum.Enum):
     PTY_MASTER = "pty-master"  # /dev/ptmx of a pty of the tree (file_id: Pty.index)
     PTY_SLAVE = "pty-slave"  # /dev/pts/N whose master is in the tree (file_id: Pty.index)
     DEV_TTY = "dev-tty"  # /dev/tty: reopened once the process has its controlling terminal
+    MQUEUE = "mqueue"  # a POSIX message queue of a container's IPC namespace (path: its name; 1.6)
 
 
 def _flags(table):

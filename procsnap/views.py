@@ -283,6 +283,20 @@ def view(name: str, tree: Tree) -> Table:
 # The summary
 
 
+def _inheritable(tree: Tree) -> list[str]:
+    """What restore --inherit-fd fd[N]:RESOURCE can be given for: the pipes, then the files."""
+    from .inheritfd import resources
+
+    held: dict[str, list[str]] = {}
+    for name, pid, fd in resources(tree):
+        held.setdefault(name, []).append(f"pid {pid} fd {fd}")
+    ordered = sorted(held.items(), key=lambda kv: (not kv[0].startswith("pipe:["), kv[0]))
+    out = [f"inherit-fd: {name} ({', '.join(where)})" for name, where in ordered[:SUMMARY_FILES]]
+    if len(ordered) > SUMMARY_FILES:
+        out.append(f"inherit-fd: ... {len(ordered) - SUMMARY_FILES} more")
+    return out
+
+
 def summary(root: Image, tree: Tree) -> str:
     live = _live(tree)
     zombies = len(tree) - len(live)
@@ -333,5 +347,6 @@ def summary(root: Image, tree: Tree) -> str:
         lines.append(f"  {path.ljust(width)}  {size(ref.size):>10}  {_time(ref.mtime_ns)}  {host_state(ref)}")
     if len(uses) > len(shown):
         lines.append(f"  ... {len(uses) - len(shown)} more (view: files)")
+    lines += _inheritable(tree)
     lines.append("views: " + " ".join(VIEWS) + f" (procsnap show DIR VIEW; --json for JSON)")
     return "\n".join(lines) + "\n"

@@ -24,6 +24,7 @@ import os
 import re
 import struct
 import subprocess
+import sys
 import zlib
 
 from procsnap import nsworker
@@ -378,6 +379,9 @@ OWN_NAMESPACE_FILES = {
 }
 
 
+IPCSTATE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ipcstate.py")
+
+
 # Of /proc/sysvipc/*: what an object is, not when it was made or last used, nor by which pid (the
 # restorer makes it again; the times and cpid/lpid are the new object's)
 SYSVIPC_FIELDS = ("key", "shmid", "msqid", "semid", "perms", "size", "nattch", "cbytes", "qnum", "nsems",
@@ -411,6 +415,10 @@ def _own_namespaces(pid: int) -> dict[str, str]:
         r = subprocess.run(["nsenter", "-t", str(pid), f"--{kind}", "grep", "-rH", "", *files],
                            capture_output=True, text=True)
         out[f"ns.{kind}.state"] = _sysvipc_ids(r.stdout) + r.stderr
+        if kind == "ipc":  # what the objects hold: messages, semaphore values, bytes, queue attributes
+            r = subprocess.run(["nsenter", "-t", str(pid), "--ipc", sys.executable, IPCSTATE],
+                               capture_output=True, text=True)
+            out["ns.ipc.objects"] = r.stdout + r.stderr
     if _readlink(f"/proc/{pid}/ns/time") != _readlink("/proc/self/ns/time"):
         out["ns.time.offsets"] = _read(f"/proc/{pid}/timens_offsets")
     if _readlink(f"/proc/{pid}/ns/mnt") != nsworker.host_namespaces().get("mnt"):

@@ -68,6 +68,8 @@ MINOR = 6  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #      each tmpfs made inside, their data in ghosts.img; objects/mountns.py)
 #      NETN (a container's own network namespace: devices, addresses, routes, rules, neighbours,
 #      nftables, net sysctls; objects/netns.py), "net" in Namespaces.own
+#      Namespaces.msg_queues/sem_sets/segments/mqueues (the objects of a container's IPC namespace,
+#      objects/ipcns.py), FdKind.MQUEUE (an fd of a POSIX message queue); Pipe.ino (restore --inherit-fd)
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 

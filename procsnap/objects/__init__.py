@@ -19,6 +19,7 @@ from . import fanotify, ghostdir, inotify, memlock, opath, procfd, seccomp
 from . import timers
 from . import tracking
 from . import namespaces
+from . import ipcns
 from . import netns
 
 if typing.TYPE_CHECKING:
@@ -56,10 +57,11 @@ def restore_task_state_seized(target, ckpt: model.Checkpoint, tree_pids: set[int
 
 
 # In the order an fd is offered to them, the first that takes it wins: a
-# memfd before regular files, an unlinked file before a linked one, a
+# memfd before regular files, a POSIX message queue (a regular file of
+# mqueue) too, an unlinked file before a linked one, a
 # terminal before other character devices, /proc/PID files and namespace
 # fds before regular files; an O_PATH fd before all, whatever it is of.
-KINDS = (opath, shm, ghost, ghostdir, procfd, file, pty, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe,
+KINDS = (opath, shm, ipcns, ghost, ghostdir, procfd, file, pty, tty, device, eventfd, signalfd, timerfd, epoll, unix, pipe,
          inotify, fanotify, memlock, inet, tracking, namespaces, netns)
 
 

@@ -11,9 +11,10 @@ that is not procsnap's is refused at dump, by name.
                the kernel's to give, as in CRIU
     uts        hostname and domainname             refused
     ipc        made again with its sysctls         refused
-               (kernel.shm*, msg*, sem, fs.mqueue.*) and the SysV segments
-               the tree attaches; other SysV objects and POSIX message
-               queues in it are refused by name
+               (kernel.shm*, msg*, sem, fs.mqueue.*), the SysV segments
+               the tree attaches (objects/shm.py) and every other object
+               in it: message queues, semaphore sets, segments, POSIX
+               message queues (objects/ipcns.py)
     time       made again with its clock offsets   refused
     mnt        made again with its mount table     refused
                and its tmpfs files (mountns.py)
@@ -44,14 +45,13 @@ import os
 
 from .. import model, nsworker
 from ..errors import Unsupported
-from . import mountns, protocol
+from . import ipcns, mountns, protocol
 
 KINDS = ("cgroup", "ipc", "mnt", "net", "pid", "pid_for_children", "time", "time_for_children", "user", "uts")
 MADE = ("pid", "pid_for_children", "uts", "ipc", "time", "time_for_children", "mnt", "net")  # made again for a container's init
 IPC_SYSCTLS = ("kernel/shmmax", "kernel/shmall", "kernel/shmmni", "kernel/shm_rmid_forced", "kernel/msgmax",
                "kernel/msgmni", "kernel/msgmnb", "kernel/sem", "fs/mqueue/msg_max", "fs/mqueue/msgsize_max",
                "fs/mqueue/queues_max", "fs/mqueue/msg_default", "fs/mqueue/msgsize_default")
-SYSV = {"shm": "SysV shared memory segment", "msg": "SysV message queue", "sem": "SysV semaphore set"}
 
 
 @dataclasses.dataclass
@@ -67,6 +67,11 @@ class Namespaces:
     last_pid: int = 0  # the pid namespace's ns_last_pid: its next process is given the first free pid above it
     mounts: list[mountns.Mount] = dataclasses.field(default_factory=list)  # "mnt": its mount table (1.6)
     outside: list[str] = dataclasses.field(default_factory=list)  # "mnt": files open on host mounts (1.6)
+    # 1.6: the objects of its IPC namespace (objects/ipcns.py); segments: those no process attaches
+    msg_queues: list[ipcns.MsgQueue] = dataclasses.field(default_factory=list)
+    sem_sets: list[ipcns.SemSet] = dataclasses.field(default_factory=list)
+    segments: list[ipcns.Segment] = dataclasses.field(default_factory=list)
+    mqueues: list[ipcns.PosixQueue] = dataclasses.field(default_factory=list)
 
 
 def _link(pid: int | str, kind: str) -> str | None:
@@ -134,35 +139,6 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
-def _check_ipc_objects(attached: set[int]) -> None:
-    """The objects of the tree's IPC namespace (this worker has entered
-    it): SysV segments the tree has attached (`attached`, objects/shm.py)
-    are made again in the new one; any other SysV object and every POSIX
-    message queue is refused by name."""
-    link = _link("self", "ipc")
-    for name, what in SYSV.items():
-        lines = [line.split() for line in _read(f"/proc/sysvipc/{name}").splitlines()[1:]]
-        left = [(key, ident) for key, ident, *_ in lines if not (name == "shm" and int(ident) in attached)]
-        if left:
-            key, ident = left[0]
-            raise Unsupported(f"ipc namespace {link}: {what} id {ident} key {int(key):#x} (of {len(left)}); "
-                              "only SysV segments a process of the tree attaches are restored")
-    import tempfile
-
-    where = tempfile.mkdtemp(prefix="procsnap-mqueue-")
-    try:
-        nsworker.mount(b"mqueue", where.encode(), b"mqueue")
-        try:
-            queues = sorted(os.listdir(where))
-        finally:
-            nsworker.umount(where.encode())
-    finally:
-        os.rmdir(where)
-    if queues:
-        raise Unsupported(f"ipc namespace {link}: POSIX message queue /{queues[0]} (of {len(queues)}); "
-                          "message queues are not restored")
-
-
 def collect_namespaces(root: model.Checkpoint, writer=None) -> Namespaces | None:
     """Inside a container's worker (which has entered the root's UTS and
     IPC namespaces): what the root's own namespaces hold."""
@@ -174,7 +150,8 @@ def collect_namespaces(root: model.Checkpoint, writer=None) -> Namespaces | None
     if "uts" in ns.own:
         ns.hostname, ns.domainname = os.uname().nodename, _read("/proc/sys/kernel/domainname")
     if "ipc" in ns.own:
-        _check_ipc_objects({m.sysv_id for m in root.shms if m.sysv_id >= 0})
+        tids = [int(t) for p in root.procs for t in os.listdir(f"/proc/{p.pid}/task")]
+        ipcns.collect_ipc_objects(ns, writer, {m.sysv_id for m in root.shms if m.sysv_id >= 0}, tids)
         ns.ipc_sysctls = {name: _read(f"/proc/sys/{name}") for name in IPC_SYSCTLS
                           if os.path.exists(f"/proc/sys/{name}")}
     if "mnt" in ns.own:
@@ -233,17 +210,21 @@ def make_namespaces(ns: Namespaces, mounts: mountns.MadeNamespace | None = None)
         mounts.enter()
 
 
-def enter_ipc(ckpt: model.Checkpoint, stack) -> None:
+def enter_ipc(ckpt: model.Checkpoint, stack, image=None) -> None:
     """The restorer's thread in a new IPC namespace with the saved sysctls
-    for the whole restore, if the image has one: the SysV segments are made
-    in it (objects/shm.py), the root is cloned into it, the kinds' finish
-    removes what it must there; back in its own as `stack` closes."""
+    for the whole restore, if the image has one: its objects are made in it
+    (objects/ipcns.py, from `image`; the attached SysV segments by
+    objects/shm.py), the root is cloned into it, the kinds' finish removes
+    what it must there; back in its own as `stack` closes."""
     if not ckpt.namespaces or "ipc" not in ckpt.namespaces[0].own:
         return
     own = os.open("/proc/thread-self/ns/ipc", os.O_RDONLY | os.O_CLOEXEC)
     stack.callback(_back_to, own, "ipc")
     nsworker.unshare(nsworker.CLONE_NEWIPC)
-    for name, value in ckpt.namespaces[0].ipc_sysctls.items():
+    ns = ckpt.namespaces[0]
+    if image is not None:
+        ipcns.make_ipc_objects(ns, image)
+    for name, value in ns.ipc_sysctls.items():
         _write(f"/proc/sys/{name}", value)
 
 

@@ -38,6 +38,7 @@ class Pipe:
     data: bytes
     path: str = ""  # a named FIFO's path; "" for a pipe()
     attrs: FileAttrs | None = None  # 1.2: a FIFO unlinked while open: its owner, mode, times
+    ino: int = 0  # 1.6: a pipe()'s inode when dumped, its name for --inherit-fd (pipe:[INO], inheritfd.py)
 
 
 class Collect(protocol.Collect):
@@ -59,7 +60,8 @@ class Collect(protocol.Collect):
             raise Unsupported(f"{fd.where}: named FIFO {path} was removed or replaced", fd.pid)
         key = (fd.st.st_dev, fd.st.st_ino)
         if key not in self.pipes:
-            self.pipes[key] = Pipe(len(self.pipes), 0, b"", path, FileAttrs.of(fd.st) if unlinked else None)
+            self.pipes[key] = Pipe(len(self.pipes), 0, b"", path, FileAttrs.of(fd.st) if unlinked else None,
+                                   0 if path else fd.st.st_ino)
             self.ends[self.pipes[key].id] = (fd.pid, fd.fd)
         return model.FdEntry(fd.fd, model.FdKind.PIPE, fd.flags, 0, path, self.pipes[key].id)
 

@@ -18,7 +18,7 @@ import signal
 import threading
 import typing
 
-from .. import externals, faults, model, nsworker, objects, workers
+from .. import externals, faults, inheritfd, model, nsworker, objects, workers
 from ..errors import ProcsnapError, RestoreError, plural, translated
 from ..image import schema
 from ..image.reader import Image, PageSource, open_image, open_pages
@@ -45,7 +45,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
             key: bytes | None = None, tcp_established: bool = False, tcp_close: bool = False,
             skip_net_lock: bool = False, lazy_pages: bool = False, lazy_log: str | None = None,
             lazy_server=None, before_release=None, checked: bool = False, external: dict | None = None,
-            root: str | None = None) -> int:
+            root: str | None = None, inherit_fd: dict[str, int] | None = None) -> int:
     """Bring the process tree in `images_dir` back; returns the root's pid.
 
     The restored root is a child of the caller, running. `detach` is
@@ -64,6 +64,8 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     moments ago (a migration's receiver did): not read again here.
     root: a container's root directory, given again (it had pivoted into
     it; objects/mountns.py).
+    inherit_fd: resource -> an fd of the caller's, used for every fd of the
+    tree that held that resource (restore --inherit-fd, inheritfd.py).
     """
     externals.check_used(external, ("mnt", "veth"))  # the kinds the restore reads (externals.py)
     root_image = open_image(images_dir, not checked, progress=progress and functools.partial(progress, "check pages"),
@@ -79,8 +81,9 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
         for proc_entry, image in tree:
             if image is not None:
                 check_restorable(image, allow_other_owner, allow_setuid,
-                                 root_image.checkpoint.task if proc_entry.ppid else None)
+                                 root_image.checkpoint.task if proc_entry.ppid else None, set(inherit_fd or ()))
                 objects.check_task_state(image.checkpoint)
+        inheritfd.check(tree, inherit_fd)
     except BaseException:
         if mounts is not None:
             mounts.close()
@@ -93,7 +96,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
         if mounts is not None:
             stack.callback(mounts.close)
         stack.callback(M.close_fill_pool)
-        NS.enter_ipc(root_image.checkpoint, stack)  # a container's: its SysV segments are made in it
+        NS.enter_ipc(root_image.checkpoint, stack, root_image)  # a container's: its IPC objects are made in it
         netns.enter_net(root_image.checkpoint, stack, (external or {}).get("veth", {}))  # and its sockets in this
         succeeded = [False]
         lazy = None
@@ -105,6 +108,7 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
         shared = SharedFiles(root_image, ext_unix_sk=ext_unix_sk, tcp_established=tcp_established,
                              tcp_close=tcp_close, skip_net_lock=skip_net_lock)
         stack.callback(shared.close)
+        shared.inherit = inherit_fd or {}
         stack.callback(lambda: shared.finish(succeeded[0]))
         nodes: dict[int, Node] = {}
         images: dict[int, Image] = {}

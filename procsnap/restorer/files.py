@@ -13,7 +13,7 @@ from .. import records as dataclasses  # the dataclasses API, cheap to import
 import os
 import typing
 
-from .. import model, objects
+from .. import inheritfd, model, objects
 from ..errors import RestoreError
 from ..image.reader import Image
 from ..objects.file import FileRef, changed_since_dump
@@ -54,6 +54,8 @@ class SharedFiles:
     """What the processes of a tree share, made once in the restorer and
     inherited by all of them: open file descriptions (FdEntry.desc), and
     what each kind shares (pipes, sockets, shared memory)."""
+
+    inherit: dict[str, int] = {}  # restore --inherit-fd: resource -> the caller's fd (inheritfd.py)
 
     def __init__(self, root_image: Image, **options):
         self.tree_fds = TreeFds()
@@ -152,10 +154,12 @@ def _prepare_fds(image: Image, prepared: PreparedFiles, shell_job: bool, shared:
             if entry.desc >= 0 and entry.desc in shared.descs:  # opened for another process of the tree
                 prepared.fd_sources[entry.fd] = shared.descs[entry.desc]
                 continue
-            kind = shared.by_fd_kind.get(entry.kind)
-            if kind is None:
-                raise RestoreError(f"fd {entry.fd}: kind {entry.kind.value} cannot be restored")
-            fd = _open_entry(kind, entry, proc)
+            fd = inheritfd.open_inherited(entry, shared.inherit, shared.root_image.checkpoint.pipes)
+            if fd is None:  # (else the caller's, restore --inherit-fd)
+                kind = shared.by_fd_kind.get(entry.kind)
+                if kind is None:
+                    raise RestoreError(f"fd {entry.fd}: kind {entry.kind.value} cannot be restored")
+                fd = _open_entry(kind, entry, proc)
             prepared.fd_sources[entry.fd] = fd
             if entry.desc >= 0:
                 shared.descs[entry.desc] = shared.tree_fds.own(fd)

@@ -33,11 +33,14 @@ from ..objects.cgroups import cgroup_problems
 from ..objects.file import changed_since_dump
 
 
-def _file_problems(ckpt: model.Checkpoint, allow_setuid: bool) -> list[str]:
+def _file_problems(ckpt: model.Checkpoint, allow_setuid: bool, inherited=frozenset()) -> list[str]:
+    """inherited: paths the caller gives as open files (restore --inherit-fd): not opened, if only fds hold them."""
     problems = []
     mapped = {v.file_id for v in ckpt.vmas if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED)}
     mapped.add(ckpt.mm.exe_file_id)
     for ref in ckpt.files:
+        if ref.path in inherited and ref.id not in mapped:
+            continue
         try:
             st = os.stat(nsworker.in_root(ref.path))
         except OSError as err:
@@ -70,12 +73,12 @@ def _owner_problems(task: model.Task, allow_other_owner: bool, tree_root: model.
 
 
 def image_problems(image: Image, allow_other_owner: bool = False, allow_setuid: bool = False,
-                   tree_root: model.Task | None = None) -> list[str]:
+                   tree_root: model.Task | None = None, inherited=frozenset()) -> list[str]:
     """tree_root: the task of the tree's root, when `image` is of a process below it."""
     ckpt = image.checkpoint
     root = [] if ckpt.task.root == "/" or os.path.isdir(ckpt.task.root) else \
         [f"its root directory (chroot) {ckpt.task.root} is gone"]
-    return (_owner_problems(ckpt.task, allow_other_owner, tree_root) + _file_problems(ckpt, allow_setuid) + root
+    return (_owner_problems(ckpt.task, allow_other_owner, tree_root) + _file_problems(ckpt, allow_setuid, inherited) + root
             + cgroup_problems(ckpt.cgroups))
 
 
@@ -104,7 +107,7 @@ def verify_image(directory: str, allow_other_owner: bool = False, allow_setuid: 
 
 
 def check_restorable(image: Image, allow_other_owner: bool, allow_setuid: bool,
-                     tree_root: model.Task | None = None) -> None:
-    problems = image_problems(image, allow_other_owner, allow_setuid, tree_root)
+                     tree_root: model.Task | None = None, inherited=frozenset()) -> None:
+    problems = image_problems(image, allow_other_owner, allow_setuid, tree_root, inherited)
     if problems:
         raise RestoreError(f"{image.directory}: cannot restore: " + "; ".join(problems), image.checkpoint.task.pid)
