@@ -331,12 +331,13 @@ def test_leave_running_then_a_copy_beside_it(procs, tmp_path):
 
 
 @pytest.mark.parametrize("edit, found", [
-    (lambda ns: ns.update(own=["uts"]), "only pid, uts, ipc, time and net"),
-    (lambda ns: ns.update(own=["pid", "mnt"]), "only pid, uts, ipc, time and net"),
+    (lambda ns: ns.update(own=["uts"]), "only pid, uts, ipc, time, mnt and net"),
+    (lambda ns: ns.update(own=["pid", "user"]), "only pid, uts, ipc, time, mnt and net"),
+    (lambda ns: ns.update(own=["pid", "mnt"]), "a mount namespace without its mount table"),
     (lambda ns: ns.update(own=["pid", "net"]), "a network namespace without its NETN record"),
     (lambda ns: ns.update(ipc_sysctls={"kernel/core_pattern": "|/bin/sh"}), "ipc sysctls"),
     (lambda ns: ns.update(time_offsets=[["realtime", 5, 0]]), "time offsets"),
-], ids=["no-pid", "mnt", "net", "sysctl", "clock"])
+], ids=["no-pid", "user", "mnt", "net", "sysctl", "clock"])
 def test_corrupt_namespaces_record(edit, found, procs, tmp_path):
     """An NSPC record restore cannot trust is ImageCorrupt, naming it (a
     sysctl outside the ipc ones is never written), before any process is made."""

@@ -256,6 +256,8 @@ def _host_devs() -> set[str]:
 
 def check_image(mounts: list[Mount], own: bool) -> list[str]:
     problems = [] if own or not mounts else ["namespaces: a mount table without a mount namespace"]
+    if own and not mounts:
+        problems.append("namespaces: a mount namespace without its mount table")
     for m in mounts:
         if m.how not in ("copied", "tmpfs", "bind", "proc", "root"):
             problems.append(f"mount at {m.point}: unknown kind {m.how!r}")
