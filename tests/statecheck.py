@@ -226,6 +226,17 @@ def _mount_points(pid: int) -> dict[str, str]:
     return out
 
 
+MQUEUE_MAGIC = 0x19800202  # include/uapi/linux/magic.h
+
+
+def _fs_type(path: str) -> int:
+    """statfs(2)'s f_type (the first field of struct statfs on x86_64), or -1."""
+    buf = ctypes.create_string_buffer(120)
+    if _libc.statfs(path.encode(), buf) != 0:
+        return -1
+    return struct.unpack_from("<q", buf)[0]
+
+
 def _fdinfo(pid: int) -> dict[str, str]:
     out = {}
     mounts = _mount_points(pid)
@@ -245,8 +256,11 @@ def _fdinfo(pid: int) -> dict[str, str]:
                 continue
             if key == "mnt_id":
                 # the mount, by where it is: internal mounts (pipefs, sockfs,
-                # anon_inodefs) are not in mountinfo and keep their kind
-                value = mounts.get(value, "internal" if not target.startswith("/") else f"<mount {value}?>")
+                # anon_inodefs) are not in mountinfo and keep their kind; so is
+                # a POSIX queue's (its IPC namespace's own mqueue mount), whose
+                # path is the queue's name
+                internal = not target.startswith("/") or _fs_type(f"/proc/{pid}/fd/{name}") == MQUEUE_MAGIC
+                value = mounts.get(value, "internal" if internal else f"<mount {value}?>")
             elif key == "lock":
                 locks.append(_lock_line(value))
                 continue
