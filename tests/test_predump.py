@@ -307,3 +307,27 @@ def test_failed_final_dump(procs, tmp_path):
     assert own_pages(images, area, npages)[0] == WRITTEN[1]
     restore(procs, t, images)
     assert_pass(t)
+
+
+def test_final_dump_left_running_reads_the_snapshot(procs, tmp_path):
+    """A final dump with leave_running reads its pages from the copy-on-write
+    snapshot, as any --leave-running dump (one dump flow, dumper/plan.py):
+    it stores the pages written since the pass and refers to the rest, the
+    tracking is gone, the target runs on untraced, and the image restores."""
+    s = tmp_path / "series"
+    t, area, npages = start_predump(procs)
+    pre_dump(t.pid, str(s / "1"), method="uffd-wp")
+    step(t, 1)
+    before = final_snapshot(t, s / "1")
+    (s / "final").mkdir()
+    stats = procsnap.dump(t.pid, str(s / "final"), leave_running=True, prev_images_dir="../1")
+    assert stats.snapshot and 0 < stats.frozen_s < stats.total_s, stats
+    assert_not_tracked(t.pid)
+    assert_running_untraced(t.pid)
+    own, referred = own_pages(s / "final", area, npages)
+    assert own == WRITTEN[1], f"the final dump copied pages {sorted(own)} of the area"
+    assert referred == set(range(npages)) - WRITTEN[1]
+    t.kill_and_reap()
+    t.dumped = before  # restore() compares against it
+    restore(procs, t, s / "final")
+    assert_pass(t)

@@ -80,7 +80,7 @@ class PagesByVma:
         keys = [v.start for v in starts]
         lo = hi = 0
         mine = None
-        for i, (vaddr, *_) in enumerate(schema.PAGE_RUN.iter_unpack(self.data)):
+        for i, (vaddr, _, _, _) in enumerate(schema.PAGE_RUN.iter_unpack(self.data)):
             if not lo <= vaddr < hi:  # runs come VMA by VMA: a lookup only where the VMA changes
                 v = starts[bisect.bisect_right(keys, vaddr) - 1]
                 lo, hi = v.start, v.end
