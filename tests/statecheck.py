@@ -225,6 +225,15 @@ def _mount_points(pid: int) -> dict[str, str]:
     return out
 
 
+def _mqueue(pid: int, fd: str) -> bool:
+    from procsnap.kernel import ipc
+
+    try:
+        return ipc.fs_type(f"/proc/{pid}/fd/{fd}") == ipc.MQUEUE_MAGIC
+    except OSError:
+        return False
+
+
 def _fdinfo(pid: int) -> dict[str, str]:
     out = {}
     mounts = _mount_points(pid)
@@ -244,8 +253,10 @@ def _fdinfo(pid: int) -> dict[str, str]:
                 continue
             if key == "mnt_id":
                 # the mount, by where it is: internal mounts (pipefs, sockfs,
-                # anon_inodefs) are not in mountinfo and keep their kind
-                value = mounts.get(value, "internal" if not target.startswith("/") else f"<mount {value}?>")
+                # anon_inodefs, an IPC namespace's mqueue fs: an mq fd's link is
+                # /NAME) are not in mountinfo and keep their kind
+                value = mounts.get(value, "internal" if not target.startswith("/") or _mqueue(pid, name)
+                                   else f"<mount {value}?>")
             elif key == "lock":
                 locks.append(_lock_line(value))
                 continue
@@ -375,6 +386,7 @@ OWN_NAMESPACE_FILES = {
     "uts": ["/proc/sys/kernel/hostname", "/proc/sys/kernel/domainname"],
     "ipc": [f"/proc/sys/kernel/{n}" for n in ("shmmax", "shmall", "shmmni", "shm_rmid_forced", "msgmax", "msgmni",
                                               "msgmnb", "sem")] + ["/proc/sys/fs/mqueue", "/proc/sysvipc"],
+    "cgroup": ["/proc/self/cgroup"],  # the checker's cgroups, relative to the namespace's root
 }
 
 

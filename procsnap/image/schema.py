@@ -63,7 +63,8 @@ MINOR = 6  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #      FLIT (files in flight no process of the tree holds, objects/unixrights.py), named in
 #      Socket.rights as [-1, index]
 # 1.6: Namespaces.msg_queues/sem_sets/segments/mqueues (the objects of a container's IPC namespace,
-#      objects/ipcns.py), FdKind.MQUEUE (an fd of a POSIX message queue); Pipe.ino (restore --inherit-fd)
+#      objects/ipcns.py), FdKind.MQUEUE (an fd of a POSIX message queue); Pipe.ino (restore --inherit-fd);
+#      Namespaces.cgroup_roots and "cgroup" in Namespaces.own (a container's cgroup namespace)
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
