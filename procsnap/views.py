@@ -308,6 +308,12 @@ def summary(root: Image, tree: Tree) -> str:
     for ns in root.checkpoint.namespaces:  # a container's (objects/namespaces.py)
         lines.append(f"namespaces of its own: {' '.join(ns.own)}; pids are its pid namespace's"
                      + (f"; hostname {ns.hostname}" if "uts" in ns.own else ""))
+        ipc = [plural(len(objs), what) for objs, what in ((ns.msg_queues, "SysV message queue"),
+               (ns.sem_sets, "semaphore set"), (ns.segments, "unattached segment"),
+               (ns.mqueues, "POSIX message queue")) if objs]
+        if ipc:
+            nmsgs = sum(len(q.messages) for q in [*ns.msg_queues, *ns.mqueues])
+            lines.append(f"ipc objects: {', '.join(ipc)}; {plural(nmsgs, 'message')} in them")
     by_kind: dict[str, int] = collections.Counter()
     shared = nruns = earlier = 0
     ours = {id(img) for _, img in live}

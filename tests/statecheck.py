@@ -226,15 +226,13 @@ def _mount_points(pid: int) -> dict[str, str]:
     return out
 
 
-MQUEUE_MAGIC = 0x19800202  # include/uapi/linux/magic.h
+def _mqueue(pid: int, fd: str) -> bool:
+    from procsnap.kernel import ipc
 
-
-def _fs_type(path: str) -> int:
-    """statfs(2)'s f_type (the first field of struct statfs on x86_64), or -1."""
-    buf = ctypes.create_string_buffer(120)
-    if _libc.statfs(path.encode(), buf) != 0:
-        return -1
-    return struct.unpack_from("<q", buf)[0]
+    try:
+        return ipc.fs_type(f"/proc/{pid}/fd/{fd}") == ipc.MQUEUE_MAGIC
+    except OSError:
+        return False
 
 
 def _fdinfo(pid: int) -> dict[str, str]:
@@ -256,11 +254,10 @@ def _fdinfo(pid: int) -> dict[str, str]:
                 continue
             if key == "mnt_id":
                 # the mount, by where it is: internal mounts (pipefs, sockfs,
-                # anon_inodefs) are not in mountinfo and keep their kind; so is
-                # a POSIX queue's (its IPC namespace's own mqueue mount), whose
-                # path is the queue's name
-                internal = not target.startswith("/") or _fs_type(f"/proc/{pid}/fd/{name}") == MQUEUE_MAGIC
-                value = mounts.get(value, "internal" if internal else f"<mount {value}?>")
+                # anon_inodefs, an IPC namespace's mqueue fs: an mq fd's link is
+                # /NAME) are not in mountinfo and keep their kind
+                value = mounts.get(value, "internal" if not target.startswith("/") or _mqueue(pid, name)
+                                   else f"<mount {value}?>")
             elif key == "lock":
                 locks.append(_lock_line(value))
                 continue
@@ -390,6 +387,7 @@ OWN_NAMESPACE_FILES = {
     "uts": ["/proc/sys/kernel/hostname", "/proc/sys/kernel/domainname"],
     "ipc": [f"/proc/sys/kernel/{n}" for n in ("shmmax", "shmall", "shmmni", "shm_rmid_forced", "msgmax", "msgmni",
                                               "msgmnb", "sem")] + ["/proc/sys/fs/mqueue", "/proc/sysvipc"],
+    "cgroup": ["/proc/self/cgroup"],  # the checker's cgroups, relative to the namespace's root
 }
 
 

@@ -17,7 +17,7 @@ import pytest
 import procsnap
 from procsnap.errors import Unsupported
 
-from conftest import assert_pass, assert_same_snapshot
+from conftest import assert_pass, assert_same_snapshot, cli
 from test_namespaces import dump_container, fail_then_restore, init_of, inside_snapshot, restore_container
 
 UNSHARE = ["unshare", "--fork", "--pid", "--uts", "--ipc"]
@@ -42,6 +42,9 @@ def test_ipc_objects_restored(procs, tmp_path):
     t, init = start_ipcns(procs, "objects")
     shown = ipcs(init)
     before = dump_container(t, init, tmp_path / "img")
+    r = cli("show", tmp_path / "img")
+    assert "ipc objects: 2 SysV message queues, 1 semaphore set, 1 unattached segment, 1 POSIX message queue; " \
+        "7 messages in them" in r.stdout, r.stdout
     pid = restore_container(t, tmp_path / "img", before)
     assert ipcs(pid) == shown
     assert_pass(t)

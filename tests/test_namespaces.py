@@ -68,10 +68,11 @@ def restore_container(t, images, before):
     return pid
 
 
-@pytest.mark.parametrize("extra", [(), TIME], ids=["pid-uts-ipc", "pid-uts-ipc-time"])
+@pytest.mark.parametrize("extra", [(), TIME, ("--cgroup",)], ids=["pid-uts-ipc", "pid-uts-ipc-time", "cgroup"])
 def test_container_restored(extra, procs, tmp_path):
     """The container target: pids 1, its children and grandchild, the
-    hostname, domainname, kernel.msgmax and (time) the clock offsets,
+    hostname, domainname, kernel.msgmax, (time) the clock offsets and
+    (cgroup) the cgroups as its own cgroup namespace shows them,
     checked by the target itself after the restore."""
     t, init = start_container(procs, extra)
     before = dump_container(t, init, tmp_path / "img")
@@ -122,8 +123,7 @@ def test_shell_with_children(procs, tmp_path):
 
 @pytest.mark.parametrize("unshare, names", [
     (["--fork", "--pid", "--user", "--map-root-user"], ["user:["]),
-    (["--fork", "--pid", "--cgroup"], ["cgroup:["]),
-], ids=["user", "cgroup"])  # mount namespaces: test_mountns.py; network: test_netns.py
+], ids=["user"])  # mount namespaces: test_mountns.py; network: test_netns.py; cgroup: test_container_restored
 def test_not_restored_refused_by_name(unshare, names, procs, tmp_path):
     """A container's namespaces procsnap does not make again are refused,
     naming them, and the tree runs on (the target checks itself)."""
@@ -331,8 +331,8 @@ def test_leave_running_then_a_copy_beside_it(procs, tmp_path):
 
 
 @pytest.mark.parametrize("edit, found", [
-    (lambda ns: ns.update(own=["uts"]), "only pid, uts, ipc, time, mnt and net"),
-    (lambda ns: ns.update(own=["pid", "user"]), "only pid, uts, ipc, time, mnt and net"),
+    (lambda ns: ns.update(own=["uts"]), "only pid, uts, ipc, time, mnt, net and cgroup"),
+    (lambda ns: ns.update(own=["pid", "user"]), "only pid, uts, ipc, time, mnt, net and cgroup"),
     (lambda ns: ns.update(own=["pid", "mnt"]), "a mount namespace without its mount table"),
     (lambda ns: ns.update(own=["pid", "net"]), "a network namespace without its NETN record"),
     (lambda ns: ns.update(ipc_sysctls={"kernel/core_pattern": "|/bin/sh"}), "ipc sysctls"),

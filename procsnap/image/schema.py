@@ -70,6 +70,7 @@ MINOR = 6  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #      nftables, net sysctls; objects/netns.py), "net" in Namespaces.own
 #      Namespaces.msg_queues/sem_sets/segments/mqueues (the objects of a container's IPC namespace,
 #      objects/ipcns.py), FdKind.MQUEUE (an fd of a POSIX message queue); Pipe.ino (restore --inherit-fd)
+#      Namespaces.cgroup_roots and "cgroup" in Namespaces.own (a container's cgroup namespace)
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 

@@ -19,7 +19,11 @@ that is not procsnap's is refused at dump, by name.
     mnt        made again with its mount table     refused
                and its tmpfs files (mountns.py)
     net        made again (objects/netns.py)       refused
-    user, cgroup                                   refused, by name
+    cgroup     made again, rooted where it was     refused
+               in each hierarchy (the copy that
+               clones the root moves there and
+               unshares)
+    user                                           refused, by name
 
 The dump and the rebuild run in a worker inside the pid namespace
 (nsworker.py), so the image and every call see the namespace's pids. The
@@ -44,11 +48,12 @@ import functools
 import os
 
 from .. import model, nsworker
-from ..errors import Unsupported
-from . import ipcns, mountns, protocol
+from ..errors import RestoreError, Unsupported
+from . import cgroups, ipcns, mountns, protocol
 
 KINDS = ("cgroup", "ipc", "mnt", "net", "pid", "pid_for_children", "time", "time_for_children", "user", "uts")
-MADE = ("pid", "pid_for_children", "uts", "ipc", "time", "time_for_children", "mnt", "net")  # made again for a container's init
+MADE = ("pid", "pid_for_children", "uts", "ipc", "time", "time_for_children", "mnt", "net", "cgroup")  # made again for a container's init
+OWN = ("pid", "uts", "ipc", "time", "mnt", "net", "cgroup")  # Namespaces.own's
 IPC_SYSCTLS = ("kernel/shmmax", "kernel/shmall", "kernel/shmmni", "kernel/shm_rmid_forced", "kernel/msgmax",
                "kernel/msgmni", "kernel/msgmnb", "kernel/sem", "fs/mqueue/msg_max", "fs/mqueue/msgsize_max",
                "fs/mqueue/queues_max", "fs/mqueue/msg_default", "fs/mqueue/msgsize_default")
@@ -59,7 +64,7 @@ class Namespaces:
     """The namespaces of the tree's own, made again around the root (1.5),
     once per tree. A kind not listed in `own` is the host's."""
 
-    own: list[str] = dataclasses.field(default_factory=list)  # of MADE's "pid", "uts", "ipc", "time"
+    own: list[str] = dataclasses.field(default_factory=list)  # of OWN
     hostname: str = ""
     domainname: str = ""
     ipc_sysctls: dict[str, str] = dataclasses.field(default_factory=dict)  # IPC_SYSCTLS path -> value
@@ -72,6 +77,8 @@ class Namespaces:
     sem_sets: list[ipcns.SemSet] = dataclasses.field(default_factory=list)
     segments: list[ipcns.Segment] = dataclasses.field(default_factory=list)
     mqueues: list[ipcns.PosixQueue] = dataclasses.field(default_factory=list)
+    # 1.6: a cgroup namespace's root in each hierarchy, as the restorer's cgroup namespace shows it
+    cgroup_roots: list[cgroups.Cgroup] = dataclasses.field(default_factory=list)
 
 
 def _link(pid: int | str, kind: str) -> str | None:
@@ -108,6 +115,40 @@ def pid_namespace_init(pid: int) -> bool:
     return True
 
 
+def _cgroup_roots() -> list[cgroups.Cgroup]:
+    """The root of the init's cgroup namespace in each hierarchy: its
+    cgroups as the worker sees them (the caller's cgroup namespace) less
+    what the namespace itself shows (a child of the worker's, entered into
+    it, reads them). An init outside its namespace's root (a path shown
+    from "/..") is refused by name."""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            os.close(r)
+            nsworker.setns_to(1, "cgroup")
+            os.write(w, cgroups._read("/proc/1/cgroup").encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        inside = f.read().decode()
+    os.waitpid(child, 0)
+    if not inside:
+        raise Unsupported("pid 1: cannot read its cgroups from inside its cgroup namespace", 1)
+    full = {c.controllers: c.path for c in cgroups.parse_cgroups(cgroups._read("/proc/1/cgroup"))}
+    roots = []
+    for c in cgroups.parse_cgroups(inside):
+        host = full.get(c.controllers, "")
+        if c.path.startswith("/..") or not host.endswith(c.path.rstrip("/")):
+            raise Unsupported(f"pid 1: in cgroup {c.describe()} of its cgroup namespace {_link(1, 'cgroup')} "
+                              f"({host} here), outside the namespace's root; not supported", 1)
+        roots.append(cgroups.Cgroup(c.controllers, host[:len(host) - len(c.path.rstrip("/"))] or "/"))
+    return roots
+
+
 def check_namespaces(pid: int) -> None:
     """Inside a container's worker the namespaces of MADE are allowed when
     they are the root's (pid 1's); everything else not procsnap's is refused."""
@@ -126,9 +167,9 @@ def check_namespaces(pid: int) -> None:
                              mountns.dump_external())
         mountns.note_outside(pid)
     if foreign:
-        why = ("user and cgroup namespaces are not restored, nor nested pid namespaces, nor "
+        why = ("user namespaces are not restored, nor nested pid namespaces, nor "
                "namespaces of a process that is not the root" if container else
-               "only the UTS, IPC and time namespaces of a pid namespace's init are restored, with its pid "
+               "only the UTS, IPC, time and cgroup namespaces of a pid namespace's init are restored, with its pid "
                "namespace (dump the init of the container)")
         raise Unsupported(f"pid {pid}: lives in namespaces other than procsnap's: {', '.join(foreign)}; {why}, "
                           "so the tree is refused", pid)
@@ -144,7 +185,7 @@ def collect_namespaces(root: model.Checkpoint, writer=None) -> Namespaces | None
     IPC namespaces): what the root's own namespaces hold."""
     host = nsworker.host_namespaces()
     ns = Namespaces(last_pid=nsworker.saved_last_pid())
-    for kind in ("pid", "uts", "ipc", "time", "mnt", "net"):  # net: its content in objects/netns.py
+    for kind in OWN:  # net: its content in objects/netns.py
         if _link(1, kind) != host.get(kind):
             ns.own.append(kind)
     if "uts" in ns.own:
@@ -157,6 +198,8 @@ def collect_namespaces(root: model.Checkpoint, writer=None) -> Namespaces | None
     if "mnt" in ns.own:
         ns.mounts = mountns.collect_mounts(writer, mountns.dump_external())
         ns.outside = mountns.outside()
+    if "cgroup" in ns.own:
+        ns.cgroup_roots = _cgroup_roots()
     if "time" in ns.own:
         ns.time_offsets = [[clock, int(sec), int(nsec)] for clock, sec, nsec in
                            (line.split() for line in _read("/proc/1/timens_offsets").splitlines())]
@@ -177,12 +220,14 @@ class Collect(protocol.Collect):
 def check_image(ckpt: model.Checkpoint, image) -> list[str]:
     problems = []
     for ns in ckpt.namespaces:
-        if "pid" not in ns.own or set(ns.own) - {"pid", "uts", "ipc", "time", "mnt", "net"}:
-            problems.append(f"namespaces {ns.own}: only pid, uts, ipc, time, mnt and net, with pid, are made again")
+        if "pid" not in ns.own or set(ns.own) - set(OWN):
+            problems.append(f"namespaces {ns.own}: only pid, uts, ipc, time, mnt, net and cgroup, with pid, are made again")
         problems += mountns.check_image(ns.mounts, "mnt" in ns.own)
         if ("net" in ns.own) != bool(ckpt.net_namespaces):
             problems.append(f"namespaces {ns.own}: a network namespace {'without' if 'net' in ns.own else 'with'} "
                             "its NETN record")
+        if any(not c.path.startswith("/") or ".." in c.path.split("/") for c in ns.cgroup_roots):
+            problems.append(f"namespaces: cgroup roots {[c.describe() for c in ns.cgroup_roots]}")
         if ckpt.task.pid != 1:
             problems.append(f"namespaces: the root is pid {ckpt.task.pid}, not its pid namespace's init")
         if any(name not in IPC_SYSCTLS for name in ns.ipc_sysctls):
@@ -198,7 +243,12 @@ def make_namespaces(ns: Namespaces, mounts: mountns.MadeNamespace | None = None)
     for the root to be cloned into (the time namespace is its children's);
     into its mount namespace last, made already (there, /proc may be no
     procfs yet: the restore worker mounts the container's)."""
-    flags = sum(nsworker.NS_FLAGS[kind] for kind in ("uts", "time") if kind in ns.own)
+    if "cgroup" in ns.own:  # rooted where this copy is when it unshares: there, in every hierarchy
+        mounts_now = cgroups._mounts()
+        for root in ns.cgroup_roots:
+            with open(os.path.join(cgroups._directory(root, mounts_now), "cgroup.procs"), "w") as f:
+                f.write("0")
+    flags = sum(nsworker.NS_FLAGS[kind] for kind in ("uts", "time", "cgroup") if kind in ns.own)
     if flags:
         nsworker.unshare(flags)
     if "uts" in ns.own:
@@ -240,12 +290,21 @@ def _write(path: str, value: str) -> None:
         f.write(value)
 
 
+def verify(root: model.Checkpoint) -> list[str]:
+    """A cgroup namespace's roots: each cgroup exists here."""
+    return [f"the cgroup namespace's root: {p}" for ns in root.namespaces
+            for p in cgroups.cgroup_problems(ns.cgroup_roots)]
+
+
 def prepare_root(node, ckpt: model.Checkpoint, mounts: mountns.MadeNamespace | None = None) -> bool:
     """The root's spawn.Node made the init of new namespaces, if the image
     says so (and of the mount namespace `mounts`, made already); returns
     whether it does."""
     if not ckpt.namespaces:
         return False
+    problems = verify(ckpt)
+    if problems:
+        raise RestoreError(f"pid {ckpt.task.pid}: " + "; ".join(problems), ckpt.task.pid)
     node.clone_flags = nsworker.CLONE_NEWPID
     node.before_clone = functools.partial(make_namespaces, ckpt.namespaces[0], mounts)
     return True

@@ -12,7 +12,9 @@
  *                      After SIGUSR1 the root checks its own pid, ppid, the
  *                      pids it was told, the hostname, domainname,
  *                      msgmax, the segment's id (by its key) and bytes,
- *                      the namespace's ns_last_pid, that neither clock went back nor jumped
+ *                      the namespace's ns_last_pid, /proc/self/cgroup (its paths are
+ *                      relative to its cgroup namespace's root, if it has one of its own),
+ *                      that neither clock went back nor jumped
  *                      more than a day (a time namespace's offsets lost
  *                      would move them by the offset), then SIGUSR2s its
  *                      children, which check their own ids (G: also C2's
@@ -130,6 +132,8 @@ int main(int argc, char **argv)
 	for (int i = 0; i < 3; i++)
 		ps_setup(read(pipefd[0], &told[i], sizeof(told[i])) == sizeof(told[i]), "read a pid");
 	double mono = now(CLOCK_MONOTONIC), boot = now(CLOCK_BOOTTIME);
+	char cgroups[2048];  /* relative to the cgroup namespace's root */
+	read_file("/proc/self/cgroup", cgroups, sizeof(cgroups));
 	char last_pid[32];  /* where the namespace's next pid is sought from */
 	read_file("/proc/sys/kernel/ns_last_pid", last_pid, sizeof(last_pid));
 	ps_ready();
@@ -156,6 +160,9 @@ int main(int argc, char **argv)
 	PS_CHECK_STR("kernel.msgmax", MSGMAX, buf);
 	read_file("/proc/sys/kernel/ns_last_pid", buf, sizeof(buf));
 	PS_CHECK_STR("ns_last_pid", last_pid, buf);
+	char cgroups_now[2048];
+	read_file("/proc/self/cgroup", cgroups_now, sizeof(cgroups_now));
+	PS_CHECK_STR("/proc/self/cgroup", cgroups, cgroups_now);
 	PS_CHECK_U64("SysV segment id by its key", shmid, shmget(SHM_KEY, 0, 0));
 	PS_CHECK_U64("SysV segment bytes", seg_hash, ps_hash(seg, SHM_LEN));
 	double mono2 = now(CLOCK_MONOTONIC), boot2 = now(CLOCK_BOOTTIME);

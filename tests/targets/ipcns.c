@@ -114,8 +114,10 @@ static int objects(void)
 	ps_setup(p >= 0, "mq_open /psq");
 	ps_setup(mq_send(p, "a", 1, 1) == 0 && mq_send(p, "b", 1, 9) == 0 && mq_send(p, "c", 1, 1) == 0, "mq_send");
 	close(p);
-	ps_setup(dup2(mq_open("/psq", O_RDONLY | O_NONBLOCK), 20) == 20, "fd 20");
-	ps_setup(dup2(mq_open("/psq", O_WRONLY), 21) == 21, "fd 21");
+	mqd_t rd = mq_open("/psq", O_RDONLY | O_NONBLOCK), wr = mq_open("/psq", O_WRONLY);
+	ps_setup(dup2(rd, 20) == 20 && dup2(wr, 21) == 21, "fds 20 and 21");
+	close(rd);
+	close(wr);
 
 	ps_ready();
 	if (ps_sabotage()) {
