@@ -17,7 +17,7 @@ import pytest
 import procsnap
 from procsnap.errors import Unsupported
 
-from conftest import assert_pass, assert_same_snapshot, cli
+from conftest import assert_pass, assert_running_untraced, assert_same_snapshot, cli
 from test_namespaces import dump_container, fail_then_restore, init_of, inside_snapshot, restore_container
 
 UNSHARE = ["unshare", "--fork", "--pid", "--uts", "--ipc"]
@@ -131,5 +131,5 @@ def test_mq_fd_outside_a_container_refused(procs, tmp_path):
     init = t.pid
     with pytest.raises(Unsupported, match=r"fd \d+ is POSIX message queue /psq-host-test"):
         procsnap.dump(init, str(tmp_path / "img"))
-    assert Path(f"/proc/{init}/stat").read_text().rpartition(")")[2].split()[0] == "S"
+    assert_running_untraced(init)  # thawed: sleeping, or still on its way back into pause()
     t.kill_and_reap()
