@@ -9,7 +9,8 @@ configures the end outside again, as a CRIU action script would, and GETs
 a page. The state check runs inside the container's pid and network
 namespaces (its sockets as sock_diag shows them there) and compares the
 namespace's own state too (statecheck._own_net); the server checks its
-own sockets on SIGUSR1. Device kinds procsnap does not make again are
+own sockets on SIGUSR1. A live TCP connection from outside to a server in
+the container goes on (--tcp-established). Device kinds procsnap does not make again are
 refused by name, the container left running. Every veth the tests make
 outside is deleted, also on failure; everything else dies with the
 container's namespace.
@@ -20,6 +21,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -274,17 +276,60 @@ def test_devices_refused_by_name(make, name, procs, net, tmp_path):
     assert status == 0 and "PASS\n" in out, out
 
 
-def test_tcp_established_refused(procs, net, tmp_path):
-    """--tcp-established of a container with its own network namespace is
-    refused by name; it serves on."""
+ECHO = r'''
+import socket, sys, time
+addr = sys.argv[1]
+while True:
+    try:
+        l = socket.socket(); l.bind((addr, 7000)); break
+    except OSError:
+        time.sleep(0.01)
+l.listen(1)
+print("LISTENING", flush=True)
+c, _ = l.accept()
+print("READY", flush=True)
+got = b""
+while not got.endswith(b"end"):
+    data = c.recv(100)
+    if not data:
+        break
+    got += data
+    c.sendall(data.upper())
+print("PASS" if got == b"before-after-end" else f"FAIL: received {got!r}", flush=True)
+'''
+
+
+def test_live_tcp_connection(procs, net, tmp_path):
+    """--tcp-established: a connection from outside to a server in the
+    container goes on after the restore (the network lock taken and
+    dropped inside the namespace); the server checks the whole stream."""
     n = net()
-    t, init = start_server(procs, n)
-    with pytest.raises(Unsupported, match=r"--tcp-established: .* network namespace of the container's own"):
+    script = procs.workdir / "echo.py"
+    script.write_text(ECHO)
+    t = procs.start([*UNSHARE, "python3", str(script), n.inner], name="echo", ready=False)
+    wait_until(lambda: Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split(), "unshare's child")
+    init = int(Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split()[0])
+    sh(f"ip link add {n.outside} type veth peer name eth0 netns {init}")
+    sh(f"ip link set lo up && ip link set eth0 up && ip addr add {n.inner}/24 dev eth0", init)
+    configure_outside(n)
+    wait_until(lambda: "LISTENING" in t.output(), "the echo server listening")
+    with socket.create_connection((n.inner, 7000), timeout=10) as conn:
+        t.wait_ready()
+        conn.sendall(b"before-")
+        assert conn.recv(100) == b"BEFORE-"
+        before = inside_snapshot(init)
         procsnap.dump(init, str(tmp_path / "img"), tcp_established=True)
-    assert get_page(n) == PAGE
-    os.kill(init, signal.SIGUSR1)
-    status, out = t.wait_exit()
-    assert status == 0 and "PASS\n" in out, out
+        t.wait_exit()
+        pid = procsnap.restore(str(tmp_path / "img"), external={"veth": {"eth0": n.outside}}, tcp_established=True)
+        t.adopt(pid)
+        assert "procsnap-" not in sh("nft list ruleset", pid)  # the lock, made again with the ruleset, is gone
+        configure_outside(n)
+        assert_same_snapshot(before, inside_snapshot(pid))
+        conn.sendall(b"after-")
+        assert conn.recv(100) == b"AFTER-"
+        conn.sendall(b"end")
+        assert conn.recv(100) == b"END"
+    assert_pass(t)
 
 
 @pytest.mark.parametrize("edit, found", [

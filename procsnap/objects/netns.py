@@ -28,9 +28,14 @@ again around the restored tree before any socket of it is made.
 
 Refused at dump, by name, the tree left running: any other device kind
 (tun, tap, macvlan, vlan, bridge, dummy, ...), a veth whose peer is not in
-procsnap's namespace, routes and rules with attributes not listed below,
-and live TCP connections (--tcp-established) of a container with its own
-network namespace.
+procsnap's namespace, addresses, routes, rules and neighbours with
+attributes not listed below.
+
+Live TCP connections (--tcp-established): the dump's worker takes the
+network lock inside the namespace (netlock.py runs nft there), so the
+ruleset it reads holds the lock's table; the restore makes it again with
+the ruleset, before the connections, and removes it at the end (the
+kinds' finish runs before the restorer's thread leaves the namespace).
 
 At restore the restorer's thread unshares CLONE_NEWNET and configures it
 (enter_net), as it does the IPC namespace: the tree's sockets are made in
@@ -279,10 +284,6 @@ class Collect(protocol.Collect):
             return
         if os.readlink("/proc/1/ns/net") == nsworker.host_namespaces().get("net"):
             return
-        if self.options.get("tcp_established"):
-            raise Unsupported(f"pid 1 (the container's init): --tcp-established: live TCP connections in a "
-                              f"network namespace of the container's own ({os.readlink('/proc/1/ns/net')}) are "
-                              "not restored yet")
         root.net_namespaces = [collect_net()]
 
 
