@@ -259,10 +259,12 @@ def test_restored_through_the_cli(procs, net, tmp_path):
     ("ip tuntap add tun0 mode tun", r"device tun0 \(kind tun\)"),
     ("ip link add mv0 link eth0 type macvlan", r"device mv0 \(kind macvlan\)"),
     ("ip link add va type veth peer name vb", r"device v[ab] \(kind veth\): its peer"),
-], ids=["tun", "macvlan", "veth-inside"])
+    ("iptables-legacy -A INPUT -p tcp --dport 9 -j DROP", r"legacy iptables rules \(tables filter: '-A INPUT"),
+], ids=["tun", "macvlan", "veth-inside", "iptables-legacy"])
 def test_devices_refused_by_name(make, name, procs, net, tmp_path):
     """Device kinds not made again are refused naming the device and its
-    kind; the container serves on and passes its own check."""
+    kind, legacy iptables rules naming the first; the container serves on
+    and passes its own check."""
     n = net()
     t, init = start_server(procs, n, extra=make)
     before = inside_snapshot(init)

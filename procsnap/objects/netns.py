@@ -29,7 +29,7 @@ again around the restored tree before any socket of it is made.
 Refused at dump, by name, the tree left running: any other device kind
 (tun, tap, macvlan, vlan, bridge, dummy, ...), a veth whose peer is not in
 procsnap's namespace, addresses, routes, rules and neighbours with
-attributes not listed below.
+attributes not listed below, legacy iptables rules (x_tables).
 
 Live TCP connections (--tcp-established): the dump's worker takes the
 network lock inside the namespace (netlock.py runs nft there), so the
@@ -264,6 +264,7 @@ def collect_net() -> NetNamespace:
                                   "not restored")
             net.neighbours.append([fam, "neigh", "add", n["dst"], "lladdr", n["lladdr"], "dev", n["dev"], "nud",
                                    "permanent"] + (["router"] if n.get("router") else []))
+    _check_legacy_iptables(link)
     ruleset = json.loads(_run(["nft", "-j", "list", "ruleset"]) or '{"nftables": []}')
     if any("metainfo" not in item for item in ruleset.get("nftables", [])):
         net.nft = json.dumps(ruleset)
@@ -275,6 +276,33 @@ def collect_net() -> NetNamespace:
         if len(parts) > 3 and parts[2] in devices or fresh_sysctls.get(key) != value:
             net.sysctls[key] = value
     return net
+
+
+LEGACY = {"ip": "iptables-legacy-save", "ip6": "ip6tables-legacy-save", "arp": "arptables-legacy-save"}
+
+
+def _check_legacy_iptables(link: str) -> None:
+    """Rules of the legacy iptables (x_tables, not nftables) are refused by
+    name: a table is listed once any legacy command touched it; refused if it
+    holds a rule or a policy other than ACCEPT."""
+    for family, tool in LEGACY.items():
+        try:
+            with open(f"/proc/thread-self/net/{family}_tables_names") as f:
+                tables = f.read().split()
+        except FileNotFoundError:
+            continue
+        if not tables:
+            continue
+        try:
+            saved = _run([tool])
+        except Unsupported:
+            saved = "-A (unreadable)"
+        rules = [line for line in saved.splitlines() if line.startswith("-A") or
+                 line.startswith(":") and " ACCEPT " not in line + " "]
+        if rules:
+            raise Unsupported(f"net namespace {link}: legacy {family}tables rules (tables {', '.join(tables)}: "
+                              f"{rules[0]!r} of {len(rules)}): not restored; only nftables rulesets are "
+                              "(iptables-nft's rules are in them)")
 
 
 class Collect(protocol.Collect):
