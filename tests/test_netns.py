@@ -260,7 +260,9 @@ def test_restored_through_the_cli(procs, net, tmp_path):
     ("ip link add mv0 link eth0 type macvlan", r"device mv0 \(kind macvlan\)"),
     ("ip link add va type veth peer name vb", r"device v[ab] \(kind veth\): its peer"),
     ("iptables-legacy -A INPUT -p tcp --dport 9 -j DROP", r"legacy iptables rules \(tables filter: '-A INPUT"),
-], ids=["tun", "macvlan", "veth-inside", "iptables-legacy"])
+    ("iptables -A INPUT -m comment --comment hi -j ACCEPT", r"nftables table ip filter chain INPUT: a rule "
+     r"with the x_tables match comment"),
+], ids=["tun", "macvlan", "veth-inside", "iptables-legacy", "iptables-nft-xt"])
 def test_devices_refused_by_name(make, name, procs, net, tmp_path):
     """Device kinds not made again are refused naming the device and its
     kind, legacy iptables rules naming the first; the container serves on

@@ -29,7 +29,9 @@ again around the restored tree before any socket of it is made.
 Refused at dump, by name, the tree left running: any other device kind
 (tun, tap, macvlan, vlan, bridge, dummy, ...), a veth whose peer is not in
 procsnap's namespace, addresses, routes, rules and neighbours with
-attributes not listed below, legacy iptables rules (x_tables).
+attributes not in ADDR_KEYS, ROUTE_KEYS, RULE_KEYS, NEIGH_KEYS, legacy
+iptables rules (x_tables), nftables rules with x_tables compat expressions
+(iptables-nft's -m comment, -m conntrack, ...: nft cannot make them again).
 
 Live TCP connections (--tcp-established): the dump's worker takes the
 network lock inside the namespace (netlock.py runs nft there), so the
@@ -267,6 +269,7 @@ def collect_net() -> NetNamespace:
     _check_legacy_iptables(link)
     ruleset = json.loads(_run(["nft", "-j", "list", "ruleset"]) or '{"nftables": []}')
     if any("metainfo" not in item for item in ruleset.get("nftables", [])):
+        _check_xt(link, ruleset["nftables"])
         net.nft = json.dumps(ruleset)
     # a device's conf/ and neigh/ values, every one: a device made again takes the "default" ones,
     # and writing a "default" one changes it in every device (lo too) that has not set its own
@@ -276,6 +279,27 @@ def collect_net() -> NetNamespace:
         if len(parts) > 3 and parts[2] in devices or fresh_sysctls.get(key) != value:
             net.sysctls[key] = value
     return net
+
+
+def _check_xt(link: str, items: list[dict]) -> None:
+    """A rule holding an x_tables compat expression (what iptables-nft adds
+    for a match or target nftables has no native form of, -m comment,
+    -m conntrack, ...) is refused by name: `nft -j -f` cannot make it again."""
+    def xt(expr) -> str | None:
+        if isinstance(expr, dict):
+            if "xt" in expr and isinstance(expr["xt"], dict):
+                return f"{expr['xt'].get('type', '')} {expr['xt'].get('name', '')}"
+            return next((found for v in expr.values() if (found := xt(v))), None)
+        if isinstance(expr, list):
+            return next((found for v in expr if (found := xt(v))), None)
+        return None
+
+    for item in items:
+        rule = item.get("rule")
+        if rule and (found := xt(rule.get("expr", []))):
+            raise Unsupported(f"net namespace {link}: nftables table {rule.get('family')} {rule.get('table')} chain "
+                              f"{rule.get('chain')}: a rule with the x_tables {found} of iptables-nft; not restored "
+                              "(nft cannot make it again)")
 
 
 LEGACY = {"ip": "iptables-legacy-save", "ip6": "ip6tables-legacy-save", "arp": "arptables-legacy-save"}
