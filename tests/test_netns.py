@@ -80,6 +80,8 @@ class Net:
         self.prefix = f"10.{150 + base // 250}.{base % 250}"
         self.outside = f"psv{os.getpid()}{n}"[:15]
         self.inner, self.host = f"{self.prefix}.2", f"{self.prefix}.1"
+        self.init = 0  # the container's init (host pid), once started: unshare --fork leaves it when killed
+        self.script = ""
 
     def url(self):
         return f"http://{self.inner}:8080/page.txt"
@@ -93,7 +95,12 @@ def net():
         made.append(Net())
         return made[-1]
     yield make
-    for n in made:  # the end outside; the inside dies with the container's namespace
+    for n in made:
+        with contextlib.suppress(OSError):  # an init of ours still running (the test failed, or left it)
+            if n.init and n.script in Path(f"/proc/{n.init}/cmdline").read_text():
+                os.kill(n.init, signal.SIGKILL)
+                reap_gone([n.init])
+        # the end outside; the inside dies with the container's namespace
         subprocess.run(["ip", "link", "del", n.outside], capture_output=True)
 
 
@@ -115,6 +122,13 @@ def link_local_ready(init):
     return any(a["local"].startswith("fe80:") and not a.get("tentative") for a in info[0].get("addr_info", []))
 
 
+def container_init(t, n, script):
+    """The host pid of the container's init (unshare's child), remembered for the cleanup."""
+    wait_until(lambda: Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split(), "unshare's child")
+    n.init, n.script = int(Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split()[0]), str(script)
+    return n.init
+
+
 def start_server(procs, n, extra="", shell=False):
     """The container, configured from outside: veth, addresses, routes, a
     rule with its table, a neighbour, an nft table, sysctls; READY once it
@@ -125,8 +139,7 @@ def start_server(procs, n, extra="", shell=False):
     server = ["python3", str(script), n.inner]
     t = procs.start([*UNSHARE, *(["sh", "-c", f"{' '.join(server)} & wait"] if shell else server)], name="netns",
                     ready=False)
-    wait_until(lambda: Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split(), "unshare's child")
-    init = int(Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split()[0])
+    init = container_init(t, n, script)
     sh(f"ip link add {n.outside} type veth peer name eth0 netns {init}")
     sh(f"""set -e
         ip link set lo up
@@ -213,7 +226,9 @@ def test_state_check_sees_lost_network_state(procs, net, tmp_path):
         with pytest.raises(AssertionError, match=key.replace(".", r"\.")):
             assert_same_snapshot(before, inside_snapshot(init))
         before = inside_snapshot(init)
-    t.kill_and_reap()
+    os.kill(init, signal.SIGKILL)
+    t.wait_exit()
+    reap_gone([init])
 
 
 def test_restore_needs_the_veth_outside_named(procs, net, tmp_path):
@@ -311,8 +326,7 @@ def test_live_tcp_connection(procs, net, tmp_path):
     script = procs.workdir / "echo.py"
     script.write_text(ECHO)
     t = procs.start([*UNSHARE, "python3", str(script), n.inner], name="echo", ready=False)
-    wait_until(lambda: Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split(), "unshare's child")
-    init = int(Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split()[0])
+    init = container_init(t, n, script)
     sh(f"ip link add {n.outside} type veth peer name eth0 netns {init}")
     sh(f"ip link set lo up && ip link set eth0 up && ip addr add {n.inner}/24 dev eth0", init)
     configure_outside(n)
