@@ -372,3 +372,29 @@ def test_corrupt_net_record(edit, found, procs, net, tmp_path):
         procsnap.restore(str(tmp_path / "img"), external={"veth": {"eth0": n.outside}})
     assert set(our_children()) <= mine
     assert subprocess.run(["ip", "link", "show", n.outside], capture_output=True).returncode != 0
+
+
+@pytest.mark.parametrize("stage", ["after-spawn", "before-detach"])
+def test_failed_restore_leaves_nothing(stage, procs, net, tmp_path, monkeypatch):
+    """A restore that fails once the namespace is made leaves no process,
+    and the veth's end outside goes with the namespace (the kernel tears
+    a namespace down after its last process, asynchronously); the image
+    restores and serves afterwards."""
+    from conftest import our_children
+    from procsnap.faults import InjectedFault
+
+    n = net()
+    t, init = start_server(procs, n)
+    dump_server(t, init, tmp_path / "img")
+    mine = set(our_children())
+    monkeypatch.setenv("PROCSNAP_FAULT", stage)
+    with pytest.raises(InjectedFault):
+        procsnap.restore(str(tmp_path / "img"), external={"veth": {"eth0": n.outside}})
+    monkeypatch.delenv("PROCSNAP_FAULT")
+    assert set(our_children()) <= mine
+    wait_until(lambda: subprocess.run(["ip", "link", "show", n.outside], capture_output=True).returncode != 0,
+               f"{n.outside} gone with the failed restore's namespace")
+    pid = restore_server(t, n, tmp_path / "img")
+    assert get_page(n) == PAGE
+    os.kill(pid, signal.SIGUSR1)
+    assert_pass(t)
