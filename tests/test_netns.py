@@ -9,7 +9,8 @@ configures the end outside again, as a CRIU action script would, and GETs
 a page. The state check runs inside the container's pid and network
 namespaces (its sockets as sock_diag shows them there) and compares the
 namespace's own state too (statecheck._own_net); the server checks its
-own sockets on SIGUSR1. Device kinds procsnap does not make again are
+own sockets on SIGUSR1. A live TCP connection from outside to a server in
+the container goes on (--tcp-established). Device kinds procsnap does not make again are
 refused by name, the container left running. Every veth the tests make
 outside is deleted, also on failure; everything else dies with the
 container's namespace.
@@ -20,6 +21,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -78,6 +80,8 @@ class Net:
         self.prefix = f"10.{150 + base // 250}.{base % 250}"
         self.outside = f"psv{os.getpid()}{n}"[:15]
         self.inner, self.host = f"{self.prefix}.2", f"{self.prefix}.1"
+        self.init = 0  # the container's init (host pid), once started: unshare --fork leaves it when killed
+        self.script = ""
 
     def url(self):
         return f"http://{self.inner}:8080/page.txt"
@@ -91,7 +95,12 @@ def net():
         made.append(Net())
         return made[-1]
     yield make
-    for n in made:  # the end outside; the inside dies with the container's namespace
+    for n in made:
+        with contextlib.suppress(OSError):  # an init of ours still running (the test failed, or left it)
+            if n.init and n.script in Path(f"/proc/{n.init}/cmdline").read_text():
+                os.kill(n.init, signal.SIGKILL)
+                reap_gone([n.init])
+        # the end outside; the inside dies with the container's namespace
         subprocess.run(["ip", "link", "del", n.outside], capture_output=True)
 
 
@@ -113,6 +122,13 @@ def link_local_ready(init):
     return any(a["local"].startswith("fe80:") and not a.get("tentative") for a in info[0].get("addr_info", []))
 
 
+def container_init(t, n, script):
+    """The host pid of the container's init (unshare's child), remembered for the cleanup."""
+    wait_until(lambda: Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split(), "unshare's child")
+    n.init, n.script = int(Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split()[0]), str(script)
+    return n.init
+
+
 def start_server(procs, n, extra="", shell=False):
     """The container, configured from outside: veth, addresses, routes, a
     rule with its table, a neighbour, an nft table, sysctls; READY once it
@@ -123,8 +139,7 @@ def start_server(procs, n, extra="", shell=False):
     server = ["python3", str(script), n.inner]
     t = procs.start([*UNSHARE, *(["sh", "-c", f"{' '.join(server)} & wait"] if shell else server)], name="netns",
                     ready=False)
-    wait_until(lambda: Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split(), "unshare's child")
-    init = int(Path(f"/proc/{t.pid}/task/{t.pid}/children").read_text().split()[0])
+    init = container_init(t, n, script)
     sh(f"ip link add {n.outside} type veth peer name eth0 netns {init}")
     sh(f"""set -e
         ip link set lo up
@@ -211,7 +226,9 @@ def test_state_check_sees_lost_network_state(procs, net, tmp_path):
         with pytest.raises(AssertionError, match=key.replace(".", r"\.")):
             assert_same_snapshot(before, inside_snapshot(init))
         before = inside_snapshot(init)
-    t.kill_and_reap()
+    os.kill(init, signal.SIGKILL)
+    t.wait_exit()
+    reap_gone([init])
 
 
 def test_restore_needs_the_veth_outside_named(procs, net, tmp_path):
@@ -257,10 +274,14 @@ def test_restored_through_the_cli(procs, net, tmp_path):
     ("ip tuntap add tun0 mode tun", r"device tun0 \(kind tun\)"),
     ("ip link add mv0 link eth0 type macvlan", r"device mv0 \(kind macvlan\)"),
     ("ip link add va type veth peer name vb", r"device v[ab] \(kind veth\): its peer"),
-], ids=["tun", "macvlan", "veth-inside"])
+    ("iptables-legacy -A INPUT -p tcp --dport 9 -j DROP", r"legacy iptables rules \(tables filter: '-A INPUT"),
+    ("iptables -A INPUT -m comment --comment hi -j ACCEPT", r"nftables table ip filter chain INPUT: a rule "
+     r"with the x_tables match comment"),
+], ids=["tun", "macvlan", "veth-inside", "iptables-legacy", "iptables-nft-xt"])
 def test_devices_refused_by_name(make, name, procs, net, tmp_path):
     """Device kinds not made again are refused naming the device and its
-    kind; the container serves on and passes its own check."""
+    kind, legacy iptables rules naming the first; the container serves on
+    and passes its own check."""
     n = net()
     t, init = start_server(procs, n, extra=make)
     before = inside_snapshot(init)
@@ -274,17 +295,59 @@ def test_devices_refused_by_name(make, name, procs, net, tmp_path):
     assert status == 0 and "PASS\n" in out, out
 
 
-def test_tcp_established_refused(procs, net, tmp_path):
-    """--tcp-established of a container with its own network namespace is
-    refused by name; it serves on."""
+ECHO = r'''
+import socket, sys, time
+addr = sys.argv[1]
+while True:
+    try:
+        l = socket.socket(); l.bind((addr, 7000)); break
+    except OSError:
+        time.sleep(0.01)
+l.listen(1)
+print("LISTENING", flush=True)
+c, _ = l.accept()
+print("READY", flush=True)
+got = b""
+while not got.endswith(b"end"):
+    data = c.recv(100)
+    if not data:
+        break
+    got += data
+    c.sendall(data.upper())
+print("PASS" if got == b"before-after-end" else f"FAIL: received {got!r}", flush=True)
+'''
+
+
+def test_live_tcp_connection(procs, net, tmp_path):
+    """--tcp-established: a connection from outside to a server in the
+    container goes on after the restore (the network lock taken and
+    dropped inside the namespace); the server checks the whole stream."""
     n = net()
-    t, init = start_server(procs, n)
-    with pytest.raises(Unsupported, match=r"--tcp-established: .* network namespace of the container's own"):
+    script = procs.workdir / "echo.py"
+    script.write_text(ECHO)
+    t = procs.start([*UNSHARE, "python3", str(script), n.inner], name="echo", ready=False)
+    init = container_init(t, n, script)
+    sh(f"ip link add {n.outside} type veth peer name eth0 netns {init}")
+    sh(f"ip link set lo up && ip link set eth0 up && ip addr add {n.inner}/24 dev eth0", init)
+    configure_outside(n)
+    wait_until(lambda: "LISTENING" in t.output(), "the echo server listening")
+    with socket.create_connection((n.inner, 7000), timeout=10) as conn:
+        t.wait_ready()
+        conn.sendall(b"before-")
+        assert conn.recv(100) == b"BEFORE-"
+        before = inside_snapshot(init)
         procsnap.dump(init, str(tmp_path / "img"), tcp_established=True)
-    assert get_page(n) == PAGE
-    os.kill(init, signal.SIGUSR1)
-    status, out = t.wait_exit()
-    assert status == 0 and "PASS\n" in out, out
+        t.wait_exit()
+        pid = procsnap.restore(str(tmp_path / "img"), external={"veth": {"eth0": n.outside}}, tcp_established=True)
+        t.adopt(pid)
+        assert "procsnap-" not in sh("nft list ruleset", pid)  # the lock, made again with the ruleset, is gone
+        configure_outside(n)
+        assert_same_snapshot(before, inside_snapshot(pid))
+        conn.sendall(b"after-")
+        assert conn.recv(100) == b"AFTER-"
+        conn.sendall(b"end")
+        assert conn.recv(100) == b"END"
+    assert_pass(t)
 
 
 @pytest.mark.parametrize("edit, found", [
@@ -309,3 +372,29 @@ def test_corrupt_net_record(edit, found, procs, net, tmp_path):
         procsnap.restore(str(tmp_path / "img"), external={"veth": {"eth0": n.outside}})
     assert set(our_children()) <= mine
     assert subprocess.run(["ip", "link", "show", n.outside], capture_output=True).returncode != 0
+
+
+@pytest.mark.parametrize("stage", ["after-spawn", "before-detach"])
+def test_failed_restore_leaves_nothing(stage, procs, net, tmp_path, monkeypatch):
+    """A restore that fails once the namespace is made leaves no process,
+    and the veth's end outside goes with the namespace (the kernel tears
+    a namespace down after its last process, asynchronously); the image
+    restores and serves afterwards."""
+    from conftest import our_children
+    from procsnap.faults import InjectedFault
+
+    n = net()
+    t, init = start_server(procs, n)
+    dump_server(t, init, tmp_path / "img")
+    mine = set(our_children())
+    monkeypatch.setenv("PROCSNAP_FAULT", stage)
+    with pytest.raises(InjectedFault):
+        procsnap.restore(str(tmp_path / "img"), external={"veth": {"eth0": n.outside}})
+    monkeypatch.delenv("PROCSNAP_FAULT")
+    assert set(our_children()) <= mine
+    wait_until(lambda: subprocess.run(["ip", "link", "show", n.outside], capture_output=True).returncode != 0,
+               f"{n.outside} gone with the failed restore's namespace")
+    pid = restore_server(t, n, tmp_path / "img")
+    assert get_page(n) == PAGE
+    os.kill(pid, signal.SIGUSR1)
+    assert_pass(t)

@@ -28,9 +28,16 @@ again around the restored tree before any socket of it is made.
 
 Refused at dump, by name, the tree left running: any other device kind
 (tun, tap, macvlan, vlan, bridge, dummy, ...), a veth whose peer is not in
-procsnap's namespace, routes and rules with attributes not listed below,
-and live TCP connections (--tcp-established) of a container with its own
-network namespace.
+procsnap's namespace, addresses, routes, rules and neighbours with
+attributes not in ADDR_KEYS, ROUTE_KEYS, RULE_KEYS, NEIGH_KEYS, legacy
+iptables rules (x_tables), nftables rules with x_tables compat expressions
+(iptables-nft's -m comment, -m conntrack, ...: nft cannot make them again).
+
+Live TCP connections (--tcp-established): the dump's worker takes the
+network lock inside the namespace (netlock.py runs nft there), so the
+ruleset it reads holds the lock's table; the restore makes it again with
+the ruleset, before the connections, and removes it at the end (the
+kinds' finish runs before the restorer's thread leaves the namespace).
 
 At restore the restorer's thread unshares CLONE_NEWNET and configures it
 (enter_net), as it does the IPC namespace: the tree's sockets are made in
@@ -259,8 +266,10 @@ def collect_net() -> NetNamespace:
                                   "not restored")
             net.neighbours.append([fam, "neigh", "add", n["dst"], "lladdr", n["lladdr"], "dev", n["dev"], "nud",
                                    "permanent"] + (["router"] if n.get("router") else []))
+    _check_legacy_iptables(link)
     ruleset = json.loads(_run(["nft", "-j", "list", "ruleset"]) or '{"nftables": []}')
     if any("metainfo" not in item for item in ruleset.get("nftables", [])):
+        _check_xt(link, ruleset["nftables"])
         net.nft = json.dumps(ruleset)
     # a device's conf/ and neigh/ values, every one: a device made again takes the "default" ones,
     # and writing a "default" one changes it in every device (lo too) that has not set its own
@@ -272,6 +281,54 @@ def collect_net() -> NetNamespace:
     return net
 
 
+def _check_xt(link: str, items: list[dict]) -> None:
+    """A rule holding an x_tables compat expression (what iptables-nft adds
+    for a match or target nftables has no native form of, -m comment,
+    -m conntrack, ...) is refused by name: `nft -j -f` cannot make it again."""
+    def xt(expr) -> str | None:
+        if isinstance(expr, dict):
+            if "xt" in expr and isinstance(expr["xt"], dict):
+                return f"{expr['xt'].get('type', '')} {expr['xt'].get('name', '')}"
+            return next((found for v in expr.values() if (found := xt(v))), None)
+        if isinstance(expr, list):
+            return next((found for v in expr if (found := xt(v))), None)
+        return None
+
+    for item in items:
+        rule = item.get("rule")
+        if rule and (found := xt(rule.get("expr", []))):
+            raise Unsupported(f"net namespace {link}: nftables table {rule.get('family')} {rule.get('table')} chain "
+                              f"{rule.get('chain')}: a rule with the x_tables {found} of iptables-nft; not restored "
+                              "(nft cannot make it again)")
+
+
+LEGACY = {"ip": "iptables-legacy-save", "ip6": "ip6tables-legacy-save", "arp": "arptables-legacy-save"}
+
+
+def _check_legacy_iptables(link: str) -> None:
+    """Rules of the legacy iptables (x_tables, not nftables) are refused by
+    name: a table is listed once any legacy command touched it; refused if it
+    holds a rule or a policy other than ACCEPT."""
+    for family, tool in LEGACY.items():
+        try:
+            with open(f"/proc/thread-self/net/{family}_tables_names") as f:
+                tables = f.read().split()
+        except FileNotFoundError:
+            continue
+        if not tables:
+            continue
+        try:
+            saved = _run([tool])
+        except Unsupported:
+            saved = "-A (unreadable)"
+        rules = [line for line in saved.splitlines() if line.startswith("-A") or
+                 line.startswith(":") and " ACCEPT " not in line + " "]
+        if rules:
+            raise Unsupported(f"net namespace {link}: legacy {family}tables rules (tables {', '.join(tables)}: "
+                              f"{rules[0]!r} of {len(rules)}): not restored; only nftables rulesets are "
+                              "(iptables-nft's rules are in them)")
+
+
 class Collect(protocol.Collect):
     def collect_tree(self, root: model.Checkpoint, tree_pids: set[int]) -> None:
         """The root's network namespace, if it is a container's own."""
@@ -279,10 +336,6 @@ class Collect(protocol.Collect):
             return
         if os.readlink("/proc/1/ns/net") == nsworker.host_namespaces().get("net"):
             return
-        if self.options.get("tcp_established"):
-            raise Unsupported(f"pid 1 (the container's init): --tcp-established: live TCP connections in a "
-                              f"network namespace of the container's own ({os.readlink('/proc/1/ns/net')}) are "
-                              "not restored yet")
         root.net_namespaces = [collect_net()]
 
 
