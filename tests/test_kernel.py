@@ -1,5 +1,8 @@
 """Pure functions of the kernel layer, on fixtures named after their case."""
 
+import os
+from pathlib import Path
+
 from procsnap.kernel import proc
 from procsnap.kernel.arch import x86_64 as arch
 
@@ -59,3 +62,24 @@ def test_limits_table_in_rlimit_order():
     limits = proc.parse_limits(text)
     assert limits[3] == (8388608, proc.RLIM_INFINITY) and limits[4] == (0, proc.RLIM_INFINITY)
     assert len(limits) == 6
+
+
+def test_periodic_timerfd_due_when_dumped_stays_periodic():
+    """A periodic timerfd whose next expiration was due when its fdinfo was
+    read shows 0 time left (the kernel forwards it only when read): made
+    again, it is still periodic, with that expiration counted (seen under
+    load: a restore that disarmed it)."""
+    import time as _time
+
+    from procsnap.kernel import anonfd
+
+    CLOCK_MONOTONIC = 1
+    fd = anonfd.make_timerfd(CLOCK_MONOTONIC, True, 0, 50_000_000, 3)
+    try:
+        fdinfo = Path(f"/proc/self/fdinfo/{fd}").read_text()
+        assert "it_interval: (0, 50000000)" in fdinfo, fdinfo
+        assert int.from_bytes(os.read(fd, 8), "little") == 4  # the 3 not read, and the one due
+        _time.sleep(0.12)
+        assert int.from_bytes(os.read(fd, 8), "little") >= 1  # and on it goes
+    finally:
+        os.close(fd)

@@ -57,6 +57,12 @@ def make_timerfd(clockid: int, nonblock: bool, value_ns: int, interval_ns: int, 
     fd = _checked(libc.timerfd_create(clockid, O_CLOEXEC | (O_NONBLOCK if nonblock else 0)),
                   f"timerfd_create(clock {clockid})")
     try:
+        if interval_ns and not value_ns:
+            # a periodic timer whose next expiration was already due when its
+            # fdinfo was read (the kernel shows a negative time left as 0; it
+            # forwards the timer only when it is read): that expiration is
+            # counted, the next one an interval later, still periodic
+            ticks, value_ns = ticks + 1, interval_ns
         if value_ns:
             spec = itimerspec(interval_ns // NSEC, interval_ns % NSEC, value_ns // NSEC, value_ns % NSEC)
             _checked(libc.timerfd_settime(fd, 0, ctypes.byref(spec), None), "timerfd_settime")
