@@ -9,7 +9,12 @@ the N-th copy's last process is released), the copies are killed and
 reaped, and the next N follows, interleaved (1 4 10 10 4 1 ...) over
 BENCH_RUNS rounds. Figures only: median [min-max] seconds, and per copy.
 
-Environment: BENCH_RUNS (4), BENCH_MIB (64).
+With BENCH_MOUNT_MIB=M (> 0) the container has a mount namespace of its
+own (`--mount --mount-proc`) with a tmpfs holding a file of M MiB of random
+data (objects/mountns.py): each copy makes its namespace and fills its
+tmpfs again.
+
+Environment: BENCH_RUNS (4), BENCH_MIB (64), BENCH_MOUNT_MIB (0).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from common import descendants, gone, wait_for  # noqa: E402
 
 RUNS = int(os.environ.get("BENCH_RUNS", "4"))
 MIB = int(os.environ.get("BENCH_MIB", "64"))
+MOUNT_MIB = int(os.environ.get("BENCH_MOUNT_MIB", "0"))
 COUNTS = (1, 4, 10)
 PROGRAM = f"""
 import os, time
@@ -49,16 +55,23 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="procsnap-bench-copies-")
     out = os.path.join(work, "out")
     images = os.path.join(work, "img")
+    argv = ["unshare", "--fork", "--pid", "--uts", "--ipc", sys.executable, "-c", PROGRAM]
+    if MOUNT_MIB:
+        os.mkdir(os.path.join(work, "t"))
+        argv[1:1] = ["--mount", "--mount-proc"]
+        argv[-3:] = ["sh", "-c", f"mount -t tmpfs -o size={MOUNT_MIB + 1}m bench {work}/t && "
+                     f"head -c {MOUNT_MIB << 20} /dev/urandom > {work}/t/data && exec {sys.executable} -c '{PROGRAM}'"]
     with open(out, "w") as f:
         unshare = __import__("subprocess").Popen(
-            ["unshare", "--fork", "--pid", "--uts", "--ipc", sys.executable, "-c", PROGRAM],
+            argv,
             stdout=f, stderr=f, stdin=__import__("subprocess").DEVNULL, cwd=work)
     wait_for(out, "READY")
     init = int(open(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read().split()[0])
     others = descendants(init)
     t = time.perf_counter()
     procsnap.dump(init, images)
-    print(f"dump: {time.perf_counter() - t:.2f} s ({MIB} MiB, 3 processes)")
+    print(f"dump: {time.perf_counter() - t:.2f} s ({MIB} MiB, 3 processes"
+          f"{f', a tmpfs file of {MOUNT_MIB} MiB' if MOUNT_MIB else ''})")
     unshare.wait()
     gone([init, *others])
     times: dict[int, list[float]] = {n: [] for n in COUNTS}

@@ -23,7 +23,8 @@ from procsnap import nsworker
 from procsnap.errors import ProcsnapError, RestoreError
 
 from conftest import assert_pass, assert_same_snapshot, wait_until
-from test_namespaces import assert_copies_pass, copies_killed, dump_container, init_of, inside_snapshot, restore_container
+from test_namespaces import (assert_copies_pass, copies_killed, dump_container, init_of, inside_snapshot,
+                             restore_container)
 
 UNSHARE = ["unshare", "--fork", "--pid", "--mount", "--mount-proc", "--uts", "--ipc"]
 
@@ -137,6 +138,9 @@ def assert_refused(t, init, images, match, **options):
     ("mount -t tmpfs one {d}/t && mount -t tmpfs two {d}/t", r"tmpfs mount at {d}/t: overmounts the tmpfs"),
     ("mount -t tmpfs one {d}/t && mkdir {d}/t/x && mount --bind {d}/t/x {d}/b",
      r"at {d}/b: a bind mount of /x of a tmpfs made inside"),
+    ("mount -t tmpfs one {d}/t && mount --bind {d}/t {d}/b", r"at {d}/b: a bind mount of / of a tmpfs made inside"),
+    ("mount -t tmpfs one {d}/t && mount --make-shared {d}/t && mount --bind {d}/t {d}/b && mount --make-slave {d}/b",
+     r"tmpfs mount at {d}/b: a slave of peer group \d+"),
     ("mount -t tmpfs one {d}/t && echo a > {d}/t/a && ln {d}/t/a {d}/t/b", r"{d}/t/a: a file with 2 hard links"),
     ("mount -t tmpfs one {d}/t && mknod {d}/t/null c 1 3", r"{d}/t/null: a device node"),
     ("mount -t tmpfs one {d}/t && mkfifo {d}/t/fifo", r"{d}/t/fifo: a fifo"),
@@ -145,8 +149,8 @@ def assert_refused(t, init, images, match, **options):
      "exec /old{sleep} pause", r"tmpfs mount at / .*is the container's root and not the host's"),
     ("mount --bind {d} {d} && cd {d} && mkdir old && pivot_root . old && cd / && exec /old{sleep} pause",
      r"mount at /old: a host mount kept under the container's own root"),
-], ids=["ramfs", "overmount", "bind-of-tmpfs", "hard-link", "device-node", "fifo", "own-proc-file", "pivot-root-tmpfs",
-    "pivot-root-old-kept"])
+], ids=["ramfs", "overmount", "bind-of-tmpfs", "bind-of-tmpfs-root", "slave", "hard-link", "device-node", "fifo",
+        "own-proc-file", "pivot-root-tmpfs", "pivot-root-old-kept"])
 def test_refused_by_name(script, match, procs, box, tmp_path):
     """What the mount namespace restore does not make again is refused at
     dump, named (type, mount point, path), the container left running."""

@@ -171,15 +171,19 @@ def classify(mounts: list[Mount], origin: list[Mount], external: dict[str, str] 
         if shared is not None and any(_peer(h, "shared") == shared for h in origin):
             raise Unsupported(f"{where}: its parent mount at {parent.point} is shared with the host (peer group "
                               f"{shared}), so the mount is the host's too; not restored")
+        if _peer(m, "master") is not None:
+            raise Unsupported(f"{where}: a slave of peer group {_peer(m, 'master')}; a mount made inside that "
+                              "receives another's mounts is not restored")
+        made_tmpfs = any(o.dev == m.dev and o.how == "tmpfs" for o in mounts)
         if m.point in external:
             m.how, m.external = "bind", external.pop(m.point)
-        elif m.fstype == "tmpfs" and m.root == "/":
+        elif m.fstype == "tmpfs" and m.root == "/" and not made_tmpfs:
             m.how = "tmpfs"
         elif m.fstype == "proc":
             m.how = "proc"
         elif host is not None:
             m.how, m.bind_from = "bind", os.path.join(host.point, os.path.relpath(m.root, host.root))
-        elif any(o.dev == m.dev and o.how == "tmpfs" for o in mounts):
+        elif made_tmpfs:
             raise Unsupported(f"{where}: a bind mount of {m.root} of a tmpfs made inside; not restored")
         else:
             raise Unsupported(f"{where} (source {m.source}, device {m.dev}): file system type {m.fstype} "
@@ -570,7 +574,7 @@ def _build(mounts: list[Mount], image, external: dict[str, str], root: str | Non
             _check(libc.umount2(h.point.encode(), MNT_DETACH), f"umount {h.point}")
     base = os.path.realpath(root).rstrip("/") if root else ""
     with image.open_ghosts() as blobs:
-        for m in mounts:
+        for m in sorted(mounts, key=lambda m: m.how != "root"):  # the root first: the rest is made under it
             at = base + m.point if m.point != "/" else base or "/"
             with _named(m):
                 if m.how == "root":

@@ -46,7 +46,8 @@ from ..errors import Unsupported
 from . import mountns, protocol
 
 KINDS = ("cgroup", "ipc", "mnt", "net", "pid", "pid_for_children", "time", "time_for_children", "user", "uts")
-MADE = ("pid", "pid_for_children", "uts", "ipc", "time", "time_for_children", "mnt")  # made again for a container's init
+MADE = ("pid", "pid_for_children", "uts", "ipc", "time", "time_for_children",
+        "mnt")  # made again for a container's init
 IPC_SYSCTLS = ("kernel/shmmax", "kernel/shmall", "kernel/shmmni", "kernel/shm_rmid_forced", "kernel/msgmax",
                "kernel/msgmni", "kernel/msgmnb", "kernel/sem", "fs/mqueue/msg_max", "fs/mqueue/msgsize_max",
                "fs/mqueue/queues_max", "fs/mqueue/msg_default", "fs/mqueue/msgsize_default")
