@@ -219,3 +219,27 @@ def test_external_bind_mount(procs, box, tmp_path):
     assert f" {other} " in after.state[1][key] and f" {src} " in before.state[1][key], after.state[1][key]
     assert_same_snapshot(before, after, ignore_state=(key,))
     assert_pass(t)
+
+
+@pytest.mark.parametrize("edit, found", [
+    (lambda m: m["files"][1].update(path="../../escape"), "entry '../../escape'"),
+    (lambda m: m.update(super_options="rw,size=1m,context=x"), "options 'rw,size=1m,context=x' beyond"),
+    (lambda m: m["files"][1].update(size=1), "extents .* beyond its size 1"),
+], ids=["path", "tmpfs-option", "extent"])
+def test_corrupt_mount_record(edit, found, procs, box, tmp_path):
+    """A mount record restore cannot trust is ImageCorrupt, naming it, before anything is mounted or made."""
+    from conftest import our_children, rewrite_records
+    from procsnap.errors import ImageCorrupt
+
+    t, init = start_box(procs, box)
+    dump_container(t, init, tmp_path / "img")
+
+    def change(records):
+        for tag, payload in records:
+            if tag == b"NSPC":
+                edit(next(m for m in payload["mounts"] if m["how"] == "tmpfs"))
+    rewrite_records(tmp_path / "img", change)
+    mine = set(our_children())
+    with pytest.raises(ImageCorrupt, match=found):
+        procsnap.restore(str(tmp_path / "img"))
+    assert set(our_children()) <= mine

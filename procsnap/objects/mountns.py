@@ -68,6 +68,10 @@ MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec"
                "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
 PROPAGATION = {"shared": MS_SHARED, "slave": MS_SLAVE, "private": MS_PRIVATE, "unbindable": MS_UNBINDABLE}
 EXTENT = 4 << 20  # a tmpfs file's data is stored in pieces of at most this
+TMPFS_OPTIONS = ("rw", "ro", "size", "nr_blocks", "nr_inodes", "mode", "uid", "gid", "huge", "mpol", "inode32",
+                 "inode64", "noswap", "quota", "usrquota", "grpquota", "usrquota_block_hardlimit",
+                 "usrquota_inode_hardlimit", "grpquota_block_hardlimit", "grpquota_inode_hardlimit", "casefold",
+                 "strict_encoding")  # what mountinfo shows of a tmpfs (mm/shmem.c), all that is passed again
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -263,12 +267,22 @@ def check_image(mounts: list[Mount], own: bool) -> list[str]:
     for m in mounts:
         if m.how not in ("copied", "tmpfs", "bind", "proc", "root"):
             problems.append(f"mount at {m.point}: unknown kind {m.how!r}")
-        if not m.point.startswith("/") or any(p == ".." for p in m.point.split("/")):
+        if not _plain(m.point):
             problems.append(f"mount at {m.point!r}: not a plain absolute path")
+        if m.how in ("bind", "root") and not m.external and not _plain(m.bind_from):
+            problems.append(f"mount at {m.point}: bound from {m.bind_from!r}, not a plain absolute path")
+        if m.how == "tmpfs" and any(o.split("=")[0] not in TMPFS_OPTIONS for o in m.super_options.split(",")):
+            problems.append(f"tmpfs at {m.point}: options {m.super_options!r} beyond {', '.join(TMPFS_OPTIONS)}")
         for f in m.files:
             if f.path.startswith("/") or ".." in f.path.split("/") or f.kind not in ("dir", "file", "symlink"):
                 problems.append(f"tmpfs at {m.point}: entry {f.path!r} ({f.kind})")
+            if any(len(e) != 4 or min(e) < 0 or e[0] + e[1] > f.size for e in f.extents):
+                problems.append(f"tmpfs at {m.point}: entry {f.path!r}: extents {f.extents} beyond its size {f.size}")
     return problems
+
+
+def _plain(path: str) -> bool:
+    return path.startswith("/") and "\0" not in path and ".." not in path.split("/")
 
 
 def collect_mounts(writer, external: dict[str, str] | None = None) -> list[Mount]:
