@@ -243,3 +243,18 @@ def test_corrupt_mount_record(edit, found, procs, box, tmp_path):
     with pytest.raises(ImageCorrupt, match=found):
         procsnap.restore(str(tmp_path / "img"))
     assert set(our_children()) <= mine
+
+
+def test_bind_source_missing_at_restore(procs, box, tmp_path):
+    """The host directory a bind mount came from is gone at restore: a
+    RestoreError naming the mount and the path, and nothing left running."""
+    from conftest import our_children
+
+    d, src = box
+    t, init = start_box(procs, box)
+    dump_container(t, init, tmp_path / "img")
+    src.rename(tmp_path / "moved")
+    mine = set(our_children())
+    with pytest.raises(RestoreError, match=f"the bind mount at {d}/b: its source {src} is missing"):
+        procsnap.restore(str(tmp_path / "img"))
+    assert set(our_children()) <= mine
