@@ -237,7 +237,8 @@ def test_corrupt_mount_record(edit, found, procs, box, tmp_path):
     def change(records):
         for tag, payload in records:
             if tag == b"NSPC":
-                edit(next(m for m in payload["mounts"] if m["how"] == "tmpfs"))
+                edit(next(m for m in payload["mounts"] if m["point"] == f"{box[0]}/t"))  # (a host tmpfs gone
+                # since the container's unshare is one of its own too, with what it held)
     rewrite_records(tmp_path / "img", change)
     mine = set(our_children())
     with pytest.raises(ImageCorrupt, match=found):
