@@ -23,7 +23,8 @@ from procsnap import nsworker
 from procsnap.errors import ProcsnapError, RestoreError
 
 from conftest import assert_pass, assert_same_snapshot, wait_until
-from test_namespaces import assert_copies_pass, copies_killed, dump_container, init_of, inside_snapshot, restore_container
+from test_namespaces import (assert_copies_pass, copies_killed, dump_container, init_of, inside_snapshot,
+                             restore_container)
 
 UNSHARE = ["unshare", "--fork", "--pid", "--mount", "--mount-proc", "--uts", "--ipc"]
 
@@ -137,6 +138,9 @@ def assert_refused(t, init, images, match, **options):
     ("mount -t tmpfs one {d}/t && mount -t tmpfs two {d}/t", r"tmpfs mount at {d}/t: overmounts the tmpfs"),
     ("mount -t tmpfs one {d}/t && mkdir {d}/t/x && mount --bind {d}/t/x {d}/b",
      r"at {d}/b: a bind mount of /x of a tmpfs made inside"),
+    ("mount -t tmpfs one {d}/t && mount --bind {d}/t {d}/b", r"at {d}/b: a bind mount of / of a tmpfs made inside"),
+    ("mount -t tmpfs one {d}/t && mount --make-shared {d}/t && mount --bind {d}/t {d}/b && mount --make-slave {d}/b",
+     r"tmpfs mount at {d}/b: a slave of peer group \d+"),
     ("mount -t tmpfs one {d}/t && echo a > {d}/t/a && ln {d}/t/a {d}/t/b", r"{d}/t/a: a file with 2 hard links"),
     ("mount -t tmpfs one {d}/t && mknod {d}/t/null c 1 3", r"{d}/t/null: a device node"),
     ("mount -t tmpfs one {d}/t && mkfifo {d}/t/fifo", r"{d}/t/fifo: a fifo"),
@@ -145,8 +149,8 @@ def assert_refused(t, init, images, match, **options):
      "exec /old{sleep} pause", r"tmpfs mount at / .*is the container's root and not the host's"),
     ("mount --bind {d} {d} && cd {d} && mkdir old && pivot_root . old && cd / && exec /old{sleep} pause",
      r"mount at /old: a host mount kept under the container's own root"),
-], ids=["ramfs", "overmount", "bind-of-tmpfs", "hard-link", "device-node", "fifo", "own-proc-file", "pivot-root-tmpfs",
-    "pivot-root-old-kept"])
+], ids=["ramfs", "overmount", "bind-of-tmpfs", "bind-of-tmpfs-root", "slave", "hard-link", "device-node", "fifo",
+        "own-proc-file", "pivot-root-tmpfs", "pivot-root-old-kept"])
 def test_refused_by_name(script, match, procs, box, tmp_path):
     """What the mount namespace restore does not make again is refused at
     dump, named (type, mount point, path), the container left running."""
@@ -215,3 +219,43 @@ def test_external_bind_mount(procs, box, tmp_path):
     assert f" {other} " in after.state[1][key] and f" {src} " in before.state[1][key], after.state[1][key]
     assert_same_snapshot(before, after, ignore_state=(key,))
     assert_pass(t)
+
+
+@pytest.mark.parametrize("edit, found", [
+    (lambda m: m["files"][1].update(path="../../escape"), "entry '../../escape'"),
+    (lambda m: m.update(super_options="rw,size=1m,context=x"), "options 'rw,size=1m,context=x' beyond"),
+    (lambda m: m["files"][1].update(size=1), "extents .* beyond its size 1"),
+], ids=["path", "tmpfs-option", "extent"])
+def test_corrupt_mount_record(edit, found, procs, box, tmp_path):
+    """A mount record restore cannot trust is ImageCorrupt, naming it, before anything is mounted or made."""
+    from conftest import our_children, rewrite_records
+    from procsnap.errors import ImageCorrupt
+
+    t, init = start_box(procs, box)
+    dump_container(t, init, tmp_path / "img")
+
+    def change(records):
+        for tag, payload in records:
+            if tag == b"NSPC":
+                edit(next(m for m in payload["mounts"] if m["point"] == f"{box[0]}/t"))  # (a host tmpfs gone
+                # since the container's unshare is one of its own too, with what it held)
+    rewrite_records(tmp_path / "img", change)
+    mine = set(our_children())
+    with pytest.raises(ImageCorrupt, match=found):
+        procsnap.restore(str(tmp_path / "img"))
+    assert set(our_children()) <= mine
+
+
+def test_bind_source_missing_at_restore(procs, box, tmp_path):
+    """The host directory a bind mount came from is gone at restore: a
+    RestoreError naming the mount and the path, and nothing left running."""
+    from conftest import our_children
+
+    d, src = box
+    t, init = start_box(procs, box)
+    dump_container(t, init, tmp_path / "img")
+    src.rename(tmp_path / "moved")
+    mine = set(our_children())
+    with pytest.raises(RestoreError, match=f"the bind mount at {d}/b: its source {src} is missing"):
+        procsnap.restore(str(tmp_path / "img"))
+    assert set(our_children()) <= mine

@@ -68,6 +68,10 @@ MOUNT_FLAGS = {"ro": MS_RDONLY, "nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec"
                "nodiratime": MS_NODIRATIME, "relatime": MS_RELATIME}
 PROPAGATION = {"shared": MS_SHARED, "slave": MS_SLAVE, "private": MS_PRIVATE, "unbindable": MS_UNBINDABLE}
 EXTENT = 4 << 20  # a tmpfs file's data is stored in pieces of at most this
+TMPFS_OPTIONS = ("rw", "ro", "size", "nr_blocks", "nr_inodes", "mode", "uid", "gid", "huge", "mpol", "inode32",
+                 "inode64", "noswap", "quota", "usrquota", "grpquota", "usrquota_block_hardlimit",
+                 "usrquota_inode_hardlimit", "grpquota_block_hardlimit", "grpquota_inode_hardlimit", "casefold",
+                 "strict_encoding")  # what mountinfo shows of a tmpfs (mm/shmem.c), all that is passed again
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -171,15 +175,19 @@ def classify(mounts: list[Mount], origin: list[Mount], external: dict[str, str] 
         if shared is not None and any(_peer(h, "shared") == shared for h in origin):
             raise Unsupported(f"{where}: its parent mount at {parent.point} is shared with the host (peer group "
                               f"{shared}), so the mount is the host's too; not restored")
+        if _peer(m, "master") is not None:
+            raise Unsupported(f"{where}: a slave of peer group {_peer(m, 'master')}; a mount made inside that "
+                              "receives another's mounts is not restored")
+        made_tmpfs = any(o.dev == m.dev and o.how == "tmpfs" for o in mounts)
         if m.point in external:
             m.how, m.external = "bind", external.pop(m.point)
-        elif m.fstype == "tmpfs" and m.root == "/":
+        elif m.fstype == "tmpfs" and m.root == "/" and not made_tmpfs:
             m.how = "tmpfs"
         elif m.fstype == "proc":
             m.how = "proc"
         elif host is not None:
             m.how, m.bind_from = "bind", os.path.join(host.point, os.path.relpath(m.root, host.root))
-        elif any(o.dev == m.dev and o.how == "tmpfs" for o in mounts):
+        elif made_tmpfs:
             raise Unsupported(f"{where}: a bind mount of {m.root} of a tmpfs made inside; not restored")
         else:
             raise Unsupported(f"{where} (source {m.source}, device {m.dev}): file system type {m.fstype} "
@@ -261,12 +269,22 @@ def check_image(mounts: list[Mount], own: bool) -> list[str]:
     for m in mounts:
         if m.how not in ("copied", "tmpfs", "bind", "proc", "root"):
             problems.append(f"mount at {m.point}: unknown kind {m.how!r}")
-        if not m.point.startswith("/") or any(p == ".." for p in m.point.split("/")):
+        if not _plain(m.point):
             problems.append(f"mount at {m.point!r}: not a plain absolute path")
+        if m.how in ("bind", "root") and not m.external and not _plain(m.bind_from):
+            problems.append(f"mount at {m.point}: bound from {m.bind_from!r}, not a plain absolute path")
+        if m.how == "tmpfs" and any(o.split("=")[0] not in TMPFS_OPTIONS for o in m.super_options.split(",")):
+            problems.append(f"tmpfs at {m.point}: options {m.super_options!r} beyond {', '.join(TMPFS_OPTIONS)}")
         for f in m.files:
             if f.path.startswith("/") or ".." in f.path.split("/") or f.kind not in ("dir", "file", "symlink"):
                 problems.append(f"tmpfs at {m.point}: entry {f.path!r} ({f.kind})")
+            if any(len(e) != 4 or min(e) < 0 or e[0] + e[1] > f.size for e in f.extents):
+                problems.append(f"tmpfs at {m.point}: entry {f.path!r}: extents {f.extents} beyond its size {f.size}")
     return problems
+
+
+def _plain(path: str) -> bool:
+    return path.startswith("/") and "\0" not in path and ".." not in path.split("/")
 
 
 def collect_mounts(writer, external: dict[str, str] | None = None) -> list[Mount]:
@@ -572,7 +590,7 @@ def _build(mounts: list[Mount], image, external: dict[str, str], root: str | Non
             _check(libc.umount2(h.point.encode(), MNT_DETACH), f"umount {h.point}")
     base = os.path.realpath(root).rstrip("/") if root else ""
     with image.open_ghosts() as blobs:
-        for m in mounts:
+        for m in sorted(mounts, key=lambda m: m.how != "root"):  # the root first: the rest is made under it
             at = base + m.point if m.point != "/" else base or "/"
             with _named(m):
                 if m.how == "root":
