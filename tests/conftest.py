@@ -365,10 +365,13 @@ class Target:
     def kill_and_reap(self):
         if self.reaped:
             return
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        # its descendants first (by pid: what it started), so that none is
+        # left orphaned: unshare's child, a container's init, dies with it
+        for pid in [*descendants(self.pid), self.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         try:
             self.wait_exit(timeout=10.0)
         except AssertionError:
