@@ -121,14 +121,34 @@ def test_shell_with_children(procs, tmp_path):
     t.kill_and_reap()
 
 
-@pytest.mark.parametrize("unshare, names", [
-    (["--fork", "--pid", "--user", "--map-root-user"], ["user:["]),
-], ids=["user"])  # mount namespaces: test_mountns.py; network: test_netns.py; cgroup: test_container_restored
-def test_not_restored_refused_by_name(unshare, names, procs, tmp_path):
+UNPRIVILEGED = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]  # nobody
+
+
+@pytest.mark.parametrize("user, unshare, names", [
+    ([], ["--fork", "--pid", "--user", "--map-root-user"], ["user:["]),
+    (UNPRIVILEGED, ["--fork", "--pid", "--user", "--map-root-user"], ["user:["]),
+], ids=["user", "user-by-nobody"])  # mount namespaces: test_mountns.py; network: test_netns.py; cgroup: test_container_restored
+def test_not_restored_refused_by_name(user, unshare, names, procs, tmp_path):
     """A container's namespaces procsnap does not make again are refused,
-    naming them, and the tree runs on (the target checks itself)."""
+    naming them, and the tree runs on (the target checks itself): a user
+    namespace, also one an unprivileged user made."""
     binary = procs._targets.path("container", "pie")
-    t = procs.start(["unshare", *unshare, "--uts", "--ipc", binary, "init"], name="container")
+    if user:  # the target where nobody may run it (the fixtures' directories are root's alone)
+        import shutil
+        import tempfile
+
+        where = tempfile.mkdtemp(prefix="procsnap-nobody-")
+        os.chmod(where, 0o755)
+        binary = shutil.copy(binary, where)
+    try:
+        t = procs.start([*user, "unshare", *unshare, "--uts", "--ipc", binary, "init"], name="container")
+        _refused_running(t, names, tmp_path)
+    finally:
+        if user:
+            shutil.rmtree(where)
+
+
+def _refused_running(t, names, tmp_path):
     init = init_of(t)
     with pytest.raises(Unsupported) as exc:
         procsnap.dump(init, str(tmp_path / "img"))
