@@ -28,9 +28,10 @@ import pytest
 import procsnap
 from procsnap import nsworker
 
-from conftest import assert_pass, assert_same_snapshot, descendants, proc_snapshot, reap_gone, wait_until
+from conftest import assert_pass, assert_same_snapshot, wait_until
 from test_namespaces import copies_killed, init_of, run_to_exit
-from test_netns import configure_outside, link_local_ready, net, sh  # noqa: F401 - net: the fixture
+from test_netns import configure_outside, inside_snapshot, link_local_ready, net, sh  # noqa: F401 - net: the fixture
+from test_netns import dump_server as dump
 
 UNSHARE = ["unshare", "--fork", "--pid", "--mount", "--mount-proc", "--net", "--uts", "--ipc"]
 PAGE = "served from a tmpfs inside the container\n"
@@ -116,20 +117,6 @@ def start(procs, addr):
     srv.mkdir(exist_ok=True)
     t = procs.start([*UNSHARE, "python3", str(script), addr, str(srv), PAGE], name="webbox", ready=False)
     return t, init_of(t), srv
-
-
-def inside_snapshot(host_pid):
-    """The state check's snapshot from inside the container's pid and network namespaces."""
-    return nsworker.run_inside(host_pid, lambda: proc_snapshot(1), enter=("net",))
-
-
-def dump(t, init, images):
-    before = inside_snapshot(init)
-    others = descendants(init)
-    procsnap.dump(init, str(images))
-    t.wait_exit()
-    reap_gone([init, *others])
-    return before
 
 
 def get_inside(pid, url="http://127.0.0.1:8080/page.txt"):
