@@ -341,10 +341,53 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _OneVerb:
+    """The subparsers of build_parser(verb): only `verb`'s parser is made;
+    each other verb's add_parser gets an _Unbuilt, which takes its
+    arguments and keeps nothing (argparse makes a formatter and asks
+    gettext on every add_argument: every verb's parser cost a run more
+    than its dump's own work)."""
+
+    def __init__(self, sub, verb: str):
+        self.sub, self.verb, self.built = sub, verb, False
+
+    def add_parser(self, name: str, **kwargs):
+        if name != self.verb:
+            return _Unbuilt()
+        self.built = True
+        return self.sub.add_parser(name, **kwargs)
+
+
+class _Unbuilt:
+    def add_argument(self, *args, **kwargs) -> None:
+        pass
+
+    def set_defaults(self, **kwargs) -> None:
+        pass
+
+    def add_mutually_exclusive_group(self, **kwargs) -> _Unbuilt:
+        return self
+
+    add_argument_group = add_mutually_exclusive_group
+
+
+def _named_verb(argv: list[str]) -> str | None:
+    """The verb argv names after the global -v/--verbose, else None."""
+    for arg in argv:
+        if len(arg) > 2 and "--verbose".startswith(arg) or len(arg) > 1 and arg == "-" + "v" * (len(arg) - 1):
+            continue
+        return None if arg.startswith("-") else arg
+    return None
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with `verb`, only that verb's parser (the
+    whole one when no verb has that name)."""
     p = _Parser(prog="procsnap", description="Checkpoint and restore live Linux processes.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log each stage to stderr")
     sub = p.add_subparsers(dest="command", required=True)
+    if verb is not None:
+        sub = _OneVerb(sub, verb)
 
     d = sub.add_parser("dump", help="checkpoint a process into an image directory")
     d.add_argument("-t", "--tree", type=int, required=True, metavar="PID", help="the process to dump")
@@ -480,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the 32-byte key in KEYFILE (procsnap[encrypt])")
     for sp in (d, r, s, c, v, g, df, co, pd, m, *rc):
         sp.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    if verb is not None and not sub.built:
+        return build_parser()
     return p
 
 
@@ -494,7 +539,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    parser = build_parser(_named_verb(sys.argv[1:] if argv is None else argv))
     args, extra = parser.parse_known_args(argv)
     if args.command == "show" and len(extra) == 1 and args.view is None and not extra[0].startswith("-"):
         args.view, extra = extra[0], []  # show DIR --encrypt KEY VIEW: argparse gave VIEW nothing
