@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import pickle
 import signal
 import time
 import typing
@@ -119,6 +118,8 @@ def from_outside_kill(result: typing.Any) -> typing.NoReturn:
 
 
 def _send(fd: int, msg) -> None:
+    import pickle  # here: only a container's dump or restore sends (pickle costs ~4 ms to import)
+
     try:
         data = pickle.dumps(msg)
     except Exception:  # noqa: BLE001 - an exception that does not pickle: its words
@@ -254,6 +255,8 @@ def _result(fd: int, child: int, silent: Exception) -> tuple[str, typing.Any]:
         _reap(child)
     if not data:
         raise silent
+    import pickle
+
     return pickle.loads(data)
 
 

@@ -163,16 +163,18 @@ def test_log_writes_one_line_when_configured_and_defers_to_logging_otherwise(cap
 
 
 def test_the_cli_imports_none_of_the_costly_modules(tmp_path):
-    """`procsnap dump --help` builds the whole parser and imports the dump's
-    modules; none of logging, concurrent.futures, dataclasses, inspect,
-    tempfile, shutil may come with them."""
+    """`procsnap --help` builds the whole parser (a verb builds only its
+    own) beside the dump's and the restore's modules; none of logging,
+    concurrent.futures, dataclasses, inspect, tempfile, shutil, socket (a TCP FIN, a container's mounts, an object
+    store's lock import it where used), pickle (a container's worker) may
+    come with them."""
     code = ("import sys, runpy\n"
-            "sys.argv = ['procsnap', 'check', '--help']\n"
+            "sys.argv = ['procsnap', '--help']\n"
             "import procsnap.cli, procsnap.dumper, procsnap.restorer\n"
             "try:\n    runpy.run_module('procsnap', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
             "print('MODS:' + ' '.join(m for m in ('logging', 'concurrent.futures', 'dataclasses', 'inspect', 'tempfile', "
-            "'shutil', 'hashlib') if m in sys.modules))\n")
+            "'shutil', 'hashlib', 'socket', 'selectors', 'pickle') if m in sys.modules))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[-1] == "MODS:", p.stdout

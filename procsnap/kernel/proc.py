@@ -59,6 +59,13 @@ def read_smaps(pid: int) -> list[MapsEntry]:
         return parse_maps(f.read())
 
 
+def read_layout(pid: int) -> list[MapsEntry]:
+    """/proc/PID/maps alone, without VmFlags: for who needs only where the
+    VMAs are (smaps walks every page of every VMA to count them)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return parse_maps(f.read())
+
+
 def read_maps(pid: int, flags_from: list[MapsEntry] | None = None) -> list[MapsEntry]:
     """/proc/PID/maps, with VmFlags taken from an earlier read of smaps if
     the layout is still exactly the same, else from smaps read now.

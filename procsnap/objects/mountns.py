@@ -48,7 +48,6 @@ from .. import records as dataclasses  # the dataclasses API, cheap to import
 import contextlib
 import ctypes
 import os
-import socket
 import stat
 
 from .. import nsworker
@@ -312,6 +311,8 @@ def _mount_fds(points: list[str]) -> list[int]:
     clones only mounts of the caller's) and handed back on a socket."""
     if not points:
         return []
+    import socket  # here: every dump and restore imports this module (socket costs ~6 ms to import)
+
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     child = os.fork()
     if child == 0:

@@ -13,7 +13,6 @@ only segments that carry one).
 
 from __future__ import annotations
 
-import socket
 import struct
 
 from .netlock import MARK  # CRIU's SOCCR_MARK: the network lock lets packets with it through
@@ -34,6 +33,8 @@ def _checksum(data: bytes) -> int:
 def _packed(addr: str) -> tuple[int, bytes]:
     """(family, address bytes) of an address as packets carry it: a
     v4-mapped IPv6 socket's packets are IPv4."""
+    import socket  # here: every dump imports this module, few send a FIN (socket costs ~6 ms to import)
+
     if addr.startswith("::ffff:") and "." in addr:
         addr = addr[7:]
     family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -43,6 +44,8 @@ def _packed(addr: str) -> tuple[int, bytes]:
 def segment(src: tuple, dst: tuple, seq: int, ack: int, flags: int, window: int) -> tuple[int, bytes, str]:
     """(family, the IP packet, destination address) of a TCP segment from
     src (address, port) to dst, without payload or options."""
+    import socket
+
     family, saddr = _packed(str(src[0]))
     _, daddr = _packed(str(dst[0]))
     tcp = struct.pack("!HHIIBBHHH", int(src[1]), int(dst[1]), seq & 0xFFFFFFFF, ack & 0xFFFFFFFF,
@@ -61,6 +64,8 @@ def segment(src: tuple, dst: tuple, seq: int, ack: int, flags: int, window: int)
 
 def send(src: tuple, dst: tuple, seq: int, ack: int, flags: int, window: int) -> None:
     """Send the segment (raises OSError)."""
+    import socket
+
     family, packet, daddr = segment(src, dst, seq, ack, flags, window)
     with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
         raw.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK)

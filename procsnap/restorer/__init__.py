@@ -368,7 +368,7 @@ def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
         wait_stopped(pid)
     # TRACEFORK: so are the children forked from it (forkbuild.py)
     ptrace.freeze(pid, options=ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK)
-    maps = proc.read_smaps(pid)
+    maps = proc.read_layout(pid)  # the layout only: nothing here reads VmFlags
     busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in ckpt.vmas]
     with infect.infected(pid, maps, busy, put_back=False) as target:
         _rebuild_seized(target, child, image, pages, maps, filled, sources or {}, tree_pids, ctx, lazy=lazy)
@@ -440,7 +440,7 @@ def _fork_and_rebuild(parent, node: Node, parent_ckpt: model.Checkpoint, parent_
     with translated(pid, "restore cgroups", RestoreError):
         restore_cgroups(pid, image.checkpoint.cgroups)
     setup_seized(target, node, helpers)
-    maps = proc.read_smaps(pid)
+    maps = proc.read_layout(pid)  # the layout only: nothing here reads VmFlags
     target.busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in image.checkpoint.vmas]
     _rebuild_seized(target, child, image, ctx.sources[node.proc.dir], maps, ctx.filled, ctx.sources,
                     ctx.tree_pids, ctx, (parent_ckpt, parent_segments))
