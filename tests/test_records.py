@@ -178,3 +178,13 @@ def test_the_cli_imports_none_of_the_costly_modules(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[-1] == "MODS:", p.stdout
+
+
+def test_the_restore_imports_nothing_of_the_dumper():
+    """A restore's modules leave the dumper's package out (its dozen modules
+    and the image writer's); what both need is below them (kernel/structs.py)."""
+    code = ("import sys, procsnap.cli, procsnap.restorer\n"
+            "print('MODS:' + ' '.join(m for m in sys.modules if m.startswith(('procsnap.dumper', 'procsnap.image.writer'))))\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[-1] == "MODS:", p.stdout

@@ -27,9 +27,7 @@ import struct
 from ..kernel import memory
 from ..kernel.arch import x86_64 as arch
 from ..kernel.arch.x86_64 import NR
-
-TIMESPEC = struct.Struct("<qq")  # struct __kernel_timespec
-UNKNOWN = -1
+from ..kernel.structs import TIMESPEC, WAIT_LEFT_UNKNOWN as UNKNOWN
 
 
 def wait_left(pid: int, regs: dict[str, int], measured: int) -> int:

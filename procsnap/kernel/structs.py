@@ -16,6 +16,10 @@ SS_DISABLE = 2
 SIGSET_SIZE = 8
 NSIG = 64  # signals 1..64
 ROBUST_LIST_HEAD_SIZE = 24  # struct robust_list_head (include/uapi/linux/futex.h)
+TIMESPEC = struct.Struct("<qq")  # struct __kernel_timespec (include/uapi/linux/time_types.h)
+# A wait's time left that the dump could not read (dumper/waits.py, restorer/waits.py): here, not in
+# dumper/, so that the restorer does not import the dumper's package (a dozen modules) for it
+WAIT_LEFT_UNKNOWN = -1
 
 
 class prctl_mm_map(ctypes.Structure):

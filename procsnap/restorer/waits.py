@@ -20,7 +20,7 @@ from __future__ import annotations
 from .. import log as logging  # the logging API, cheap to import
 import math
 
-from ..dumper.waits import TIMESPEC, UNKNOWN
+from ..kernel.structs import TIMESPEC, WAIT_LEFT_UNKNOWN as UNKNOWN
 from ..kernel import memory
 from ..kernel.arch import x86_64 as arch
 from ..kernel.arch.x86_64 import NR
