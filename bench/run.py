@@ -52,7 +52,7 @@ CRIU = os.environ.get("CRIU", "")
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def timed(argv: list[str]) -> tuple[float, int, str, str]:
+def timed(argv: list[str], cwd: str = ROOT) -> tuple[float, int, str, str]:
     """Run argv through a tiny wrapper that reports the child's own time and
     peak RSS: (seconds, KiB, stdout, stderr)."""
     code = ("import subprocess,sys,time,resource\n"
@@ -61,7 +61,7 @@ def timed(argv: list[str]) -> tuple[float, int, str, str]:
             "e=time.perf_counter()-t\n"
             "r=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss\n"
             "sys.stdout.write(f'{e} {r} {p.returncode}\\n'+p.stdout); sys.stderr.write(p.stderr)\n")
-    p = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, capture_output=True, text=True)
     head, _, out = p.stdout.partition("\n")
     elapsed, rss, rc = head.split()
     if int(rc):
@@ -70,18 +70,22 @@ def timed(argv: list[str]) -> tuple[float, int, str, str]:
 
 
 class Procsnap:
-    name = "procsnap"
+    """procsnap of this tree, or of another (`root`: a base worktree, bench/small.py's)."""
+
+    def __init__(self, root: str = ROOT, name: str = "procsnap"):
+        self.root, self.name = root, name
 
     def freeze(self, pid: int, images: str) -> float:
-        _, _, _, log = timed([sys.executable, "-m", "procsnap", "-v", "dump", "-R", "-t", str(pid), "-D", images])
+        _, _, _, log = timed([sys.executable, "-m", "procsnap", "-v", "dump", "-R", "-t", str(pid), "-D", images],
+                             self.root)
         return float(re.search(r"frozen for ([\d.]+) ms", log).group(1)) / 1000
 
     def dump(self, pid: int, images: str) -> tuple[float, int]:
-        took, rss, _, _ = timed([sys.executable, "-m", "procsnap", "dump", "-t", str(pid), "-D", images])
+        took, rss, _, _ = timed([sys.executable, "-m", "procsnap", "dump", "-t", str(pid), "-D", images], self.root)
         return took, rss
 
     def restore(self, images: str) -> tuple[float, int, int]:
-        took, rss, out, _ = timed([sys.executable, "-m", "procsnap", "restore", "-d", "-D", images])
+        took, rss, out, _ = timed([sys.executable, "-m", "procsnap", "restore", "-d", "-D", images], self.root)
         return took, rss, int(out.split()[-1])
 
 
