@@ -66,3 +66,18 @@ def test_help_lists_every_verb():
     for verb in ("dump", "pre-dump", "restore", "migrate", "receive", "page-server", "verify", "show", "core",
                  "diff", "gc", "check"):
         assert verb in p.stdout
+
+
+def test_the_quick_exit_keeps_output_status_and_profiles(tmp_path):
+    """`python -m procsnap` ends with os._exit: what it printed is all there,
+    its status is the verb's, and a profiler's results are still written."""
+    listed = subprocess.run([sys.executable, "-m", "procsnap", "check", "--feature", "list"],
+                            capture_output=True, text=True)
+    assert listed.returncode == 0 and len(listed.stdout.splitlines()) > 10, listed
+    bad = subprocess.run([sys.executable, "-m", "procsnap", "verify", str(tmp_path / "none")],
+                         capture_output=True, text=True)
+    assert bad.returncode not in (0, 2) and bad.stderr.startswith("procsnap: error: "), bad.stderr
+    prof = tmp_path / "cli.prof"
+    p = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "procsnap", "check", "--feature",
+                        "list"], capture_output=True, text=True)
+    assert p.returncode == 0 and prof.stat().st_size > 0, p.stderr
