@@ -4,11 +4,15 @@ whole parser refuses with the same words."""
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import subprocess
 import sys
 
 import pytest
 
+from conftest import CASES_BY_ID, REPO, assert_pass, assert_same_snapshot, proc_snapshot
 from procsnap import cli
 
 ARGVS = [
@@ -81,3 +85,38 @@ def test_the_quick_exit_keeps_output_status_and_profiles(tmp_path):
     p = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "procsnap", "check", "--feature",
                         "list"], capture_output=True, text=True)
     assert p.returncode == 0 and prof.stat().st_size > 0, p.stderr
+
+
+def _imported(stderr: str) -> set[str]:
+    """The modules `python -X importtime` says it imported."""
+    return {m.group(1) for m in re.finditer(r"^import time:.*\|\s+([\w.]+)$", stderr, re.M)}
+
+
+def test_a_plain_dump_and_restore_import_no_socket_nor_pickle_nor_the_other_side(procs, tmp_path):
+    """The CLI's dump and restore of a process with no socket, run as the
+    bench runs them: socket, selectors and pickle stay out (imported where
+    a socket, a FIN, a container needs them), the restore imports nothing
+    of the dumper's, and the process restored passes its own check and the
+    state check."""
+    t = procs.start_case(CASES_BY_ID["sleep-pause"], "pie")
+    images = tmp_path / "img"
+    t.dumped = proc_snapshot(t.pid)
+    dump = subprocess.run([sys.executable, "-X", "importtime", "-m", "procsnap", "dump", "-t", str(t.pid), "-D",
+                           str(images)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert dump.returncode == 0, dump.stderr[-2000:]
+    assert t.reap() == -signal.SIGKILL
+    restore = subprocess.run([sys.executable, "-X", "importtime", "-m", "procsnap", "restore", "-d", "-D", str(images)],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert restore.returncode == 0, restore.stderr[-2000:]
+    pid = int(restore.stdout.split()[-1])
+    dumped, old = t.dumped, t.pid
+    t.adopt(pid)  # the CLI is gone: it came back to us, the subreaper
+    assert pid == old, f"restored pid {pid}, expected the original {old}"
+    assert_same_snapshot(dumped, proc_snapshot(pid), ignore_pos=t.ignore_pos, ignore_state=t.ignore_state)
+    for side, run in (("dump", dump), ("restore", restore)):
+        mods = _imported(run.stderr)
+        assert "procsnap.objects.file" in mods, f"{side}: importtime said nothing: {run.stderr[-500:]}"
+        assert not mods & {"socket", "selectors", "pickle"}, f"{side}: imported {mods & {'socket', 'selectors', 'pickle'}}"
+    assert not {m for m in _imported(restore.stderr) if m.startswith("procsnap.dumper")}
+    os.kill(pid, signal.SIGUSR1)
+    assert_pass(t)

@@ -354,6 +354,9 @@ class Prepare(protocol.Prepare):
     def ready(self) -> None:
         """Every process is rebuilt, none runs: repair off (it resets
         SO_REUSEADDR, which is set again)."""
+        if not self.repaired:  # every restore comes here: socket (~6 ms to import) only when some are
+            self.done_repair = True
+            return
         import socket
 
         for fd, sock in self.repaired:
@@ -372,8 +375,6 @@ class Prepare(protocol.Prepare):
         can still be restored; netlock.py), and sockets that left repair
         mode enter it again before they are closed, so that they send
         nothing and leave the address pairs free for the next attempt."""
-        import socket
-
         if ok:
             if self.lock is not None and not self.options.get("skip_net_lock"):
                 try:
@@ -384,6 +385,8 @@ class Prepare(protocol.Prepare):
                                        f"network lock {self.lock.table} ({self.lock.method}) stays: {err}") from err
             return
         if getattr(self, "done_repair", False):
+            import socket
+
             for fd, _ in self.repaired:
                 with contextlib.suppress(OSError), socket.socket(fileno=os.dup(fd)) as sk:
                     tcp.set_repair(sk, True)

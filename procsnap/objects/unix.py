@@ -352,11 +352,11 @@ class Prepare(protocol.Prepare):
     def ready(self) -> None:
         """Queues with credentials in flight, sent again with them (every
         process of the tree exists now, none runs)."""
+        waiting = [s for s in self.sockets.values() if s.creds or s.rights]
+        if not waiting or self.fds is None:  # every restore comes here: socket only when some wait
+            return
         import socket
 
-        waiting = [s for s in self.sockets.values() if s.creds or s.rights]
-        if not waiting or self.fds is None:
-            return
         from . import sockopt
 
         made = {sid: socket.socket(fileno=os.dup(fd)) for sid, fd in self.fds.items()}
