@@ -143,12 +143,15 @@ class ChunkedPageSink(FilePageSink):
             self.stored = where + len(out)
             self.chunks.append(Chunk(offset, where, data_hash(data), len(data), len(out), method))
         view = memoryview(out)
+        start = where
         while view:
             try:
                 n = self.out.pwrite(view, where) if self.out else os.pwrite(self.fd, view, where)
             except OSError as err:
                 raise OSError(err.errno, f"write {self.path} at offset {where}: {err.strerror}") from err
             view, where = view[n:], where + n
+        if self.out is None:
+            start_writeback(self.fd, start, where - start)
 
     def close(self) -> schema.PageRuns:
         for fut in self.pending:
