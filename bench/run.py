@@ -18,7 +18,7 @@ and on disk; then bench/manymaps.py's rows (10,000 VMAs, a 64-process
 tree), when that script is there. Peak RSS is each tool's own (ru_maxrss).
 
 Environment: CRIU (unset: CRIU skipped with a note), BENCH_RUNS (3 pairs;
-the small process gets BENCH_SMALL_RUNS, 7), BENCH_SIZES (bulk MiB, 512;
+the small process gets BENCH_SMALL_RUNS, 7; 0 leaves its row out), BENCH_SIZES (bulk MiB, 512;
 4096 too with BENCH_SIZES=512,4096), BENCH_DIRS (tmpfs,disk),
 BENCH_DISK_DIR (/var/tmp), BENCH_PATTERNS (random; random,halfzero adds
 images whose every other page is zero), BENCH_QUICK=1 (2 small pairs, one 64 MiB pair
@@ -266,7 +266,7 @@ def main() -> int:
               f"the target was stopped); ms, median [min-max]; ratio procsnap/CRIU per pair")
         if skipped:
             print(skipped)
-        cases = [(1, "random", "tmpfs", SMALL_RUNS)] + [(mib, pattern, d, RUNS) for mib in SIZES
+        cases = [(1, "random", "tmpfs", SMALL_RUNS)] * bool(SMALL_RUNS) + [(mib, pattern, d, RUNS) for mib in SIZES
                                                         for pattern in PATTERNS for d in DIRS]
         for mib, pattern, d, n in cases:
             runs = []

@@ -56,3 +56,15 @@ def copy_fd(pid: int, fd: int) -> int:
         return syscall(arch.NR.pidfd_getfd, pidfd, fd, 0)
     finally:
         os.close(pidfd)
+
+
+SYNC_FILE_RANGE_WRITE = 2  # include/uapi/linux/fs.h: start writeback of dirty pages, do not wait
+libc.sync_file_range.restype = ctypes.c_int
+libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): the disk starts writing these
+    bytes now, so that the fsync at the end waits for the last of them only
+    (on tmpfs it does nothing). Only a hint: a failure is left to fsync."""
+    libc.sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE)
