@@ -59,6 +59,13 @@ def read_smaps(pid: int) -> list[MapsEntry]:
         return parse_maps(f.read())
 
 
+def read_layout(pid: int) -> list[MapsEntry]:
+    """/proc/PID/maps alone, without VmFlags: where the areas are, for a
+    reader that needs no flags (smaps walks every page to count them)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return parse_maps(f.read())
+
+
 def read_maps(pid: int, flags_from: list[MapsEntry] | None = None) -> list[MapsEntry]:
     """/proc/PID/maps, with VmFlags taken from an earlier read of smaps if
     the layout is still exactly the same, else from smaps read now.
@@ -67,8 +74,7 @@ def read_maps(pid: int, flags_from: list[MapsEntry] | None = None) -> list[MapsE
     here); maps does not. A dump reads smaps before freezing the task and
     maps while it is frozen.
     """
-    with open(f"/proc/{pid}/maps") as f:
-        now = parse_maps(f.read())
+    now = read_layout(pid)
     key = lambda m: (m.start, m.end, m.perms, m.offset, m.dev, m.inode, m.path)  # noqa: E731
     if flags_from is not None and list(map(key, now)) == list(map(key, flags_from)):
         for m, old in zip(now, flags_from):

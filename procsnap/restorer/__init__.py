@@ -368,7 +368,7 @@ def rebuild(child: Child, image: Image, pages: PageSource, filled=None,
         wait_stopped(pid)
     # TRACEFORK: so are the children forked from it (forkbuild.py)
     ptrace.freeze(pid, options=ptrace.PTRACE_O_EXITKILL | ptrace.PTRACE_O_TRACECLONE | ptrace.PTRACE_O_TRACEFORK)
-    maps = proc.read_smaps(pid)
+    maps = proc.read_layout(pid)  # the gadget, unmap and the vdso need no VmFlags
     busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in ckpt.vmas]
     with infect.infected(pid, maps, busy, put_back=False) as target:
         _rebuild_seized(target, child, image, pages, maps, filled, sources or {}, tree_pids, ctx, lazy=lazy)
@@ -413,11 +413,9 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
     T.restore_task_seized(target, ckpt.task)
     T.create_threads_seized(target, ckpt.threads)
     objects.restore_task_state_seized(target, ckpt, tree_pids)
-    for name, fd in helper.items():
-        if name.startswith(("map", "shm")) or name == "sync":
-            target.call(infect.NR.close, fd)
     # the child's safety net (see spawn) gives way to its own setting
-    target.call(infect.NR.prctl, T.PR_SET_PDEATHSIG, ckpt.task.pdeathsig)
+    target.batch([(infect.NR.close, fd) for name, fd in helper.items() if name.startswith(("map", "shm")) or name == "sync"]
+                 + [(infect.NR.prctl, T.PR_SET_PDEATHSIG, ckpt.task.pdeathsig)])
 
 
 def _restore_kept(target, v: model.Vma, inherited: model.Vma, theirs: list, filled, mine: list) -> None:
@@ -440,8 +438,11 @@ def _fork_and_rebuild(parent, node: Node, parent_ckpt: model.Checkpoint, parent_
     with translated(pid, "restore cgroups", RestoreError):
         restore_cgroups(pid, image.checkpoint.cgroups)
     setup_seized(target, node, helpers)
-    maps = proc.read_smaps(pid)
+    maps = proc.read_layout(pid)  # unmap and the vdso's move need no VmFlags
     target.busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in image.checkpoint.vmas]
+    area = target.batch_area
+    if area > 0 and any(v.start < area + infect.BATCH_AREA_SIZE and area < v.end for v in image.checkpoint.vmas):
+        target.drop_batch_area()  # the parent's is where this one has a VMA: it makes its own
     _rebuild_seized(target, child, image, ctx.sources[node.proc.dir], maps, ctx.filled, ctx.sources,
                     ctx.tree_pids, ctx, (parent_ckpt, parent_segments))
     finish_seized(target, node)

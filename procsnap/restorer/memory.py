@@ -37,15 +37,17 @@ def specials_of(maps: list[MapsEntry]) -> dict[model.VmaKind, tuple[int, int]]:
 
 
 def unmap_seized(target: Target, maps: list[MapsEntry], inherited: typing.Iterable[tuple[int, int]] = ()) -> None:
-    """munmap everything between the areas we keep, in a few big calls
-    (`inherited`: VMAs a fork-built process keeps, see inherit.py)."""
-    keep = sorted([r for r in specials_of(maps).values()] + [(target.scratch, target.scratch + SCRATCH_SIZE)]
-                  + list(inherited))
-    prev = MMAP_MIN_ADDR
+    """munmap everything between the areas we keep, in one batch of big
+    calls (`inherited`: VMAs a fork-built process keeps, see inherit.py;
+    procsnap's own areas are kept, the batch area made first)."""
+    target.claim_batch_area()
+    keep = sorted([r for r in specials_of(maps).values()] + target.reserved() + list(inherited))
+    calls, prev = [], MMAP_MIN_ADDR
     for start, end in keep + [(TASK_SIZE, TASK_SIZE)]:
         if start > prev:
-            target.call(NR.munmap, prev, start - prev)
+            calls.append((NR.munmap, prev, start - prev))
         prev = max(prev, end)
+    target.batch(calls)
 
 
 def restore_mm_seized(target: Target, mm: model.Mm, exe_fd: int) -> None:
