@@ -392,9 +392,8 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
     mine = {v.start: v for v in ckpt.vmas}
     kept = {start: functools.partial(_restore_kept, target, mine[start], v, parent[1], filled)
             for start, v in inherited.items()}
-    T.unregister_rseq_seized(target)
-    M.unmap_seized(target, maps, [(start, mine[start].end) for start in inherited])
-    M.restore_mm_seized(target, ckpt.mm, map_fds[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)])
+    M.unmap_seized(target, maps, [(start, mine[start].end) for start in inherited], T.unregister_rseq_calls(target),
+                   ckpt.mm, map_fds[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)])
     M.move_vdso_seized(target, maps, ckpt.vmas)
     M.map_vmas_seized(target, ckpt.vmas, runs, pages, map_fds, filled, shm_fds, refs, child.sysv_ids, kept,
                       _ref_sources(ckpt, sources))
