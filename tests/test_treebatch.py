@@ -28,22 +28,17 @@ PROGRAM = textwrap.dedent("""\
     def ok(own, digest):
         return (hashlib.sha256(own + common).digest() == digest and os.getcwd() == "/tmp"
                 and stat.S_ISREG(os.fstat(1).st_mode))
+    def child(i):  # never returns
+        signal.signal(signal.SIGUSR2, lambda *a: None)
+        own, digest = body()
+        os.write(w, b"k")  # settled: the tree is dumped once all are
+        signal.pause()
+        if os.environ.get("PS_TARGET_SABOTAGE") and i == procs - 2:
+            own = own[:-1] + bytes([own[-1] ^ 1])
+        os._exit(0 if ok(own, digest) else 1)
     os.chdir("/tmp")
     r, w = os.pipe()
-    kids = []
-    for i in range(procs - 1):
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            signal.signal(signal.SIGUSR2, lambda *a: None)
-            own, digest = body()
-            os.write(w, b"k")  # settled: the tree is dumped once all are
-            os.close(w)
-            signal.pause()
-            if os.environ.get("PS_TARGET_SABOTAGE") and i == procs - 2:
-                own = own[:-1] + bytes([own[-1] ^ 1])
-            os._exit(0 if ok(own, digest) else 1)
-        kids.append(pid)
+    kids = [os.fork() or child(i) for i in range(procs - 1)]
     os.close(w)
     own, digest = body()
     got = 0
