@@ -234,6 +234,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
 
 def _commit(pid: int, writer: ImageWriter, ckpt: model.Checkpoint) -> None:
     with translated(pid, f"write {writer.dir}"):
+        faults.point("mid-commit")
         writer.commit(ckpt)
 
 
