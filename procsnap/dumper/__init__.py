@@ -176,9 +176,9 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                     write_pages_seized(task.pid, now, writer.pages, cow_shared=not plan.single)
         if leave_running:
             stats.snapshot = plan.snapshot(stack)
-        # Each other process's image is committed (its page writes waited
-        # for, its records written, fsync) by one thread while the next
-        # process's pages are read; unwound before the writers (abort).
+        # Each other process's local image is committed (its page writes
+        # waited for, its records written, fsync) by one thread while the
+        # next process's pages are read; unwound before the writers (abort).
         committer = workers.ThreadPool(1, thread_name_prefix="procsnap-commit")
         stack.callback(committer.shutdown)
         commits = []
@@ -194,7 +194,9 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                 write_pages_seized(plan.sources[index], runs, writer.pages, progress,
                                    cow_shared=not plan.single or stats.snapshot)
                 plan.cow.wrote(index, _image_dir(task.pid, pid), writer.pages.runs)
-            if task.pid != pid:
+            if task.pid != pid and writer.remote:  # a stream's or a store's: in order, as it was
+                _commit(task.pid, writer, ckpt)
+            elif task.pid != pid:
                 commits.append(committer.submit(_commit, task.pid, writer, ckpt))
         for job in commits:
             job.result()  # the first error, as if raised here
