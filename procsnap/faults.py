@@ -22,6 +22,8 @@ RECEIVE_STAGES = ("mid-receive", "before-ack")  # the destination of a stream (i
 # dump of a pre-dumped process once its tracking is taken down
 PREDUMP_STAGES = ("predump-after-freeze", "predump-after-uffd", "predump-after-rearm", "predump-after-thaw",
                   "final-after-untrack")
+# a tree's dump, while another process's image is committed by the commit thread (dumper/__init__.py)
+TREE_DUMP_STAGES = ("mid-commit",)
 # with live TCP connections (objects/netlock.py): after the first is locked; before the restore unlocks
 TCP_DUMP_STAGES = ("after-net-lock",)
 TCP_RESTORE_STAGES = ("before-net-unlock",)
@@ -34,6 +36,7 @@ MIGRATE_STAGES = ("migrate-after-ready", "migrate-held")
 IPC_DUMP_STAGES = ("mid-mqueue-copy",)
 __doc__ += f"  dump: {', '.join(DUMP_STAGES)}\n  restore: {', '.join(RESTORE_STAGES)}\n"
 __doc__ += f"  restore, with a fork-built process: {', '.join(FORK_STAGES)}\n"
+__doc__ += f"  dump of a tree: {', '.join(TREE_DUMP_STAGES)}\n"
 __doc__ += f"  receive (and restore --stream): {', '.join(RECEIVE_STAGES)}\n"
 __doc__ += f"  pre-dump: {', '.join(PREDUMP_STAGES)}\n"
 __doc__ += f"  restore --lazy-pages: {', '.join(LAZY_STAGES)}\n"

@@ -23,7 +23,7 @@ import procsnap
 from conftest import (CASES_BY_ID, assert_cli_error, assert_pass, cli, descendants, dump_kill, image_hashes, rewrite_records,
                       proc_status, reap_gone, restore, wait_until, without_mapping)
 from procsnap.errors import RestoreError, Unsupported
-from procsnap.faults import DUMP_STAGES, RESTORE_STAGES, InjectedFault
+from procsnap.faults import DUMP_STAGES, RESTORE_STAGES, TREE_DUMP_STAGES, InjectedFault
 
 PY_THREADS = textwrap.dedent("""\
     import os, signal, threading, time
@@ -268,7 +268,7 @@ def test_leave_running_tree(mode, procs, targets, tmp_path, proc_snapshot, asser
     assert_pass(t)
 
 
-@pytest.mark.parametrize("stage", DUMP_STAGES)
+@pytest.mark.parametrize("stage", DUMP_STAGES + TREE_DUMP_STAGES)
 def test_leave_running_tree_fault(stage, procs, tmp_path, monkeypatch, proc_snapshot, assert_same_snapshot):
     """-R on a tree failing at every stage: every process runs on unchanged,
     untraced, with no snapshot left, and no image."""
@@ -411,7 +411,7 @@ def _fault(stage, how):
 
 
 @pytest.mark.parametrize("how", ["error", "kill"])
-@pytest.mark.parametrize("stage", DUMP_STAGES)
+@pytest.mark.parametrize("stage", DUMP_STAGES + TREE_DUMP_STAGES)
 def test_dump_fault_leaves_tree_running(stage, how, procs, tmp_path, monkeypatch, proc_snapshot,
                                         assert_same_snapshot):
     """Whatever the stage and however procsnap ends, every process of the

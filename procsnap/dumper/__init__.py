@@ -15,7 +15,7 @@ import os
 import signal
 import time
 
-from .. import externals, faults, model, nsworker, objects
+from .. import externals, faults, model, nsworker, objects, workers
 from ..errors import ProcessGone, ProcsnapError, Unsupported, plural, translated
 from ..image.chunks import require_compress
 from ..image.series import DedupSink, page_index
@@ -176,6 +176,12 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                     write_pages_seized(task.pid, now, writer.pages, cow_shared=not plan.single)
         if leave_running:
             stats.snapshot = plan.snapshot(stack)
+        # Each other process's local image is committed (its page writes
+        # waited for, its records written, fsync) by one thread while the
+        # next process's pages are read; unwound before the writers (abort).
+        committer = workers.ThreadPool(1, thread_name_prefix="procsnap-commit")
+        stack.callback(committer.shutdown)
+        commits = []
         for index, (task, ckpt, writer) in enumerate(zip(tree.tasks, ckpts, writers)):
             with translated(task.pid, f"write {writer.dir}"):
                 runs, claimed = plan.runs(index)
@@ -188,8 +194,12 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
                 write_pages_seized(plan.sources[index], runs, writer.pages, progress,
                                    cow_shared=not plan.single or stats.snapshot)
                 plan.cow.wrote(index, _image_dir(task.pid, pid), writer.pages.runs)
-                if task.pid != pid:
-                    writer.commit(ckpt)
+            if task.pid != pid and writer.remote:  # a stream's or a store's: in order, as it was
+                _commit(task.pid, writer, ckpt)
+            elif task.pid != pid:
+                commits.append(committer.submit(_commit, task.pid, writer, ckpt))
+        for job in commits:
+            job.result()  # the first error, as if raised here
         for writer in writers:
             stats.pages_bytes += writer.pages.offset
         root_writer = writers[0]
@@ -222,6 +232,12 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     stats.total_s = time.monotonic() - started
     log.info("pid %d: frozen for %.1f ms of %.1f ms", pid, stats.frozen_s * 1000, stats.total_s * 1000)
     return stats
+
+
+def _commit(pid: int, writer: ImageWriter, ckpt: model.Checkpoint) -> None:
+    with translated(pid, f"write {writer.dir}"):
+        faults.point("mid-commit")
+        writer.commit(ckpt)
 
 
 def _parent_index(images_dir: str, prev: str, key: bytes | None):

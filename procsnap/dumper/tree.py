@@ -160,16 +160,19 @@ class CowIndex:
         sources: list[str] = []
         packed: list[list[int]] = []
         vma_of_last = -1
+        at = (-1, 0, 0, 0, 0)  # (owner, its run's vaddr, end, offset, src) of the last page: most follow it
         for page, owner, owner_page, vma_start in refs:
-            source = self.written[owner][0]
-            vaddrs, runs = self._by_vaddr(owner)
-            i = bisect.bisect_right(vaddrs, owner_page) - 1
-            if i < 0 or owner_page >= runs[i].vaddr + runs[i].npages * PAGE_SIZE:
-                continue  # a zero page, not stored
-            offset = runs[i].offset + owner_page - runs[i].vaddr
-            if source not in sources:
-                sources.append(source)
-            src = sources.index(source)
+            if owner != at[0] or not at[1] <= owner_page < at[2]:
+                vaddrs, runs = self._by_vaddr(owner)
+                i = bisect.bisect_right(vaddrs, owner_page) - 1
+                if i < 0 or owner_page >= runs[i].vaddr + runs[i].npages * PAGE_SIZE:
+                    continue  # a zero page, not stored
+                source = self.written[owner][0]
+                if source not in sources:
+                    sources.append(source)
+                run = runs[i]
+                at = (owner, run.vaddr, run.vaddr + run.npages * PAGE_SIZE, run.offset, sources.index(source))
+            offset, src = at[3] + owner_page - at[1], at[4]
             last = packed[-1] if packed else None
             if last and vma_of_last == vma_start and last[0] + last[1] * PAGE_SIZE == page and last[2] == src \
                     and last[3] + last[1] * PAGE_SIZE == offset:

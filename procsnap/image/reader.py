@@ -34,6 +34,7 @@ from .series import bad_source, is_parent_source
 MAX_FD = 1 << 20
 MAX_SIGNAL = 64
 HASH_THREADS = 2
+HASH_THREADED_MIN = 16 << 20  # bytes of pages below which one thread hashes them all
 PROGRESS_STEP = 16 << 20  # bytes checked between two progress reports
 MAX_AUXV = 2 * 8 * 26  # sizeof(mm->saved_auxv) on x86_64: AT_VECTOR_SIZE longs
 
@@ -346,10 +347,13 @@ def _check_data_files(image: Image, verify_pages: bool, progress=None) -> list[s
                     return bad
 
                 # xxhash releases the GIL: both cores hash, each its share of the runs.
-                shares = [range(i, len(ckpt.pages), HASH_THREADS) for i in range(HASH_THREADS)]
-                with workers.ThreadPool(HASH_THREADS) as pool:
-                    for bad in pool.map(check, shares):
-                        problems += bad
+                if total < HASH_THREADED_MIN:  # a small image (a tree's process): threads cost more than they save
+                    problems += check(range(len(ckpt.pages)))
+                else:
+                    shares = [range(i, len(ckpt.pages), HASH_THREADS) for i in range(HASH_THREADS)]
+                    with workers.ThreadPool(HASH_THREADS) as pool:
+                        for bad in pool.map(check, shares):
+                            problems += bad
             finally:
                 view.release()
     with image.open_ghosts() as f:

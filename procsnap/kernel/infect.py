@@ -87,6 +87,11 @@ class BatchFailed(OSError):
         self.results = results
 
 
+def call_name(nr: int, *args) -> str:
+    """A call as in an error message: name(arguments)."""
+    return _call_name(nr, args)
+
+
 def _call_name(nr: int, args) -> str:
     name = arch.NR(nr).name if nr in arch.NR.__members__.values() else str(nr)
     return f"{name}{tuple(args)}"
@@ -136,6 +141,11 @@ class Target:
             if i == 0 and while_running is not None:
                 while_running()
         return results
+
+    def claim_batch_area(self) -> None:
+        """Make the batch area now, if batches will run in the task, so that
+        what is computed next keeps clear of it (reserved())."""
+        self._in_target()
 
     def drop_batch_area(self) -> None:
         if self.batch_area > 0:

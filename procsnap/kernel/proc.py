@@ -74,10 +74,11 @@ def read_maps(pid: int, flags_from: list[MapsEntry] | None = None) -> list[MapsE
     here); maps does not. A dump reads smaps before freezing the task and
     maps while it is frozen.
     """
-    with open(f"/proc/{pid}/maps") as f:
-        now = parse_maps(f.read())
+    if flags_from is None:
+        return read_smaps(pid)
+    now = read_layout(pid)
     key = lambda m: (m.start, m.end, m.perms, m.offset, m.dev, m.inode, m.path)  # noqa: E731
-    if flags_from is not None and list(map(key, now)) == list(map(key, flags_from)):
+    if list(map(key, now)) == list(map(key, flags_from)):
         for m, old in zip(now, flags_from):
             m.vmflags = old.vmflags
         return now

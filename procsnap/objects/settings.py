@@ -32,7 +32,7 @@ import struct
 
 from ..errors import RestoreError
 from ..kernel.arch.x86_64 import NR
-from ..kernel.infect import Target
+from ..kernel.infect import BatchFailed, Target
 from ..kernel.libc import syscall
 
 IOPRIO_WHO_PROCESS = 1
@@ -156,6 +156,27 @@ def _get_prctl(target: Target, name: str) -> int | None:
     return None if _failed(ret) else ret
 
 
+def _get_prctls(target: Target, names: list[str]) -> dict[str, int | None]:
+    """_get_prctl of each of `names`, in one batch (kernel/infect.py) where
+    all succeed, as the ones saved at dump do here; from the first that
+    fails on, one by one (a failure is a value not there, as above)."""
+    calls = []
+    for i, name in enumerate(names):
+        option, args, _ = PRCTL_SETTINGS[name]
+        calls.append((NR.prctl, option, target.scratch + 8 * i) if args == "out" else (NR.prctl, option, *args))
+    target.write_scratch(bytes(8 * len(names)))
+    try:
+        results = target.batch(calls)
+    except BatchFailed as err:
+        results = err.results
+    data, out = target.read_scratch(8 * len(names)), {}
+    for i, (name, ret) in enumerate(zip(names, results)):
+        out[name] = struct.unpack_from("<i", data, 8 * i)[0] if PRCTL_SETTINGS[name][1] == "out" else ret
+    for name in names[len(results):]:
+        out[name] = _get_prctl(target, name)
+    return out
+
+
 def _set_prctl(target: Target, name: str, value: int) -> None:
     _, args, option = PRCTL_SETTINGS[name]
     if option == Pr.PR_SET_SPECULATION_CTRL:
@@ -262,9 +283,9 @@ def restore_settings_seized(target: Target, s: Settings) -> None:
     """Into the rebuilt leader (its threads made), before anything runs.
     dumpable last of the prctl values: a credential change resets it."""
     pid = target.pid
+    now = _get_prctls(target, [name for name in s.prctl if name != "dumpable"])
     for name, value in s.prctl.items():
-        now = _get_prctl(target, name)
-        if now != value and name != "dumpable":
+        if name != "dumpable" and now[name] != value:
             _set_prctl(target, name, value)
     for bit in MEMBARRIER_REGISTER:
         if s.membarrier & bit:

@@ -392,9 +392,8 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
     mine = {v.start: v for v in ckpt.vmas}
     kept = {start: functools.partial(_restore_kept, target, mine[start], v, parent[1], filled)
             for start, v in inherited.items()}
-    T.unregister_rseq_seized(target)
-    M.unmap_seized(target, maps, [(start, mine[start].end) for start in inherited])
-    M.restore_mm_seized(target, ckpt.mm, map_fds[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)])
+    M.unmap_seized(target, maps, [(start, mine[start].end) for start in inherited], T.unregister_rseq_calls(target),
+                   ckpt.mm, map_fds[map_key(ckpt.mm.exe_file_id, os.O_RDONLY)])
     M.move_vdso_seized(target, maps, ckpt.vmas)
     M.map_vmas_seized(target, ckpt.vmas, runs, pages, map_fds, filled, shm_fds, refs, child.sysv_ids, kept,
                       _ref_sources(ckpt, sources))
@@ -413,11 +412,9 @@ def _rebuild_seized(target, child: Child, image: Image, pages: PageSource, maps,
     T.restore_task_seized(target, ckpt.task)
     T.create_threads_seized(target, ckpt.threads)
     objects.restore_task_state_seized(target, ckpt, tree_pids)
-    for name, fd in helper.items():
-        if name.startswith(("map", "shm")) or name == "sync":
-            target.call(infect.NR.close, fd)
     # the child's safety net (see spawn) gives way to its own setting
-    target.call(infect.NR.prctl, T.PR_SET_PDEATHSIG, ckpt.task.pdeathsig)
+    target.batch([(infect.NR.close, fd) for name, fd in helper.items() if name.startswith(("map", "shm")) or name == "sync"]
+                 + [(infect.NR.prctl, T.PR_SET_PDEATHSIG, ckpt.task.pdeathsig)])
 
 
 def _restore_kept(target, v: model.Vma, inherited: model.Vma, theirs: list, filled, mine: list) -> None:
@@ -442,6 +439,9 @@ def _fork_and_rebuild(parent, node: Node, parent_ckpt: model.Checkpoint, parent_
     setup_seized(target, node, helpers)
     maps = proc.read_layout(pid)  # the layout only: nothing here reads VmFlags
     target.busy = [(m.start, m.end) for m in maps] + [(v.start, v.end) for v in image.checkpoint.vmas]
+    area = target.batch_area
+    if area > 0 and any(v.start < area + infect.BATCH_AREA_SIZE and area < v.end for v in image.checkpoint.vmas):
+        target.drop_batch_area()  # the parent's is where this one has a VMA: it makes its own
     _rebuild_seized(target, child, image, ctx.sources[node.proc.dir], maps, ctx.filled, ctx.sources,
                     ctx.tree_pids, ctx, (parent_ckpt, parent_segments))
     finish_seized(target, node)

@@ -164,10 +164,12 @@ def fork_child_seized(parent: Target, pid: int, born=lambda pid: None) -> None:
 
 
 def child_target(parent: Target, pid: int) -> Target:
-    """An injector into the fork-built child, through its parent's gadget
-    and scratch area (both inherited)."""
+    """An injector into the fork-built child, through its parent's gadget,
+    scratch area and batch area (all inherited: its batches need no area of
+    their own until its own VMAs are mapped, see _fork_and_rebuild)."""
     regs, mask = ptrace.get_regs(pid), ptrace.get_sigmask(pid)
-    return Target(pid, ptrace.Injector(pid, parent.call.gadget, regs, mask, put_back=False), parent.scratch)
+    return Target(pid, ptrace.Injector(pid, parent.call.gadget, regs, mask, put_back=False), parent.scratch,
+                  parent.busy if parent.batch_area > 0 else None, parent.batch_area)
 
 
 def helper_numbers(node: Node) -> dict[str, tuple[int, int]]:
@@ -181,11 +183,7 @@ def helper_numbers(node: Node) -> dict[str, tuple[int, int]]:
 
 
 def _set_session_seized(target: Target, node: Node) -> None:
-    p = node.proc
-    if p.sid == p.pid:
-        target.call(NR.setsid)
-    elif p.pgid != node.parent.proc.pgid:
-        target.call(NR.setpgid, 0, p.pgid)
+    target.batch(_session_calls(node))
 
 
 def make_zombie_seized(parent: Target, node: Node, born=lambda pid: None, timeout: float = 5.0) -> None:
@@ -221,41 +219,63 @@ def make_zombie_seized(parent: Target, node: Node, born=lambda pid: None, timeou
 def setup_seized(target: Target, node: Node, helpers: dict[str, tuple[int, int]]) -> None:
     """What spawn._child_setup does in Python, in the same order, injected:
     the child holds its parent's fd table as the spawn left it, its signal
-    actions are all SIG_DFL (its parent's have not been restored yet)."""
-    p, files, call = node.proc, node.files, target.call
-    _set_session_seized(target, node)
+    actions are all SIG_DFL (its parent's have not been restored yet).
+
+    Two batches (kernel/infect.py): its session and its fd limit read,
+    then everything else. The fd numbers the second one's calls return
+    are known beforehand (the lowest free one, in a table emptied by
+    close_range, of a task of one thread), so its calls are all written
+    at once; each result is checked against that all the same."""
+    p, files = node.proc, node.files
+    rlimit_at, path_at = target.scratch, target.scratch + RLIMIT.size
+    path = node.task.cwd.encode() + b"\0"
+    if len(path) > infect.SCRATCH_SIZE - RLIMIT.size:
+        raise RestoreError(f"pid {p.pid}: cwd {node.task.cwd!r} is longer than the scratch area", p.pid)
     # fd numbers up to the hard limit meanwhile (the saved limit is set back at the end)
-    call(NR.prlimit64, 0, RLIMIT_NOFILE, 0, target.scratch)
+    target.batch(_session_calls(node) + [(NR.prlimit64, 0, RLIMIT_NOFILE, 0, rlimit_at)])
     _, hard = RLIMIT.unpack(target.read_scratch(RLIMIT.size))
-    target.write_scratch(RLIMIT.pack(hard, hard))
-    call(NR.prlimit64, 0, RLIMIT_NOFILE, target.scratch, 0)
-    call(NR.close_range, 0, 0xFFFFFFFF, 0)
+    target.write_scratch(RLIMIT.pack(hard, hard) + path)
     wanted = [(target_fd, src, target_fd not in files.cloexec) for target_fd, src in files.fd_sources.items()]
     wanted += [(want, src, False) for src, want in helpers.values()]
     top = max([2, *files.fd_aliases] + [w for w, _, _ in wanted]) + 1
-    first = call(NR.pidfd_open, os.getpid(), 0)
-    pidfd = call(NR.fcntl, first, F_DUPFD_CLOEXEC, top)
-    call(NR.close, first)
+    calls = [(NR.prlimit64, 0, RLIMIT_NOFILE, rlimit_at, 0), (NR.close_range, 0, 0xFFFFFFFF, 0),
+             (NR.pidfd_open, os.getpid(), 0), (NR.fcntl, 0, F_DUPFD_CLOEXEC, top), (NR.close, 0)]
+    expect = {2: 0, 3: top}  # call index -> the fd it returns
+    pidfd, taken = top, {top}
     for want, src, inheritable in wanted:
-        got = call(NR.pidfd_getfd, pidfd, src, 0)  # close-on-exec
+        got = min(set(range(len(taken) + 1)) - taken)  # what the kernel gives: the lowest free number
+        expect[len(calls)] = got
+        calls.append((NR.pidfd_getfd, pidfd, src, 0))  # close-on-exec
+        taken.add(got)
         if got == want:
             if inheritable:
-                call(NR.fcntl, want, F_SETFD, 0)
+                calls.append((NR.fcntl, want, F_SETFD, 0))
             continue
-        call(NR.dup3, got, want, 0 if inheritable else os.O_CLOEXEC)
-        call(NR.close, got)
+        calls += [(NR.dup3, got, want, 0 if inheritable else os.O_CLOEXEC), (NR.close, got)]
+        taken.add(want)
+        taken.discard(got)
     for target_fd, first_fd in files.fd_aliases.items():
-        call(NR.dup3, first_fd, target_fd, os.O_CLOEXEC if target_fd in files.cloexec else 0)
-    call(NR.close, pidfd)
-    path = node.task.cwd.encode() + b"\0"
-    if len(path) > infect.SCRATCH_SIZE:
-        raise RestoreError(f"pid {p.pid}: cwd {node.task.cwd!r} is longer than the scratch area", p.pid)
-    target.write_scratch(path)
+        calls.append((NR.dup3, first_fd, target_fd, os.O_CLOEXEC if target_fd in files.cloexec else 0))
+    calls += [(NR.close, pidfd), (NR.chdir, path_at), (NR.umask, node.task.umask)]
     try:
-        call(NR.chdir, target.scratch)
-    except OSError as err:
-        raise RestoreError(f"pid {p.pid}: cannot enter its cwd {node.task.cwd}: {err.strerror}", p.pid) from err
-    call(NR.umask, node.task.umask)
+        results = target.batch(calls)
+    except infect.BatchFailed as err:
+        if calls[err.index][0] == NR.chdir:
+            raise RestoreError(f"pid {p.pid}: cannot enter its cwd {node.task.cwd}: {err.strerror}", p.pid) from err
+        raise
+    wrong = [f"{infect.call_name(*calls[i])} returned {results[i]}, expected {fd}"
+             for i, fd in expect.items() if results[i] != fd]
+    if wrong:
+        raise RestoreError(f"pid {p.pid}: its fd table is not the one set up: " + "; ".join(wrong), p.pid)
+
+
+def _session_calls(node: Node) -> list[tuple[int, ...]]:
+    p = node.proc
+    if p.sid == p.pid:
+        return [(NR.setsid,)]
+    if p.pgid != node.parent.proc.pgid:
+        return [(NR.setpgid, 0, p.pgid)]
+    return []
 
 
 def finish_seized(target: Target, node: Node) -> None:

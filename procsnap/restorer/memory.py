@@ -1,10 +1,10 @@
 """Rebuilding the address space inside the frozen child.
 
 The order matters (each step says what is true when it ends):
-  unmap_seized        only [vvar], [vvar_vclock], [vdso] and the scratch
-                      area are left of the child's own memory
-  restore_mm_seized   mm fields and exe link are the saved ones (must come
-                      before mapping: the old exe may not be mapped then)
+  unmap_seized        only [vvar], [vvar_vclock], [vdso] and procsnap's
+                      areas are left of the child's own memory; then (same
+                      batch) its mm fields and exe link are the saved ones
+                      (before mapping: the old exe may not be mapped then)
   move_vdso_seized    the kernel areas sit at their saved addresses
   map_vmas_seized     every saved VMA exists with its final protection and
                       holds its saved pages
@@ -36,31 +36,47 @@ def specials_of(maps: list[MapsEntry]) -> dict[model.VmaKind, tuple[int, int]]:
     return {model.SPECIAL_NAMES[m.path]: (m.start, m.end) for m in maps if m.path in model.SPECIAL_NAMES}
 
 
-def unmap_seized(target: Target, maps: list[MapsEntry], inherited: typing.Iterable[tuple[int, int]] = ()) -> None:
-    """munmap everything between the areas we keep, in a few big calls
-    (`inherited`: VMAs a fork-built process keeps, see inherit.py)."""
-    keep = sorted([r for r in specials_of(maps).values()] + [(target.scratch, target.scratch + SCRATCH_SIZE)]
-                  + list(inherited))
-    prev = MMAP_MIN_ADDR
+def unmap_seized(target: Target, maps: list[MapsEntry], inherited: typing.Iterable[tuple[int, int]],
+                 first: typing.Sequence[tuple[int, ...]], mm: model.Mm, exe_fd: int) -> None:
+    """One batch: the calls `first`, then munmap everything between the
+    areas we keep, in a few big calls (`inherited`: VMAs a fork-built
+    process keeps, see inherit.py; procsnap's own areas, the batch area
+    made first), then PR_SET_MM_MAP with the saved `mm` and exe_fd."""
+    target.claim_batch_area()
+    keep = sorted([r for r in specials_of(maps).values()] + target.reserved() + list(inherited))
+    calls, prev = list(first), MMAP_MIN_ADDR
     for start, end in keep + [(TASK_SIZE, TASK_SIZE)]:
         if start > prev:
-            target.call(NR.munmap, prev, start - prev)
+            calls.append((NR.munmap, prev, start - prev))
         prev = max(prev, end)
+    try:
+        target.batch(calls + [_mm_call(target, mm, exe_fd)])
+    except BatchFailed as err:
+        if err.index < len(calls):
+            raise
+        raise _mm_error(target, err) from err
 
 
-def restore_mm_seized(target: Target, mm: model.Mm, exe_fd: int) -> None:
-    m = prctl_mm_map(
+def _mm_call(target: Target, mm: model.Mm, exe_fd: int) -> tuple[int, ...]:
+    """PR_SET_MM_MAP's call, its struct and the auxv written to the scratch area."""
+    m = _mm_map(target, mm, exe_fd)
+    target.write_scratch(bytes(m) + mm.auxv)
+    return (NR.prctl, Prctl.PR_SET_MM, Prctl.PR_SET_MM_MAP, target.scratch, ctypes.sizeof(m))
+
+
+def _mm_error(target: Target, err: OSError) -> RestoreError:
+    m = prctl_mm_map.from_buffer_copy(target.read_scratch(ctypes.sizeof(prctl_mm_map)))
+    fields = ", ".join(f"{name}={getattr(m, name):#x}" for name, _ in m._fields_)
+    return RestoreError(f"pid {target.pid}: prctl(PR_SET_MM_MAP) refused the saved mm fields "
+                        f"({fields}): {err.strerror}", target.pid)
+
+
+def _mm_map(target: Target, mm: model.Mm, exe_fd: int) -> prctl_mm_map:
+    return prctl_mm_map(
         start_code=mm.start_code, end_code=mm.end_code, start_data=mm.start_data, end_data=mm.end_data,
         start_brk=mm.start_brk, brk=mm.brk, start_stack=mm.start_stack, arg_start=mm.arg_start,
         arg_end=mm.arg_end, env_start=mm.env_start, env_end=mm.env_end,
         auxv=target.scratch + ctypes.sizeof(prctl_mm_map), auxv_size=len(mm.auxv), exe_fd=exe_fd)
-    target.write_scratch(bytes(m) + mm.auxv)
-    try:
-        target.call(NR.prctl, Prctl.PR_SET_MM, Prctl.PR_SET_MM_MAP, target.scratch, ctypes.sizeof(m))
-    except OSError as err:
-        fields = ", ".join(f"{name}={getattr(m, name):#x}" for name, _ in m._fields_)
-        raise RestoreError(f"pid {target.pid}: prctl(PR_SET_MM_MAP) refused the saved mm fields "
-                           f"({fields}): {err.strerror}", target.pid) from err
 
 
 def move_vdso_seized(target: Target, maps: list[MapsEntry], vmas: list[model.Vma]) -> None:

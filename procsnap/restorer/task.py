@@ -106,12 +106,14 @@ def create_threads_seized(target: Target, threads: list[model.Thread]) -> list[i
     return made
 
 
-def unregister_rseq_seized(target: Target) -> None:
-    """The child's own rseq area is about to be unmapped; the kernel would
-    write to it on the next return to user space."""
+def unregister_rseq_calls(target: Target) -> list[tuple[int, ...]]:
+    """The call that unregisters the child's own rseq area, which is about
+    to be unmapped (the kernel would write to it on a later return to user
+    space), if it has one: to be made before the unmapping."""
     conf = ptrace.get_rseq_config(target.pid)
     if conf.rseq_abi_pointer:
-        target.call(NR.rseq, conf.rseq_abi_pointer, conf.rseq_abi_size, RSEQ_FLAG_UNREGISTER, conf.signature)
+        return [(NR.rseq, conf.rseq_abi_pointer, conf.rseq_abi_size, RSEQ_FLAG_UNREGISTER, conf.signature)]
+    return []
 
 
 def load_registers(pid: int, task: model.Task, threads: list[model.Thread] = ()) -> None:
