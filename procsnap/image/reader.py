@@ -244,6 +244,7 @@ def open_image(directory: str, verify_pages: bool = True, progress=None, key: by
         if many:
             fields[field] = []
     end = {}
+    tabled: dict[str, bytes] = {}  # field -> the tag its objects came in (schema.TABLES)
     nrecords = len(records)
     records.reverse()  # popped from the end: O(1) each (an image of 10,000 VMAs has as many records)
     while records:  # consumed as decoded: the raw JSON of a big record is freed early
@@ -256,9 +257,22 @@ def open_image(directory: str, verify_pages: bool = True, progress=None, key: by
             obj = schema.decode(cls, payload, f"{cls.__name__}")
             if field in schema.PACKED:
                 obj = schema.PACKED[field][1](obj)
+            elif tag in schema.TABLES:
+                obj = schema.TABLES[tag][1](obj)
         except schema.SchemaError as err:
-            raise ImageCorrupt(f"{path}: record at offset {offset}: {err}") from err
-        if many:
+            raise ImageCorrupt(f"{path}: {tag.decode()} record at offset {offset}: {err}") from err
+        if tag in schema.TABLES:  # a field's objects all in one record (1.7: VMAT)
+            if field in tabled:
+                raise _corrupt(path, offset, f"{tag.decode()} record", f"the only record of {field}",
+                               f"one after {tabled[field].decode()}")
+            tabled[field] = tag
+            fields[field].extend(obj)
+        elif tag in schema.SUPERSEDED:  # before 1.7: a record each
+            if tabled.setdefault(field, tag) != tag:
+                raise _corrupt(path, offset, f"{tag.decode().rstrip()} record", f"none beside {tabled[field].decode()}",
+                               "one")
+            fields[field].append(obj)
+        elif many:
             fields[field].append(obj)
         elif field in fields:
             raise _corrupt(path, offset, f"{tag.decode()} record", "one", "a second one")
