@@ -80,8 +80,8 @@ def unpack(table: VmaTable) -> list[model.Vma]:
     guard_pairs = list(GUARD.iter_unpack(table.guards))
     strings = table.strings
     # flag words seen once are looked up after: no IntFlag arithmetic per VMA
-    prots, flags, locks, advices = _Members(model.Prot), _Members(model.MapFlag), _Members(model.Lock), \
-        _Members(model.Advice)
+    prots, flags, locks, advices = (model.FlagMembers(table) for table in (model.Prot, model.MapFlag, model.Lock,
+                                                                           model.Advice))
     names = {(0, 0): ""}
     vma = model.Vma
     out = []
@@ -109,14 +109,3 @@ def unpack(table: VmaTable) -> list[model.Vma]:
                        shm, access, locks[lock], guards, ghost))
     return out
 
-
-class _Members(dict):
-    """value -> member of an IntFlag table, made at the first sight of a value."""
-
-    def __init__(self, table):
-        super().__init__()
-        self.table = table
-
-    def __missing__(self, value: int):
-        member = self[value] = self.table(value)
-        return member
