@@ -56,13 +56,8 @@ def procsnap(*args: str) -> float:
 
 
 def base(*args: str) -> float:
-    """procsnap as PROCSNAP_BASE has it; seconds taken (whole CLI run)."""
-    t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "procsnap", *args], cwd=BASE, capture_output=True, text=True)
-    took = time.perf_counter() - t
-    if p.returncode:
-        raise SystemExit(f"base procsnap {' '.join(args)} failed: {p.stderr.strip()}")
-    return took
+    """procsnap as PROCSNAP_BASE has it."""
+    return cli(*args, root=BASE)
 
 
 def one_run(argv: list[str], work: str, tool) -> tuple[float, float]:

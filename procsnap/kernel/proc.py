@@ -42,13 +42,15 @@ _MAPS_RE = re.compile(
 
 # A whole VMA of smaps: its maps line, its fields (upper-case names), its VmFlags.
 _SMAPS_RE = re.compile(
-    r"^([0-9a-f]+)-([0-9a-f]+) ([-r][-w][-x][sp]) ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+) *(.*)\n"
+    r"^([0-9a-f]+)-([0-9a-f]+) ([-r][-w][-x][sp]) ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+)[^\S\n]*(.*)\n"
     r"(?:[A-Z].*\n)*?VmFlags:(.*)$", re.M)
+# a line of maps, in the whole text (its \s* must not run on into the next line)
+_MAPS_LINES_RE = re.compile(_MAPS_RE.pattern.replace(r"\s*", r"[^\S\n]*"), re.M)
 
 
 def parse_maps(text: str) -> list[MapsEntry]:
     """/proc/PID/maps or /proc/PID/smaps (VmFlags lines are attached)."""
-    if "VmFlags:" in text and (out := _parse_smaps(text)) is not None:
+    if (out := _parse_whole(text, _SMAPS_RE if "VmFlags:" in text else _MAPS_LINES_RE)) is not None:
         return out
     out: list[MapsEntry] = []
     match = _MAPS_RE.match
@@ -65,18 +67,20 @@ def parse_maps(text: str) -> list[MapsEntry]:
     return out
 
 
-def _parse_smaps(text: str) -> list[MapsEntry] | None:
-    """smaps in one pass of _SMAPS_RE (a Python loop over its ~26 lines a
-    VMA cost 20 us a VMA); None unless the text is exactly such blocks one
-    after the other (parse_maps then says which line it cannot parse)."""
+def _parse_whole(text: str, regex: re.Pattern) -> list[MapsEntry] | None:
+    """maps or smaps in one pass of a regex over whole VMAs (a Python loop
+    over the ~26 lines of each VMA in smaps cost 20 us a VMA); None unless
+    the text is exactly such VMAs one after the other (parse_maps then says
+    which line it cannot parse)."""
     out: list[MapsEntry] = []
     at = 0
-    for m in _SMAPS_RE.finditer(text):
+    flags = regex.groups == 8
+    for m in regex.finditer(text):
         if m.start() != at:
             return None
         at = m.end() + 1
         out.append(MapsEntry(int(m[1], 16), int(m[2], 16), m[3], int(m[4], 16), m[5], int(m[6]), m[7],
-                             tuple(m[8].split())))
+                             tuple(m[8].split()) if flags else ()))
     return out if at >= len(text) else None
 
 
