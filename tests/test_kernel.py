@@ -53,6 +53,8 @@ def test_smaps_parsed_in_one_pass_as_line_by_line():
     whole = proc._parse_whole(maps, proc._MAPS_LINES_RE)
     assert whole == [proc.parse_maps(line)[0] for line in maps.splitlines(keepends=True)]
     assert any(not m.path for m in whole) and proc.parse_maps(maps) == whole
+    later = text.replace("\nRss:", "\nVmNew:        0 kB\nRss:")  # a field a later kernel may add: the line parser
+    assert proc._parse_whole(later, proc._SMAPS_RE) is None and proc.parse_maps(later) == fast
     broken = text.replace("\nRss:", "\nrss:", 1)
     try:
         proc.parse_maps(broken)

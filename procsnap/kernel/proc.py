@@ -40,10 +40,13 @@ _MAPS_RE = re.compile(
 )
 
 
-# A whole VMA of smaps: its maps line, its fields (upper-case names), its VmFlags.
+# A whole VMA of smaps: its maps line, its fields (upper-case names; none but
+# VmFlags starts with V, so they are skipped possessively: half the time of a
+# lazy skip that tries VmFlags at each line), its VmFlags. A field of a later
+# kernel that starts with V makes it fail, and parse_maps take the line parser.
 _SMAPS_RE = re.compile(
     r"^([0-9a-f]+)-([0-9a-f]+) ([-r][-w][-x][sp]) ([0-9a-f]+) ([0-9a-f]+:[0-9a-f]+) (\d+)[^\S\n]*(.*)\n"
-    r"(?:[A-Z].*\n)*?VmFlags:(.*)$", re.M)
+    r"(?:[A-UW-Z].*\n)*+VmFlags:(.*)$", re.M)
 # a line of maps, in the whole text (its \s* must not run on into the next line)
 _MAPS_LINES_RE = re.compile(_MAPS_RE.pattern.replace(r"\s*", r"[^\S\n]*"), re.M)
 
