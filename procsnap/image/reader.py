@@ -269,8 +269,8 @@ def open_image(directory: str, verify_pages: bool = True, progress=None, key: by
             fields[field].extend(obj)
         elif tag in schema.SUPERSEDED:  # before 1.7: a record each
             if tabled.setdefault(field, tag) != tag:
-                raise _corrupt(path, offset, f"{tag.decode().rstrip()} record", f"none beside {tabled[field].decode()}",
-                               "one")
+                raise _corrupt(path, offset, f"{tag.decode().rstrip()} record",
+                               f"none beside {tabled[field].decode()}", "one")
             fields[field].append(obj)
         elif many:
             fields[field].append(obj)
@@ -327,7 +327,7 @@ def _check_data_files(image: Image, verify_pages: bool, progress=None) -> list[s
         with open(image.pages_path, "rb") as f, mmap.mmap(f.fileno(), image.pages_size, access=mmap.ACCESS_READ) as m:
             view = memoryview(m)
             checked = [0]
-            total = sum(run.npages for run in ckpt.pages) * PAGE_SIZE
+            total = sum(npages for _, npages, _, _ in _by_offset(ckpt.pages)) * PAGE_SIZE
             lock = threading.Lock()
             try:
                 def tell(nbytes: int) -> None:

@@ -227,7 +227,7 @@ def unpack_vma_table(table: vmatable.VmaTable) -> list[model.Vma]:
 # such a field's own records (SUPERSEDED) are read in older images, no longer written.
 TABLES = {b"VMAT": (vmatable.pack, unpack_vma_table)}
 SUPERSEDED = {b"VMA ": b"VMAT"}
-LAST_MINOR_BEFORE_TABLES = 6  # what ImageWriter(per_vma=True) writes: the layout of 1.6 (tests)
+LAST_MINOR_BEFORE_TABLES = 6  # what ImageWriter.per_vma writes: the layout of 1.6 (tests)
 
 
 @functools.cache
