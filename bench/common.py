@@ -11,10 +11,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def cli(*args: str) -> float:
-    """Runs procsnap; seconds taken (whole CLI run)."""
+def cli(*args: str, root: str = ROOT) -> float:
+    """Runs procsnap (that of the tree `root`); seconds taken (whole CLI run)."""
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "procsnap", *args], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "procsnap", *args], cwd=root, capture_output=True, text=True)
     took = time.perf_counter() - t
     if p.returncode:
         raise SystemExit(f"procsnap {' '.join(args)} failed: {p.stderr.strip()}")

@@ -34,6 +34,10 @@ RUNS = int(os.environ.get("BENCH_RUNS", "5"))
 MAPS = int(os.environ.get("BENCH_MAPS", "10000"))
 TREE_PROCS = int(os.environ.get("BENCH_TREE_PROCS", "64"))
 CRIU = os.environ.get("CRIU", "")
+# PROCSNAP_BASE=DIR: another procsnap tree (a `git worktree add --detach` of the
+# base commit) run as a third tool, "base", interleaved with the two
+BASE = os.environ.get("PROCSNAP_BASE", "")
+PROGRAMS = os.environ.get("BENCH_PROGRAMS", "maps,tree").split(",")  # which of the two programs
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -49,6 +53,11 @@ def criu(*args: str) -> float:
 
 def procsnap(*args: str) -> float:
     return cli(*args)
+
+
+def base(*args: str) -> float:
+    """procsnap as PROCSNAP_BASE has it."""
+    return cli(*args, root=BASE)
 
 
 def one_run(argv: list[str], work: str, tool) -> tuple[float, float]:
@@ -100,7 +109,7 @@ def med(values: list[float], scale: float = 1000, fmt: str = ".0f") -> str:
 
 def rows(runs: int = RUNS) -> list[str]:
     ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)  # restored processes come back to us
-    tools = [procsnap] + ([criu] if CRIU else [])
+    tools = ([base] if BASE else []) + [procsnap] + ([criu] if CRIU else [])
     out = [f"many mappings and large trees: {runs} interleaved runs; median [min-max] ms of whole CLI runs; "
            f"ratio procsnap/CRIU per pair; images on tmpfs"]
     if not CRIU:
@@ -110,6 +119,7 @@ def rows(runs: int = RUNS) -> list[str]:
         subprocess.run(["gcc", "-O1", "-o", exe, os.path.join(ROOT, "tests", "targets", "manymaps.c")], check=True)
         programs = {f"{MAPS} VMAs (manymaps.c)": [exe, str(MAPS)],
                     f"python3 tree of {TREE_PROCS}": [sys.executable, "-c", PROGRAM, str(TREE_PROCS), "1", "1", "1"]}
+        programs = {k: v for (k, v), p in zip(programs.items(), ("maps", "tree")) if p in PROGRAMS}
         for name, argv in programs.items():
             times: dict[str, list[tuple[float, float]]] = {t.__name__: [] for t in tools}
             for i in range(runs):
@@ -124,6 +134,11 @@ def rows(runs: int = RUNS) -> list[str]:
                     ratios = [a[k] / b[k] for a, b in zip(times["procsnap"], times["criu"])]
                     line += (f" | CRIU {med([r[k] for r in times['criu']]):>16} | "
                              f"ratio {med(ratios, 1, '.2f')}")
+                if BASE:
+                    line += f" | base {med([r[k] for r in times['base']]):>16}"
+                    if CRIU:
+                        ratios = [a[k] / b[k] for a, b in zip(times["base"], times["criu"])]
+                        line += f" | base/CRIU {med(ratios, 1, '.2f')}"
                 out.append(line)
     return out
 

@@ -31,11 +31,13 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     ("nftables", "iptables", "skip"); tcp_close: to be restored closed.
     external: externals.parse() of CRIU's --external specs."""
     from .dumper import dump as _dump
+    from .gcpause import paused
 
-    return _dump(pid, images_dir, leave_running=leave_running, shell_job=shell_job, progress=progress,
-                 ext_unix_sk=ext_unix_sk, compress=compress, key=key, prev_images_dir=prev_images_dir,
-                 tls=tls, tcp_established=tcp_established, tcp_close=tcp_close, net_lock=net_lock,
-                 external=external)
+    with paused():
+        return _dump(pid, images_dir, leave_running=leave_running, shell_job=shell_job, progress=progress,
+                     ext_unix_sk=ext_unix_sk, compress=compress, key=key, prev_images_dir=prev_images_dir,
+                     tls=tls, tcp_established=tcp_established, tcp_close=tcp_close, net_lock=net_lock,
+                     external=external)
 
 
 def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progress=None,
@@ -48,13 +50,15 @@ def restore(images_dir: str, detach: bool = True, shell_job: bool = False, progr
     lazy_pages: see restorer.restore; external: externals.parse() of CRIU's
     --external specs; root: a container's root directory (CRIU's --root);
     inherit_fd: RESOURCE -> an fd of ours (inheritfd.py)."""
+    from .gcpause import paused
     from .restorer import restore as _restore
 
-    return _restore(images_dir, detach=detach, shell_job=shell_job, progress=progress,
-                    allow_other_owner=allow_other_owner, allow_setuid=allow_setuid, ext_unix_sk=ext_unix_sk,
-                    key=key, tcp_established=tcp_established, tcp_close=tcp_close, skip_net_lock=skip_net_lock,
-                    lazy_pages=lazy_pages, lazy_log=lazy_log, lazy_server=lazy_server, external=external,
-                    root=root, inherit_fd=inherit_fd)
+    with paused():
+        return _restore(images_dir, detach=detach, shell_job=shell_job, progress=progress,
+                        allow_other_owner=allow_other_owner, allow_setuid=allow_setuid, ext_unix_sk=ext_unix_sk,
+                        key=key, tcp_established=tcp_established, tcp_close=tcp_close,
+                        skip_net_lock=skip_net_lock, lazy_pages=lazy_pages, lazy_log=lazy_log,
+                        lazy_server=lazy_server, external=external, root=root, inherit_fd=inherit_fd)
 
 
 def restore_copies(images_dir: str, copies: int, **options) -> list[int]:

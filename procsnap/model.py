@@ -86,6 +86,19 @@ class Lock(enum.IntFlag):
     VM_LOCKONFAULT = 0x2  # "lf": mlock2(MLOCK_ONFAULT), or MCL_ONFAULT: pages locked as they fault in
 
 
+class FlagMembers(dict):
+    """value -> member of a flag table, each made once at its first sight:
+    building 10,000 VMAs with IntFlag arithmetic cost more than the rest."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table = table
+
+    def __missing__(self, value: int):
+        member = self[value] = self.table(value)
+        return member
+
+
 # Advice bit -> (smaps VmFlags mnemonic, madvise advice number)
 ADVICE_TABLE = {
     Advice.DONTFORK: ("dc", 10),

@@ -16,6 +16,7 @@ Fixtures and helpers:
     dump_kill(t, dir), restore(procs, t, dir), assert_pass(t)    dump/restore one target
     dump_kill_to(t, location)   dump_kill to s3:// or a stream's URL
     image_hashes(dir), read_inventory(dir), rewrite_records(dir, edit)   image files, raw
+    edit_vmas(records, edit)   the VMAs of a VMAT record, in a rewrite_records edit
     cli(*args, env=None), assert_cli_error(r, *names)   procsnap as a subprocess
     our_children(), wait_until(cond, what), assert_running_untraced(pid),
     assert_untouched(pid, before, images, ...)   state after a failed dump
@@ -910,3 +911,16 @@ def rewrite_records(images_dir, edit):
         payload = json.dumps(obj).encode()
         out += IMG_RECORD.pack(tag, len(payload), zlib.crc32(payload)) + payload
     (Path(images_dir) / "procsnap.img").write_bytes(bytes(out))
+
+
+def edit_vmas(records, edit):
+    """For a rewrite_records edit: the VMAs of the VMAT record among
+    `records` (image/vmatable.py) as model.Vma, changed by edit(vmas) in
+    place and packed again; returns what edit returns."""
+    from procsnap.image import schema, vmatable
+
+    record = next(r for r in records if r[0] == b"VMAT")
+    vmas = vmatable.unpack(schema.decode(vmatable.VmaTable, record[1], "VmaTable"))
+    result = edit(vmas)
+    record[1] = schema.encode(vmatable.pack(vmas))
+    return result

@@ -21,7 +21,7 @@ import pytest
 
 import procsnap
 from conftest import (CASES_BY_ID, REPO, Case, assert_cli_error, assert_pass, assert_untouched, cli,
-                      dump_kill, image_hashes, our_children, proc_status, rewrite_records,
+                      dump_kill, edit_vmas, image_hashes, our_children, proc_status, rewrite_records,
                       wait_pid_gone, wait_until)
 from procsnap.errors import (AccessDenied, ImageCorrupt, ImageWriteError, ProcessGone,
                              ProcsnapError, RestoreError, Unsupported)
@@ -327,11 +327,11 @@ def test_restore_fails_after_spawn(procs, tmp_path):
     t = procs.start_case(SLEEPER, "pie")
     images = dump_kill(t, tmp_path / "img")
 
-    def short_vdso(records):
-        vdso = next(obj for tag, obj in records if tag == b"VMA " and obj["kind"] == "vdso")
-        assert vdso["end"] - vdso["start"] >= 2 * 4096, vdso
-        vdso["end"] -= 4096
-    rewrite_records(images, short_vdso)
+    def short_vdso(vmas):
+        vdso = next(v for v in vmas if v.kind.value == "vdso")
+        assert vdso.end - vdso.start >= 2 * 4096, vdso
+        vdso.end -= 4096
+    rewrite_records(images, lambda records: edit_vmas(records, short_vdso))
     procsnap.open_image(str(images))        # still valid for the reader
     hashes = image_hashes(images)
 

@@ -85,7 +85,7 @@ def test_hostile_tree_records(tree_image, data):
     (open_tree: every process's image and what they share)."""
     header, raw = read_inventory(tree_image)
     original = [[tag, json.loads(payload)] for tag, _, payload in raw]
-    records = [r for r in original if r[0] in (b"PROC", b"PIPE", b"SHM ", b"SOCK", b"INET", b"FD  ", b"VMA ")]
+    records = [r for r in original if r[0] in (b"PROC", b"PIPE", b"SHM ", b"SOCK", b"INET", b"FD  ", b"VMA ", b"VMAT")]
     tag, obj = data.draw(st.sampled_from(records), label="record")
     i = original.index([tag, obj])
     key = data.draw(st.sampled_from(sorted(obj)), label=f"field of {tag!r}")

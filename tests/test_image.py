@@ -16,8 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import procsnap
-from conftest import CASES_BY_ID, IMG_HEADER, assert_pass, dump_kill, read_inventory, restore, rewrite_records
+from conftest import (CASES_BY_ID, IMG_HEADER, assert_pass, dump_kill, edit_vmas, read_inventory, restore,
+                      rewrite_records)
 from procsnap.errors import ImageCorrupt, ImageVersionError
+from procsnap.image import schema, vmatable
+from procsnap.image.writer import ImageWriter
+from procsnap.records import replace
+from procsnap.model import VmaKind
 
 REPO = Path(__file__).resolve().parent.parent
 RECORD_FIELDS = ("task", "mm", "vmas", "pages", "sigactions", "pending", "files", "fds", "ghosts")
@@ -204,16 +209,19 @@ def records_of(records, tag):
 
 
 def overlapping_vmas(records):
-    vma = records_of(records, b"VMA ")[0]
-    records.append([b"VMA ", dict(vma)])
-    return f"VMA {vma['start']:#x}-{vma['end']:#x}: overlaps"
+    def edit(vmas):
+        vmas.append(replace(vmas[0]))
+        return f"VMA {vmas[0].start:#x}-{vmas[0].end:#x}: overlaps"
+    return edit_vmas(records, edit)
 
 
 def vma_outside_user_space(records):
-    vma = dict(records_of(records, b"VMA ")[0])
-    vma.update(start=TASK_SIZE + 0x10000, end=TASK_SIZE + 0x20000, kind="anon", file_id=-1, name="")
-    records.append([b"VMA ", vma])
-    return f"VMA {vma['start']:#x}-{vma['end']:#x}: outside user space"
+    def edit(vmas):
+        vma = replace(vmas[0], start=TASK_SIZE + 0x10000, end=TASK_SIZE + 0x20000, kind=VmaKind.ANON,
+                       file_id=-1, name="")
+        vmas.append(vma)
+        return f"VMA {vma.start:#x}-{vma.end:#x}: outside user space"
+    return edit_vmas(records, edit)
 
 
 def page_run_outside_vmas(records):
@@ -299,3 +307,88 @@ def test_ghost_record_of_an_older_image(procs, tmp_path):
     restore(procs, t, images)
     assert os.readlink(f"/proc/{t.pid}/fd/12").endswith("ghost.dat (deleted)")
     assert_pass(t)
+
+
+# --------------------------------------------------------------------------
+# The VMA table (VMAT, format 1.7), and images of 1.6 with a VMA record each
+
+def test_vmas_are_one_table(image):
+    header, raw = read_inventory(image)
+    tags = [tag for tag, _, _ in raw]
+    assert IMG_HEADER.unpack(header)[2] == schema.MINOR == 7
+    assert tags.count(b"VMAT") == 1 and b"VMA " not in tags, tags
+    assert len(procsnap.open_image(str(image)).checkpoint.vmas) > 5
+
+
+@pytest.mark.parametrize("case_id", ["files", "memlock-guard", "ghostmap", "memfd"])
+def test_image_of_vma_records_restores(procs, tmp_path, monkeypatch, case_id):
+    """An image as format 1.6 wrote it (the writer's per_vma path: a VMA
+    record each) is read, shown and restored (state check, self-check); its
+    VMAs (names, guards, ghosts, shared memory) pack into a table and back
+    unchanged."""
+    t = procs.start_case(CASES_BY_ID[case_id], "pie")
+    monkeypatch.setattr(ImageWriter, "per_vma", True)
+    images = dump_kill(t, tmp_path / "img")
+    monkeypatch.undo()
+    header, raw = read_inventory(images)
+    tags = [tag for tag, _, _ in raw]
+    assert IMG_HEADER.unpack(header)[2] == 6 and b"VMAT" not in tags and tags.count(b"VMA ") > 5, tags
+    vmas = procsnap.open_image(str(images)).checkpoint.vmas
+    assert len(vmas) == tags.count(b"VMA ")
+    assert vmatable.unpack(vmatable.pack(vmas)) == vmas
+    if case_id == "memlock-guard":
+        assert any(v.guards for v in vmas)
+    assert [v["start"] for v in show(images)["vmas"]] == [f"{v.start:#x}" for v in vmas]
+    restore(procs, t, images)
+    assert_pass(t)
+
+
+def _table_entry(vmat, index, **changes):
+    """The VMAT record's entry `index` with some of its fields changed (vmatable.ENTRY)."""
+    entries = bytearray.fromhex(vmat["entries"])
+    names = ("start", "end", "offset", "file_id", "shm", "access", "ghost", "kind", "prot", "lock", "advice",
+             "flags", "name_at", "name_len", "guards_first", "guards_count")
+    values = dict(zip(names, vmatable.ENTRY.unpack_from(entries, index * vmatable.ENTRY.size)))
+    values.update(changes)
+    vmatable.ENTRY.pack_into(entries, index * vmatable.ENTRY.size, *values.values())
+    vmat["entries"] = entries.hex()
+
+
+TABLE_DAMAGE = {
+    "entries cut": (lambda recs: [t.update(entries=t["entries"][:-2]) for t in records_of(recs, b"VMAT")],
+                    f"is not a whole number of {vmatable.ENTRY.size}-byte entries"),
+    "guards cut": (lambda recs: records_of(recs, b"VMAT")[0].update(guards="00" * 15),
+                   "guards: 15 bytes is not a whole number"),
+    "unknown kind": (lambda recs: _table_entry(records_of(recs, b"VMAT")[0], 1, kind=999),
+                     "entry 1 (0x"),
+    "name outside strings": (lambda recs: _table_entry(records_of(recs, b"VMAT")[0], 2, name_at=1 << 30, name_len=4),
+                             "entry 2 (0x"),
+    "guards outside": (lambda recs: _table_entry(records_of(recs, b"VMAT")[0], 0, guards_first=7, guards_count=1),
+                       "entry 0 (0x"),
+    "a second table": (lambda recs: recs.append([b"VMAT", dict(records_of(recs, b"VMAT")[0])]),
+                       "expected the only record of vmas"),
+    "a VMA record beside": (lambda recs: recs.append([b"VMA ", schema.encode(edit_vmas(recs, lambda vmas: vmas[0]))]),
+                            "expected none beside VMAT"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(TABLE_DAMAGE))
+def test_corrupt_vma_table(image, what):
+    """A VMAT record well framed (its crc32 right) but not a table: one
+    line naming the record, its offset and what is wrong; nothing restored."""
+    damage, expected = TABLE_DAMAGE[what]
+    rewrite_records(image, damage)
+    msg = assert_corrupt(image, image / "procsnap.img")
+    assert "VMAT" in msg and " record at offset " in msg and expected in msg, msg
+    assert "\n" not in msg
+    with pytest.raises(ImageCorrupt):
+        procsnap.restore(str(image))
+
+
+def test_truncated_vma_table(image):
+    inv = image / "procsnap.img"
+    _, raw = read_inventory(image)
+    start, payload = next((start, payload) for tag, start, payload in raw if tag == b"VMAT")
+    inv.write_bytes(inv.read_bytes()[: start + len(payload) // 2])
+    msg = assert_corrupt(image, inv, start)
+    assert "VMAT payload (truncated)" in msg, msg

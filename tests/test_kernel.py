@@ -36,6 +36,34 @@ def test_maps_path_with_spaces_and_deleted():
     assert "sh" in m.vmflags
 
 
+def test_smaps_parsed_in_one_pass_as_line_by_line():
+    """parse_maps reads smaps (and maps) with one regex over whole VMAs;
+    on our own smaps it gives what the line parser gives, and a line it
+    cannot parse still raises, naming the line."""
+    text = Path("/proc/self/smaps").read_text()
+    fast = proc._parse_whole(text, proc._SMAPS_RE)
+    lines = text.splitlines(keepends=True)
+    slow = proc.parse_maps("".join(line for line in lines if not line.startswith("VmFlags:")))
+    assert fast is not None and len(fast) == len(slow) > 10
+    assert [(m.start, m.end, m.perms, m.offset, m.dev, m.inode, m.path) for m in fast] == \
+        [(m.start, m.end, m.perms, m.offset, m.dev, m.inode, m.path) for m in slow]
+    assert all(m.vmflags and "rd" in m.vmflags or m.perms[0] == "-" for m in fast)
+    assert proc.parse_maps(text) == fast
+    maps = Path("/proc/self/maps").read_text()  # maps alike, anonymous lines (no path) among them
+    whole = proc._parse_whole(maps, proc._MAPS_LINES_RE)
+    assert whole == [proc.parse_maps(line)[0] for line in maps.splitlines(keepends=True)]
+    assert any(not m.path for m in whole) and proc.parse_maps(maps) == whole
+    later = text.replace("\nRss:", "\nVmNew:        0 kB\nRss:")  # a field a later kernel may add: the line parser
+    assert proc._parse_whole(later, proc._SMAPS_RE) is None and proc.parse_maps(later) == fast
+    broken = text.replace("\nRss:", "\nrss:", 1)
+    try:
+        proc.parse_maps(broken)
+    except ValueError as err:
+        assert "rss:" in str(err)
+    else:
+        raise AssertionError("a broken smaps line was parsed")
+
+
 def test_stat_comm_with_parenthesis():
     fields = " ".join(["S"] + ["1"] * 60)
     st = proc.parse_stat(f"123 (a) (b) {fields}")

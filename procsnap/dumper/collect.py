@@ -58,38 +58,52 @@ def _signame(sig: int) -> str:
         return f"signal {sig}" if sig else "no signal"
 
 
+# plain ints and members made once: IntFlag arithmetic per VMA cost more than the rest of classifying it
+_PROTS = {perms: model.Prot(sum(bit for ch, bit in zip(perms, (1, 2, 4)) if ch != "-"))  # "r-x" -> Prot
+          for perms in (r + w + x for r in "r-" for w in "w-" for x in "x-")}
+_MAP_FLAGS = model.FlagMembers(model.MapFlag)
+INT_SHARED, INT_PRIVATE, INT_DROPPABLE, INT_GROWSDOWN, INT_ANONYMOUS = (int(f) for f in (
+    model.MapFlag.MAP_SHARED, model.MapFlag.MAP_PRIVATE, model.MapFlag.MAP_DROPPABLE, model.MapFlag.MAP_GROWSDOWN,
+    model.MapFlag.MAP_ANONYMOUS))
+_ADVICE_BITS = [(name, int(bit)) for bit, (name, _) in model.ADVICE_TABLE.items()]
+_ADVICE_NAMES = frozenset(name for name, _ in _ADVICE_BITS)
+_ADVICES = model.FlagMembers(model.Advice)
+_REFUSED_VMFLAGS = (("ht", "hugetlb"), ("io", "an I/O mapping"), ("pf", "a PFN mapping"), ("ss", "a shadow stack"),
+                    ("um", "registered with a userfaultfd for missing pages (a lazy restore not done yet: dump "
+                           "once its lazy-pages server has exited)"))
+_REFUSED_NAMES = frozenset(vf for vf, _ in _REFUSED_VMFLAGS)
+
+
 def classify_vma(pid: int, m: MapsEntry, files: FileTable, kinds: list[Collect]) -> model.Vma | None:
     """The model VMA for one maps entry, or None for [vsyscall]. A mapping
     of a kind's object (shared memory) is that kind's to describe."""
-    where = f"pid {pid}: VMA {m.start:#x}-{m.end:#x}"
-    prot = model.Prot(0)
-    for ch, bit in zip(m.perms[:3], (model.Prot.PROT_READ, model.Prot.PROT_WRITE, model.Prot.PROT_EXEC)):
-        if ch != "-":
-            prot |= bit
-    flags = model.MapFlag.MAP_SHARED if m.shared else model.MapFlag.MAP_PRIVATE
-    if "dp" in m.vmflags:  # pages the kernel may drop under memory pressure (it implies wf, dd, nr)
-        flags = model.MapFlag.MAP_DROPPABLE
-    if "gd" in m.vmflags:
-        flags |= model.MapFlag.MAP_GROWSDOWN
+    prot = _PROTS[m.perms[:3]]
+    vmflags = m.vmflags
+    flags = INT_SHARED if m.shared else INT_PRIVATE
+    if "dp" in vmflags:  # pages the kernel may drop under memory pressure (it implies wf, dd, nr)
+        flags = INT_DROPPABLE
+    if "gd" in vmflags:
+        flags |= INT_GROWSDOWN
+    flags = _MAP_FLAGS[flags]
     if m.path == "[vsyscall]":
         return None
     if m.path in model.SPECIAL_NAMES:
         return model.Vma(m.start, m.end, model.SPECIAL_NAMES[m.path], prot, flags, 0, -1, m.path)
     if m.path == SECRETMEM:
-        raise Unsupported(f"{where} is a memfd_secret area ({m.path}); not supported: its pages cannot be read "
-                          "from outside the process", pid)
-    if what := vma_name(m.path):
-        raise Unsupported(f"{where} is {what} ({m.path}); not supported", pid)
-    for vf, what in (("ht", "hugetlb"), ("io", "an I/O mapping"), ("pf", "a PFN mapping"),
-                     ("ss", "a shadow stack"),
-                     ("um", "registered with a userfaultfd for missing pages (a lazy restore not done yet: dump "
-                            "once its lazy-pages server has exited)")):
-        if vf in m.vmflags:
-            raise Unsupported(f"{where} ({m.path or 'anonymous'}) is {what}; not supported", pid)
+        raise Unsupported(f"pid {pid}: VMA {m.start:#x}-{m.end:#x} is a memfd_secret area ({m.path}); not "
+                          "supported: its pages cannot be read from outside the process", pid)
+    if m.path and (what := vma_name(m.path)):
+        raise Unsupported(f"pid {pid}: VMA {m.start:#x}-{m.end:#x} is {what} ({m.path}); not supported", pid)
+    if not _REFUSED_NAMES.isdisjoint(vmflags):
+        for vf, what in _REFUSED_VMFLAGS:
+            if vf in vmflags:
+                raise Unsupported(f"pid {pid}: VMA {m.start:#x}-{m.end:#x} ({m.path or 'anonymous'}) is {what}; "
+                                  "not supported", pid)
     vma = next((v for k in kinds if (v := k.collect_vma(pid, m, prot, flags)) is not None), None)
     if vma is None:
-        vma = _classify(pid, m, files, where, prot, flags)
-    vma.advice = model.Advice(sum(bit for bit, (name, _) in model.ADVICE_TABLE.items() if name in m.vmflags))
+        vma = _classify(pid, m, files, f"pid {pid}: VMA {m.start:#x}-{m.end:#x}", prot, flags)
+    if not _ADVICE_NAMES.isdisjoint(vmflags):
+        vma.advice = _ADVICES[sum(bit for name, bit in _ADVICE_BITS if name in vmflags)]
     memlock.collect_vma(pid, m, vma)
     return vma
 
@@ -98,7 +112,7 @@ def _classify(pid: int, m: MapsEntry, files: FileTable, where: str, prot: model.
               flags: model.MapFlag) -> model.Vma:
     anon = m.inode == 0 and (m.path in ("", "[heap]", "[stack]") or m.path.startswith("[anon:"))
     if anon and not m.shared:
-        return model.Vma(m.start, m.end, model.VmaKind.ANON, prot, flags | model.MapFlag.MAP_ANONYMOUS,
+        return model.Vma(m.start, m.end, model.VmaKind.ANON, prot, _MAP_FLAGS[int(flags) | INT_ANONYMOUS],
                          0, -1, m.path)
     if not m.path.startswith("/") or m.path.startswith(("/SYSV", "/memfd:")) or m.deleted:
         raise Unsupported(f"{where} maps {m.path or 'an unnamed object'}; not supported", pid)
@@ -120,6 +134,7 @@ def _classify(pid: int, m: MapsEntry, files: FileTable, where: str, prot: model.
 
 
 def collect_vmas(pid: int, maps: list[MapsEntry], files: FileTable, kinds: list[Collect]) -> list[model.Vma]:
+    kinds = [k for k in kinds if type(k).collect_vma is not Collect.collect_vma]  # those that map objects
     return [v for v in (classify_vma(pid, m, files, kinds) for m in maps) if v is not None]
 
 
@@ -132,15 +147,13 @@ def collect_page_runs(pid: int, vmas: list[model.Vma]) -> list[tuple[model.Vma, 
     runs: list[tuple[model.Vma, int, int]] = []
     fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
     try:
-        for v in vmas:
-            if v.kind not in model.COPIED_KINDS:
-                continue
-            # In windows, so a huge reservation (64 GiB of PROT_NONE) costs
-            # time but not 8 bytes of memory per page.
-            for start in range(v.start, v.end, PAGEMAP_WINDOW):
-                end = min(v.end, start + PAGEMAP_WINDOW)
-                entries = proc.read_pagemap(fd, start, end)
-                for first, count in proc.classify_pages(entries, v.kind == model.VmaKind.SHARED_ANON):
+        for span in _pagemap_spans(v for v in vmas if v.kind in model.COPIED_KINDS):
+            begin, end = span[0][1], span[-1][2]
+            entries = proc.read_pagemap(fd, begin, end)
+            for v, start, stop in span:
+                mine = entries if len(span) == 1 else \
+                    entries[(start - begin) // PAGE_SIZE * 8 : (stop - begin) // PAGE_SIZE * 8]
+                for first, count in proc.classify_pages(mine, v.kind == model.VmaKind.SHARED_ANON):
                     addr, length = start + first * PAGE_SIZE, count * PAGE_SIZE
                     if runs and runs[-1][0] is v and runs[-1][1] + runs[-1][2] == addr:
                         runs[-1] = (v, runs[-1][1], runs[-1][2] + length)  # a run across windows
@@ -149,6 +162,26 @@ def collect_page_runs(pid: int, vmas: list[model.Vma]) -> list[tuple[model.Vma, 
     finally:
         os.close(fd)
     return runs
+
+
+def _pagemap_spans(vmas):
+    """Lists of (vma, start, end) read with one pagemap read: neighbouring
+    VMAs together (10,000 one-page VMAs: a read, not 10,000), at most
+    PAGEMAP_WINDOW of address space each, so that a huge reservation (64 GiB
+    of PROT_NONE) costs time but not 8 bytes of memory per page; a bigger
+    VMA in windows of it."""
+    span: list[tuple[model.Vma, int, int]] = []
+    for v in vmas:
+        if span and (span[-1][2] != v.start or v.end - span[0][1] > PAGEMAP_WINDOW):
+            yield span
+            span = []
+        if v.end - v.start > PAGEMAP_WINDOW:
+            for start in range(v.start, v.end, PAGEMAP_WINDOW):
+                yield [(v, start, min(v.end, start + PAGEMAP_WINDOW))]
+            continue
+        span.append((v, v.start, v.end))
+    if span:
+        yield span
 
 
 def collect_mm_seized(pid: int, st: proc.Stat, target: Target, files: FileTable) -> model.Mm:

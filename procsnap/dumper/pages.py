@@ -26,6 +26,7 @@ CHUNK = 4 << 20
 BUFFERS = 4
 ZERO_PAGE = bytes(PAGE_SIZE)
 ZERO_SKIPPED = (model.VmaKind.ANON, model.VmaKind.SHARED_ANON)
+INT_PROT_READ = int(model.Prot.PROT_READ)
 
 
 def nonzero_runs(buf: mmap.mmap, start: int, end: int) -> list[tuple[int, int]]:
@@ -51,7 +52,7 @@ def _chunks(runs: list[tuple[model.Vma, int, int]]):
     an unreadable area comes alone, flagged False."""
     batch, used = [], 0
     for vma, addr, length in runs:
-        readable = bool(vma.prot & model.Prot.PROT_READ)
+        readable = bool(int(vma.prot) & INT_PROT_READ)  # (plain ints: a run per VMA of 10,000)
         while length:
             take = min(length, CHUNK - used)
             if not readable:

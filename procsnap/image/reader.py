@@ -245,6 +245,7 @@ def open_image(directory: str, verify_pages: bool = True, progress=None, key: by
         if many:
             fields[field] = []
     end = {}
+    tabled: dict[str, bytes] = {}  # field -> the tag its objects came in (schema.TABLES)
     nrecords = len(records)
     records.reverse()  # popped from the end: O(1) each (an image of 10,000 VMAs has as many records)
     while records:  # consumed as decoded: the raw JSON of a big record is freed early
@@ -257,9 +258,22 @@ def open_image(directory: str, verify_pages: bool = True, progress=None, key: by
             obj = schema.decode(cls, payload, f"{cls.__name__}")
             if field in schema.PACKED:
                 obj = schema.PACKED[field][1](obj)
+            elif tag in schema.TABLES:
+                obj = schema.TABLES[tag][1](obj)
         except schema.SchemaError as err:
-            raise ImageCorrupt(f"{path}: record at offset {offset}: {err}") from err
-        if many:
+            raise ImageCorrupt(f"{path}: {tag.decode()} record at offset {offset}: {err}") from err
+        if tag in schema.TABLES:  # a field's objects all in one record (1.7: VMAT)
+            if field in tabled:
+                raise _corrupt(path, offset, f"{tag.decode()} record", f"the only record of {field}",
+                               f"one after {tabled[field].decode()}")
+            tabled[field] = tag
+            fields[field].extend(obj)
+        elif tag in schema.SUPERSEDED:  # before 1.7: a record each
+            if tabled.setdefault(field, tag) != tag:
+                raise _corrupt(path, offset, f"{tag.decode().rstrip()} record",
+                               f"none beside {tabled[field].decode()}", "one")
+            fields[field].append(obj)
+        elif many:
             fields[field].append(obj)
         elif field in fields:
             raise _corrupt(path, offset, f"{tag.decode()} record", "one", "a second one")
@@ -314,7 +328,7 @@ def _check_data_files(image: Image, verify_pages: bool, progress=None) -> list[s
         with open(image.pages_path, "rb") as f, mmap.mmap(f.fileno(), image.pages_size, access=mmap.ACCESS_READ) as m:
             view = memoryview(m)
             checked = [0]
-            total = sum(run.npages for run in ckpt.pages) * PAGE_SIZE
+            total = sum(npages for _, npages, _, _ in _by_offset(ckpt.pages)) * PAGE_SIZE
             lock = threading.Lock()
             try:
                 def tell(nbytes: int) -> None:
@@ -406,15 +420,17 @@ def _mem_available() -> int:
 
 
 def _by_offset(runs):
-    """The runs in pages.img order: as they are, when the dump wrote them so
-    (it does; sorting them as objects would cost 80 MiB at 4 GiB of
-    half-zero memory)."""
-    last = -1
-    for run in runs:
-        if run.offset < last:
-            return sorted(runs, key=lambda r: r.offset)
-        last = run.offset
-    return runs
+    """(vaddr, npages, offset, xxh3) of each run in pages.img order: as they
+    are, when the dump wrote them so (it does; sorting them as objects would
+    cost 80 MiB at 4 GiB of half-zero memory). Tuples of the packed runs,
+    made as they are used: no model.PageRun each."""
+    if not isinstance(runs, schema.PageRuns):
+        runs = schema.pack_page_runs(runs)
+    data = runs.runs if isinstance(runs, model.PageMap) else runs.data
+    each = schema.PAGE_RUN.iter_unpack
+    if all(a[2] <= b[2] for a, b in zip(each(data), each(memoryview(data)[schema.PAGE_RUN.size:]))):
+        return each(data)
+    return sorted(each(data), key=lambda r: r[2])
 
 
 def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
@@ -423,36 +439,36 @@ def validate(ckpt: model.Checkpoint, image: Image) -> list[str]:
     file_ids = {f.id for f in ckpt.files}
     prev_end = 0
     vmas = sorted(ckpt.vmas, key=lambda v: v.start)
-    for v in vmas:
-        where = f"VMA {v.start:#x}-{v.end:#x}"
+    file_kinds = (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED)
+    for v in vmas:  # (the message of a VMA made only when it has a problem: 10,000 VMAs are usual)
         if v.start % PAGE_SIZE or v.end % PAGE_SIZE or not v.start < v.end:
-            p.append(f"{where}: not a page-aligned, non-empty range")
+            p.append(f"VMA {v.start:#x}-{v.end:#x}: not a page-aligned, non-empty range")
         if v.end > TASK_SIZE + PAGE_SIZE or v.start < PAGE_SIZE:
-            p.append(f"{where}: outside user space")
+            p.append(f"VMA {v.start:#x}-{v.end:#x}: outside user space")
         if v.start < prev_end:
-            p.append(f"{where}: overlaps the previous VMA (ends {prev_end:#x})")
-        prev_end = max(prev_end, v.end)
-        if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) and v.file_id not in file_ids \
+            p.append(f"VMA {v.start:#x}-{v.end:#x}: overlaps the previous VMA (ends {prev_end:#x})")
+        if v.end > prev_end:
+            prev_end = v.end
+        if v.kind in file_kinds and v.file_id not in file_ids \
                 and v.ghost < 0:  # an unlinked file's is its Ghost (objects/ghost.py)
-            p.append(f"{where}: refers to unknown file {v.file_id}")
+            p.append(f"VMA {v.start:#x}-{v.end:#x}: refers to unknown file {v.file_id}")
         if v.offset < 0 or v.offset % PAGE_SIZE:
-            p.append(f"{where}: bad file offset {v.offset}")
+            p.append(f"VMA {v.start:#x}-{v.end:#x}: bad file offset {v.offset}")
     starts = [v.start for v in vmas]
     pages_end = 0
-    for run in _by_offset(ckpt.pages):
-        where = f"page run {run.vaddr:#x}+{run.npages}"
-        if run.npages <= 0 or run.offset < 0 or run.offset % PAGE_SIZE or run.vaddr % PAGE_SIZE:
-            p.append(f"{where}: bad count, offset or alignment")
+    for vaddr, npages, offset, _ in _by_offset(ckpt.pages):
+        if npages <= 0 or offset < 0 or offset % PAGE_SIZE or vaddr % PAGE_SIZE:
+            p.append(f"page run {vaddr:#x}+{npages}: bad count, offset or alignment")
             continue
-        if run.offset < pages_end:
-            p.append(f"{where}: overlaps another run in pages.img")
-        pages_end = run.offset + run.npages * PAGE_SIZE
+        if offset < pages_end:
+            p.append(f"page run {vaddr:#x}+{npages}: overlaps another run in pages.img")
+        pages_end = offset + npages * PAGE_SIZE
         if pages_end > image.pages_size:
-            p.append(f"{where}: ends at {pages_end}, beyond pages.img ({image.pages_size} bytes)")
-        i = bisect.bisect_right(starts, run.vaddr) - 1
-        end = run.vaddr + run.npages * PAGE_SIZE
-        if i < 0 or end > vmas[i].end or vmas[i].kind not in model.COPIED_KINDS:
-            p.append(f"{where}: not inside one VMA whose pages are stored")
+            p.append(f"page run {vaddr:#x}+{npages}: ends at {pages_end}, beyond pages.img "
+                     f"({image.pages_size} bytes)")
+        i = bisect.bisect_right(starts, vaddr) - 1
+        if i < 0 or vaddr + npages * PAGE_SIZE > vmas[i].end or vmas[i].kind not in model.COPIED_KINDS:
+            p.append(f"page run {vaddr:#x}+{npages}: not inside one VMA whose pages are stored")
     for refs in ckpt.page_refs:
         try:
             ref_runs = schema.unpack_page_refs(refs)

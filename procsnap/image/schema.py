@@ -39,10 +39,11 @@ from ..objects import netlock, tcp
 from ..objects import namespaces
 from ..objects import netns
 from . import chunks
+from . import vmatable
 
 MAGIC = b"PSNAPIMG"
 MAJOR = 1
-MINOR = 6  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
+MINOR = 7  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SETS, LOCK, CRED,
 # SharedMem.seals and late_seals, MapFlag.MAP_DROPPABLE, Ghost.attrs/extents/rdev/link/ino, Pipe.attrs,
 #            FOWN, CGRP, Task.root; 1.3: Vma.lock, Vma.guards, Task.mlockall,
 #            FdKind.PATH (O_PATH fds), FdKind.GHOST_DIR and Task.cwd_removed (removed directories),
@@ -71,6 +72,8 @@ MINOR = 6  # 1.1: THRD, PROC, PIPE, SHM, SOCK, PREF records; 1.2: Vma.access, SE
 #      Namespaces.msg_queues/sem_sets/segments/mqueues (the objects of a container's IPC namespace,
 #      objects/ipcns.py), FdKind.MQUEUE (an fd of a POSIX message queue); Pipe.ino (restore --inherit-fd)
 #      Namespaces.cgroup_roots and "cgroup" in Namespaces.own (a container's cgroup namespace)
+# 1.7: VMAT (all VMAs of a process in one packed record, image/vmatable.py) instead of a VMA record each;
+#      images of 1.6 and before (VMA records) are still read
 HEADER = struct.Struct("<8sHHI")
 RECORD = struct.Struct("<4sII")
 
@@ -121,6 +124,7 @@ RECORDS: dict[bytes, tuple[type, str, bool]] = {
     b"NSPC": (namespaces.Namespaces, "namespaces", True),
     b"FLIT": (model.FdEntry, "in_flight", True),
     b"NETN": (netns.NetNamespace, "net_namespaces", True),
+    b"VMAT": (vmatable.VmaTable, "vmas", False),
 }
 END = b"END "
 CRYP = b"CRYP"  # in the clear, first: an encrypted image's cipher, salt and key check
@@ -210,6 +214,20 @@ def unpack_page_refs(refs: model.PageRefs) -> list[tuple[int, int, int, int]]:
 
 # Checkpoint fields stored in another shape than the model's: field -> (to record, from record)
 PACKED = {"pages": (pack_page_runs, unpack_page_runs)}
+
+
+def unpack_vma_table(table: vmatable.VmaTable) -> list[model.Vma]:
+    try:
+        return vmatable.unpack(table)
+    except vmatable.TableError as err:
+        raise SchemaError(f"VmaTable: {err}") from err
+
+
+# Records holding a list of another record kind's objects, packed: tag -> (to record, from record);
+# such a field's own records (SUPERSEDED) are read in older images, no longer written.
+TABLES = {b"VMAT": (vmatable.pack, unpack_vma_table)}
+SUPERSEDED = {b"VMA ": b"VMAT"}
+LAST_MINOR_BEFORE_TABLES = 6  # what ImageWriter.per_vma writes: the layout of 1.6 (tests)
 
 
 @functools.cache

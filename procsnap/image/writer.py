@@ -184,6 +184,10 @@ def _write_all(fd: int, data, path: str) -> None:
 class ImageWriter:
     """Creates the files of one image in `directory`; `commit` finishes it."""
 
+    # True: the records as format 1.6 wrote them, a VMA record each instead of
+    # the VMAT table (kept so that tests can make such an image and read it)
+    per_vma = False
+
     def __init__(self, directory: str, compress: bool = False, key: bytes | None = None):
         """compress: zstd page chunks; key: encrypted with it (chunks.py, sealing.py)."""
         self.dir = directory
@@ -231,16 +235,21 @@ class ImageWriter:
             os.fsync(self.ghost_fd)
             os.close(self.ghost_fd)
             self.ghost_fd = -1
-        body = bytearray(schema.HEADER.pack(schema.MAGIC, schema.MAJOR, schema.MINOR, 0))
+        minor = schema.LAST_MINOR_BEFORE_TABLES if self.per_vma else schema.MINOR
+        body = bytearray(schema.HEADER.pack(schema.MAGIC, schema.MAJOR, minor, 0))
         crc = zlib.crc32(bytes(body[:12]))
         body[12:16] = crc.to_bytes(4, "little")
         if self.sealer is not None:  # the records go sealed, after the key's parameters (sealing.py)
             clear, body = body + _record(schema.CRYP, self.sealer.header()), bytearray()
         count = 0
         for tag, (_, field, many) in schema.RECORDS.items():
+            if tag in (schema.TABLES if self.per_vma else schema.SUPERSEDED):
+                continue  # VMA records, or the VMAT table that replaced them
             value = getattr(ckpt, field)
             if field in schema.PACKED:
                 value = schema.PACKED[field][0](value)
+            elif tag in schema.TABLES:
+                value = schema.TABLES[tag][0](value)
             for obj in value if many else [value]:
                 if tag == b"PMAP":
                     _append_hex_record(body, tag, obj.runs)

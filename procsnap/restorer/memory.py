@@ -119,6 +119,8 @@ MAP_FIXED_NOREPLACE = model.MapFlag.MAP_FIXED_NOREPLACE
 MAP_TYPES = model.MapFlag.MAP_SHARED | model.MapFlag.MAP_PRIVATE | model.MapFlag.MAP_DROPPABLE
 SHARED_KINDS = (model.VmaKind.FILE_SHARED, model.VmaKind.SHARED_ANON, model.VmaKind.SHARED_MEM)
 INT_PROT_RW, INT_MAP_FIXED_NOREPLACE, INT_MAP_TYPES = int(PROT_RW), int(MAP_FIXED_NOREPLACE), int(MAP_TYPES)
+INT_MAP_SHARED, INT_MAP_PRIVATE, INT_MAP_DROPPABLE, INT_MAP_ANONYMOUS = (int(f) for f in (
+    model.MapFlag.MAP_SHARED, model.MapFlag.MAP_PRIVATE, model.MapFlag.MAP_DROPPABLE, model.MapFlag.MAP_ANONYMOUS))
 FILL_THREADS = 2
 FILL_BATCH = 16 << 20
 
@@ -252,14 +254,14 @@ def map_vmas_seized(target: Target, vmas: list[model.Vma], runs: list[model.Page
         prot = int(v.prot) | INT_PROT_RW if vruns or own_anon_vma else int(v.prot)
         flags = (int(v.flags) & ~INT_MAP_TYPES) | INT_MAP_FIXED_NOREPLACE
         if v.kind in SHARED_KINDS:
-            flags |= model.MapFlag.MAP_SHARED.value
+            flags |= INT_MAP_SHARED
         else:
-            flags |= int(v.flags) & model.MapFlag.MAP_DROPPABLE.value or model.MapFlag.MAP_PRIVATE.value
+            flags |= int(v.flags) & INT_MAP_DROPPABLE or INT_MAP_PRIVATE
         fd = map_fds[vma_map_key(v)] \
             if v.kind in (model.VmaKind.FILE_PRIVATE, model.VmaKind.FILE_SHARED) else -1
         if v.kind == model.VmaKind.SHARED_MEM:
             fd = shm_fds[v.shm]
-            flags &= ~model.MapFlag.MAP_ANONYMOUS.value
+            flags &= ~INT_MAP_ANONYMOUS
         if not own_anon_vma and v.kind != model.VmaKind.SYSV_SHM:
             group.append((v, prot, flags, fd, vruns))
             continue
