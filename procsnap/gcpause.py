@@ -10,15 +10,29 @@ the rest as before; the collector runs again once the call returns.
 from __future__ import annotations
 
 import gc
+import threading
+
+
+_lock = threading.Lock()
+_depth = 0  # dumps and restores running now (a library may run two at once, in two threads)
+_was = True
 
 
 class paused:
-    """`with paused():` the collector off inside, as it was after."""
+    """`with paused():` the collector off inside, as it was after the last
+    of the overlapping calls ends."""
 
     def __enter__(self) -> None:
-        self.was = gc.isenabled()
-        gc.disable()
+        global _depth, _was
+        with _lock:
+            if _depth == 0:
+                _was = gc.isenabled()
+                gc.disable()
+            _depth += 1
 
     def __exit__(self, *exc) -> None:
-        if self.was:
-            gc.enable()
+        global _depth
+        with _lock:
+            _depth -= 1
+            if _depth == 0 and _was:
+                gc.enable()

@@ -392,3 +392,26 @@ def test_truncated_vma_table(image):
     inv.write_bytes(inv.read_bytes()[: start + len(payload) // 2])
     msg = assert_corrupt(image, inv, start)
     assert "VMAT payload (truncated)" in msg, msg
+
+
+def test_vma_table_missing_from_a_new_image(image):
+    """A 1.7 image always has its VMAT: one without it is corrupt (not a
+    process with no VMAs), named so, and nothing is restored."""
+    rewrite_records(image, lambda records: records.__delitem__(
+        next(i for i, r in enumerate(records) if r[0] == b"VMAT")))
+    msg = assert_corrupt(image, image / "procsnap.img")
+    assert "no VMAT record" in msg, msg
+    with pytest.raises(ImageCorrupt):
+        procsnap.restore(str(image))
+
+
+def test_vma_records_in_a_new_image(image):
+    """A 1.7 image holding its VMAs as the 1.6 records each instead of the
+    table: refused by name."""
+    def to_records(records):
+        at = next(i for i, r in enumerate(records) if r[0] == b"VMAT")
+        vmas = edit_vmas(records, lambda vmas: list(vmas))
+        records[at:at + 1] = [[b"VMA ", schema.encode(v)] for v in vmas]
+    rewrite_records(image, to_records)
+    msg = assert_corrupt(image, image / "procsnap.img")
+    assert "VMA record" in msg and "VMAT holds them" in msg, msg

@@ -180,7 +180,7 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
         # waited for, its records written, fsync) by one thread while the
         # next process's pages are read; unwound before the writers (abort).
         committer = workers.ThreadPool(1, thread_name_prefix="procsnap-commit")
-        stack.callback(committer.shutdown)
+        stack.callback(_join_commits, committer)
         commits = []
         for index, (task, ckpt, writer) in enumerate(zip(tree.tasks, ckpts, writers)):
             with translated(task.pid, f"write {writer.dir}"):
@@ -232,6 +232,21 @@ def dump(pid: int, images_dir: str, leave_running: bool = False, shell_job: bool
     stats.total_s = time.monotonic() - started
     log.info("pid %d: frozen for %.1f ms of %.1f ms", pid, stats.frozen_s * 1000, stats.total_s * 1000)
     return stats
+
+
+def _join_commits(committer) -> None:
+    """The commit thread joined before any writer aborts, also when a second
+    SIGTERM interrupts the join (the writer it commits must not be closed
+    under it); the interruption is raised once the thread has ended."""
+    interrupted = None
+    while True:
+        try:
+            committer.shutdown()
+            break
+        except KeyboardInterrupt as err:
+            interrupted = err
+    if interrupted is not None:
+        raise interrupted
 
 
 def _commit(pid: int, writer: ImageWriter, ckpt: model.Checkpoint) -> None:

@@ -272,6 +272,9 @@ def open_image(directory: str, verify_pages: bool = True, progress=None, key: by
             if tabled.setdefault(field, tag) != tag:
                 raise _corrupt(path, offset, f"{tag.decode().rstrip()} record",
                                f"none beside {tabled[field].decode()}", "one")
+            if minor > schema.LAST_MINOR_BEFORE_TABLES:
+                raise _corrupt(path, offset, f"{tag.decode().rstrip()} record",
+                               f"none in a {major}.{minor} image ({schema.SUPERSEDED[tag].decode()} holds them)", "one")
             fields[field].append(obj)
         elif many:
             fields[field].append(obj)
@@ -282,6 +285,10 @@ def open_image(directory: str, verify_pages: bool = True, progress=None, key: by
     for _, field, many in schema.RECORDS.values():
         if field not in fields:
             raise ImageCorrupt(f"{path}: no {field} record")
+    if minor > schema.LAST_MINOR_BEFORE_TABLES:  # from 1.7 each table's record is always written
+        for tag, (_, field, _) in ((t, schema.RECORDS[t]) for t in schema.TABLES):
+            if field not in tabled:
+                raise ImageCorrupt(f"{path}: no {tag.decode()} record")
     counts = {k: end.get(k) for k in ("records", "pages_size", "ghosts_size")}
     for name, value in counts.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
