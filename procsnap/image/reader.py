@@ -335,7 +335,7 @@ def _check_data_files(image: Image, verify_pages: bool, progress=None) -> list[s
         with open(image.pages_path, "rb") as f, mmap.mmap(f.fileno(), image.pages_size, access=mmap.ACCESS_READ) as m:
             view = memoryview(m)
             checked = [0]
-            total = sum(npages for _, npages, _, _ in _by_offset(ckpt.pages)) * PAGE_SIZE
+            total = sum(npages for _, npages, _, _ in schema.PAGE_RUN.iter_unpack(_packed(ckpt.pages))) * PAGE_SIZE
             lock = threading.Lock()
             try:
                 def tell(nbytes: int) -> None:
@@ -426,14 +426,19 @@ def _mem_available() -> int:
     return 0
 
 
+def _packed(runs) -> bytes:
+    """The packed bytes (schema.PAGE_RUN each) of a process's page runs."""
+    if not isinstance(runs, schema.PageRuns):
+        runs = schema.pack_page_runs(runs)
+    return runs.runs if isinstance(runs, model.PageMap) else runs.data
+
+
 def _by_offset(runs):
     """(vaddr, npages, offset, xxh3) of each run in pages.img order: as they
     are, when the dump wrote them so (it does; sorting them as objects would
     cost 80 MiB at 4 GiB of half-zero memory). Tuples of the packed runs,
     made as they are used: no model.PageRun each."""
-    if not isinstance(runs, schema.PageRuns):
-        runs = schema.pack_page_runs(runs)
-    data = runs.runs if isinstance(runs, model.PageMap) else runs.data
+    data = _packed(runs)
     each = schema.PAGE_RUN.iter_unpack
     if all(a[2] <= b[2] for a, b in zip(each(data), each(memoryview(data)[schema.PAGE_RUN.size:]))):
         return each(data)
